@@ -1,0 +1,263 @@
+"""The one parameter schema: notebooks, the CLI and ``params/*.yaml`` all go through it.
+
+Each notebook ``NN_name`` has a frozen dataclass here; ``params/{profile}.yaml`` holds a
+``common:`` block (shared by every notebook) and one block per notebook. :func:`load_params`
+merges them, rejects unknown keys (typos are errors, not silently ignored) and returns the
+validated values as a plain dict, ready for papermill.
+
+Secrets are not parameters: the Hugging Face token is read by :mod:`stlib.io.download` from
+the environment / HF cache only, and :func:`load_params` refuses any key that looks like one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stlib.utils import InputError
+
+PROFILES = ("demo", "workshop", "paper")
+_SECRET_WORDS = ("token", "password", "secret", "api_key")
+
+
+@dataclass(frozen=True)
+class CommonParams:
+    """Parameters every notebook receives."""
+
+    profile: str = "demo"
+    #: root of the data: HEST layout under ``{data_dir}/hest``, raw Xenium bundles under
+    #: ``{data_dir}/xenium``, PanNuke under ``{data_dir}/pannuke``, demo truth under ``{data_dir}/truth``
+    data_dir: str = "data/demo"
+    #: where every stage writes (alignment/, labels/, tiles/, models/, eval/, infer/)
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    #: "auto" = cuda when available, else cpu
+    device: str = "auto"
+    #: sample ids to use; empty = the role-selected samples of the manifest / demo cohort
+    samples: tuple[str, ...] = ()
+    #: path of data_manifest.yaml (relative to the repository root)
+    manifest: str = "data_manifest.yaml"
+
+
+@dataclass(frozen=True)
+class DataParams(CommonParams):
+    """00_data: obtain the data (generate the demo cohort or download HEST/PanNuke) and tabulate it."""
+
+    #: demo/workshop: generate the synthetic cohort if missing; paper: download
+    generate_demo: bool = True
+    demo_scale: str = "demo"  # "demo" | "workshop" (size of the synthetic cohort)
+    download: bool = False
+    offline: bool = True
+    thumbnail_px: int = 512
+
+
+@dataclass(frozen=True)
+class AlignParams(CommonParams):
+    """01_alignment: put Xenium nuclei on H&E pixels, score and refine the registration."""
+
+    refine: bool = True
+    tile_um: float = 100.0
+    max_residual_um: float = 3.0
+
+
+@dataclass(frozen=True)
+class LabelParams(CommonParams):
+    """02_labels: masks, cell types, image-oriented classes, tile store, label-quality report."""
+
+    um_per_px: float = 0.25
+    tile_px: int = 256
+    labeler: str = "hierarchical"  # hierarchical | flat | marker | cluster
+    min_counts: int = 10
+    min_confidence: float = 0.5
+    leiden_resolution: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainParams(CommonParams):
+    """03_training: train the HoVer-Net-style network (ST-supervised and PanNuke baseline)."""
+
+    encoder: str = "small"  # small | resnet50
+    steps: int = 300
+    batch_size: int = 8
+    lr: float = 1e-3
+    val_every: int = 100
+    recipes: tuple[str, ...] = ("st", "pannuke")
+    weights: str = ""  # optional local encoder weight file; never downloaded
+    compile: bool = False
+
+
+@dataclass(frozen=True)
+class SegEvalParams(CommonParams):
+    """04_segmentation_eval: unseen-organ segmentation, ST-supervised vs PanNuke-trained."""
+
+    n_bootstrap: int = 1000
+    ci: float = 0.95
+
+
+@dataclass(frozen=True)
+class ClsEvalParams(CommonParams):
+    """05_classification_eval: per-class scores of the label sets (hierarchical, flat, ...)."""
+
+    labelers: tuple[str, ...] = ("hierarchical", "flat", "marker", "cluster")
+    n_bootstrap: int = 1000
+
+
+@dataclass(frozen=True)
+class InferParams(CommonParams):
+    """06_inference: apply a trained model to a new slide."""
+
+    checkpoint: str = ""
+    image: str = ""
+    um_per_px: float = 0.0  # 0 = read from the file
+
+
+NOTEBOOK_PARAMS: dict[str, type[CommonParams]] = {
+    "00_data": DataParams,
+    "01_alignment": AlignParams,
+    "02_labels": LabelParams,
+    "03_training": TrainParams,
+    "04_segmentation_eval": SegEvalParams,
+    "05_classification_eval": ClsEvalParams,
+    "06_inference": InferParams,
+}
+
+
+def params_path(profile: str, params_dir: str | os.PathLike | None = None) -> Path:
+    """Path of ``params/{profile}.yaml`` (``profile`` may also be a path to a YAML file)."""
+    p = Path(profile)
+    if p.suffix in (".yaml", ".yml"):
+        return p
+    base = Path(params_dir) if params_dir is not None else _default_params_dir()
+    return base / f"{profile}.yaml"
+
+
+def _default_params_dir() -> Path:
+    from stlib.utils import repo_root
+
+    return repo_root() / "params"
+
+
+def read_profile(profile: str, params_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Read and structurally check a profile YAML (``common`` + one block per notebook)."""
+    path = params_path(profile, params_dir)
+    if not path.is_file():
+        raise InputError("profile file not found", path=path,
+                         fix=f"use one of {PROFILES} or pass the path of a params YAML")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise InputError(f"not valid YAML: {e}", path=path, fix="fix the YAML syntax") from e
+    if not isinstance(raw, dict):
+        raise InputError("expected a mapping with 'common' and notebook blocks", path=path)
+    unknown = set(raw) - {"common", *NOTEBOOK_PARAMS}
+    if unknown:
+        raise InputError(f"unknown block(s) {sorted(unknown)}", path=path,
+                         fix=f"blocks are 'common' and {sorted(NOTEBOOK_PARAMS)}")
+    return raw
+
+
+def load_params(profile: str, notebook: str, *, overrides: dict[str, Any] | None = None,
+                params_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Validated papermill parameters of ``notebook`` under ``profile``.
+
+    Parameters
+    ----------
+    profile
+        ``demo``, ``workshop``, ``paper`` or the path of a params YAML.
+    notebook
+        Notebook stem, e.g. ``"02_labels"``.
+    overrides
+        Values that win over the YAML (e.g. from ``stlib run -p key=value``).
+
+    Returns
+    -------
+    A plain ``dict`` (lists, not tuples) with every field of the notebook's dataclass.
+    """
+    if notebook not in NOTEBOOK_PARAMS:
+        raise InputError(f"unknown notebook {notebook!r}", fix=f"one of {sorted(NOTEBOOK_PARAMS)}")
+    raw = read_profile(profile, params_dir)
+    merged = {**(raw.get("common") or {}), **(raw.get(notebook) or {}), **(overrides or {})}
+    path = params_path(profile, params_dir)
+    obj = make_params(notebook, merged, source=str(path))
+    return to_papermill(obj)
+
+
+def make_params(notebook: str, values: dict[str, Any], *, source: str = "<parameters>") -> CommonParams:
+    """Build the frozen dataclass of ``notebook`` from ``values``, checking names and types."""
+    cls = NOTEBOOK_PARAMS[notebook]
+    names = {f.name: f for f in fields(cls)}
+    for key in values:
+        if any(w in key.lower() for w in _SECRET_WORDS):
+            raise InputError(f"parameter {key!r} looks like a secret; secrets are never parameters",
+                             path=source, fix="set HF_TOKEN in the environment or run `huggingface-cli login`")
+        if key not in names:
+            raise InputError(f"unknown parameter {key!r} for {notebook}", path=source,
+                             fix=f"known parameters: {sorted(names)}")
+    kwargs = {}
+    for key, val in values.items():
+        f = names[key]
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kwargs[key] = _coerce(key, val, default, source)
+    obj = cls(**kwargs)
+    if obj.profile not in PROFILES:
+        raise InputError(f"profile must be one of {PROFILES}, got {obj.profile!r}", path=source)
+    return obj
+
+
+def _coerce(key: str, val: Any, default: Any, source: str) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(val, bool):
+            raise InputError(f"parameter {key!r} must be true/false, got {val!r}", path=source)
+        return val
+    if isinstance(default, int) and not isinstance(default, bool):
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise InputError(f"parameter {key!r} must be an integer, got {val!r}", path=source)
+        return val
+    if isinstance(default, float):
+        if isinstance(val, bool) or not isinstance(val, (int, float)):
+            raise InputError(f"parameter {key!r} must be a number, got {val!r}", path=source)
+        return float(val)
+    if isinstance(default, tuple):
+        if isinstance(val, str):
+            val = [val]
+        if not isinstance(val, (list, tuple)):
+            raise InputError(f"parameter {key!r} must be a list, got {val!r}", path=source)
+        return tuple(val)
+    if isinstance(default, str):
+        if not isinstance(val, str):
+            raise InputError(f"parameter {key!r} must be a string, got {val!r}", path=source)
+        return val
+    return val
+
+
+def to_papermill(obj: CommonParams) -> dict[str, Any]:
+    """Dataclass -> dict with lists instead of tuples (papermill/JSON friendly)."""
+    out = {}
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        out[f.name] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``"auto"`` -> ``"cuda"`` when a GPU is visible, else ``"cpu"``; anything else as given."""
+    if device != "auto":
+        return device
+    try:
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return "cpu"
+
+
+__all__ = [
+    "PROFILES", "CommonParams", "DataParams", "AlignParams", "LabelParams", "TrainParams",
+    "SegEvalParams", "ClsEvalParams", "InferParams", "NOTEBOOK_PARAMS", "load_params",
+    "make_params", "read_profile", "params_path", "to_papermill", "resolve_device", "field",
+]

@@ -1,0 +1,80 @@
+"""The one table of classes, colours and fixed physical constants used everywhere in stlib.
+
+Every module that needs a class id, a class name or a colour imports it from here, so the
+id <-> name mapping cannot drift between label derivation, training, metrics and the book.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+#: Image-oriented nucleus classes (PanNuke's five plus background). 255 = labelled nucleus
+#: whose class is unknown: it counts for segmentation, never for classification.
+BACKGROUND: Final = 0
+NEOPLASTIC: Final = 1
+INFLAMMATORY: Final = 2
+CONNECTIVE: Final = 3
+DEAD: Final = 4
+EPITHELIAL: Final = 5
+IGNORE: Final = 255
+
+CLASS_NAMES: Final[dict[int, str]] = {
+    BACKGROUND: "Background",
+    NEOPLASTIC: "Neoplastic",
+    INFLAMMATORY: "Inflammatory",
+    CONNECTIVE: "Connective",
+    DEAD: "Dead",
+    EPITHELIAL: "Epithelial",
+}
+#: Nucleus classes only (no background), in id order.
+NUCLEUS_CLASSES: Final[tuple[int, ...]] = (NEOPLASTIC, INFLAMMATORY, CONNECTIVE, DEAD, EPITHELIAL)
+N_TYPES: Final = 6  # background + five classes: the width of the NT head
+
+#: Colours used in every figure and in the QuPath GeoJSON (RGB 0-255), PanNuke-like.
+CLASS_COLORS: Final[dict[int, tuple[int, int, int]]] = {
+    BACKGROUND: (0, 0, 0),
+    NEOPLASTIC: (220, 40, 40),
+    INFLAMMATORY: (40, 200, 40),
+    CONNECTIVE: (40, 90, 230),
+    DEAD: (240, 200, 30),
+    EPITHELIAL: (230, 120, 20),
+    IGNORE: (150, 150, 150),
+}
+
+#: PanNuke masks.npy channel order (channel 5 is background).
+PANNUKE_CHANNELS: Final[tuple[str, ...]] = (
+    "Neoplastic", "Inflammatory", "Connective", "Dead", "Epithelial", "Background",
+)
+#: PanNuke channel index -> stlib class id.
+PANNUKE_CHANNEL_TO_CLASS: Final[dict[int, int]] = {
+    0: NEOPLASTIC, 1: INFLAMMATORY, 2: CONNECTIVE, 3: DEAD, 4: EPITHELIAL,
+}
+
+#: Xenium morphology image pixel size (µm/px), as written in experiment.xenium.
+XENIUM_PIXEL_SIZE_UM: Final = 0.2125
+#: PanNuke-like 40x resolution (µm/px) used for training tiles by default.
+TARGET_UM_PER_PX_40X: Final = 0.25
+TARGET_UM_PER_PX_20X: Final = 0.5
+
+#: Xenium feature names that are not genes (control probes and codewords).
+CONTROL_PREFIXES: Final[tuple[str, ...]] = (
+    "NegControlProbe_", "NegControlCodeword_", "UnassignedCodeword_", "BLANK_",
+    "DeprecatedCodeword_", "antisense_", "Intergenic_Region",
+)
+#: Transcript quality threshold (Phred-scaled) used by 10x and HEST.
+MIN_QV: Final = 20.0
+
+
+def class_name(class_id: int) -> str:
+    """Name of a class id, ``"Ignore"`` for 255; raises ``ValueError`` for anything else."""
+    if class_id == IGNORE:
+        return "Ignore"
+    try:
+        return CLASS_NAMES[int(class_id)]
+    except KeyError:
+        raise ValueError(f"unknown class id {class_id!r}; known: {sorted(CLASS_NAMES)} and {IGNORE}") from None
+
+
+def is_control_feature(name: str) -> bool:
+    """True for Xenium control probes / codewords (not genes)."""
+    return str(name).startswith(CONTROL_PREFIXES)

@@ -1,0 +1,164 @@
+"""Small shared helpers: errors that name the file and the fix, atomic writes, progress, seeds."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class StlibError(Exception):
+    """Base error of stlib. Messages name the file/sample and say what to do."""
+
+
+class InputError(StlibError, ValueError):
+    """Bad or missing input data.
+
+    Parameters
+    ----------
+    message
+        What is wrong.
+    path
+        The offending file or folder (named in the message).
+    sample
+        The sample id, when known.
+    fix
+        What the user should do about it.
+    """
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None,
+                 sample: str | None = None, fix: str | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        self.sample = sample
+        self.fix = fix
+        parts = []
+        if sample:
+            parts.append(f"sample {sample}")
+        if path is not None:
+            parts.append(str(path))
+        prefix = ": ".join(parts)
+        text = f"{prefix}: {message}" if prefix else message
+        if fix:
+            text += f" -> {fix}"
+        super().__init__(text)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    Nothing half-written is ever left under the final name: on an exception the temporary
+    file (or folder) is removed and the exception propagates.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sfx = suffix if suffix is not None else "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{sfx}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    tmp_path.unlink()  # let the writer create it (some writers refuse existing files)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        if tmp_path.is_dir():
+            import shutil
+
+            shutil.rmtree(tmp_path, ignore_errors=True)
+        else:
+            tmp_path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder under a temporary name and rename it onto ``path`` when complete.
+
+    An existing ``path`` is replaced only after the new one is complete.
+    """
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
+    """Write JSON atomically (sorted keys, NaN-free floats stay as given)."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=indent, sort_keys=True, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Read JSON, turning a missing/corrupt file into an :class:`InputError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("file not found", path=path, fix="check the path or re-run the step that writes it")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"not valid JSON ({e})", path=path, fix="delete it and re-run the step that writes it") from e
+
+
+def progress(iterable: Iterable, *, desc: str, total: int | None = None, disable: bool | None = None):
+    """tqdm progress bar (to stderr); quiet when ``STLIB_NO_PROGRESS=1``."""
+    from tqdm.auto import tqdm
+
+    if disable is None:
+        disable = os.environ.get("STLIB_NO_PROGRESS", "0") == "1"
+    return tqdm(iterable, desc=desc, total=total, disable=disable, mininterval=1.0)
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    """Seed python, numpy and (if imported) torch; return a numpy Generator."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    import sys
+
+    if "torch" in sys.modules:
+        import torch
+
+        torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def repo_root() -> Path:
+    """The repository root (folder holding ``data_manifest.yaml``), searched upward from cwd."""
+    here = Path.cwd().resolve()
+    for p in (here, *here.parents):
+        if (p / "data_manifest.yaml").is_file():
+            return p
+    pkg = Path(__file__).resolve().parent.parent
+    return pkg
