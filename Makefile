@@ -1,0 +1,44 @@
+# stlib study: the two commands a new user needs are `make book` and `make test`.
+#   make book   create .venv if missing, run every notebook on PROFILE (default demo) with
+#               papermill into book/executed/, and build the Jupyter Book into _build/html
+#   make test   the same environment, then pytest (unit tests + a papermill smoke run)
+#   make bench  benchmarks (JSON into benchmarks/), shown on the book's benchmark page
+
+PYTHON  ?= $(shell command -v python3.11 || command -v python3)
+VENV    ?= .venv
+PROFILE ?= demo
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.stlib-installed
+PYTEST_ARGS ?=
+
+.PHONY: book test bench env clean clean-runs help
+
+help:
+	@echo "make book   - install (if needed), run the study on PROFILE=$(PROFILE), render _build/html"
+	@echo "make test   - install (if needed), run the test suite"
+	@echo "make bench  - run the benchmarks into benchmarks/"
+
+env: $(STAMP)
+
+# The environment is rebuilt when the pinned dependencies change.
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.lock -e ".[dev]"
+	@touch $(STAMP)
+
+book: $(STAMP)
+	$(VENV)/bin/stlib run --profile $(PROFILE)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/stlib bench labels --out benchmarks/labels.json
+	$(VENV)/bin/stlib bench train --out benchmarks/train_cpu.json
+	$(VENV)/bin/stlib bench infer --out benchmarks/infer_cpu.json
+
+clean-runs:
+	rm -rf runs book/executed _build
+
+clean: clean-runs
+	rm -rf $(VENV) data

@@ -1,0 +1,199 @@
+"""Papermill orchestration: run the study's notebooks for a profile and build the book.
+
+``stlib run --profile demo`` executes ``notebooks/NN_*.ipynb`` in order with the parameters of
+``params/{profile}.yaml`` (validated by :mod:`stlib.config`) into ``book/executed/``, then builds
+the Jupyter Book. A notebook whose source, parameters, stlib code and upstream notebooks did not
+change since its last successful run is skipped; a failing notebook stops the run and the error
+names the notebook, the cell and the exception.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stlib.config import NOTEBOOK_PARAMS, load_params
+from stlib.utils import StlibError, read_json, repo_root, write_json
+
+STATE_FILE = ".run_state.json"
+
+
+class NotebookFailed(StlibError):
+    """A notebook raised; the message names the notebook, the cell and the error."""
+
+
+@dataclass
+class RunReport:
+    """What :func:`run_profile` did."""
+
+    profile: str
+    executed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    book: Path | None = None
+
+
+def _code_fingerprint() -> str:
+    """Hash of the stlib sources, so a code change re-runs the notebooks."""
+    h = hashlib.sha256()
+    pkg = Path(__file__).resolve().parent
+    for p in sorted(pkg.rglob("*")):
+        if p.suffix in (".py", ".yaml", ".csv") and "__pycache__" not in p.parts:
+            h.update(str(p.relative_to(pkg)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def fingerprint(notebook: Path, params: dict[str, Any], upstream: str, code: str) -> str:
+    """Fingerprint of one notebook run: its source, parameters, code and upstream runs."""
+    h = hashlib.sha256()
+    h.update(notebook.read_bytes())
+    h.update(json.dumps(params, sort_keys=True).encode())
+    h.update(upstream.encode())
+    h.update(code.encode())
+    return h.hexdigest()
+
+
+def notebook_names(root: Path | None = None) -> list[str]:
+    """Notebook stems in execution order (those present in ``notebooks/``)."""
+    root = root or repo_root()
+    return [n for n in NOTEBOOK_PARAMS if (root / "notebooks" / f"{n}.ipynb").is_file()]
+
+
+def run_profile(profile: str = "demo", *, only: list[str] | None = None, force: bool = False,
+                build: bool = True, overrides: dict[str, Any] | None = None,
+                root: str | os.PathLike | None = None, executed_dir: str | os.PathLike | None = None,
+                params_dir: str | os.PathLike | None = None, log=print) -> RunReport:
+    """Execute the notebooks of ``profile`` in order, then build the book.
+
+    Parameters
+    ----------
+    profile
+        ``demo``, ``workshop``, ``paper`` or a params YAML path.
+    only
+        Notebook stems to run (their order is kept); default all.
+    force
+        Re-run notebooks even when their fingerprint is unchanged.
+    build
+        Build the Jupyter Book afterwards.
+    overrides
+        Parameter values applied to every notebook (``-p key=value``).
+    """
+    import papermill as pm
+
+    root = Path(root) if root is not None else repo_root()
+    out_dir = Path(executed_dir) if executed_dir is not None else root / "book" / "executed"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state_path = out_dir / STATE_FILE
+    state = read_json(state_path) if state_path.is_file() else {}
+    report = RunReport(profile=str(profile))
+    code = _code_fingerprint()
+    upstream = ""
+    os.environ.setdefault("STLIB_NO_PROGRESS", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    names = notebook_names(root)
+    if only:
+        unknown = set(only) - set(names)
+        if unknown:
+            raise StlibError(f"unknown notebook(s) {sorted(unknown)}; available: {names}")
+    for name in names:
+        src = root / "notebooks" / f"{name}.ipynb"
+        params = load_params(profile, name, overrides=overrides, params_dir=params_dir)
+        fp = fingerprint(src, params, upstream, code)
+        upstream = fp
+        dst = out_dir / f"{name}.ipynb"
+        if only and name not in only:
+            continue
+        entry = state.get(name, {})
+        if not force and entry.get("fingerprint") == fp and entry.get("profile") == str(profile) and dst.is_file():
+            log(f"[stlib run] {name}: unchanged, skipped")
+            report.skipped.append(name)
+            continue
+        log(f"[stlib run] {name}: executing ({profile})")
+        tmp = out_dir / f".{name}.running.ipynb"
+        t0 = time.perf_counter()
+        try:
+            pm.execute_notebook(str(src), str(tmp), parameters=params, cwd=str(root),
+                                kernel_name="python3", progress_bar=False, log_output=False)
+        except pm.PapermillExecutionError as e:
+            failed = out_dir / f"{name}.failed.ipynb"
+            if tmp.exists():
+                os.replace(tmp, failed)
+            state.pop(name, None)
+            write_json(state_path, state)
+            raise NotebookFailed(
+                f"notebook {name} failed in cell {e.cell_index} (execution count {e.exec_count}): "
+                f"{e.ename}: {e.evalue} -- the executed copy with the traceback is {failed}") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, dst)
+        (out_dir / f"{name}.failed.ipynb").unlink(missing_ok=True)
+        report.seconds[name] = round(time.perf_counter() - t0, 1)
+        report.executed.append(name)
+        state[name] = {"fingerprint": fp, "profile": str(profile), "seconds": report.seconds[name]}
+        write_json(state_path, state)
+        log(f"[stlib run] {name}: done in {report.seconds[name]} s")
+    if build:
+        report.book = build_book(root)
+        log(f"[stlib run] book: {report.book}")
+    return report
+
+
+def build_book(root: str | os.PathLike | None = None, *, strict: bool = True) -> Path:
+    """Build the Jupyter Book (notebooks are not re-executed: ``execute_notebooks: off``)."""
+    root = Path(root) if root is not None else repo_root()
+    exe = Path(sys.executable).parent / "jupyter-book"
+    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(root), "--path-output", str(root)]
+    if strict:
+        cmd += ["-W", "-n", "--keep-going"]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
+        raise StlibError(f"jupyter-book build failed (exit {proc.returncode}):\n{tail}")
+    return root / "_build" / "html" / "index.html"
+
+
+def _parse_overrides(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise StlibError(f"-p expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k] = yaml.safe_load(v)
+    return out
+
+
+def cli_main(argv: list[str]) -> int:
+    """``stlib run --profile demo|workshop|paper [--only NB ...] [--force] [--no-build] [-p k=v]``."""
+    ap = argparse.ArgumentParser(prog="stlib run", description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="demo", help="demo | workshop | paper | path to a params YAML")
+    ap.add_argument("--only", nargs="+", help="run only these notebooks (stems, e.g. 02_labels)")
+    ap.add_argument("--force", action="store_true", help="re-run notebooks even if unchanged")
+    ap.add_argument("--no-build", action="store_true", help="do not build the book")
+    ap.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a parameter of every notebook (YAML value)")
+    args = ap.parse_args(argv)
+    report = run_profile(args.profile, only=args.only, force=args.force, build=not args.no_build,
+                         overrides=_parse_overrides(args.param))
+    print(f"executed: {report.executed or '-'}; skipped: {report.skipped or '-'}")
+    return 0
+
+
+def batch_main(argv: list[str]) -> int:  # filled in by the batch/Dask work (issue 6)
+    """``stlib batch``: run a notebook over samples or a parameter grid on dask.distributed."""
+    raise StlibError("stlib batch is not implemented yet")
+
+
+__all__ = ["run_profile", "build_book", "RunReport", "NotebookFailed", "notebook_names", "cli_main"]
