@@ -1,0 +1,225 @@
+"""Evaluation: label quality against truth, model comparisons with effect sizes and CIs.
+
+The metric definitions live in :mod:`stlib.metrics`; this module aggregates per-image values
+into per-organ and pooled tables with bootstrap confidence intervals over images and paired
+tests of the difference between two models, and scores derived labels against a truth table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import pandas as pd
+
+from stlib.constants import CLASS_NAMES, IGNORE, NUCLEUS_CLASSES
+
+
+class CI(NamedTuple):
+    """A point estimate with a bootstrap confidence interval."""
+
+    estimate: float
+    low: float
+    high: float
+    n: int
+
+
+def bootstrap_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = 1000, ci: float = 0.95,
+                 seed: int = 0, stat: Callable[[np.ndarray], float] = np.mean) -> CI:
+    """Percentile bootstrap CI of ``stat`` over ``values`` (resampling units = images).
+
+    NaNs are dropped first (e.g. mPQ of images whose truth has no class). With fewer than two
+    values the interval is the point estimate itself (nothing to resample).
+    """
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    v = np.asarray(values, dtype=float)
+    v = v[~np.isnan(v)]
+    n = v.size
+    if n == 0:
+        return CI(float("nan"), float("nan"), float("nan"), 0)
+    est = float(stat(v))
+    if n < 2 or n_boot < 1:
+        return CI(est, est, est, n)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))
+    boots = np.apply_along_axis(stat, 1, v[idx]) if stat is not np.mean else v[idx].mean(axis=1)
+    a = (1 - ci) / 2
+    lo, hi = np.quantile(boots, [a, 1 - a])
+    return CI(est, float(lo), float(hi), n)
+
+
+class PairedComparison(NamedTuple):
+    """Difference ``a - b`` of two models scored on the same images."""
+
+    mean_a: float
+    mean_b: float
+    diff: CI
+    p_value: float
+    test: str
+    n: int
+
+
+def paired_comparison(a: Sequence[float], b: Sequence[float], *, n_boot: int = 1000, ci: float = 0.95,
+                      seed: int = 0) -> PairedComparison:
+    """Paired bootstrap CI of the mean difference and a Wilcoxon signed-rank test.
+
+    Images where either value is NaN are dropped pairwise. The p-value is two-sided; with fewer
+    than 6 pairs or all differences zero it is reported as NaN (the test has no power there).
+    """
+    from scipy import stats
+
+    a = np.asarray(a, dtype=float)
+    b = np.asarray(b, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must be paired (same length), got {a.shape} and {b.shape}")
+    keep = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[keep], b[keep]
+    d = a - b
+    diff = bootstrap_ci(d, n_boot=n_boot, ci=ci, seed=seed)
+    p = float("nan")
+    if d.size >= 6 and np.any(d != 0):
+        p = float(stats.wilcoxon(a, b, zero_method="wilcox", alternative="two-sided").pvalue)
+    return PairedComparison(float(a.mean()) if a.size else float("nan"),
+                            float(b.mean()) if b.size else float("nan"), diff, p,
+                            "Wilcoxon signed-rank (two-sided)", int(d.size))
+
+
+def summarize(per_image: pd.DataFrame, metrics: Sequence[str], *, group: str = "organ",
+              by: str | None = "model", n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Per-group and pooled mean with bootstrap CI for each metric.
+
+    Parameters
+    ----------
+    per_image
+        One row per image (and model), with the metric columns, ``group`` and ``by``.
+    metrics
+        Metric columns to summarise.
+    group
+        Grouping column (e.g. ``organ``); a ``"pooled"`` row is added over all images.
+    by
+        Optional column that separates models / label sets.
+
+    Returns
+    -------
+    Long table: ``by``, ``group``, ``metric``, ``mean``, ``ci_low``, ``ci_high``, ``n_images``.
+    """
+    missing = [c for c in [*metrics, group, *([by] if by else [])] if c not in per_image.columns]
+    if missing:
+        raise ValueError(f"per_image lacks columns {missing}")
+    rows = []
+    keys = sorted(per_image[by].unique()) if by else [None]
+    for key in keys:
+        sub = per_image if key is None else per_image[per_image[by] == key]
+        groups = [(g, s) for g, s in sub.groupby(group, sort=True)] + [("pooled", sub)]
+        for g, s in groups:
+            for m in metrics:
+                r = bootstrap_ci(s[m].to_numpy(), n_boot=n_boot, ci=ci, seed=seed)
+                row = {group: g, "metric": m, "mean": r.estimate, "ci_low": r.low, "ci_high": r.high,
+                       "n_images": r.n}
+                if by:
+                    row[by] = key
+                rows.append(row)
+    cols = ([by] if by else []) + [group, "metric", "mean", "ci_low", "ci_high", "n_images"]
+    return pd.DataFrame(rows)[cols]
+
+
+def compare_models(per_image: pd.DataFrame, metrics: Sequence[str], *, model_a: str, model_b: str,
+                   group: str = "organ", by: str = "model", image_key: str = "image",
+                   n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Paired comparison ``model_a - model_b`` per group and pooled, for each metric.
+
+    Images are paired on ``image_key``; an image scored by only one model is an error (the
+    comparison would not be paired).
+    """
+    a = per_image[per_image[by] == model_a].set_index(image_key)
+    b = per_image[per_image[by] == model_b].set_index(image_key)
+    if a.empty or b.empty:
+        raise ValueError(f"no rows for {model_a!r} or {model_b!r} in column {by!r}")
+    if set(a.index) != set(b.index):
+        only = sorted(set(a.index) ^ set(b.index))[:5]
+        raise ValueError(f"models were not scored on the same images (e.g. {only})")
+    b = b.loc[a.index]
+    rows = []
+    groups = [(g, idx) for g, idx in a.groupby(group, sort=True).groups.items()] + [("pooled", a.index)]
+    for g, idx in groups:
+        for m in metrics:
+            r = paired_comparison(a.loc[idx, m].to_numpy(), b.loc[idx, m].to_numpy(),
+                                  n_boot=n_boot, ci=ci, seed=seed)
+            rows.append({group: g, "metric": m, model_a: r.mean_a, model_b: r.mean_b,
+                         "diff": r.diff.estimate, "diff_ci_low": r.diff.low, "diff_ci_high": r.diff.high,
+                         "p_value": r.p_value, "n_images": r.n})
+    return pd.DataFrame(rows)
+
+
+def class_scores(true: Sequence[int], pred: Sequence[int], *,
+                 classes: Sequence[int] = NUCLEUS_CLASSES) -> dict[str, float]:
+    """Accuracy and per-class F1 of predicted classes against true classes (cell by cell).
+
+    A prediction of ``IGNORE`` (255) counts as wrong for accuracy and as a miss for the true
+    class's F1 (an abstention is not a correct answer); ``ignored_fraction`` reports how often
+    it happened. Classes absent from both truth and prediction get F1 = NaN.
+    """
+    t = np.asarray(true, dtype=int)
+    p = np.asarray(pred, dtype=int)
+    if t.shape != p.shape:
+        raise ValueError(f"true and pred differ in length: {t.shape} vs {p.shape}")
+    out: dict[str, float] = {"n": int(t.size),
+                             "accuracy": float(np.mean(t == p)) if t.size else float("nan"),
+                             "ignored_fraction": float(np.mean(p == IGNORE)) if t.size else float("nan")}
+    f1s = []
+    for c in classes:
+        tp = int(np.sum((t == c) & (p == c)))
+        fp = int(np.sum((t != c) & (p == c)))
+        fn = int(np.sum((t == c) & (p != c)))
+        f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else float("nan")
+        out[f"f1_{CLASS_NAMES[c]}"] = f1
+        f1s.append(f1)
+    out["macro_f1"] = float(np.nanmean(f1s)) if not np.all(np.isnan(f1s)) else float("nan")
+    return out
+
+
+def label_accuracy_vs_truth(cells: pd.DataFrame, truth: pd.DataFrame, *, visible_only: bool = False) -> dict:
+    """Score derived cell labels against the demo truth, joined by ``cell_id``.
+
+    Parameters
+    ----------
+    cells
+        ``cells.parquet`` of :mod:`stlib.labels.derive` (``cell_id``, ``class``, ``x_he``, ``y_he``).
+    truth
+        ``truth/{sample}/nuclei.parquet`` (``cell_id``, ``class``, ``x_he``, ``y_he``, ``visible``).
+    visible_only
+        Score only cells whose nucleus is visible in the H&E.
+
+    Returns
+    -------
+    dict with ``class_scores`` (see :func:`class_scores`), ``n_matched``, ``n_truth``,
+    ``median_centroid_error_px`` and the confusion matrix (truth rows x predicted columns).
+    """
+    for name, df in (("cells", cells), ("truth", truth)):
+        if "cell_id" not in df.columns or "class" not in df.columns:
+            raise ValueError(f"{name} needs columns cell_id and class")
+    t = truth.copy()
+    t["cell_id"] = t["cell_id"].astype(str)
+    c = cells.copy()
+    c["cell_id"] = c["cell_id"].astype(str)
+    if visible_only and "visible" in t.columns:
+        t = t[t["visible"].astype(bool)]
+    m = t.merge(c, on="cell_id", suffixes=("_true", "_pred"), how="inner")
+    scores = class_scores(m["class_true"].to_numpy(), m["class_pred"].to_numpy())
+    out = {"class_scores": scores, "n_matched": int(len(m)), "n_truth": int(len(t)),
+           "n_cells": int(len(c))}
+    if {"x_he_true", "y_he_true", "x_he_pred", "y_he_pred"} <= set(m.columns):
+        d = np.hypot(m["x_he_true"] - m["x_he_pred"], m["y_he_true"] - m["y_he_pred"])
+        out["median_centroid_error_px"] = float(np.median(d)) if len(d) else float("nan")
+    labels = [*NUCLEUS_CLASSES, IGNORE]
+    cm = pd.crosstab(pd.Categorical(m["class_true"], categories=labels),
+                     pd.Categorical(m["class_pred"], categories=labels), dropna=False)
+    out["confusion"] = cm.to_numpy().tolist()
+    out["confusion_labels"] = labels
+    return out
+
+
+__all__ = ["CI", "bootstrap_ci", "PairedComparison", "paired_comparison", "summarize",
+           "compare_models", "class_scores", "label_accuracy_vs_truth"]
