@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from stlib.config import NOTEBOOK_PARAMS, load_params
 from stlib.utils import StlibError, read_json, repo_root, write_json
 
@@ -130,9 +132,11 @@ def run_profile(profile: str = "demo", *, only: list[str] | None = None, force: 
                 os.replace(tmp, failed)
             state.pop(name, None)
             write_json(state_path, state)
+            cell = _source_cell_number(failed, e.cell_index)
             raise NotebookFailed(
-                f"notebook {name} failed in cell {e.cell_index} (execution count {e.exec_count}): "
-                f"{e.ename}: {e.evalue} -- the executed copy with the traceback is {failed}") from None
+                f"notebook {name} failed in cell {cell} of notebooks/{name}.ipynb (1-based, "
+                f"execution count {e.exec_count}): {e.ename}: {e.evalue} -- the executed copy with "
+                f"the traceback is {failed}") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -147,6 +151,26 @@ def run_profile(profile: str = "demo", *, only: list[str] | None = None, force: 
         report.book = build_book(root)
         log(f"[stlib run] book: {report.book}")
     return report
+
+
+def _source_cell_number(executed: Path, cell_index: int) -> int:
+    """1-based number of the failing cell in the *source* notebook (papermill injects a cell)."""
+    import nbformat
+
+    try:
+        cells = nbformat.read(str(executed), as_version=4).cells
+    except Exception:  # noqa: BLE001 - best effort, the raw index is still useful
+        return cell_index + 1
+    added = ("injected-parameters", "papermill-error-cell-tag")
+    src = [c for c in cells if not any(t in c.get("metadata", {}).get("tags", []) for t in added)]
+    # papermill's cell_index counts the executed notebook's cells before its error markers
+    plain = [c for c in cells if "papermill-error-cell-tag" not in c.get("metadata", {}).get("tags", [])]
+    if 0 <= cell_index < len(plain):
+        target = plain[cell_index]
+        for i, c in enumerate(src):
+            if c is target:
+                return i + 1
+    return cell_index + 1
 
 
 def build_book(root: str | os.PathLike | None = None, *, strict: bool = True) -> Path:
@@ -191,9 +215,144 @@ def cli_main(argv: list[str]) -> int:
     return 0
 
 
-def batch_main(argv: list[str]) -> int:  # filled in by the batch/Dask work (issue 6)
-    """``stlib batch``: run a notebook over samples or a parameter grid on dask.distributed."""
-    raise StlibError("stlib batch is not implemented yet")
+def read_glued(path: str | os.PathLike) -> dict[str, Any]:
+    """Values a notebook glued with ``myst_nb.glue`` (their plain-text form, parsed when numeric)."""
+    import nbformat
+
+    nb = nbformat.read(str(path), as_version=4)
+    out: dict[str, Any] = {}
+    for cell in nb.cells:
+        for o in cell.get("outputs", []):
+            meta = (o.get("metadata") or {}).get("scrapbook")
+            if not meta:
+                continue
+            data = o.get("data", {})
+            text = next((v for k, v in data.items() if k.endswith("text/plain")), None)
+            if text is None:
+                continue
+            text = "".join(text) if isinstance(text, list) else str(text)
+            try:
+                out[meta["name"]] = float(text.strip().strip("'\""))
+            except ValueError:
+                out[meta["name"]] = text.strip().strip("'\"")
+    return out
 
 
-__all__ = ["run_profile", "build_book", "RunReport", "NotebookFailed", "notebook_names", "cli_main"]
+def _batch_task(notebook: str, profile: str, overrides: dict[str, Any], out_path: str, root: str,
+                params_dir: str | None) -> dict[str, Any]:
+    """One batch job (runs on a Dask worker): execute a notebook, return its glued values."""
+    import papermill as pm
+
+    os.environ.setdefault("STLIB_NO_PROGRESS", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    params = load_params(profile, notebook, overrides=overrides, params_dir=params_dir)
+    src = Path(root) / "notebooks" / f"{notebook}.ipynb"
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"notebook": notebook, **{f"param:{k}": (json.dumps(v) if isinstance(v, (list, dict)) else v)
+                                                     for k, v in overrides.items()}}
+    try:
+        pm.execute_notebook(str(src), out_path, parameters=params, cwd=root, kernel_name="python3",
+                            progress_bar=False, log_output=False)
+        row.update({"status": "ok", **read_glued(out_path)})
+    except pm.PapermillExecutionError as e:
+        row.update({"status": "failed", "error": f"cell {e.cell_index}: {e.ename}: {e.evalue}"})
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    row["executed"] = out_path
+    return row
+
+
+def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Cartesian product of a parameter grid ``{name: [values]}`` as a list of override dicts."""
+    import itertools
+
+    keys = list(grid)
+    return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
+
+
+def run_batch(notebook: str, jobs: list[dict[str, Any]], *, profile: str = "demo",
+              out_dir: str | os.PathLike = "runs/batch", scheduler: str | None = None,
+              n_workers: int = 2, root: str | os.PathLike | None = None,
+              params_dir: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Run ``notebook`` once per job (parameter overrides) on dask.distributed; one row per job.
+
+    Parameters
+    ----------
+    jobs
+        Parameter overrides per run, e.g. ``[{"samples": ["A"]}, {"samples": ["B"]}]``.
+    scheduler
+        Address of an existing Dask scheduler; default a ``LocalCluster`` of ``n_workers``
+        single-threaded processes on this machine.
+
+    Returns
+    -------
+    DataFrame with the overrides (``param:*``), ``status``, ``seconds``, ``executed`` and every
+    value the notebook glued. The table is also written to ``out_dir/results.csv``.
+    """
+    from dask.distributed import Client, LocalCluster
+
+    root = Path(root) if root is not None else repo_root()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for job in jobs:  # validate every job before starting anything
+        load_params(profile, notebook, overrides=job, params_dir=params_dir)
+    cluster = None
+    if scheduler:
+        client = Client(scheduler)
+    else:
+        cluster = LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    try:
+        futures = []
+        for i, job in enumerate(jobs):
+            out_path = str((out / f"{notebook}__{i:03d}.ipynb").resolve())
+            futures.append(client.submit(_batch_task, notebook, profile, job, out_path, str(root),
+                                         None if params_dir is None else str(params_dir), pure=False))
+        rows = client.gather(futures)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    table = pd.DataFrame(rows)
+    from stlib.utils import atomic_path
+
+    with atomic_path(out / "results.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    return table
+
+
+def batch_main(argv: list[str]) -> int:
+    """``stlib batch NOTEBOOK --profile P (--samples ID ... | --grid key=v1,v2 ...) [--scheduler ADDR]``."""
+    import yaml
+
+    ap = argparse.ArgumentParser(prog="stlib batch",
+                                 description="Run a notebook over samples or a parameter grid on dask.distributed.")
+    ap.add_argument("notebook", help="notebook stem, e.g. 02_labels")
+    ap.add_argument("--profile", default="demo")
+    ap.add_argument("--samples", nargs="+", help="one run per sample id (sets `samples`)")
+    ap.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="parameter grid; repeat for a cartesian product")
+    ap.add_argument("--scheduler", help="address of an existing Dask scheduler (default: a LocalCluster)")
+    ap.add_argument("--workers", type=int, default=2, help="LocalCluster workers (default 2)")
+    ap.add_argument("--out", default="runs/batch", help="folder for executed notebooks and results.csv")
+    args = ap.parse_args(argv)
+    grid: dict[str, list[Any]] = {}
+    for item in args.grid:
+        if "=" not in item:
+            raise StlibError(f"--grid expects key=v1,v2, got {item!r}")
+        k, v = item.split("=", 1)
+        grid[k] = [yaml.safe_load(x) for x in v.split(",")]
+    if args.samples:
+        grid["samples"] = [[s] for s in args.samples]
+    if not grid:
+        raise StlibError("stlib batch needs --samples or --grid")
+    table = run_batch(args.notebook, expand_grid(grid), profile=args.profile, out_dir=args.out,
+                      scheduler=args.scheduler, n_workers=args.workers)
+    print(table.to_string(index=False))
+    failed = int((table["status"] != "ok").sum())
+    print(f"{len(table) - failed} ok, {failed} failed; table: {Path(args.out) / 'results.csv'}")
+    return 1 if failed else 0
+
+
+__all__ = ["run_profile", "build_book", "RunReport", "NotebookFailed", "notebook_names", "cli_main",
+           "run_batch", "batch_main", "expand_grid", "read_glued"]

@@ -162,3 +162,34 @@ def repo_root() -> Path:
             return p
     pkg = Path(__file__).resolve().parent.parent
     return pkg
+
+
+def environment_info() -> dict[str, Any]:
+    """Versions and hardware of this run (for the reproducibility record of the book)."""
+    import platform
+    import sys
+    from importlib import metadata
+
+    pkgs = ["stlib", "numpy", "scipy", "pandas", "torch", "anndata", "scanpy", "squidpy",
+            "scikit-image", "geopandas", "shapely", "tifffile", "pyarrow", "papermill", "jupyter-book"]
+    versions = {}
+    for p in pkgs:
+        try:
+            versions[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            versions[p] = None
+    info: dict[str, Any] = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "versions": versions,
+        "gpu": None,
+    }
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:  # pragma: no cover
+        pass
+    return info
