@@ -1,0 +1,87 @@
+"""Unit tests of stlib.io.pannuke on a tiny fold in the official layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stlib.constants import CONNECTIVE, EPITHELIAL, INFLAMMATORY, NEOPLASTIC
+from stlib.io.pannuke import images_uint8, list_folds, masks_to_inst_type, read_fold
+from stlib.utils import InputError
+
+
+def _masks():
+    m = np.zeros((2, 8, 8, 6), np.float64)
+    # image 0: id 1 in Neoplastic and id 1 in Inflammatory (same id, different nuclei), id 3 Connective
+    m[0, 0:2, 0:2, 0] = 1
+    m[0, 4:6, 4:6, 1] = 1
+    m[0, 6:8, 0:2, 2] = 3
+    # image 1: two Epithelial nuclei, ids 5 and 9
+    m[1, 0:3, 0:3, 4] = 5
+    m[1, 5:8, 5:8, 4] = 9
+    m[..., 5] = (m[..., :5].sum(-1) == 0)
+    return m
+
+
+def _write_fold(root, k=1, n=2, *, masks=None):
+    img_dir = root / f"Fold {k}" / "images" / f"fold{k}"
+    mask_dir = root / f"Fold {k}" / "masks" / f"fold{k}"
+    img_dir.mkdir(parents=True)
+    mask_dir.mkdir(parents=True)
+    rng = np.random.default_rng(k)
+    np.save(img_dir / "images.npy", rng.uniform(0, 255, (n, 8, 8, 3)))
+    np.save(img_dir / "types.npy", np.array(["Breast", "Colon"][:n] + ["Breast"] * max(0, n - 2)))
+    np.save(mask_dir / "masks.npy", _masks()[:n] if masks is None else masks)
+
+
+def test_masks_to_inst_type_unique_per_image():
+    inst, typ = masks_to_inst_type(_masks())
+    assert inst.dtype == np.int32 and typ.dtype == np.uint8 and inst.shape == (2, 8, 8)
+    # image 0: the two "id 1" nuclei get different ids; 3 instances, ids 1..3
+    assert sorted(np.unique(inst[0])) == [0, 1, 2, 3]
+    assert inst[0, 0, 0] != inst[0, 4, 4]
+    assert typ[0, 0, 0] == NEOPLASTIC and typ[0, 4, 4] == INFLAMMATORY and typ[0, 7, 0] == CONNECTIVE
+    assert sorted(np.unique(inst[1])) == [0, 1, 2] and set(np.unique(typ[1])) == {0, EPITHELIAL}
+    assert ((inst > 0) == (typ > 0)).all()
+    # the per-image relabelling gives the same result whatever the chunking
+    inst1, typ1 = masks_to_inst_type(_masks(), chunk=1)
+    np.testing.assert_array_equal(inst, inst1)
+    np.testing.assert_array_equal(typ, typ1)
+    single_inst, _ = masks_to_inst_type(_masks()[1])
+    np.testing.assert_array_equal(single_inst, inst[1])
+    with pytest.raises(ValueError):
+        masks_to_inst_type(np.zeros((8, 8)))
+
+
+def test_read_fold_official_layout(tmp_path):
+    _write_fold(tmp_path, 2)
+    f = read_fold(tmp_path, 2)
+    assert len(f) == 2 and isinstance(f.images, np.memmap)
+    assert f.types.tolist() == ["Breast", "Colon"]
+    assert f.tissues().to_dict() == {"Breast": 1, "Colon": 1}
+    assert f.indices("Colon").tolist() == [1]
+    inst, typ = f.inst_type(slice(0, 2))
+    assert inst.max() == 3
+    u8 = f.image_uint8(0)
+    assert u8.dtype == np.uint8 and u8.shape == (8, 8, 3)
+    np.testing.assert_array_equal(u8, np.clip(np.rint(np.asarray(f.images[0])), 0, 255).astype(np.uint8))
+    assert list_folds(tmp_path) == [2]
+
+
+def test_read_fold_errors(tmp_path):
+    with pytest.raises(InputError, match="fold 1 not found"):
+        read_fold(tmp_path, 1)
+    with pytest.raises(InputError, match="PanNuke folder not found"):
+        read_fold(tmp_path / "none", 1)
+    _write_fold(tmp_path, 3, masks=np.zeros((2, 8, 9, 6)))
+    with pytest.raises(InputError, match="masks.npy has shape"):
+        read_fold(tmp_path, 3)
+
+
+def test_images_uint8_scaling():
+    a = np.array([[[[0.0, 0.5, 1.0]]]])
+    np.testing.assert_array_equal(images_uint8(a), [[[[0, 128, 255]]]])
+    b = np.array([[[[0.0, 127.6, 300.0]]]])
+    np.testing.assert_array_equal(images_uint8(b), [[[[0, 128, 255]]]])
+    c = np.zeros((1, 1, 1, 3), np.uint8)
+    assert images_uint8(c) is not None and images_uint8(c).dtype == np.uint8
