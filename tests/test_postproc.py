@@ -1,0 +1,167 @@
+"""Tests of stlib.model.postproc: HoVer-Net post-processing on perfect maps, seams."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stlib.metrics import centroids, pq
+from stlib.model import postproc as P
+
+
+def hv_from_inst(inst):
+    """HoVer-Net's training target, written independently: per nucleus, the column (row)
+    offset from its centroid, negative side scaled by its min, positive side by its max."""
+    hv = np.zeros((2,) + inst.shape)
+    for i in np.unique(inst)[1:]:
+        r, c = np.nonzero(inst == i)
+        for ch, coord in ((0, c - c.mean()), (1, r - r.mean())):
+            val = coord.astype(float)
+            neg, pos = val < 0, val > 0
+            if neg.any():
+                val[neg] /= -val[neg].min()
+            if pos.any():
+                val[pos] /= val[pos].max()
+            hv[ch, r, c] = val
+    return hv
+
+
+def disks(shape, centres, radii):
+    """Instance map of disks; a pixel claimed by several goes to the nearest centre (touching
+    nuclei share a straight border)."""
+    best = np.full(shape, np.inf)
+    inst = np.zeros(shape, np.int32)
+    for i, ((r0, c0), rad) in enumerate(zip(centres, radii), start=1):
+        ra, rb = max(int(r0 - rad) - 1, 0), min(int(r0 + rad) + 2, shape[0])
+        ca, cb = max(int(c0 - rad) - 1, 0), min(int(c0 + rad) + 2, shape[1])
+        rr, cc = np.mgrid[ra:rb, ca:cb]
+        d = np.hypot(rr - r0, cc - c0)
+        win_best, win_inst = best[ra:rb, ca:cb], inst[ra:rb, ca:cb]
+        take = (d <= rad) & (d < win_best)
+        win_inst[take] = i
+        win_best[take] = d[take]
+    return inst
+
+
+def random_disks(rng, shape, n, rmin=5, rmax=9, min_gap=2.0):
+    """Up to n non-overlapping disks: a jittered grid (spacing leaves >= min_gap between
+    disks), a random subset of its cells, random radii."""
+    jitter = 2.0
+    step = 2 * rmax + min_gap + 2 * jitter
+    rows = np.arange(rmax + jitter, shape[0] - rmax - jitter, step)
+    cols = np.arange(rmax + jitter, shape[1] - rmax - jitter, step)
+    grid = np.stack(np.meshgrid(rows, cols, indexing="ij"), -1).reshape(-1, 2)
+    grid = grid[rng.permutation(len(grid))[:n]] + rng.uniform(-jitter, jitter, (min(n, len(grid)), 2))
+    return disks(shape, grid, rng.uniform(rmin, rmax, len(grid)))
+
+
+def test_sobel_kernels():
+    s, d = P.sobel_kernels(3)
+    assert s.tolist() == [1, 2, 1] and d.tolist() == [-1, 0, 1]
+    s, d = P.sobel_kernels(5)
+    assert s.tolist() == [1, 4, 6, 4, 1] and d.tolist() == [-1, -2, 0, 2, 1]
+    s, d = P.sobel_kernels(21)
+    assert len(s) == len(d) == 21 and np.allclose(d, -d[::-1]) and d[-1] > 0
+    with pytest.raises(ValueError, match="sobel_ksize"):
+        P.sobel_kernels(4)
+
+
+def test_perfect_maps_recover_instances():
+    rng = np.random.default_rng(0)
+    truth = random_disks(rng, (160, 160), 30)
+    # add two touching pairs (centres 13-14 px apart, radii 8: they overlap)
+    pair = disks((160, 160), [(20, 20), (20, 34), (140, 130), (127, 136)], [8, 8, 8, 8])
+    free = (truth == 0) & (pair > 0)
+    truth[free] = pair[free] + truth.max()
+    np_prob = (truth > 0).astype(float)
+    inst, typ, nuclei = P.hovernet_postprocess(np_prob, hv_from_inst(truth))
+    assert inst.dtype == np.int32 and typ.dtype == np.uint8
+    assert set(np.unique(inst)[1:]) == set(nuclei) == set(range(1, inst.max() + 1))
+    r = pq(truth, inst)
+    assert r.pq > 0.9, r
+    # nucleus table agrees with the map
+    ids, xy = centroids(inst)
+    np.testing.assert_allclose([nuclei[i]["centroid"] for i in ids], xy)
+    (r0, c0), (r1, c1) = nuclei[1]["bbox"]
+    assert np.array_equal(np.argwhere(inst == 1).min(0), [r0, c0])
+    assert np.array_equal(np.argwhere(inst == 1).max(0) + 1, [r1, c1])
+
+
+def test_touching_nuclei_are_split():
+    truth = disks((48, 64), [(24, 24), (24, 38)], [9, 9])  # overlapping disks, one blob
+    import scipy.ndimage as ndi
+
+    assert ndi.label(truth > 0)[1] == 1  # the NP map alone would merge them
+    inst, _, nuclei = P.hovernet_postprocess((truth > 0).astype(float), hv_from_inst(truth))
+    assert len(nuclei) == 2
+    r = pq(truth, inst)
+    assert r.tp == 2 and r.sq > 0.85
+
+
+def test_type_vote_and_probability():
+    truth = disks((40, 80), [(20, 20), (20, 60)], [8, 8])
+    a, b = truth == 1, truth == 2
+    tp = np.zeros((6, 40, 80))
+    tp[0] = 1.0  # background everywhere first
+    rr, cc = np.indices(truth.shape)
+    # nucleus 1: left 60% of columns class 2, the rest class 3
+    left = a & (cc < 20 + 2)
+    tp[:, left] = np.array([0, 0, 0.8, 0.2, 0, 0])[:, None]
+    tp[:, a & ~left] = np.array([0, 0, 0.3, 0.7, 0, 0])[:, None]
+    # nucleus 2: background wins the vote (upper 70 %), class 4 second
+    low = b & (rr >= 20 + 4)
+    tp[:, b & ~low] = np.array([0.6, 0, 0, 0, 0.4, 0])[:, None]
+    tp[:, low] = np.array([0.1, 0, 0, 0, 0.9, 0])[:, None]
+    assert left.sum() > (a & ~left).sum() and (b & ~low).sum() > low.sum()
+    inst, typ, nuclei = P.hovernet_postprocess((truth > 0).astype(float), hv_from_inst(truth), tp)
+    ia, ib = np.bincount(inst[a]).argmax(), np.bincount(inst[b]).argmax()
+    assert nuclei[ia]["type"] == 2 and nuclei[ib]["type"] == 4
+    assert np.all(typ[inst == ia] == 2) and np.all(typ[inst == ib] == 4) and np.all(typ[inst == 0] == 0)
+    assert nuclei[ia]["type_prob"] == pytest.approx(tp[2][inst == ia].mean())
+    assert nuclei[ib]["type_prob"] == pytest.approx(tp[4][inst == ib].mean())
+
+
+def test_empty_and_bad_input():
+    inst, typ, nuclei = P.hovernet_postprocess(np.zeros((32, 32)), np.zeros((2, 32, 32)))
+    assert inst.max() == 0 and typ.max() == 0 and nuclei == {}
+    with pytest.raises(ValueError, match="hv"):
+        P.hovernet_postprocess(np.zeros((32, 32)), np.zeros((2, 16, 32)))
+    with pytest.raises(ValueError, match="tp_prob"):
+        P.hovernet_postprocess(np.zeros((32, 32)), np.zeros((2, 32, 32)), np.zeros((6, 32, 31)))
+
+
+def test_seam_duplicates_removed_no_losses():
+    rng = np.random.default_rng(1)
+    shape, tile, overlap = (420, 530), 128, 40  # overlap/2 = 20
+    truth = random_disks(rng, shape, 250, rmin=4, rmax=9)  # diameter <= 18 < overlap / 2
+    origins = P.tile_origins(shape, tile, overlap)
+    tables, tiles = [], []
+    for r, c in origins:
+        crop = truth[r:r + tile, c:c + tile]
+        # each tile "detects" what it sees, cut nuclei included, with its own ids 1..n
+        ids = np.unique(crop)[1:]
+        lut = np.zeros(truth.max() + 1, np.int32)
+        lut[ids] = np.arange(1, ids.size + 1)
+        local = lut[crop]
+        tiles.append(local)
+        tables.append(P.nuclei_table(local))
+    raw = sum(len(t) for t in tables)
+    kept = P.remove_seam_duplicates(tables, tile_origins=origins, tile_size=tile)
+    t_ids, t_xy = centroids(truth)
+    assert raw > len(t_ids) + 50  # the overlaps really do produce duplicates
+    assert len(kept) == len(t_ids)  # no duplicates, no losses
+    k_xy = np.array([kept[g]["centroid"] for g in sorted(kept)])
+    # every kept nucleus is a complete one: its centroid equals a true centroid exactly
+    d = np.hypot(*(k_xy[:, None, :] - t_xy[None]).transpose(2, 0, 1))
+    assert np.allclose(d.min(axis=1), 0) and len(set(d.argmin(axis=1))) == len(t_ids)
+    inst, _ = P.stitch_tiles(tiles, None, kept, tile_origins=origins, image_shape=shape)
+    r = pq(truth, inst)
+    assert (r.tp, r.fp, r.fn) == (len(t_ids), 0, 0) and r.sq == 1.0
+
+
+def test_tiled_postprocess_matches_truth():
+    rng = np.random.default_rng(2)
+    truth = random_disks(rng, (300, 300), 120)
+    inst, typ, nuclei = P.hovernet_postprocess_tiled((truth > 0).astype(float), hv_from_inst(truth),
+                                                     tile_size=128, overlap=48)
+    assert pq(truth, inst).pq > 0.9 and len(nuclei) == inst.max() == len(np.unique(inst)) - 1
