@@ -85,3 +85,27 @@ def test_images_uint8_scaling():
     np.testing.assert_array_equal(images_uint8(b), [[[[0, 128, 255]]]])
     c = np.zeros((1, 1, 1, 3), np.uint8)
     assert images_uint8(c) is not None and images_uint8(c).dtype == np.uint8
+
+
+def test_pannuke_to_store_round_trip(tmp_path):
+    from stlib.io.pannuke import masks_to_inst_type, pannuke_to_store, read_fold
+    from stlib.io.tiles import TileStore
+
+    _write_fold(tmp_path / "pn", k=1, n=2)
+    _write_fold(tmp_path / "pn", k=2, n=2)
+    out = pannuke_to_store(tmp_path / "pn", tmp_path / "store")
+    store = TileStore(out)
+    assert len(store) == 4
+    assert store.meta["split"].tolist() == ["fold1"] * 2 + ["fold2"] * 2
+    fold2 = read_fold(tmp_path / "pn", 2)
+    inst, typ = masks_to_inst_type(np.asarray(fold2.masks))
+    b = store.get_batch([3])
+    np.testing.assert_array_equal(b["inst"][0], inst[1])
+    np.testing.assert_array_equal(b["type"][0], typ[1])
+    assert set(np.unique(b["conf"][0])) <= {0, 255}
+    assert ((b["conf"][0] == 255) == (inst[1] > 0)).all()
+    assert store.meta["organ"].iloc[3] == str(fold2.types[1])
+    # idempotent: a second call keeps the existing store
+    mtime = (out / "store.json").stat().st_mtime_ns
+    pannuke_to_store(tmp_path / "pn", tmp_path / "store")
+    assert (out / "store.json").stat().st_mtime_ns == mtime

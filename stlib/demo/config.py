@@ -14,7 +14,7 @@ __all__ = ["DemoConfig", "SCALES", "config_for_scale", "OrganSpec", "ORGANS", "S
 #: scale presets: values that differ from the DemoConfig defaults
 SCALES: dict[str, dict[str, Any]] = {
     "demo": {},
-    "workshop": {"n_per_organ": 2, "image_px": 2048, "pannuke_per_fold": 24, "raw_bundles": 2},
+    "workshop": {"n_per_organ": 2, "image_px": 2048, "pannuke_per_fold": 64, "raw_bundles": 2},
 }
 
 
@@ -37,7 +37,7 @@ class DemoConfig:
     #: number of samples whose Xenium cell ids are integers (older XOA / R exports)
     int_id_samples: int = 1
     #: PanNuke-like images per fold (3 folds)
-    pannuke_per_fold: int = 8
+    pannuke_per_fold: int = 24
     #: PanNuke tile edge (px) and resolution (µm/px)
     pannuke_px: int = 256
     pannuke_um_per_px: float = 0.25
