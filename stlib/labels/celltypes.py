@@ -1,0 +1,613 @@
+"""Gene expression -> fine cell types, for Xenium cells.
+
+The chain, one function per step, each writing named slots of an AnnData (cells x panel genes):
+
+1. :func:`qc_filter` marks cells with too few transcripts (nothing is dropped).
+2. :func:`normalize` keeps raw counts in ``layers["counts"]`` and writes log-normalised values.
+3. :func:`rank_score` scores marker sets per cell with a rank statistic (UCell's definition).
+4. :func:`cluster` runs PCA, a kNN graph and Leiden.
+5. :func:`assign_fine_types` turns scores (+ clusters) into ``obs["fine_type"]`` and a confidence.
+
+Marker sets come from ``stlib/labels/markers/*.yaml`` through :func:`load_markers`, which keeps only
+genes of the sample's panel (Xenium panels hold 260-5,000 genes and miss many textbook markers).
+All slot names are in :class:`Key`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from functools import lru_cache
+from importlib import resources
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from anndata import AnnData
+from scipy.stats import rankdata
+
+from stlib.constants import is_control_feature
+from stlib.utils import InputError
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Key", "FINE_TYPES", "UNKNOWN", "load_markers", "load_programs", "marker_coverage",
+    "canonical_organ", "qc_filter", "normalize", "rank_score", "cluster", "assign_fine_types",
+]
+
+
+class Key:
+    """Names of every AnnData slot written by :mod:`stlib.labels` (one place, no drift)."""
+
+    COUNTS = "counts"  #: layers: raw counts
+    LOGNORM = "lognorm"  #: layers: normalize_total(1e4) + log1p
+    N_COUNTS = "n_counts"  #: obs: total counts per cell
+    N_GENES = "n_genes"  #: obs: detected genes per cell
+    QC_PASS = "qc_pass"  #: obs: bool, cell passes QC
+    QC_REASON = "qc_reason"  #: obs: why a cell fails QC ("" when it passes)
+    SCORE_PREFIX = "score_"  #: obs: rank score per signature, ``score_{name}``
+    CLUSTER = "leiden"  #: obs: Leiden cluster
+    FINE_TYPE = "fine_type"  #: obs: fine cell type (vocabulary :data:`FINE_TYPES` + "unknown")
+    TYPE_CONFIDENCE = "type_confidence"  #: obs: confidence of fine_type in [0, 1]
+    NEOPLASTIC_SCORE = "neoplastic_score"  #: obs: posterior/score of being neoplastic (candidates)
+    NEOPLASTIC_CALL = "neoplastic_call"  #: obs: neoplastic / non-neoplastic / ambiguous / ""
+    TUMOR_SCORE = "tumor_signature_score"  #: obs: organ tumour signature (up - down) rank score
+    PROLIF_SCORE = "proliferation_score"  #: obs: proliferation rank score
+    APOPTOSIS_COUNTS = "apoptosis_counts"  #: obs: counts of apoptosis proxy genes
+    CNV_SCORE = "cnv_score"  #: obs: inferred copy-number signal per cell (infercnvpy projection)
+    CLASS = "class"  #: obs: image-oriented class id (stlib.constants), 255 = ignore
+    CONFIDENCE = "confidence"  #: obs: confidence of class in [0, 1]
+    UNS = "stlib_labels"  #: uns: parameters, coverage and counts of the labelling run
+
+
+#: Fine-type vocabulary shared with the demo generator and :data:`stlib.labels.classes.FINE_TO_CLASS`.
+FINE_TYPES: tuple[str, ...] = (
+    "tumor", "epithelial", "melanocyte", "t_cell", "b_cell", "plasma", "macrophage", "mast",
+    "fibroblast", "endothelial", "smooth_muscle", "adipocyte", "dead",
+)
+UNKNOWN = "unknown"
+
+# ----------------------------------------------------------------------------------------------
+# Marker sets
+# ----------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _read_yaml(name: str) -> dict:
+    import yaml
+
+    with resources.files("stlib.labels").joinpath("markers", name).open("r") as fh:
+        return yaml.safe_load(fh)
+
+
+def canonical_organ(organ: str | None, oncotree_code: str | None = None) -> str | None:
+    """Map a HEST organ name (``"Bowel"``) or an OncoTree code (``"COAD"``) to a marker-set organ.
+
+    Returns ``None`` when neither is known (marker sets then use no organ extras).
+    """
+    prog = _read_yaml("programs.yaml")
+    if organ is not None and not (isinstance(organ, float) and np.isnan(organ)):
+        key = str(organ).strip().lower()
+        if key in prog["organ_aliases"]:
+            return prog["organ_aliases"][key]
+    if oncotree_code is not None and not (isinstance(oncotree_code, float) and np.isnan(oncotree_code)):
+        code = str(oncotree_code).strip().upper()
+        if code in prog["oncotree_to_organ"]:
+            return prog["oncotree_to_organ"][code]
+    return None
+
+
+def _all_markers(organ: str | None) -> dict[str, list[str]]:
+    spec = _read_yaml("celltypes.yaml")["types"]
+    out: dict[str, list[str]] = {}
+    for t, entry in spec.items():
+        genes = list(entry.get("markers", []))
+        if organ is not None:
+            genes += [g for g in entry.get("organ", {}).get(organ, []) if g not in genes]
+        out[t] = genes
+    return out
+
+
+def _panel_set(panel_genes: Iterable[str] | AnnData) -> set[str]:
+    if isinstance(panel_genes, AnnData):
+        panel_genes = panel_genes.var_names
+    return {str(g) for g in panel_genes}
+
+
+def marker_coverage(panel_genes: Iterable[str] | AnnData, *, organ: str | None = None,
+                    markers: Mapping[str, Sequence[str]] | None = None) -> pd.DataFrame:
+    """How many markers of each fine type a panel carries.
+
+    Parameters
+    ----------
+    panel_genes
+        Gene symbols of the panel (or an AnnData: its ``var_names``).
+    organ
+        Organ (HEST name or canonical) whose organ-specific extras are included.
+    markers
+        Marker sets to check instead of the shipped YAML.
+
+    Returns
+    -------
+    DataFrame with columns ``type``, ``n_markers``, ``n_in_panel``, ``fraction``, ``in_panel``
+    (the kept genes joined by ``,``) and ``missing``.
+    """
+    panel = _panel_set(panel_genes)
+    if markers is None:
+        markers = _all_markers(canonical_organ(organ))
+    rows = []
+    for t, genes in markers.items():
+        kept = [g for g in genes if g in panel]
+        rows.append({"type": t, "n_markers": len(genes), "n_in_panel": len(kept),
+                     "fraction": len(kept) / len(genes) if genes else 0.0,
+                     "in_panel": ",".join(kept), "missing": ",".join(g for g in genes if g not in panel)})
+    return pd.DataFrame(rows, columns=["type", "n_markers", "n_in_panel", "fraction", "in_panel", "missing"])
+
+
+def load_markers(panel_genes: Iterable[str] | AnnData, *, organ: str | None = None,
+                 types: Sequence[str] | None = None, min_markers: int = 2,
+                 max_markers: int | None = None, drop_empty: bool = True) -> dict[str, list[str]]:
+    """Marker genes per fine type, restricted to the genes of a panel.
+
+    Parameters
+    ----------
+    panel_genes
+        Gene symbols of the sample's panel (or an AnnData: its ``var_names``).
+    organ
+        HEST organ (``"Bowel"``, ``"Breast"``, ...) or canonical organ; adds organ extras.
+    types
+        Fine types to return (default: all types in ``markers/celltypes.yaml``).
+    min_markers
+        A type keeping fewer genes than this triggers a ``UserWarning`` (and a log line).
+    max_markers
+        Keep at most this many genes per type (the YAML lists them in priority order).
+    drop_empty
+        Leave out types with no gene in the panel.
+
+    Returns
+    -------
+    ``{type: [genes in panel]}`` in YAML order.
+    """
+    if min_markers < 0:
+        raise ValueError(f"min_markers must be >= 0, got {min_markers}")
+    panel = _panel_set(panel_genes)
+    allm = _all_markers(canonical_organ(organ))
+    if types is not None:
+        unknown = [t for t in types if t not in allm]
+        if unknown:
+            raise ValueError(f"types: no marker set for {unknown}; known: {sorted(allm)}")
+        allm = {t: allm[t] for t in types}
+    out: dict[str, list[str]] = {}
+    weak = []
+    for t, genes in allm.items():
+        kept = [g for g in genes if g in panel]
+        if max_markers is not None:
+            kept = kept[:max_markers]
+        if len(kept) < min_markers:
+            weak.append(f"{t} ({len(kept)})")
+        if kept or not drop_empty:
+            out[t] = kept
+    if weak:
+        msg = (f"marker sets with fewer than {min_markers} genes in this panel: {', '.join(weak)}; "
+               "their cells will be scored poorly or not at all")
+        log.warning(msg)
+        warnings.warn(msg, UserWarning, stacklevel=2)
+    return out
+
+
+def load_programs(panel_genes: Iterable[str] | AnnData, *, organ: str | None = None,
+                  oncotree_code: str | None = None) -> dict[str, list[str]]:
+    """Tumour / proliferation / apoptosis programmes restricted to a panel.
+
+    Returns
+    -------
+    ``{"tumor_up": [...], "tumor_down": [...], "proliferation": [...], "apoptosis": [...]}``;
+    the tumour signature is the organ's (``"generic"`` when the organ is unknown or has none).
+    """
+    panel = _panel_set(panel_genes)
+    prog = _read_yaml("programs.yaml")
+    org = canonical_organ(organ, oncotree_code)
+    tum = prog["tumor"].get(org) or prog["tumor"]["generic"]
+    keep = lambda genes: [g for g in genes if g in panel]  # noqa: E731
+    out = {"tumor_up": keep(tum.get("up", [])), "tumor_down": keep(tum.get("down", [])),
+           "proliferation": keep(prog["proliferation"]), "apoptosis": keep(prog["apoptosis"])}
+    if len(out["tumor_up"]) < 2 and org in prog["tumor"]:
+        extra = [g for g in keep(prog["tumor"]["generic"]["up"]) if g not in out["tumor_up"]]
+        log.info("tumour signature for %s has %d panel genes; adding generic genes %s",
+                 org, len(out["tumor_up"]), extra)
+        out["tumor_up"] += extra
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# QC and normalisation
+# ----------------------------------------------------------------------------------------------
+
+
+def _counts(adata: AnnData) -> Any:
+    return adata.layers[Key.COUNTS] if Key.COUNTS in adata.layers else adata.X
+
+
+def _row_sums(x: Any) -> np.ndarray:
+    return np.asarray(x.sum(axis=1)).ravel().astype(np.float64)
+
+
+def _row_nnz(x: Any) -> np.ndarray:
+    if sp.issparse(x):
+        return np.diff(sp.csr_matrix(x).indptr).astype(np.int64)
+    return np.count_nonzero(np.asarray(x), axis=1).astype(np.int64)
+
+
+def qc_filter(adata: AnnData, *, min_counts: int = 10, min_genes: int = 3,
+              max_counts: float | None = None, key_added: str = Key.QC_PASS,
+              copy: bool = False) -> AnnData | None:
+    """Mark cells with too few (or too many) transcripts; nothing is removed.
+
+    Counts come from ``layers["counts"]`` when present, else ``X`` (raw counts expected).
+    Control probes / codewords in ``var_names`` are not counted.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes.
+    min_counts, min_genes
+        A cell passes when it has at least this many transcripts and detected genes.
+    max_counts
+        Optional upper bound (doublets / segmentation merges).
+    key_added
+        Name of the boolean column written.
+    copy
+        Work on a copy and return it.
+
+    Returns
+    -------
+    Writes ``obs["n_counts"]``, ``obs["n_genes"]``, ``obs[key_added]`` (bool) and
+    ``obs["qc_reason"]`` ("" for passing cells); returns the AnnData when ``copy=True``.
+    """
+    if min_counts < 0 or min_genes < 0:
+        raise ValueError("min_counts and min_genes must be >= 0")
+    adata = adata.copy() if copy else adata
+    x = _counts(adata)
+    genes = np.array([not is_control_feature(g) for g in adata.var_names])
+    if not genes.all():
+        x = x[:, genes]
+    n_counts, n_genes = _row_sums(x), _row_nnz(x)
+    reason = np.full(adata.n_obs, "", dtype=object)
+    reason[n_genes < min_genes] = f"n_genes<{min_genes}"
+    reason[n_counts < min_counts] = f"n_counts<{min_counts}"
+    if max_counts is not None:
+        reason[n_counts > max_counts] = f"n_counts>{max_counts}"
+    adata.obs[Key.N_COUNTS] = n_counts
+    adata.obs[Key.N_GENES] = n_genes
+    adata.obs[key_added] = reason == ""
+    adata.obs[Key.QC_REASON] = pd.Categorical(reason.astype(str))
+    log.info("qc_filter: %d / %d cells pass (min_counts=%s, min_genes=%s); wrote obs[%r, %r, %r, %r]",
+             int((reason == "").sum()), adata.n_obs, min_counts, min_genes,
+             Key.N_COUNTS, Key.N_GENES, key_added, Key.QC_REASON)
+    return adata if copy else None
+
+
+def normalize(adata: AnnData, *, target_sum: float = 1e4, layer: str = Key.LOGNORM,
+              copy: bool = False) -> AnnData | None:
+    """Library-size normalisation + log1p into a layer; raw counts kept in ``layers["counts"]``.
+
+    ``X`` is left as it is. When ``layers["counts"]`` is absent, ``X`` is taken as raw counts and
+    copied there first.
+
+    Returns
+    -------
+    Writes ``layers["counts"]`` (if absent) and ``layers[layer]``; returns the AnnData when
+    ``copy=True``.
+    """
+    import scanpy as sc
+
+    adata = adata.copy() if copy else adata
+    if Key.COUNTS not in adata.layers:
+        adata.layers[Key.COUNTS] = adata.X.copy()
+    counts = adata.layers[Key.COUNTS]
+    x = counts.astype(np.float32) if sp.issparse(counts) else np.asarray(counts, dtype=np.float32)
+    tmp = AnnData(x)
+    sc.pp.normalize_total(tmp, target_sum=target_sum)
+    sc.pp.log1p(tmp)
+    adata.layers[layer] = tmp.X
+    log.info("normalize: wrote layers[%r] (normalize_total %g + log1p); raw counts in layers[%r]",
+             layer, target_sum, Key.COUNTS)
+    return adata if copy else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Rank-based signature score
+# ----------------------------------------------------------------------------------------------
+
+
+def rank_score(adata: AnnData, signatures: Mapping[str, Sequence[str]], *,
+               max_rank: int | None = None, layer: str | None = None, chunk_size: int = 2000,
+               key_added: str = Key.SCORE_PREFIX, copy: bool = False) -> AnnData | None:
+    r"""UCell-style rank score of gene signatures, per cell.
+
+    In each cell, genes are ranked by expression, highest first (rank 1); tied values share their
+    average rank, and undetected genes (zeros) are ranked too, as one tie at the bottom. Ranks above
+    ``max_rank`` become ``max_rank + 1``. For a signature of :math:`n` genes with ranks
+    :math:`r_1..r_n`
+
+    .. math:: U = \sum_i r_i - n(n+1)/2, \qquad \mathrm{score} = 1 - U / (n \cdot \mathrm{max\_rank})
+
+    (Andreatta & Carmona 2021, UCell), clipped to [0, 1]. Written here rather than taken from
+    ``pyucell`` because that port does not cap ``max_rank`` at the panel size and leaves zeros at
+    ``max_rank``: on a 300-gene Xenium panel its score then mostly counts detected genes.
+
+    Ranks are invariant to per-cell scaling and monotone transforms, so raw counts and
+    log-normalised values give the same score. Computed on dense chunks of cells
+    (``scipy.stats.rankdata(..., axis=1)``), no per-cell Python loop.
+
+    Parameters
+    ----------
+    adata
+        Cells x genes.
+    signatures
+        ``{name: genes}``; genes absent from ``var_names`` are ignored; a signature with no gene
+        left raises ``ValueError``.
+    max_rank
+        Rank cap; default ``min(1500, number of genes)`` so it behaves on 280- and 5,000-gene panels.
+    layer
+        Expression layer (default ``layers["counts"]`` when present, else ``X``).
+    chunk_size
+        Cells per dense chunk (memory: ``chunk_size x n_genes`` float64).
+    key_added
+        Prefix of the columns written.
+    copy
+        Work on a copy and return it.
+
+    Returns
+    -------
+    Writes ``obs[f"{key_added}{name}"]`` (float in [0, 1]) per signature and
+    ``uns["stlib_labels"]["rank_score"]`` (max_rank, genes used); returns the AnnData when
+    ``copy=True``.
+    """
+    adata = adata.copy() if copy else adata
+    if not signatures:
+        raise ValueError("signatures: empty mapping")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if layer is None:
+        x = _counts(adata)
+    else:
+        if layer not in adata.layers:
+            raise ValueError(f"layer {layer!r} not in adata.layers ({list(adata.layers)})")
+        x = adata.layers[layer]
+    keep = np.array([not is_control_feature(g) for g in adata.var_names])
+    var = adata.var_names[keep]
+    n_genes = int(keep.sum())
+    if max_rank is None:
+        max_rank = min(1500, n_genes)
+    if max_rank < 1:
+        raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+    pos = pd.Index(var)
+    sig_idx: dict[str, np.ndarray] = {}
+    for name, genes in signatures.items():
+        idx = pos.get_indexer(list(dict.fromkeys(genes)))
+        idx = idx[idx >= 0]
+        if idx.size == 0:
+            raise ValueError(f"signature {name!r}: none of its genes is in var_names")
+        sig_idx[name] = idx
+    if sp.issparse(x):
+        x = sp.csr_matrix(x)
+    cols = np.flatnonzero(keep)
+    scores = {name: np.empty(adata.n_obs, dtype=np.float64) for name in sig_idx}
+    for start in range(0, adata.n_obs, chunk_size):
+        stop = min(start + chunk_size, adata.n_obs)
+        block = x[start:stop]
+        block = block.toarray() if sp.issparse(block) else np.asarray(block)
+        if cols.size != block.shape[1]:
+            block = block[:, cols]
+        ranks = rankdata(-block.astype(np.float64, copy=False), axis=1, method="average")
+        ranks[ranks > max_rank] = max_rank + 1
+        for name, idx in sig_idx.items():
+            n = idx.size
+            u = ranks[:, idx].sum(axis=1) - n * (n + 1) / 2.0
+            scores[name][start:stop] = np.clip(1.0 - u / (n * max_rank), 0.0, 1.0)
+    for name, s in scores.items():
+        adata.obs[f"{key_added}{name}"] = s
+    adata.uns.setdefault(Key.UNS, {})["rank_score"] = {
+        "max_rank": int(max_rank), "n_genes": n_genes,
+        "genes": {name: [str(g) for g in var[idx]] for name, idx in sig_idx.items()},
+    }
+    log.info("rank_score: max_rank=%d over %d genes; wrote obs[%s]", max_rank, n_genes,
+             ", ".join(f"{key_added}{n}" for n in sig_idx))
+    return adata if copy else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Clustering
+# ----------------------------------------------------------------------------------------------
+
+
+def cluster(adata: AnnData, *, resolution: float = 1.0, n_pcs: int = 30, n_neighbors: int = 15,
+            layer: str = Key.LOGNORM, seed: int = 0, umap: bool = False,
+            neighbors_method: Literal["umap", "gauss"] = "umap",
+            key_added: str = Key.CLUSTER, copy: bool = False) -> AnnData | None:
+    """PCA, kNN graph and Leiden clustering (scanpy; igraph flavour).
+
+    Parameters
+    ----------
+    adata
+        Cells x genes with ``layers[layer]`` (run :func:`normalize` first).
+    resolution
+        Leiden resolution.
+    n_pcs
+        Principal components (capped at ``min(n_obs, n_vars) - 1``).
+    n_neighbors
+        Neighbours of the kNN graph.
+    layer
+        Log-normalised layer used for PCA.
+    seed
+        Random state of PCA, neighbours, Leiden and UMAP.
+    umap
+        Also compute a UMAP embedding.
+    neighbors_method
+        Connectivity kernel of ``sc.pp.neighbors``: ``"umap"`` (scanpy's default; the first call in
+        a process pays ~30 s of numba compilation) or ``"gauss"`` (no compilation; fine for Leiden).
+    key_added
+        obs column of the clusters.
+
+    Returns
+    -------
+    Writes ``obsm["X_pca"]``, ``obsp["connectivities"]``, ``obsp["distances"]``,
+    ``uns["neighbors"]``, ``obs[key_added]`` (categorical) and, with ``umap=True``,
+    ``obsm["X_umap"]``; returns the AnnData when ``copy=True``.
+    """
+    import scanpy as sc
+
+    adata = adata.copy() if copy else adata
+    if layer not in adata.layers:
+        raise ValueError(f"layer {layer!r} missing: run stlib.labels.celltypes.normalize(adata) first")
+    if adata.n_obs < 3:
+        raise ValueError(f"cluster: need at least 3 cells, got {adata.n_obs}")
+    n_comps = max(1, min(n_pcs, adata.n_obs - 1, adata.n_vars - 1))
+    sc.pp.pca(adata, n_comps=n_comps, layer=layer, random_state=seed)
+    sc.pp.neighbors(adata, n_neighbors=min(n_neighbors, adata.n_obs - 1), n_pcs=n_comps,
+                    method=neighbors_method, random_state=seed)
+    sc.tl.leiden(adata, resolution=resolution, flavor="igraph", n_iterations=2, directed=False,
+                 random_state=seed, key_added=key_added)
+    if umap:
+        sc.tl.umap(adata, random_state=seed)
+    log.info("cluster: %d PCs, %d neighbours, Leiden res %.2f -> %d clusters; wrote obs[%r], "
+             "obsm['X_pca'], obsp['connectivities']%s", n_comps, n_neighbors, resolution,
+             adata.obs[key_added].nunique(), key_added, ", obsm['X_umap']" if umap else "")
+    return adata if copy else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Fine types
+# ----------------------------------------------------------------------------------------------
+
+
+def _detected_markers(adata: AnnData, markers: Mapping[str, Sequence[str]]) -> np.ndarray:
+    """Cells x types: number of the type's markers with >= 1 count."""
+    x = _counts(adata)
+    pos = pd.Index(adata.var_names)
+    out = np.zeros((adata.n_obs, len(markers)), dtype=np.int64)
+    for j, genes in enumerate(markers.values()):
+        idx = pos.get_indexer(list(genes))
+        idx = idx[idx >= 0]
+        if idx.size:
+            out[:, j] = _row_nnz(x[:, idx])
+    return out
+
+
+def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
+                      method: Literal["hierarchical", "consensus", "marker", "cluster"] = "hierarchical",
+                      score_prefix: str = Key.SCORE_PREFIX, cluster_key: str = Key.CLUSTER,
+                      temperature: float = 0.03, min_margin: float = 0.02,
+                      cluster_weight: float = 0.5, min_detected: int = 1,
+                      qc_key: str | None = Key.QC_PASS, key_added: str = Key.FINE_TYPE,
+                      copy: bool = False) -> AnnData | None:
+    """Per-cell fine type and confidence from marker rank scores and Leiden clusters.
+
+    Scores ``obs[f"{score_prefix}{type}"]`` are computed with :func:`rank_score` when missing.
+
+    Methods
+    -------
+    ``"marker"``
+        argmax of the cell's scores. Confidence = ``clip(margin / (4 * temperature), 0, 1)`` with
+        margin = best - second best score.
+    ``"cluster"``
+        every cell of a Leiden cluster gets the cluster's majority argmax type (confident cells,
+        margin >= ``min_margin``, vote; all cells when none is confident). Confidence = fraction
+        of the cluster's voters agreeing.
+    ``"hierarchical"`` / ``"consensus"`` (same thing; the neoplastic hierarchy itself is in
+    :func:`stlib.labels.classes.neoplastic_step`)
+        the cell's soft assignment ``softmax(scores / temperature)`` is blended with its
+        cluster's vote distribution, ``(1 - cluster_weight) * cell + cluster_weight * cluster``;
+        the type is the argmax of the blend. Confidence = mean of the blend's value for the
+        chosen type and the fraction of the cell's kNN neighbours (``obsp["connectivities"]``)
+        given the same type.
+
+    In all methods a cell becomes ``"unknown"`` (confidence 0) when it fails QC (``obs[qc_key]``)
+    or when fewer than ``min_detected`` markers of its type have a count.
+
+    Returns
+    -------
+    Writes ``obs[key_added]`` (categorical fine type), ``obs["type_confidence"]`` (float in
+    [0, 1]) and, when computed here, the score columns; returns the AnnData when ``copy=True``.
+    """
+    if method not in ("hierarchical", "consensus", "marker", "cluster"):
+        raise ValueError(f"method must be 'hierarchical', 'consensus', 'marker' or 'cluster', got {method!r}")
+    if not 0.0 <= cluster_weight <= 1.0:
+        raise ValueError(f"cluster_weight must be in [0, 1], got {cluster_weight}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    adata = adata.copy() if copy else adata
+    markers = {t: list(g) for t, g in markers.items() if len(g)}
+    if not markers:
+        raise ValueError("markers: no type has a gene in the panel")
+    types = list(markers)
+    missing = [t for t in types if f"{score_prefix}{t}" not in adata.obs]
+    if missing:
+        rank_score(adata, {t: markers[t] for t in missing}, key_added=score_prefix)
+    s = np.column_stack([adata.obs[f"{score_prefix}{t}"].to_numpy(np.float64) for t in types])
+    order = np.argsort(-s, axis=1, kind="stable")
+    best = order[:, 0]
+    top = s[np.arange(len(s)), best]
+    second = s[np.arange(len(s)), order[:, 1]] if len(types) > 1 else np.zeros(len(s))
+    margin = top - second
+
+    if method == "marker":
+        label = best
+        conf = np.clip(margin / (4 * temperature), 0.0, 1.0)
+    else:
+        if cluster_key not in adata.obs:
+            raise ValueError(f"obs[{cluster_key!r}] missing: run stlib.labels.celltypes.cluster(adata) first")
+        codes = pd.Categorical(adata.obs[cluster_key]).codes
+        n_cl = int(codes.max()) + 1
+        confident = margin >= min_margin
+        if qc_key is not None and qc_key in adata.obs:
+            confident &= adata.obs[qc_key].to_numpy(bool)
+        votes = np.zeros((n_cl, len(types)))
+        np.add.at(votes, (codes[confident], best[confident]), 1.0)
+        empty = votes.sum(axis=1) == 0
+        if empty.any():
+            sel = np.isin(codes, np.flatnonzero(empty))
+            np.add.at(votes, (codes[sel], best[sel]), 1.0)
+        q = votes / np.maximum(votes.sum(axis=1, keepdims=True), 1.0)
+        if method == "cluster":
+            label = q.argmax(axis=1)[codes]
+            conf = q.max(axis=1)[codes]
+        else:
+            z = (s - top[:, None]) / temperature
+            p = np.exp(z)
+            p /= p.sum(axis=1, keepdims=True)
+            blend = (1 - cluster_weight) * p + cluster_weight * q[codes]
+            label = blend.argmax(axis=1)
+            chosen = blend[np.arange(len(s)), label]
+            if "connectivities" in adata.obsp:
+                g = sp.csr_matrix(adata.obsp["connectivities"])
+                rows = np.repeat(np.arange(g.shape[0]), np.diff(g.indptr))
+                agree = (label[g.indices] == label[rows]).astype(float) * g.data
+                num = np.bincount(rows, weights=agree, minlength=g.shape[0])
+                den = np.bincount(rows, weights=g.data, minlength=g.shape[0])
+                nbr = np.where(den > 0, num / np.maximum(den, 1e-12), chosen)
+            else:
+                nbr = chosen
+            conf = 0.5 * (chosen + nbr)
+
+    names = np.array(types, dtype=object)[label]
+    det = _detected_markers(adata, markers)
+    weak = det[np.arange(len(s)), label] < min_detected
+    if qc_key is not None and qc_key in adata.obs:
+        weak |= ~adata.obs[qc_key].to_numpy(bool)
+    names[weak] = UNKNOWN
+    conf = np.where(weak, 0.0, conf)
+    cats = [*types, UNKNOWN]
+    adata.obs[key_added] = pd.Categorical(names.astype(str), categories=cats)
+    adata.obs[Key.TYPE_CONFIDENCE] = np.clip(conf, 0.0, 1.0).astype(np.float64)
+    adata.uns.setdefault(Key.UNS, {})["assign_fine_types"] = {
+        "method": method, "temperature": temperature, "min_margin": min_margin,
+        "cluster_weight": cluster_weight, "min_detected": min_detected, "types": types,
+    }
+    log.info("assign_fine_types(%s): %s; wrote obs[%r, %r]", method,
+             adata.obs[key_added].value_counts().to_dict(), key_added, Key.TYPE_CONFIDENCE)
+    return adata if copy else None

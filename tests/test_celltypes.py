@@ -1,0 +1,296 @@
+"""Tests of stlib.labels.celltypes: marker sets, QC, rank score, clustering, fine types.
+
+Also holds ``make_sample``, the synthetic Xenium-like sample generator shared with test_classes.py.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from anndata import AnnData
+from scipy.stats import rankdata
+
+from stlib.io.panels import load_panel
+from stlib.labels import celltypes as ct
+
+# ------------------------------------------------------------------------------------------------
+# synthetic sample: Poisson counts from per-type programmes on real hMulti genes
+# ------------------------------------------------------------------------------------------------
+
+MIX_TUMOR = {"tumor": 450, "epithelial": 200, "t_cell": 150, "b_cell": 60, "plasma": 50,
+             "macrophage": 120, "mast": 30, "fibroblast": 200, "endothelial": 100,
+             "smooth_muscle": 60, "adipocyte": 40, "dead": 40}
+MIX_HEALTHY = {**{k: v for k, v in MIX_TUMOR.items() if k != "tumor"}, "epithelial": 500}
+# CNV block of the synthetic tumour: gains and losses by chromosome
+CNV_GAIN = ("chr8", "chr17", "chr20")
+CNV_LOSS = ("chr13", "chr16")
+
+
+def make_sample(mix: dict[str, int], *, seed: int = 0, panel: str = "hMulti", organ: str = "breast",
+                tumor_strength: float = 1.0, marker_fraction: float = 0.7) -> AnnData:
+    """Cells x panel genes of Poisson counts; obs["truth"] holds the fine type.
+
+    Each type's programme uses a random ``marker_fraction`` of its shipped markers (so the scorer
+    does not see exactly the generating genes) plus 3 random private genes. Tumour cells share the
+    epithelial programme and differ from normal epithelium only by the organ tumour signature
+    (x ``tumor_strength``), proliferation and a copy-number block (gains x2, losses x0.4).
+    """
+    rng = np.random.default_rng(seed)
+    genes = load_panel(panel)
+    g_index = {g: i for i, g in enumerate(genes)}
+    n_g = len(genes)
+    markers = ct.load_markers(genes, organ=organ, min_markers=0)
+    progs = ct.load_programs(genes, organ=organ)
+    ambient = rng.gamma(0.5, 0.04, n_g)
+    prog_rates: dict[str, np.ndarray] = {}
+    for t, ms in markers.items():
+        r = np.zeros(n_g)
+        k = max(2, int(round(marker_fraction * len(ms))))
+        for g in rng.choice(ms, size=min(k, len(ms)), replace=False):
+            r[g_index[g]] = rng.uniform(1.0, 4.0)
+        r[rng.choice(n_g, 3, replace=False)] += rng.uniform(0.5, 2.0, 3)
+        prog_rates[t] = r
+    # tumour = epithelial + tumour signature + proliferation + CNV
+    tum = prog_rates["epithelial"].copy()
+    for g in progs["tumor_up"]:
+        tum[g_index[g]] += tumor_strength * rng.uniform(0.8, 2.5)
+    for g in progs["proliferation"]:
+        tum[g_index[g]] += rng.uniform(0.3, 1.0)
+    pos = pd.read_csv(__import__("importlib.resources").resources.files("stlib.data")
+                      .joinpath("gene_positions.csv"), comment="#").set_index("gene")
+    chrom = pos["chromosome"].reindex(genes).to_numpy(object)
+    cnv_mult = np.ones(n_g)
+    cnv_mult[np.isin(chrom, CNV_GAIN)] = 2.0
+    cnv_mult[np.isin(chrom, CNV_LOSS)] = 0.4
+    prog_rates["tumor"] = tum
+    # normal epithelium: a little of a few tumour-signature genes (normal luminal ESR1/GATA3 etc.)
+    epi = prog_rates["epithelial"]
+    for g in progs["tumor_up"][:3]:
+        epi[g_index[g]] += 0.3
+    apo = np.zeros(n_g)
+    for g in progs["apoptosis"]:
+        apo[g_index[g]] = 3.0
+
+    rows, truth = [], []
+    for t, n in mix.items():
+        size = rng.lognormal(0.0, 0.35, n)
+        if t == "dead":
+            base = prog_rates[rng.choice(["fibroblast", "t_cell", "epithelial"])] * 0.05 + apo
+            lam = size[:, None] * (base + ambient)[None, :] * 0.6
+        else:
+            lam = size[:, None] * (prog_rates[t] + ambient)[None, :]
+            if t == "tumor":
+                lam = lam * cnv_mult[None, :]
+            # a light spill-over from a random other type
+            other = prog_rates[rng.choice([k for k in prog_rates if k != t])]
+            lam = lam + 0.05 * size[:, None] * other[None, :]
+        rows.append(rng.poisson(lam))
+        truth += [t] * n
+    x = np.vstack(rows).astype(np.float32)
+    perm = rng.permutation(len(truth))
+    ad = AnnData(X=sp.csr_matrix(x[perm]), var=pd.DataFrame(index=genes),
+                 obs=pd.DataFrame({"truth": np.array(truth, dtype=object)[perm]},
+                                  index=[f"cell{i}" for i in range(len(truth))]))
+    return ad
+
+
+@pytest.fixture(scope="module")
+def tumor_clustered() -> AnnData:
+    """A breast tumour sample, normalised, scored and clustered once for the module."""
+    ad = make_sample(MIX_TUMOR, seed=1)
+    ct.qc_filter(ad)
+    ct.normalize(ad)
+    mk = ct.load_markers(ad, organ="breast")
+    ct.rank_score(ad, mk)
+    ct.cluster(ad, seed=0, neighbors_method="gauss")
+    return ad
+
+
+# ------------------------------------------------------------------------------------------------
+# markers
+# ------------------------------------------------------------------------------------------------
+
+
+def test_marker_yaml_types_match_vocabulary():
+    mk = ct._all_markers(None)
+    assert set(mk) <= set(ct.FINE_TYPES)
+    assert set(ct.FINE_TYPES) - set(mk) == {"tumor", "dead"}  # those come from programmes / rules
+
+
+@pytest.mark.parametrize("panel", ["hMulti", "hBreast", "hLung", "hPrime5K"])
+def test_core_types_covered_on_multi_panels(panel):
+    cov = ct.marker_coverage(load_panel(panel)).set_index("type")
+    for t in ("epithelial", "t_cell", "b_cell", "macrophage", "fibroblast", "endothelial"):
+        assert cov.loc[t, "n_in_panel"] >= 2, (panel, t)
+
+
+def test_marker_coverage_and_warning(caplog):
+    panel = load_panel("hColon")
+    cov = ct.marker_coverage(panel, organ="Bowel")
+    assert list(cov.columns[:4]) == ["type", "n_markers", "n_in_panel", "fraction"]
+    row = cov.set_index("type").loc["smooth_muscle"]
+    assert row.n_in_panel == 0 and row.fraction == 0.0
+    with caplog.at_level(logging.WARNING), pytest.warns(UserWarning, match="smooth_muscle"):
+        mk = ct.load_markers(panel, organ="Bowel", min_markers=2)
+    assert "smooth_muscle" not in mk  # no gene: dropped
+    assert all(g in set(panel) for genes in mk.values() for g in genes)
+    # organ extras only with the organ
+    assert "CDHR5" in mk["epithelial"]
+    assert "CDHR5" not in ct.load_markers(panel, min_markers=0).get("epithelial", [])
+
+
+def test_no_warning_when_well_covered(recwarn):
+    ct.load_markers(load_panel("hPrime5K"), types=["t_cell", "b_cell"], min_markers=2)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_programs_organs():
+    hm = load_panel("hColon")
+    p = ct.load_programs(hm, organ="Bowel")
+    assert {"CEACAM5", "LGR5", "ASCL2"} <= set(p["tumor_up"])
+    assert {"CA1", "AQP8", "SLC26A3", "GUCA2A", "GUCA2B"} <= set(p["tumor_down"])
+    assert ct.canonical_organ(None, "SKCM") == "skin"
+    assert ct.canonical_organ("Bowel") == "colon"
+    assert ct.canonical_organ("Heart") is None
+    skin = ct.load_programs(load_panel("hSkin"), organ="Skin")
+    assert {"MLANA", "PMEL", "TYR"} <= set(skin["tumor_up"])
+
+
+# ------------------------------------------------------------------------------------------------
+# QC / normalisation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_qc_marks_not_drops():
+    x = np.array([[5, 5, 5, 0], [1, 0, 0, 0], [20, 0, 0, 0], [3, 3, 3, 3]], dtype=np.float32)
+    ad = AnnData(x, var=pd.DataFrame(index=["A", "B", "C", "NegControlProbe_1"]))
+    ad.X[3, 3] = 100  # control probe counts are not counted
+    ct.qc_filter(ad, min_counts=10, min_genes=2)
+    assert ad.n_obs == 4
+    assert ad.obs["qc_pass"].tolist() == [True, False, False, False]
+    assert ad.obs["n_counts"].tolist() == [15, 1, 20, 9]
+    assert ad.obs["qc_reason"].tolist()[2] == "n_genes<2"
+
+
+def test_normalize_keeps_counts():
+    ad = AnnData(sp.csr_matrix(np.array([[1, 3], [0, 4]], dtype=np.float32)),
+                 var=pd.DataFrame(index=["A", "B"]))
+    ct.normalize(ad)
+    np.testing.assert_allclose(ad.layers["counts"].toarray(), [[1, 3], [0, 4]])
+    ln = ad.layers["lognorm"].toarray()
+    np.testing.assert_allclose(ln[0], np.log1p([2500, 7500]), rtol=1e-5)
+    np.testing.assert_allclose(ad.X.toarray(), [[1, 3], [0, 4]])  # X untouched
+
+
+# ------------------------------------------------------------------------------------------------
+# rank score
+# ------------------------------------------------------------------------------------------------
+
+
+def test_rank_score_hand_computed():
+    # genes:          a  b  c  d  e  f
+    x = np.array([[5, 3, 3, 0, 0, 1],
+                  [0, 0, 0, 0, 0, 2]], dtype=np.float32)
+    ad = AnnData(x, var=pd.DataFrame(index=list("abcdef")))
+    # cell 0 ranks: a1 b2.5 c2.5 f4 d5.5 e5.5 ; cell 1: f1, zeros share (2+6)/2 = 4
+    ct.rank_score(ad, {"s": ["a", "b"], "z": ["d", "e"], "x": ["b", "zzz_absent"]}, max_rank=6)
+    # s: U = (1 + 2.5) - 3 = 0.5 -> 1 - 0.5/12
+    assert ad.obs["score_s"].iloc[0] == pytest.approx(1 - 0.5 / 12)
+    # z in cell 0: U = 11 - 3 = 8 -> 1 - 8/12
+    assert ad.obs["score_z"].iloc[0] == pytest.approx(1 - 8 / 12)
+    # cell 1: s ranks 4, 4 -> U = 5 -> 1 - 5/12
+    assert ad.obs["score_s"].iloc[1] == pytest.approx(1 - 5 / 12)
+    # absent genes ignored: x = {b}: rank 2.5 -> U = 1.5 -> 1 - 1.5/6
+    assert ad.obs["score_x"].iloc[0] == pytest.approx(1 - 1.5 / 6)
+    # cap: max_rank=2 -> ranks above 2 become 3; s: (1 + 3) - 3 = 1 -> 1 - 1/4 ; z: 3+3-3 = 3 -> 1 - 3/4
+    ct.rank_score(ad, {"s": ["a", "b"], "z": ["d", "e"]}, max_rank=2, key_added="cap_")
+    assert ad.obs["cap_s"].iloc[0] == pytest.approx(0.75)
+    assert ad.obs["cap_z"].iloc[0] == pytest.approx(0.25)
+    assert ad.uns["stlib_labels"]["rank_score"]["max_rank"] == 2
+
+
+def test_rank_score_errors():
+    ad = AnnData(np.ones((2, 3), dtype=np.float32), var=pd.DataFrame(index=list("abc")))
+    with pytest.raises(ValueError, match="none of its genes"):
+        ct.rank_score(ad, {"q": ["nope"]})
+    with pytest.raises(ValueError, match="max_rank"):
+        ct.rank_score(ad, {"q": ["a"]}, max_rank=0)
+
+
+def _reference_ucell(x: np.ndarray, idx: np.ndarray, max_rank: int) -> np.ndarray:
+    out = []
+    for row in x:  # slow, obvious reference
+        r = rankdata(-row, method="average")
+        r[r > max_rank] = max_rank + 1
+        n = len(idx)
+        out.append(1 - (r[idx].sum() - n * (n + 1) / 2) / (n * max_rank))
+    return np.clip(np.array(out), 0, 1)
+
+
+@pytest.mark.parametrize("panel,n_expected_rank", [("hBreast", 280), ("hPrime5K", 1500)])
+def test_rank_score_panel_sizes(panel, n_expected_rank):
+    genes = load_panel(panel)
+    rng = np.random.default_rng(0)
+    n = 300
+    lam = rng.gamma(0.3, 0.5, len(genes))
+    x = rng.poisson(np.tile(lam, (n, 1))).astype(np.float32)
+    sig = [g for g in ["EPCAM", "KRT7", "CDH1", "FOXA1", "ERBB2", "ESR1", "MKI67"] if g in set(genes)]
+    idx = np.array([genes.index(g) for g in sig])
+    x[: n // 2, idx] += 6  # half of the cells express the signature
+    ad = AnnData(sp.csr_matrix(x), var=pd.DataFrame(index=genes))
+    ct.rank_score(ad, {"epi": sig}, chunk_size=128)
+    assert ad.uns["stlib_labels"]["rank_score"]["max_rank"] == n_expected_rank
+    s = ad.obs["score_epi"].to_numpy()
+    np.testing.assert_allclose(s, _reference_ucell(x, idx, n_expected_rank), atol=1e-9)
+    assert s[: n // 2].min() > s[n // 2:].max()
+    assert s[: n // 2].mean() > 0.9 and 0.0 <= s.min()
+
+
+# ------------------------------------------------------------------------------------------------
+# clustering and fine types
+# ------------------------------------------------------------------------------------------------
+
+def _accuracy(ad: AnnData, key: str = "fine_type") -> float:
+    truth = ad.obs["truth"].astype(str).replace({"tumor": "epithelial"})
+    ok = ad.obs[key].astype(str) != "unknown"
+    return float((ad.obs[key].astype(str)[ok] == truth[ok]).mean())
+
+
+def test_cluster_writes_slots(tumor_clustered):
+    ad = tumor_clustered
+    assert "leiden" in ad.obs and ad.obs["leiden"].nunique() >= 6
+    assert "X_pca" in ad.obsm and "connectivities" in ad.obsp
+
+
+@pytest.mark.parametrize("method", ["hierarchical", "marker", "cluster"])
+def test_assign_fine_types_accuracy(tumor_clustered, method):
+    ad = tumor_clustered.copy()
+    mk = ct.load_markers(ad, organ="breast")
+    ct.assign_fine_types(ad, mk, method=method)
+    conf = ad.obs["type_confidence"].to_numpy()
+    assert ((conf >= 0) & (conf <= 1)).all()
+    assert ad.obs["fine_type"].dtype.name == "category"
+    live = ad.obs["truth"] != "dead"
+    acc = _accuracy(ad[live.to_numpy()])
+    assert acc > 0.85, (method, acc)
+    if method == "hierarchical":
+        # confident cells are more often right than unconfident ones
+        right = (ad.obs["fine_type"].astype(str) ==
+                 ad.obs["truth"].astype(str).replace({"tumor": "epithelial"})).to_numpy()
+        hi = conf >= np.quantile(conf, 0.5)
+        assert right[hi].mean() >= right[~hi].mean()
+
+
+def test_assign_requires_clusters():
+    ad = make_sample({"t_cell": 30, "fibroblast": 30}, seed=3)
+    ct.normalize(ad)
+    mk = ct.load_markers(ad, types=["t_cell", "fibroblast"])
+    with pytest.raises(ValueError, match="cluster"):
+        ct.assign_fine_types(ad, mk, method="cluster")
+    ct.assign_fine_types(ad, mk, method="marker")  # computes the missing scores itself
+    assert "score_t_cell" in ad.obs
+    assert _accuracy(ad) > 0.9
