@@ -3,9 +3,9 @@
 Every fine cell type has a programme over the panel genes: a shared low background plus its
 marker genes (only genes that are in the panel are used). Neoplastic cells differ from the
 normal epithelium of their organ **only** by the organ's tumour signature (up/down genes),
-proliferation genes and copy-number-like shifts of contiguous blocks of genes (panel order is
-used as a proxy for genomic position — a modelling shortcut); melanoma cells are melanocytic
-programme + tumour genes + proliferation + CNV.
+proliferation genes and copy-number-like shifts of blocks of genes that are contiguous in the
+genome (GRCh38 order from ``stlib/data/gene_positions.csv``, as inferCNV-style methods see
+them); melanoma cells are melanocytic programme + tumour genes + proliferation + CNV.
 
 Dead cells get very low library sizes and the apoptosis-proxy genes of the panel (BCL2L11,
 FAS) on top of a damped programme of the cell they came from. This is a **modelling choice to
@@ -28,6 +28,7 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from stlib.demo.config import DemoConfig, OrganSpec
+from stlib.io.panels import genomic_order
 
 __all__ = ["Programmes", "make_programmes", "simulate_expression", "MARKERS", "PROLIFERATION", "APOPTOSIS",
            "CONTROL_PROBES"]
@@ -113,11 +114,12 @@ def make_programmes(genes: list[str], organ: OrganSpec, *, cancer: bool, bio_rng
     pro = _idx(genes, PROLIFERATION)
     tum[pro] += strength[pro] * 0.55
     cnv = np.ones(G)
+    order = genomic_order(genes)  # panel genes with a GRCh38 position, in genome order
     n_blocks = int(sample_rng.integers(3, 6))
     for _ in range(n_blocks):
         length = int(sample_rng.integers(12, 32))
-        start = int(sample_rng.integers(0, G - length))
-        cnv[start:start + length] *= sample_rng.choice([0.3, 2.2, 3.0], p=[0.35, 0.4, 0.25])
+        start = int(sample_rng.integers(0, max(1, order.size - length)))
+        cnv[order[start:start + length]] *= sample_rng.choice([0.3, 2.2, 3.0], p=[0.35, 0.4, 0.25])
     progs["tumor"] = tum * cnv
     # dead: apoptosis proxy on a damped background (the origin programme is mixed per cell)
     dead = base.copy()

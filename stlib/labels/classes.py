@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from importlib import resources
 from typing import Literal
 
 import numpy as np
@@ -85,8 +84,9 @@ def is_tumor_sample(disease_state: str | None, oncotree_code: str | None = None)
 
 @lru_cache(maxsize=1)
 def _gene_positions_table() -> pd.DataFrame:
-    with resources.files("stlib.data").joinpath("gene_positions.csv").open("r") as fh:
-        return pd.read_csv(fh, comment="#")
+    from stlib.io.panels import gene_positions
+
+    return gene_positions()
 
 
 def load_gene_positions(adata: AnnData, *, overwrite: bool = False) -> int:
