@@ -1,0 +1,329 @@
+"""Tests of stlib.train: config, sampler, HV targets, device augmentation, training, resume, DDP, bench.
+
+Everything runs on CPU with one thread, 64x64 tiles and the small encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from stlib.constants import IGNORE
+from stlib.model.net import load_model
+from stlib.train import (BalancedSampler, TileData, TrainConfig, TrainingInterrupted, augment_batch, bench_main,
+                         cli_main, draw_augment_params, hed_to_rgb, hv_from_inst, rgb_to_hed, shard_params,
+                         tile_weights, train)
+from stlib.utils import InputError
+
+torch.set_num_threads(1)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_store(path: Path, n: int = 12, tile: int = 64, seed: int = 0) -> Path:
+    """A tiny tile store in the DEVELOPING.md layout: discs on a light background."""
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[:tile, :tile]
+    inst = np.zeros((n, tile, tile), np.int32)
+    typ = np.zeros((n, tile, tile), np.uint8)
+    for i in range(n):
+        for j in range(1, 9):
+            cy, cx, r = rng.integers(6, tile - 6), rng.integers(6, tile - 6), rng.integers(3, 7)
+            m = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+            inst[i][m] = j
+            typ[i][m] = rng.choice([1, 2, 3, 5, IGNORE])
+    img = np.clip(230 - 130 * (inst > 0)[..., None] + rng.normal(0, 10, (n, tile, tile, 3)), 0, 255).astype(np.uint8)
+    ign = np.zeros_like(typ)
+    ign[:, :, :4] = 1
+    conf = np.where(typ > 0, 180, 0).astype(np.uint8)
+    for k, a in {"images": img, "inst": inst, "type": typ, "ignore": ign, "conf": conf}.items():
+        np.save(path / f"{k}.npy", a)
+    meta = pd.DataFrame({"tile_id": [f"t{i}" for i in range(n)], "sample": "s0",
+                         "organ": ["lung" if i % 3 else "skin" for i in range(n)],
+                         "split": ["val" if i % 4 == 0 else "train" for i in range(n)],
+                         "x0": 0, "y0": 0, "um_per_px": 0.25, "n_nuclei": 8, "align_score": 1.0, "source": "test"})
+    meta.to_parquet(path / "meta.parquet")
+    (path / "store.json").write_text(json.dumps({"tile_px": tile, "um_per_px": 0.25, "n_tiles": n,
+                                                 "class_names": {}, "source": "test", "stlib_version": "0"}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("run")
+    make_store(d / "tiles" / "st")
+    return d
+
+
+def tiny_config(run_dir: Path, **kw) -> TrainConfig:
+    base = dict(run_dir=str(run_dir), steps=6, batch_size=2, val_every=3, ckpt_every=3, log_every=1,
+                num_workers=0, val_max_tiles=2, lr=1e-3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _blobs(b: int = 3, h: int = 24, seed: int = 0) -> torch.Tensor:
+    g = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :h]
+    inst = np.zeros((b, h, h), np.int64)
+    for i in range(b):
+        for j in range(1, 6):
+            cy, cx = g.uniform(3, h - 3, 2)
+            ry, rx = g.uniform(1.5, 4.5, 2)
+            inst[i][((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = j + 10 * i
+    return torch.from_numpy(inst)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_config_round_trip_yaml_and_overrides(tmp_path):
+    cfg = TrainConfig(steps=10, organs=("lung",), betas=(0.8, 0.9))
+    again = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    path = cfg.to_yaml(tmp_path / "c.yaml")
+    c2 = TrainConfig.from_yaml(path, overrides=["steps=20", "loss.nt_ce=0.5", "loss.nt_confidence=true",
+                                                "train_splits=[fold1, fold2]"])
+    assert c2.steps == 20 and c2.loss.nt_ce == 0.5 and c2.loss.nt_confidence and c2.loss.np_ce == 1.0
+    assert c2.train_splits == ("fold1", "fold2")
+    with pytest.raises(InputError, match="unknown train config key"):
+        TrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(InputError, match="unknown loss key"):
+        TrainConfig.from_dict({"loss": {"np_bce": 1}})
+    with pytest.raises(InputError, match="must be an integer"):
+        TrainConfig.from_dict({"steps": "ten"})
+    with pytest.raises(InputError, match="schedule"):
+        TrainConfig(schedule="linear")
+
+
+def test_shipped_configs_parse():
+    demo = TrainConfig.from_yaml(REPO / "configs" / "train_demo.yaml")
+    paper = TrainConfig.from_yaml(REPO / "configs" / "train_paper.yaml")
+    assert demo.encoder == "small" and paper.encoder == "resnet50"
+    assert not Path(demo.stores[0]).is_absolute() and not Path(paper.stores[0]).is_absolute()
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def test_tile_weights_balance_organs_and_boost_rare_classes():
+    organs = ["a"] * 6 + ["b"] * 2
+    w = tile_weights(organs, by_class=False)
+    assert np.isclose(w[:6].sum(), 0.5) and np.isclose(w[6:].sum(), 0.5)
+    counts = np.zeros((8, 6))
+    counts[:, 1] = 100  # class 1 everywhere
+    counts[3, 4] = 100  # tile 3 also has the rare class 4
+    w2 = tile_weights(organs, counts, by_organ=False)
+    assert w2[3] > 1.5 * w2[0] and np.isclose(w2.sum(), 1)
+    with pytest.raises(InputError):
+        tile_weights([])
+
+
+def test_sampler_state_and_ddp_shards():
+    w = np.arange(1, 11, dtype=float)
+    s = BalancedSampler(w, seed=3)
+    s.draw(4)
+    state = s.state_dict()
+    a = [s.draw(4) for _ in range(3)]
+    s2 = BalancedSampler(w, seed=99)
+    s2.load_state_dict(state)
+    assert all(np.array_equal(x, y) for x, y in zip(a, [s2.draw(4) for _ in range(3)]))
+    full = BalancedSampler(w, seed=5).draw(6)
+    r0 = BalancedSampler(w, seed=5, rank=0, world_size=2).draw(6)
+    r1 = BalancedSampler(w, seed=5, rank=1, world_size=2).draw(6)
+    assert np.array_equal(np.sort(np.concatenate([r0, r1])), np.sort(full)) and len(r0) == 3
+    with pytest.raises(ValueError, match="divisible"):
+        BalancedSampler(w, seed=5, rank=0, world_size=2).draw(5)
+
+
+def test_tile_data_get_keeps_order_and_counts_classes(run_dir):
+    data = TileData([run_dir / "tiles" / "st"])
+    idx = np.array([5, 1, 5, 0])
+    b = data.get(idx)
+    inst = np.load(run_dir / "tiles" / "st" / "inst.npy")
+    assert np.array_equal(b["inst"], inst[idx]) and b["images"].shape == (4, 64, 64, 3)
+    cc = data.class_counts(np.array([2, 0]))
+    typ = np.load(run_dir / "tiles" / "st" / "type.npy")
+    assert cc[0, 3] == (typ[2] == 3).sum() and cc[1, 0] == (typ[0] == 0).sum()
+    assert set(data.select(["val"])) == {0, 4, 8}
+
+
+# ----------------------------------------------------------------------------- HV and augmentation
+
+
+def test_hv_from_inst_known_values_and_masks_agreement():
+    inst = torch.zeros(1, 5, 7, dtype=torch.long)
+    inst[0, 2, 1:4] = 4  # horizontal bar of 3 pixels: h = -1, 0, 1; v = 0
+    inst[0, 0:4, 6] = 9  # vertical bar of 4 pixels: v = -1, -1/3, 1/3, 1
+    hv = hv_from_inst(inst)[0]
+    assert torch.allclose(hv[0, 2, 1:4], torch.tensor([-1.0, 0.0, 1.0])) and float(hv[1, 2, 1:4].abs().max()) == 0
+    assert torch.allclose(hv[1, 0:4, 6], torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0]))
+    assert float(hv[:, inst[0] == 0].abs().max()) == 0
+    masks = pytest.importorskip("stlib.labels.masks")
+    batch = _blobs()
+    ours = hv_from_inst(batch).numpy()
+    ref = np.stack([masks.hv_maps(t.numpy()) for t in batch])
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("hflip,vflip,k", [(1, 0, 0), (0, 1, 0), (0, 0, 1), (0, 0, 2), (0, 0, 3), (1, 1, 1), (1, 0, 3)])
+def test_augmented_hv_matches_hv_of_augmented_instances(hflip, vflip, k):
+    inst = _blobs()
+    b = len(inst)
+    batch = {"image": torch.rand(b, 3, 24, 24), "inst": inst, "type": (inst % 5).to(torch.uint8),
+             "ignore": torch.zeros(b, 24, 24, dtype=torch.uint8), "conf": torch.zeros(b, 24, 24, dtype=torch.uint8),
+             "hv": hv_from_inst(inst)}
+    params = {"hflip": torch.full((b,), bool(hflip)), "vflip": torch.full((b,), bool(vflip)),
+              "rot90": torch.full((b,), k), "zoom": torch.ones(b, dtype=torch.float64),
+              "hed_alpha": torch.ones(b, 3, dtype=torch.float64), "hed_beta": torch.zeros(b, 3, dtype=torch.float64),
+              "blur_sigma": torch.zeros(b, dtype=torch.float64)}
+    out = augment_batch(batch, params)
+    assert not torch.equal(out["inst"], inst)
+    torch.testing.assert_close(out["hv"], hv_from_inst(out["inst"]), atol=1e-5, rtol=0)
+    # the image moves with the labels
+    marker = batch["image"].clone()
+    marker[:, 0] = inst.float()
+    out2 = augment_batch({**batch, "image": marker}, params)
+    assert torch.equal(out2["image"][:, 0], out2["inst"].float())
+
+
+def test_zoom_colour_and_blur_augmentations():
+    inst = _blobs(b=2, h=32)
+    cfg = TrainConfig(aug_scale=0.3, aug_hed=0.2, aug_blur=1.0)
+    g = torch.Generator().manual_seed(0)
+    p = draw_augment_params(g, 2, cfg)
+    p["zoom"] = torch.tensor([0.75, 1.25], dtype=torch.float64)
+    img = torch.rand(2, 3, 32, 32) * 0.5 + 0.25
+    batch = {"image": img, "inst": inst, "type": torch.zeros(2, 32, 32, dtype=torch.uint8),
+             "ignore": torch.zeros(2, 32, 32, dtype=torch.uint8), "conf": torch.zeros(2, 32, 32, dtype=torch.uint8)}
+    out = augment_batch(batch, p)
+    assert set(out["inst"].unique().tolist()) <= set(inst.unique().tolist())  # nearest: no new ids
+    assert out["ignore"][0].sum() > 0 and out["ignore"][0, 0, 0] == 1  # zoom-out border is ignored
+    assert out["ignore"][1].sum() == 0
+    assert float(out["image"].min()) >= 0 and float(out["image"].max()) <= 1
+    assert not torch.allclose(out["image"], img)
+    # HED conversion round-trips, identity parameters change nothing
+    assert torch.allclose(hed_to_rgb(rgb_to_hed(img)), img, atol=1e-5)
+    ident = {**p, "zoom": torch.ones(2, dtype=torch.float64), "hed_alpha": torch.ones(2, 3, dtype=torch.float64),
+             "hed_beta": torch.zeros(2, 3, dtype=torch.float64), "blur_sigma": torch.zeros(2, dtype=torch.float64),
+             "hflip": torch.zeros(2, dtype=torch.bool), "vflip": torch.zeros(2, dtype=torch.bool),
+             "rot90": torch.zeros(2, dtype=torch.long)}
+    same = augment_batch(batch, ident)
+    assert torch.equal(same["image"], img) and torch.equal(same["inst"], inst)
+    # raising haematoxylin darkens the red channel most (H absorbs red)
+    more_h = {**ident, "hed_beta": torch.tensor([[0.3, 0, 0], [0.3, 0, 0]], dtype=torch.float64)}
+    d = (img - augment_batch(batch, more_h)["image"]).mean(dim=(0, 2, 3))
+    assert float(d[0]) > float(d[2]) > 0
+
+
+def test_shard_params_is_a_stride():
+    p = draw_augment_params(torch.Generator().manual_seed(1), 6, TrainConfig())
+    s1 = shard_params(p, 1, 2)
+    assert torch.equal(s1["rot90"], p["rot90"][1::2])
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_train_writes_model_files_and_metrics(run_dir):
+    cfg = tiny_config(run_dir, out_dir="models/basic", num_workers=1)
+    res = train(cfg)
+    out = run_dir / "models" / "basic"
+    for name in ("model.pt", "checkpoint.pt", "config.json", "metrics.csv", "metrics.json"):
+        assert (out / name).is_file(), name
+    assert res.steps == 6 and len(res.history) == 6
+    assert np.isfinite(res.final["loss"]) and 0 <= res.final["val_dice"] <= 1
+    assert np.isfinite(res.final["val_bpq"]) and 0 <= res.final["val_bpq"] <= 1
+    csv = pd.read_csv(out / "metrics.csv")
+    assert list(csv["step"]) == [1, 2, 3, 4, 5, 6] and csv["val_loss"].notna().sum() == 2
+    model, conf = load_model(out / "model.pt", map_location="cpu")
+    assert conf == cfg.to_dict() and json.loads((out / "config.json").read_text()) == cfg.to_dict()
+    ckpt = torch.load(out / "model.pt", weights_only=True)
+    assert ckpt["tile_px"] == 64 and ckpt["um_per_px"] == 0.25
+    # rerunning the finished command is a no-op
+    again = train(cfg)
+    assert again.skipped and again.final["loss"] == res.final["loss"]
+    # a different config in the same folder is refused
+    with pytest.raises(InputError, match="different config"):
+        train(cfg.replace(lr=5e-4))
+
+
+def test_resume_after_kill_is_exact(run_dir):
+    ref = train(tiny_config(run_dir, out_dir="models/ref"))
+    cfg = tiny_config(run_dir, out_dir="models/killed", num_workers=2)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, interrupt_after=4)  # checkpoint at 3, killed after 4
+    res = train(cfg)
+    assert res.resumed_from == 3 and res.steps == 6
+    a = torch.load(run_dir / "models" / "ref" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(run_dir / "models" / "killed" / "model.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert res.final["loss"] == ref.final["loss"] and res.final["val_loss"] == ref.final["val_loss"]
+    assert [r["step"] for r in res.history] == [1, 2, 3, 4, 5, 6]
+    # --resume never starts over and reaches the same weights too
+    again = train(cfg, resume="never")
+    assert again.resumed_from is None and again.final["loss"] == ref.final["loss"]
+
+
+def test_cli_with_overrides(run_dir, tmp_path, capsys):
+    cfg_path = tiny_config(run_dir).to_yaml(tmp_path / "t.yaml")
+    rc = cli_main(["--config", str(cfg_path), "--set", "steps=2", "--set", "out_dir=models/cli",
+                   "--set", "schedule=step", "--set", "loss.nt_confidence=true"])
+    assert rc == 0 and "2 steps" in capsys.readouterr().out
+    saved = json.loads((run_dir / "models" / "cli" / "config.json").read_text())
+    assert saved["steps"] == 2 and saved["loss"]["nt_confidence"] is True
+
+
+def test_missing_store_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="tile store not found"):
+        train(TrainConfig(run_dir=str(tmp_path), steps=1))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_two_cpu_processes_end_with_identical_weights(run_dir, tmp_path):
+    cfg_path = tiny_config(run_dir, out_dir="models/ddp", steps=3, batch_size=4, val_every=3,
+                           ckpt_every=3).to_yaml(tmp_path / "ddp.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STLIB_NO_PROGRESS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "stlib.train", "--config", str(cfg_path)]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((run_dir / "models" / "ddp" / "metrics.json").read_text())
+    assert m["world_size"] == 2
+    d = m["ddp_param_digests"]
+    assert len(d) == 2 and d[0] == d[1] == m["param_digest"]
+    assert (run_dir / "models" / "ddp" / "model.pt").is_file()
+
+
+def test_bench_cpu_writes_json(tmp_path):
+    out = tmp_path / "b.json"
+    assert bench_main(["--device", "cpu", "--tile", "64", "--batch", "2", "--steps", "1", "--warmup", "1",
+                       "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["device"] == "cpu" and r["train_tiles_per_s"] > 0 and r["store_read_tiles_per_s"] > 0
+    assert r["flops_fwd_per_tile"] > 0 and r["mfu_est"] is None and r["model"] == "HoVerNet(small)"
+
+
+def test_config_from_notebook_params():
+    from stlib.config import TrainParams
+
+    p = TrainParams(encoder="small", steps=12, batch_size=4, lr=2e-3, val_every=6, run_dir="runs/x", seed=3)
+    c = TrainConfig.from_train_params(p, "pannuke", train_splits=("fold1",))
+    assert (c.recipe, c.stores, c.steps, c.batch_size, c.lr, c.seed) == ("pannuke", ("tiles/pannuke",), 12, 4, 2e-3, 3)
+    assert c.out_path() == Path("runs/x/models/pannuke") and c.train_splits == ("fold1",) and c.ckpt_every == 6
