@@ -53,6 +53,7 @@ class DataParams(CommonParams):
     demo_scale: str = "demo"  # "demo" | "workshop" (size of the synthetic cohort)
     download: bool = False
     offline: bool = True
+    mirror: str = ""  # local HEST mirror to copy from instead of Hugging Face
     thumbnail_px: int = 512
 
 

@@ -1,0 +1,469 @@
+"""Label derivation for a sample and the tile stores of a run (``stlib labels``).
+
+One sample: the aligned Xenium nuclei (:mod:`stlib.align`) get classes from expression
+(:mod:`stlib.labels.classes`) and become ``cells.parquet`` (one row per cell: aligned centroid,
+fine type, class, confidence), ``nuclei.parquet`` (aligned polygons with their class) and
+``label_report.json`` (the label-quality report: nuclei count and density, alignment score,
+class mix, confidence distribution, marker coverage; against the demo truth: class accuracy /
+per-class F1 by cell_id, centroid error and mask Dice/PQ of the ST-derived nuclei; against
+HEST's CellViT nuclei where present: PQ and class agreement as a second opinion).
+
+A run: :func:`build_tile_stores` cuts every sample into training tiles at a target µm/px
+(:mod:`stlib.labels.masks`) into one tile store (:mod:`stlib.io.tiles`) with splits by sample
+and organ, and, for the demo cohort, a store of the *true* nuclei on the same tiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stlib.constants import CLASS_NAMES, IGNORE, NUCLEUS_CLASSES, TARGET_UM_PER_PX_40X
+from stlib.utils import InputError, atomic_path, progress, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+#: version of the derivation; part of the idempotence key
+LABELS_VERSION = "1"
+#: CellViT / PanNuke class names -> class ids (second-opinion comparison)
+_NAME_TO_CLASS = {v.lower(): k for k, v in CLASS_NAMES.items()}
+
+
+def _file_key(p: Path) -> dict[str, Any]:
+    st = p.stat()
+    return {"name": p.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _key(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, labeler: str = "hierarchical",
+                  seed: int = 0, min_counts: int = 10, min_confidence: float = 0.5,
+                  leiden_resolution: float = 1.0, truth_dir: str | Path | None = None,
+                  refine: bool = True, neighbors_method: str = "umap", out_name: str | None = None,
+                  force: bool = False) -> dict[str, Any]:
+    """Derive labels for one sample; write ``{run_dir}/labels/{sample}/`` and return the report.
+
+    Parameters
+    ----------
+    hest_dir
+        HEST layout root of the sample.
+    run_dir
+        Run folder; the alignment is read from (or written to) ``run_dir/alignment/{sample}``.
+    labeler
+        ``hierarchical`` (ours), ``flat`` (w/o Hier), ``marker`` or ``cluster``.
+    truth_dir
+        Demo truth root (``truth/``); when given the report scores the labels against it.
+    out_name
+        Sub-folder name under ``labels/`` (default: the sample id; the ablation uses
+        ``{sample}__{labeler}``).
+    force
+        Recompute even if an up-to-date output exists.
+
+    Returns
+    -------
+    The label report (also written as ``label_report.json``).
+    """
+    from stlib.align import align_and_save
+    from stlib.io.hest import HestSample
+
+    hest_dir, run_dir = Path(hest_dir), Path(run_dir)
+    s = HestSample(hest_dir, sample_id)
+    out = run_dir / "labels" / (out_name or sample_id)
+    params = {"labeler": labeler, "seed": seed, "min_counts": min_counts, "min_confidence": min_confidence,
+              "leiden_resolution": leiden_resolution, "refine": refine, "neighbors_method": neighbors_method,
+              "truth": None if truth_dir is None else str(truth_dir), "version": LABELS_VERSION}
+    res, _ = align_and_save(hest_dir, sample_id, run_dir / "alignment", refine=refine)
+    inputs = [_file_key(s.path(k)) for k in ("transcripts", "xenium_seg", "metadata") if s.has(k)]
+    key = _key({"params": params, "inputs": inputs, "alignment": res.inputs.get("key")})
+    report_path = out / "label_report.json"
+    if report_path.is_file() and not force:
+        old = read_json(report_path)
+        if old.get("key") == key and (out / "cells.parquet").is_file():
+            return old
+
+    cells, nuclei, adata = _label(s, res, labeler=labeler, seed=seed, min_counts=min_counts,
+                                  min_confidence=min_confidence, leiden_resolution=leiden_resolution,
+                                  neighbors_method=neighbors_method)
+    report = _report(s, res, cells, nuclei, adata, labeler=labeler)
+    if truth_dir is not None:
+        report["truth"] = truth_scores(cells, nuclei, Path(truth_dir) / sample_id, he_um_per_px=s.pixel_size_um)
+    cv = s.cellvit() if s.has("cellvit_seg") else None
+    if cv is not None and len(cv):
+        report["cellvit"] = cellvit_agreement(nuclei, cv, he_um_per_px=s.pixel_size_um)
+    report["key"] = key
+    report["params"] = params
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "cells.parquet") as tmp:
+        cells.to_parquet(tmp, index=False)
+    with atomic_path(out / "nuclei.parquet") as tmp:
+        nuclei.to_parquet(tmp)
+    with atomic_path(out / "cells.h5ad") as tmp:
+        _slim(adata).write_h5ad(tmp)
+    write_json(report_path, report)
+    return report
+
+
+def _slim(adata):
+    """The AnnData kept for figures: counts, lognorm, obs and embeddings (no big graphs)."""
+    ad = adata.copy()
+    for k in list(ad.obsp.keys()):
+        del ad.obsp[k]
+    ad.uns = {k: v for k, v in ad.uns.items() if k in ("stlib_labels", "pixel_size_um", "leiden", "umap")}
+    try:
+        json.dumps(ad.uns, default=str)
+        ad.uns = json.loads(json.dumps(ad.uns, default=str))
+    except TypeError:  # pragma: no cover
+        ad.uns = {}
+    return ad
+
+
+def _label(s, res, *, labeler: str, seed: int, min_counts: int, min_confidence: float,
+           leiden_resolution: float, neighbors_method: str):
+    """Classes per cell and the aligned nuclei table of one sample."""
+    import geopandas as gpd
+    import shapely
+
+    from stlib.align import Transform, _as_affine, in_excluded_region, transform_nuclei
+    from stlib.labels.classes import label_cells
+
+    adata = s.cells()
+    if adata.n_obs == 0:
+        raise InputError("no cell has a transcript assigned", path=s.path("transcripts"), sample=s.id,
+                         fix="check the transcripts parquet (cell_id / qv columns)")
+    label_cells(adata, method=labeler, organ=s.organ, disease_state=s.disease_state,
+                oncotree_code=s.oncotree_code, seed=seed, min_counts=min_counts,
+                min_confidence=min_confidence, resolution=leiden_resolution, neighbors_method=neighbors_method)
+    nuc = s.nuclei()
+    nuc = nuc[~nuc.index.duplicated()]
+    aligned = transform_nuclei(nuc, res)
+    # cells without a polygon: their (HEST-registered) transcript centroid, mapped like the nuclei
+    xy = np.asarray(adata.obsm["spatial"], float).copy()
+    no_poly = ~adata.obs["has_nucleus"].to_numpy(bool)
+    if no_poly.any():
+        um = Transform(np.linalg.inv(_as_affine(res.initial))).apply_xy(xy[no_poly]) if res.route == "hest" else None
+        if um is not None:
+            xy[no_poly] = res.transform.apply_xy(um)
+    cent = shapely.centroid(aligned.geometry.values)
+    cxy = shapely.get_coordinates(cent)
+    idx = pd.Index(aligned.index.astype(str)).get_indexer(adata.obs_names.astype(str))
+    has = idx >= 0
+    xy[has] = cxy[idx[has]]
+    obs = adata.obs
+    cells = pd.DataFrame({
+        "cell_id": adata.obs_names.astype(str),
+        "x_he": xy[:, 0], "y_he": xy[:, 1],
+        "fine_type": obs["fine_type"].astype(str).to_numpy(),
+        "class": obs["class"].astype(np.uint8).to_numpy(),
+        "confidence": obs["confidence"].astype(np.float32).to_numpy(),
+        "n_counts": obs["n_counts"].astype(np.int32).to_numpy(),
+        "has_nucleus": has,
+    })
+    cells["excluded"] = in_excluded_region(res, cells["x_he"].to_numpy(), cells["y_he"].to_numpy())
+    lab = cells.set_index("cell_id")
+    ids = aligned.index.astype(str)
+    nuclei = gpd.GeoDataFrame({
+        "cell_id": ids,
+        "class": lab["class"].reindex(ids).fillna(IGNORE).astype(np.uint8).to_numpy(),
+        "confidence": lab["confidence"].reindex(ids).fillna(0.0).astype(np.float32).to_numpy(),
+        "fine_type": lab["fine_type"].reindex(ids).fillna("no_transcripts").to_numpy(),
+    }, geometry=aligned.geometry.values)
+    return cells, nuclei, adata
+
+
+def _report(s, res, cells: pd.DataFrame, nuclei, adata, *, labeler: str) -> dict[str, Any]:
+    """The per-sample part of the label-quality report (no truth needed)."""
+    import shapely
+
+    area_um2 = float("nan")
+    if len(nuclei):
+        hull = shapely.convex_hull(shapely.union_all(shapely.centroid(nuclei.geometry.values)))
+        area_um2 = float(hull.area) * s.pixel_size_um ** 2
+    cls = cells["class"].to_numpy()
+    mix = {CLASS_NAMES.get(int(c), "Ignore") if c != IGNORE else "Ignore": int((cls == c).sum())
+           for c in [*NUCLEUS_CLASSES, IGNORE]}
+    conf = cells["confidence"].to_numpy(float)
+    g = res.scores.get("global", {})
+    uns = adata.uns.get("stlib_labels", {})
+    cov = uns.get("marker_coverage")
+    if isinstance(cov, pd.DataFrame):
+        cov = cov.to_dict(orient="records")
+    return {
+        "sample": s.id, "organ": s.organ, "disease_state": s.disease_state,
+        "oncotree_code": s.oncotree_code, "labeler": labeler,
+        "n_cells": int(len(cells)), "n_nuclei": int(len(nuclei)),
+        "density_per_mm2": float(len(nuclei) / (area_um2 / 1e6)) if area_um2 and area_um2 > 0 else None,
+        "alignment": {"route": res.route, "score_before": g.get("before"), "score_after": g.get("after"),
+                      "n_excluded_regions": len(res.excluded_regions)},
+        "class_mix": mix,
+        "class_fraction": {k: v / max(1, len(cells)) for k, v in mix.items()},
+        "confidence_quantiles": {str(q): float(np.quantile(conf, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)} if len(conf) else {},
+        "median_counts": float(np.median(cells["n_counts"])) if len(cells) else None,
+        "marker_coverage": cov,
+    }
+
+
+def truth_scores(cells: pd.DataFrame, nuclei, truth_sample_dir: str | Path, *, he_um_per_px: float,
+                 um_per_px: float = TARGET_UM_PER_PX_40X) -> dict[str, Any]:
+    """Score derived labels against the demo truth of one sample.
+
+    Class accuracy and per-class F1 by ``cell_id`` (255 counts as wrong), the median distance
+    between derived and true nucleus centroids (µm), and mask Dice / PQ of the ST-derived
+    nuclei against the true visible nuclei, rasterised over the slide at ``um_per_px``.
+    """
+    import geopandas as gpd
+    import shapely
+
+    from stlib.evaluate import label_accuracy_vs_truth
+    from stlib.labels.masks import rasterize_instances
+    from stlib.metrics import dice, pq
+
+    p = Path(truth_sample_dir) / "nuclei.parquet"
+    if not p.is_file():
+        raise InputError("truth nuclei not found", path=p, fix="generate the demo cohort with `stlib demo`")
+    truth = gpd.read_parquet(p)
+    acc = label_accuracy_vs_truth(cells, pd.DataFrame(truth.drop(columns="geometry")))
+    out: dict[str, Any] = {"class": acc["class_scores"], "n_matched": acc["n_matched"], "n_truth": acc["n_truth"],
+                           "confusion": acc["confusion"], "confusion_labels": acc["confusion_labels"]}
+    if "median_centroid_error_px" in acc:
+        out["median_centroid_error_um"] = acc["median_centroid_error_px"] * he_um_per_px
+    vis = truth[truth["visible"].to_numpy(bool)] if "visible" in truth.columns else truth
+    geoms_t = vis.geometry.values
+    geoms_p = nuclei.geometry.values
+    if len(geoms_t) and len(geoms_p):
+        x0, y0, x1, y1 = shapely.total_bounds(np.concatenate([geoms_t, geoms_p]))
+        scale = he_um_per_px / um_per_px
+        shape = (int(math.ceil((y1 - y0) * scale)) + 1, int(math.ceil((x1 - x0) * scale)) + 1)
+        t_inst, _ = rasterize_instances(geoms_t, shape=shape, origin=(x0, y0), scale=scale)
+        p_inst, _ = rasterize_instances(geoms_p, shape=shape, origin=(x0, y0), scale=scale)
+        r = pq(t_inst, p_inst)
+        out["mask"] = {"dice": float(dice(t_inst, p_inst)), "pq": float(r.pq), "dq": float(r.dq),
+                       "sq": float(r.sq), "um_per_px": um_per_px}
+    return out
+
+
+def cellvit_agreement(nuclei, cellvit, *, he_um_per_px: float, um_per_px: float = TARGET_UM_PER_PX_40X,
+                      radius_um: float = 3.0) -> dict[str, Any]:
+    """Second opinion: ST-derived nuclei vs HEST's CellViT nuclei (PQ) and their classes.
+
+    CellViT is a model, not ground truth: agreement is reported, not accuracy. Nuclei are
+    paired by centroid within ``radius_um`` (Hungarian, :func:`stlib.metrics.pair_coordinates`);
+    class agreement is over pairs where both classes are known.
+    """
+    import shapely
+
+    from stlib.labels.masks import rasterize_instances
+    from stlib.metrics import pair_coordinates, pq
+
+    a, b = nuclei.geometry.values, cellvit.geometry.values
+    x0, y0, x1, y1 = shapely.total_bounds(np.concatenate([a, b]))
+    scale = he_um_per_px / um_per_px
+    shape = (int(math.ceil((y1 - y0) * scale)) + 1, int(math.ceil((x1 - x0) * scale)) + 1)
+    ia, _ = rasterize_instances(a, shape=shape, origin=(x0, y0), scale=scale)
+    ib, _ = rasterize_instances(b, shape=shape, origin=(x0, y0), scale=scale)
+    r = pq(ib, ia)
+    out: dict[str, Any] = {"pq": float(r.pq), "dq": float(r.dq), "sq": float(r.sq),
+                           "n_st": int(len(a)), "n_cellvit": int(len(b))}
+    name_col = next((c for c in ("class_name", "class", "type") if c in cellvit.columns), None)
+    if name_col is not None and "class" in nuclei.columns:
+        ca = shapely.get_coordinates(shapely.centroid(a))
+        cb = shapely.get_coordinates(shapely.centroid(b))
+        pairing = pair_coordinates(ca, cb, radius_um / he_um_per_px)
+        pa, pb = pairing.paired[:, 0], pairing.paired[:, 1]
+        st_cls = nuclei["class"].to_numpy()[pa].astype(int)
+        cv_cls = np.array([_NAME_TO_CLASS.get(str(v).lower(), -1) for v in cellvit[name_col].to_numpy()[pb]])
+        ok = (st_cls != IGNORE) & (cv_cls > 0)
+        out["n_paired"] = int(len(pa))
+        out["class_agreement"] = float(np.mean(st_cls[ok] == cv_cls[ok])) if ok.any() else None
+        out["n_class_compared"] = int(ok.sum())
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# tile stores
+# --------------------------------------------------------------------------------------
+
+def _read_tile_image(wsi, x0: float, y0: float, size_l0: float, tile_px: int) -> np.ndarray:
+    """RGB tile of ``tile_px`` covering ``size_l0`` level-0 px from (x0, y0), resampled."""
+    from skimage.transform import resize
+
+    n = int(math.ceil(size_l0))
+    crop = wsi.read_region(int(math.floor(x0)), int(math.floor(y0)), n, n, level=0)
+    # skimage resize with anti-aliasing: exact enough for 0.27 -> 0.25 µm/px and fast per tile
+    img = resize(crop, (tile_px, tile_px), order=1, anti_aliasing=size_l0 > tile_px, preserve_range=True)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def assign_splits(meta: pd.DataFrame, *, heldout_organs: Sequence[str], val_fraction: float = 0.2,
+                  seed: int = 0, guard_tiles: int = 1) -> pd.Series:
+    """Splits by sample and organ; organs with a single training sample get a spatial split.
+
+    Held-out organs -> ``test``. A training organ with >= 2 samples: whole samples go to
+    ``val`` (:func:`stlib.io.tiles.split_by_sample`). A training organ with one sample: the
+    right-most columns of its tiles (about ``val_fraction`` of them) are ``val`` and the
+    ``guard_tiles`` columns before them are dropped (``""``), so no tile or its neighbour
+    crosses the split.
+    """
+    from stlib.io.tiles import split_by_sample
+
+    split = split_by_sample(meta, val_fraction=val_fraction, seed=seed, heldout_organs=heldout_organs)
+    for organ, sub in meta.groupby("organ"):
+        if organ in set(heldout_organs) or sub["sample"].nunique() != 1:
+            continue
+        cols = np.sort(sub["x0"].unique())
+        n_val = max(1, int(round(val_fraction * len(cols))))
+        if len(cols) < n_val + guard_tiles + 1:
+            continue
+        val_cols = set(cols[-n_val:])
+        guard_cols = set(cols[-n_val - guard_tiles:-n_val]) if guard_tiles else set()
+        x = sub["x0"]
+        split.loc[sub.index[x.isin(val_cols).to_numpy()]] = "val"
+        split.loc[sub.index[x.isin(guard_cols).to_numpy()]] = ""
+    return split
+
+
+def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str | Path, *,
+                      um_per_px: float = TARGET_UM_PER_PX_40X, tile_px: int = 256,
+                      truth_dir: str | Path | None = None, seed: int = 0, val_fraction: float = 0.2,
+                      name: str = "st", force: bool = False) -> dict[str, Path]:
+    """Cut every sample into training tiles; write ``{run_dir}/tiles/{name}`` (and ``truth``).
+
+    Parameters
+    ----------
+    samples
+        Cohort table with ``sample``, ``organ``, ``role`` (``train`` / ``held-out``).
+    truth_dir
+        Demo truth root: also writes ``tiles/truth`` with the true nuclei and classes on exactly
+        the same tiles (the "manual truth" of the demo evaluation).
+
+    Returns
+    -------
+    ``{"st": path, "truth": path?}``. Idempotent: existing stores are kept unless ``force``.
+    """
+    import geopandas as gpd
+
+    from stlib.align import load_alignment
+    from stlib.io.hest import HestSample
+    from stlib.io.tiles import TileStore, TileStoreWriter
+    from stlib.labels.masks import iter_label_tiles
+
+    hest_dir, run_dir = Path(hest_dir), Path(run_dir)
+    out = {"st": run_dir / "tiles" / name}
+    if truth_dir is not None:
+        out["truth"] = run_dir / "tiles" / f"{name}_truth"
+    if all((p / "store.json").is_file() for p in out.values()) and not force:
+        return out
+    heldout = sorted(samples.loc[samples["role"] == "held-out", "organ"].unique())
+    writers = {k: TileStoreWriter(p, tile_px=tile_px, um_per_px=um_per_px, source=k, overwrite=True)
+               for k, p in out.items()}
+    try:
+        for row in progress(list(samples.itertuples()), desc="tiles"):
+            s = HestSample(hest_dir, row.sample)
+            lab_dir = run_dir / "labels" / row.sample
+            if not (lab_dir / "nuclei.parquet").is_file():
+                raise InputError("labels not derived yet", path=lab_dir, sample=row.sample,
+                                 fix="run derive_sample / `stlib labels` for it first")
+            nuc = gpd.read_parquet(lab_dir / "nuclei.parquet")
+            res = load_alignment(run_dir / "alignment" / row.sample / "alignment.json")
+            excluded = [_box(r) for r in res.excluded_regions] or None
+            score = (res.scores.get("global", {}).get("after") or {}).get("corr")
+            scale = s.pixel_size_um / um_per_px
+            with s.wsi() as wsi:
+                H, W = wsi.shape
+                size_l0 = tile_px / scale
+                label_sets = {"st": nuc}
+                if "truth" in out:
+                    t = gpd.read_parquet(Path(truth_dir) / row.sample / "nuclei.parquet")
+                    label_sets["truth"] = t[t["visible"].to_numpy(bool)] if "visible" in t.columns else t
+                tiles_by_set = {}
+                for k, g in label_sets.items():
+                    conf = g["confidence"].to_numpy(float) if "confidence" in g.columns else 1.0
+                    tiles_by_set[k] = iter_label_tiles(
+                        g.geometry.values, width=W, height=H, scale=scale, tile_px=tile_px,
+                        classes=g["class"].to_numpy().astype(np.uint8), confidence=conf,
+                        ignore_polygons=excluded if k == "st" else None)
+                for items in zip(*tiles_by_set.values()):
+                    x0, y0 = items[0][0].origin
+                    img = _read_tile_image(wsi, x0, y0, size_l0, tile_px)
+                    for k, (_, m) in zip(tiles_by_set, items):
+                        writers[k].add(image=img, inst=m.inst, type=m.type, ignore=m.ignore, conf=m.conf,
+                                       sample=row.sample, organ=row.organ, x0=x0, y0=y0,
+                                       align_score=float(score) if score is not None else float("nan"),
+                                       tile_id=f"{row.sample}_{int(round(x0))}_{int(round(y0))}")
+        paths = {k: w.close() for k, w in writers.items()}
+    except BaseException:
+        for w in writers.values():
+            w._release()
+        raise
+    # splits are assigned once all tiles are known, identically in both stores
+    meta = TileStore(paths["st"]).meta
+    split = assign_splits(meta, heldout_organs=heldout, val_fraction=val_fraction, seed=seed)
+    for p in paths.values():
+        _write_split(p, split.to_numpy())
+    return paths
+
+
+def _box(r: dict[str, float]):
+    import shapely
+
+    return shapely.box(r["x0"], r["y0"], r["x1"], r["y1"])
+
+
+def _write_split(store: Path, split: np.ndarray) -> None:
+    meta = pd.read_parquet(store / "meta.parquet")
+    if len(meta) != len(split):
+        raise InputError(f"meta has {len(meta)} tiles, split {len(split)}", path=store)
+    meta["split"] = split
+    with atomic_path(store / "meta.parquet") as tmp:
+        meta.to_parquet(tmp, index=False)
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+def cli_main(argv: list[str]) -> int:
+    """``stlib labels --hest-dir DIR --sample ID --out DIR``: cells.parquet, maps, report."""
+    ap = argparse.ArgumentParser(prog="stlib labels", description=__doc__.splitlines()[0])
+    ap.add_argument("--hest-dir", required=True, help="HEST layout root")
+    ap.add_argument("--sample", required=True, action="append", help="sample id (repeatable)")
+    ap.add_argument("--out", required=True, help="run folder: OUT/labels/ID/, OUT/alignment/ID/")
+    ap.add_argument("--labeler", default="hierarchical", choices=["hierarchical", "flat", "marker", "cluster"])
+    ap.add_argument("--truth-dir", help="demo truth root (truth/): score the labels against it")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min-confidence", type=float, default=0.5)
+    ap.add_argument("--tiles", action="store_true", help="also build OUT/tiles/st (all given samples)")
+    ap.add_argument("--tile-px", type=int, default=256)
+    ap.add_argument("--um-per-px", type=float, default=TARGET_UM_PER_PX_40X)
+    ap.add_argument("--force", action="store_true")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    for sid in args.sample:
+        rep = derive_sample(args.hest_dir, sid, out, labeler=args.labeler, seed=args.seed,
+                            min_confidence=args.min_confidence, truth_dir=args.truth_dir, force=args.force)
+        line = f"stlib labels: {sid}: {rep['n_cells']} cells, classes {rep['class_mix']}"
+        if "truth" in rep:
+            line += f"; vs truth accuracy {rep['truth']['class']['accuracy']:.3f}"
+        print(line + f" -> {out / 'labels' / sid}")
+    if args.tiles:
+        from stlib.io.cohort import cohort_table
+
+        table = cohort_table(Path(args.hest_dir).parent, samples=args.sample)
+        paths = build_tile_stores(args.hest_dir, table, out, um_per_px=args.um_per_px, tile_px=args.tile_px,
+                                  truth_dir=args.truth_dir, seed=args.seed, force=args.force)
+        print(f"stlib labels: tile stores {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+__all__ = ["derive_sample", "truth_scores", "cellvit_agreement", "build_tile_stores", "assign_splits",
+           "cli_main", "LABELS_VERSION"]
