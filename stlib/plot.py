@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg", force=False)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from stlib.constants import CLASS_COLORS, CLASS_NAMES, IGNORE, NUCLEUS_CLASSES  # noqa: E402
+from stlib.constants import CLASS_COLORS, CLASS_NAMES, IGNORE, NUCLEUS_CLASSES
 
 
 def source_label(profile: str, data_dir: str | None = None) -> str:
@@ -178,5 +175,128 @@ def confusion_plot(confusion: np.ndarray, labels: Sequence[int], *, source: str,
     return fig
 
 
+def _crop_window(center_xy: tuple[float, float], size_px: float, shape: tuple[int, int]) -> tuple[int, int, int]:
+    n = int(round(size_px))
+    x0 = int(np.clip(center_xy[0] - n / 2, 0, max(0, shape[1] - n)))
+    y0 = int(np.clip(center_xy[1] - n / 2, 0, max(0, shape[0] - n)))
+    return x0, y0, n
+
+
+def _select_in(geoms, x0: float, y0: float, n: float):
+    import shapely
+
+    box = shapely.box(x0, y0, x0 + n, y0 + n)
+    g = np.asarray(geoms, dtype=object)
+    return g[shapely.intersects(g, box)] if len(g) else g
+
+
+def alignment_overlay(hest_dir, result, *, source: str, truth_dir=None, crop_um: float = 60.0,
+                      center_xy: tuple[float, float] | None = None) -> plt.Figure:
+    """Xenium nuclei over the H&E before (HEST/CSV registration) and after refinement.
+
+    Left: the registration as given; right: the refined map; the true nuclei of the demo truth
+    (when ``truth_dir`` is given) in white on both.
+    """
+    import geopandas as gpd
+
+    from stlib.align import transform_nuclei
+    from stlib.io.hest import HestSample
+
+    s = HestSample(hest_dir, result.sample)
+    nuc = s.nuclei()
+    before = nuc.geometry.values if result.route == "hest" else transform_nuclei(nuc, result).geometry.values
+    after = transform_nuclei(nuc, result).geometry.values
+    truth = None
+    if truth_dir is not None:
+        t = gpd.read_parquet(f"{truth_dir}/{result.sample}/nuclei.parquet")
+        truth = t.geometry.values[t["visible"].to_numpy(bool)]
+    with s.wsi() as w:
+        H, W = w.shape
+        c = center_xy or (W / 2, H / 2)
+        x0, y0, n = _crop_window(c, crop_um / s.pixel_size_um, (H, W))
+        img = w.read_region(x0, y0, n, n)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.6))
+    for ax, polys, label, col in ((axes[0], before, "registration as given", "yellow"),
+                                  (axes[1], after, "after refinement", "cyan")):
+        layers = {label: (_select_in(polys, x0, y0, n), col)}
+        if truth is not None:
+            layers["true nuclei (demo truth)"] = (_select_in(truth, x0, y0, n), "white")
+        polygons_over_image(img, layers, source=source, origin=(x0, y0), ax=ax,
+                            title=f"{result.sample}: {label}")
+    fig.texts.clear()
+    _caption(fig, source)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
+def residual_field(result, *, source: str, thumbnail: np.ndarray | None = None,
+                   slide_shape: tuple[int, int] | None = None) -> plt.Figure:
+    """Tile-wise residual shifts (µm) before and after refinement, as arrows over the slide."""
+    tiles = pd.DataFrame(result.scores.get("tiles", []))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    for ax, when in zip(axes, ("before", "after")):
+        if thumbnail is not None and slide_shape is not None:
+            ax.imshow(thumbnail, extent=(0, slide_shape[1], slide_shape[0], 0), alpha=0.6)
+        col = f"residual_{when}_um"
+        if not tiles.empty and {"x_px", "y_px", f"dx_{when}_um", f"dy_{when}_um"} <= set(tiles.columns):
+            q = ax.quiver(tiles["x_px"], tiles["y_px"], tiles[f"dx_{when}_um"], -tiles[f"dy_{when}_um"],
+                          tiles.get(col, None), cmap="viridis", angles="xy")
+            fig.colorbar(q, ax=ax, fraction=0.046, label="residual (µm)")
+        elif not tiles.empty and {"x_px", "y_px", col} <= set(tiles.columns):
+            sc_ = ax.scatter(tiles["x_px"], tiles["y_px"], c=tiles[col], cmap="viridis", s=60)
+            fig.colorbar(sc_, ax=ax, fraction=0.046, label="residual (µm)")
+        for r in result.excluded_regions:
+            ax.add_patch(plt.Rectangle((r["x0"], r["y0"]), r["x1"] - r["x0"], r["y1"] - r["y0"],
+                                       fill=False, ec="red", lw=1.5))
+        ax.set_title(f"{result.sample}: residual field {when} refinement", fontsize=10)
+        ax.set_aspect("equal")
+        ax.set_xlabel("H&E level-0 px"); ax.set_ylabel("H&E level-0 px")
+        if thumbnail is None:
+            ax.invert_yaxis()
+    _caption(fig, source)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
+def class_overlay(image: np.ndarray, nuclei, *, source: str, origin: tuple[float, float] = (0, 0),
+                  title: str = "", ax: plt.Axes | None = None) -> plt.Figure:
+    """Nucleus outlines coloured by class (one colour table, :mod:`stlib.constants`)."""
+    import shapely
+
+    fig = None
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 6))
+    ax.imshow(image)
+    for g, c in zip(nuclei.geometry.values, nuclei["class"].to_numpy()):
+        for part in getattr(g, "geoms", [g]):
+            xy = shapely.get_coordinates(part.exterior)
+            ax.plot(xy[:, 0] - origin[0], xy[:, 1] - origin[1], color=np.array(CLASS_COLORS[int(c)]) / 255, lw=1.0)
+    ax.set_xlim(0, image.shape[1]); ax.set_ylim(image.shape[0], 0); ax.axis("off")
+    ax.set_title(title, fontsize=10)
+    class_legend(ax)
+    fig = fig or ax.figure
+    _caption(fig, source)
+    return fig
+
+
+def tile_labels(tile: Mapping[str, np.ndarray], *, source: str, title: str = "") -> plt.Figure:
+    """A training tile: image, instances, class map (ignore in grey) and the ignore mask."""
+    from skimage.color import label2rgb
+
+    fig, axes = plt.subplots(1, 4, figsize=(13, 3.6))
+    axes[0].imshow(tile["image"]); axes[0].set_title("H&E tile")
+    axes[1].imshow(label2rgb(tile["inst"], bg_label=0)); axes[1].set_title("instances")
+    axes[2].imshow(class_cmap_rgb(tile["type"])); axes[2].set_title("classes")
+    class_legend(axes[2], fontsize=6)
+    axes[3].imshow(tile["ignore"], cmap="gray_r", vmin=0, vmax=1); axes[3].set_title("ignore (black)")
+    for ax in axes:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    _caption(fig, source)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
+
+
 __all__ = ["source_label", "class_cmap_rgb", "class_legend", "image_grid", "polygons_over_image",
-           "training_curves", "metric_ci_plot", "confusion_plot"]
+           "training_curves", "metric_ci_plot", "confusion_plot", "alignment_overlay",
+           "residual_field", "class_overlay", "tile_labels"]

@@ -101,7 +101,6 @@ def run_profile(profile: str = "demo", *, only: list[str] | None = None, force: 
     code = _code_fingerprint()
     upstream = ""
     os.environ.setdefault("STLIB_NO_PROGRESS", "1")
-    os.environ.setdefault("MPLBACKEND", "Agg")
     names = notebook_names(root)
     if only:
         unknown = set(only) - set(names)
@@ -244,7 +243,6 @@ def _batch_task(notebook: str, profile: str, overrides: dict[str, Any], out_path
     import papermill as pm
 
     os.environ.setdefault("STLIB_NO_PROGRESS", "1")
-    os.environ.setdefault("MPLBACKEND", "Agg")
     params = load_params(profile, notebook, overrides=overrides, params_dir=params_dir)
     src = Path(root) / "notebooks" / f"{notebook}.ipynb"
     t0 = time.perf_counter()
