@@ -16,6 +16,26 @@ import pandas as pd
 from stlib.constants import CLASS_COLORS, CLASS_NAMES, IGNORE, NUCLEUS_CLASSES
 
 
+def notebook_setup(*, dpi: int = 100) -> None:
+    """Figure defaults of the book, and silence of known harmless library warnings.
+
+    Only warnings that say nothing about the data are silenced (tqdm's missing-widget notice,
+    numba/umap parallelism notices); everything else still shows in the executed notebooks.
+    """
+    import warnings
+
+    plt.rcParams.update({"figure.dpi": dpi, "savefig.dpi": dpi})
+    try:
+        from tqdm import TqdmWarning
+
+        warnings.filterwarnings("ignore", category=TqdmWarning)
+    except ImportError:  # pragma: no cover
+        pass
+    warnings.filterwarnings("ignore", message=".*n_jobs value .* overridden.*")
+    warnings.filterwarnings("ignore", category=SyntaxWarning, module="docrep")  # squidpy's docstrings
+    pd.set_option("display.max_columns", 40)
+
+
 def source_label(profile: str, data_dir: str | None = None) -> str:
     """The data-source caption used on every figure and table of a profile."""
     if profile in ("demo", "workshop"):
@@ -43,7 +63,7 @@ def class_legend(ax: plt.Axes, *, include_ignore: bool = True, **kw) -> None:
     ids = [*NUCLEUS_CLASSES, *([IGNORE] if include_ignore else [])]
     handles = [Patch(color=np.array(CLASS_COLORS[i]) / 255,
                      label=CLASS_NAMES.get(i, "Ignore")) for i in ids]
-    ax.legend(handles=handles, fontsize=7, **({"loc": "upper right"} | kw))
+    ax.legend(handles=handles, **({"loc": "upper right", "fontsize": 7} | kw))
 
 
 def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], *, source: str, ncols: int = 4,
@@ -297,6 +317,80 @@ def tile_labels(tile: Mapping[str, np.ndarray], *, source: str, title: str = "")
     return fig
 
 
-__all__ = ["source_label", "class_cmap_rgb", "class_legend", "image_grid", "polygons_over_image",
+def _class_names(adata) -> pd.Series:
+    return adata.obs["class"].astype(int).map(lambda c: CLASS_NAMES.get(c, "Ignore") if c != IGNORE else "Ignore")
+
+
+def umap_by_class(adata, *, source: str, seed: int = 0, title: str = "") -> plt.Figure:
+    """UMAP of the cells (from their PCA) coloured by image-oriented class."""
+    import umap
+
+    if "X_umap" in adata.obsm:
+        emb = np.asarray(adata.obsm["X_umap"])
+    else:
+        rep = np.asarray(adata.obsm["X_pca"]) if "X_pca" in adata.obsm else np.asarray(adata.layers["lognorm"].todense())
+        import warnings
+
+        with warnings.catch_warnings():  # umap warns that a seed disables its parallelism
+            warnings.simplefilter("ignore", UserWarning)
+            emb = umap.UMAP(n_neighbors=15, min_dist=0.3, random_state=seed).fit_transform(rep)
+        adata.obsm["X_umap"] = emb
+    names = _class_names(adata)
+    fig, ax = plt.subplots(figsize=(5.5, 4.8))
+    for cid in [*NUCLEUS_CLASSES, IGNORE]:
+        name = CLASS_NAMES.get(cid, "Ignore") if cid != IGNORE else "Ignore"
+        m = (names == name).to_numpy()
+        if m.any():
+            ax.scatter(emb[m, 0], emb[m, 1], s=4, color=np.array(CLASS_COLORS[cid]) / 255, label=f"{name} ({m.sum()})")
+    ax.set_xticks([]); ax.set_yticks([]); ax.set_xlabel("UMAP 1"); ax.set_ylabel("UMAP 2")
+    ax.legend(fontsize=7, markerscale=3, loc="best")
+    ax.set_title(title or "Cells by class (UMAP of expression)", fontsize=10)
+    _caption(fig, source)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
+def marker_dotplot(adata, markers: Mapping[str, Sequence[str]], *, source: str, groupby: str = "fine_type",
+                   max_per_type: int = 3) -> plt.Figure:
+    """scanpy dot plot of marker genes (in the panel) by fine type."""
+    import scanpy as sc
+
+    present = set(adata.obs[groupby].astype(str))
+    genes = {t: [g for g in gs if g in adata.var_names][:max_per_type] for t, gs in markers.items() if t in present}
+    genes = {t: g for t, g in genes.items() if g}
+    ad = adata.copy()
+    ad.X = ad.layers["lognorm"] if "lognorm" in ad.layers else ad.X
+    ad.obs[groupby] = ad.obs[groupby].astype(str).astype("category")  # no unused categories
+    dp = sc.pl.dotplot(ad, genes, groupby=groupby, show=False, return_fig=True)
+    dp.make_figure()
+    fig = dp.fig
+    _caption(fig, source)
+    return fig
+
+
+def nhood_enrichment(adata, *, source: str, seed: int = 0, title: str = "") -> plt.Figure:
+    """squidpy neighbourhood enrichment (z-scores) of the classes on a Delaunay graph."""
+    import squidpy as sq
+
+    ad = adata.copy()
+    ad.obs["class_name"] = _class_names(ad).astype("category")
+    sq.gr.spatial_neighbors_delaunay(ad, spatial_key="spatial")
+    sq.gr.nhood_enrichment(ad, cluster_key="class_name", seed=seed, show_progress_bar=False)
+    z = ad.uns["class_name_nhood_enrichment"]["zscore"]
+    cats = list(ad.obs["class_name"].cat.categories)
+    fig, ax = plt.subplots(figsize=(5.4, 4.6))
+    lim = np.nanmax(np.abs(z)) if np.isfinite(z).any() else 1
+    im = ax.imshow(z, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    ax.set_xticks(range(len(cats)), cats, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(cats)), cats, fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="z-score")
+    ax.set_title(title or "Neighbourhood enrichment of classes (squidpy)", fontsize=10)
+    _caption(fig, source)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
+__all__ = ["notebook_setup", "source_label", "class_cmap_rgb", "class_legend", "image_grid", "polygons_over_image",
            "training_curves", "metric_ci_plot", "confusion_plot", "alignment_overlay",
-           "residual_field", "class_overlay", "tile_labels"]
+           "residual_field", "class_overlay", "tile_labels", "umap_by_class", "marker_dotplot",
+           "nhood_enrichment"]

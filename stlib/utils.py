@@ -134,7 +134,7 @@ def read_json(path: str | os.PathLike) -> Any:
 
 def progress(iterable: Iterable, *, desc: str, total: int | None = None, disable: bool | None = None):
     """tqdm progress bar (to stderr); quiet when ``STLIB_NO_PROGRESS=1``."""
-    from tqdm.auto import tqdm
+    from tqdm.std import tqdm  # plain text bar: no widget warnings in executed notebooks
 
     if disable is None:
         disable = os.environ.get("STLIB_NO_PROGRESS", "0") == "1"

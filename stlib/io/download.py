@@ -443,7 +443,7 @@ def _hf_tqdm_class() -> Any:
     """None (huggingface_hub's own bars) or a disabled tqdm subclass when STLIB_NO_PROGRESS=1."""
     if not _no_progress():
         return None
-    from tqdm.auto import tqdm
+    from tqdm.std import tqdm
 
     class _Silent(tqdm):  # type: ignore[misc, valid-type]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -475,7 +475,7 @@ class _Retry(Exception):
 
 
 def _progress_bar(desc: str, total: int | None, initial: int):
-    from tqdm.auto import tqdm
+    from tqdm.std import tqdm
 
     return tqdm(desc=desc, total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
                 disable=_no_progress(), mininterval=1.0)

@@ -289,6 +289,47 @@ def cellvit_agreement(nuclei, cellvit, *, he_um_per_px: float, um_per_px: float 
     return out
 
 
+def report_table(reports: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """One row per sample of label reports (:func:`derive_sample`): the label-quality table."""
+    rows = []
+    for r in reports:
+        row = {"sample": r["sample"], "organ": r["organ"], "labeler": r.get("labeler"),
+               "nuclei": r["n_nuclei"], "density /mm²": r.get("density_per_mm2"),
+               "align corr after": (r["alignment"].get("score_after") or {}).get("corr"),
+               "median confidence": r.get("confidence_quantiles", {}).get("0.5"),
+               **{f"% {k}": 100 * v for k, v in r["class_fraction"].items()}}
+        t = r.get("truth")
+        if t:
+            row.update({"truth accuracy": t["class"]["accuracy"], "truth macro F1": t["class"]["macro_f1"],
+                        "centroid error (µm)": t.get("median_centroid_error_um"),
+                        "mask Dice vs truth": (t.get("mask") or {}).get("dice"),
+                        "mask PQ vs truth": (t.get("mask") or {}).get("pq")})
+        cv = r.get("cellvit")
+        if cv:
+            row.update({"PQ vs CellViT": cv.get("pq"), "class agreement vs CellViT": cv.get("class_agreement")})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pooled_truth_scores(run_dir: str | Path, samples: Sequence[str], truth_dir: str | Path, *,
+                        out_name: str = "{sample}") -> dict[str, Any]:
+    """Class scores of derived labels against the demo truth, pooled over cells of all samples."""
+    import geopandas as gpd
+
+    from stlib.evaluate import label_accuracy_vs_truth
+
+    cells, truth = [], []
+    for sid in samples:
+        c = pd.read_parquet(Path(run_dir) / "labels" / out_name.format(sample=sid) / "cells.parquet")
+        t = gpd.read_parquet(Path(truth_dir) / sid / "nuclei.parquet")
+        c["cell_id"] = sid + "/" + c["cell_id"].astype(str)
+        t = pd.DataFrame(t.drop(columns="geometry"))
+        t["cell_id"] = sid + "/" + t["cell_id"].astype(str)
+        cells.append(c)
+        truth.append(t)
+    return label_accuracy_vs_truth(pd.concat(cells, ignore_index=True), pd.concat(truth, ignore_index=True))
+
+
 # --------------------------------------------------------------------------------------
 # tile stores
 # --------------------------------------------------------------------------------------
@@ -465,5 +506,5 @@ def cli_main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["derive_sample", "truth_scores", "cellvit_agreement", "build_tile_stores", "assign_splits",
+__all__ = ["derive_sample", "report_table", "pooled_truth_scores", "truth_scores", "cellvit_agreement", "build_tile_stores", "assign_splits",
            "cli_main", "LABELS_VERSION"]
