@@ -90,6 +90,8 @@ class TrainParams(CommonParams):
     recipes: tuple[str, ...] = ("st", "pannuke")
     weights: str = ""  # optional local encoder weight file; never downloaded
     compile: bool = False
+    crop_px: int = 0  # train on random crops of this size (0 = whole tiles); CPU demos use 128
+    nt_confidence: bool = False  # weight the NT loss by the per-cell label confidence
 
 
 @dataclass(frozen=True)
@@ -260,5 +262,16 @@ def resolve_device(device: str = "auto") -> str:
 __all__ = [
     "PROFILES", "CommonParams", "DataParams", "AlignParams", "LabelParams", "TrainParams",
     "SegEvalParams", "ClsEvalParams", "InferParams", "NOTEBOOK_PARAMS", "load_params",
-    "make_params", "read_profile", "params_path", "to_papermill", "resolve_device", "field",
+    "make_params", "read_profile", "params_path", "to_papermill", "resolve_device", "params_from_namespace",
 ]
+
+
+def params_from_namespace(notebook: str, namespace: dict[str, Any]) -> CommonParams:
+    """The validated parameter object of ``notebook`` from a notebook's variables.
+
+    Notebooks keep their parameters as plain variables (papermill injects them); this picks
+    exactly the schema's fields from ``namespace`` (``globals()``) and validates them.
+    """
+    cls = NOTEBOOK_PARAMS[notebook]
+    values = {f.name: namespace[f.name] for f in fields(cls) if f.name in namespace}
+    return make_params(notebook, values, source=f"notebook {notebook}")

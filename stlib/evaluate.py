@@ -7,7 +7,7 @@ tests of the difference between two models, and scores derived labels against a 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -221,5 +221,44 @@ def label_accuracy_vs_truth(cells: pd.DataFrame, truth: pd.DataFrame, *, visible
     return out
 
 
+def score_tiles(truth: Mapping[str, np.ndarray], preds: Sequence[tuple[np.ndarray, np.ndarray | None]], *,
+                meta: pd.DataFrame, method: str, um_per_px: float = 0.25, with_types: bool = True) -> pd.DataFrame:
+    """Per-tile metrics (:func:`stlib.metrics.evaluate_pair`) of predictions against a truth batch.
+
+    Parameters
+    ----------
+    truth
+        Batch of a tile store (``inst``, ``type``, ``ignore``), one row per tile.
+    preds
+        ``(inst, type)`` per tile, same order (``type`` may be None).
+    meta
+        Tile meta rows (``tile_id``, ``sample``, ``organ``), same order.
+    method
+        Name of the method, written to the ``model`` column.
+    with_types
+        Also score classes (mPQ, per-class PQ): truth nuclei of class 255 (unknown) are kept for
+        segmentation and skipped for classes by :mod:`stlib.metrics`.
+
+    Pixels with ``ignore == 1`` are removed from truth and prediction before scoring (excluded
+    regions count for nothing, as in training).
+    """
+    from stlib.metrics import evaluate_pair
+
+    if len(preds) != len(meta) or len(truth["inst"]) != len(meta):
+        raise ValueError(f"truth ({len(truth['inst'])}), preds ({len(preds)}) and meta ({len(meta)}) differ in length")
+    rows = []
+    for i, (p_inst, p_type) in enumerate(preds):
+        keep = truth["ignore"][i] == 0 if "ignore" in truth else np.ones(p_inst.shape, bool)
+        t_inst = np.where(keep, truth["inst"][i], 0)
+        q_inst = np.where(keep, p_inst, 0)
+        t_type = np.where(keep, truth["type"][i], 0) if with_types and "type" in truth else None
+        q_type = np.where(keep, p_type, 0) if with_types and p_type is not None else None
+        r = evaluate_pair(t_inst, q_inst, t_type if q_type is not None else None, q_type, um_per_px=um_per_px)
+        m = meta.iloc[i]
+        rows.append({"model": method, "image": m["tile_id"], "sample": m["sample"], "organ": m["organ"],
+                     "n_true": int(len(np.unique(t_inst)) - (1 if (t_inst == 0).any() else 0)), **r})
+    return pd.DataFrame(rows)
+
+
 __all__ = ["CI", "bootstrap_ci", "PairedComparison", "paired_comparison", "summarize",
-           "compare_models", "class_scores", "label_accuracy_vs_truth"]
+           "compare_models", "class_scores", "label_accuracy_vs_truth", "score_tiles"]

@@ -127,6 +127,9 @@ class TrainConfig:
     aug_hed: float = 0.05
     #: probability of a Gaussian blur (sigma 0.3..1.2 px)
     aug_blur: float = 0.2
+    #: train on random ``crop_px`` x ``crop_px`` crops of the tiles (0 = whole tiles); a CPU
+    #: demo trains ~4x faster on 128 px crops of 256 px tiles, validation uses whole tiles
+    crop_px: int = 0
     #: "device" = HV from the augmented instance map with :func:`hv_from_inst`;
     #: "masks" = :func:`stlib.labels.masks.hv_maps` on CPU, then transformed with the tile
     hv_source: str = "device"
@@ -254,12 +257,12 @@ class TrainConfig:
         """Config of one recipe from the notebook parameters (:class:`stlib.config.TrainParams`).
 
         ``run_dir``, ``seed``, ``device``, ``encoder``, ``weights``, ``steps``, ``batch_size``, ``lr``,
-        ``val_every`` and ``compile`` come from ``params``; the store is ``tiles/{recipe}`` and the
+        ``val_every``, ``compile`` and ``crop_px`` come from ``params``; the store is ``tiles/{recipe}`` and the
         output ``models/{recipe}``; ``overrides`` win over both.
         """
         values: dict[str, Any] = {"recipe": recipe, "stores": (f"tiles/{recipe}",)}
         for name in ("run_dir", "seed", "device", "encoder", "weights", "steps", "batch_size", "lr",
-                     "val_every", "compile"):
+                     "val_every", "compile", "crop_px"):
             if hasattr(params, name):
                 values[name] = getattr(params, name)
         values["ckpt_every"] = values.get("val_every", cls.ckpt_every)
@@ -623,7 +626,11 @@ def draw_augment_params(generator: torch.Generator, n: int, config: TrainConfig)
     alpha = 1.0 + (2 * u(n, 3) - 1) * config.aug_hed
     beta = (2 * u(n, 3) - 1) * config.aug_hed / 2
     sigma = torch.where(u(n) < config.aug_blur, 0.3 + 0.9 * u(n), torch.zeros(n, dtype=torch.float64))
-    return {
+    out = {}
+    if config.crop_px > 0:  # drawn only when used, so runs without crops keep their random stream
+        out["crop_y"], out["crop_x"] = u(n), u(n)
+        out["crop_px"] = torch.full((n,), int(config.crop_px), dtype=torch.int64)
+    return out | {
         "hflip": hflip & config.aug_flip, "vflip": vflip & config.aug_flip,
         "rot90": k if config.aug_rot90 else torch.zeros_like(k),
         "zoom": zoom if config.aug_scale > 0 else torch.ones(n, dtype=torch.float64),
@@ -664,6 +671,23 @@ def _hv_geometric(hv: torch.Tensor, hflip: bool, vflip: bool, k: int) -> torch.T
     return torch.stack([h, v])
 
 
+def _random_crop(batch: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """Per-tile random crop of every spatial map (``crop_px`` / ``crop_y`` / ``crop_x`` params)."""
+    if "crop_px" not in params:
+        return batch
+    c = int(params["crop_px"][0])
+    h, w = batch["image"].shape[-2:]
+    if c >= min(h, w):
+        return batch
+    ys = (params["crop_y"] * (h - c + 1)).long().clamp(max=h - c).tolist()
+    xs = (params["crop_x"] * (w - c + 1)).long().clamp(max=w - c).tolist()
+    out = dict(batch)
+    for key in _SPATIAL:
+        if key in batch:
+            out[key] = torch.stack([batch[key][i, ..., y:y + c, x:x + c] for i, (y, x) in enumerate(zip(ys, xs))])
+    return out
+
+
 def augment_batch(batch: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Apply augmentations on the batch's device.
 
@@ -682,6 +706,7 @@ def augment_batch(batch: Mapping[str, torch.Tensor], params: Mapping[str, torch.
     (nearest neighbour for labels; zoom-out pixels become ``ignore``); stain jitter and blur
     act on ``image`` only.
     """
+    batch = _random_crop(batch, params)
     out = dict(batch)
     img = batch["image"]
     b, _, h, w = img.shape

@@ -165,3 +165,15 @@ def test_tiled_postprocess_matches_truth():
     inst, typ, nuclei = P.hovernet_postprocess_tiled((truth > 0).astype(float), hv_from_inst(truth),
                                                      tile_size=128, overlap=48)
     assert pq(truth, inst).pq > 0.9 and len(nuclei) == inst.max() == len(np.unique(inst)) - 1
+
+
+def test_blob_without_marker_is_kept_as_one_nucleus_unless_reference_mode():
+    from stlib.model.postproc import hovernet_postprocess
+
+    np_prob = np.zeros((64, 64))
+    np_prob[20:40, 20:40] = 0.9  # a clear nucleus...
+    hv = np.zeros((2, 64, 64))  # ...but flat HV maps: Sm is 1 everywhere, so no marker survives
+    inst, _, nuclei = hovernet_postprocess(np_prob, hv)
+    assert len(nuclei) == 1 and (inst > 0).sum() == 400
+    inst_ref, _, nuclei_ref = hovernet_postprocess(np_prob, hv, keep_unmarked=False)
+    assert len(nuclei_ref) == 0 and inst_ref.max() == 0

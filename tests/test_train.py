@@ -327,3 +327,24 @@ def test_config_from_notebook_params():
     c = TrainConfig.from_train_params(p, "pannuke", train_splits=("fold1",))
     assert (c.recipe, c.stores, c.steps, c.batch_size, c.lr, c.seed) == ("pannuke", ("tiles/pannuke",), 12, 4, 2e-3, 3)
     assert c.out_path() == Path("runs/x/models/pannuke") and c.train_splits == ("fold1",) and c.ckpt_every == 6
+
+
+def test_random_crop_cuts_every_map_at_the_same_place_and_keeps_the_stream():
+    from stlib.train import draw_augment_params
+
+    inst = _blobs(b=3, h=32)
+    image = torch.rand(3, 3, 32, 32)
+    image[:, 0] = inst.float()  # channel 0 carries the instance ids: the crop must keep them aligned
+    batch = {"image": image, "inst": inst, "type": (inst % 5).to(torch.uint8),
+             "ignore": torch.zeros(3, 32, 32, dtype=torch.uint8), "conf": torch.zeros(3, 32, 32, dtype=torch.uint8)}
+    cfg = TrainConfig(crop_px=16, aug_scale=0.0, aug_hed=0.0, aug_blur=0.0)
+    params = draw_augment_params(torch.Generator().manual_seed(1), 3, cfg)
+    out = augment_batch(batch, params)
+    assert out["image"].shape == (3, 3, 16, 16) and out["inst"].shape == (3, 16, 16)
+    assert torch.equal(out["image"][:, 0], out["inst"].float())
+    torch.testing.assert_close(hv_from_inst(out["inst"]).shape, torch.Size([3, 2, 16, 16]))
+    # without crops the random stream of the other augmentations is unchanged
+    a = draw_augment_params(torch.Generator().manual_seed(1), 3, TrainConfig())
+    b = draw_augment_params(torch.Generator().manual_seed(1), 3, TrainConfig(crop_px=16))
+    for k in a:
+        assert torch.equal(a[k], b[k])

@@ -14,7 +14,8 @@ The recipe is HoVer-Net's (Graham et al., Med. Image Anal. 58, 2019; ``vqdang/ho
 3. markers = blob with ``Sm >= marker_thresh`` removed, holes filled, opened with a 5x5
    ellipse, 4-connected components smaller than ``min_size`` removed.
 4. energy = -blur3x3((1 - Sm) · blob); marker-controlled watershed of the energy inside the
-   blob (blob parts reached by no marker stay background, as in the reference).
+   blob. A blob reached by no marker stays background in the reference; here it becomes one
+   nucleus unless ``keep_unmarked=False``.
 5. class of a nucleus = majority vote of the pixel classes (argmax of ``tp_prob``); if
    background wins and another class occurs, the most frequent other class;
    ``type_prob`` = mean over the nucleus of the probability of the chosen class.
@@ -91,7 +92,7 @@ def _relabel(labels: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _instances(np_prob: np.ndarray, hv: np.ndarray, *, np_thresh: float, min_size: int,
-               sobel_ksize: int, marker_thresh: float) -> np.ndarray:
+               sobel_ksize: int, marker_thresh: float, keep_unmarked: bool = True) -> np.ndarray:
     from skimage.segmentation import watershed
 
     blob_lab, _ = ndi.label(np_prob >= np_thresh)
@@ -114,8 +115,14 @@ def _instances(np_prob: np.ndarray, hv: np.ndarray, *, np_thresh: float, min_siz
     marker = ndi.binary_dilation(marker, ELLIPSE_5x5, border_value=0)
     markers, _ = ndi.label(marker)
     markers = _remove_small(markers, min_size)
-    inst = watershed(energy, markers=markers, mask=blob)
-    return _relabel(inst.astype(np.int32))[0]
+    inst = watershed(energy, markers=markers, mask=blob).astype(np.int32)
+    if keep_unmarked:
+        # A blob without any marker (flat or noisy HV, e.g. early in training) is one nucleus,
+        # not background: the reference drops it, which turns a good NP map into PQ 0.
+        lost, _ = ndi.label(blob & (inst == 0))
+        lost = _remove_small(lost, min_size)
+        inst = np.where(lost > 0, lost + inst.max(), inst).astype(np.int32)
+    return _relabel(inst)[0]
 
 
 def nuclei_table(inst: np.ndarray, type_map: np.ndarray | None = None,
@@ -153,6 +160,7 @@ def nuclei_table(inst: np.ndarray, type_map: np.ndarray | None = None,
 
 def hovernet_postprocess(np_prob: Any, hv: Any, tp_prob: Any = None, *, np_thresh: float = 0.5,
                          min_size: int = 10, sobel_ksize: int = 21, marker_thresh: float = 0.4,
+                         keep_unmarked: bool = True,
                          ) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, Any]]]:
     """Instances, classes and a nucleus table from HoVer-Net outputs of one tile.
 
@@ -166,6 +174,9 @@ def hovernet_postprocess(np_prob: Any, hv: Any, tp_prob: Any = None, *, np_thres
         (C, H, W) class probabilities of the NT head (channel 0 = background) or None.
     np_thresh, min_size, sobel_ksize, marker_thresh
         The recipe's constants (module docstring).
+    keep_unmarked
+        Keep a blob that receives no watershed marker as one nucleus (default). HoVer-Net's
+        reference leaves it background; ``False`` reproduces that.
 
     Returns
     -------
@@ -191,7 +202,7 @@ def hovernet_postprocess(np_prob: Any, hv: Any, tp_prob: Any = None, *, np_thres
     if not 0 < marker_thresh < 1:
         raise ValueError(f"marker_thresh must be in (0, 1), got {marker_thresh!r}")
     inst = _instances(np_prob, hv, np_thresh=np_thresh, min_size=int(min_size),
-                      sobel_ksize=int(sobel_ksize), marker_thresh=marker_thresh)
+                      sobel_ksize=int(sobel_ksize), marker_thresh=marker_thresh, keep_unmarked=keep_unmarked)
     n = int(inst.max())
     if tp_prob is None or n == 0:
         types = np.zeros(n + 1, np.int64)
