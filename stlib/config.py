@@ -74,7 +74,7 @@ class LabelParams(CommonParams):
     tile_px: int = 256
     labeler: str = "hierarchical"  # hierarchical | flat | marker | cluster
     min_counts: int = 10
-    min_confidence: float = 0.5
+    min_confidence: float = 0.3
     leiden_resolution: float = 1.0
 
 
@@ -100,6 +100,8 @@ class SegEvalParams(CommonParams):
 
     n_bootstrap: int = 1000
     ci: float = 0.95
+    #: extra manual-annotation sets: folders of NAME.npz (+ images), e.g. a MoNuSeg-style set
+    manual_truth: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

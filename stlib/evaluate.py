@@ -8,12 +8,14 @@ tests of the difference between two models, and scores derived labels against a 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from stlib.constants import CLASS_NAMES, IGNORE, NUCLEUS_CLASSES
+from stlib.utils import InputError
 
 
 class CI(NamedTuple):
@@ -260,5 +262,82 @@ def score_tiles(truth: Mapping[str, np.ndarray], preds: Sequence[tuple[np.ndarra
     return pd.DataFrame(rows)
 
 
+def load_instance_folder(folder: str | Path, *, tissue_csv: str | Path | None = None) -> tuple[dict[str, list], pd.DataFrame]:
+    """A folder of manual nucleus annotations as an evaluation set (MoNuSeg-style).
+
+    Each ``NAME.npz`` holds ``inst`` (and optionally ``type``, and ``image`` (H, W, 3) uint8);
+    otherwise the image is ``NAME.png`` / ``NAME.tif`` beside it. ``tissue.csv`` (columns
+    ``name, tissue``) gives the organ of each image; images without one are ``unknown``.
+
+    Returns
+    -------
+    (batch, meta): ``batch`` has lists ``image``, ``inst``, ``type``, ``ignore`` (images may differ
+    in size); ``meta`` has ``tile_id``, ``sample`` (the folder name) and ``organ``.
+    """
+    from stlib.io.wsi import open_wsi
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.npz"))
+    if not files:
+        raise InputError("no NAME.npz annotation found", path=folder,
+                         fix="put NAME.npz (inst[, type, image]) files, with NAME.png images, in the folder")
+    tissues: dict[str, str] = {}
+    tcsv = Path(tissue_csv) if tissue_csv else folder / "tissue.csv"
+    if tcsv.is_file():
+        t = pd.read_csv(tcsv)
+        tissues = dict(zip(t["name"].astype(str), t["tissue"].astype(str)))
+    batch: dict[str, list] = {"image": [], "inst": [], "type": [], "ignore": []}
+    rows = []
+    for f in files:
+        with np.load(f) as z:
+            if "inst" not in z:
+                raise InputError("npz has no 'inst' array", path=f, fix="save the instance map as `inst`")
+            inst = np.asarray(z["inst"])
+            typ = np.asarray(z["type"]) if "type" in z else np.zeros_like(inst, dtype=np.uint8)
+            img = np.asarray(z["image"]) if "image" in z else None
+        if img is None:
+            cand = [f.with_suffix(ext) for ext in (".png", ".tif", ".tiff", ".jpg")]
+            path = next((c for c in cand if c.is_file()), None)
+            if path is None:
+                raise InputError("no image for this annotation", path=f, fix=f"add {f.stem}.png or an `image` array")
+            with open_wsi(path, um_per_px=1.0) as w:
+                img = w.read_level(0)
+        if img.shape[:2] != inst.shape:
+            raise InputError(f"image {img.shape[:2]} and inst {inst.shape} differ in size", path=f)
+        batch["image"].append(img.astype(np.uint8))
+        batch["inst"].append(inst.astype(np.int32))
+        batch["type"].append(typ.astype(np.uint8))
+        batch["ignore"].append(np.zeros(inst.shape, np.uint8))
+        rows.append({"tile_id": f.stem, "sample": folder.name, "organ": tissues.get(f.stem, "unknown")})
+    return batch, pd.DataFrame(rows)
+
+
+def segment_and_score(models: Mapping[str, object], batch: Mapping[str, Sequence[np.ndarray]], meta: pd.DataFrame, *,
+                      um_per_px: float = 0.25, device: str = "auto", with_types: bool = True,
+                      batch_size: int = 8) -> tuple[pd.DataFrame, dict[str, list]]:
+    """Segment every image of ``batch`` with each model and score it (:func:`score_tiles`).
+
+    Returns
+    -------
+    (per_image, predictions): one row per (model, image); ``predictions[name]`` is the list of
+    ``(inst, type)`` per image (for overlays).
+    """
+    from stlib.infer import segment_tiles
+
+    images = batch["image"]
+    same = isinstance(images, np.ndarray) or len({np.shape(im) for im in images}) == 1
+    preds: dict[str, list] = {}
+    frames = []
+    for name, model in models.items():
+        if same:
+            pr = segment_tiles(model, np.asarray(images), device=device, batch_size=batch_size)
+        else:
+            pr = [segment_tiles(model, np.asarray(im)[None], device=device, batch_size=1)[0] for im in images]
+        preds[name] = pr
+        frames.append(score_tiles(batch, pr, meta=meta, method=name, um_per_px=um_per_px, with_types=with_types))
+    return pd.concat(frames, ignore_index=True), preds
+
+
 __all__ = ["CI", "bootstrap_ci", "PairedComparison", "paired_comparison", "summarize",
-           "compare_models", "class_scores", "label_accuracy_vs_truth", "score_tiles"]
+           "compare_models", "class_scores", "label_accuracy_vs_truth", "score_tiles",
+           "load_instance_folder", "segment_and_score"]

@@ -294,3 +294,24 @@ def test_assign_requires_clusters():
     ct.assign_fine_types(ad, mk, method="marker")  # computes the missing scores itself
     assert "score_t_cell" in ad.obs
     assert _accuracy(ad) > 0.9
+
+
+def test_refine_posteriors_learns_profiles_and_merges_lookalikes():
+    rng = np.random.default_rng(0)
+    g = 40
+    pa, pb = np.full(g, 0.2), np.full(g, 0.2)
+    pa[:5] += 5.0
+    pb[5:10] += 5.0
+    pc = pa.copy()
+    pc[10] += 0.3  # "type c" is type a plus a little of one gene: not a population of its own
+    x = np.vstack([rng.poisson(pa * 3, (60, g)), rng.poisson(pb * 3, (60, g)), rng.poisson(pc * 3, (8, g))])
+    truth = np.repeat([0, 1, 2], [60, 60, 8])
+    label = truth.copy()
+    label[:6] = 1  # noisy initial labels
+    seed = np.ones(len(label), dtype=bool)
+    seed[:6] = False
+    post, has = ct.refine_posteriors(sp.csr_matrix(x.astype(float)), label, seed, 3)
+    assert has.tolist() == [True, True, False]  # c merged into a
+    assert np.allclose(post.sum(axis=1), 1.0)
+    new = post.argmax(axis=1)
+    assert (new[:60] == 0).all() and (new[60:120] == 1).all() and (new[120:] == 0).all()

@@ -82,3 +82,23 @@ def test_label_accuracy_vs_truth_joins_on_cell_id():
     assert r["median_centroid_error_px"] == pytest.approx(1.0)
     rv = ev.label_accuracy_vs_truth(cells, truth, visible_only=True)
     assert rv["n_matched"] == 2
+
+
+def test_load_instance_folder(tmp_path):
+    from PIL import Image
+
+    from stlib.utils import InputError
+
+    inst = np.zeros((16, 20), np.int32)
+    inst[2:6, 2:6] = 7
+    np.savez(tmp_path / "a.npz", inst=inst, image=np.full((16, 20, 3), 200, np.uint8))
+    np.savez(tmp_path / "b.npz", inst=inst, type=(inst > 0).astype(np.uint8) * 2)
+    Image.fromarray(np.full((16, 20, 3), 100, np.uint8)).save(tmp_path / "b.png")
+    pd.DataFrame({"name": ["a"], "tissue": ["Colon"]}).to_csv(tmp_path / "tissue.csv", index=False)
+    batch, meta = ev.load_instance_folder(tmp_path)
+    assert meta["organ"].tolist() == ["Colon", "unknown"]
+    assert batch["image"][1].shape == (16, 20, 3) and batch["image"][1][0, 0, 0] == 100
+    assert batch["type"][1].max() == 2 and batch["type"][0].max() == 0
+    (tmp_path / "b.png").unlink()
+    with pytest.raises(InputError, match="no image"):
+        ev.load_instance_folder(tmp_path)

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "Key", "FINE_TYPES", "UNKNOWN", "load_markers", "load_programs", "marker_coverage",
     "canonical_organ", "qc_filter", "normalize", "rank_score", "cluster", "assign_fine_types",
+    "refine_posteriors",
 ]
 
 
@@ -498,11 +499,84 @@ def _detected_markers(adata: AnnData, markers: Mapping[str, Sequence[str]]) -> n
     return out
 
 
+def _gene_counts(adata: AnnData) -> Any:
+    """Raw counts of the panel genes (control probes left out), CSR."""
+    x = _counts(adata)
+    keep = np.array([not is_control_feature(g) for g in adata.var_names])
+    x = sp.csr_matrix(x, dtype=np.float64)
+    return x[:, keep] if not keep.all() else x
+
+
+def refine_posteriors(counts: Any, label: np.ndarray, seed: np.ndarray, n_types: int, *,
+                      contamination: float = 0.2, dispersion: float = 4.0, min_seed_cells: int = 5,
+                      min_divergence: float = 0.15,
+                      prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    r"""Posterior of each type per cell under per-sample multinomial type profiles.
+
+    Every type's expression profile is learned from the sample itself: the summed raw counts of
+    its *seed* cells (``seed & (label == t)``), mixed with the sample's average profile
+    (``contamination``: spill-over from neighbours and ambient RNA put some of every gene into
+    every cell). A cell's log-likelihood under type :math:`t` is :math:`\sum_g x_g \log p_{tg}`
+    (multinomial), divided by ``dispersion`` (counts are over-dispersed, so the plain multinomial
+    is over-confident), plus ``log prior``. Types with fewer than ``min_seed_cells`` seeds get no
+    profile (posterior 0); cells whose label is such a type keep it (posterior 1 on it).
+    A type whose learned profile is within ``min_divergence`` (Kullback-Leibler, nats per
+    transcript) of a type with more seeds is not a population of its own (e.g. tumour cells with an
+    amplified adipocyte gene scored "adipocyte" by markers): its profile is dropped and its cells
+    go to the other types.
+
+    This is a semi-supervised naive-Bayes step in the spirit of CellAssign (marker knowledge
+    seeds, the whole panel decides): it picks up sample-specific genes of each type that the
+    marker lists lack, and is robust to a few spilled marker transcripts.
+
+    Returns
+    -------
+    ``(posterior (cells x types), has_profile (types,))``.
+    """
+    n = counts.shape[0]
+    tot = np.asarray(counts.sum(axis=0)).ravel() + 1e-3
+    amb = tot / tot.sum()
+    logp = np.zeros((n_types, counts.shape[1]))
+    has = np.zeros(n_types, dtype=bool)
+    for t in range(n_types):
+        m = seed & (label == t)
+        if int(m.sum()) < min_seed_cells:
+            continue
+        s_t = np.asarray(counts[np.flatnonzero(m)].sum(axis=0)).ravel() + 0.5 * amb * counts.shape[1]
+        logp[t] = np.log((1.0 - contamination) * s_t / s_t.sum() + contamination * amb)
+        has[t] = True
+    n_seed = np.bincount(label[seed], minlength=n_types) if seed.any() else np.zeros(n_types, int)
+    merged = np.zeros(n_types, dtype=bool)
+    for t in np.argsort(n_seed, kind="stable"):  # smallest first
+        others = [u for u in np.flatnonzero(has) if u != t and n_seed[u] >= n_seed[t]]
+        if not has[t] or not others:
+            continue
+        p_t = np.exp(logp[t])
+        kl = [float((p_t * (logp[t] - logp[u])).sum()) for u in others]
+        if min(kl) < min_divergence:
+            has[t] = False
+            merged[t] = True
+    ll = np.asarray(counts @ logp.T) / dispersion
+    if prior is not None:
+        ll = ll + np.log(np.clip(prior, 1e-6, None))
+    ll[:, ~has] = -np.inf
+    post = np.zeros((n, n_types))
+    if has.any():
+        ll -= ll.max(axis=1, keepdims=True)
+        post = np.exp(ll)
+        post /= post.sum(axis=1, keepdims=True)
+    keep = (~has[label] & ~merged[label]) if n else np.zeros(0, dtype=bool)
+    post[keep] = 0.0
+    post[keep, label[keep]] = 1.0
+    return post, has
+
+
 def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
                       method: Literal["hierarchical", "consensus", "marker", "cluster"] = "hierarchical",
                       score_prefix: str = Key.SCORE_PREFIX, cluster_key: str = Key.CLUSTER,
                       temperature: float = 0.03, min_margin: float = 0.02,
-                      cluster_weight: float = 0.5, min_detected: int = 1,
+                      cluster_weight: float = 0.5, min_detected: int = 1, refine: int = 2,
+                      refine_kwargs: Mapping[str, Any] | None = None,
                       qc_key: str | None = Key.QC_PASS, key_added: str = Key.FINE_TYPE,
                       copy: bool = False) -> AnnData | None:
     """Per-cell fine type and confidence from marker rank scores and Leiden clusters.
@@ -524,10 +598,15 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
         cluster's vote distribution, ``(1 - cluster_weight) * cell + cluster_weight * cluster``;
         the type is the argmax of the blend. Confidence = mean of the blend's value for the
         chosen type and the fraction of the cell's kNN neighbours (``obsp["connectivities"]``)
-        given the same type.
+        given the same type. Then ``refine`` rounds of :func:`refine_posteriors`: type profiles
+        over the whole panel are learned from the sample's seed cells (first round: cells whose
+        own marker argmax agrees with the consensus with margin >= ``min_margin``; later rounds:
+        posterior >= 0.9), every cell takes the type of highest posterior, and the confidence is
+        the mean of that posterior and the kNN agreement. ``refine=0`` skips it.
 
     In all methods a cell becomes ``"unknown"`` (confidence 0) when it fails QC (``obs[qc_key]``)
-    or when fewer than ``min_detected`` markers of its type have a count.
+    or when fewer than ``min_detected`` markers of its type have a count (not applied to refined
+    labels, whose evidence is the whole panel).
 
     Returns
     -------
@@ -555,6 +634,7 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
     second = s[np.arange(len(s)), order[:, 1]] if len(types) > 1 else np.zeros(len(s))
     margin = top - second
 
+    refined = False
     if method == "marker":
         label = best
         conf = np.clip(margin / (4 * temperature), 0.0, 1.0)
@@ -583,6 +663,17 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
             blend = (1 - cluster_weight) * p + cluster_weight * q[codes]
             label = blend.argmax(axis=1)
             chosen = blend[np.arange(len(s)), label]
+            qc = (adata.obs[qc_key].to_numpy(bool) if qc_key is not None and qc_key in adata.obs
+                  else np.ones(len(s), dtype=bool))
+            if refine > 0:
+                counts = _gene_counts(adata)
+                seed = qc & (label == best) & (margin >= min_margin)
+                for _ in range(refine):
+                    post, _has = refine_posteriors(counts, label, seed, len(types), **dict(refine_kwargs or {}))
+                    label = post.argmax(axis=1)
+                    chosen = post[np.arange(len(s)), label]
+                    seed = qc & (chosen >= 0.9)
+                refined = True
             if "connectivities" in adata.obsp:
                 g = sp.csr_matrix(adata.obsp["connectivities"])
                 rows = np.repeat(np.arange(g.shape[0]), np.diff(g.indptr))
@@ -596,7 +687,7 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
 
     names = np.array(types, dtype=object)[label]
     det = _detected_markers(adata, markers)
-    weak = det[np.arange(len(s)), label] < min_detected
+    weak = (det[np.arange(len(s)), label] < min_detected) & (not refined)
     if qc_key is not None and qc_key in adata.obs:
         weak |= ~adata.obs[qc_key].to_numpy(bool)
     names[weak] = UNKNOWN
@@ -607,6 +698,7 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
     adata.uns.setdefault(Key.UNS, {})["assign_fine_types"] = {
         "method": method, "temperature": temperature, "min_margin": min_margin,
         "cluster_weight": cluster_weight, "min_detected": min_detected, "types": types,
+        "refine": int(refine) if refined else 0,
     }
     log.info("assign_fine_types(%s): %s; wrote obs[%r, %r]", method,
              adata.obs[key_added].value_counts().to_dict(), key_added, Key.TYPE_CONFIDENCE)

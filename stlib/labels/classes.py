@@ -29,7 +29,7 @@ from anndata import AnnData
 
 from stlib.constants import CONNECTIVE, DEAD, EPITHELIAL, IGNORE, INFLAMMATORY, NEOPLASTIC
 from stlib.labels.celltypes import (
-    UNKNOWN, Key, _counts, _row_sums, assign_fine_types, canonical_organ, cluster, load_markers,
+    UNKNOWN, Key, _counts, _read_yaml, _row_sums, assign_fine_types, canonical_organ, cluster, load_markers,
     load_programs, normalize, qc_filter, rank_score,
 )
 
@@ -110,16 +110,19 @@ def load_gene_positions(adata: AnnData, *, overwrite: bool = False) -> int:
     return n
 
 
-def _robust_z(x: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
+def _std_z(x: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
+    """(x - median) / standard deviation over ``ref`` (default ``x``).
+
+    The standard deviation, not the MAD: when one population dominates (most candidates of a
+    tumour sample are tumour) the MAD is the spread of that population alone, and a signal with a
+    tight majority mode would outweigh the others by an order of magnitude.
+    """
     ref = x if ref is None else ref
     ref = ref[np.isfinite(ref)]
     if ref.size == 0:
         return np.zeros_like(x)
-    med = np.median(ref)
-    mad = 1.4826 * np.median(np.abs(ref - med))
-    if mad <= 1e-12:
-        mad = np.std(ref) if np.std(ref) > 1e-12 else 1.0
-    return (x - med) / mad
+    sd = float(np.std(ref))
+    return (x - np.median(ref)) / (sd if sd > 1e-12 else 1.0)
 
 
 def _cnv_signal(adata: AnnData, ref_mask: np.ndarray, cand_mask: np.ndarray, *, window_size: int, step: int,
@@ -144,45 +147,122 @@ def _cnv_signal(adata: AnnData, ref_mask: np.ndarray, cand_mask: np.ndarray, *, 
                     step=step, n_jobs=1, key_added="cnv")
     m = sub.obsm["X_cnv"]
     m = m.toarray() if sp.issparse(m) else np.asarray(m)
-    # Projection on the sample's shared aberration profile: mean CNV of the candidates minus that
-    # of the reference. Tumour cells share clonal gains/losses; per-cell noise in small panels does
-    # not line up with them, whereas mean |CNV| would count noise as signal.
-    prof = m[cand_mask].mean(axis=0) - m[ref_mask].mean(axis=0)
+    return np.asarray(m, dtype=np.float64), (f"infercnvpy window={window_size} step={step} on "
+                                             f"{int(auto.sum())} genes")
+
+
+def _project(m: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray | None:
+    """Per-cell projection of CNV profiles on the (mean of group a - mean of group b) direction.
+
+    Tumour cells share clonal gains/losses; per-cell noise in small panels does not line up with
+    them, whereas mean |CNV| would count noise as signal.
+    """
+    prof = m[a].mean(axis=0) - m[b].mean(axis=0)
     norm = float(np.linalg.norm(prof))
-    if norm < 1e-12:
-        return None, "inferred copy-number profile of the candidates is flat; copy-number signal skipped"
-    return m @ (prof / norm), (f"infercnvpy window={window_size} step={step} on {int(auto.sum())} genes; "
-                               "score = projection on candidates-minus-reference CNV profile")
+    return None if norm < 1e-12 else m @ (prof / norm)
+
+
+def _mixture_posterior(feats: np.ndarray, seed: int, min_separation: float) -> tuple[np.ndarray | None, dict]:
+    """Posterior of the "higher" component of a 2-Gaussian mixture (diagonal covariances).
+
+    ``feats`` is cells x signals (each oriented so that higher = more tumour-like); the higher
+    component is the one with the larger sum of means. Each signal is weighted by how well it
+    separates the two components (the mixture is fitted jointly), not by a fixed weight.
+    Returns None when the mixture is not bimodal: Ashman's D over the signals (root of the sum of
+    squared per-signal D) below ``min_separation`` or a component below 2 % of the cells.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    feats = np.asarray(feats, dtype=np.float64)
+    if feats.ndim == 1:
+        feats = feats[:, None]
+    gm = GaussianMixture(n_components=2, covariance_type="diag", random_state=seed, n_init=3).fit(feats)
+    means, var = gm.means_, gm.covariances_
+    hi = int(np.argmax(means.sum(axis=1)))
+    d = float(np.sqrt((((means[0] - means[1]) ** 2) / (0.5 * (var[0] + var[1]))).sum()))
+    info = {"ashman_d": d, "gmm_means": means.tolist(), "gmm_weights": gm.weights_.tolist()}
+    if d < min_separation or gm.weights_.min() < 0.02:
+        return None, info
+    post = gm.predict_proba(feats)[:, hi]
+    # the mixture's tails can flip (lower component wider): keep the posterior monotone in the
+    # combined score
+    score = feats @ ((means[hi] - means[1 - hi]) / (0.5 * (var[0] + var[1])))
+    order = np.argsort(score, kind="stable")
+    mono = np.empty_like(post)
+    mono[order] = np.maximum.accumulate(post[order])
+    return mono, info
+
+
+def _self_train(features: np.ndarray, post: np.ndarray, *, confident: float, min_seed_cells: int,
+                seed: int) -> np.ndarray | None:
+    """Logistic regression trained on the confident cells of ``post``; its probability for all."""
+    pos, neg = post >= confident, post <= 1.0 - confident
+    if int(pos.sum()) < min_seed_cells or int(neg.sum()) < min_seed_cells:
+        return None
+    from sklearn.linear_model import LogisticRegression
+
+    mu, sd = features.mean(axis=0), features.std(axis=0) + 1e-9
+    f = (features - mu) / sd
+    tr = pos | neg
+    clf = LogisticRegression(C=0.1, class_weight=None, max_iter=500, random_state=seed)
+    clf.fit(f[tr], pos[tr].astype(int))
+    return clf.predict_proba(f)[:, 1]
+
+
+def tumor_lineage(oncotree_code: str | None, organ: str | None = None) -> tuple[str, ...]:
+    """Fine types a tumour of this OncoTree code can arise from (``programs.yaml: tumor_lineage``).
+
+    Melanoma codes -> ``("melanocyte",)``; other known codes (carcinomas) -> ``("epithelial",)``;
+    unknown or missing code -> :data:`CANDIDATE_TYPES` (both).
+    """
+    prog = _read_yaml("programs.yaml")
+    lin = prog.get("tumor_lineage", {})
+    if _is_missing(oncotree_code):
+        return CANDIDATE_TYPES
+    code = str(oncotree_code).strip().upper()
+    if code in lin:
+        return tuple(lin[code])
+    if code in prog["oncotree_to_organ"]:
+        return tuple(lin.get("carcinoma", CANDIDATE_TYPES))
+    return CANDIDATE_TYPES
 
 
 def neoplastic_step(adata: AnnData, *, disease_state: str | None, oncotree_code: str | None = None,
                     organ: str | None = None, fine_key: str = Key.FINE_TYPE,
-                    candidate_types: Sequence[str] = CANDIDATE_TYPES,
+                    candidate_types: Sequence[str] | None = None,
                     reference_types: Sequence[str] = REFERENCE_TYPES,
                     weights: tuple[float, float, float] = (1.0, 0.5, 1.0), use_cnv: bool = True,
                     cnv_window: int = 5, cnv_step: int = 1, min_positioned_genes: int = 100,
-                    min_reference_cells: int = 30, low: float = 0.2, high: float = 0.8,
-                    min_separation: float = 1.0, unimodal: Literal["neoplastic", "ambiguous"] = "neoplastic",
+                    min_reference_cells: int = 30, low: float = 0.4, high: float = 0.6,
+                    min_separation: float = 2.0, unimodal: Literal["neoplastic", "ambiguous"] = "neoplastic",
+                    self_train: bool = True, self_train_rounds: int = 2, refit_confident: float = 0.9,
+                    min_seed_cells: int = 5,
                     seed: int = 0, copy: bool = False) -> AnnData | None:
     """The hierarchical neoplastic step: sample gate, then neoplastic vs non-neoplastic epithelium.
 
     1. Gate: when :func:`is_tumor_sample` is False, no cell is neoplastic; candidates are called
        "non-neoplastic".
-    2. For candidate cells (``obs[fine_key]`` in ``candidate_types``) of a tumour sample, three
-       signals, each robust-z-scored (median / MAD) over the candidates: the organ tumour signature
-       rank score (up genes minus lost genes, :func:`stlib.labels.celltypes.load_programs`), the
-       proliferation rank score, and the copy-number signal (infercnvpy, immune and stromal cells
-       as the diploid reference, ``window_size=cnv_window``, ``step=cnv_step``; each cell's CNV
-       profile projected on the candidates-minus-reference mean profile, i.e. on the sample's
-       shared gains/losses;
-       skipped with a logged reason when the panel has fewer than ``min_positioned_genes``
-       positioned autosomal genes or too few reference cells). Their weighted sum (``weights`` =
-       tumour, proliferation, CNV) is the raw score.
-    3. A 2-component Gaussian mixture (``seed``) on the raw score; the neoplastic score is the
-       posterior of the higher component: >= ``high`` -> "neoplastic" (fine type becomes
-       "tumor"), <= ``low`` -> "non-neoplastic", in between -> "ambiguous" (class 255 later).
-       When the mixture is not bimodal (Ashman's D < ``min_separation``), all candidates are called
-       ``unimodal`` ("neoplastic": in a cancer sample epithelium is mostly tumour; logged).
+    2. Candidates are the cells of the tumour's lineage (``candidate_types``; default
+       :func:`tumor_lineage` of the OncoTree code: melanocytes for melanoma, epithelium for
+       carcinomas, both when unknown); cells of the other candidate lineage are "non-neoplastic".
+       Three signals, each standardised over the candidates (median / SD, :func:`_std_z`): the
+       organ tumour signature rank score (up genes minus lost genes,
+       :func:`stlib.labels.celltypes.load_programs`), the proliferation rank score, and the
+       copy-number signal (infercnvpy, immune and stromal cells as the diploid reference,
+       ``window_size=cnv_window``, ``step=cnv_step``; each cell's CNV profile projected on the
+       candidates-minus-reference mean profile; skipped with a logged reason when the panel has
+       fewer than ``min_positioned_genes`` positioned autosomal genes or too few reference cells).
+       Their weighted sum (``weights`` = tumour, proliferation, CNV) is the raw score.
+    3. A 2-component Gaussian mixture (``seed``) on the raw score gives a first posterior. When
+       the mixture is not bimodal (Ashman's D < ``min_separation``, 2 by convention), all
+       candidates are called ``unimodal`` ("neoplastic": in a cancer sample the epithelium is
+       mostly tumour; logged). Otherwise the CNV direction is re-estimated as putative tumour minus
+       putative normal candidates (posterior >= / <= ``refit_confident``; cancels the lineage
+       expression that a candidates-minus-reference profile carries), the mixture refitted, and
+       (``self_train``) a logistic regression over the candidates' expression PCs + the signals is
+       trained on the confident cells for ``self_train_rounds`` rounds; its probability is the
+       neoplastic score. >= ``high`` -> "neoplastic" (fine type becomes "tumor"), <= ``low`` ->
+       "non-neoplastic", in between -> "ambiguous" (class 255 later).
 
     Returns
     -------
@@ -199,12 +279,17 @@ def neoplastic_step(adata: AnnData, *, disease_state: str | None, oncotree_code:
     if fine_key not in adata.obs:
         raise ValueError(f"obs[{fine_key!r}] missing: run stlib.labels.celltypes.assign_fine_types first")
     fine = adata.obs[fine_key].astype(str).to_numpy(object)
+    if candidate_types is None:
+        candidate_types = tumor_lineage(oncotree_code, organ)
+    other_lineage = np.isin(fine, [t for t in CANDIDATE_TYPES if t not in candidate_types])
     cand = np.isin(fine, list(candidate_types))
     n = adata.n_obs
     call = np.full(n, "", dtype=object)
+    call[other_lineage] = "non-neoplastic"
     nscore = np.full(n, np.nan)
     cnv_score = np.full(n, np.nan)
-    info: dict = {"tumor_sample": None, "n_candidates": int(cand.sum())}
+    info: dict = {"tumor_sample": None, "n_candidates": int(cand.sum()),
+                  "candidate_types": list(candidate_types)}
     tumor = is_tumor_sample(disease_state, oncotree_code)
     info["tumor_sample"] = tumor
     prog = load_programs(adata.var_names, organ=organ, oncotree_code=oncotree_code)
@@ -228,38 +313,73 @@ def neoplastic_step(adata: AnnData, *, disease_state: str | None, oncotree_code:
         log.warning("neoplastic_step: %s; left ambiguous", info["reason"])
     else:
         w_t, w_p, w_c = weights
-        raw = w_t * _robust_z((t_up - t_dn)[cand]) + w_p * _robust_z(prol[cand])
+        z_t, z_p = _std_z((t_up - t_dn)[cand]), _std_z(prol[cand])
+        raw = w_t * z_t + w_p * z_p
         info["cnv"] = "disabled"
+        cnv_m = None
+        ref = np.isin(fine, list(reference_types))
         if use_cnv and w_c != 0:
-            ref = np.isin(fine, list(reference_types))
             if Key.LOGNORM not in adata.layers:
                 normalize(adata)
-            sig, reason = _cnv_signal(adata, ref, cand, window_size=cnv_window, step=cnv_step,
-                                      min_positioned_genes=min_positioned_genes,
-                                      min_reference_cells=min_reference_cells)
+            cnv_m, reason = _cnv_signal(adata, ref, cand, window_size=cnv_window, step=cnv_step,
+                                        min_positioned_genes=min_positioned_genes,
+                                        min_reference_cells=min_reference_cells)
             info["cnv"] = reason
+            sig = None if cnv_m is None else _project(cnv_m, cand, ref)
             if sig is None:
-                log.info("neoplastic_step: %s", reason)
+                log.info("neoplastic_step: %s", reason if cnv_m is None else "flat copy-number profile")
+                cnv_m = None
             else:
+                info["cnv"] += "; score = projection on candidates-minus-reference CNV profile"
                 cnv_score[:] = sig
-                raw = raw + w_c * _robust_z(sig[cand], sig[ref])
-        from sklearn.mixture import GaussianMixture
-
-        gm = GaussianMixture(n_components=2, random_state=seed, n_init=3).fit(raw[:, None])
-        means = gm.means_.ravel()
-        sds = np.sqrt(gm.covariances_.ravel())
-        hi = int(np.argmax(means))
-        d = abs(means[0] - means[1]) / np.sqrt(0.5 * (sds[0] ** 2 + sds[1] ** 2))
-        info.update(ashman_d=float(d), gmm_means=means.tolist(), gmm_weights=gm.weights_.tolist())
-        if d < min_separation or gm.weights_.min() < 0.02:
-            info["reason"] = f"candidate scores not bimodal (Ashman's D={d:.2f}); all called {unimodal}"
+                raw = raw + w_c * _std_z(sig[cand])
+        post, mix = _mixture_posterior(raw, seed, min_separation)
+        info.update(mix)
+        info["ashman_d_first_pass"] = mix["ashman_d"]
+        log.info("neoplastic_step: first-pass mixture D=%.2f weights=%s", mix["ashman_d"], mix["gmm_weights"])
+        if post is not None and cnv_m is not None:
+            # second pass: the CNV direction of putative tumour minus putative normal candidates
+            # cancels what lineage expression (epithelial genes, absent from the reference) adds
+            ci = np.flatnonzero(cand)
+            a, b = ci[post >= refit_confident], ci[post <= 1.0 - refit_confident]
+            if a.size >= min_seed_cells and b.size >= min_seed_cells:
+                sig2 = _project(cnv_m, a, b)
+                if sig2 is not None:
+                    cnv_score[:] = sig2
+                    raw = w_t * z_t + w_p * z_p + w_c * _std_z(sig2[cand])
+                    post2, mix2 = _mixture_posterior(raw, seed, min_separation)
+                    if post2 is not None:
+                        post = post2
+                        info.update(mix2)
+                        info["cnv"] += "; refined on putative tumour-minus-normal candidates"
+        if post is None:
+            info["reason"] = (f"candidate scores not bimodal (Ashman's D={info['ashman_d']:.2f}); "
+                              f"all called {unimodal}")
             log.warning("neoplastic_step: %s", info["reason"])
             post = np.full(int(cand.sum()), 1.0 if unimodal == "neoplastic" else 0.5)
         else:
-            post = gm.predict_proba(raw[:, None])[:, hi]
-            # the mixture's tails can flip (lower component wider): keep the posterior monotone
-            post = np.maximum.accumulate(post[np.argsort(raw)])[np.argsort(np.argsort(raw))]
-            info["reason"] = f"2-component mixture, Ashman's D={d:.2f}"
+            info["reason"] = f"2-component mixture, Ashman's D={info['ashman_d']:.2f}"
+            if self_train:
+                # the cells the signals call clearly teach a classifier over the candidates' whole
+                # expression (sample-specific tumour genes the signature lists lack)
+                x = adata.layers[Key.LOGNORM] if Key.LOGNORM in adata.layers else _counts(adata)
+                x = x[np.flatnonzero(cand)]
+                x = x.toarray() if sp.issparse(x) else np.asarray(x, dtype=np.float64)
+                from sklearn.decomposition import PCA
+
+                k = max(1, min(20, x.shape[0] - 1, x.shape[1] - 1))
+                pcs = PCA(n_components=k, random_state=seed).fit_transform(x - x.mean(axis=0))
+                extra = [z_t, z_p] + ([_std_z(cnv_score[cand])] if cnv_m is not None else [])
+                feats = np.column_stack([pcs, *extra])
+                done = 0
+                for _ in range(self_train_rounds):
+                    prob = _self_train(feats, post, confident=refit_confident,
+                                       min_seed_cells=min_seed_cells, seed=seed)
+                    if prob is None:
+                        break
+                    post, done = prob, done + 1
+                if done:
+                    info["reason"] += f"; self-trained logistic regression on confident cells ({done} rounds)"
         nscore[cand] = post
         c = np.where(post >= high, "neoplastic", np.where(post <= low, "non-neoplastic", "ambiguous"))
         call[cand] = c
@@ -348,7 +468,7 @@ def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: 
     return adata if copy else None
 
 
-def to_image_classes(adata: AnnData, *, min_confidence: float = 0.5, fine_key: str = Key.FINE_TYPE,
+def to_image_classes(adata: AnnData, *, min_confidence: float = 0.3, fine_key: str = Key.FINE_TYPE,
                      dead_confidence: float = 0.5, key_added: str = Key.CLASS,
                      copy: bool = False) -> AnnData | None:
     """Image-oriented class per cell from its fine type (:data:`FINE_TO_CLASS`).
@@ -356,8 +476,10 @@ def to_image_classes(adata: AnnData, *, min_confidence: float = 0.5, fine_key: s
     Class 255 (ignore) for: fine types an H&E model cannot be expected to see (not in the table,
     ``"unknown"``), cells the neoplastic step left ``"ambiguous"``, and cells whose confidence is
     below ``min_confidence``. Confidence = ``obs["type_confidence"]``, times the neoplastic
-    step's certainty ``|2 * neoplastic_score - 1|`` for its candidates, and ``dead_confidence`` for
-    dead cells (a proxy, see :func:`dead_rule`).
+    step's probability of the side it chose, ``max(neoplastic_score, 1 - neoplastic_score)``, for
+    its candidates, and ``dead_confidence`` for dead cells (a proxy, see :func:`dead_rule`).
+    An abstention costs as much as a wrong class in the evaluation, so the default bar is low:
+    255 is kept for genuinely weak evidence (unknown / ambiguous / low-count cells).
 
     Returns
     -------
@@ -376,7 +498,7 @@ def to_image_classes(adata: AnnData, *, min_confidence: float = 0.5, fine_key: s
     if Key.NEOPLASTIC_SCORE in adata.obs:
         ns = adata.obs[Key.NEOPLASTIC_SCORE].to_numpy(float)
         has = np.isfinite(ns)
-        conf[has] *= np.abs(2 * ns[has] - 1)
+        conf[has] *= np.maximum(ns[has], 1.0 - ns[has])
     if Key.NEOPLASTIC_CALL in adata.obs:
         cls[adata.obs[Key.NEOPLASTIC_CALL].astype(str).to_numpy() == "ambiguous"] = IGNORE
     conf[fine == "dead"] = dead_confidence
@@ -392,7 +514,7 @@ def to_image_classes(adata: AnnData, *, min_confidence: float = 0.5, fine_key: s
 def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "marker", "cluster"] = "hierarchical",
                 organ: str | None = None, disease_state: str | None = None,
                 oncotree_code: str | None = None, panel: str | None = None, seed: int = 0,
-                min_counts: int = 10, min_genes: int = 3, min_confidence: float = 0.5,
+                min_counts: int = 10, min_genes: int = 3, min_confidence: float = 0.3,
                 resolution: float = 1.0, n_pcs: int = 30, n_neighbors: int = 15,
                 neighbors_method: Literal["umap", "gauss"] = "umap", min_markers: int = 2,
                 use_cnv: bool = True, dead: bool = True,

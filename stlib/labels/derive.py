@@ -48,7 +48,7 @@ def _key(payload: dict[str, Any]) -> str:
 
 
 def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, labeler: str = "hierarchical",
-                  seed: int = 0, min_counts: int = 10, min_confidence: float = 0.5,
+                  seed: int = 0, min_counts: int = 10, min_confidence: float = 0.3,
                   leiden_resolution: float = 1.0, truth_dir: str | Path | None = None,
                   refine: bool = True, neighbors_method: str = "umap", out_name: str | None = None,
                   force: bool = False) -> dict[str, Any]:
@@ -482,7 +482,7 @@ def cli_main(argv: list[str]) -> int:
     ap.add_argument("--labeler", default="hierarchical", choices=["hierarchical", "flat", "marker", "cluster"])
     ap.add_argument("--truth-dir", help="demo truth root (truth/): score the labels against it")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--min-confidence", type=float, default=0.5)
+    ap.add_argument("--min-confidence", type=float, default=0.3)
     ap.add_argument("--tiles", action="store_true", help="also build OUT/tiles/st (all given samples)")
     ap.add_argument("--tile-px", type=int, default=256)
     ap.add_argument("--um-per-px", type=float, default=TARGET_UM_PER_PX_40X)
