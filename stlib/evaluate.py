@@ -338,6 +338,114 @@ def segment_and_score(models: Mapping[str, object], batch: Mapping[str, Sequence
     return pd.concat(frames, ignore_index=True), preds
 
 
+def nucleus_features(model, images: np.ndarray, insts: Sequence[np.ndarray], *, device: str = "auto",
+                     batch_size: int = 8) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Frozen per-nucleus features: the NT branch's last feature map averaged over each nucleus.
+
+    Returns one ``(ids, features)`` per image (``features`` is (n_nuclei, C)). The network is
+    not changed (eval mode, no gradients): this is the "classification head on frozen features"
+    protocol that compares label sets without retraining the whole network for each.
+    """
+    import torch
+
+    from stlib.config import resolve_device
+    from stlib.model.net import to_input
+
+    dev = torch.device(resolve_device(device))
+    model = model.to(dev).eval()
+    captured: list[torch.Tensor] = []
+    hook = model.decoders["nt"].head.register_forward_hook(lambda m, inp, out: captured.append(inp[0].detach()))
+    out: list[tuple[np.ndarray, np.ndarray]] = []
+    try:
+        with torch.inference_mode():
+            for s in range(0, len(images), batch_size):
+                x = to_input(torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size]))).to(dev)
+                captured.clear()
+                model(x)
+                f = captured[0].float().cpu().numpy()[..., : x.shape[-2], : x.shape[-1]]
+                for j in range(f.shape[0]):
+                    inst = np.asarray(insts[s + j])
+                    ids = np.unique(inst[inst > 0])
+                    if ids.size == 0:
+                        out.append((ids, np.zeros((0, f.shape[1]), np.float32)))
+                        continue
+                    lut = np.zeros(int(inst.max()) + 1, np.int64)
+                    lut[ids] = np.arange(1, ids.size + 1)
+                    lab = lut[inst].ravel()
+                    cnt = np.bincount(lab, minlength=ids.size + 1)[1:]
+                    feats = np.stack([np.bincount(lab, weights=f[j, c].ravel(), minlength=ids.size + 1)[1:]
+                                      for c in range(f.shape[1])], axis=1) / cnt[:, None]
+                    out.append((ids, feats.astype(np.float32)))
+    finally:
+        hook.remove()
+    return out
+
+
+def _nucleus_classes(inst: np.ndarray, typ: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Class of each nucleus id (majority of its pixels)."""
+    from stlib.metrics import instance_types
+
+    tid, ttype = instance_types(inst, typ)
+    lut = dict(zip(np.asarray(tid).tolist(), np.asarray(ttype).tolist()))
+    return np.array([lut.get(int(i), 0) for i in ids], dtype=np.int64)
+
+
+def classification_head_eval(model, train_batch: Mapping[str, np.ndarray], train_types: Mapping[str, np.ndarray],
+                             test_truth: Mapping[str, np.ndarray], test_meta: pd.DataFrame, *,
+                             device: str = "auto", seed: int = 0, um_per_px: float = 0.25) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Compare label sets with a logistic classification head on frozen nucleus features.
+
+    For each label set (``train_types[name]``: class maps of the training tiles, same nuclei),
+    a multinomial logistic regression is fitted on the frozen features of the training nuclei
+    (class 255 / background skipped), then (1) classifies the *true* nuclei of the test tiles
+    (per-class F1 by nucleus against the truth) and (2) classifies the nuclei the network
+    segments on the test tiles, giving a class map scored with PanNuke's mPQ.
+
+    Returns
+    -------
+    (scores, per_image): one row per label set (accuracy, macro F1, F1 per class, mean mPQ);
+    one row per (label set, test image) with ``mpq``.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from stlib.infer import segment_tiles
+    from stlib.metrics import pannuke_mpq
+
+    tr = nucleus_features(model, train_batch["image"], train_batch["inst"], device=device)
+    X = np.concatenate([f for _, f in tr]) if tr else np.zeros((0, 1))
+    te_true = nucleus_features(model, test_truth["image"], test_truth["inst"], device=device)
+    seg = segment_tiles(model, np.asarray(test_truth["image"]), device=device)
+    te_pred = nucleus_features(model, test_truth["image"], [s[0] for s in seg], device=device)
+    y_true = np.concatenate([_nucleus_classes(test_truth["inst"][i], test_truth["type"][i], ids)
+                             for i, (ids, _) in enumerate(te_true)])
+    Xt = np.concatenate([f for _, f in te_true])
+    rows, per_image = [], []
+    for name, types in train_types.items():
+        y = np.concatenate([_nucleus_classes(train_batch["inst"][i], types[i], ids) for i, (ids, _) in enumerate(tr)])
+        keep = (y > 0) & (y != IGNORE)
+        scaler = StandardScaler().fit(X[keep])
+        clf = LogisticRegression(max_iter=2000, class_weight="balanced", random_state=seed)
+        clf.fit(scaler.transform(X[keep]), y[keep])
+        scored = (y_true > 0) & (y_true != IGNORE)
+        pred = clf.predict(scaler.transform(Xt))
+        sc = class_scores(y_true[scored], pred[scored])
+        mpqs = []
+        for i, (ids, f) in enumerate(te_pred):
+            inst = seg[i][0]
+            lut = np.zeros(int(inst.max()) + 1, np.uint8)
+            if ids.size:
+                lut[ids] = clf.predict(scaler.transform(f)).astype(np.uint8)
+            r = pannuke_mpq(test_truth["inst"][i], test_truth["type"][i], inst, lut[inst])
+            mpqs.append(r.mpq)
+            per_image.append({"labels": name, "image": test_meta["tile_id"].iloc[i],
+                              "organ": test_meta["organ"].iloc[i], "mpq": r.mpq})
+        rows.append({"labels": name, "n_train_nuclei": int(keep.sum()), "n_test_nuclei": int(scored.sum()),
+                     **{k: v for k, v in sc.items() if k not in ("n", "ignored_fraction")},
+                     "mpq": float(np.nanmean(mpqs)) if np.isfinite(mpqs).any() else float("nan")})
+    return pd.DataFrame(rows), pd.DataFrame(per_image)
+
+
 __all__ = ["CI", "bootstrap_ci", "PairedComparison", "paired_comparison", "summarize",
            "compare_models", "class_scores", "label_accuracy_vs_truth", "score_tiles",
-           "load_instance_folder", "segment_and_score"]
+           "load_instance_folder", "segment_and_score", "nucleus_features", "classification_head_eval"]

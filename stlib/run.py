@@ -55,6 +55,12 @@ def _code_fingerprint() -> str:
     return h.hexdigest()
 
 
+def _quiet_env() -> None:
+    """Executed notebooks carry results, not progress bars (ours and third-party tqdm bars)."""
+    os.environ.setdefault("STLIB_NO_PROGRESS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
 def fingerprint(notebook: Path, params: dict[str, Any], upstream: str, code: str) -> str:
     """Fingerprint of one notebook run: its source, parameters, code and upstream runs."""
     h = hashlib.sha256()
@@ -100,7 +106,7 @@ def run_profile(profile: str = "demo", *, only: list[str] | None = None, force: 
     report = RunReport(profile=str(profile))
     code = _code_fingerprint()
     upstream = ""
-    os.environ.setdefault("STLIB_NO_PROGRESS", "1")
+    _quiet_env()
     names = notebook_names(root)
     if only:
         unknown = set(only) - set(names)
@@ -242,7 +248,7 @@ def _batch_task(notebook: str, profile: str, overrides: dict[str, Any], out_path
     """One batch job (runs on a Dask worker): execute a notebook, return its glued values."""
     import papermill as pm
 
-    os.environ.setdefault("STLIB_NO_PROGRESS", "1")
+    _quiet_env()
     params = load_params(profile, notebook, overrides=overrides, params_dir=params_dir)
     src = Path(root) / "notebooks" / f"{notebook}.ipynb"
     t0 = time.perf_counter()

@@ -376,7 +376,7 @@ def assign_splits(meta: pd.DataFrame, *, heldout_organs: Sequence[str], val_frac
 def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str | Path, *,
                       um_per_px: float = TARGET_UM_PER_PX_40X, tile_px: int = 256,
                       truth_dir: str | Path | None = None, seed: int = 0, val_fraction: float = 0.2,
-                      name: str = "st", force: bool = False) -> dict[str, Path]:
+                      name: str = "st", labels_name: str = "{sample}", force: bool = False) -> dict[str, Path]:
     """Cut every sample into training tiles; write ``{run_dir}/tiles/{name}`` (and ``truth``).
 
     Parameters
@@ -386,6 +386,9 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
     truth_dir
         Demo truth root: also writes ``tiles/truth`` with the true nuclei and classes on exactly
         the same tiles (the "manual truth" of the demo evaluation).
+    labels_name
+        Folder of each sample's labels under ``run_dir/labels`` (``{sample}`` is replaced; the
+        labeler ablation uses ``"{sample}__flat"`` etc.).
 
     Returns
     -------
@@ -410,7 +413,7 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
     try:
         for row in progress(list(samples.itertuples()), desc="tiles"):
             s = HestSample(hest_dir, row.sample)
-            lab_dir = run_dir / "labels" / row.sample
+            lab_dir = run_dir / "labels" / labels_name.format(sample=row.sample)
             if not (lab_dir / "nuclei.parquet").is_file():
                 raise InputError("labels not derived yet", path=lab_dir, sample=row.sample,
                                  fix="run derive_sample / `stlib labels` for it first")
