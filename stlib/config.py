@@ -51,6 +51,7 @@ class DataParams(CommonParams):
     #: demo/workshop: generate the synthetic cohort if missing; paper: download
     generate_demo: bool = True
     demo_scale: str = "demo"  # "demo" | "workshop" (size of the synthetic cohort)
+    demo_image_px: int = 0  # override the synthetic slides' size (0 = the scale's default)
     download: bool = False
     offline: bool = True
     mirror: str = ""  # local HEST mirror to copy from instead of Hugging Face
