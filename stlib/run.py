@@ -17,14 +17,14 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from stlib.config import NOTEBOOK_PARAMS, load_params
-from stlib.utils import StlibError, read_json, repo_root, write_json
+from stlib.utils import InputError, StlibError, read_json, repo_root, write_json
 
 STATE_FILE = ".run_state.json"
 
@@ -108,13 +108,21 @@ def run_profile(profile: str = "demo", *, only: list[str] | None = None, force: 
     upstream = ""
     _quiet_env()
     names = notebook_names(root)
+    overrides = dict(overrides or {})
+    known = {f.name for cls in NOTEBOOK_PARAMS.values() for f in fields(cls)}
+    unknown_keys = sorted(set(overrides) - known)
+    if unknown_keys:
+        raise InputError(f"unknown parameter(s) {unknown_keys} in overrides",
+                         fix=f"known parameters: {sorted(known)}")
     if only:
         unknown = set(only) - set(names)
         if unknown:
             raise StlibError(f"unknown notebook(s) {sorted(unknown)}; available: {names}")
     for name in names:
         src = root / "notebooks" / f"{name}.ipynb"
-        params = load_params(profile, name, overrides=overrides, params_dir=params_dir)
+        mine = {f.name for f in fields(NOTEBOOK_PARAMS[name])}
+        params = load_params(profile, name, overrides={k: v for k, v in overrides.items() if k in mine},
+                             params_dir=params_dir)
         fp = fingerprint(src, params, upstream, code)
         upstream = fp
         dst = out_dir / f"{name}.ipynb"

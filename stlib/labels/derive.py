@@ -59,7 +59,8 @@ def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, 
     hest_dir
         HEST layout root of the sample.
     run_dir
-        Run folder; the alignment is read from (or written to) ``run_dir/alignment/{sample}``.
+        Run folder; the alignment is read from ``run_dir/alignment/{sample}`` (computed there,
+        refined or not per ``refine``, only when missing).
     labeler
         ``hierarchical`` (ours), ``flat`` (w/o Hier), ``marker`` or ``cluster``.
     truth_dir
@@ -74,7 +75,7 @@ def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, 
     -------
     The label report (also written as ``label_report.json``).
     """
-    from stlib.align import align_and_save
+    from stlib.align import align_and_save, load_alignment
     from stlib.io.hest import HestSample
 
     hest_dir, run_dir = Path(hest_dir), Path(run_dir)
@@ -83,7 +84,11 @@ def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, 
     params = {"labeler": labeler, "seed": seed, "min_counts": min_counts, "min_confidence": min_confidence,
               "leiden_resolution": leiden_resolution, "refine": refine, "neighbors_method": neighbors_method,
               "truth": None if truth_dir is None else str(truth_dir), "version": LABELS_VERSION}
-    res, _ = align_and_save(hest_dir, sample_id, run_dir / "alignment", refine=refine)
+    aligned = run_dir / "alignment" / sample_id / "alignment.json"
+    if aligned.is_file():  # the alignment stage (notebook 01 / `stlib align`) owns its parameters
+        res = load_alignment(aligned)
+    else:
+        res, _ = align_and_save(hest_dir, sample_id, run_dir / "alignment", refine=refine)
     inputs = [_file_key(s.path(k)) for k in ("transcripts", "xenium_seg", "metadata") if s.has(k)]
     key = _key({"params": params, "inputs": inputs, "alignment": res.inputs.get("key")})
     report_path = out / "label_report.json"

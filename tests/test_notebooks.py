@@ -1,0 +1,179 @@
+"""End to end: every notebook on a small demo cohort with papermill, the book built from them,
+the rendered pages checked in headless Chromium, the HF token searched for everywhere, and the
+paper profile run through notebooks 00-02 on a local HEST mirror (network off).
+
+One session-scoped run serves all tests here (a few minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from stlib.config import NOTEBOOK_PARAMS
+from stlib.run import build_book, run_profile
+
+REPO = Path(__file__).resolve().parents[1]
+FAKE_TOKEN = "hf_stlibFAKEtoken0123456789abcdefXYZ"
+pytestmark = pytest.mark.slow
+
+SMOKE = {
+    "00_data": {"demo_image_px": 512},
+    "03_training": {"steps": 4, "batch_size": 2, "val_every": 2, "crop_px": 64},
+    "04_segmentation_eval": {"n_bootstrap": 50},
+    "05_classification_eval": {"n_bootstrap": 50},
+}
+
+
+def _copy_study(dst: Path) -> Path:
+    """The book sources and notebooks in a scratch folder (the repository stays untouched)."""
+    dst.mkdir(parents=True)
+    for name in ("_config.yml", "_toc.yml", "data_manifest.yaml"):
+        shutil.copy(REPO / name, dst / name)
+    for folder in ("book", "notebooks", "params", "benchmarks"):
+        shutil.copytree(REPO / folder, dst / folder, ignore=shutil.ignore_patterns("executed", "tmp"))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory):
+    root = _copy_study(tmp_path_factory.mktemp("study") / "repo")
+    demo = yaml.safe_load((REPO / "params" / "demo.yaml").read_text())
+    demo["common"].update({"data_dir": str(root / "data" / "demo"), "run_dir": str(root / "runs" / "demo")})
+    for nb, vals in SMOKE.items():
+        demo.setdefault(nb, {}).update(vals)
+    (root / "params" / "demo.yaml").write_text(yaml.safe_dump(demo))
+    logs: list[str] = []
+    old = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = FAKE_TOKEN  # a user's token in the environment must never surface
+    try:
+        report = run_profile("demo", root=root, params_dir=root / "params", build=False, log=logs.append)
+        book_error = None
+        try:
+            build_book(root)
+        except Exception as e:  # noqa: BLE001 - reported by the test that needs the book
+            book_error = str(e)
+    finally:
+        if old is None:
+            os.environ.pop("HF_TOKEN", None)
+        else:
+            os.environ["HF_TOKEN"] = old
+    (root / "run.log").write_text("\n".join(logs))
+    return {"root": root, "report": report, "book_error": book_error}
+
+
+def _outputs(nb_path: Path):
+    nb = nbformat.read(str(nb_path), as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            yield from cell.get("outputs", [])
+
+
+def test_every_notebook_ran_with_figures_and_no_error(smoke):
+    exe = smoke["root"] / "book" / "executed"
+    assert smoke["report"].executed == list(NOTEBOOK_PARAMS)
+    for name in NOTEBOOK_PARAMS:
+        outs = list(_outputs(exe / f"{name}.ipynb"))
+        assert not [o for o in outs if o.get("output_type") == "error"], name
+        images = [o for o in outs if "image/png" in o.get("data", {})]
+        assert images, f"{name} has no figure"
+        text = json.dumps([o.get("text", "") for o in outs if o.get("output_type") == "stream"])
+        assert "Traceback" not in text, name
+
+
+def test_outputs_of_the_study_exist(smoke):
+    run = smoke["root"] / "runs" / "demo"
+    assert (run / "tiles" / "st" / "store.json").is_file()
+    assert (run / "models" / "st" / "model.pt").is_file() and (run / "models" / "pannuke" / "model.pt").is_file()
+    labels = sorted(p.name for p in (run / "labels").iterdir() if "__" not in p.name)
+    assert len(labels) >= 6
+    for sid in labels:
+        assert (run / "alignment" / sid / "alignment.json").is_file()
+        assert (run / "labels" / sid / "cells.parquet").is_file()
+    assert list((run / "infer").glob("*/*.geojson"))
+
+
+def test_rerun_skips_finished_notebooks(smoke):
+    root = smoke["root"]
+    rep = run_profile("demo", root=root, params_dir=root / "params", build=False, log=lambda *_: None)
+    assert rep.executed == [] and rep.skipped == list(NOTEBOOK_PARAMS)
+
+
+def test_book_builds_with_every_chapter(smoke):
+    assert smoke["book_error"] is None, smoke["book_error"]
+    html = smoke["root"] / "_build" / "html"
+    assert (html / "index.html").is_file()
+    for name in NOTEBOOK_PARAMS:
+        page = html / "book" / "executed" / f"{name}.html"
+        assert page.is_file(), page
+        text = page.read_text()
+        assert "SYNTHETIC" in text  # every chapter says which data it shows
+
+
+def _chromium() -> str | None:
+    for exe in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(exe):
+            return shutil.which(exe)
+    return None
+
+
+def test_rendered_chapters_in_headless_chromium(smoke):
+    exe = _chromium()
+    if exe is None:
+        pytest.skip("chromium not installed (.ci/run installs Debian's chromium)")
+    assert smoke["book_error"] is None, smoke["book_error"]
+    html = smoke["root"] / "_build" / "html"
+    for name in NOTEBOOK_PARAMS:
+        page = html / "book" / "executed" / f"{name}.html"
+        proc = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                               f"--user-data-dir={smoke['root'] / '.chromium'}", "--dump-dom", page.as_uri()],
+                              capture_output=True, text=True, timeout=120)
+        dom = proc.stdout
+        assert proc.returncode == 0 and "<html" in dom, (name, proc.stderr[-500:])
+        n_img = len(re.findall(r"<img[^>]+src=\"[^\"]*_images/[^\"]+\.png\"", dom))
+        assert n_img >= 1, f"{name}: no figure rendered"
+        assert "output error" not in dom and "ansi-red-fg" not in dom, f"{name}: an error output is shown"
+        for img in re.findall(r"src=\"([^\"]*_images/[^\"]+\.png)\"", dom):
+            assert (page.parent / img).resolve().is_file(), f"{name}: broken image {img}"
+
+
+def test_hf_token_never_appears(smoke):
+    root = smoke["root"]
+    hits = []
+    for p in root.rglob("*"):
+        if p.is_file() and p.suffix in {".ipynb", ".html", ".log", ".json", ".txt", ".js", ".csv", ".yaml"}:
+            if FAKE_TOKEN in p.read_text(errors="ignore"):
+                hits.append(str(p))
+    assert hits == []
+
+
+def test_paper_profile_runs_on_a_local_hest_mirror(smoke, tmp_path, monkeypatch):
+    """The real-data path is not dead code: notebooks 00-02 on a local mirror, network off."""
+    root = smoke["root"]
+    mirror = root / "data" / "demo" / "hest"
+    ids = sorted(p.stem for p in (mirror / "wsis").glob("*.tif"))[:3]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    exe = tmp_path / "executed"
+    rep = run_profile("paper", root=root, params_dir=REPO / "params", build=False, executed_dir=exe,
+                      only=["00_data", "01_alignment", "02_labels"], log=lambda *_: None,
+                      overrides={"data_dir": str(tmp_path / "hest1k"), "run_dir": str(tmp_path / "runs"),
+                                 "samples": ids, "mirror": str(mirror), "offline": True, "device": "cpu"})
+    assert rep.executed == ["00_data", "01_alignment", "02_labels"]
+    for sid in ids:
+        assert (tmp_path / "hest1k" / "hest" / "wsis" / f"{sid}.tif").is_file()
+        assert (tmp_path / "runs" / "labels" / sid / "cells.parquet").is_file()
+        rep_json = json.loads((tmp_path / "runs" / "labels" / sid / "label_report.json").read_text())
+        assert "truth" not in rep_json  # real-data layout: no truth, CellViT as second opinion
+        assert "cellvit" in rep_json
+    text = " ".join(p.read_text() for p in exe.glob("*.ipynb"))
+    assert "HEST-1k" in text and FAKE_TOKEN not in text
