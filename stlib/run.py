@@ -290,7 +290,8 @@ def run_batch(notebook: str, jobs: list[dict[str, Any]], *, profile: str = "demo
     Parameters
     ----------
     jobs
-        Parameter overrides per run, e.g. ``[{"samples": ["A"]}, {"samples": ["B"]}]``.
+        Parameter overrides per run, e.g. ``[{"samples": ["A"]}, {"samples": ["B"]}]``. Each job
+        runs with its own ``run_dir`` (``out_dir/{notebook}__NNN_run``) unless it sets one.
     scheduler
         Address of an existing Dask scheduler; default a ``LocalCluster`` of ``n_workers``
         single-threaded processes on this machine.
@@ -318,6 +319,8 @@ def run_batch(notebook: str, jobs: list[dict[str, Any]], *, profile: str = "demo
         futures = []
         for i, job in enumerate(jobs):
             out_path = str((out / f"{notebook}__{i:03d}.ipynb").resolve())
+            # every job writes into its own run folder: concurrent jobs never share a tile store
+            job = {"run_dir": str((out / f"{notebook}__{i:03d}_run").resolve()), **job}
             futures.append(client.submit(_batch_task, notebook, profile, job, out_path, str(root),
                                          None if params_dir is None else str(params_dir), pure=False))
         rows = client.gather(futures)
