@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -208,19 +208,24 @@ def make_params(notebook: str, values: dict[str, Any], *, source: str = "<parame
     for key, val in values.items():
         f = names[key]
         default = f.default if f.default is not dataclasses.MISSING else None
-        kwargs[key] = _coerce(key, val, default, source)
+        kwargs[key] = coerce_value(key, val, default, source)
     obj = cls(**kwargs)
     if obj.profile not in PROFILES:
         raise InputError(f"profile must be one of {PROFILES}, got {obj.profile!r}", path=source)
     return obj
 
 
-def _coerce(key: str, val: Any, default: Any, source: str) -> Any:
+def coerce_value(key: str, val: Any, default: Any, source: str) -> Any:
+    """Check ``val`` against the type of ``default`` (bool, int, float, tuple, str) for ``key``.
+
+    A scalar given where a list is expected becomes a one-element tuple. Errors name the key and
+    the source file. Shared by the notebook parameters and :class:`stlib.train.TrainConfig`.
+    """
     if isinstance(default, bool):
         if not isinstance(val, bool):
             raise InputError(f"parameter {key!r} must be true/false, got {val!r}", path=source)
         return val
-    if isinstance(default, int) and not isinstance(default, bool):
+    if isinstance(default, int):
         if isinstance(val, bool) or not isinstance(val, int):
             raise InputError(f"parameter {key!r} must be an integer, got {val!r}", path=source)
         return val
@@ -229,7 +234,7 @@ def _coerce(key: str, val: Any, default: Any, source: str) -> Any:
             raise InputError(f"parameter {key!r} must be a number, got {val!r}", path=source)
         return float(val)
     if isinstance(default, tuple):
-        if isinstance(val, str):
+        if isinstance(val, (str, int, float)):
             val = [val]
         if not isinstance(val, (list, tuple)):
             raise InputError(f"parameter {key!r} must be a list, got {val!r}", path=source)
@@ -265,7 +270,7 @@ def resolve_device(device: str = "auto") -> str:
 __all__ = [
     "PROFILES", "CommonParams", "DataParams", "AlignParams", "LabelParams", "TrainParams",
     "SegEvalParams", "ClsEvalParams", "InferParams", "NOTEBOOK_PARAMS", "load_params",
-    "make_params", "read_profile", "params_path", "to_papermill", "resolve_device", "params_from_namespace",
+    "make_params", "coerce_value", "read_profile", "params_path", "to_papermill", "resolve_device", "params_from_namespace",
 ]
 
 

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stlib.config import resolve_device
+from stlib.config import coerce_value, resolve_device
 from stlib.constants import CLASS_NAMES, N_TYPES
 from stlib.model.losses import LossWeights, hovernet_loss
 from stlib.model.net import ENCODERS, HoVerNet, build_model, count_params, model_flops
@@ -233,7 +233,7 @@ class TrainConfig:
                 kwargs[key] = LossWeights(**{k: (bool(v) if k == "nt_confidence" else float(v))
                                              for k, v in val.items()})
                 continue
-            kwargs[key] = _coerce(key, val, default, source)
+            kwargs[key] = coerce_value(key, val, default, source)
         return cls(**kwargs)
 
     @classmethod
@@ -281,32 +281,6 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
-
-
-def _coerce(key: str, val: Any, default: Any, source: str) -> Any:
-    if isinstance(default, bool):
-        if not isinstance(val, bool):
-            raise InputError(f"{key!r} must be true/false, got {val!r}", path=source)
-        return val
-    if isinstance(default, int):
-        if isinstance(val, bool) or not isinstance(val, int):
-            raise InputError(f"{key!r} must be an integer, got {val!r}", path=source)
-        return val
-    if isinstance(default, float):
-        if isinstance(val, bool) or not isinstance(val, (int, float)):
-            raise InputError(f"{key!r} must be a number, got {val!r}", path=source)
-        return float(val)
-    if isinstance(default, tuple):
-        if isinstance(val, (str, int, float)):
-            val = [val]
-        if not isinstance(val, (list, tuple)):
-            raise InputError(f"{key!r} must be a list, got {val!r}", path=source)
-        return tuple(val)
-    if isinstance(default, str):
-        if not isinstance(val, str):
-            raise InputError(f"{key!r} must be a string, got {val!r}", path=source)
-        return val
-    return val
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -1062,7 +1036,6 @@ def _train(config: TrainConfig, device: torch.device, dist: DistInfo, resume: st
 
     if config.batch_size % dist.world_size:
         raise InputError(f"batch_size {config.batch_size} is not divisible by {dist.world_size} processes")
-    local_bs = config.batch_size // dist.world_size
 
     # -- data
     data = TileData(config.store_paths())

@@ -38,16 +38,17 @@ class InputError(StlibError, ValueError):
         self.path = None if path is None else Path(path)
         self.sample = sample
         self.fix = fix
-        parts = []
-        if sample:
-            parts.append(f"sample {sample}")
-        if path is not None:
-            parts.append(str(path))
-        prefix = ": ".join(parts)
-        text = f"{prefix}: {message}" if prefix else message
-        if fix:
-            text += f" -> {fix}"
-        super().__init__(text)
+        super().__init__(format_error(message, path=path, sample=sample, fix=fix))
+
+
+def format_error(message: str, *, path: str | os.PathLike | None = None, sample: str | None = None,
+                 fix: str | None = None, url: str | None = None) -> str:
+    """``"sample S: URL: PATH: message -> fix"``: the one shape of stlib's error messages."""
+    parts = [f"sample {sample}"] if sample else []
+    parts += [str(v) for v in (url, path) if v is not None and v != ""]
+    prefix = ": ".join(parts)
+    text = f"{prefix}: {message}" if prefix else message
+    return f"{text} -> {fix}" if fix else text
 
 
 @contextlib.contextmanager

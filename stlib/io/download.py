@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from stlib.utils import InputError, StlibError, atomic_dir, atomic_path
+from stlib.utils import InputError, StlibError, atomic_dir, atomic_path, format_error
 
 __all__ = [
     "DownloadError",
@@ -104,18 +104,7 @@ class DownloadError(StlibError):
         self.path = None if path is None else Path(path)
         self.sample = sample
         self.fix = fix
-        parts = []
-        if sample:
-            parts.append(f"sample {sample}")
-        if url:
-            parts.append(url)
-        if path is not None:
-            parts.append(str(path))
-        prefix = ": ".join(parts)
-        text = f"{prefix}: {message}" if prefix else message
-        if fix:
-            text += f" -> {fix}"
-        super().__init__(_scrub(text))
+        super().__init__(_scrub(format_error(message, path=path, sample=sample, fix=fix, url=url or None)))
 
 
 # --------------------------------------------------------------------------------------------

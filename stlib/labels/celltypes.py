@@ -29,7 +29,6 @@ from anndata import AnnData
 from scipy.stats import rankdata
 
 from stlib.constants import is_control_feature
-from stlib.utils import InputError
 
 log = logging.getLogger(__name__)
 

@@ -218,6 +218,20 @@ def _report(s, res, cells: pd.DataFrame, nuclei, adata, *, labeler: str) -> dict
     }
 
 
+def _rasterize_pair(a, b, *, he_um_per_px: float, um_per_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Instance maps of two polygon sets (H&E px) on one grid covering both, at ``um_per_px``."""
+    import shapely
+
+    from stlib.labels.masks import rasterize_instances
+
+    x0, y0, x1, y1 = shapely.total_bounds(np.concatenate([a, b]))
+    scale = he_um_per_px / um_per_px
+    shape = (int(math.ceil((y1 - y0) * scale)) + 1, int(math.ceil((x1 - x0) * scale)) + 1)
+    ia, _ = rasterize_instances(a, shape=shape, origin=(x0, y0), scale=scale)
+    ib, _ = rasterize_instances(b, shape=shape, origin=(x0, y0), scale=scale)
+    return ia, ib
+
+
 def truth_scores(cells: pd.DataFrame, nuclei, truth_sample_dir: str | Path, *, he_um_per_px: float,
                  um_per_px: float = TARGET_UM_PER_PX_40X) -> dict[str, Any]:
     """Score derived labels against the demo truth of one sample.
@@ -227,10 +241,8 @@ def truth_scores(cells: pd.DataFrame, nuclei, truth_sample_dir: str | Path, *, h
     nuclei against the true visible nuclei, rasterised over the slide at ``um_per_px``.
     """
     import geopandas as gpd
-    import shapely
 
     from stlib.evaluate import label_accuracy_vs_truth
-    from stlib.labels.masks import rasterize_instances
     from stlib.metrics import dice, pq
 
     p = Path(truth_sample_dir) / "nuclei.parquet"
@@ -246,11 +258,7 @@ def truth_scores(cells: pd.DataFrame, nuclei, truth_sample_dir: str | Path, *, h
     geoms_t = vis.geometry.values
     geoms_p = nuclei.geometry.values
     if len(geoms_t) and len(geoms_p):
-        x0, y0, x1, y1 = shapely.total_bounds(np.concatenate([geoms_t, geoms_p]))
-        scale = he_um_per_px / um_per_px
-        shape = (int(math.ceil((y1 - y0) * scale)) + 1, int(math.ceil((x1 - x0) * scale)) + 1)
-        t_inst, _ = rasterize_instances(geoms_t, shape=shape, origin=(x0, y0), scale=scale)
-        p_inst, _ = rasterize_instances(geoms_p, shape=shape, origin=(x0, y0), scale=scale)
+        t_inst, p_inst = _rasterize_pair(geoms_t, geoms_p, he_um_per_px=he_um_per_px, um_per_px=um_per_px)
         r = pq(t_inst, p_inst)
         out["mask"] = {"dice": float(dice(t_inst, p_inst)), "pq": float(r.pq), "dq": float(r.dq),
                        "sq": float(r.sq), "um_per_px": um_per_px}
@@ -267,15 +275,10 @@ def cellvit_agreement(nuclei, cellvit, *, he_um_per_px: float, um_per_px: float 
     """
     import shapely
 
-    from stlib.labels.masks import rasterize_instances
     from stlib.metrics import pair_coordinates, pq
 
     a, b = nuclei.geometry.values, cellvit.geometry.values
-    x0, y0, x1, y1 = shapely.total_bounds(np.concatenate([a, b]))
-    scale = he_um_per_px / um_per_px
-    shape = (int(math.ceil((y1 - y0) * scale)) + 1, int(math.ceil((x1 - x0) * scale)) + 1)
-    ia, _ = rasterize_instances(a, shape=shape, origin=(x0, y0), scale=scale)
-    ib, _ = rasterize_instances(b, shape=shape, origin=(x0, y0), scale=scale)
+    ia, ib = _rasterize_pair(a, b, he_um_per_px=he_um_per_px, um_per_px=um_per_px)
     r = pq(ib, ia)
     out: dict[str, Any] = {"pq": float(r.pq), "dq": float(r.dq), "sq": float(r.sq),
                            "n_st": int(len(a)), "n_cellvit": int(len(b))}
