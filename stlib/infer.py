@@ -574,7 +574,7 @@ def _open_image(image_or_path: Any, um_per_px: float | None) -> Any:
 
 
 def infer_image(model_or_path: Any, image_or_path: Any, *, um_per_px: float | None = None, device: str = "auto",
-                tile_px: int | None = None, overlap: int = 64, batch_size: int = 16, tissue_detection: bool = True,
+                tile_px: int | None = None, overlap: int = 128, batch_size: int = 16, tissue_detection: bool = True,
                 amp: bool = True, workers: int | None = None, model_um_per_px: float | None = None,
                 max_map_px: int = DEFAULT_MAX_MAP_PX, overlay_px: int = 2048,
                 postproc_kwargs: Mapping[str, Any] | None = None) -> InferenceResult:
@@ -630,7 +630,10 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, um_per_px: float | No
     dev = torch.device(resolve_device(device))
     info = _as_model_info(model_or_path, str(dev), model_um_per_px)
     model = _ready(info.model, dev)
-    T = int(tile_px or info.tile_px)
+    # default: 512 px tiles with 128 px overlap. A nucleus is kept whole only when its diameter is
+    # below overlap / 2 (seam rule); 64 px = 16 µm at 0.25 µm/px covers large tumour nuclei, and
+    # 512 px tiles keep the overlap's extra compute at 1.8x instead of 4x with 256 px tiles.
+    T = int(tile_px or max(512, info.tile_px))
     if T < 32:
         raise InputError(f"tile_px must be >= 32, got {T}")
     if not 0 <= overlap < T // 2:
@@ -858,8 +861,10 @@ def cli_main(argv: list[str]) -> int:
                    help="level-0 pixel size of the input in µm (overrides the file; required when it has none)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--tile-px", type=int, default=None, help="tile size in model px (default: the model's)")
-    p.add_argument("--overlap", type=int, default=64, help="model px shared by neighbouring tiles")
+    p.add_argument("--tile-px", type=int, default=None,
+                   help="tile size in model px (default: 512, or the model's training tile if larger)")
+    p.add_argument("--overlap", type=int, default=128,
+                   help="model px shared by neighbouring tiles; keep it >= 2x the largest nucleus diameter")
     p.add_argument("--workers", type=int, default=None, help="post-processing threads (default CPUs-1, max 8)")
     p.add_argument("--no-tissue-detection", action="store_true", help="process every tile")
     p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA (default bf16 autocast)")

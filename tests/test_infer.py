@@ -301,6 +301,7 @@ def test_cli_end_to_end(tmp_path, tiny_model_file, capsys):
 
     img, _, _ = synthetic_slide(256, seed=2)
     Image.fromarray(img).save(tmp_path / "he.png")
+    from stlib.infer import cli_main
     out = tmp_path / "out"
     rc = main(["infer", "--model", str(tiny_model_file), "--input", str(tmp_path / "he.png"),
                "--um-per-px", "0.25", "--out", str(out), "--device", "cpu", "--workers", "0", "--batch-size", "2"])
@@ -315,3 +316,24 @@ def test_cli_end_to_end(tmp_path, tiny_model_file, capsys):
     rc = main(["infer", "--model", str(tiny_model_file), "--input", str(tmp_path / "he.png"), "--out", str(out)])
     assert rc == 1
     assert "--um-per-px" in capsys.readouterr().err
+
+
+def test_cli_on_a_real_he_image_writes_valid_geojson(tiny_model_file, tmp_path):
+    """A real H&E crop (stardist's bundled test image, 40x-like) through the CLI: the GeoJSON is
+    a valid FeatureCollection with valid polygons inside the image, whatever the (tiny) model finds."""
+    data = pytest.importorskip("stardist.data")
+    from PIL import Image
+    from shapely.geometry import box, shape
+
+    img = data.test_image_he_2d()
+    Image.fromarray(img).save(tmp_path / "he.png")
+    from stlib.infer import cli_main
+    assert cli_main(["--model", str(tiny_model_file), "--input", str(tmp_path / "he.png"), "--um-per-px", "0.5",
+                     "--out", str(tmp_path / "out")]) == 0
+    gj = json.loads((tmp_path / "out" / "he.geojson").read_text())
+    assert gj["type"] == "FeatureCollection"
+    frame = box(0, 0, img.shape[1], img.shape[0]).buffer(1)
+    for f in gj["features"]:
+        g = shape(f["geometry"])
+        assert g.is_valid and frame.contains(g)
+        assert f["properties"]["classification"]["name"]
