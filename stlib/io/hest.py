@@ -206,7 +206,7 @@ class HestSample:
         p = self.path(kind)
         if not p.is_file():
             raise InputError(f"{kind} file not found", path=p, sample=self.id,
-                             fix=fix or f"download the sample (`stlib download --samples {self.id}`) "
+                             fix=fix or f"download the sample (`stlib download hest --ids {self.id} --out DATA/hest`) "
                                         "or regenerate the demo cohort")
         return p
 
