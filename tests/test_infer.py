@@ -301,7 +301,6 @@ def test_cli_end_to_end(tmp_path, tiny_model_file, capsys):
 
     img, _, _ = synthetic_slide(256, seed=2)
     Image.fromarray(img).save(tmp_path / "he.png")
-    from stlib.infer import cli_main
     out = tmp_path / "out"
     rc = main(["infer", "--model", str(tiny_model_file), "--input", str(tmp_path / "he.png"),
                "--um-per-px", "0.25", "--out", str(out), "--device", "cpu", "--workers", "0", "--batch-size", "2"])
