@@ -306,32 +306,13 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
 # ----------------------------------------------------------------------------- data
 
 
-class _NpyStore:
-    """Reader of the documented tile-store layout (used when :mod:`stlib.io.tiles` is absent)."""
-
-    def __init__(self, path: Path) -> None:
-        import pandas as pd
-
-        self.path = path
-        self.arrays = {k: np.load(path / f"{k}.npy", mmap_mode="r")
-                       for k in ("images", "inst", "type", "ignore", "conf")}
-        self.meta = pd.read_parquet(path / "meta.parquet")
-
-    def __len__(self) -> int:
-        return len(self.meta)
-
-    def get_batch(self, idx: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: np.asarray(a[idx]) for k, a in self.arrays.items()}
-
-
 def _open_store(path: Path) -> Any:
     if not (path / "store.json").is_file():
         raise InputError("tile store not found (no store.json)", path=path,
-                         fix="build it with `stlib tiles` (or check run_dir / stores in the train config)")
-    try:
-        from stlib.io.tiles import TileStore
-    except ImportError:
-        return _NpyStore(path)
+                         fix="build it with `stlib labels ... --tiles` or notebook 02 (or check run_dir / "
+                             "stores in the train config)")
+    from stlib.io.tiles import TileStore
+
     return TileStore(path)
 
 
@@ -1248,27 +1229,23 @@ def _cpu_name() -> str:
 
 
 def _synthetic_store(path: Path, n: int, tile: int, seed: int = 0) -> Path:
-    """A store of random discs (for throughput only): the documented layout, no stlib.io needed."""
-    import pandas as pd
+    """A store of random discs (for throughput only), written with :mod:`stlib.io.tiles`."""
+    from stlib.io.tiles import TileStoreWriter
 
     rng = np.random.default_rng(seed)
-    path.mkdir(parents=True, exist_ok=True)
     yy, xx = np.mgrid[:tile, :tile]
-    inst = np.zeros((n, tile, tile), np.int32)
-    typ = np.zeros((n, tile, tile), np.uint8)
-    for i in range(n):
-        for j in range(1, 41):
-            cy, cx, r = rng.integers(0, tile), rng.integers(0, tile), rng.integers(4, 10)
-            m = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-            inst[i][m] = j
-            typ[i][m] = rng.integers(1, 6)
-    img = (255 - 120 * (inst > 0)[..., None] - rng.integers(0, 30, (n, tile, tile, 3))).astype(np.uint8)
-    for k, a in {"images": img, "inst": inst, "type": typ, "ignore": np.zeros_like(typ),
-                 "conf": (typ > 0).astype(np.uint8) * 200}.items():
-        np.save(path / f"{k}.npy", a)
-    pd.DataFrame({"tile_id": [f"t{i}" for i in range(n)], "sample": "bench", "organ": "bench",
-                  "split": "train"}).to_parquet(path / "meta.parquet")
-    (path / "store.json").write_text(json.dumps({"tile_px": tile, "um_per_px": 0.25, "n_tiles": n}))
+    with TileStoreWriter(path, tile_px=tile, um_per_px=0.25, source="bench", overwrite=True) as w:
+        for i in range(n):
+            inst = np.zeros((tile, tile), np.int32)
+            typ = np.zeros((tile, tile), np.uint8)
+            for j in range(1, 41):
+                cy, cx, r = rng.integers(0, tile), rng.integers(0, tile), rng.integers(4, 10)
+                m = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+                inst[m] = j
+                typ[m] = rng.integers(1, 6)
+            img = (255 - 120 * (inst > 0)[..., None] - rng.integers(0, 30, (tile, tile, 3))).astype(np.uint8)
+            w.add(image=img, inst=inst, type=typ, conf=(typ > 0).astype(np.uint8) * 200,
+                  sample="bench", organ="bench", x0=0.0, y0=0.0, split="train", tile_id=f"t{i}")
     return path
 
 
