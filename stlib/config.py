@@ -77,6 +77,7 @@ class LabelParams(CommonParams):
     min_counts: int = 10
     min_confidence: float = 0.3
     leiden_resolution: float = 1.0
+    refine_masks: bool = True  # snap ST nuclei to their haematoxylin boundary (stlib.labels.refine)
 
 
 @dataclass(frozen=True)

@@ -317,6 +317,46 @@ def tile_labels(tile: Mapping[str, np.ndarray], *, source: str, title: str = "")
     return fig
 
 
+def refinement_overlay(tile: Mapping[str, np.ndarray], nuclei, *, origin: tuple[float, float], scale: float,
+                       source: str, truth: Mapping[str, np.ndarray] | None = None, title: str = "") -> plt.Figure:
+    """A training tile with the ST nuclei as rasterised from DAPI (left) and snapped to the H&E (right).
+
+    ``nuclei``: the aligned ST polygons (level-0 px), drawn in tile px as
+    ``(xy - origin) * scale``; the right panel draws the refined instance boundaries of the tile.
+    Nuclei set to ``ignore`` (no H&E contrast) are shaded. With ``truth`` (a tile of the truth
+    store) the true outlines are drawn in red on both panels.
+    """
+    import shapely
+    from skimage.segmentation import find_boundaries
+
+    img = np.asarray(tile["image"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.6))
+    left, right = img.copy(), img.copy()
+    ign = np.asarray(tile["ignore"]).astype(bool)
+    right[ign] = (right[ign] * 0.45).astype(np.uint8)
+    st_b = find_boundaries(np.asarray(tile["inst"]), mode="inner")
+    if truth is not None:
+        tb = find_boundaries(np.asarray(truth["inst"]), mode="inner")
+        left[tb] = (230, 0, 0)
+        right[tb & ~st_b] = (230, 0, 0)
+    right[st_b] = (0, 230, 0)
+    axes[0].imshow(left)
+    for g in nuclei.geometry.values:
+        for part in getattr(g, "geoms", [g]):
+            xy = (shapely.get_coordinates(part.exterior) - np.asarray(origin)) * scale
+            axes[0].plot(xy[:, 0] - 0.5, xy[:, 1] - 0.5, color=(0, 0.9, 0), lw=0.9)
+    axes[1].imshow(right)
+    truth_note = "; red: true nuclei" if truth is not None else ""
+    axes[0].set_title(f"ST nuclei as segmented on DAPI (green){truth_note}", fontsize=9)
+    axes[1].set_title(f"snapped to the haematoxylin boundary (green); ignore shaded{truth_note}", fontsize=9)
+    for ax in axes:
+        ax.set_xlim(-0.5, img.shape[1] - 0.5); ax.set_ylim(img.shape[0] - 0.5, -0.5); ax.axis("off")
+    fig.suptitle(title, fontsize=10)
+    _caption(fig, source)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
 def _class_names(adata) -> pd.Series:
     return adata.obs["class"].astype(int).map(lambda c: CLASS_NAMES.get(c, "Ignore") if c != IGNORE else "Ignore")
 
@@ -390,7 +430,7 @@ def nhood_enrichment(adata, *, source: str, seed: int = 0, title: str = "") -> p
     return fig
 
 
-__all__ = ["notebook_setup", "source_label", "class_cmap_rgb", "class_legend", "image_grid", "polygons_over_image",
+__all__ = ["refinement_overlay", "notebook_setup", "source_label", "class_cmap_rgb", "class_legend", "image_grid", "polygons_over_image",
            "training_curves", "metric_ci_plot", "confusion_plot", "alignment_overlay",
            "residual_field", "class_overlay", "tile_labels", "umap_by_class", "marker_dotplot",
            "nhood_enrichment"]

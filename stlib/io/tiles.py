@@ -237,8 +237,12 @@ class TileStoreWriter:
         if getattr(self, "_meta", None) is not None:
             self._meta.close()
 
-    def close(self) -> Path:
-        """Finish the store: final headers, ``meta.parquet``, ``store.json``, atomic rename."""
+    def close(self, extra: dict[str, Any] | None = None) -> Path:
+        """Finish the store: final headers, ``meta.parquet``, ``store.json``, atomic rename.
+
+        ``extra`` entries (JSON-serialisable: how the labels were made, a build key) are added
+        to ``store.json``; they cannot replace its format keys.
+        """
         if self._closed:
             return self.path
         self._release()
@@ -253,12 +257,16 @@ class TileStoreWriter:
         meta.to_parquet(self.partial / "meta.parquet", index=False)
         from stlib import __version__
 
-        write_json(self.partial / "store.json", {
+        info = {
             "format": _FORMAT, "tile_px": self.tile_px, "um_per_px": self.um_per_px,
             "class_names": {str(k): v for k, v in CLASS_NAMES.items()}, "n_tiles": n,
             "source": self.source, "stlib_version": __version__,
             "arrays": {k: {"file": f, "dtype": str(d)} for k, (f, _, d) in ARRAYS.items()},
-        })
+        }
+        clash = sorted(set(extra or {}) & set(info))
+        if clash:
+            raise ValueError(f"store.json keys {clash} are reserved")
+        write_json(self.partial / "store.json", {**info, **(extra or {})})
         (self.partial / "meta.jsonl").unlink()
         (self.partial / "partial.json").unlink()
         if self.path.exists():

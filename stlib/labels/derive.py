@@ -21,6 +21,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from stlib.constants import CLASS_NAMES, IGNORE, NUCLEUS_CLASSES, TARGET_UM_PER_PX_40X
+from stlib.labels.refine import RefineConfig
 from stlib.utils import InputError, atomic_path, progress, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -384,7 +386,8 @@ def assign_splits(meta: pd.DataFrame, *, heldout_organs: Sequence[str], val_frac
 def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str | Path, *,
                       um_per_px: float = TARGET_UM_PER_PX_40X, tile_px: int = 256,
                       truth_dir: str | Path | None = None, seed: int = 0, val_fraction: float = 0.2,
-                      name: str = "st", labels_name: str = "{sample}", force: bool = False) -> dict[str, Path]:
+                      name: str = "st", labels_name: str = "{sample}", refine_masks: bool = True,
+                      refine_config: RefineConfig | None = None, force: bool = False) -> dict[str, Path]:
     """Cut every sample into training tiles; write ``{run_dir}/tiles/{name}`` (and ``truth``).
 
     Parameters
@@ -392,15 +395,21 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
     samples
         Cohort table with ``sample``, ``organ``, ``role`` (``train`` / ``held-out``).
     truth_dir
-        Demo truth root: also writes ``tiles/truth`` with the true nuclei and classes on exactly
-        the same tiles (the "manual truth" of the demo evaluation).
+        Demo truth root: also writes ``tiles/{name}_truth`` with the true nuclei and classes on
+        exactly the same tiles (the "manual truth" of the demo evaluation).
     labels_name
         Folder of each sample's labels under ``run_dir/labels`` (``{sample}`` is replaced; the
         labeler ablation uses ``"{sample}__flat"`` etc.).
+    refine_masks
+        Snap the rasterised ST nuclei to their haematoxylin boundary in each tile
+        (:mod:`stlib.labels.refine`); nuclei without H&E contrast become ``ignore``. What it
+        did, per sample, is recorded under ``refinement`` in the store's ``store.json`` (with
+        the mask PQ of the ST masks against the truth before and after, when there is a truth).
 
     Returns
     -------
-    ``{"st": path, "truth": path?}``. Idempotent: existing stores are kept unless ``force``.
+    ``{"st": path, "truth": path?}``. Idempotent: stores built with the same parameters from the
+    same labels are kept (``build_key`` in ``store.json``) unless ``force``.
     """
     import geopandas as gpd
 
@@ -408,28 +417,42 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
     from stlib.io.hest import HestSample
     from stlib.io.tiles import TileStore, TileStoreWriter
     from stlib.labels.masks import iter_label_tiles
+    from stlib.labels.refine import RefineStats, refine_label_maps
 
     hest_dir, run_dir = Path(hest_dir), Path(run_dir)
     out = {"st": run_dir / "tiles" / name}
     if truth_dir is not None:
         out["truth"] = run_dir / "tiles" / f"{name}_truth"
-    if all((p / "store.json").is_file() for p in out.values()) and not force:
+    rcfg = (refine_config or RefineConfig()) if refine_masks else None
+    lab_dirs = {sid: run_dir / "labels" / labels_name.format(sample=sid) for sid in samples["sample"]}
+    for sid, d in lab_dirs.items():
+        if not (d / "nuclei.parquet").is_file():
+            raise InputError("labels not derived yet", path=d, sample=sid,
+                             fix="run derive_sample / `stlib labels` for it first")
+    build_key = _key({
+        "um_per_px": um_per_px, "tile_px": tile_px, "seed": seed, "val_fraction": val_fraction,
+        "truth": None if truth_dir is None else str(truth_dir), "refine": None if rcfg is None else asdict(rcfg),
+        "samples": samples[["sample", "organ", "role"]].astype(str).to_dict("records"),
+        "labels": {sid: [_file_key(d / "nuclei.parquet"), _file_key(d / "label_report.json")
+                         if (d / "label_report.json").is_file() else None] for sid, d in lab_dirs.items()},
+        "version": LABELS_VERSION,
+    })
+    if not force and all((p / "store.json").is_file() for p in out.values()) and all(
+            read_json(p / "store.json").get("build_key") == build_key for p in out.values()):
         return out
     heldout = sorted(samples.loc[samples["role"] == "held-out", "organ"].unique())
     writers = {k: TileStoreWriter(p, tile_px=tile_px, um_per_px=um_per_px, source=k, overwrite=True)
                for k, p in out.items()}
+    refinement: dict[str, Any] = {}
     try:
         for row in progress(list(samples.itertuples()), desc="tiles"):
             s = HestSample(hest_dir, row.sample)
-            lab_dir = run_dir / "labels" / labels_name.format(sample=row.sample)
-            if not (lab_dir / "nuclei.parquet").is_file():
-                raise InputError("labels not derived yet", path=lab_dir, sample=row.sample,
-                                 fix="run derive_sample / `stlib labels` for it first")
-            nuc = gpd.read_parquet(lab_dir / "nuclei.parquet")
+            nuc = gpd.read_parquet(lab_dirs[row.sample] / "nuclei.parquet")
             res = load_alignment(run_dir / "alignment" / row.sample / "alignment.json")
             excluded = [_box(r) for r in res.excluded_regions] or None
             score = (res.scores.get("global", {}).get("after") or {}).get("corr")
             scale = s.pixel_size_um / um_per_px
+            stats, pq_before, pq_after = RefineStats(), [], []
             with s.wsi() as wsi:
                 H, W = wsi.shape
                 size_l0 = tile_px / scale
@@ -447,12 +470,27 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
                 for items in zip(*tiles_by_set.values()):
                     x0, y0 = items[0][0].origin
                     img = _read_tile_image(wsi, x0, y0, size_l0, tile_px)
-                    for k, (_, m) in zip(tiles_by_set, items):
-                        writers[k].add(image=img, inst=m.inst, type=m.type, ignore=m.ignore, conf=m.conf,
+                    maps = {k: (m.inst, m.type, m.ignore, m.conf) for k, (_, m) in zip(tiles_by_set, items)}
+                    if rcfg is not None:
+                        raw_inst = maps["st"][0]
+                        *maps["st"], st_stats = refine_label_maps(img, *maps["st"], um_per_px=um_per_px, config=rcfg)
+                        stats = stats + st_stats
+                        if "truth" in maps and maps["truth"][0].any():
+                            pq_before.append(_binary_pq(maps["truth"][0], raw_inst))
+                            pq_after.append(_binary_pq(maps["truth"][0], maps["st"][0]))
+                    for k, (inst, typ, ign, cf) in maps.items():
+                        writers[k].add(image=img, inst=inst, type=typ, ignore=ign, conf=cf,
                                        sample=row.sample, organ=row.organ, x0=x0, y0=y0,
                                        align_score=float(score) if score is not None else float("nan"),
                                        tile_id=f"{row.sample}_{int(round(x0))}_{int(round(y0))}")
-        paths = {k: w.close() for k, w in writers.items()}
+            if rcfg is not None:
+                refinement[row.sample] = stats.to_dict()
+                if pq_before:
+                    refinement[row.sample]["mask_pq_vs_truth_before"] = float(np.nanmean(pq_before))
+                    refinement[row.sample]["mask_pq_vs_truth_after"] = float(np.nanmean(pq_after))
+        extra = {"build_key": build_key,
+                 "refinement": None if rcfg is None else {"config": asdict(rcfg), "per_sample": refinement}}
+        paths = {k: w.close(extra=extra if k == "st" else {"build_key": build_key}) for k, w in writers.items()}
     except BaseException:
         for w in writers.values():
             w._release()
@@ -463,6 +501,21 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
     for p in paths.values():
         _write_split(p, split.to_numpy())
     return paths
+
+
+def _binary_pq(true_inst: np.ndarray, pred_inst: np.ndarray) -> float:
+    """PQ of two instance maps of one tile (nucleus vs background), NaN when both are empty."""
+    from stlib.metrics import pq
+
+    return pq(true_inst, pred_inst).pq
+
+
+def refinement_table(store: str | Path) -> pd.DataFrame:
+    """Per-sample record of the mask refinement of a tile store (empty when it was not refined)."""
+    info = read_json(Path(store) / "store.json")
+    ref = info.get("refinement") or {}
+    rows = [{"sample": sid, **d} for sid, d in (ref.get("per_sample") or {}).items()]
+    return pd.DataFrame(rows)
 
 
 def _box(r: dict[str, float]):
@@ -497,6 +550,8 @@ def cli_main(argv: list[str]) -> int:
     ap.add_argument("--tiles", action="store_true", help="also build OUT/tiles/st (all given samples)")
     ap.add_argument("--tile-px", type=int, default=256)
     ap.add_argument("--um-per-px", type=float, default=TARGET_UM_PER_PX_40X)
+    ap.add_argument("--no-refine-masks", dest="refine_masks", action="store_false",
+                    help="keep the DAPI outlines as they are (default: snap them to the H&E nucleus)")
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -512,10 +567,11 @@ def cli_main(argv: list[str]) -> int:
 
         table = cohort_table(Path(args.hest_dir).parent, samples=args.sample)
         paths = build_tile_stores(args.hest_dir, table, out, um_per_px=args.um_per_px, tile_px=args.tile_px,
-                                  truth_dir=args.truth_dir, seed=args.seed, force=args.force)
+                                  truth_dir=args.truth_dir, seed=args.seed, refine_masks=args.refine_masks,
+                                  force=args.force)
         print(f"stlib labels: tile stores {', '.join(str(p) for p in paths.values())}")
     return 0
 
 
-__all__ = ["derive_sample", "report_table", "pooled_truth_scores", "truth_scores", "cellvit_agreement", "build_tile_stores", "assign_splits",
+__all__ = ["derive_sample", "report_table", "pooled_truth_scores", "truth_scores", "cellvit_agreement", "build_tile_stores", "refinement_table", "assign_splits",
            "cli_main", "LABELS_VERSION"]
