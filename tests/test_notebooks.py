@@ -101,6 +101,29 @@ def test_outputs_of_the_study_exist(smoke):
     assert list((run / "infer").glob("*/*.geojson"))
 
 
+def test_tile_store_records_mask_refinement_and_rebuilds_on_change(smoke):
+    from stlib.io import cohort
+    from stlib.labels import derive
+
+    root = smoke["root"]
+    run, data = root / "runs" / "demo", root / "data" / "demo"
+    ref = derive.refinement_table(run / "tiles" / "st")
+    assert len(ref) >= 6 and (ref["refined"] > 0).all()
+    # on the synthetic cohort the snapped masks are closer to the true nuclei than DAPI outlines
+    assert ref["mask_pq_vs_truth_after"].mean() > ref["mask_pq_vs_truth_before"].mean()
+    # the same store name with other parameters is rebuilt, not silently reused
+    table = cohort.cohort_table(data)
+    kw = dict(truth_dir=data / "truth", name="st_keycheck")
+    p = derive.build_tile_stores(cohort.hest_dir(data), table, run, refine_masks=False, **kw)["st"]
+    info = json.loads((p / "store.json").read_text())
+    assert info["refinement"] is None
+    mtime = (p / "store.json").stat().st_mtime_ns
+    derive.build_tile_stores(cohort.hest_dir(data), table, run, refine_masks=False, **kw)
+    assert (p / "store.json").stat().st_mtime_ns == mtime  # unchanged parameters: reused
+    derive.build_tile_stores(cohort.hest_dir(data), table, run, refine_masks=True, **kw)
+    assert json.loads((p / "store.json").read_text())["refinement"]["per_sample"]
+
+
 def test_rerun_skips_finished_notebooks(smoke):
     root = smoke["root"]
     rep = run_profile("demo", root=root, params_dir=root / "params", build=False, log=lambda *_: None)

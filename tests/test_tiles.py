@@ -161,3 +161,16 @@ def test_read_throughput(tmp_path):
     res = T.read_throughput(path, batch=4, n_batches=3)
     assert res["tiles_per_s"] > 0 and res["batch"] == 4 and res["n_tiles"] == 6
     assert T.cli_main(["info", str(path)]) == 0
+
+
+def test_close_records_extra_info_but_not_over_format_keys(tmp_path):
+    rng = np.random.default_rng(1)
+    w = T.TileStoreWriter(tmp_path / "s", tile_px=TP, um_per_px=0.25)
+    w.add(**_tile(rng), sample="S0", organ="lung", x0=0, y0=0)
+    with pytest.raises(ValueError, match="reserved"):
+        w.close(extra={"tile_px": 8})
+    assert not (tmp_path / "s").exists()  # nothing published by the refused close
+    path = w.close(extra={"build_key": "abc", "refinement": {"per_sample": {}}})
+    info = json.loads((path / "store.json").read_text())
+    assert info["build_key"] == "abc" and info["tile_px"] == TP
+    assert T.TileStore(path).info["refinement"] == {"per_sample": {}}

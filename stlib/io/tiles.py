@@ -65,6 +65,10 @@ def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
     return b"\x93NUMPY\x01\x00" + body_len.to_bytes(2, "little") + body.encode("latin1")
 
 
+#: keys of store.json written by the format itself (``TileStoreWriter.close(extra=...)`` cannot set them)
+_STORE_KEYS = frozenset({"format", "tile_px", "um_per_px", "class_names", "n_tiles", "source", "stlib_version", "arrays"})
+
+
 class TileStoreWriter:
     """Append tiles to a new tile store; the store appears at ``path`` only when closed.
 
@@ -245,6 +249,9 @@ class TileStoreWriter:
         """
         if self._closed:
             return self.path
+        clash = sorted(set(extra or {}) & _STORE_KEYS)
+        if clash:
+            raise ValueError(f"store.json keys {clash} are reserved")
         self._release()
         n = self.n
         for key, (fname, trail, dtype) in ARRAYS.items():
@@ -263,9 +270,7 @@ class TileStoreWriter:
             "source": self.source, "stlib_version": __version__,
             "arrays": {k: {"file": f, "dtype": str(d)} for k, (f, _, d) in ARRAYS.items()},
         }
-        clash = sorted(set(extra or {}) & set(info))
-        if clash:
-            raise ValueError(f"store.json keys {clash} are reserved")
+        assert set(info) == _STORE_KEYS, "keep _STORE_KEYS in step with store.json"
         write_json(self.partial / "store.json", {**info, **(extra or {})})
         (self.partial / "meta.jsonl").unlink()
         (self.partial / "partial.json").unlink()

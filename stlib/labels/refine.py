@@ -22,7 +22,7 @@ boundary of *its own* nucleus in the H&E tile, keeping the ST identity and class
 5. guards: a nucleus whose refined area falls below ``min_keep`` or grows beyond ``max_grow``
    times its ST area keeps its ST outline (the image disagrees too much to trust the snap); a
    nucleus with no haematoxylin contrast at all (below ``min_rel_contrast`` of the tile's
-   median nucleus contrast) is a DAPI nucleus not seen in the H&E (another plane, a fold) and
+   median nucleus contrast, or below an absolute floor) is a DAPI nucleus not seen in the H&E (another plane, a fold) and
    becomes ``ignore``: it is neither taught as a nucleus nor as background.
 
 The watershed, the colour deconvolution and the label statistics come from scikit-image and
@@ -64,9 +64,12 @@ class RefineConfig:
         contrast, the usual edge definition of a blurred step).
     min_keep, max_grow
         Refined/ST area ratios outside which the ST outline is kept.
-    min_rel_contrast
-        Core-minus-ring contrast, relative to the tile's median nucleus contrast, below which a
-        nucleus is taken as not visible in the H&E and set to ``ignore``.
+    min_rel_contrast, min_contrast_od
+        A nucleus whose core-minus-ring haematoxylin contrast is below ``min_rel_contrast`` of
+        the tile's median nucleus contrast, or below ``min_contrast_od`` (optical density from
+        :func:`haematoxylin`; nuclei on H&E are typically 0.05-0.3 above their surroundings), is
+        taken as not visible in the H&E and set to ``ignore``. The relative test adapts to the
+        stain; the absolute floor catches a lone nucleus, which the relative one cannot judge.
     """
 
     grow_um: float = 1.5
@@ -77,6 +80,7 @@ class RefineConfig:
     min_keep: float = 0.5
     max_grow: float = 1.8
     min_rel_contrast: float = 0.25
+    min_contrast_od: float = 0.02
 
     def __post_init__(self) -> None:
         for name in ("grow_um", "core_um", "ring_um", "max_grow"):
@@ -86,8 +90,8 @@ class RefineConfig:
             raise ValueError(f"RefineConfig.edge_fraction must be in (0, 1), got {self.edge_fraction}")
         if not 0 <= self.min_keep < 1 < self.max_grow:
             raise ValueError("RefineConfig needs 0 <= min_keep < 1 < max_grow")
-        if self.smooth_um < 0 or self.min_rel_contrast < 0:
-            raise ValueError("RefineConfig.smooth_um and min_rel_contrast must be >= 0")
+        if min(self.smooth_um, self.min_rel_contrast, self.min_contrast_od) < 0:
+            raise ValueError("RefineConfig.smooth_um, min_rel_contrast and min_contrast_od must be >= 0")
 
 
 @dataclass
@@ -234,9 +238,11 @@ def refine_instances(image: np.ndarray, inst: np.ndarray, *, um_per_px: float,
     bg = np.where(np.isfinite(bg), bg, tile_bg)
     contrast = fg - bg
     ref_contrast = float(np.nanmedian(contrast[1:]))
-    not_vis = np.zeros(n + 1, bool)
+    floor = cfg.min_contrast_od
     if np.isfinite(ref_contrast) and ref_contrast > 0:
-        not_vis[1:] = ~(contrast[1:] >= cfg.min_rel_contrast * ref_contrast)
+        floor = max(floor, cfg.min_rel_contrast * ref_contrast)
+    not_vis = ~(contrast >= floor)
+    not_vis[0] = False
 
     thr = bg + cfg.edge_fraction * contrast
     thr[0] = np.inf

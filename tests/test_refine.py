@@ -1,0 +1,183 @@
+"""H&E-guided refinement of ST nucleus masks (stlib.labels.refine)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from stlib.labels.refine import RefineConfig, RefineStats, haematoxylin, refine_instances, refine_label_maps
+
+UM = 0.25
+# haematoxylin-like and eosin-like absorbances (unit RGB optical density vectors)
+H_VEC = np.array([0.65, 0.70, 0.29])
+E_VEC = np.array([0.07, 0.99, 0.11])
+
+
+def _render(true_inst: np.ndarray, *, h_level=None, seed: int = 0) -> np.ndarray:
+    """Beer-Lambert H&E-like image: eosin background, haematoxylin inside the true nuclei."""
+    rng = np.random.default_rng(seed)
+    n = int(true_inst.max())
+    levels = np.zeros(n + 1)
+    levels[1:] = rng.uniform(0.5, 0.9, n) if h_level is None else h_level
+    h = levels[true_inst]
+    h = ndi.gaussian_filter(h, 0.8)
+    e = 0.25 + 0.03 * rng.standard_normal(true_inst.shape)
+    od = h[..., None] * H_VEC + e[..., None] * E_VEC
+    rgb = 255 * 10 ** (-od) + rng.normal(0, 2, od.shape)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+
+
+def _ellipses(shape, centres, axes, angles=None) -> np.ndarray:
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]]
+    inst = np.zeros(shape, np.int32)
+    for i, ((cx, cy), (a, b)) in enumerate(zip(centres, axes), 1):
+        t = 0.0 if angles is None else angles[i - 1]
+        u = (xx - cx) * np.cos(t) + (yy - cy) * np.sin(t)
+        v = -(xx - cx) * np.sin(t) + (yy - cy) * np.cos(t)
+        inst[(u / a) ** 2 + (v / b) ** 2 <= 1] = i
+    return inst
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+@pytest.fixture
+def field():
+    """A 192 px field of 9 nuclei, two of them touching, and DAPI-like outlines: 15 % larger,
+    shifted by ~0.5 µm and jittered, as rasterised ST masks are."""
+    rng = np.random.default_rng(3)
+    centres = [(30, 30), (90, 32), (150, 35), (35, 95), (95, 100), (112, 100), (160, 100), (40, 160), (120, 155)]
+    axes = [(14, 10), (12, 12), (16, 9), (11, 9), (10, 8), (9, 8), (15, 11), (13, 10), (12, 9)]
+    angles = rng.uniform(0, np.pi, len(centres))
+    true = _ellipses((192, 192), centres, axes, angles)
+    dapi_c = [(x + rng.normal(0, 2), y + rng.normal(0, 2)) for x, y in centres]
+    dapi = _ellipses((192, 192), dapi_c, [(a * 1.15, b * 1.15) for a, b in axes], angles + rng.normal(0, 0.2, len(axes)))
+    return true, dapi * 1000 + 7 * (dapi > 0), _render(true)  # large, non-contiguous global ids
+
+
+def _per_nucleus_iou(true, inst):
+    ids = [i for i in np.unique(inst) if i]
+    out = []
+    for j in ids:
+        m = inst == j
+        t = np.bincount(true[m]).argmax() if (true[m] > 0).any() else 0
+        out.append(_iou(m, true == t) if t else 0.0)
+    return np.array(out)
+
+
+def test_snapped_outlines_match_the_haematoxylin_nuclei(field):
+    true, dapi, img = field
+    refined, not_vis, stats = refine_instances(img, dapi, um_per_px=UM)
+    before = _per_nucleus_iou(true, dapi)
+    after = _per_nucleus_iou(true, refined)
+    assert before.mean() < 0.75  # the DAPI-like outlines are clearly off
+    assert after.mean() > 0.88 and after.min() > 0.75
+    # identities are kept: same ids, none created, none lost
+    assert set(np.unique(refined)) == set(np.unique(dapi))
+    assert not not_vis.any()
+    assert stats.n == 9 and stats.refined == 9 and stats.kept_st == 0 and stats.not_visible == 0
+    assert stats.to_dict()["area_ratio"] < 0.9  # outlines that were 15 % too large shrank
+
+
+def test_touching_nuclei_stay_apart(field):
+    true, dapi, img = field
+    refined, _, _ = refine_instances(img, dapi, um_per_px=UM)
+    a, b = dapi[95, 95], dapi[100, 112]
+    assert a != b and a and b
+    # each of the two touching nuclei is one connected component and they do not swap
+    for j, (x, y) in ((a, (95, 100)), (b, (112, 100))):
+        lab, n = ndi.label(refined == j)
+        assert n == 1
+        assert refined[y, x] == j
+
+
+def test_nucleus_without_haematoxylin_becomes_not_visible(field):
+    true, dapi, img = field
+    ghost = _ellipses(true.shape, [(170, 165)], [(10, 8)])  # a DAPI nucleus over plain stroma
+    assert not (true[ghost > 0]).any()
+    inst = np.where(ghost > 0, 99_999, dapi)
+    refined, not_vis, stats = refine_instances(img, inst, um_per_px=UM)
+    assert stats.not_visible == 1
+    assert not (refined == 99_999).any()
+    assert np.array_equal(not_vis, inst == 99_999)
+
+
+def test_guard_keeps_the_st_outline_where_the_image_disagrees():
+    # the image shows a nucleus of twice the ST radius: snapping would more than triple the
+    # ST area, beyond max_grow, so the ST outline is kept
+    true = _ellipses((96, 96), [(48, 48)], [(14, 14)])
+    img = _render(true, h_level=0.8)
+    st = _ellipses((96, 96), [(48, 48)], [(7, 7)])
+    refined, not_vis, stats = refine_instances(img, st * 5, um_per_px=UM)
+    assert stats.kept_st == 1 and stats.refined == 0
+    assert np.array_equal(refined, st * 5)
+    assert not not_vis.any()
+
+
+def test_flat_region_is_not_visible_even_alone():
+    # one ST nucleus over a uniformly dark area: no contrast between core and ring, so there is
+    # no haematoxylin boundary to snap to; the relative test cannot judge a lone nucleus, the
+    # absolute floor does
+    dark = np.ones((64, 64), np.int32)
+    img = _render(dark, h_level=0.8)
+    st = _ellipses((64, 64), [(32, 32)], [(8, 7)])
+    refined, not_vis, stats = refine_instances(img, st, um_per_px=UM)
+    assert stats.not_visible == 1 and not refined.any() and np.array_equal(not_vis, st > 0)
+
+
+def test_label_maps_follow_the_instances_and_keep_ignore(field):
+    true, dapi, img = field
+    ids = [i for i in np.unique(dapi) if i]
+    cls = {j: (k % 5) + 1 for k, j in enumerate(ids)}
+    cls[ids[0]] = 255  # a nucleus of unknown class
+    typ = np.zeros(dapi.shape, np.uint8)
+    conf = np.zeros(dapi.shape, np.uint8)
+    for j in ids:
+        typ[dapi == j] = cls[j]
+        conf[dapi == j] = 0 if cls[j] == 255 else 100 + j % 100
+    ignore = np.zeros(dapi.shape, np.uint8)
+    ignore[:, 176:] = 1  # an excluded strip
+    inst2, typ2, ign2, conf2, stats = refine_label_maps(img, dapi, typ, ignore, conf, um_per_px=UM)
+    # excluded pixels are untouched
+    strip = ignore.astype(bool)
+    assert np.array_equal(inst2[strip], dapi[strip]) and ign2[strip].all()
+    # class and confidence are those of the (refined) instance, background is 0
+    for j in ids:
+        m = inst2 == j
+        assert (typ2[m] == cls[j]).all()
+        assert (conf2[m] == conf[dapi == j][0]).all()
+    assert (typ2[inst2 == 0] == 0).all() and (conf2[inst2 == 0] == 0).all()
+    assert inst2.dtype == dapi.dtype and typ2.dtype == np.uint8 and ign2.dtype == np.uint8
+
+
+def test_empty_tile_and_tile_without_background():
+    img = np.full((32, 32, 3), 230, np.uint8)
+    inst = np.zeros((32, 32), np.int32)
+    out, nv, st = refine_instances(img, inst, um_per_px=UM)
+    assert not out.any() and not nv.any() and st == RefineStats()
+    full = np.ones((32, 32), np.int32) * 4  # one nucleus covering the tile
+    out, nv, st = refine_instances(_render(full), full, um_per_px=UM)
+    assert out.shape == full.shape and st.n == 1
+
+
+def test_bad_input_and_config():
+    with pytest.raises(ValueError, match="RGB"):
+        haematoxylin(np.zeros((8, 8)))
+    with pytest.raises(ValueError, match="share"):
+        refine_instances(np.zeros((8, 8, 3), np.uint8), np.zeros((9, 8), np.int32), um_per_px=UM)
+    with pytest.raises(ValueError, match="um_per_px"):
+        refine_instances(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.int32), um_per_px=0)
+    with pytest.raises(ValueError, match="edge_fraction"):
+        RefineConfig(edge_fraction=1.0)
+    with pytest.raises(ValueError, match="grow_um"):
+        RefineConfig(grow_um=0)
+
+
+def test_stats_add_up():
+    a = RefineStats(n=3, refined=2, kept_st=1, area_st=10, area_refined=8)
+    b = RefineStats(n=1, not_visible=1)
+    s = a + b
+    assert (s.n, s.refined, s.kept_st, s.not_visible) == (4, 2, 1, 1)
+    assert s.to_dict()["area_ratio"] == pytest.approx(0.8)
