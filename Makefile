@@ -34,6 +34,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/stlib bench labels --out benchmarks/labels.json
+	$(VENV)/bin/stlib bench tiles --out benchmarks/tiles.json
+	$(VENV)/bin/stlib bench refine --out benchmarks/refine.json
 	$(VENV)/bin/stlib bench train --out benchmarks/train_cpu.json
 	$(VENV)/bin/stlib bench infer --out benchmarks/infer_cpu.json
 
