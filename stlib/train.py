@@ -17,7 +17,8 @@ One entry point serves a laptop CPU, one GPU and ``torchrun`` (DDP). What it doe
 * writes ``checkpoint.pt`` atomically every ``ckpt_every`` steps with everything needed to
   resume bit-exactly on CPU (model, optimizer, scheduler, sampler and augmentation
   generators, torch/numpy/python RNG states, step, metric history); rerunning the same
-  command resumes; a finished run is skipped;
+  command resumes; a finished run is skipped. The checkpoint remembers the content of the tile
+  stores it trained on: when they were rebuilt since, training starts over instead;
 * writes ``model.pt``, ``config.json``, ``metrics.csv`` and ``metrics.json`` (and TensorBoard
   events when ``tensorboard`` is importable).
 
@@ -845,6 +846,34 @@ def _set_rng_states(st: Mapping[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(st["cuda"], device)
 
 
+def _data_key(stores: Sequence[Path]) -> str | None:
+    """Content key of the tile stores a run trains on.
+
+    ``store.json`` and ``meta.parquet`` are hashed whole; each array file by its size and 16
+    chunks of 64 KiB spread over it (a fingerprint: hashing gigabytes of tiles on every start
+    would cost more than it protects). A checkpoint remembers the key, so a rebuilt store (new
+    labels, new refinement, new splits) is not mistaken for the data a finished or interrupted
+    run was trained on. ``None`` when a store is missing (the data loader then reports it).
+    """
+    h = hashlib.sha256()
+    for p in stores:
+        p = Path(p)
+        for name in ("store.json", "meta.parquet"):
+            f = p / name
+            if not f.is_file():
+                return None
+            h.update(name.encode())
+            h.update(f.read_bytes())
+        for f in sorted(p.glob("*.npy")):
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                for k in range(16):
+                    fh.seek(size * k // 16)
+                    h.update(fh.read(1 << 16))
+    return h.hexdigest()
+
+
 def _comparable(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if k not in RESUME_FREE_FIELDS}
 
@@ -1001,8 +1030,17 @@ def _train(config: TrainConfig, device: torch.device, dist: DistInfo, resume: st
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     ckpt = None
+    data_key = _data_key(config.store_paths())
     if resume == "auto" and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ckpt.get("data_key") != data_key:
+            # the tile stores were rebuilt (other labels, other refinement, other tiles) since
+            # this checkpoint: neither resuming nor skipping would train on the current data
+            if dist.is_main:
+                log.warning("%s: the tile stores changed since checkpoint step %s; training starts over",
+                            out, ckpt.get("step"))
+            ckpt = None
+    if ckpt is not None:
         if _comparable(ckpt["config"]) != _comparable(config.to_dict()):
             diff = sorted(k for k in _comparable(config.to_dict())
                           if ckpt["config"].get(k) != config.to_dict().get(k))
@@ -1136,7 +1174,7 @@ def _train(config: TrainConfig, device: torch.device, dist: DistInfo, resume: st
                     state = {**_model_file(raw_model, config, data_info), "optimizer": opt.state_dict(),
                              "scheduler": sched.state_dict(), "sampler": sampler_state,
                              "aug_rng": aug_gen.get_state(), "rng": _rng_states(device), "step": step,
-                             "history": history}
+                             "history": history, "data_key": data_key}
                     with atomic_path(ckpt_path) as tmp:
                         torch.save(state, tmp)
                     _write_metrics(out, history, {"config": config.to_dict(), "step": step})

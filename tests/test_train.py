@@ -276,6 +276,21 @@ def test_resume_after_kill_is_exact(run_dir):
     assert again.resumed_from is None and again.final["loss"] == ref.final["loss"]
 
 
+def test_rebuilt_store_is_trained_again_not_skipped_or_resumed(tmp_path):
+    run = tmp_path / "run"
+    make_store(run / "tiles" / "st", seed=1)
+    cfg = tiny_config(run, out_dir="models/st")
+    first = train(cfg)
+    assert train(cfg).skipped  # same stores: the finished run is reused
+    make_store(run / "tiles" / "st", seed=2)  # the labels were derived again: other tiles
+    again = train(cfg)
+    assert not again.skipped and again.resumed_from is None and again.steps == 6
+    assert again.final["loss"] != first.final["loss"]
+    with pytest.raises(TrainingInterrupted):  # an interrupted run on the new store still resumes
+        train(cfg.replace(steps=9), interrupt_after=7, resume="never")
+    assert train(cfg.replace(steps=9)).resumed_from == 6
+
+
 def test_cli_with_overrides(run_dir, tmp_path, capsys):
     cfg_path = tiny_config(run_dir).to_yaml(tmp_path / "t.yaml")
     rc = cli_main(["--config", str(cfg_path), "--set", "steps=2", "--set", "out_dir=models/cli",
