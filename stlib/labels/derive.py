@@ -418,6 +418,7 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
     from stlib.io.tiles import TileStore, TileStoreWriter
     from stlib.labels.masks import iter_label_tiles
     from stlib.labels.refine import RefineStats, refine_label_maps
+    from stlib.metrics import pannuke_bpq
 
     hest_dir, run_dir = Path(hest_dir), Path(run_dir)
     out = {"st": run_dir / "tiles" / name}
@@ -476,8 +477,8 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
                         *maps["st"], st_stats = refine_label_maps(img, *maps["st"], um_per_px=um_per_px, config=rcfg)
                         stats = stats + st_stats
                         if "truth" in maps and maps["truth"][0].any():
-                            pq_before.append(_binary_pq(maps["truth"][0], raw_inst))
-                            pq_after.append(_binary_pq(maps["truth"][0], maps["st"][0]))
+                            pq_before.append(pannuke_bpq(maps["truth"][0], raw_inst))
+                            pq_after.append(pannuke_bpq(maps["truth"][0], maps["st"][0]))
                     for k, (inst, typ, ign, cf) in maps.items():
                         writers[k].add(image=img, inst=inst, type=typ, ignore=ign, conf=cf,
                                        sample=row.sample, organ=row.organ, x0=x0, y0=y0,
@@ -501,13 +502,6 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
     for p in paths.values():
         _write_split(p, split.to_numpy())
     return paths
-
-
-def _binary_pq(true_inst: np.ndarray, pred_inst: np.ndarray) -> float:
-    """PQ of two instance maps of one tile (nucleus vs background), NaN when both are empty."""
-    from stlib.metrics import pq
-
-    return pq(true_inst, pred_inst).pq
 
 
 def refinement_table(store: str | Path) -> pd.DataFrame:

@@ -35,7 +35,7 @@ per-pixel class and confidence follow the refined instance.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -109,7 +109,6 @@ class RefineStats:
     not_visible: int = 0
     area_st: int = 0
     area_refined: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __add__(self, other: RefineStats) -> RefineStats:
         return RefineStats(self.n + other.n, self.refined + other.refined, self.kept_st + other.kept_st,
@@ -118,7 +117,6 @@ class RefineStats:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d.pop("extra")
         d["area_ratio"] = d["area_refined"] / d["area_st"] if d["area_st"] else float("nan")
         return d
 
@@ -144,14 +142,14 @@ def _same_label_interior(inst: np.ndarray) -> np.ndarray:
     return m
 
 
-def _label_median(values: np.ndarray, labels: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Median of ``values`` per label 1..n and the pixel count (median NaN where count 0)."""
+def _label_median(values: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """Median of ``values`` per label 0..n (NaN for a label without pixels)."""
     cnt = np.bincount(labels.ravel(), minlength=n + 1)[: n + 1]
     med = np.full(n + 1, np.nan)
     have = np.flatnonzero(cnt[1:] > 0) + 1
     if have.size:
         med[have] = ndi.median(values, labels, have)
-    return med, cnt
+    return med
 
 
 def _clean(lab: np.ndarray, core: np.ndarray) -> np.ndarray:
@@ -231,8 +229,8 @@ def refine_instances(image: np.ndarray, inst: np.ndarray, *, um_per_px: float,
     thin = (local > 0) & ~has_core[local]
     core[thin] = local[thin]  # nuclei thinner than the erosion: their whole mask is the core
 
-    fg, _ = _label_median(h, core, n)
-    bg, ring_n = _label_median(h, ring, n)
+    fg = _label_median(h, core, n)
+    bg = _label_median(h, ring, n)
     outside = h[(owner == 0) | (dist > r)]
     tile_bg = float(np.median(outside)) if outside.size else float(np.nanmin(fg[1:]))
     bg = np.where(np.isfinite(bg), bg, tile_bg)
