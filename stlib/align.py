@@ -55,6 +55,7 @@ __all__ = [
     "compose",
     "fit_hest_registration",
     "haematoxylin_image",
+    "haematoxylin_od",
     "in_excluded_region",
     "load_alignment",
     "nuclei_mask_dice",
@@ -547,7 +548,7 @@ class WorkGrid:
         return np.column_stack([u, v])
 
 
-def _haematoxylin_od(rgb: np.ndarray) -> np.ndarray:
+def haematoxylin_od(rgb: np.ndarray) -> np.ndarray:
     """Haematoxylin channel of an RGB uint8 block (Ruifrok-Johnston deconvolution)."""
     from skimage.color import rgb2hed
 
@@ -587,7 +588,7 @@ def haematoxylin_image(slide: SlideLike, grid: WorkGrid, *, chunk: int = 1024) -
             lw = int(math.ceil(jx[-1])) + pad + 1 - lx0
             lh = int(math.ceil(jy[-1])) + pad + 1 - ly0
             rgb = slide.read_region(int(round(lx0 * ds)), int(round(ly0 * ds)), lw, lh, level=level)
-            h = _haematoxylin_od(np.asarray(rgb))
+            h = haematoxylin_od(np.asarray(rgb))
             if sigma > 0:
                 h = ndimage.gaussian_filter(h, sigma)
             # read_region's corner was rounded to level-0 px: account for it exactly

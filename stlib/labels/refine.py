@@ -122,13 +122,13 @@ class RefineStats:
 
 
 def haematoxylin(image: np.ndarray, *, smooth_px: float = 0.0) -> np.ndarray:
-    """Haematoxylin optical density of an RGB uint8 image (colour deconvolution), smoothed."""
-    from skimage.color import rgb2hed
+    """Haematoxylin optical density of an RGB uint8 image (:func:`stlib.align.haematoxylin_od`), smoothed."""
+    from stlib.align import haematoxylin_od
 
     img = np.asarray(image)
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"image must be (H, W, 3) RGB, got shape {img.shape}")
-    h = rgb2hed(img)[..., 0].astype(np.float32)
+    h = haematoxylin_od(img)
     return ndi.gaussian_filter(h, smooth_px) if smooth_px > 0 else h
 
 
