@@ -18,12 +18,16 @@ import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from stlib.config import NOTEBOOK_PARAMS, load_params
 from stlib.utils import InputError, StlibError, read_json, repo_root, write_json
+
+if TYPE_CHECKING:
+    from nbformat import NotebookNode
+    from traitlets.config import Config
 
 STATE_FILE = ".run_state.json"
 
@@ -58,6 +62,95 @@ def _quiet_env() -> None:
     """Executed notebooks carry results, not progress bars (ours and third-party tqdm bars)."""
     os.environ.setdefault("STLIB_NO_PROGRESS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def kernel_config() -> Config:
+    """Kernel-manager settings for every notebook kernel stlib starts (papermill, JupyterLab).
+
+    ipykernel >= 7 warns on stderr, once per kernel, when its ZeroMQ sockets run over TCP
+    without encryption. jupyter_client provisions CurveZMQ keys for kernels whose kernelspec
+    declares support (ipykernel's does) when ``transport_encryption`` is ``"auto"``: the kernel
+    traffic is encrypted and the warning is gone, instead of being filtered away. A kernelspec
+    without the declaration simply starts unencrypted, as before.
+
+    Returns
+    -------
+    traitlets.config.Config
+        Empty where this libzmq has no CurveZMQ support.
+    """
+    import zmq
+    from traitlets.config import Config
+
+    cfg = Config()
+    if zmq.has("curve"):
+        cfg.KernelManager.transport_encryption = "auto"
+    return cfg
+
+
+def execute_notebook(src: str | os.PathLike, dst: str | os.PathLike, params: dict[str, Any],
+                     cwd: str | os.PathLike) -> None:
+    """Run ``src`` with papermill into ``dst`` (the one place stlib calls papermill).
+
+    The kernel runs in ``cwd`` (the repository root, so the parameters' relative paths resolve
+    from there) with the settings of :func:`kernel_config`; progress bars and the cell log stay
+    out of the terminal. Raises ``papermill.PapermillExecutionError`` when a cell fails.
+    """
+    import papermill as pm
+
+    pm.execute_notebook(str(src), str(dst), parameters=params, cwd=str(cwd), kernel_name="python3",
+                        progress_bar=False, log_output=False, config=kernel_config())
+
+
+#: tags papermill gives the cell it injects and the cell of the notebook's defaults
+INJECTED_TAG, PARAMETERS_TAG = "injected-parameters", "parameters"
+#: a code cell with this tag keeps its input visible in the book
+SHOW_INPUT_TAG = "show-input"
+_ALREADY_HIDDEN = {"hide-input", "hide-cell", "remove-input", "remove-cell"}
+
+
+def book_tags(nb: NotebookNode) -> bool:
+    """Tag an executed notebook for the book (jupyter-book 1.x / myst-nb cell tags).
+
+    * papermill's ``injected-parameters`` cell and the ``parameters`` cell get ``remove-cell``:
+      the first is bookkeeping, the second holds the notebook's *defaults*, which the profile
+      overrode, so showing it would state values that did not run (they are in
+      ``params/{profile}.yaml``, named at the top of every chapter);
+    * every other code cell gets ``hide-input``: the reader sees the results, and the code
+      behind a "Show code cell source" toggle. A cell tagged ``show-input`` (or already
+      hidden/removed by its author) is left as it is.
+
+    Idempotent. Returns whether ``nb`` changed.
+    """
+    changed = False
+    for cell in nb.cells:
+        if cell.get("cell_type") != "code":
+            continue
+        tags = list(cell.get("metadata", {}).get("tags", []))
+        if INJECTED_TAG in tags or PARAMETERS_TAG in tags:
+            new = ["remove-cell"]
+        elif SHOW_INPUT_TAG in tags or _ALREADY_HIDDEN & set(tags):
+            new = []
+        else:
+            new = ["hide-input"]
+        new = [t for t in new if t not in tags]
+        if new:
+            cell.setdefault("metadata", {})["tags"] = tags + new
+            changed = True
+    return changed
+
+
+def apply_book_tags(path: str | os.PathLike) -> bool:
+    """:func:`book_tags` on the notebook file ``path``, rewritten (atomically) only if it changed."""
+    import nbformat
+
+    from stlib.utils import atomic_path
+
+    nb = nbformat.read(str(path), as_version=4)
+    if not book_tags(nb):
+        return False
+    with atomic_path(path) as tmp:
+        nbformat.write(nb, str(tmp))
+    return True
 
 
 def fingerprint(notebook: Path, params: dict[str, Any], upstream: str, code: str) -> str:
@@ -130,14 +223,15 @@ def run_profile(profile: str = "demo", *, only: list[str] | None = None, force: 
         entry = state.get(name, {})
         if not force and entry.get("fingerprint") == fp and entry.get("profile") == str(profile) and dst.is_file():
             log(f"[stlib run] {name}: unchanged, skipped")
+            apply_book_tags(dst)  # a copy executed before the book tags existed gets them too
             report.skipped.append(name)
             continue
         log(f"[stlib run] {name}: executing ({profile})")
         tmp = out_dir / f".{name}.running.ipynb"
         t0 = time.perf_counter()
         try:
-            pm.execute_notebook(str(src), str(tmp), parameters=params, cwd=str(root),
-                                kernel_name="python3", progress_bar=False, log_output=False)
+            execute_notebook(src, tmp, params, root)
+            apply_book_tags(tmp)
         except pm.PapermillExecutionError as e:
             failed = out_dir / f"{name}.failed.ipynb"
             if tmp.exists():
@@ -262,8 +356,7 @@ def _batch_task(notebook: str, profile: str, overrides: dict[str, Any], out_path
     row: dict[str, Any] = {"notebook": notebook, **{f"param:{k}": (json.dumps(v) if isinstance(v, (list, dict)) else v)
                                                      for k, v in overrides.items()}}
     try:
-        pm.execute_notebook(str(src), out_path, parameters=params, cwd=root, kernel_name="python3",
-                            progress_bar=False, log_output=False)
+        execute_notebook(src, out_path, params, root)
         row.update({"status": "ok", **read_glued(out_path)})
     except pm.PapermillExecutionError as e:
         row.update({"status": "failed", "error": f"cell {e.cell_index}: {e.ename}: {e.evalue}"})
@@ -369,4 +462,5 @@ def batch_main(argv: list[str]) -> int:
 
 
 __all__ = ["run_profile", "build_book", "RunReport", "NotebookFailed", "notebook_names", "cli_main",
-           "run_batch", "batch_main", "expand_grid", "read_glued"]
+           "run_batch", "batch_main", "expand_grid", "read_glued", "execute_notebook", "kernel_config",
+           "book_tags", "apply_book_tags"]

@@ -74,3 +74,39 @@ def test_batch_on_local_cluster_of_two_workers(study, tmp_path):
 
 def test_expand_grid():
     assert strun.expand_grid({"a": [1, 2], "b": ["x"]}) == [{"a": 1, "b": "x"}, {"a": 2, "b": "x"}]
+
+
+def test_executed_notebooks_are_tagged_for_the_book(study):
+    strun.run_profile("demo", root=study, params_dir=study / "params", build=False, log=lambda *_: None)
+    nb = nbformat.read(str(study / "book" / "executed" / "00_data.ipynb"), as_version=4)
+    tags = [c.metadata.get("tags", []) for c in nb.cells]
+    # papermill's injected cell and the defaults cell are removed from the book, the code is hidden
+    assert any("injected-parameters" in t and "remove-cell" in t for t in tags)
+    assert any("parameters" in t and "remove-cell" in t for t in tags)
+    body = [c for c in nb.cells if "glue" in c.source]
+    assert body and "hide-input" in body[0].metadata["tags"] and "remove-cell" not in body[0].metadata["tags"]
+    # the committed notebook stays clean
+    src = nbformat.read(str(study / "notebooks" / "00_data.ipynb"), as_version=4)
+    assert [c.metadata.get("tags", []) for c in src.cells] == [["parameters"], []]
+
+
+def test_book_tags_respect_the_author_and_are_idempotent():
+    nb = nbformat.v4.new_notebook()
+    cells = [nbformat.v4.new_code_cell("a = 1"), nbformat.v4.new_code_cell("b = 2"),
+             nbformat.v4.new_code_cell("c = 3"), nbformat.v4.new_code_cell("d = 4"),
+             nbformat.v4.new_markdown_cell("text")]
+    cells[0].metadata["tags"] = ["injected-parameters"]
+    cells[1].metadata["tags"] = ["show-input"]
+    cells[2].metadata["tags"] = ["remove-input"]
+    nb.cells = cells
+    assert strun.book_tags(nb) is True
+    assert [c.metadata.get("tags") for c in nb.cells] == [
+        ["injected-parameters", "remove-cell"], ["show-input"], ["remove-input"], ["hide-input"], None]
+    assert strun.book_tags(nb) is False
+
+
+def test_notebook_kernels_print_no_transport_warning(study, capfd):
+    """`make book` output: no per-notebook "[IPKernelApp] WARNING | Kernel is running over TCP ..."."""
+    strun.run_profile("demo", root=study, params_dir=study / "params", build=False, log=lambda *_: None)
+    out, err = capfd.readouterr()
+    assert "IPKernelApp" not in out + err and "without encryption" not in out + err, err[-2000:]
