@@ -3,6 +3,8 @@
 #               papermill into book/executed/, and build the Jupyter Book into _build/html
 #   make test   the same environment, then pytest (unit tests + a papermill smoke run)
 #   make bench  benchmarks (JSON into benchmarks/), shown on the book's benchmark page
+#   make lab    JupyterLab (127.0.0.1, no browser) on working copies of the notebooks of PROFILE,
+#               parameters filled from params/PROFILE.yaml, in the git-ignored lab/PROFILE/
 
 PYTHON  ?= $(shell command -v python3.11 || command -v python3)
 VENV    ?= .venv
@@ -11,12 +13,13 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.stlib-installed
 PYTEST_ARGS ?=
 
-.PHONY: book test bench env clean clean-runs help
+.PHONY: book test bench lab env clean clean-runs help
 
 help:
 	@echo "make book   - install (if needed), run the study on PROFILE=$(PROFILE), render _build/html"
 	@echo "make test   - install (if needed), run the test suite"
 	@echo "make bench  - run the benchmarks into benchmarks/"
+	@echo "make lab    - JupyterLab on the notebooks of PROFILE=$(PROFILE) (parameters editable, in lab/)"
 
 env: $(STAMP)
 
@@ -31,6 +34,9 @@ book: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+lab: $(STAMP)
+	$(VENV)/bin/stlib lab --profile $(PROFILE)
 
 bench: $(STAMP)
 	$(VENV)/bin/stlib bench labels --out benchmarks/labels.json

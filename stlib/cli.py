@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "metrics": ("stlib.metrics", "cli_main", "segmentation/classification metrics of NAME.npz folders"),
     "infer": ("stlib.infer", "cli_main", "run a trained model on a tile or a whole slide"),
     "run": ("stlib.run", "cli_main", "execute the notebooks of a profile with papermill and build the book"),
+    "lab": ("stlib.lab", "cli_main", "JupyterLab on parameterised copies of a profile's notebooks (make lab)"),
     "batch": ("stlib.run", "batch_main", "run a notebook over samples / a parameter grid on Dask"),
     "bench": ("stlib.bench", "cli_main", "benchmarks: labels | train | infer"),
 }
