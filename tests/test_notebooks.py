@@ -139,6 +139,15 @@ def test_book_builds_with_every_chapter(smoke):
         assert page.is_file(), page
         text = page.read_text()
         assert "SYNTHETIC" in text  # every chapter says which data it shows
+        # papermill's injected-parameters cell (and the notebook's defaults cell) are not shown
+        assert "tag_injected-parameters" not in text and "tag_parameters" not in text, name
+        assert "# Parameters</span>" not in text, name
+        # every code input of a results chapter sits behind a "Show code cell source" toggle
+        n_inputs = text.count('class="cell_input')
+        n_toggled = text.count('<details class="admonition hide above-input">')
+        n_shown = text.count("tag_show-input")  # a cell its author chose to show
+        assert n_toggled >= 1 and n_inputs == n_toggled + n_shown, (name, n_inputs, n_toggled, n_shown)
+        assert "Show code cell source" in text, name
 
 
 def _chromium() -> str | None:
@@ -165,6 +174,8 @@ def test_rendered_chapters_in_headless_chromium(smoke):
         n_img = len(re.findall(r"<img[^>]+src=\"[^\"]*_images/[^\"]+\.png\"", dom))
         assert n_img >= 1, f"{name}: no figure rendered"
         assert "output error" not in dom and "ansi-red-fg" not in dom, f"{name}: an error output is shown"
+        assert "tag_injected-parameters" not in dom, f"{name}: papermill's parameters cell is shown"
+        assert "Show code cell source" in dom, f"{name}: no code toggle"
         for img in re.findall(r"src=\"([^\"]*_images/[^\"]+\.png)\"", dom):
             assert (page.parent / img).resolve().is_file(), f"{name}: broken image {img}"
 
