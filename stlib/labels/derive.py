@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -344,17 +345,6 @@ def pooled_truth_scores(run_dir: str | Path, samples: Sequence[str], truth_dir: 
 # tile stores
 # --------------------------------------------------------------------------------------
 
-def _read_tile_image(wsi, x0: float, y0: float, size_l0: float, tile_px: int) -> np.ndarray:
-    """RGB tile of ``tile_px`` covering ``size_l0`` level-0 px from (x0, y0), resampled."""
-    from skimage.transform import resize
-
-    n = int(math.ceil(size_l0))
-    crop = wsi.read_region(int(math.floor(x0)), int(math.floor(y0)), n, n, level=0)
-    # skimage resize with anti-aliasing: exact enough for 0.27 -> 0.25 µm/px and fast per tile
-    img = resize(crop, (tile_px, tile_px), order=1, anti_aliasing=size_l0 > tile_px, preserve_range=True)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
-
-
 def assign_splits(meta: pd.DataFrame, *, heldout_organs: Sequence[str], val_fraction: float = 0.2,
                   seed: int = 0, guard_tiles: int = 1) -> pd.Series:
     """Splits by sample and organ; organs with a single training sample get a spatial split.
@@ -387,7 +377,8 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
                       um_per_px: float = TARGET_UM_PER_PX_40X, tile_px: int = 256,
                       truth_dir: str | Path | None = None, seed: int = 0, val_fraction: float = 0.2,
                       name: str = "st", labels_name: str = "{sample}", refine_masks: bool = True,
-                      refine_config: RefineConfig | None = None, force: bool = False) -> dict[str, Path]:
+                      refine_config: RefineConfig | None = None, force: bool = False, workers: int | None = None,
+                      timings: dict[str, float] | None = None) -> dict[str, Path]:
     """Cut every sample into training tiles; write ``{run_dir}/tiles/{name}`` (and ``truth``).
 
     Parameters
@@ -405,6 +396,11 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
         (:mod:`stlib.labels.refine`); nuclei without H&E contrast become ``ignore``. What it
         did, per sample, is recorded under ``refinement`` in the store's ``store.json`` (with
         the mask PQ of the ST masks against the truth before and after, when there is a truth).
+    workers
+        Threads cutting tiles (:func:`stlib.labels.slide_tiles.iter_slide_tiles`; default: the
+        usable CPUs). The tiles and the stores are the same for any number.
+    timings
+        When given, busy seconds per stage are added to it (``stlib bench derive``).
 
     Returns
     -------
@@ -416,9 +412,6 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
     from stlib.align import load_alignment
     from stlib.io.hest import HestSample
     from stlib.io.tiles import TileStore, TileStoreWriter
-    from stlib.labels.masks import iter_label_tiles
-    from stlib.labels.refine import RefineStats, refine_label_maps
-    from stlib.metrics import pannuke_bpq
 
     hest_dir, run_dir = Path(hest_dir), Path(run_dir)
     out = {"st": run_dir / "tiles" / name}
@@ -447,48 +440,16 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
     refinement: dict[str, Any] = {}
     try:
         for row in progress(list(samples.itertuples()), desc="tiles"):
-            s = HestSample(hest_dir, row.sample)
             nuc = gpd.read_parquet(lab_dirs[row.sample] / "nuclei.parquet")
-            res = load_alignment(run_dir / "alignment" / row.sample / "alignment.json")
-            excluded = [_box(r) for r in res.excluded_regions] or None
-            score = (res.scores.get("global", {}).get("after") or {}).get("corr")
-            scale = s.pixel_size_um / um_per_px
-            stats, pq_before, pq_after = RefineStats(), [], []
-            with s.wsi() as wsi:
-                H, W = wsi.shape
-                size_l0 = tile_px / scale
-                label_sets = {"st": nuc}
-                if "truth" in out:
-                    t = gpd.read_parquet(Path(truth_dir) / row.sample / "nuclei.parquet")
-                    label_sets["truth"] = t[t["visible"].to_numpy(bool)] if "visible" in t.columns else t
-                tiles_by_set = {}
-                for k, g in label_sets.items():
-                    conf = g["confidence"].to_numpy(float) if "confidence" in g.columns else 1.0
-                    tiles_by_set[k] = iter_label_tiles(
-                        g.geometry.values, width=W, height=H, scale=scale, tile_px=tile_px,
-                        classes=g["class"].to_numpy().astype(np.uint8), confidence=conf,
-                        ignore_polygons=excluded if k == "st" else None)
-                for items in zip(*tiles_by_set.values()):
-                    x0, y0 = items[0][0].origin
-                    img = _read_tile_image(wsi, x0, y0, size_l0, tile_px)
-                    maps = {k: (m.inst, m.type, m.ignore, m.conf) for k, (_, m) in zip(tiles_by_set, items)}
-                    if rcfg is not None:
-                        raw_inst = maps["st"][0]
-                        *maps["st"], st_stats = refine_label_maps(img, *maps["st"], um_per_px=um_per_px, config=rcfg)
-                        stats = stats + st_stats
-                        if "truth" in maps and maps["truth"][0].any():
-                            pq_before.append(pannuke_bpq(maps["truth"][0], raw_inst))
-                            pq_after.append(pannuke_bpq(maps["truth"][0], maps["st"][0]))
-                    for k, (inst, typ, ign, cf) in maps.items():
-                        writers[k].add(image=img, inst=inst, type=typ, ignore=ign, conf=cf,
-                                       sample=row.sample, organ=row.organ, x0=x0, y0=y0,
-                                       align_score=float(score) if score is not None else float("nan"),
-                                       tile_id=f"{row.sample}_{int(round(x0))}_{int(round(y0))}")
-            if rcfg is not None:
-                refinement[row.sample] = stats.to_dict()
-                if pq_before:
-                    refinement[row.sample]["mask_pq_vs_truth_before"] = float(np.nanmean(pq_before))
-                    refinement[row.sample]["mask_pq_vs_truth_after"] = float(np.nanmean(pq_after))
+            truth = None
+            if "truth" in out:
+                t = gpd.read_parquet(Path(truth_dir) / row.sample / "nuclei.parquet")
+                truth = t[t["visible"].to_numpy(bool)] if "visible" in t.columns else t
+            rep = _sample_tiles(HestSample(hest_dir, row.sample), row.organ, nuc, truth, writers,
+                                load_alignment(run_dir / "alignment" / row.sample / "alignment.json"),
+                                um_per_px=um_per_px, tile_px=tile_px, rcfg=rcfg, workers=workers, timings=timings)
+            if rep is not None:
+                refinement[row.sample] = rep
         extra = {"build_key": build_key,
                  "refinement": None if rcfg is None else {"config": asdict(rcfg), "per_sample": refinement}}
         paths = {k: w.close(extra=extra if k == "st" else {"build_key": build_key}) for k, w in writers.items()}
@@ -502,6 +463,55 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
     for p in paths.values():
         _write_split(p, split.to_numpy())
     return paths
+
+
+def _sample_tiles(s, organ: str, nuc, truth, writers: dict[str, Any], res, *, um_per_px: float, tile_px: int,
+                  rcfg: RefineConfig | None, workers: int | None,
+                  timings: dict[str, float] | None) -> dict[str, Any] | None:
+    """Cut one sample into tiles (in parallel) and append them to the writers in grid order.
+
+    Returns the sample's refinement record (None without refinement).
+    """
+    from stlib.labels.masks import TileRenderer
+    from stlib.labels.refine import RefineStats
+    from stlib.labels.slide_tiles import iter_slide_tiles
+
+    excluded = [_box(r) for r in res.excluded_regions] or None
+    score = (res.scores.get("global", {}).get("after") or {}).get("corr")
+    align_score = float(score) if score is not None else float("nan")
+    scale = s.pixel_size_um / um_per_px
+    stats, pq_before, pq_after = RefineStats(), [], []
+    with s.wsi() as wsi:
+        H, W = wsi.shape
+        label_sets = {"st": nuc} if truth is None else {"st": nuc, "truth": truth}
+        renderers = {}
+        for k, g in label_sets.items():
+            conf = g["confidence"].to_numpy(float) if "confidence" in g.columns else 1.0
+            renderers[k] = TileRenderer(g.geometry.values, width=W, height=H, scale=scale, tile_px=tile_px,
+                                        classes=g["class"].to_numpy().astype(np.uint8), confidence=conf,
+                                        ignore_polygons=excluded if k == "st" else None)
+        for t in iter_slide_tiles(wsi, renderers, size_l0=tile_px / scale, tile_px=tile_px, um_per_px=um_per_px,
+                                  refine_config=rcfg, workers=workers, timings=timings):
+            x0, y0 = t.tile.origin
+            if t.refine is not None:
+                stats = stats + t.refine
+            if t.pq_before is not None:
+                pq_before.append(t.pq_before)
+                pq_after.append(t.pq_after)
+            t_write = time.perf_counter()
+            for k, (inst, typ, ign, cf) in t.maps.items():
+                writers[k].add(image=t.image, inst=inst, type=typ, ignore=ign, conf=cf, n_nuclei=t.n_nuclei[k],
+                               sample=s.id, organ=organ, x0=x0, y0=y0, align_score=align_score,
+                               tile_id=f"{s.id}_{int(round(x0))}_{int(round(y0))}")
+            if timings is not None:
+                timings["store_writing"] = timings.get("store_writing", 0.0) + time.perf_counter() - t_write
+    if rcfg is None:
+        return None
+    rep = stats.to_dict()
+    if pq_before:
+        rep["mask_pq_vs_truth_before"] = float(np.nanmean(pq_before))
+        rep["mask_pq_vs_truth_after"] = float(np.nanmean(pq_after))
+    return rep
 
 
 def refinement_table(store: str | Path) -> pd.DataFrame:

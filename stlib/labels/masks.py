@@ -71,6 +71,7 @@ __all__ = [
     "hv_maps",
     "label_maps",
     "tile_grid",
+    "TileRenderer",
     "iter_label_tiles",
 ]
 
@@ -1040,6 +1041,77 @@ def _bucket(ps: PolygonSet, order: np.ndarray, scale: float, stride: int, tile_p
     return starts, entries
 
 
+class TileRenderer:
+    """Label maps of a slide's tile grid, tile by tile and in any order (the engine of
+    :func:`iter_label_tiles`; its parameters). Polygons are prepared and bucketed to tiles once;
+    :meth:`render` is then one compiled fill + HV pass and may run in several threads at once.
+    """
+
+    def __init__(self, polygons: Any, *, width: float, height: float, scale: float, tile_px: int,
+                 overlap: int = 0, classes: Sequence[int] | np.ndarray | int | None = None,
+                 confidence: Sequence[float] | np.ndarray | float | None = None,
+                 ids: Sequence[int] | np.ndarray | None = None, ignore_polygons: Any = None, tissue: Any = None,
+                 overlap_rule: OverlapRule = "smaller_wins", min_area_px: float = MIN_AREA_PX,
+                 skip_empty: bool = False) -> None:
+        if not (np.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale: must be positive, got {scale}")
+        self.region = (0.0, 0.0, float(width), float(height))
+        self.ps = ps = _ensure_set(polygons, ids, classes, confidence, self.region)
+        self.scale = float(scale)
+        self.skip_empty = bool(skip_empty)
+        w_px = math.ceil(width * scale - 1e-9)
+        h_px = math.ceil(height * scale - 1e-9)
+        self.grid = grid = tile_grid(w_px, h_px, tile_px=tile_px, overlap=overlap)
+        stride = tile_px - overlap
+        nx = int(grid[:, 0].max() // stride + 1)
+        ny = int(grid[:, 1].max() // stride + 1)
+        order = _draw_order(ps, overlap_rule)
+        tiny = ps.tiny(scale, min_area_px)
+        self._main = _bucket(ps, order[~tiny[order]], scale, stride, tile_px, nx, ny)
+        self._tiny = _bucket(ps, np.flatnonzero(tiny), scale, stride, tile_px, nx, ny)
+        self._extra = []
+        for geoms in (ignore_polygons, tissue):
+            if geoms is None:
+                self._extra.append(None)
+                continue
+            s = geoms if isinstance(geoms, PolygonSet) else prepare_polygons(
+                np.atleast_1d(np.asarray(geoms, dtype=object)))
+            self._extra.append((s, *_bucket(s, np.arange(len(s)), scale, stride, tile_px, nx, ny)))
+        self.shape = (int(tile_px), int(tile_px))
+
+    def __len__(self) -> int:
+        return len(self.grid)
+
+    def tile(self, i: int) -> Tile:
+        """Grid position ``i`` as a :class:`Tile` (target px and level-0 origin)."""
+        x, y = (int(v) for v in self.grid[i])
+        return Tile(i, x, y, (x / self.scale, y / self.scale))
+
+    def render(self, i: int) -> LabelMaps | None:
+        """Label maps of tile ``i`` (None for an empty tile when ``skip_empty``)."""
+        x, y = self.grid[i]
+        ox, oy = float(x), float(y)
+        st_main, en_main = self._main
+        st_tiny, en_tiny = self._tiny
+        cand = en_main[st_main[i]:st_main[i + 1]]
+        if self.skip_empty and cand.size == 0:
+            return None
+        win = _region_window(self.region, ox, oy, self.scale, self.shape)
+        ignore_sets = []
+        if self._extra[0] is not None:
+            s, st, en = self._extra[0]
+            ignore_sets.append((s, en[st[i]:st[i + 1]]))
+        tissue_arr = None
+        if self._extra[1] is not None:
+            s, st, en = self._extra[1]
+            tissue_arr = _fill_mask(s, en[st[i]:st[i + 1]], ox, oy, self.scale, self.shape).astype(bool)
+        lm = _render(self.ps, cand, en_tiny[st_tiny[i]:st_tiny[i + 1]], ox, oy, self.scale, self.shape, win,
+                     ignore_sets=ignore_sets, tissue=tissue_arr)
+        if self.skip_empty and lm.n_nuclei == 0:
+            return None
+        return lm
+
+
 def iter_label_tiles(
     polygons: Any,
     *,
@@ -1091,59 +1163,16 @@ def iter_label_tiles(
     ------
     (Tile, LabelMaps)
     """
-    if not (np.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale: must be positive, got {scale}")
-    region = (0.0, 0.0, float(width), float(height))
-    ps = _ensure_set(polygons, ids, classes, confidence, region)
-    w_px = math.ceil(width * scale - 1e-9)
-    h_px = math.ceil(height * scale - 1e-9)
-    grid = tile_grid(w_px, h_px, tile_px=tile_px, overlap=overlap)
-    stride = tile_px - overlap
-    nx = int(grid[:, 0].max() // stride + 1)
-    ny = int(grid[:, 1].max() // stride + 1)
-    order = _draw_order(ps, overlap_rule)
-    tiny = ps.tiny(scale, min_area_px)
-    st_main, en_main = _bucket(ps, order[~tiny[order]], scale, stride, tile_px, nx, ny)
-    st_tiny, en_tiny = _bucket(ps, np.flatnonzero(tiny), scale, stride, tile_px, nx, ny)
-    extra = []
-    for geoms in (ignore_polygons, tissue):
-        if geoms is None:
-            extra.append(None)
-            continue
-        s = geoms if isinstance(geoms, PolygonSet) else prepare_polygons(np.atleast_1d(np.asarray(geoms, dtype=object)))
-        extra.append((s, *_bucket(s, np.arange(len(s)), scale, stride, tile_px, nx, ny)))
-    shape = (tile_px, tile_px)
-
-    def render(i: int) -> LabelMaps | None:
-        x, y = grid[i]
-        ox, oy = float(x), float(y)
-        cand = en_main[st_main[i]:st_main[i + 1]]
-        if skip_empty and cand.size == 0:
-            return None
-        win = _region_window(region, ox, oy, scale, shape)
-        ignore_sets = []
-        if extra[0] is not None:
-            s, st, en = extra[0]
-            ignore_sets.append((s, en[st[i]:st[i + 1]]))
-        tissue_arr = None
-        if extra[1] is not None:
-            s, st, en = extra[1]
-            tissue_arr = _fill_mask(s, en[st[i]:st[i + 1]], ox, oy, scale, shape).astype(bool)
-        lm = _render(ps, cand, en_tiny[st_tiny[i]:st_tiny[i + 1]], ox, oy, scale, shape, win,
-                     ignore_sets=ignore_sets, tissue=tissue_arr)
-        if skip_empty and lm.n_nuclei == 0:
-            return None
-        return lm
-
-    def tile(i: int) -> Tile:
-        x, y = (int(v) for v in grid[i])
-        return Tile(i, x, y, (x / scale, y / scale))
-
+    renderer = TileRenderer(polygons, width=width, height=height, scale=scale, tile_px=tile_px, overlap=overlap,
+                            classes=classes, confidence=confidence, ids=ids, ignore_polygons=ignore_polygons,
+                            tissue=tissue, overlap_rule=overlap_rule, min_area_px=min_area_px,
+                            skip_empty=skip_empty)
+    n = len(renderer)
     if n_workers <= 1:
-        for i in range(len(grid)):
-            lm = render(i)
+        for i in range(n):
+            lm = renderer.render(i)
             if lm is not None:
-                yield tile(i), lm
+                yield renderer.tile(i), lm
         return
     from collections import deque
     from concurrent.futures import ThreadPoolExecutor
@@ -1151,11 +1180,11 @@ def iter_label_tiles(
     with ThreadPoolExecutor(max_workers=int(n_workers), thread_name_prefix="stlib-labels") as pool:
         pending: deque = deque()
         nxt = 0
-        while nxt < len(grid) or pending:
-            while nxt < len(grid) and len(pending) < 2 * n_workers:
-                pending.append((nxt, pool.submit(render, nxt)))
+        while nxt < n or pending:
+            while nxt < n and len(pending) < 2 * n_workers:
+                pending.append((nxt, pool.submit(renderer.render, nxt)))
                 nxt += 1
             i, fut = pending.popleft()
             lm = fut.result()
             if lm is not None:
-                yield tile(i), lm
+                yield renderer.tile(i), lm

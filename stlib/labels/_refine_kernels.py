@@ -1,0 +1,861 @@
+"""Compiled kernels of the mask refinement (:mod:`stlib.labels.refine`): GIL-free twins of library calls.
+
+Why written by hand
+-------------------
+The refinement runs once per 256-px training tile, about 25,000 tiles per 10 x 10 mm slide.
+The library calls it is composed of (scikit-image ``rgb2hed``, ``sobel``, ``watershed``; scipy
+``gaussian_filter``, ``distance_transform_edt``, ``median`` with labels, binary fill-holes /
+opening / ``label`` per nucleus) each spend 1-12 ms per tile in general-purpose code and
+per-call overhead, and they hold the GIL, so tiles cannot be refined in threads. Each kernel
+below computes **the same numbers** as its library twin on a small 2-D tile: same arithmetic
+(order of the floating-point sums, float32 rounding where the library rounds), same tie rules
+(the watershed's priority queue, the feature transform's nearest-pixel choice, the
+components' numbering). ``tests/test_refine.py`` compares every kernel with the library on
+random and tie-heavy inputs, and the whole refinement with the reference implementation
+(:func:`stlib.labels.refine.refine_instances_reference`).
+
+Only what the refinement needs is implemented: 2-D arrays, ``mode="reflect"`` borders,
+4-connectivity, no sampling, no masks.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = ["hed_lut", "haematoxylin_smoothed", "gaussian_weights", "edt_owner", "edt_distance", "beyond",
+           "label_median", "sobel_magnitude", "watershed", "clean_labels"]
+
+
+# --------------------------------------------------------------------------------------
+# haematoxylin optical density (skimage.color.rgb2hed channel 0), then Gaussian smoothing
+# --------------------------------------------------------------------------------------
+
+def hed_lut() -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel lookup of ``log(max(v / 255, 1e-6)) / log(1e-6)`` and the H column of ``hed_from_rgb``.
+
+    Built with scikit-image's own conversion (``img_as_float``), so the per-value logarithms
+    are the library's to the last bit.
+    """
+    from skimage.color.colorconv import hed_from_rgb
+    from skimage.util import img_as_float
+
+    v = np.maximum(img_as_float(np.arange(256, dtype=np.uint8)), 1e-6)
+    lut = np.log(v) / np.log(1e-6)
+    return np.ascontiguousarray(np.stack([lut, lut, lut])), np.ascontiguousarray(hed_from_rgb[:, 0])
+
+
+def gaussian_weights(sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """The 1-D kernel of :func:`scipy.ndimage.gaussian_filter` (same formula, same radius)."""
+    radius = int(truncate * float(sigma) + 0.5)
+    x = np.arange(-radius, radius + 1)
+    phi = np.exp(-0.5 / (sigma * sigma) * x ** 2)
+    return (phi / phi.sum())[::-1].copy()
+
+
+@numba.njit(cache=True, nogil=True)
+def _reflect(k, n):  # pragma: no cover - compiled
+    """scipy.ndimage 'reflect' (half-sample symmetric) index for one overhang (k in [-n, 2n))."""
+    if k < 0:
+        return -k - 1
+    if k >= n:
+        return 2 * n - k - 1
+    return k
+
+
+@numba.njit(cache=True, nogil=True)
+def _correlate1d_sym(src, w, axis, out):  # pragma: no cover - compiled
+    """ndimage.correlate1d with a symmetric kernel, float64 accumulation, result rounded to float32.
+
+    Per output pixel the sum runs as in scipy's symmetric branch: centre term, then the
+    outermost pair inwards (the loops are arranged so that rows stream through memory).
+    """
+    H, W = src.shape
+    r = (w.shape[0] - 1) // 2
+    if axis == 0:
+        acc = np.empty(W, np.float64)
+        for i in range(H):
+            for j in range(W):
+                acc[j] = np.float64(src[i, j]) * w[r]
+            for q in range(r, 0, -1):
+                a = _reflect(i - q, H)
+                b = _reflect(i + q, H)
+                wq = w[r - q]
+                for j in range(W):
+                    acc[j] += (np.float64(src[a, j]) + np.float64(src[b, j])) * wq
+            for j in range(W):
+                out[i, j] = np.float32(acc[j])
+        return
+    buf = np.empty(W + 2 * r, np.float64)
+    for i in range(H):
+        for k in range(W + 2 * r):
+            buf[k] = src[i, _reflect(k - r, W)]
+        for j in range(W):
+            c = j + r
+            a = buf[c] * w[r]
+            for q in range(r, 0, -1):
+                a += (buf[c - q] + buf[c + q]) * w[r - q]
+            out[i, j] = np.float32(a)
+
+
+@numba.njit(cache=True, nogil=True)
+def haematoxylin_smoothed(rgb, lut, hcol, w):  # pragma: no cover - compiled
+    """``gaussian_filter(rgb2hed(rgb)[..., 0].astype(float32), sigma)`` (``w``: :func:`gaussian_weights`)."""
+    H, W = rgb.shape[0], rgb.shape[1]
+    h = np.empty((H, W), np.float32)
+    for i in range(H):
+        for j in range(W):
+            v = lut[0, rgb[i, j, 0]] * hcol[0] + lut[1, rgb[i, j, 1]] * hcol[1] + lut[2, rgb[i, j, 2]] * hcol[2]
+            h[i, j] = np.float32(v if v > 0.0 else 0.0)
+    if w.shape[0] <= 1:
+        return h
+    tmp = np.empty((H, W), np.float32)
+    _correlate1d_sym(h, w, 0, tmp)
+    _correlate1d_sym(tmp, w, 1, h)
+    return h
+
+
+# --------------------------------------------------------------------------------------
+# exact Euclidean distance / feature transform (scipy.ndimage.distance_transform_edt)
+# --------------------------------------------------------------------------------------
+
+@numba.njit(cache=True, nogil=True)
+def _feature_transform(feature):  # pragma: no cover - compiled
+    """Nearest feature pixel (row, col) of every pixel, with scipy's tie rules.
+
+    Maurer's separable algorithm as ``ndimage.distance_transform_edt`` runs it: first along
+    axis 0 (nearest feature in the column; of two at equal distance the upper one), then along
+    axis 1 on the lower envelope of the column candidates (a candidate is dropped only when
+    strictly hidden; of two at equal distance the left one). -1 where there is no feature.
+    """
+    H, W = feature.shape
+    ftr = np.empty((H, W), np.int32)
+    ftc = np.empty((H, W), np.int32)
+    up = np.empty(H, np.int64)
+    for j in range(W):
+        last = -1
+        for i in range(H):
+            if feature[i, j]:
+                last = i
+            up[i] = last
+        nxt = -1
+        for i in range(H - 1, -1, -1):
+            if feature[i, j]:
+                nxt = i
+            u = up[i]
+            if u >= 0 and (nxt < 0 or i - u <= nxt - i):
+                ftr[i, j] = u
+            else:
+                ftr[i, j] = nxt
+    g = np.empty(W, np.int64)
+    fr = np.empty(W, np.int64)
+    for i in range(H):
+        top = -1
+        for jj in range(W):
+            fr[jj] = ftr[i, jj]
+            if fr[jj] < 0:
+                continue
+            t = float(fr[jj] - i)
+            wr = t * t
+            while top >= 1:
+                i1 = g[top]
+                i2 = g[top - 1]
+                a = float(i1 - i2)
+                b = float(jj - i1)
+                tu = float(fr[i2] - i)
+                tv = float(fr[i1] - i)
+                c = a + b
+                if c * (tv * tv) - b * (tu * tu) - a * wr - a * b * c <= 0.0:
+                    break
+                top -= 1
+            top += 1
+            g[top] = jj
+        if top < 0:
+            for jj in range(W):
+                ftr[i, jj] = -1
+                ftc[i, jj] = -1
+            continue
+        k = 0
+        for jj in range(W):
+            q = g[k]
+            t0 = float(q - jj)
+            t1 = float(fr[q] - i)
+            d1 = t0 * t0 + t1 * t1
+            while k < top:
+                q = g[k + 1]
+                t0 = float(q - jj)
+                t1 = float(fr[q] - i)
+                d2 = t0 * t0 + t1 * t1
+                if d1 <= d2:
+                    break
+                d1 = d2
+                k += 1
+            q = g[k]
+            ftr[i, jj] = fr[q]
+            ftc[i, jj] = q
+    return ftr, ftc
+
+
+@numba.njit(cache=True, nogil=True)
+def edt_owner(local):  # pragma: no cover - compiled
+    """``dist, (iy, ix) = distance_transform_edt(local == 0, return_indices=True)``; returns
+    ``dist`` (float64) and ``local[iy, ix]`` (the label of the nearest labelled pixel)."""
+    H, W = local.shape
+    ftr, ftc = _feature_transform(local != 0)
+    dist = np.empty((H, W), np.float64)
+    owner = np.empty((H, W), local.dtype)
+    for i in range(H):
+        for j in range(W):
+            dr = float(ftr[i, j] - i)
+            dc = float(ftc[i, j] - j)
+            dist[i, j] = np.sqrt(dr * dr + dc * dc)
+            owner[i, j] = local[ftr[i, j], ftc[i, j]]
+    return dist, owner
+
+
+@numba.njit(cache=True, nogil=True)
+def edt_distance(mask):  # pragma: no cover - compiled
+    """``distance_transform_edt(mask)`` (distance of each True pixel to the nearest False one)."""
+    H, W = mask.shape
+    ftr, ftc = _feature_transform(~mask)
+    dist = np.empty((H, W), np.float64)
+    for i in range(H):
+        for j in range(W):
+            dr = float(ftr[i, j] - i)
+            dc = float(ftc[i, j] - j)
+            dist[i, j] = np.sqrt(dr * dr + dc * dc)
+    return dist
+
+
+@numba.njit(cache=True, nogil=True)
+def beyond(mask, radius):  # pragma: no cover - compiled
+    """``distance_transform_edt(mask) > radius`` without the full transform: a True pixel is kept
+    when no False pixel of the image lies within ``radius`` (rows scanned for their nearest False)."""
+    H, W = mask.shape
+    hd = np.empty((H, W), np.int64)  # column distance to the nearest False pixel in the row (-1: none)
+    for i in range(H):
+        last = -1
+        for j in range(W):
+            if not mask[i, j]:
+                last = j
+            hd[i, j] = j - last if last >= 0 else -1
+        nxt = -1
+        for j in range(W - 1, -1, -1):
+            if not mask[i, j]:
+                nxt = j
+            if nxt >= 0 and (hd[i, j] < 0 or nxt - j < hd[i, j]):
+                hd[i, j] = nxt - j
+    R = int(np.floor(radius))
+    out = np.zeros((H, W), np.bool_)
+    for i in range(H):
+        for j in range(W):
+            if not mask[i, j]:
+                continue
+            keep = True
+            for dy in range(-R, R + 1):
+                a = i + dy
+                if a < 0 or a >= H or hd[a, j] < 0:
+                    continue
+                d2 = float(hd[a, j] * hd[a, j] + dy * dy)
+                if np.sqrt(d2) <= radius:
+                    keep = False
+                    break
+            out[i, j] = keep
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# label statistics
+# --------------------------------------------------------------------------------------
+
+@numba.njit(cache=True, nogil=True)
+def label_median(values, labels, n):  # pragma: no cover - compiled
+    """Median of float32 ``values`` per label 1..n (NaN without pixels), as ``ndimage.median``:
+    the middle value, or the float32 mean of the two middle values."""
+    cnt = np.zeros(n + 2, np.int64)
+    H, W = labels.shape
+    for i in range(H):
+        for j in range(W):
+            lab = labels[i, j]
+            if 0 < lab <= n:
+                cnt[lab + 1] += 1
+    for k in range(1, n + 2):
+        cnt[k] += cnt[k - 1]
+    pos = cnt.copy()
+    buf = np.empty(cnt[n + 1], np.float32)
+    for i in range(H):
+        for j in range(W):
+            lab = labels[i, j]
+            if 0 < lab <= n:
+                buf[pos[lab]] = values[i, j]
+                pos[lab] += 1
+    med = np.full(n + 1, np.nan)
+    for lab in range(1, n + 1):
+        a, b = cnt[lab], cnt[lab + 1]
+        if b == a:
+            continue
+        s = np.sort(buf[a:b])
+        m = b - a
+        lo = (m - 1) // 2
+        hi = m - 1 - lo
+        med[lab] = np.float32(np.float32(s[lo] + s[hi]) / np.float32(2.0))
+    return med
+
+
+# --------------------------------------------------------------------------------------
+# Sobel magnitude (skimage.filters.sobel of a float32 image)
+# --------------------------------------------------------------------------------------
+
+@numba.njit(cache=True, nogil=True)
+def sobel_magnitude(img):  # pragma: no cover - compiled
+    """``skimage.filters.sobel(img)`` for 2-D float32: two ``ndimage.convolve`` passes (float64
+    sums over the non-zero weights in raster order), squared, summed, ``sqrt(.) / sqrt(2)`` in float32."""
+    H, W = img.shape
+    out = np.empty((H, W), np.float32)
+    s2 = np.sqrt(np.float32(2.0))
+    for i in range(H):
+        im = _reflect(i - 1, H)
+        ip = _reflect(i + 1, H)
+        for j in range(W):
+            jm = _reflect(j - 1, W)
+            jp = _reflect(j + 1, W)
+            a = 0.0
+            a += np.float64(img[im, jm]) * -0.25
+            a += np.float64(img[im, j]) * -0.5
+            a += np.float64(img[im, jp]) * -0.25
+            a += np.float64(img[ip, jm]) * 0.25
+            a += np.float64(img[ip, j]) * 0.5
+            a += np.float64(img[ip, jp]) * 0.25
+            b = 0.0
+            b += np.float64(img[im, jm]) * -0.25
+            b += np.float64(img[im, jp]) * 0.25
+            b += np.float64(img[i, jm]) * -0.5
+            b += np.float64(img[i, jp]) * 0.5
+            b += np.float64(img[ip, jm]) * -0.25
+            b += np.float64(img[ip, jp]) * 0.25
+            ga = np.float32(a)
+            gb = np.float32(b)
+            acc = np.float32(np.float32(0.0) + np.float32(ga * ga))
+            acc = np.float32(acc + np.float32(gb * gb))
+            out[i, j] = np.float32(np.float32(np.sqrt(acc)) / s2)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# marker watershed (skimage.segmentation.watershed, connectivity 1, no compactness)
+# --------------------------------------------------------------------------------------
+
+@numba.njit(cache=True, nogil=True)
+def _smaller(hv, ha, a, b):  # pragma: no cover - compiled
+    if hv[a] != hv[b]:
+        return hv[a] < hv[b]
+    return ha[a] < ha[b]
+
+
+@numba.njit(cache=True, nogil=True)
+def _swap(hv, ha, hi, a, b):  # pragma: no cover - compiled
+    hv[a], hv[b] = hv[b], hv[a]
+    ha[a], ha[b] = ha[b], ha[a]
+    hi[a], hi[b] = hi[b], hi[a]
+
+
+@numba.njit(cache=True, nogil=True)
+def _push(hv, ha, hi, n, v, a, p):  # pragma: no cover - compiled
+    hv[n] = v
+    ha[n] = a
+    hi[n] = p
+    c = n
+    while c > 0:
+        par = (c + 1) // 2 - 1
+        if _smaller(hv, ha, c, par):
+            _swap(hv, ha, hi, c, par)
+            c = par
+        else:
+            break
+    return n + 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _pop(hv, ha, hi, n):  # pragma: no cover - compiled
+    n -= 1
+    if n > 0:
+        _swap(hv, ha, hi, 0, n)
+        i = 0
+        sm = 0
+        while True:
+            lft = 2 * i + 1
+            rgt = 2 * i + 2
+            if lft < n:
+                if _smaller(hv, ha, lft, i):
+                    sm = lft
+                if rgt < n and _smaller(hv, ha, rgt, sm):
+                    sm = rgt
+            else:
+                break
+            if sm == i:
+                break
+            _swap(hv, ha, hi, i, sm)
+            i = sm
+    return n
+
+
+@numba.njit(cache=True, nogil=True)
+def _sorted_seeds(img, out, seed):  # pragma: no cover - compiled
+    """Seed markers by value (raster order among equal values) and the groups of equal value
+    holding more than one label ("mixed ties"): positions of their first member and sizes."""
+    idx = np.flatnonzero(seed)
+    o = np.argsort(img[idx], kind="mergesort")
+    idx = idx[o]
+    starts = []
+    sizes = []
+    k = 0
+    while k < idx.size:
+        e = k + 1
+        mixed = False
+        while e < idx.size and img[idx[e]] == img[idx[k]]:
+            mixed = mixed or out[idx[e]] != out[idx[k]]
+            e += 1
+        if mixed:
+            starts.append(k)
+            sizes.append(e - k)
+        k = e
+    return idx, np.array(starts, np.int64), np.array(sizes, np.int64)
+
+
+@numba.njit(cache=True, nogil=True)
+def _flood_exact(img, out, inside, offs, cap):  # pragma: no cover - compiled
+    """scikit-image's flooding: every marker in one binary heap (its tie order for equal keys)."""
+    hv = np.empty(cap, np.float64)
+    ha = np.empty(cap, np.int64)
+    hi = np.empty(cap, np.int64)
+    n = 0
+    for p in range(out.size):
+        if out[p] != 0:
+            n = _push(hv, ha, hi, n, img[p], 0, p)
+    age = 1
+    while n > 0:
+        p = hi[0]
+        pv = hv[0]
+        n = _pop(hv, ha, hi, n)
+        for k in range(4):
+            q = p + offs[k]
+            if not inside[q] or out[q] != 0:
+                continue
+            age += 1
+            out[q] = out[p]
+            n = _push(hv, ha, hi, n, img[q] if img[q] >= pv else pv, age, q)  # at least the parent's cost
+
+
+@numba.njit(cache=True, nogil=True)
+def _dense_ranks(vals):  # pragma: no cover - compiled
+    """Rank of each float32 value among the distinct values (0 = smallest): an LSD radix sort of
+    the order-preserving 32-bit keys (two 16-bit passes), then one scan."""
+    m = vals.size
+    bits = vals.view(np.uint32)
+    key = np.empty(m, np.uint32)
+    for i in range(m):
+        b = bits[i]
+        key[i] = ~b if b & np.uint32(0x80000000) else b | np.uint32(0x80000000)
+    order = np.arange(m)
+    tmp = np.empty(m, np.int64)
+    for shift in (0, 16):
+        cnt = np.zeros(65537, np.int64)
+        for i in range(m):
+            cnt[((key[order[i]] >> shift) & 0xFFFF) + 1] += 1
+        for d in range(65536):
+            cnt[d + 1] += cnt[d]
+        for i in range(m):
+            d = (key[order[i]] >> shift) & 0xFFFF
+            tmp[cnt[d]] = order[i]
+            cnt[d] += 1
+        order, tmp = tmp, order
+    rank = np.empty(m, np.int64)
+    r = -1
+    for i in range(m):
+        if i == 0 or key[order[i]] != key[order[i - 1]]:
+            r += 1
+        rank[order[i]] = r
+    return rank, r + 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _flood_buckets(img, out, inside, offs, seeds):  # pragma: no cover - compiled
+    """The flooding of :func:`watershed` with a bucket queue: the pushed values are
+    ``max(own, parent's)``, never below the value being popped (a monotone queue), and all of
+    them are values of seeds or unlabelled pixels. Ranked once, each distinct value gets a FIFO
+    bucket; within a bucket the seeds (age 0) come first and then the pixels in push (= age)
+    order, which is the (value, age) order of the heap."""
+    size = out.size
+    free = np.flatnonzero(inside & (out == 0))
+    cand = np.concatenate((seeds, free))
+    vals = np.empty(cand.size, np.float32)
+    for i in range(cand.size):
+        v = np.float32(img[cand[i]])
+        vals[i] = v if v != 0 else np.float32(0.0)  # -0.0 and 0.0 compare equal: one key
+    rk, nb = _dense_ranks(vals)
+    rank = np.zeros(size, np.int64)
+    for i in range(cand.size):
+        rank[cand[i]] = rk[i]
+    head = np.full(nb, -1, np.int64)
+    tail = np.full(nb, -1, np.int64)
+    nxt = np.full(size, -1, np.int64)
+    for p in seeds:  # sorted by value: appended in that order
+        b = rank[p]
+        if head[b] < 0:
+            head[b] = p
+        else:
+            nxt[tail[b]] = p
+        tail[b] = p
+    cur = 0
+    while cur < nb:
+        p = head[cur]
+        if p < 0:
+            cur += 1
+            continue
+        head[cur] = nxt[p]
+        for k in range(4):
+            q = p + offs[k]
+            if not inside[q] or out[q] != 0:
+                continue
+            out[q] = out[p]
+            b = rank[q] if rank[q] > cur else cur  # at least the parent's cost
+            nxt[q] = -1
+            if head[b] < 0:
+                head[b] = q
+            else:
+                nxt[tail[b]] = q
+            tail[b] = q
+
+
+@numba.njit(cache=True, nogil=True)
+def watershed(image, markers):  # pragma: no cover - compiled
+    """``skimage.segmentation.watershed(image, markers)`` for 2-D float32 ``image``.
+
+    scikit-image floods from all marker pixels with a binary heap ordered by (value, age):
+    markers enter in raster order with age 0, a pixel is labelled when it is pushed, with the
+    larger of its own value and its parent's and the next age, 4-neighbours in the order up,
+    left, right, down. Here, markers without an unlabelled neighbour (they never push a pixel)
+    are left out and the queue is a bucket queue (:func:`_flood_buckets`). Every key is
+    distinct except ties between markers of one label, whose order cannot change a label, so
+    the labels are scikit-image's. When markers of different labels tie in value the heap's
+    own tie order could matter: for one or two tied pairs every order is tried and, if the
+    labels agree, taken; otherwise all markers go into one binary heap exactly as in
+    scikit-image (:func:`_flood_exact`).
+    """
+    H, W = image.shape
+    W2 = W + 2
+    size = (H + 2) * W2
+    img = np.zeros(size, np.float64)
+    out = np.zeros(size, np.int32)
+    inside = np.zeros(size, np.bool_)
+    for i in range(H):
+        for j in range(W):
+            p = (i + 1) * W2 + j + 1
+            img[p] = image[i, j]
+            out[p] = markers[i, j]
+            inside[p] = True
+    offs = np.array([-W2, -1, 1, W2])
+    seed = np.zeros(size, np.bool_)
+    nmark = 0
+    for p in range(size):
+        if out[p] != 0:
+            nmark += 1
+            for k in range(4):
+                q = p + offs[k]
+                if inside[q] and out[q] == 0:
+                    seed[p] = True
+                    break
+    seeds, starts, sizes = _sorted_seeds(img, out, seed)
+    if starts.size == 0:
+        _flood_buckets(img, out, inside, offs, seeds)
+    elif starts.size <= 2 and np.all(sizes == 2):
+        # one or two tied pairs: the heap pops each pair in one of its two orders; when every
+        # combination gives the same labels, that is the heap's result too
+        ref = out.copy()
+        _flood_buckets(img, ref, inside, offs, seeds)
+        agree = True
+        for combo in range(1, 1 << starts.size):
+            sw = seeds.copy()
+            for g in range(starts.size):
+                if combo >> g & 1:
+                    sw[starts[g]], sw[starts[g] + 1] = sw[starts[g] + 1], sw[starts[g]]
+            alt = out.copy()
+            _flood_buckets(img, alt, inside, offs, sw)
+            if not np.array_equal(alt, ref):
+                agree = False
+                break
+        if agree:
+            out[:] = ref
+        else:
+            _flood_exact(img, out, inside, offs, nmark + H * W + 1)
+    else:
+        _flood_exact(img, out, inside, offs, nmark + H * W + 1)
+    res = np.empty((H, W), np.int32)
+    for i in range(H):
+        for j in range(W):
+            res[i, j] = out[(i + 1) * W2 + j + 1]
+    return res
+
+
+# --------------------------------------------------------------------------------------
+# per-label clean-up (refine._clean: fill holes, open by one pixel, keep the core component)
+# --------------------------------------------------------------------------------------
+
+@numba.njit(cache=True, nogil=True)
+def _bboxes(lab, n):  # pragma: no cover - compiled
+    H, W = lab.shape
+    bb = np.empty((n + 1, 4), np.int64)
+    for k in range(n + 1):
+        bb[k, 0] = H
+        bb[k, 1] = -1
+        bb[k, 2] = W
+        bb[k, 3] = -1
+    for i in range(H):
+        for j in range(W):
+            k = lab[i, j]
+            if 0 < k <= n:
+                bb[k, 0] = min(bb[k, 0], i)
+                bb[k, 1] = max(bb[k, 1], i + 1)
+                bb[k, 2] = min(bb[k, 2], j)
+                bb[k, 3] = max(bb[k, 3], j + 1)
+    return bb
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill_holes(m):  # pragma: no cover - compiled
+    """ndimage.binary_fill_holes (4-connected background reached from the border stays)."""
+    h, w = m.shape
+    outside = np.zeros((h, w), np.bool_)
+    stack = np.empty(h * w, np.int64)
+    top = 0
+    for i in range(h):
+        for j in range(w):
+            if (i == 0 or j == 0 or i == h - 1 or j == w - 1) and not m[i, j]:
+                outside[i, j] = True
+                stack[top] = i * w + j
+                top += 1
+    while top > 0:
+        top -= 1
+        p = stack[top]
+        i, j = p // w, p % w
+        for di, dj in ((-1, 0), (0, -1), (0, 1), (1, 0)):
+            a, b = i + di, j + dj
+            if 0 <= a < h and 0 <= b < w and not m[a, b] and not outside[a, b]:
+                outside[a, b] = True
+                stack[top] = a * w + b
+                top += 1
+    return ~outside
+
+
+@numba.njit(cache=True, nogil=True)
+def _open_cross(m):  # pragma: no cover - compiled
+    """ndimage.binary_opening with the 4-neighbour cross, border value 0."""
+    h, w = m.shape
+    er = np.zeros((h, w), np.bool_)
+    for i in range(h):
+        for j in range(w):
+            er[i, j] = (m[i, j] and i > 0 and m[i - 1, j] and i < h - 1 and m[i + 1, j]
+                        and j > 0 and m[i, j - 1] and j < w - 1 and m[i, j + 1])
+    op = np.zeros((h, w), np.bool_)
+    for i in range(h):
+        for j in range(w):
+            op[i, j] = (er[i, j] or (i > 0 and er[i - 1, j]) or (i < h - 1 and er[i + 1, j])
+                        or (j > 0 and er[i, j - 1]) or (j < w - 1 and er[i, j + 1]))
+    return op
+
+
+@numba.njit(cache=True, nogil=True)
+def _components(m):  # pragma: no cover - compiled
+    """ndimage.label with the cross: components numbered by their first pixel in raster order."""
+    h, w = m.shape
+    cc = np.zeros((h, w), np.int64)
+    stack = np.empty(h * w, np.int64)
+    k = 0
+    for i0 in range(h):
+        for j0 in range(w):
+            if not m[i0, j0] or cc[i0, j0] != 0:
+                continue
+            k += 1
+            cc[i0, j0] = k
+            top = 1
+            stack[0] = i0 * w + j0
+            while top > 0:
+                top -= 1
+                p = stack[top]
+                i, j = p // w, p % w
+                for di, dj in ((-1, 0), (0, -1), (0, 1), (1, 0)):
+                    a, b = i + di, j + dj
+                    if 0 <= a < h and 0 <= b < w and m[a, b] and cc[a, b] == 0:
+                        cc[a, b] = k
+                        stack[top] = a * w + b
+                        top += 1
+    return cc, k
+
+
+@numba.njit(cache=True, nogil=True)
+def clean_labels(lab, core, n):  # pragma: no cover - compiled
+    """Per label 1..n (in order): fill holes, open by one pixel (unless that empties it), keep the
+    component with most core pixels (else the largest); earlier labels keep contested pixels."""
+    out = np.zeros(lab.shape, lab.dtype)
+    bb = _bboxes(lab, n)
+    for lbl in range(1, n + 1):
+        r0, r1, c0, c1 = bb[lbl, 0], bb[lbl, 1], bb[lbl, 2], bb[lbl, 3]
+        if r1 < 0:
+            continue
+        m = lab[r0:r1, c0:c1] == lbl
+        m = _fill_holes(m)
+        op = _open_cross(m)
+        if op.any():
+            m = op
+        cc, k = _components(m)
+        if k == 0:
+            continue
+        hits = np.zeros(k + 1, np.int64)
+        size = np.zeros(k + 1, np.int64)
+        for i in range(r1 - r0):
+            for j in range(c1 - c0):
+                size[cc[i, j]] += 1
+                if core[r0 + i, c0 + j] == lbl:
+                    hits[cc[i, j]] += 1
+        hits[0] = 0
+        keep = 0
+        if hits.max() > 0:
+            keep = int(np.argmax(hits))
+        else:
+            keep = int(np.argmax(size[1:])) + 1
+        for i in range(r1 - r0):
+            for j in range(c1 - c0):
+                if cc[i, j] == keep and out[r0 + i, c0 + j] == 0:
+                    out[r0 + i, c0 + j] = lbl
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# fused steps of refine_instances (the numpy glue of the reference, without temporaries)
+# --------------------------------------------------------------------------------------
+
+@numba.njit(cache=True, nogil=True)
+def same_label_interior(local):  # pragma: no cover - compiled
+    """Pixels whose 4-neighbours (inside the tile) carry the same non-zero label."""
+    H, W = local.shape
+    m = np.empty((H, W), np.bool_)
+    for i in range(H):
+        for j in range(W):
+            v = local[i, j]
+            m[i, j] = (v > 0 and (i == 0 or local[i - 1, j] == v) and (i == H - 1 or local[i + 1, j] == v)
+                       and (j == 0 or local[i, j - 1] == v) and (j == W - 1 or local[i, j + 1] == v))
+    return m
+
+
+@numba.njit(cache=True, nogil=True)
+def zones(local, interior, n, r, rr, rc):  # pragma: no cover - compiled
+    """``near`` (owner within ``r``), ``ring`` (owner in ``(r, r + rr]``), ``outside``
+    (farther than ``r``) and ``core`` (labels farther than ``rc`` from their edge; a label
+    without such pixels keeps its whole mask) of :func:`stlib.labels.refine.refine_instances`."""
+    H, W = local.shape
+    ftr, ftc = _feature_transform(local != 0)
+    near = np.zeros((H, W), np.int32)
+    ring = np.zeros((H, W), np.int32)
+    outside = np.zeros((H, W), np.bool_)
+    for i in range(H):
+        for j in range(W):
+            dr = float(ftr[i, j] - i)
+            dc = float(ftc[i, j] - j)
+            d = np.sqrt(dr * dr + dc * dc)
+            o = local[ftr[i, j], ftc[i, j]]
+            if d <= r:
+                near[i, j] = o
+            elif d <= r + rr:
+                ring[i, j] = o
+            outside[i, j] = o == 0 or d > r
+    deep = beyond(interior, rc)
+    core = np.zeros((H, W), np.int32)
+    has_core = np.zeros(n + 1, np.bool_)
+    for i in range(H):
+        for j in range(W):
+            if deep[i, j]:
+                core[i, j] = local[i, j]
+                has_core[local[i, j]] = True
+    for i in range(H):
+        for j in range(W):
+            v = local[i, j]
+            if v > 0 and not has_core[v]:  # thinner than the erosion: the whole mask is the core
+                core[i, j] = v
+    return near, ring, outside, core
+
+
+@numba.njit(cache=True, nogil=True)
+def masked_median(values, mask):  # pragma: no cover - compiled
+    """``np.median(values[mask])`` for float32 values (NaN when empty)."""
+    m = 0
+    for v in mask.ravel():
+        m += v
+    if m == 0:
+        return np.nan
+    buf = np.empty(m, np.float32)
+    k = 0
+    fv = values.ravel()
+    fm = mask.ravel()
+    for i in range(fv.size):
+        if fm[i]:
+            buf[k] = fv[i]
+            k += 1
+    half = m // 2
+    hi = np.partition(buf, half)[half]
+    if m % 2:
+        return float(hi)
+    lo = np.max(np.partition(buf, half - 1)[:half])
+    return float(np.float32(np.float32(lo + hi) / np.float32(2.0)))
+
+
+@numba.njit(cache=True, nogil=True)
+def segment(h, local, near, core, thr, n):  # pragma: no cover - compiled
+    """Watershed of the Sobel gradient from the cores (background: beyond ``near``); a pixel is
+    kept for its owner when it is above the owner's threshold and the owner is its nearest
+    nucleus or its ST label; then :func:`clean_labels`."""
+    H, W = h.shape
+    markers = np.empty((H, W), np.int32)
+    for i in range(H):
+        for j in range(W):
+            markers[i, j] = n + 1 if near[i, j] == 0 else core[i, j]
+    ws = watershed(sobel_magnitude(h), markers)
+    out = np.zeros((H, W), np.int32)
+    for i in range(H):
+        for j in range(W):
+            w = ws[i, j]
+            if w == n + 1 or w <= 0:
+                continue
+            if (w == near[i, j] or w == local[i, j]) and np.float64(h[i, j]) > thr[near[i, j]]:
+                out[i, j] = w
+    return clean_labels(out, core, n)
+
+
+@numba.njit(cache=True, nogil=True)
+def areas(local, out, n):  # pragma: no cover - compiled
+    """Pixel counts per label 0..n of the ST map and of the refined one."""
+    a0 = np.zeros(n + 1, np.float64)
+    a1 = np.zeros(n + 1, np.float64)
+    for v in local.ravel():
+        a0[v] += 1
+    for v in out.ravel():
+        a1[v] += 1
+    return a0, a1
+
+
+@numba.njit(cache=True, nogil=True)
+def guarded(local, out, keep_st, drop, ids, not_vis):  # pragma: no cover - compiled
+    """Refined global ids: dropped labels removed, kept-ST labels back to their ST pixels;
+    and the not-visible mask."""
+    H, W = local.shape
+    res = np.empty((H, W), ids.dtype)
+    nv = np.empty((H, W), np.bool_)
+    for i in range(H):
+        for j in range(W):
+            o = out[i, j]
+            v = 0 if drop[o] else o
+            loc = local[i, j]
+            if v == 0 and keep_st[loc]:
+                v = loc
+            res[i, j] = ids[v]
+            nv[i, j] = not_vis[loc]
+    return res, nv

@@ -1,0 +1,271 @@
+"""Cut one slide into training tiles in parallel: label maps, the H&E tile, mask refinement.
+
+:func:`stlib.labels.derive.build_tile_stores` writes a whole slide as about 25,000 tiles of
+256 px (10 x 10 mm at 0.25 µm/px). Per tile it needs the label maps of the ST nuclei
+(:class:`stlib.labels.masks.TileRenderer`), the H&E tile resampled to the target µm/px, and
+the mask refinement (:func:`stlib.labels.refine.refine_label_maps`). Here those run for many
+tiles at once in a thread pool (the compiled kernels release the GIL), while the calling
+thread decodes the slide band by band and writes finished tiles in grid order:
+
+* the slide is read in full-width bands of TIFF-tile height (:class:`RowBands`), so every
+  compressed tile of the pyramid is decoded once, not once per overlapping training tile;
+* the tile is resampled by :func:`resample_tile`, a compiled twin of the
+  ``skimage.transform.resize(order=1)`` call of :func:`read_tile_image` (bit-identical
+  output, tested), 20x faster;
+* at most ``4 x workers`` tiles are in flight, so memory stays bounded whatever the slide.
+
+Each stage's busy time is added to a ``timings`` dict when one is given
+(``stlib bench derive`` reports them).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numba
+import numpy as np
+
+__all__ = ["RowBands", "SlideTile", "default_workers", "iter_slide_tiles", "read_tile_image", "resample_tile"]
+
+
+def default_workers() -> int:
+    """CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------------------
+# the H&E tile
+# --------------------------------------------------------------------------------------
+
+def read_tile_image(wsi: Any, x0: float, y0: float, size_l0: float, tile_px: int) -> np.ndarray:
+    """RGB tile of ``tile_px`` covering ``size_l0`` level-0 px from (x0, y0), resampled.
+
+    The straightforward form (one ``read_region`` + ``skimage.transform.resize`` per tile);
+    :func:`iter_slide_tiles` computes the same pixels from decoded bands with
+    :func:`resample_tile`.
+    """
+    n = int(math.ceil(size_l0))
+    crop = wsi.read_region(int(math.floor(x0)), int(math.floor(y0)), n, n, level=0)
+    return _resize_reference(crop, size_l0, tile_px)
+
+
+def _resize_reference(crop: np.ndarray, size_l0: float, tile_px: int) -> np.ndarray:
+    from skimage.transform import resize
+
+    # skimage resize with anti-aliasing: exact enough for 0.27 -> 0.25 µm/px and fast per tile
+    img = resize(crop, (tile_px, tile_px), order=1, anti_aliasing=size_l0 > tile_px, preserve_range=True)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+@numba.njit(cache=True, nogil=True)
+def _zoom_linear(crop, T):  # pragma: no cover - compiled
+    """``ndimage.zoom(crop, order=1, mode="mirror", grid_mode=True)`` to (T, T, C) as
+    ``skimage.transform.resize`` calls it, then ``rint`` and clip to uint8.
+
+    Output pixel centre ``(i + 0.5) * n / T - 0.5`` in input px; the 2 x 2 neighbours summed in
+    raster order as ``value * w_row * w_col`` (scipy's order; the channel axis is not resampled).
+    """
+    n0, n1, C = crop.shape
+    out = np.empty((T, T, C), np.uint8)
+    z0 = n0 / T
+    z1 = n1 / T
+    for i in range(T):
+        cy = (i + 0.5) * z0 - 0.5
+        y0 = int(np.floor(cy))
+        ty = cy - y0
+        ya = -y0 if y0 < 0 else (2 * (n0 - 1) - y0 if y0 > n0 - 1 else y0)
+        y1 = y0 + 1
+        yb = -y1 if y1 < 0 else (2 * (n0 - 1) - y1 if y1 > n0 - 1 else y1)
+        wya = 1.0 - ty
+        for j in range(T):
+            cx = (j + 0.5) * z1 - 0.5
+            x0 = int(np.floor(cx))
+            tx = cx - x0
+            xa = -x0 if x0 < 0 else (2 * (n1 - 1) - x0 if x0 > n1 - 1 else x0)
+            x1 = x0 + 1
+            xb = -x1 if x1 < 0 else (2 * (n1 - 1) - x1 if x1 > n1 - 1 else x1)
+            wxa = 1.0 - tx
+            for c in range(C):
+                t = 0.0
+                t += np.float64(crop[ya, xa, c]) * wya * wxa
+                t += np.float64(crop[ya, xb, c]) * wya * tx
+                t += np.float64(crop[yb, xa, c]) * ty * wxa
+                t += np.float64(crop[yb, xb, c]) * ty * tx
+                v = np.rint(t)
+                out[i, j, c] = np.uint8(0.0 if v < 0.0 else (255.0 if v > 255.0 else v))
+    return out
+
+
+def resample_tile(crop: np.ndarray, size_l0: float, tile_px: int) -> np.ndarray:
+    """The crop of :func:`read_tile_image` resampled to ``tile_px`` (same result).
+
+    Enlarging (``size_l0 <= tile_px``, e.g. HEST's 0.27 µm/px to 0.25) runs the compiled
+    twin of the bilinear resize; shrinking needs scikit-image's anti-aliasing filter and calls it.
+    """
+    if size_l0 > tile_px or crop.ndim != 3 or crop.dtype != np.uint8:
+        return _resize_reference(crop, size_l0, tile_px)
+    return _zoom_linear(np.ascontiguousarray(crop), int(tile_px))
+
+
+class RowBands:
+    """Level-0 regions of a slide cut from full-width decoded bands, each band decoded once.
+
+    Requests must move down the slide (rows of tiles in order); bands above the last request
+    are dropped. ``crop`` returns what ``wsi.read_region(x, y, w, h, level=0)`` returns
+    (255 outside the image).
+    """
+
+    def __init__(self, wsi: Any, rows: int = 256) -> None:
+        self.wsi = wsi
+        self.rows = int(rows)
+        self.H, self.W = wsi.shape
+        self._bands: dict[int, np.ndarray] = {}
+
+    def _band(self, b: int) -> np.ndarray:
+        if b not in self._bands:
+            y = b * self.rows
+            self._bands[b] = self.wsi.read_region(0, y, self.W, min(self.rows, self.H - y), level=0)
+        return self._bands[b]
+
+    def crop(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """``(h, w, 3)`` uint8 region with top-left (x, y) in level-0 px."""
+        out = np.full((h, w, 3), 255, np.uint8)
+        y0, y1 = max(0, y), min(self.H, y + h)
+        x0, x1 = max(0, x), min(self.W, x + w)
+        for b in [b for b in self._bands if (b + 1) * self.rows <= y0]:
+            del self._bands[b]
+        if y1 <= y0 or x1 <= x0:
+            return out
+        for b in range(y0 // self.rows, (y1 - 1) // self.rows + 1):
+            band = self._band(b)
+            r0, r1 = max(y0, b * self.rows), min(y1, (b + 1) * self.rows)
+            out[r0 - y:r1 - y, x0 - x:x1 - x] = band[r0 - b * self.rows:r1 - b * self.rows, x0:x1]
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# the parallel tile loop
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class SlideTile:
+    """One finished tile: its grid position, H&E image and label maps per label set.
+
+    ``maps[k] = (inst, type, ignore, conf)``; ``n_nuclei[k]`` instances in it; ``refine`` the
+    :class:`~stlib.labels.refine.RefineStats` of the ``"st"`` set (None when not refined);
+    ``pq_before`` / ``pq_after`` the binary PQ of the ST masks against the ``"truth"`` set
+    before and after refinement (None without truth or without refinement).
+    """
+
+    tile: Any
+    image: np.ndarray
+    maps: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+    n_nuclei: dict[str, int]
+    refine: Any = None
+    pq_before: float | None = None
+    pq_after: float | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _count_ids(inst: np.ndarray) -> int:
+    """Distinct non-zero ids (``np.unique(inst[inst > 0]).size``, from the runs of equal pixels)."""
+    flat = inst.ravel()
+    starts = np.flatnonzero(np.concatenate([[True], flat[1:] != flat[:-1]]))
+    v = np.unique(flat[starts])
+    return int(v.size - (v[0] == 0 if v.size else 0))
+
+
+def _tile_work(i: int, crop: np.ndarray, renderers: Mapping[str, Any], size_l0: float, tile_px: int,
+               um_per_px: float, refine_config: Any) -> SlideTile:
+    """Label maps, H&E tile and refinement of grid tile ``i`` (runs in a worker thread)."""
+    from stlib.labels.refine import refine_label_maps
+
+    sec: dict[str, float] = {}
+    t0 = time.perf_counter()
+    lms = {k: r.render(i) for k, r in renderers.items()}
+    maps = {k: (m.inst, m.type, m.ignore, m.conf) for k, m in lms.items()}
+    t1 = time.perf_counter()
+    img = resample_tile(crop, size_l0, tile_px)
+    t2 = time.perf_counter()
+    sec["masks"], sec["tile_images"] = t1 - t0, t2 - t1
+    out = SlideTile(tile=next(iter(renderers.values())).tile(i), image=img, maps=maps, n_nuclei={})
+    if refine_config is not None and "st" in maps:
+        raw = maps["st"][0]
+        *st_maps, out.refine = refine_label_maps(img, *maps["st"], um_per_px=um_per_px, config=refine_config)
+        maps["st"] = tuple(st_maps)
+        t3 = time.perf_counter()
+        sec["mask_refinement"] = t3 - t2
+        if "truth" in maps and maps["truth"][0].any():
+            from stlib.metrics import pannuke_bpq
+
+            out.pq_before = pannuke_bpq(maps["truth"][0], raw)
+            out.pq_after = pannuke_bpq(maps["truth"][0], maps["st"][0])
+            sec["truth_scores"] = time.perf_counter() - t3
+    out.n_nuclei = {k: _count_ids(m[0]) for k, m in maps.items()}
+    out.seconds = sec
+    return out
+
+
+def iter_slide_tiles(wsi: Any, renderers: Mapping[str, Any], *, size_l0: float, tile_px: int, um_per_px: float,
+                     refine_config: Any = None, workers: int | None = None,
+                     timings: dict[str, float] | None = None) -> Iterator[SlideTile]:
+    """Every tile of the renderers' grid, finished, in grid order.
+
+    Parameters
+    ----------
+    wsi
+        The slide (:class:`stlib.io.wsi.Wsi`: ``shape``, ``read_region``).
+    renderers
+        Label set name -> :class:`stlib.labels.masks.TileRenderer`, all on the same grid;
+        ``"st"`` is refined, ``"truth"`` (optional) scores it.
+    size_l0, tile_px, um_per_px
+        Level-0 px covered by a tile, its side in target px, the target µm/px.
+    refine_config
+        :class:`stlib.labels.refine.RefineConfig`, or None for no refinement.
+    workers
+        Threads (default: the usable CPUs).
+    timings
+        Busy seconds per stage are added to it (``masks``, ``tile_images`` for resampling,
+        ``slide_decoding`` for the band reads, ``mask_refinement``, ``truth_scores``); the worker
+        stages run concurrently, so their sum exceeds the wall time.
+
+    Yields
+    ------
+    SlideTile
+    """
+    first = next(iter(renderers.values()))
+    n = len(first)
+    workers = default_workers() if workers is None else max(1, int(workers))
+    bands = RowBands(wsi)
+    side = int(math.ceil(size_l0))
+    pending: deque = deque()
+
+    def collect(fut: Any) -> SlideTile:
+        res = fut.result()
+        if timings is not None:
+            for k, v in res.seconds.items():
+                timings[k] = timings.get(k, 0.0) + v
+        return res
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stlib-tiles") as pool:
+        for i in range(n):
+            x0, y0 = first.tile(i).origin
+            t0 = time.perf_counter()
+            crop = bands.crop(int(math.floor(x0)), int(math.floor(y0)), side, side)
+            if timings is not None:
+                timings["slide_decoding"] = timings.get("slide_decoding", 0.0) + time.perf_counter() - t0
+            pending.append(pool.submit(_tile_work, i, crop, renderers, size_l0, tile_px, um_per_px, refine_config))
+            while len(pending) > 4 * workers:
+                yield collect(pending.popleft())
+        while pending:
+            yield collect(pending.popleft())
