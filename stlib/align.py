@@ -641,15 +641,19 @@ def _window(arr: np.ndarray, cu: float, cv: float, n: int) -> tuple[np.ndarray, 
 
 def _measure(level: _Level, T: Transform, xy_rings_um: np.ndarray, ring_id: np.ndarray,
              centroids_um: np.ndarray, nodes_um: np.ndarray, win_px: int, *,
-             min_nuclei: int, upsample: int = 20, blur_px: float = 1.0) -> dict[str, np.ndarray]:
+             min_nuclei: int, upsample: int = 20, blur_px: float = 1.0,
+             reference: bool = False) -> dict[str, np.ndarray]:
     """Rasterise nuclei through ``T`` and measure every node's tile.
 
     Returns per node: residual shift (dx, dy) in **H&E px** (true position = mapped + shift),
     peak correlation, nuclei count, correlation and Dice scores, reliability; plus global
-    correlation/Dice.
+    correlation/Dice. The nodes are measured in batches (:mod:`stlib._align_kernels`);
+    ``reference=True`` measures them one by one with the library calls (same numbers to
+    float rounding; for tests and ``stlib bench derive``).
     """
     from scipy import ndimage
-    from skimage.registration import phase_cross_correlation
+
+    from stlib import _align_kernels as K
 
     grid = level.grid
     ring_work = grid.xy_to_work(T.apply_xy(xy_rings_um)) if len(xy_rings_um) else xy_rings_um
@@ -659,15 +663,35 @@ def _measure(level: _Level, T: Transform, xy_rings_um: np.ndarray, ring_id: np.n
     node_work = grid.xy_to_work(T.apply_xy(nodes_um))
     n = len(nodes_um)
     res = {k: np.full(n, np.nan) for k in ("dx_px", "dy_px", "peak", "corr", "dice")}
-    res["n_nuclei"] = np.zeros(n, dtype=int)
-    hann = np.outer(np.hanning(win_px), np.hanning(win_px)).astype(np.float32)
-    max_shift = win_px / 4.0
     hmask = level.h > level.otsu
     counts = _count_window(cen_work, grid.shape, node_work, win_px)
+    res["n_nuclei"] = counts.astype(int)
+    measure_nodes = _measure_nodes_reference if reference else _measure_nodes_batched
+    measure_nodes(res, level.h, mask, hmask, blurred, node_work, counts, win_px, min_nuclei=min_nuclei,
+                  upsample=upsample, f=grid.f)
+    # reliability = peak correlation x a saturating nuclei-count factor (0.5 at 10 nuclei)
+    peak_ok = np.clip(np.nan_to_num(res["peak"]), 0.0, 1.0)
+    res["reliability"] = np.where(np.isfinite(res["peak"]), peak_ok * res["n_nuclei"] / (res["n_nuclei"] + 10.0), 0.0)
+    if reference:
+        res["global_corr"] = _pearson(level.h, mask) if mask.any() else float("nan")
+    else:
+        res["global_corr"] = float(K.pearson_full(level.h, mask)) if mask.any() else float("nan")
+    res["global_dice"] = _dice(hmask, mask)
+    return res
+
+
+def _measure_nodes_reference(res: dict[str, np.ndarray], h: np.ndarray, mask: np.ndarray, hmask: np.ndarray,
+                             blurred: np.ndarray, node_work: np.ndarray, counts: np.ndarray, win_px: int, *,
+                             min_nuclei: int, upsample: int, f: float) -> None:
+    """Per node: window scores and the sub-pixel shift by phase correlation (one call each)."""
+    from scipy import ndimage
+    from skimage.registration import phase_cross_correlation
+
+    hann = np.outer(np.hanning(win_px), np.hanning(win_px)).astype(np.float32)
+    max_shift = win_px / 4.0
     for i, (cu, cv) in enumerate(node_work):
         k = int(counts[i])
-        res["n_nuclei"][i] = k
-        h_t, _ = _window(level.h, cu, cv, win_px)
+        h_t, _ = _window(h, cu, cv, win_px)
         m_t, _ = _window(mask, cu, cv, win_px)
         hm_t, _ = _window(hmask, cu, cv, win_px)
         if k == 0:
@@ -691,14 +715,43 @@ def _measure(level: _Level, T: Transform, xy_rings_um: np.ndarray, ring_id: np.n
             continue
         peak = _pearson(h_t[e:-e, e:-e], moved[e:-e, e:-e])
         res["peak"][i] = peak
-        res["dx_px"][i] = du * grid.f
-        res["dy_px"][i] = dv * grid.f
-    # reliability = peak correlation x a saturating nuclei-count factor (0.5 at 10 nuclei)
-    peak_ok = np.clip(np.nan_to_num(res["peak"]), 0.0, 1.0)
-    res["reliability"] = np.where(np.isfinite(res["peak"]), peak_ok * res["n_nuclei"] / (res["n_nuclei"] + 10.0), 0.0)
-    res["global_corr"] = _pearson(level.h, mask) if mask.any() else float("nan")
-    res["global_dice"] = _dice(hmask, mask)
-    return res
+        res["dx_px"][i] = du * f
+        res["dy_px"][i] = dv * f
+
+
+def _measure_nodes_batched(res: dict[str, np.ndarray], h: np.ndarray, mask: np.ndarray, hmask: np.ndarray,
+                           blurred: np.ndarray, node_work: np.ndarray, counts: np.ndarray, win_px: int, *,
+                           min_nuclei: int, upsample: int, f: float, batch: int = 512) -> None:
+    """:func:`_measure_nodes_reference` for all nodes at once: compiled window scores, then the
+    phase correlations of ``batch`` windows per batched FFT (:mod:`stlib._align_kernels`)."""
+    from stlib import _align_kernels as K
+
+    u0 = np.round(node_work[:, 0] - win_px / 2).astype(np.int64)
+    v0 = np.round(node_work[:, 1] - win_px / 2).astype(np.int64)
+    corr, dice = K.window_stats(h, mask, hmask, u0, v0, win_px, counts)
+    res["corr"][:] = corr
+    res["dice"][:] = dice
+    hann = np.outer(np.hanning(win_px), np.hanning(win_px)).astype(np.float32)
+    max_shift = win_px / 4.0
+    todo = np.flatnonzero(counts >= min_nuclei)
+    for s in range(0, todo.size, batch):
+        idx = todo[s:s + batch]
+        h_w = K.gather_windows(h, u0[idx], v0[idx], win_px)
+        b_w = K.gather_windows(blurred, u0[idx], v0[idx], win_px)
+        ref = (h_w - h_w.mean(axis=(1, 2), keepdims=True)) * hann
+        mov = (b_w - b_w.mean(axis=(1, 2), keepdims=True)) * hann
+        ok = ref.any(axis=(1, 2)) & mov.any(axis=(1, 2))
+        if not ok.any():
+            continue
+        idx, h_w, b_w, ref, mov = idx[ok], h_w[ok], b_w[ok], ref[ok], mov[ok]
+        shift = K.batched_phase_shift(ref, mov, upsample).astype(np.float64)
+        dv, du = shift[:, 0], shift[:, 1]
+        near = np.hypot(du, dv) <= max_shift
+        peak, keep = K.shifted_peak(h_w[near], b_w[near], dv[near], du[near])
+        sel = idx[near][keep]
+        res["peak"][sel] = peak[keep]
+        res["dx_px"][sel] = du[near][keep] * f
+        res["dy_px"][sel] = dv[near][keep] * f
 
 
 def _count_window(points: np.ndarray, shape: tuple[int, int], centres: np.ndarray, win: int) -> np.ndarray:
@@ -873,7 +926,7 @@ def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str 
                  max_residual_um: float = 3.0, work_um_per_px: float = 1.0,
                  grid_um: float | None = None, min_nuclei: int = 8,
                  n_global: int = 3, n_local: int = 3,
-                 min_score_ratio: float = 0.3) -> AlignmentResult:
+                 min_score_ratio: float = 0.3, reference: bool = False) -> AlignmentResult:
     """Score the registration of nucleus polygons on an H&E slide and refine it.
 
     Parameters
@@ -904,6 +957,9 @@ def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str 
     min_score_ratio
         A tile with enough nuclei whose correlation after refinement is below this fraction
         of the median tile correlation is excluded.
+    reference
+        Measure the tiles one by one with the library calls instead of in batches (the same
+        result to float rounding, many times slower; for tests and benchmarks).
 
     Returns
     -------
@@ -966,7 +1022,8 @@ def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str 
         lev = level_at(um_px)
         win_px = max(16, int(round(win_um / um_px)))
         with _single_thread_blas():
-            return _measure(lev, T, xy_um, ring_id, centroids, nodes, win_px, min_nuclei=min_nuclei)
+            return _measure(lev, T, xy_um, ring_id, centroids, nodes, win_px, min_nuclei=min_nuclei,
+                            reference=reference)
 
     T = Transform(M0)
     gx, gy = _node_grid(lo_um, hi_um, grid_um)

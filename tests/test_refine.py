@@ -181,3 +181,101 @@ def test_stats_add_up():
     s = a + b
     assert (s.n, s.refined, s.kept_st, s.not_visible) == (4, 2, 1, 1)
     assert s.to_dict()["area_ratio"] == pytest.approx(0.8)
+
+
+# --------------------------------------------------------------------------------------
+# the compiled path equals the scikit-image / scipy reference
+# --------------------------------------------------------------------------------------
+
+def _labels(rng, shape, density, grow):
+    lab = ndi.label(rng.random(shape) < density)[0]
+    lab = ndi.grey_dilation(lab, size=grow).astype(np.int32)
+    lab[0, 0] = max(lab[0, 0], 1)
+    return lab
+
+
+def test_kernels_equal_their_library_twins():
+    from skimage.color import rgb2hed
+    from skimage.filters import sobel
+    from skimage.segmentation import watershed
+
+    from stlib.labels import _refine_kernels as K
+    from stlib.labels.refine import _clean, _label_median
+
+    rng = np.random.default_rng(1)
+    lut, hcol = K.hed_lut()
+    for trial in range(24):
+        H, W = (int(v) for v in rng.integers(20, 70, 2))
+        img = rng.integers(0, 256, (H, W, 3), np.uint8)
+        if trial % 3 == 0:
+            img = (img // 64 * 64).astype(np.uint8)  # few colours: exact ties everywhere
+        sig = [0.0, 2.0, 1.3][trial % 3]
+        h_ref = rgb2hed(img)[..., 0].astype(np.float32)
+        h_ref = ndi.gaussian_filter(h_ref, sig) if sig else h_ref
+        h = K.haematoxylin_smoothed(img, lut, hcol, K.gaussian_weights(sig) if sig else np.ones(1))
+        assert np.array_equal(h, h_ref)
+        lab = _labels(rng, (H, W), [0.02, 0.1, 0.4][trial % 3], [1, 3, 5][trial % 3])
+        d_ref, (iy, ix) = ndi.distance_transform_edt(lab == 0, return_indices=True)
+        d, owner = K.edt_owner(lab)
+        assert np.array_equal(d, d_ref) and np.array_equal(owner, lab[iy, ix])  # scipy's tie rule
+        m = rng.random((H, W)) < 0.8
+        assert np.array_equal(K.edt_distance(m), ndi.distance_transform_edt(m))
+        for rad in (1.0, 2.74, 3.0):
+            assert np.array_equal(K.beyond(m, rad), ndi.distance_transform_edt(m) > rad)
+        n = int(lab.max())
+        vals = h if trial % 2 else (np.round(h * 4) / 4).astype(np.float32)
+        assert np.array_equal(K.label_median(vals, lab, n), _label_median(vals, lab, n), equal_nan=True)
+        s = K.sobel_magnitude(h)
+        assert np.array_equal(s, sobel(h))
+        q = s if trial % 2 else (np.round(s * 20) / 20).astype(np.float32)
+        mk = np.where(ndi.binary_erosion(lab > 0), lab, 0).astype(np.int32)
+        mk[ndi.distance_transform_edt(lab == 0) > 3] = n + 1
+        assert np.array_equal(K.watershed(q, mk), watershed(q, mk))
+        lab2 = np.where(rng.random((H, W)) < 0.85, lab, 0).astype(np.int32)
+        assert np.array_equal(K.clean_labels(lab2, mk, n), _clean(lab2, mk))
+
+
+@pytest.mark.parametrize("n_pairs", [0, 1, 2, 3])
+def test_watershed_ties_between_labels_resolve_as_scikit_image(n_pairs):
+    """Seeds of different labels with equal values: the heap's tie order matters, and the
+    compiled watershed must reproduce it (pairs tried both ways, else the exact heap)."""
+    from skimage.segmentation import watershed
+
+    from stlib.labels import _refine_kernels as K
+
+    rng = np.random.default_rng(7 + n_pairs)
+    bad = 0
+    for _ in range(60):
+        H, W = (int(v) for v in rng.integers(8, 30, 2))
+        img = (np.round(rng.random((H, W)) * 5) / 5).astype(np.float32)  # plateaus
+        mk = np.zeros((H, W), np.int32)
+        idx = rng.choice(H * W, 6, replace=False)
+        mk.flat[idx] = np.arange(1, 7)
+        img.flat[idx] = rng.random(6).astype(np.float32) + 10 * np.arange(6)  # distinct marker values...
+        for p in range(n_pairs):  # ...except n_pairs tied pairs of different labels
+            img.flat[idx[2 * p + 1]] = img.flat[idx[2 * p]]
+        bad += not np.array_equal(K.watershed(img, mk), watershed(img, mk))
+    assert bad == 0
+
+
+def test_compiled_refinement_equals_reference_on_rendered_fields():
+    rng = np.random.default_rng(11)
+    for trial in range(6):
+        size = 160
+        k = 14
+        centres = [tuple(v) for v in rng.uniform(15, size - 15, (k, 2))]
+        axes = [(a, a * rng.uniform(0.6, 1.0)) for a in rng.uniform(6, 14, k)]
+        angles = rng.uniform(0, np.pi, k)
+        true = _ellipses((size, size), centres, axes, angles)
+        dapi_c = [(x + rng.normal(0, 2), y + rng.normal(0, 2)) for x, y in centres]
+        dapi = _ellipses((size, size), dapi_c, [(a * 1.15, b * 1.15) for a, b in axes], angles)
+        img = _render(true, seed=trial)
+        typ = np.where(dapi > 0, dapi % 5 + 1, 0).astype(np.uint8)
+        ign = np.zeros_like(typ)
+        ign[:, : 10 * trial] = 1
+        conf = np.where(dapi > 0, 200, 0).astype(np.uint8)
+        a = refine_label_maps(img, dapi * 37, typ, ign, conf, um_per_px=UM)
+        b = refine_label_maps(img, dapi * 37, typ, ign, conf, um_per_px=UM, reference=True)
+        for x, y in zip(a[:4], b[:4]):
+            assert x.dtype == y.dtype and np.array_equal(x, y)
+        assert a[4] == b[4]
