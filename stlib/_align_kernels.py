@@ -115,19 +115,35 @@ def gather_windows(arr, u0, v0, n):  # pragma: no cover - compiled
     return out
 
 
-def batched_phase_shift(ref: np.ndarray, mov: np.ndarray, upsample: int, workers: int = 1) -> np.ndarray:
+def batched_phase_shift(ref: np.ndarray, mov: np.ndarray, upsample: int, workers: int = 1,
+                        tie: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
     """``phase_cross_correlation(ref[k], mov[k], upsample_factor=upsample, normalization=None)[0]``
-    for a stack (m, n, n) of float32 windows, as scikit-image computes it: FFTs, the integer
-    peak of the cross-power spectrum's inverse, then the peak of a 1.5-pixel neighbourhood
-    upsampled by matrix-multiply DFT, all in single precision."""
-    from scipy.fft import fft2, fftfreq, ifft2
+    for a stack (m, n, n) of float32 windows, in scikit-image's steps and precision: the integer
+    peak of the inverse FFT of the cross-power spectrum, then the peak of a 1.5-pixel
+    neighbourhood upsampled by matrix-multiply DFT.
+
+    Arranged for speed, not bit for bit: real-input FFTs (the spectra are Hermitian), and the
+    upsampled DFT as two large matrix products shared by all windows (scikit-image's kernel
+    ``exp(-2 pi i (a - o) f)`` factorised as ``exp(-2 pi i a f) exp(2 pi i o f)``, the per-window
+    offset ``o`` applied to the data). The float rounding differs from scikit-image's, so a peak
+    can differ where two candidates are within rounding of each other: such windows (the two
+    highest values of either peak search closer than ``tie``, relative) are flagged, and the
+    caller computes them with scikit-image itself.
+
+    Returns
+    -------
+    shifts, near_tie
+        (m, 2) float32 (row, col) shifts; (m,) bool.
+    """
+    from scipy.fft import fftfreq, irfft2, rfft2
 
     m, n0, n1 = ref.shape
-    src = fft2(ref, workers=workers)
-    tgt = fft2(mov, workers=workers)
-    prod = src * tgt.conj()
-    cc = np.abs(ifft2(prod, workers=workers)).reshape(m, -1)
+    half = n1 // 2 + 1
+    prod_h = rfft2(ref, workers=workers) * rfft2(mov, workers=workers).conj()  # (m, n0, half)
+    cc = np.abs(irfft2(prod_h, s=(n0, n1), workers=workers)).reshape(m, -1)
     peak = np.argmax(cc, axis=1)
+    top2 = np.partition(cc, -2, axis=1)[:, -2:]
+    near_tie = top2[:, 0] > (1 - tie) * top2[:, 1]
     shape = np.array([n0, n1])
     shift = np.stack([peak // n1, peak % n1], axis=1).astype(np.float32)
     mid = np.trunc(shape / 2)
@@ -137,21 +153,37 @@ def batched_phase_shift(ref: np.ndarray, mov: np.ndarray, upsample: int, workers
     shift = np.round(shift * uf) / uf
     ups = int(np.ceil(uf * np.float32(1.5)))
     dftshift = np.trunc(np.float32(ups) / np.float32(2.0))
-    offset = dftshift - shift * uf  # (m, 2) float32
-    data = prod.conj()
-    # _upsampled_dft, last axis first: kernels (m, ups, n) per window
+    offset = (dftshift - shift * uf).astype(np.float64)  # (m, 2)
+    # the full conjugate spectrum from its Hermitian half: X[k0, k1] = conj(X[-k0, -k1])
+    data = np.empty((m, n0, n1), np.complex64)
+    data[:, :, :half] = prod_h.conj()
+    k0 = (-np.arange(n0)) % n0
+    data[:, :, half:] = prod_h[:, k0][:, :, 1:n1 - half + 1][:, :, ::-1]
     im2pi = 1j * 2 * np.pi
-    ups_size = np.ceil(uf * np.float32(1.5))
-    kern = []
-    for ax, nn in ((1, n1), (0, n0)):
-        k = (np.arange(ups_size)[None, :] - offset[:, ax][:, None])[:, :, None] * fftfreq(nn, uf)[None, None, :]
-        kern.append(np.exp(-im2pi * k).astype(data.dtype, copy=False))
-    first = np.matmul(kern[0], data.transpose(0, 2, 1))          # (m, ups, n0): axis 1 contracted
-    up = np.matmul(kern[1], first.transpose(0, 2, 1)).conj()      # (m, ups0, ups1)
+    a_ = np.arange(ups, dtype=np.float64)
+    f1, f0 = fftfreq(n1, uf), fftfreq(n0, uf)
+    base1 = np.exp(-im2pi * (a_[:, None] * f1[None, :])).astype(np.complex64)  # (ups, n1)
+    base0 = np.exp(-im2pi * (a_[:, None] * f0[None, :])).astype(np.complex64)  # (ups, n0)
+    data *= np.exp(im2pi * (offset[:, 1][:, None] * f1[None, :])).astype(np.complex64)[:, None, :]
+    tmp = (data.reshape(m * n0, n1) @ base1.T).reshape(m, n0, ups)               # over axis 1
+    tmp *= np.exp(im2pi * (offset[:, 0][:, None] * f0[None, :])).astype(np.complex64)[:, :, None]
+    up = (base0 @ tmp.transpose(1, 0, 2).reshape(n0, m * ups)).reshape(ups, m, ups).transpose(1, 0, 2)
     a = np.abs(up).reshape(m, -1)
     best = np.argmax(a, axis=1)
+    top2 = np.partition(a, -2, axis=1)[:, -2:]
+    near_tie |= top2[:, 0] > (1 - tie) * top2[:, 1]
     mx = np.stack([best // ups, best % ups], axis=1).astype(np.float32) - dftshift
-    return shift + mx / uf
+    return shift + mx / uf, near_tie
+
+
+def _cmatmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Stacked complex64 matrix product from four real float32 products (BLAS)."""
+    ar, ai = np.ascontiguousarray(a.real), np.ascontiguousarray(a.imag)
+    br, bi = np.ascontiguousarray(b.real), np.ascontiguousarray(b.imag)
+    out = np.empty((*a.shape[:-1], b.shape[-1]), np.complex64)
+    out.real = np.matmul(ar, br) - np.matmul(ai, bi)
+    out.imag = np.matmul(ar, bi) + np.matmul(ai, br)
+    return out
 
 
 @numba.njit(cache=True, nogil=True)
@@ -227,3 +259,226 @@ def pearson_full(h, mask):  # pragma: no cover - compiled
             sab += a * b
     d = np.sqrt(saa * sbb)
     return sab / d if d > 0 else np.nan
+
+
+# --------------------------------------------------------------------------------------
+# full-image steps of a measurement, as exact twins of the numpy / scipy forms
+# --------------------------------------------------------------------------------------
+
+@numba.njit(cache=True, nogil=True)
+def fill_rings(xy, ring, H, W):  # pragma: no cover - compiled
+    """``align._rasterize_rings``: pixel centres inside the rings (non-zero winding after
+    orienting every ring the same way), with the same crossing arithmetic."""
+    out = np.zeros((H, W), np.bool_)
+    n = xy.shape[0]
+    if n < 2 or H == 0 or W == 0:
+        return out
+    n_ring = 0
+    for k in range(n):
+        n_ring = max(n_ring, ring[k] + 1)
+    area2 = np.zeros(n_ring)
+    for k in range(n - 1):
+        if ring[k + 1] == ring[k]:
+            area2[ring[k]] += xy[k, 0] * xy[k + 1, 1] - xy[k + 1, 0] * xy[k, 1]
+    acc = np.zeros((H, W + 1), np.int16)
+    for k in range(n - 1):
+        if ring[k + 1] != ring[k]:
+            continue
+        o = area2[ring[k]]
+        orient = 1.0 if o > 0 else (-1.0 if o < 0 else 0.0)
+        if orient == 0.0:
+            continue
+        x0, y0, x1, y1 = xy[k, 0], xy[k, 1], xy[k + 1, 0], xy[k + 1, 1]
+        r0 = min(max(np.ceil(min(y0, y1)), 0.0), float(H))
+        r1 = min(max(np.ceil(max(y0, y1)), 0.0), float(H))
+        sign = (-1.0 if y1 > y0 else 1.0) * orient
+        for r in range(int(r0), int(r1)):
+            t = (r - y0) / (y1 - y0)
+            xc = x0 + t * (x1 - x0)
+            c = int(min(max(np.ceil(xc), 0.0), float(W)))
+            acc[r, c] += np.int16(sign)
+    for r in range(H):
+        w = 0
+        for c in range(W):
+            w += acc[r, c]
+            out[r, c] = abs(w) > 0
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def count_in_windows(iu, iv, H, W, u0, v0, win):  # pragma: no cover - compiled
+    """``align._count_window``: points (rounded work px, inside the image) in each window
+    ``[u0, u0 + win) x [v0, v0 + win)`` clipped to the image, via buckets of the window size."""
+    nbx = W // win + 1
+    nby = H // win + 1
+    cnt = np.zeros(nbx * nby + 1, np.int64)
+    for k in range(iu.size):
+        if 0 <= iu[k] < W and 0 <= iv[k] < H:
+            cnt[(iv[k] // win) * nbx + iu[k] // win + 1] += 1
+    for b in range(nbx * nby):
+        cnt[b + 1] += cnt[b]
+    pos = cnt.copy()
+    pu = np.empty(cnt[-1], np.int64)
+    pv = np.empty(cnt[-1], np.int64)
+    for k in range(iu.size):
+        if 0 <= iu[k] < W and 0 <= iv[k] < H:
+            b = (iv[k] // win) * nbx + iu[k] // win
+            pu[pos[b]] = iu[k]
+            pv[pos[b]] = iv[k]
+            pos[b] += 1
+    out = np.zeros(u0.size, np.int64)
+    for w in range(u0.size):
+        a0, a1 = min(max(u0[w], 0), W), min(max(u0[w] + win, 0), W)
+        b0, b1 = min(max(v0[w], 0), H), min(max(v0[w] + win, 0), H)
+        if a1 <= a0 or b1 <= b0:
+            continue
+        for by in range(b0 // win, (b1 - 1) // win + 1):
+            for bx in range(a0 // win, (a1 - 1) // win + 1):
+                b = by * nbx + bx
+                for k in range(cnt[b], cnt[b + 1]):
+                    if a0 <= pu[k] < a1 and b0 <= pv[k] < b1:
+                        out[w] += 1
+    return out
+
+
+def gaussian_weights(sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """The 1-D kernel of :func:`scipy.ndimage.gaussian_filter` (same formula, same radius)."""
+    radius = int(truncate * float(sigma) + 0.5)
+    x = np.arange(-radius, radius + 1)
+    phi = np.exp(-0.5 / (sigma * sigma) * x ** 2)
+    return (phi / phi.sum())[::-1].copy()
+
+
+@numba.njit(cache=True, nogil=True)
+def reflect(k, n):  # pragma: no cover - compiled
+    """scipy.ndimage 'reflect' (half-sample symmetric) index of one overhang (k in [-n, 2n))."""
+    if k < 0:
+        return -k - 1
+    if k >= n:
+        return 2 * n - k - 1
+    return k
+
+
+@numba.njit(cache=True, nogil=True)
+def correlate1d_sym(src, w, axis, out, r0, r1):  # pragma: no cover - compiled
+    """Rows ``r0:r1`` of ``ndimage.correlate1d(src, w, axis, mode="reflect")`` for a symmetric
+    kernel, float64 accumulation rounded to ``out``'s float32; per pixel the sum runs as in
+    scipy's symmetric branch: centre term, then the outermost pair inwards."""
+    H, W = src.shape
+    r = (w.shape[0] - 1) // 2
+    if axis == 0:
+        acc = np.empty(W, np.float64)
+        for i in range(r0, r1):
+            for j in range(W):
+                acc[j] = np.float64(src[i, j]) * w[r]
+            for q in range(r, 0, -1):
+                a = reflect(i - q, H)
+                b = reflect(i + q, H)
+                wq = w[r - q]
+                for j in range(W):
+                    acc[j] += (np.float64(src[a, j]) + np.float64(src[b, j])) * wq
+            for j in range(W):
+                out[i, j] = np.float32(acc[j])
+        return
+    buf = np.empty(W + 2 * r, np.float64)
+    for i in range(r0, r1):
+        for k in range(W + 2 * r):
+            buf[k] = src[i, reflect(k - r, W)]
+        for j in range(W):
+            c = j + r
+            a = buf[c] * w[r]
+            for q in range(r, 0, -1):
+                a += (buf[c - q] + buf[c + q]) * w[r - q]
+            out[i, j] = np.float32(a)
+
+
+def gaussian_filter32(img: np.ndarray, sigma: float, workers: int = 1) -> np.ndarray:
+    """``scipy.ndimage.gaussian_filter(img, sigma)`` of a 2-D float32 image (bit-identical),
+    rows split over ``workers`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = np.ascontiguousarray(img, dtype=np.float32)
+    if sigma <= 0:
+        return src.copy()
+    w = gaussian_weights(sigma)
+    if (w.size - 1) // 2 >= min(src.shape):  # multiple reflections: leave it to scipy
+        from scipy import ndimage
+
+        return ndimage.gaussian_filter(src, sigma)
+    tmp = np.empty_like(src)
+    out = np.empty_like(src)
+    H = src.shape[0]
+    step = max(1, -(-H // (4 * max(1, workers))))
+    spans = [(a, min(H, a + step)) for a in range(0, H, step)]
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        list(pool.map(lambda s: correlate1d_sym(src, w, 0, tmp, s[0], s[1]), spans))
+        list(pool.map(lambda s: correlate1d_sym(tmp, w, 1, out, s[0], s[1]), spans))
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def map_linear_nearest(img, jy, jx):  # pragma: no cover - compiled
+    """``ndimage.map_coordinates(img, meshgrid(jy, jx), order=1, mode="nearest")`` of a 2-D
+    float32 image on a separable grid (coordinates clamped to the image, then bilinear)."""
+    H, W = img.shape
+    out = np.empty((jy.size, jx.size), np.float32)
+    for i in range(jy.size):
+        cy = min(max(jy[i], 0.0), H - 1.0)
+        y0 = int(np.floor(cy))
+        ty = cy - y0
+        y1 = min(y0 + 1, H - 1)
+        for j in range(jx.size):
+            cx = min(max(jx[j], 0.0), W - 1.0)
+            x0 = int(np.floor(cx))
+            tx = cx - x0
+            x1 = min(x0 + 1, W - 1)
+            t = 0.0
+            t += np.float64(img[y0, x0]) * (1.0 - ty) * (1.0 - tx)
+            t += np.float64(img[y0, x1]) * (1.0 - ty) * tx
+            t += np.float64(img[y1, x0]) * ty * (1.0 - tx)
+            t += np.float64(img[y1, x1]) * ty * tx
+            out[i, j] = np.float32(t)
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _axis_pos(g, v):  # pragma: no cover - compiled
+    """``align._bilinear``'s cell index and fraction of ``v`` on the increasing grid ``g``."""
+    n = g.size
+    if n == 1:
+        return 0, 0.0
+    vc = min(max(v, g[0]), g[n - 1])
+    lo, hi = 0, n  # searchsorted(g, vc, side="right")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if g[mid] <= vc:
+            lo = mid + 1
+        else:
+            hi = mid
+    i = min(max(lo - 1, 0), n - 2)
+    return i, (vc - g[i]) / (g[i + 1] - g[i])
+
+
+@numba.njit(cache=True, nogil=True)
+def map_points(xy, A, gx, gy, dxg, dyg, has_grid, x0, y0, f):  # pragma: no cover - compiled
+    """``grid.xy_to_work(T.apply_xy(xy))`` for a :class:`stlib.align.Transform` (affine
+    ``A`` plus the bilinear displacement grid) and a work grid (``x0, y0, f``), same arithmetic."""
+    n = xy.shape[0]
+    out = np.empty((n, 2))
+    for k in range(n):
+        x = xy[k, 0]
+        y = xy[k, 1]
+        px = A[0, 0] * x + A[0, 1] * y + A[0, 2]
+        py = A[1, 0] * x + A[1, 1] * y + A[1, 2]
+        if has_grid:
+            ix, tx = _axis_pos(gx, x)
+            iy, ty = _axis_pos(gy, y)
+            ix1 = min(ix + 1, gx.size - 1)
+            iy1 = min(iy + 1, gy.size - 1)
+            px = px + (dxg[iy, ix] * (1 - tx) * (1 - ty) + dxg[iy, ix1] * tx * (1 - ty)
+                       + dxg[iy1, ix] * (1 - tx) * ty + dxg[iy1, ix1] * tx * ty)
+            py = py + (dyg[iy, ix] * (1 - tx) * (1 - ty) + dyg[iy, ix1] * tx * (1 - ty)
+                       + dyg[iy1, ix] * (1 - tx) * ty + dyg[iy1, ix1] * tx * ty)
+        out[k, 0] = (px - x0 + 0.5) / f - 0.5
+        out[k, 1] = (py - y0 + 0.5) / f - 0.5
+    return out

@@ -31,6 +31,8 @@ import argparse
 import hashlib
 import json
 import math
+import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -555,15 +557,24 @@ def haematoxylin_od(rgb: np.ndarray) -> np.ndarray:
     return rgb2hed(rgb[..., :3])[..., 0].astype(np.float32)
 
 
-def haematoxylin_image(slide: SlideLike, grid: WorkGrid, *, chunk: int = 1024) -> np.ndarray:
+def haematoxylin_image(slide: SlideLike, grid: WorkGrid, *, chunk: int = 1024, reference: bool = False,
+                       workers: int | None = None) -> np.ndarray:
     """Haematoxylin optical density of the slide on a :class:`WorkGrid`, robustly normalised.
 
     The slide is read chunk by chunk from the pyramid level closest to (not finer than
     needed for) the working resolution, deconvolved (:func:`skimage.color.rgb2hed`),
     anti-alias filtered and resampled bilinearly onto the grid. The result is scaled so that
     the 1st percentile maps to 0 and the 99.5th to 1 (clipped to [0, 1.5]).
+
+    The chunks are processed by ``workers`` threads with compiled twins of the three library
+    calls (:mod:`stlib._align_kernels`, the same pixels); ``reference=True`` calls the
+    libraries one chunk after the other.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from scipy import ndimage
+
+    from stlib import _align_kernels as K
 
     H, W = grid.shape
     out = np.zeros((H, W), dtype=np.float32)
@@ -574,28 +585,45 @@ def haematoxylin_image(slide: SlideLike, grid: WorkGrid, *, chunk: int = 1024) -
     s = grid.f / ds  # level px per work px
     sigma = max(0.0, (s - 1.0) / 2.0)
     pad = int(math.ceil(3 * sigma + 2))
-    for v0 in range(0, H, chunk):
-        for u0 in range(0, W, chunk):
-            v1, u1 = min(H, v0 + chunk), min(W, u0 + chunk)
-            uu = np.arange(u0, u1, dtype=float)
-            vv = np.arange(v0, v1, dtype=float)
-            xs, ys = grid.to_he(uu, vv)
-            # level coordinates of the sample points (level pixel centres at integers)
-            jx = (xs + 0.5) / ds - 0.5
-            jy = (ys + 0.5) / ds - 0.5
-            lx0 = int(math.floor(jx[0])) - pad
-            ly0 = int(math.floor(jy[0])) - pad
-            lw = int(math.ceil(jx[-1])) + pad + 1 - lx0
-            lh = int(math.ceil(jy[-1])) + pad + 1 - ly0
-            rgb = slide.read_region(int(round(lx0 * ds)), int(round(ly0 * ds)), lw, lh, level=level)
+    lut, hcol = K.hed_lut()
+
+    def finish(rgb: np.ndarray, jy: np.ndarray, jx: np.ndarray, v0: int, u0: int) -> None:
+        if reference:
             h = haematoxylin_od(np.asarray(rgb))
             if sigma > 0:
                 h = ndimage.gaussian_filter(h, sigma)
-            # read_region's corner was rounded to level-0 px: account for it exactly
-            ox = round(lx0 * ds) / ds
-            oy = round(ly0 * ds) / ds
-            JY, JX = np.meshgrid(jy - oy, jx - ox, indexing="ij")
-            out[v0:v1, u0:u1] = ndimage.map_coordinates(h, [JY, JX], order=1, mode="nearest")
+            JY, JX = np.meshgrid(jy, jx, indexing="ij")
+            out[v0:v0 + jy.size, u0:u0 + jx.size] = ndimage.map_coordinates(h, [JY, JX], order=1, mode="nearest")
+            return
+        h = K.hed_h(np.ascontiguousarray(rgb), lut, hcol)
+        if sigma > 0:
+            h = K.gaussian_filter32(h, sigma)
+        out[v0:v0 + jy.size, u0:u0 + jx.size] = K.map_linear_nearest(h, jy, jx)
+
+    with ThreadPoolExecutor(max_workers=1 if reference else (workers or _usable_cpus())) as pool:
+        futures = []
+        for v0 in range(0, H, chunk):
+            for u0 in range(0, W, chunk):
+                v1, u1 = min(H, v0 + chunk), min(W, u0 + chunk)
+                uu = np.arange(u0, u1, dtype=float)
+                vv = np.arange(v0, v1, dtype=float)
+                xs, ys = grid.to_he(uu, vv)
+                # level coordinates of the sample points (level pixel centres at integers)
+                jx = (xs + 0.5) / ds - 0.5
+                jy = (ys + 0.5) / ds - 0.5
+                lx0 = int(math.floor(jx[0])) - pad
+                ly0 = int(math.floor(jy[0])) - pad
+                lw = int(math.ceil(jx[-1])) + pad + 1 - lx0
+                lh = int(math.ceil(jy[-1])) + pad + 1 - ly0
+                rgb = slide.read_region(int(round(lx0 * ds)), int(round(ly0 * ds)), lw, lh, level=level)
+                # read_region's corner was rounded to level-0 px: account for it exactly
+                ox = round(lx0 * ds) / ds
+                oy = round(ly0 * ds) / ds
+                futures.append(pool.submit(finish, rgb, jy - oy, jx - ox, v0, u0))
+                if len(futures) > 8:
+                    futures.pop(0).result()
+        for f in futures:
+            f.result()
     lo, hi = np.percentile(out, [1.0, 99.5]) if out.size else (0.0, 1.0)
     scale = hi - lo if hi > lo else 1.0
     return np.clip((out - lo) / scale, 0.0, 1.5).astype(np.float32)
@@ -656,15 +684,27 @@ def _measure(level: _Level, T: Transform, xy_rings_um: np.ndarray, ring_id: np.n
     from stlib import _align_kernels as K
 
     grid = level.grid
-    ring_work = grid.xy_to_work(T.apply_xy(xy_rings_um)) if len(xy_rings_um) else xy_rings_um
-    mask = _rasterize_rings(ring_work, ring_id, grid.shape)
-    blurred = ndimage.gaussian_filter(mask.astype(np.float32), blur_px)
-    cen_work = grid.xy_to_work(T.apply_xy(centroids_um))
-    node_work = grid.xy_to_work(T.apply_xy(nodes_um))
+    if reference:
+        ring_work = grid.xy_to_work(T.apply_xy(xy_rings_um)) if len(xy_rings_um) else xy_rings_um
+        cen_work = grid.xy_to_work(T.apply_xy(centroids_um))
+        node_work = grid.xy_to_work(T.apply_xy(nodes_um))
+    else:
+        ring_work, cen_work, node_work = (_map_points(T, grid, p) for p in (xy_rings_um, centroids_um, nodes_um))
+    if reference:
+        mask = _rasterize_rings(ring_work, ring_id, grid.shape)
+        blurred = ndimage.gaussian_filter(mask.astype(np.float32), blur_px)
+        counts = _count_window(cen_work, grid.shape, node_work, win_px)
+    else:  # the same arrays from compiled twins
+        H, W = grid.shape
+        mask = K.fill_rings(np.ascontiguousarray(ring_work, dtype=np.float64), ring_id.astype(np.int64), H, W)
+        blurred = K.gaussian_filter32(mask.astype(np.float32), blur_px, workers=_usable_cpus())
+        u0 = np.round(node_work[:, 0] - win_px / 2).astype(np.int64)
+        v0 = np.round(node_work[:, 1] - win_px / 2).astype(np.int64)
+        counts = K.count_in_windows(np.round(cen_work[:, 0]).astype(np.int64), np.round(cen_work[:, 1]).astype(np.int64),
+                                    H, W, u0, v0, win_px)
     n = len(nodes_um)
     res = {k: np.full(n, np.nan) for k in ("dx_px", "dy_px", "peak", "corr", "dice")}
     hmask = level.h > level.otsu
-    counts = _count_window(cen_work, grid.shape, node_work, win_px)
     res["n_nuclei"] = counts.astype(int)
     measure_nodes = _measure_nodes_reference if reference else _measure_nodes_batched
     measure_nodes(res, level.h, mask, hmask, blurred, node_work, counts, win_px, min_nuclei=min_nuclei,
@@ -678,6 +718,22 @@ def _measure(level: _Level, T: Transform, xy_rings_um: np.ndarray, ring_id: np.n
         res["global_corr"] = float(K.pearson_full(level.h, mask)) if mask.any() else float("nan")
     res["global_dice"] = _dice(hmask, mask)
     return res
+
+
+def _map_points(T: Transform, grid: WorkGrid, xy: np.ndarray) -> np.ndarray:
+    """``grid.xy_to_work(T.apply_xy(xy))`` (compiled, the same numbers), split over threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stlib import _align_kernels as K
+
+    xy = np.ascontiguousarray(xy, dtype=np.float64).reshape(-1, 2)
+    z = np.zeros((1, 1))
+    args = (T.affine, T.x_um, T.y_um, T.dx_px, T.dy_px, True) if T.has_grid else (T.affine, z[0], z[0], z, z, False)
+    parts = np.array_split(np.arange(len(xy)), max(1, min(4 * _usable_cpus(), len(xy) // 100_000 + 1)))
+    with ThreadPoolExecutor(max_workers=_usable_cpus()) as pool:
+        outs = list(pool.map(lambda p: K.map_points(xy[p[0]:p[-1] + 1] if p.size else xy[:0], *args,
+                                                    grid.x0, grid.y0, grid.f), parts))
+    return np.concatenate(outs) if outs else np.zeros((0, 2))
 
 
 def _measure_nodes_reference(res: dict[str, np.ndarray], h: np.ndarray, mask: np.ndarray, hmask: np.ndarray,
@@ -721,37 +777,60 @@ def _measure_nodes_reference(res: dict[str, np.ndarray], h: np.ndarray, mask: np
 
 def _measure_nodes_batched(res: dict[str, np.ndarray], h: np.ndarray, mask: np.ndarray, hmask: np.ndarray,
                            blurred: np.ndarray, node_work: np.ndarray, counts: np.ndarray, win_px: int, *,
-                           min_nuclei: int, upsample: int, f: float, batch: int = 512) -> None:
+                           min_nuclei: int, upsample: int, f: float, batch: int = 128) -> None:
     """:func:`_measure_nodes_reference` for all nodes at once: compiled window scores, then the
     phase correlations of ``batch`` windows per batched FFT (:mod:`stlib._align_kernels`)."""
     from stlib import _align_kernels as K
 
+    from concurrent.futures import ThreadPoolExecutor
+
     u0 = np.round(node_work[:, 0] - win_px / 2).astype(np.int64)
     v0 = np.round(node_work[:, 1] - win_px / 2).astype(np.int64)
-    corr, dice = K.window_stats(h, mask, hmask, u0, v0, win_px, counts)
-    res["corr"][:] = corr
-    res["dice"][:] = dice
+    spans = np.array_split(np.arange(u0.size), 4 * _usable_cpus())
+    with ThreadPoolExecutor(max_workers=_usable_cpus()) as pool:
+        for sp, (corr, dice) in zip(spans, pool.map(
+                lambda sp: K.window_stats(h, mask, hmask, u0[sp], v0[sp], win_px, counts[sp]), spans)):
+            res["corr"][sp] = corr
+            res["dice"][sp] = dice
     hann = np.outer(np.hanning(win_px), np.hanning(win_px)).astype(np.float32)
     max_shift = win_px / 4.0
     todo = np.flatnonzero(counts >= min_nuclei)
-    for s in range(0, todo.size, batch):
-        idx = todo[s:s + batch]
+
+    def one(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        from skimage.registration import phase_cross_correlation
+
         h_w = K.gather_windows(h, u0[idx], v0[idx], win_px)
         b_w = K.gather_windows(blurred, u0[idx], v0[idx], win_px)
         ref = (h_w - h_w.mean(axis=(1, 2), keepdims=True)) * hann
         mov = (b_w - b_w.mean(axis=(1, 2), keepdims=True)) * hann
         ok = ref.any(axis=(1, 2)) & mov.any(axis=(1, 2))
-        if not ok.any():
-            continue
         idx, h_w, b_w, ref, mov = idx[ok], h_w[ok], b_w[ok], ref[ok], mov[ok]
-        shift = K.batched_phase_shift(ref, mov, upsample).astype(np.float64)
+        if not idx.size:
+            return idx, np.zeros(0), np.zeros(0), np.zeros(0)
+        shift, tie = K.batched_phase_shift(ref, mov, upsample)
+        shift = shift.astype(np.float64)
+        for k in np.flatnonzero(tie):  # two candidate peaks within rounding: scikit-image decides
+            r_k = (h_w[k] - h_w[k].mean()) * hann
+            m_k = (b_w[k] - b_w[k].mean()) * hann
+            shift[k] = phase_cross_correlation(r_k, m_k, upsample_factor=upsample, normalization=None)[0]
         dv, du = shift[:, 0], shift[:, 1]
         near = np.hypot(du, dv) <= max_shift
         peak, keep = K.shifted_peak(h_w[near], b_w[near], dv[near], du[near])
-        sel = idx[near][keep]
-        res["peak"][sel] = peak[keep]
-        res["dx_px"][sel] = du[near][keep] * f
-        res["dy_px"][sel] = dv[near][keep] * f
+        return idx[near][keep], peak[keep], du[near][keep], dv[near][keep]
+
+    chunks = [todo[s:s + batch] for s in range(0, todo.size, batch)]
+    with ThreadPoolExecutor(max_workers=_usable_cpus(), thread_name_prefix="stlib-align") as pool:
+        for sel, peak, du, dv in pool.map(one, chunks):  # FFT, BLAS and the kernels release the GIL
+            res["peak"][sel] = peak
+            res["dx_px"][sel] = du * f
+            res["dy_px"][sel] = dv * f
+
+
+def _usable_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _count_window(points: np.ndarray, shape: tuple[int, int], centres: np.ndarray, win: int) -> np.ndarray:
@@ -926,7 +1005,8 @@ def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str 
                  max_residual_um: float = 3.0, work_um_per_px: float = 1.0,
                  grid_um: float | None = None, min_nuclei: int = 8,
                  n_global: int = 3, n_local: int = 3,
-                 min_score_ratio: float = 0.3, reference: bool = False) -> AlignmentResult:
+                 min_score_ratio: float = 0.3, reference: bool = False,
+                 timings: dict[str, float] | None = None) -> AlignmentResult:
     """Score the registration of nucleus polygons on an H&E slide and refine it.
 
     Parameters
@@ -960,6 +1040,9 @@ def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str 
     reference
         Measure the tiles one by one with the library calls instead of in batches (the same
         result to float rounding, many times slower; for tests and benchmarks).
+    timings
+        When given, seconds spent are added to it: ``haematoxylin_images`` (reading and
+        deconvolving the slide per working resolution) and ``tile_measurements``.
 
     Returns
     -------
@@ -1006,24 +1089,33 @@ def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str 
                          sample=sample or None, fix="check the registration (route) and the slide")
     levels: dict[float, _Level] = {}
 
+    def tick(key: str, t0: float) -> None:
+        if timings is not None:
+            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
     def level_at(um_px: float) -> _Level:
         if um_px not in levels:
             from skimage.filters import threshold_otsu
 
+            t0 = time.perf_counter()
             f = um_px * ppu
             shp = (max(1, int((by1 - by0) / f)), max(1, int((bx1 - bx0) / f)))
             g = WorkGrid(x0=float(bx0), y0=float(by0), f=f, shape=shp)
-            h = haematoxylin_image(slide, g)
+            h = haematoxylin_image(slide, g, reference=reference)
             thr = float(threshold_otsu(h)) if np.ptp(h) > 0 else 0.5
             levels[um_px] = _Level(g, h, thr)
+            tick("haematoxylin_images", t0)
         return levels[um_px]
 
     def measure(T: Transform, um_px: float, win_um: float, nodes: np.ndarray) -> dict[str, np.ndarray]:
         lev = level_at(um_px)
         win_px = max(16, int(round(win_um / um_px)))
+        t0 = time.perf_counter()
         with _single_thread_blas():
-            return _measure(lev, T, xy_um, ring_id, centroids, nodes, win_px, min_nuclei=min_nuclei,
-                            reference=reference)
+            out = _measure(lev, T, xy_um, ring_id, centroids, nodes, win_px, min_nuclei=min_nuclei,
+                           reference=reference)
+        tick("tile_measurements", t0)
+        return out
 
     T = Transform(M0)
     gx, gy = _node_grid(lo_um, hi_um, grid_um)
@@ -1280,12 +1372,15 @@ def align_sample(hest_dir: str | Path, sample_id: str, *, refine: bool = True, t
         Passed to :func:`align_nuclei`.
     """
     hest_dir = Path(hest_dir)
+    t0 = time.perf_counter()
     if xenium_dir is not None:
         slide, M0, nuclei_um, files = _xenium_inputs(hest_dir, Path(xenium_dir), sample_id)
         route = "xenium-csv"
     else:
         slide, M0, nuclei_um, files = _hest_inputs(hest_dir, sample_id)
         route = "hest"
+    if kwargs.get("timings") is not None:
+        kwargs["timings"]["inputs"] = kwargs["timings"].get("inputs", 0.0) + time.perf_counter() - t0
     res = align_nuclei(slide, nuclei_um, M0, sample=sample_id, route=route, refine=refine,
                        tile_um=tile_um, max_residual_um=max_residual_um,
                        work_um_per_px=work_um_per_px, **kwargs)

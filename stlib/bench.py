@@ -7,6 +7,8 @@ Sub-commands
             straightforward per-nucleus ``skimage.draw.polygon`` + HV loop on a subsample.
 ``tiles``   tile-store random-batch read throughput (``stlib.io.tiles.read_throughput``).
 ``refine``  H&E-guided refinement of ST masks (``stlib.labels.refine``), time per tile.
+``derive``  the label derivation of one slide-sized synthetic sample (``stlib.bench_slide``),
+            timed per stage, with the stages' reference implementations on subsamples.
 ``train``   dispatches to ``stlib.train.bench_main(argv)``.
 ``infer``   dispatches to ``stlib.infer.bench_main(argv)``.
 
@@ -31,7 +33,8 @@ import numpy as np
 
 from stlib.utils import write_json
 
-__all__ = ["cli_main", "machine_info", "synthetic_nuclei", "bench_labels", "bench_tiles", "bench_refine"]
+__all__ = ["cli_main", "machine_info", "synthetic_nuclei", "bench_labels", "bench_tiles", "bench_refine",
+           "bench_derive"]
 
 
 def machine_info() -> dict[str, Any]:
@@ -292,6 +295,266 @@ def bench_refine(store: str | None = None, *, n_tiles: int = 200, tile_px: int =
                              "watershed, per-nucleus clean-up, class/confidence maps", "seed": int(seed)}
 
 
+# --------------------------------------------------------------------------------------
+# whole-slide label derivation
+# --------------------------------------------------------------------------------------
+
+def _generate_in_child(work: Path, kwargs: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """:func:`stlib.bench_slide.make_slide_sample` in a child process (its memory is not ours);
+    returns its info and the child's peak RSS (GiB)."""
+    import multiprocessing as mp
+    import resource
+
+    from stlib.bench_slide import make_slide_sample
+
+    ctx = mp.get_context("fork")
+    proc = ctx.Process(target=make_slide_sample, args=(work,), kwargs=kwargs)
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"generating the bench slide failed (exit code {proc.exitcode})")
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    return make_slide_sample(work, **kwargs), peak
+
+
+def _warm_up() -> float:
+    """Load (or compile) the numba kernels of every stage on tiny inputs; returns seconds."""
+    from stlib import _align_kernels as AK
+    from stlib.labels.refine import refine_label_maps
+    from stlib.labels.slide_tiles import _zoom_linear
+
+    t0 = time.perf_counter()
+    wp, wc, ww, wh = synthetic_nuclei(60, seed=1)
+    from stlib.labels.masks import iter_label_tiles
+
+    for _t, lm in iter_label_tiles(wp, width=ww, height=wh, scale=1.0, tile_px=128, classes=wc):
+        img = np.full((128, 128, 3), 220, np.uint8)
+        img[lm.inst > 0] = (90, 60, 150)
+        refine_label_maps(img, lm.inst, lm.type, lm.ignore, lm.conf, um_per_px=0.25)
+        break
+    _zoom_linear(np.zeros((30, 30, 3), np.uint8), 32)
+    h = np.random.default_rng(0).random((40, 40)).astype(np.float32)
+    m = h > 0.5
+    z = np.zeros(2, np.int64)
+    AK.window_stats(h, m, m, z, z, 16, np.ones(2, np.int64))
+    w = AK.gather_windows(h, z, z, 16)
+    AK.shifted_peak(w, w, np.zeros(2), np.zeros(2))
+    AK.pearson_full(h, m)
+    lut, hcol = AK.hed_lut()
+    AK.hed_h(np.zeros((4, 4, 3), np.uint8), lut, hcol)
+    return time.perf_counter() - t0
+
+
+def _reference_alignment(hest: Path, sid: str, crop_mm: float) -> dict[str, Any]:
+    """Alignment of a central ``crop_mm`` square of the slide with batched and with node-by-node
+    tile measurements (the reference), in the same run: seconds of each and their ratio."""
+    import shapely
+
+    from stlib.align import _hest_inputs, align_nuclei
+
+    slide, M0, nuclei_um, _ = _hest_inputs(hest, sid)
+    cxy = shapely.get_coordinates(shapely.centroid(np.asarray(nuclei_um)))
+    c = np.median(cxy, axis=0)
+    sel = np.all(np.abs(cxy - c) < crop_mm * 500.0, axis=1)
+    out: dict[str, Any] = {"crop_mm": crop_mm, "nuclei": int(sel.sum())}
+    with slide:
+        for key, ref in (("fast", False), ("reference", True)):
+            tm: dict[str, float] = {}
+            res = align_nuclei(slide, np.asarray(nuclei_um)[sel], M0, reference=ref, timings=tm)
+            out[f"{key}_tile_measurements_s"] = round(tm["tile_measurements"], 3)
+            out[f"{key}_transform"] = res.transform.affine.tolist()
+    out["speedup"] = round(out["reference_tile_measurements_s"] / max(out["fast_tile_measurements_s"], 1e-9), 1)
+    out["max_affine_difference"] = float(np.abs(np.subtract(out.pop("fast_transform"),
+                                                            out.pop("reference_transform"))).max())
+    return out
+
+
+def _reference_tiles(hest: Path, sid: str, nuc: Any, excluded: Any, *, n_tiles: int, tile_px: int, um_per_px: float,
+                     seed: int) -> dict[str, Any]:
+    """Per-tile seconds of the straightforward forms on ``n_tiles`` random tiles, and of the fast
+    forms on the same tiles, single thread: tile image (``read_tile_image`` vs band decoding +
+    compiled resize) and mask refinement (reference vs compiled); and the per-nucleus
+    ``skimage.draw.polygon`` loop vs the compiled fill (nuclei/s)."""
+    from stlib.io.hest import HestSample
+    from stlib.labels.masks import TileRenderer
+    from stlib.labels.refine import refine_label_maps
+    from stlib.labels.slide_tiles import RowBands, read_tile_image, resample_tile
+
+    s = HestSample(hest, sid)
+    scale = s.pixel_size_um / um_per_px
+    size_l0 = tile_px / scale
+    out: dict[str, Any] = {"tiles": int(n_tiles)}
+    with s.wsi() as wsi:
+        H, W = wsi.shape
+        r = TileRenderer(nuc.geometry.values, width=W, height=H, scale=scale, tile_px=tile_px,
+                         classes=nuc["class"].to_numpy().astype(np.uint8), ignore_polygons=excluded)
+        rng = np.random.default_rng(seed)
+        busy = [i for i in rng.permutation(len(r))[: 4 * n_tiles] if r.render(i).n_nuclei > 0][:n_tiles]
+        t = {"image_ref": 0.0, "image_fast": 0.0, "refine_ref": 0.0, "refine_fast": 0.0, "masks": 0.0}
+        same = 0
+        for i in sorted(busy):
+            x0, y0 = r.tile(i).origin
+            t0 = time.perf_counter()
+            ref_img = read_tile_image(wsi, x0, y0, size_l0, tile_px)
+            t1 = time.perf_counter()
+            bands = RowBands(wsi)  # a fresh band per tile: the whole decoding cost is charged to it
+            n = int(math.ceil(size_l0))
+            img = resample_tile(bands.crop(int(math.floor(x0)), int(math.floor(y0)), n, n), size_l0, tile_px)
+            t2 = time.perf_counter()
+            lm = r.render(i)
+            t3 = time.perf_counter()
+            a = refine_label_maps(img, lm.inst, lm.type, lm.ignore, lm.conf, um_per_px=um_per_px)
+            t4 = time.perf_counter()
+            b = refine_label_maps(img, lm.inst, lm.type, lm.ignore, lm.conf, um_per_px=um_per_px, reference=True)
+            t5 = time.perf_counter()
+            same += bool(np.array_equal(img, ref_img) and all(np.array_equal(x, y) for x, y in zip(a[:4], b[:4])))
+            for k, v in (("image_ref", t1 - t0), ("image_fast", t2 - t1), ("masks", t3 - t2),
+                         ("refine_fast", t4 - t3), ("refine_ref", t5 - t4)):
+                t[k] += v
+    k = max(1, len(busy))
+    out.update({"tiles": len(busy), "identical_tiles": int(same),
+                "tile_image_ms_reference": round(1e3 * t["image_ref"] / k, 2),
+                "tile_image_ms_fast_one_band_per_tile": round(1e3 * t["image_fast"] / k, 2),
+                "refine_ms_reference": round(1e3 * t["refine_ref"] / k, 2),
+                "refine_ms_fast": round(1e3 * t["refine_fast"] / k, 2),
+                "refine_speedup": round(t["refine_ref"] / max(t["refine_fast"], 1e-9), 1)})
+    # masks: the per-nucleus loop of `stlib bench labels` on a subsample, nuclei per second
+    sub = np.random.default_rng(seed + 1).choice(len(nuc), size=min(2000, len(nuc)), replace=False)
+    base_s = _baseline_loop(nuc.geometry.values[sub], nuc["class"].to_numpy()[sub], scale)
+    out["masks_reference_nuclei_per_s"] = round(sub.size / base_s, 1)
+    return out
+
+
+def bench_derive(work_dir: str | Path | None = None, *, n_nuclei: int = 500_000, um_per_px: float = 0.2737,
+                 side_mm: float = 10.0, tile_px: int = 256, target_um_per_px: float = 0.25, workers: int | None = None,
+                 seed: int = 0, ref_tiles: int = 60, ref_crop_mm: float = 1.5, keep: bool = False) -> dict[str, Any]:
+    """The label derivation of one slide-sized synthetic sample, timed per stage.
+
+    Stages (:mod:`stlib.align`, :mod:`stlib.labels`): alignment (inputs, haematoxylin images,
+    tile measurements and fits), the aligned nuclei in H&E px, then the tile store
+    (:func:`stlib.labels.derive.build_tile_stores`: label maps, H&E tiles, mask refinement,
+    writing) with ``workers`` threads. The sample (:func:`stlib.bench_slide.make_slide_sample`)
+    is generated first, untimed, in a child process, into ``work_dir`` (reused when present)
+    or a temporary folder. In the same run the straightforward reference of each stage that has
+    one is timed on a subsample, for the speed-up ratios.
+
+    Returns
+    -------
+    dict
+        JSON-ready result (``nuclei``, ``seconds``, ``stages``, ...; see ``benchmarks/README.md``).
+    """
+    import resource
+    import shutil
+
+    import geopandas as gpd
+    import shapely
+
+    from stlib.align import Transform, align_sample, alignment_error_um, transform_nuclei
+    from stlib.io.cohort import cohort_table
+    from stlib.io.hest import HestSample
+    from stlib.labels.derive import _box, build_tile_stores
+    from stlib.labels.slide_tiles import default_workers
+    from stlib.utils import read_json
+
+    workers = default_workers() if workers is None else int(workers)
+    tmp = None
+    if work_dir is None:
+        tmp = tempfile.mkdtemp(prefix="stlib-bench-derive-")
+        work_dir = tmp
+    work = Path(work_dir)
+    gen_kwargs = {"n_nuclei": n_nuclei, "um_per_px": um_per_px, "side_mm": side_mm, "seed": seed}
+    try:
+        info, gen_peak = _generate_in_child(work / "data", gen_kwargs)
+        hest, sid = Path(info["hest_dir"]), info["sample"]
+        run = work / "run"
+        shutil.rmtree(run, ignore_errors=True)
+        warm = _warm_up()
+        load0 = [round(v, 2) for v in os.getloadavg()]
+        stages: dict[str, float] = {}
+        align_t: dict[str, float] = {}
+        tile_t: dict[str, float] = {}
+        cpu0, t_all = time.process_time(), time.perf_counter()
+
+        t0 = time.perf_counter()
+        res = align_sample(hest, sid, timings=align_t)
+        res.save(run / "alignment" / sid / "alignment.json")
+        stages["alignment"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        s = HestSample(hest, sid)
+        aligned = transform_nuclei(s.nuclei(), res)
+        truth = gpd.read_parquet(Path(info["truth_dir"]) / sid / "nuclei.parquet").set_index("cell_id")
+        nuc = gpd.GeoDataFrame({"cell_id": aligned.index.astype(str),
+                                "class": truth["class"].reindex(aligned.index.astype(str)).to_numpy(np.uint8),
+                                "confidence": np.float32(1.0)}, geometry=aligned.geometry.values)
+        (run / "labels" / sid).mkdir(parents=True, exist_ok=True)
+        nuc.to_parquet(run / "labels" / sid / "nuclei.parquet")
+        stages["aligned_nuclei"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        paths = build_tile_stores(hest, cohort_table(hest.parent, samples=[sid]), run, um_per_px=target_um_per_px,
+                                  tile_px=tile_px, workers=workers, timings=tile_t)
+        stages["tile_store"] = time.perf_counter() - t0
+        seconds = time.perf_counter() - t_all
+        cpu_s = time.process_time() - cpu0
+        load1 = [round(v, 2) for v in os.getloadavg()]
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        store = read_json(paths["st"] / "store.json")
+        store_bytes = sum(f.stat().st_size for f in paths["st"].iterdir())
+
+        # untimed: does the alignment find the true map? (Xenium-µm nucleus centroids)
+        tf = read_json(Path(info["truth_dir"]) / sid / "transform.json")
+        um = shapely.get_coordinates(shapely.centroid(
+            Transform(np.linalg.inv(res.initial)).warp_geometries(s.nuclei().geometry.values)))
+        err0 = alignment_error_um(res.initial, tf, um)
+        err1 = alignment_error_um(res, tf, um)
+        refs = {"alignment": _reference_alignment(hest, sid, ref_crop_mm),
+                "tiles": _reference_tiles(hest, sid, nuc, [_box(r) for r in res.excluded_regions] or None,
+                                          n_tiles=ref_tiles, tile_px=tile_px, um_per_px=target_um_per_px, seed=seed)}
+        n_tiles = int(store["n_tiles"])
+        refs["tiles"]["masks_fast_nuclei_per_s"] = round(len(nuc) / max(tile_t.get("masks", 0.0), 1e-9), 1)
+    finally:
+        if tmp is not None and not keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif not keep:
+            shutil.rmtree(work / "run", ignore_errors=True)
+    return {
+        "benchmark": "derive_slide",
+        "nuclei": int(info["nuclei"]),
+        "seconds": round(seconds, 2),
+        "stages": {k: round(v, 2) for k, v in stages.items()},
+        "alignment_stages": {k: round(v, 2) for k, v in align_t.items()},
+        "tile_stages_busy_s": {k: round(v, 2) for k, v in tile_t.items()},
+        "tile_stages_note": ("busy seconds summed over the threads of the tile stage: masks, tile_images "
+                             "(resampling), mask_refinement run in worker threads at the same time, so they add up to "
+                             "about workers x the tile_store wall time; slide_decoding (band reads), store_writing, "
+                             "polygon_setup and store_finish run in the calling thread"),
+        "goal": "under 180 s on 2 cores for about 500k nuclei (issue 14)",
+        "workers": int(workers), "process_cpu_s": round(cpu_s, 1),
+        "cpu_utilisation": round(cpu_s / max(seconds, 1e-9), 2),
+        "peak_rss_gib": round(peak, 2), "generation_peak_rss_gib": round(gen_peak, 2),
+        "load_average_1_5_15min_before": load0, "load_average_1_5_15min_after": load1,
+        "warmup_compile_s": round(warm, 2),
+        "slide": {"px": info["slide_px"], "um_per_px": um_per_px, "side_mm": side_mm,
+                  "generated_in_s": info["seconds"], "generator": "stlib.bench_slide.make_slide_sample",
+                  "seed": seed},
+        "tile_store": {"tiles": n_tiles, "tile_px": tile_px, "um_per_px": target_um_per_px,
+                       "gib": round(store_bytes / 2**30, 2),
+                       "refinement": (store.get("refinement") or {}).get("per_sample", {}).get(sid)},
+        "alignment_check": {"median_error_um_initial": round(float(np.median(err0)), 3),
+                            "median_error_um_aligned": round(float(np.median(err1)), 3),
+                            "p90_error_um_aligned": round(float(np.quantile(err1, 0.9)), 3),
+                            "excluded_regions": len(res.excluded_regions)},
+        "references": refs,
+        "what_is_timed": ("align_sample (read transcripts + nuclei, fit HEST's registration, haematoxylin images, "
+                          "tile scores and the coarse-to-fine refinement), transform_nuclei + writing the labels "
+                          "stand-in (classes from the generator: cell typing from expression is not part of this "
+                          "benchmark), build_tile_stores (label maps, H&E tiles, mask refinement, tile store with "
+                          "splits); not timed: generating the sample, numba compilation / cache loading "
+                          "(warmup_compile_s), the references"),
+    }
+
+
 def _dispatch(module: str, argv: list[str]) -> int:
     try:
         mod = importlib.import_module(module)
@@ -303,7 +566,7 @@ def _dispatch(module: str, argv: list[str]) -> int:
 
 
 def cli_main(argv: list[str]) -> int:
-    """``stlib bench labels|tiles|train|infer [options]``."""
+    """``stlib bench labels|tiles|refine|derive|train|infer [options]``."""
     parser = argparse.ArgumentParser(prog="stlib bench", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("labels", help="full-slide label maps vs the per-nucleus loop")
@@ -330,6 +593,20 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--tile-px", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/refine.json")
+    p = sub.add_parser("derive", help="label derivation of one slide-sized synthetic sample, per stage")
+    p.add_argument("--work-dir", default=None,
+                   help="where the sample is generated (and reused by later runs); default: a temporary folder")
+    p.add_argument("--nuclei", type=int, default=500_000)
+    p.add_argument("--um-per-px", type=float, default=0.2737, help="level-0 pixel size of the H&E (HEST: ~0.27)")
+    p.add_argument("--side-mm", type=float, default=10.0)
+    p.add_argument("--tile-px", type=int, default=256)
+    p.add_argument("--target-um-per-px", type=float, default=0.25)
+    p.add_argument("--workers", type=int, default=None, help="tile threads (default: usable CPUs)")
+    p.add_argument("--ref-tiles", type=int, default=60, help="tiles timed with the reference forms")
+    p.add_argument("--ref-crop-mm", type=float, default=1.5, help="slide crop aligned with the reference form")
+    p.add_argument("--keep", action="store_true", help="keep the run folder (tile store) under --work-dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/derive_slide.json")
     for name in ("train", "infer"):
         sub.add_parser(name, help=f"dispatches to stlib.{name}.bench_main", add_help=False)
     args, rest = parser.parse_known_args(argv)
@@ -343,6 +620,12 @@ def cli_main(argv: list[str]) -> int:
         res = bench_labels(args.nuclei, tile_px=args.tile_px, target_um_per_px=args.um_per_px,
                            level0_um_per_px=args.level0_um_per_px, baseline_nuclei=args.baseline_nuclei,
                            seed=args.seed, n_workers=args.workers)
+    elif args.what == "derive":
+        if args.nuclei <= 0 or args.side_mm <= 0:
+            parser.error("--nuclei and --side-mm must be positive")
+        res = bench_derive(args.work_dir, n_nuclei=args.nuclei, um_per_px=args.um_per_px, side_mm=args.side_mm,
+                           tile_px=args.tile_px, target_um_per_px=args.target_um_per_px, workers=args.workers,
+                           seed=args.seed, ref_tiles=args.ref_tiles, ref_crop_mm=args.ref_crop_mm, keep=args.keep)
     elif args.what == "refine":
         res = bench_refine(args.store, n_tiles=args.n_tiles, tile_px=args.tile_px, seed=args.seed)
     else:
@@ -352,6 +635,6 @@ def cli_main(argv: list[str]) -> int:
     res["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     res["command"] = "stlib bench " + " ".join(argv)
     write_json(args.out, res)
-    keys = ("seconds", "nuclei_per_s", "baseline_nuclei_per_s", "speedup", "tiles_per_s", "mb_per_s", "ms_per_tile")
+    keys = ("nuclei", "seconds", "nuclei_per_s", "baseline_nuclei_per_s", "speedup", "tiles_per_s", "mb_per_s", "ms_per_tile")
     print(" ".join(f"{k}={res[k]}" for k in keys if k in res), f"-> {args.out}")
     return 0

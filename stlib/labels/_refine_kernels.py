@@ -449,7 +449,7 @@ def _flood_exact(img, out, inside, offs, cap):  # pragma: no cover - compiled
 @numba.njit(cache=True, nogil=True)
 def _dense_ranks(vals):  # pragma: no cover - compiled
     """Rank of each float32 value among the distinct values (0 = smallest): an LSD radix sort of
-    the order-preserving 32-bit keys (two 16-bit passes), then one scan."""
+    the order-preserving 32-bit keys, then one scan."""
     m = vals.size
     bits = vals.view(np.uint32)
     key = np.empty(m, np.uint32)
@@ -458,14 +458,15 @@ def _dense_ranks(vals):  # pragma: no cover - compiled
         key[i] = ~b if b & np.uint32(0x80000000) else b | np.uint32(0x80000000)
     order = np.arange(m)
     tmp = np.empty(m, np.int64)
-    for shift in (0, 16):
-        cnt = np.zeros(65537, np.int64)
+    cnt = np.empty(2049, np.int64)
+    for shift in (0, 11, 22):  # three 11-bit passes (small count arrays stay in cache)
+        cnt[:] = 0
         for i in range(m):
-            cnt[((key[order[i]] >> shift) & 0xFFFF) + 1] += 1
-        for d in range(65536):
+            cnt[((key[order[i]] >> shift) & 0x7FF) + 1] += 1
+        for d in range(2048):
             cnt[d + 1] += cnt[d]
         for i in range(m):
-            d = (key[order[i]] >> shift) & 0xFFFF
+            d = (key[order[i]] >> shift) & 0x7FF
             tmp[cnt[d]] = order[i]
             cnt[d] += 1
         order, tmp = tmp, order
@@ -748,6 +749,17 @@ def same_label_interior(local):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
+def _sqrt_le(r):  # pragma: no cover - compiled
+    """The largest integer d2 >= -1 with ``sqrt(float(d2)) <= r`` (-1 when r < 0)."""
+    if r < 0:
+        return -1
+    d2 = int(r * r) + 2
+    while d2 >= 0 and np.sqrt(float(d2)) > r:
+        d2 -= 1
+    return d2
+
+
+@numba.njit(cache=True, nogil=True)
 def zones(local, interior, n, r, rr, rc):  # pragma: no cover - compiled
     """``near`` (owner within ``r``), ``ring`` (owner in ``(r, r + rr]``), ``outside``
     (farther than ``r``) and ``core`` (labels farther than ``rc`` from their edge; a label
@@ -757,17 +769,21 @@ def zones(local, interior, n, r, rr, rc):  # pragma: no cover - compiled
     near = np.zeros((H, W), np.int32)
     ring = np.zeros((H, W), np.int32)
     outside = np.zeros((H, W), np.bool_)
+    # squared distances are integers: the largest ones with sqrt(d2) <= r (and <= r + rr), found
+    # with the same float sqrt as the reference, decide exactly as comparing sqrt(d2)
+    t_near = _sqrt_le(r)
+    t_ring = _sqrt_le(r + rr)
     for i in range(H):
         for j in range(W):
-            dr = float(ftr[i, j] - i)
-            dc = float(ftc[i, j] - j)
-            d = np.sqrt(dr * dr + dc * dc)
+            dr = ftr[i, j] - i
+            dc = ftc[i, j] - j
+            d2 = dr * dr + dc * dc
             o = local[ftr[i, j], ftc[i, j]]
-            if d <= r:
+            if d2 <= t_near:
                 near[i, j] = o
-            elif d <= r + rr:
+            elif d2 <= t_ring:
                 ring[i, j] = o
-            outside[i, j] = o == 0 or d > r
+            outside[i, j] = o == 0 or d2 > t_near
     deep = beyond(interior, rc)
     core = np.zeros((H, W), np.int32)
     has_core = np.zeros(n + 1, np.bool_)
@@ -859,3 +875,61 @@ def guarded(local, out, keep_st, drop, ids, not_vis):  # pragma: no cover - comp
             res[i, j] = ids[v]
             nv[i, j] = not_vis[loc]
     return res, nv
+
+
+@numba.njit(cache=True, nogil=True)
+def _median_of(vals):  # pragma: no cover - compiled
+    """``np.median`` of a float64 array (NaN when empty)."""
+    m = vals.size
+    if m == 0:
+        return np.nan
+    s = np.sort(vals)
+    return s[m // 2] if m % 2 else (s[m // 2 - 1] + s[m // 2]) / 2.0
+
+
+@numba.njit(cache=True, nogil=True)
+def refine_core(rgb, local, interior, n, lut, hcol, w, r, rr, rc, edge_fraction, min_rel_contrast,
+                min_contrast_od, min_keep, max_grow):  # pragma: no cover - compiled
+    """All of :func:`stlib.labels.refine.refine_instances` after the relabelling, in one call:
+    haematoxylin, zones, per-label thresholds, watershed, clean-up, guards. Returns the refined
+    local labels (0 = none), the kept-ST and not-visible flags per label, and both areas."""
+    h = haematoxylin_smoothed(rgb, lut, hcol, w)
+    near, ring, outside, core = zones(local, interior, n, r, rr, rc)
+    fg = label_median(h, core, n)
+    bg = label_median(h, ring, n)
+    tile_bg = masked_median(h, outside)
+    if not np.isfinite(tile_bg):
+        tile_bg = np.inf
+        for k in range(1, n + 1):
+            if np.isfinite(fg[k]) and fg[k] < tile_bg:
+                tile_bg = fg[k]
+        if tile_bg == np.inf:
+            tile_bg = np.nan
+    contrast = np.empty(n + 1)
+    fin = np.empty(n, np.float64)
+    nf = 0
+    for k in range(n + 1):
+        if not np.isfinite(bg[k]):
+            bg[k] = tile_bg
+        contrast[k] = fg[k] - bg[k]
+        if k > 0 and not np.isnan(contrast[k]):
+            fin[nf] = contrast[k]
+            nf += 1
+    ref_contrast = _median_of(fin[:nf])
+    floor = min_contrast_od
+    if np.isfinite(ref_contrast) and ref_contrast > 0:
+        floor = max(floor, min_rel_contrast * ref_contrast)
+    not_vis = np.empty(n + 1, np.bool_)
+    thr = np.empty(n + 1)
+    for k in range(n + 1):
+        not_vis[k] = not (contrast[k] >= floor)
+        thr[k] = bg[k] + edge_fraction * contrast[k]
+    not_vis[0] = False
+    thr[0] = np.inf
+    out = segment(h, local, near, core, thr, n)
+    a0, a1 = areas(local, out, n)
+    keep_st = np.empty(n + 1, np.bool_)
+    for k in range(n + 1):
+        keep_st[k] = ((a1[k] < min_keep * a0[k]) or (a1[k] > max_grow * a0[k])) and not not_vis[k]
+    keep_st[0] = False
+    return out, keep_st, not_vis, a0, a1

@@ -450,6 +450,7 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
                                 um_per_px=um_per_px, tile_px=tile_px, rcfg=rcfg, workers=workers, timings=timings)
             if rep is not None:
                 refinement[row.sample] = rep
+        t_close = time.perf_counter()
         extra = {"build_key": build_key,
                  "refinement": None if rcfg is None else {"config": asdict(rcfg), "per_sample": refinement}}
         paths = {k: w.close(extra=extra if k == "st" else {"build_key": build_key}) for k, w in writers.items()}
@@ -462,6 +463,8 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
     split = assign_splits(meta, heldout_organs=heldout, val_fraction=val_fraction, seed=seed)
     for p in paths.values():
         _write_split(p, split.to_numpy())
+    if timings is not None:
+        timings["store_finish"] = timings.get("store_finish", 0.0) + time.perf_counter() - t_close
     return paths
 
 
@@ -485,11 +488,14 @@ def _sample_tiles(s, organ: str, nuc, truth, writers: dict[str, Any], res, *, um
         H, W = wsi.shape
         label_sets = {"st": nuc} if truth is None else {"st": nuc, "truth": truth}
         renderers = {}
+        t0 = time.perf_counter()
         for k, g in label_sets.items():
             conf = g["confidence"].to_numpy(float) if "confidence" in g.columns else 1.0
             renderers[k] = TileRenderer(g.geometry.values, width=W, height=H, scale=scale, tile_px=tile_px,
                                         classes=g["class"].to_numpy().astype(np.uint8), confidence=conf,
                                         ignore_polygons=excluded if k == "st" else None)
+        if timings is not None:
+            timings["polygon_setup"] = timings.get("polygon_setup", 0.0) + time.perf_counter() - t0
         for t in iter_slide_tiles(wsi, renderers, size_l0=tile_px / scale, tile_px=tile_px, um_per_px=um_per_px,
                                   refine_config=rcfg, workers=workers, timings=timings):
             x0, y0 = t.tile.origin

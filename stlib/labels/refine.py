@@ -254,31 +254,18 @@ def refine_instances(image: np.ndarray, inst: np.ndarray, *, um_per_px: float,
         return refine_instances_reference(image, inst, um_per_px=um_per_px, config=config)
 
     lut, hcol, w = _kernel_constants(float(cfg.smooth_um / um_per_px))
-    h = K.haematoxylin_smoothed(np.ascontiguousarray(img), lut, hcol, w)
     r = max(1.0, cfg.grow_um / um_per_px)
     rc = max(1.0, cfg.core_um / um_per_px)
     rr = max(1.0, cfg.ring_um / um_per_px)
-    near, ring, outside, core = K.zones(local, interior, n, r, rr, rc)
-
-    fg = K.label_median(h, core, n)
-    bg = K.label_median(h, ring, n)
-    tile_bg = K.masked_median(h, outside)
-    if not np.isfinite(tile_bg):
-        tile_bg = float(np.nanmin(fg[1:]))
-    bg = np.where(np.isfinite(bg), bg, tile_bg)
-    contrast = fg - bg
-    ref_contrast = float(np.nanmedian(contrast[1:]))
-    floor = cfg.min_contrast_od
-    if np.isfinite(ref_contrast) and ref_contrast > 0:
-        floor = max(floor, cfg.min_rel_contrast * ref_contrast)
-    not_vis = ~(contrast >= floor)
-    not_vis[0] = False
-    thr = bg + cfg.edge_fraction * contrast
-    thr[0] = np.inf
-    out = K.segment(h, local, near, core, thr, n)
-
-    a0, a1 = K.areas(local, out, n)
-    keep_st, drop, stats = _guards(a0, a1, not_vis, cfg)
+    out, keep_st, not_vis, a0, a1 = K.refine_core(
+        np.ascontiguousarray(img), local, interior, n, lut, hcol, w, r, rr, rc, cfg.edge_fraction,
+        cfg.min_rel_contrast, cfg.min_contrast_od, cfg.min_keep, cfg.max_grow)
+    drop = keep_st | not_vis
+    refined_ids = ~drop
+    refined_ids[0] = False
+    stats = RefineStats(n=n, refined=int(refined_ids.sum()), kept_st=int(keep_st.sum()),
+                        not_visible=int(not_vis.sum()), area_st=int(a0[refined_ids].sum()),
+                        area_refined=int(a1[refined_ids].sum()))
     res, not_visible = K.guarded(local, out, keep_st, drop, ids.astype(inst.dtype, copy=False), not_vis)
     return res, not_visible, stats
 
