@@ -5,6 +5,7 @@
 #   make bench  benchmarks (JSON into benchmarks/), shown on the book's benchmark page
 #   make lab    JupyterLab (127.0.0.1, no browser) on working copies of the notebooks of PROFILE,
 #               parameters filled from params/PROFILE.yaml, in the git-ignored lab/PROFILE/
+#   make gpu-check  the GPU measurements (on a machine with a CUDA GPU; about 8 minutes)
 
 PYTHON  ?= $(shell command -v python3.11 || command -v python3)
 VENV    ?= .venv
@@ -13,13 +14,15 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.stlib-installed
 PYTEST_ARGS ?=
 
-.PHONY: book test bench lab env clean clean-runs help
+.PHONY: book test bench bench-slide gpu-check lab env clean clean-runs help
 
 help:
 	@echo "make book   - install (if needed), run the study on PROFILE=$(PROFILE), render _build/html"
 	@echo "make test   - install (if needed), run the test suite"
 	@echo "make bench  - run the benchmarks into benchmarks/"
 	@echo "make lab    - JupyterLab on the notebooks of PROFILE=$(PROFILE) (parameters editable, in lab/)"
+	@echo "make bench-slide - label derivation of one slide-sized sample (benchmarks/derive_slide.json)"
+	@echo "make gpu-check - GPU training/inference measurements (needs a CUDA GPU) into benchmarks/gpu_*.json"
 
 env: $(STAMP)
 
@@ -44,6 +47,16 @@ bench: $(STAMP)
 	$(VENV)/bin/stlib bench refine --out benchmarks/refine.json
 	$(VENV)/bin/stlib bench train --out benchmarks/train_cpu.json
 	$(VENV)/bin/stlib bench infer --out benchmarks/infer_cpu.json
+	$(VENV)/bin/stlib bench infer --slide --out benchmarks/infer_slide_cpu.json
+
+# the whole label derivation of one 10 x 10 mm synthetic slide (~500k nuclei); generating the
+# sample first takes a few minutes and ~0.5 GB in BENCH_WORK (reused by later runs)
+BENCH_WORK ?= .bench-work
+bench-slide: $(STAMP)
+	$(VENV)/bin/stlib bench derive --work-dir $(BENCH_WORK) --out benchmarks/derive_slide.json
+
+gpu-check: $(STAMP)
+	$(VENV)/bin/stlib bench gpu-check --out-dir benchmarks
 
 clean-runs:
 	rm -rf runs book/executed _build

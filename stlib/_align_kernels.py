@@ -7,11 +7,13 @@ spacing has 40,000 nodes, each a Pearson correlation, a Dice and a sub-pixel pha
 correlation (:func:`skimage.registration.phase_cross_correlation`) on 100 x 100 px windows,
 and the alignment measures the grid seven times. Per-node library calls cost about 1 ms of
 Python overhead each, so a slide took over ten minutes. Here the window statistics run as one
-compiled pass, and the phase correlations of thousands of windows at once as batched FFTs and
-batched matrix products with exactly scikit-image's steps (single precision, the same
-upsampled-DFT kernels); :func:`stlib.align._measure` keeps the per-node form as the reference
-(``reference=True``), and ``tests/test_align.py`` checks that both give the same shifts and
-scores (to float rounding) and the same alignment of the demo cohort.
+compiled pass, the phase correlations of many windows at once with scikit-image's own
+operations (batched FFTs, the same upsampled-DFT kernels and products: the same shifts to the
+last bit), and the full-image steps (ring filling, window counts, Gaussian blur, bilinear
+resampling, colour deconvolution, point mapping) as compiled twins of the numpy / scipy code
+that give the same arrays. :func:`stlib.align._measure` keeps the per-node form as the
+reference (``reference=True``); ``tests/test_fast_paths.py`` checks that both align the demo
+cohort the same way (same shifts and exclusions; scores equal to float rounding).
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["hed_h", "window_stats", "gather_windows", "batched_phase_shift", "shifted_peak", "pearson_full",
-           "hed_lut"]
+__all__ = ["hed_h", "hed_lut", "window_stats", "gather_windows", "batched_phase_shift", "shifted_peak", "pearson_full",
+           "fill_rings", "count_in_windows", "gaussian_weights", "gaussian_filter32", "map_linear_nearest", "map_points"]
 
 
 def hed_lut() -> tuple[np.ndarray, np.ndarray]:
@@ -115,75 +117,48 @@ def gather_windows(arr, u0, v0, n):  # pragma: no cover - compiled
     return out
 
 
-def batched_phase_shift(ref: np.ndarray, mov: np.ndarray, upsample: int, workers: int = 1,
-                        tie: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+def batched_phase_shift(ref: np.ndarray, mov: np.ndarray, upsample: int, workers: int = 1) -> np.ndarray:
     """``phase_cross_correlation(ref[k], mov[k], upsample_factor=upsample, normalization=None)[0]``
-    for a stack (m, n, n) of float32 windows, in scikit-image's steps and precision: the integer
-    peak of the inverse FFT of the cross-power spectrum, then the peak of a 1.5-pixel
-    neighbourhood upsampled by matrix-multiply DFT.
-
-    Arranged for speed, not bit for bit: real-input FFTs (the spectra are Hermitian), and the
-    upsampled DFT as two large matrix products shared by all windows (scikit-image's kernel
-    ``exp(-2 pi i (a - o) f)`` factorised as ``exp(-2 pi i a f) exp(2 pi i o f)``, the per-window
-    offset ``o`` applied to the data). The float rounding differs from scikit-image's, so a peak
-    can differ where two candidates are within rounding of each other: such windows (the two
-    highest values of either peak search closer than ``tie``, relative) are flagged, and the
-    caller computes them with scikit-image itself.
-
-    Returns
-    -------
-    shifts, near_tie
-        (m, 2) float32 (row, col) shifts; (m,) bool.
+    for a stack (m, n, n) of float32 windows, computed with scikit-image's own operations (so to
+    the last bit): the FFTs of the stack at once (the same transform per window), the integer
+    peak of the inverse FFT of the cross-power spectrum, then the upsampled-DFT kernels of all
+    windows at once (elementwise, the same formula and precision) and scikit-image's
+    ``tensordot`` per window for the peak of the 1.5-pixel neighbourhood upsampled ``upsample``
+    times. Only scikit-image's Python overhead per call is saved.
     """
-    from scipy.fft import fftfreq, irfft2, rfft2
+    from scipy.fft import fft2, fftfreq, ifft2
 
     m, n0, n1 = ref.shape
-    half = n1 // 2 + 1
-    prod_h = rfft2(ref, workers=workers) * rfft2(mov, workers=workers).conj()  # (m, n0, half)
-    cc = np.abs(irfft2(prod_h, s=(n0, n1), workers=workers)).reshape(m, -1)
+    src = fft2(ref, workers=workers)
+    tgt = fft2(mov, workers=workers)
+    prod = src * tgt.conj()
+    cc = np.abs(ifft2(prod, workers=workers)).reshape(m, -1)
     peak = np.argmax(cc, axis=1)
-    top2 = np.partition(cc, -2, axis=1)[:, -2:]
-    near_tie = top2[:, 0] > (1 - tie) * top2[:, 1]
     shape = np.array([n0, n1])
     shift = np.stack([peak // n1, peak % n1], axis=1).astype(np.float32)
     mid = np.trunc(shape / 2)
     wrap = shift > mid
     shift[wrap] -= np.broadcast_to(shape, shift.shape)[wrap]
-    uf = np.float32(upsample)
+    uf = np.array(upsample, dtype=np.float32)
     shift = np.round(shift * uf) / uf
-    ups = int(np.ceil(uf * np.float32(1.5)))
-    dftshift = np.trunc(np.float32(ups) / np.float32(2.0))
-    offset = (dftshift - shift * uf).astype(np.float64)  # (m, 2)
-    # the full conjugate spectrum from its Hermitian half: X[k0, k1] = conj(X[-k0, -k1])
-    data = np.empty((m, n0, n1), np.complex64)
-    data[:, :, :half] = prod_h.conj()
-    k0 = (-np.arange(n0)) % n0
-    data[:, :, half:] = prod_h[:, k0][:, :, 1:n1 - half + 1][:, :, ::-1]
+    ups_size = np.ceil(uf * 1.5)
+    dftshift = np.trunc(ups_size / 2.0)
+    offset = dftshift - shift * uf  # (m, 2) float32
+    data = prod.conj()
     im2pi = 1j * 2 * np.pi
-    a_ = np.arange(ups, dtype=np.float64)
-    f1, f0 = fftfreq(n1, uf), fftfreq(n0, uf)
-    base1 = np.exp(-im2pi * (a_[:, None] * f1[None, :])).astype(np.complex64)  # (ups, n1)
-    base0 = np.exp(-im2pi * (a_[:, None] * f0[None, :])).astype(np.complex64)  # (ups, n0)
-    data *= np.exp(im2pi * (offset[:, 1][:, None] * f1[None, :])).astype(np.complex64)[:, None, :]
-    tmp = (data.reshape(m * n0, n1) @ base1.T).reshape(m, n0, ups)               # over axis 1
-    tmp *= np.exp(im2pi * (offset[:, 0][:, None] * f0[None, :])).astype(np.complex64)[:, :, None]
-    up = (base0 @ tmp.transpose(1, 0, 2).reshape(n0, m * ups)).reshape(ups, m, ups).transpose(1, 0, 2)
-    a = np.abs(up).reshape(m, -1)
-    best = np.argmax(a, axis=1)
-    top2 = np.partition(a, -2, axis=1)[:, -2:]
-    near_tie |= top2[:, 0] > (1 - tie) * top2[:, 1]
+    ar = np.arange(ups_size)
+    kern = []
+    for ax, nn in ((1, n1), (0, n0)):  # _upsampled_dft: the last axis first
+        k = (ar[None, :] - offset[:, ax][:, None])[:, :, None] * fftfreq(nn, uf)[None, None, :]
+        kern.append(np.exp(-im2pi * k).astype(data.dtype, copy=False))
+    ups = int(ups_size)
+    best = np.empty(m, np.int64)
+    for w in range(m):
+        d = np.tensordot(kern[0][w], data[w], axes=(1, -1))
+        d = np.tensordot(kern[1][w], d, axes=(1, -1))
+        best[w] = np.argmax(np.abs(d.conj()))
     mx = np.stack([best // ups, best % ups], axis=1).astype(np.float32) - dftshift
-    return shift + mx / uf, near_tie
-
-
-def _cmatmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Stacked complex64 matrix product from four real float32 products (BLAS)."""
-    ar, ai = np.ascontiguousarray(a.real), np.ascontiguousarray(a.imag)
-    br, bi = np.ascontiguousarray(b.real), np.ascontiguousarray(b.imag)
-    out = np.empty((*a.shape[:-1], b.shape[-1]), np.complex64)
-    out.real = np.matmul(ar, br) - np.matmul(ai, bi)
-    out.imag = np.matmul(ar, bi) + np.matmul(ai, br)
-    return out
+    return shift + mx / uf
 
 
 @numba.njit(cache=True, nogil=True)

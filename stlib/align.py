@@ -797,8 +797,6 @@ def _measure_nodes_batched(res: dict[str, np.ndarray], h: np.ndarray, mask: np.n
     todo = np.flatnonzero(counts >= min_nuclei)
 
     def one(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        from skimage.registration import phase_cross_correlation
-
         h_w = K.gather_windows(h, u0[idx], v0[idx], win_px)
         b_w = K.gather_windows(blurred, u0[idx], v0[idx], win_px)
         ref = (h_w - h_w.mean(axis=(1, 2), keepdims=True)) * hann
@@ -807,12 +805,7 @@ def _measure_nodes_batched(res: dict[str, np.ndarray], h: np.ndarray, mask: np.n
         idx, h_w, b_w, ref, mov = idx[ok], h_w[ok], b_w[ok], ref[ok], mov[ok]
         if not idx.size:
             return idx, np.zeros(0), np.zeros(0), np.zeros(0)
-        shift, tie = K.batched_phase_shift(ref, mov, upsample)
-        shift = shift.astype(np.float64)
-        for k in np.flatnonzero(tie):  # two candidate peaks within rounding: scikit-image decides
-            r_k = (h_w[k] - h_w[k].mean()) * hann
-            m_k = (b_w[k] - b_w[k].mean()) * hann
-            shift[k] = phase_cross_correlation(r_k, m_k, upsample_factor=upsample, normalization=None)[0]
+        shift = K.batched_phase_shift(ref, mov, upsample).astype(np.float64)
         dv, du = shift[:, 0], shift[:, 1]
         near = np.hypot(du, dv) <= max_shift
         peak, keep = K.shifted_peak(h_w[near], b_w[near], dv[near], du[near])

@@ -10,7 +10,8 @@ Sub-commands
 ``derive``  the label derivation of one slide-sized synthetic sample (``stlib.bench_slide``),
             timed per stage, with the stages' reference implementations on subsamples.
 ``train``   dispatches to ``stlib.train.bench_main(argv)``.
-``infer``   dispatches to ``stlib.infer.bench_main(argv)``.
+``infer``   dispatches to ``stlib.infer.bench_main(argv)`` (``--slide``: a whole synthetic slide).
+``gpu-check``  :mod:`stlib.gpu_check` (``make gpu-check``; ``--dry-run`` on a CPU).
 
 Every result records the machine, the date and the exact command; nothing is hard-coded.
 """
@@ -238,8 +239,10 @@ def bench_tiles(store: str | None = None, *, n_tiles: int = 512, tile_px: int = 
     return res
 
 
-def bench_refine(store: str | None = None, *, n_tiles: int = 200, tile_px: int = 256, seed: int = 0) -> dict[str, Any]:
-    """Time :func:`stlib.labels.refine.refine_label_maps` per tile (single thread).
+def bench_refine(store: str | None = None, *, n_tiles: int = 200, tile_px: int = 256, seed: int = 0,
+                 n_reference: int = 50) -> dict[str, Any]:
+    """Time :func:`stlib.labels.refine.refine_label_maps` per tile (single thread), and its
+    reference form on ``n_reference`` of the same tiles.
 
     Tiles come from an existing tile store (``store``: its images and instance maps; a store that
     was already refined is simply refined again) or are synthetic: nuclei of
@@ -277,7 +280,7 @@ def bench_refine(store: str | None = None, *, n_tiles: int = 200, tile_px: int =
             if len(tiles) == n_tiles:
                 break
         source = "synthetic (rendered haematoxylin blobs, ST masks dilated by 1 px)"
-    refine_label_maps(*tiles[0], um_per_px=um)  # warm-up (imports)
+    refine_label_maps(*tiles[0], um_per_px=um)  # warm-up (imports, compiled kernels)
     nuclei = 0
     t0 = time.perf_counter()
     for t in tiles:
@@ -285,14 +288,27 @@ def bench_refine(store: str | None = None, *, n_tiles: int = 200, tile_px: int =
         nuclei += stats.n
     sec = time.perf_counter() - t0
     tps = len(tiles) / sec
+    # the straightforward scikit-image / scipy form on the first tiles, same run, single thread
+    ref_tiles = tiles[: max(1, min(len(tiles), n_reference))]
+    refine_label_maps(*ref_tiles[0], um_per_px=um, reference=True)
+    t0 = time.perf_counter()
+    for t in ref_tiles:
+        refine_label_maps(*t, um_per_px=um, reference=True)
+    ref_sec = (time.perf_counter() - t0) / len(ref_tiles)
+    fast_sec = sec / len(tiles)
     # a 10 x 10 mm Xenium section at 0.25 µm/px: 40000^2 px
     slide_tiles = (10_000 / um / tile_px) ** 2
     return {"benchmark": "refine", "source": source, "n_tiles": len(tiles), "tile_px": int(tile_px),
             "um_per_px": float(um), "nuclei_per_tile": round(nuclei / max(1, len(tiles)), 1),
-            "seconds": round(sec, 3), "tiles_per_s": round(tps, 2), "ms_per_tile": round(1000 / tps, 1),
+            "seconds": round(sec, 3), "tiles_per_s": round(tps, 2), "ms_per_tile": round(1000 / tps, 2),
             "threads": 1, "minutes_per_10mm_slide_one_core": round(slide_tiles / tps / 60, 1),
+            "reference_ms_per_tile": round(1e3 * ref_sec, 2), "reference_tiles_timed": len(ref_tiles),
+            "speedup_vs_reference": round(ref_sec / fast_sec, 1),
+            "reference": ("refine_label_maps(reference=True): the same steps as scikit-image / scipy calls "
+                          "(refine_instances_reference), timed on the first tiles in the same run"),
             "what_is_timed": "refine_label_maps on each tile: colour deconvolution, per-nucleus thresholds, "
-                             "watershed, per-nucleus clean-up, class/confidence maps", "seed": int(seed)}
+                             "watershed, per-nucleus clean-up, class/confidence maps (compiled kernels)",
+            "seed": int(seed)}
 
 
 # --------------------------------------------------------------------------------------
@@ -609,9 +625,15 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--out", default="benchmarks/derive_slide.json")
     for name in ("train", "infer"):
         sub.add_parser(name, help=f"dispatches to stlib.{name}.bench_main", add_help=False)
+    sub.add_parser("gpu-check", help="the GPU measurements in one run (stlib.gpu_check; --dry-run on a CPU)",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.what in ("train", "infer"):
         return _dispatch(f"stlib.{args.what}", rest)
+    if args.what == "gpu-check":
+        from stlib.gpu_check import cli_main as gpu_cli
+
+        return gpu_cli(rest)
     if rest:
         parser.error(f"unrecognised arguments: {' '.join(rest)}")
     if args.what == "labels":

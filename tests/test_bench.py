@@ -22,3 +22,46 @@ def test_bench_labels_small(tmp_path):
                            "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["nuclei_kept"] == 300 and res["instances_in_tiles"] >= 300 and res["speedup"] > 0
+
+
+def test_gpu_check_dry_run_writes_every_part(tmp_path):
+    """`make gpu-check`'s script, in its CPU dry mode (tiny sizes): every part runs and is recorded."""
+    from stlib.gpu_check import cli_main
+
+    out = tmp_path / "gpu"
+    assert cli_main(["--dry-run", "--out-dir", str(out)]) == 0
+    summary = json.loads((out / "gpu_check.json").read_text())
+    assert summary["dry_run"] is True and summary["device"] and summary["command"].startswith("stlib bench gpu-check")
+    assert {"gpu_train_eager.json", "gpu_infer.json", "gpu_postproc.json"} <= set(summary["files"])
+    assert summary["train"]["eager"]["train_tiles_per_s"] > 0
+    assert summary["infer"]["net_ms_per_tile"] > 0 and summary["infer"]["postproc_ms_per_tile"] > 0
+    kp = summary["postproc_keep_up"]
+    assert kp["one_thread_tiles_per_s"] > 0 and kp["processes_tiles_per_s"] > 0
+    assert isinstance(kp["keeps_up_with_processes"], bool)
+
+
+def test_gpu_check_without_gpu_refuses_plainly(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from stlib.gpu_check import cli_main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli_main(["--out-dir", str(tmp_path)]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().out
+    assert not list(tmp_path.glob("gpu_*.json"))
+
+
+def test_bench_derive_small_slide(tmp_path):
+    """The whole-slide derivation benchmark on a tiny slide: every stage timed, references run."""
+    out = tmp_path / "derive.json"
+    assert bench.cli_main(["derive", "--work-dir", str(tmp_path / "work"), "--nuclei", "1500", "--side-mm", "0.6",
+                           "--ref-tiles", "3", "--ref-crop-mm", "0.3", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["nuclei"] > 1000 and res["seconds"] > 0
+    assert set(res["stages"]) == {"alignment", "aligned_nuclei", "tile_store"}
+    assert {"masks", "tile_images", "mask_refinement", "store_writing", "slide_decoding"} <= set(res["tile_stages_busy_s"])
+    assert {"inputs", "haematoxylin_images", "tile_measurements"} <= set(res["alignment_stages"])
+    assert res["references"]["tiles"]["identical_tiles"] == res["references"]["tiles"]["tiles"]
+    assert res["alignment_check"]["median_error_um_aligned"] < res["alignment_check"]["median_error_um_initial"]
+    assert res["tile_store"]["tiles"] > 0 and res["load_average_1_5_15min_before"]
+    assert not (tmp_path / "work" / "run").exists()  # the tile store is removed unless --keep

@@ -23,6 +23,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from stlib._align_kernels import correlate1d_sym, gaussian_weights, hed_h, hed_lut, reflect
+
 __all__ = ["hed_lut", "haematoxylin_smoothed", "gaussian_weights", "edt_owner", "edt_distance", "beyond",
            "label_median", "sobel_magnitude", "watershed", "clean_labels"]
 
@@ -31,87 +33,17 @@ __all__ = ["hed_lut", "haematoxylin_smoothed", "gaussian_weights", "edt_owner", 
 # haematoxylin optical density (skimage.color.rgb2hed channel 0), then Gaussian smoothing
 # --------------------------------------------------------------------------------------
 
-def hed_lut() -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel lookup of ``log(max(v / 255, 1e-6)) / log(1e-6)`` and the H column of ``hed_from_rgb``.
-
-    Built with scikit-image's own conversion (``img_as_float``), so the per-value logarithms
-    are the library's to the last bit.
-    """
-    from skimage.color.colorconv import hed_from_rgb
-    from skimage.util import img_as_float
-
-    v = np.maximum(img_as_float(np.arange(256, dtype=np.uint8)), 1e-6)
-    lut = np.log(v) / np.log(1e-6)
-    return np.ascontiguousarray(np.stack([lut, lut, lut])), np.ascontiguousarray(hed_from_rgb[:, 0])
-
-
-def gaussian_weights(sigma: float, truncate: float = 4.0) -> np.ndarray:
-    """The 1-D kernel of :func:`scipy.ndimage.gaussian_filter` (same formula, same radius)."""
-    radius = int(truncate * float(sigma) + 0.5)
-    x = np.arange(-radius, radius + 1)
-    phi = np.exp(-0.5 / (sigma * sigma) * x ** 2)
-    return (phi / phi.sum())[::-1].copy()
-
-
-@numba.njit(cache=True, nogil=True)
-def _reflect(k, n):  # pragma: no cover - compiled
-    """scipy.ndimage 'reflect' (half-sample symmetric) index for one overhang (k in [-n, 2n))."""
-    if k < 0:
-        return -k - 1
-    if k >= n:
-        return 2 * n - k - 1
-    return k
-
-
-@numba.njit(cache=True, nogil=True)
-def _correlate1d_sym(src, w, axis, out):  # pragma: no cover - compiled
-    """ndimage.correlate1d with a symmetric kernel, float64 accumulation, result rounded to float32.
-
-    Per output pixel the sum runs as in scipy's symmetric branch: centre term, then the
-    outermost pair inwards (the loops are arranged so that rows stream through memory).
-    """
-    H, W = src.shape
-    r = (w.shape[0] - 1) // 2
-    if axis == 0:
-        acc = np.empty(W, np.float64)
-        for i in range(H):
-            for j in range(W):
-                acc[j] = np.float64(src[i, j]) * w[r]
-            for q in range(r, 0, -1):
-                a = _reflect(i - q, H)
-                b = _reflect(i + q, H)
-                wq = w[r - q]
-                for j in range(W):
-                    acc[j] += (np.float64(src[a, j]) + np.float64(src[b, j])) * wq
-            for j in range(W):
-                out[i, j] = np.float32(acc[j])
-        return
-    buf = np.empty(W + 2 * r, np.float64)
-    for i in range(H):
-        for k in range(W + 2 * r):
-            buf[k] = src[i, _reflect(k - r, W)]
-        for j in range(W):
-            c = j + r
-            a = buf[c] * w[r]
-            for q in range(r, 0, -1):
-                a += (buf[c - q] + buf[c + q]) * w[r - q]
-            out[i, j] = np.float32(a)
-
-
 @numba.njit(cache=True, nogil=True)
 def haematoxylin_smoothed(rgb, lut, hcol, w):  # pragma: no cover - compiled
-    """``gaussian_filter(rgb2hed(rgb)[..., 0].astype(float32), sigma)`` (``w``: :func:`gaussian_weights`)."""
-    H, W = rgb.shape[0], rgb.shape[1]
-    h = np.empty((H, W), np.float32)
-    for i in range(H):
-        for j in range(W):
-            v = lut[0, rgb[i, j, 0]] * hcol[0] + lut[1, rgb[i, j, 1]] * hcol[1] + lut[2, rgb[i, j, 2]] * hcol[2]
-            h[i, j] = np.float32(v if v > 0.0 else 0.0)
+    """``gaussian_filter(rgb2hed(rgb)[..., 0].astype(float32), sigma)`` (``w``: :func:`gaussian_weights`;
+    the kernels are :mod:`stlib._align_kernels`' twins of the two library calls)."""
+    h = hed_h(rgb, lut, hcol)
     if w.shape[0] <= 1:
         return h
-    tmp = np.empty((H, W), np.float32)
-    _correlate1d_sym(h, w, 0, tmp)
-    _correlate1d_sym(tmp, w, 1, h)
+    H = h.shape[0]
+    tmp = np.empty_like(h)
+    correlate1d_sym(h, w, 0, tmp, 0, H)
+    correlate1d_sym(tmp, w, 1, h, 0, H)
     return h
 
 
@@ -314,11 +246,11 @@ def sobel_magnitude(img):  # pragma: no cover - compiled
     out = np.empty((H, W), np.float32)
     s2 = np.sqrt(np.float32(2.0))
     for i in range(H):
-        im = _reflect(i - 1, H)
-        ip = _reflect(i + 1, H)
+        im = reflect(i - 1, H)
+        ip = reflect(i + 1, H)
         for j in range(W):
-            jm = _reflect(j - 1, W)
-            jp = _reflect(j + 1, W)
+            jm = reflect(j - 1, W)
+            jp = reflect(j + 1, W)
             a = 0.0
             a += np.float64(img[im, jm]) * -0.25
             a += np.float64(img[im, j]) * -0.5
