@@ -336,8 +336,11 @@ def _sorted_seeds(img, out, seed):  # pragma: no cover - compiled
     """Seed markers by value (raster order among equal values) and the groups of equal value
     holding more than one label ("mixed ties"): positions of their first member and sizes."""
     idx = np.flatnonzero(seed)
-    o = np.argsort(img[idx], kind="mergesort")
-    idx = idx[o]
+    vals = np.empty(idx.size, np.float32)
+    for i in range(idx.size):
+        v = np.float32(img[idx[i]])
+        vals[i] = v if v != 0 else np.float32(0.0)
+    idx = idx[_stable_order(vals)]
     starts = []
     sizes = []
     k = 0
@@ -379,19 +382,24 @@ def _flood_exact(img, out, inside, offs, cap):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _dense_ranks(vals):  # pragma: no cover - compiled
-    """Rank of each float32 value among the distinct values (0 = smallest): an LSD radix sort of
-    the order-preserving 32-bit keys, then one scan."""
-    m = vals.size
+def _float_keys(vals):  # pragma: no cover - compiled
+    """Order-preserving unsigned 32-bit keys of float32 values."""
     bits = vals.view(np.uint32)
-    key = np.empty(m, np.uint32)
-    for i in range(m):
+    key = np.empty(vals.size, np.uint32)
+    for i in range(vals.size):
         b = bits[i]
         key[i] = ~b if b & np.uint32(0x80000000) else b | np.uint32(0x80000000)
+    return key
+
+
+@numba.njit(cache=True, nogil=True)
+def _radix_order(key):  # pragma: no cover - compiled
+    """Stable ascending order of uint32 keys: an LSD radix sort, three 11-bit passes."""
+    m = key.size
     order = np.arange(m)
     tmp = np.empty(m, np.int64)
     cnt = np.empty(2049, np.int64)
-    for shift in (0, 11, 22):  # three 11-bit passes (small count arrays stay in cache)
+    for shift in (0, 11, 22):
         cnt[:] = 0
         for i in range(m):
             cnt[((key[order[i]] >> shift) & 0x7FF) + 1] += 1
@@ -402,6 +410,21 @@ def _dense_ranks(vals):  # pragma: no cover - compiled
             tmp[cnt[d]] = order[i]
             cnt[d] += 1
         order, tmp = tmp, order
+    return order
+
+
+@numba.njit(cache=True, nogil=True)
+def _stable_order(vals):  # pragma: no cover - compiled
+    """``np.argsort(vals, kind="stable")`` for float32 values without NaN or -0.0."""
+    return _radix_order(_float_keys(vals))
+
+
+@numba.njit(cache=True, nogil=True)
+def _dense_ranks(vals):  # pragma: no cover - compiled
+    """Rank of each float32 value among the distinct values (0 = smallest)."""
+    m = vals.size
+    key = _float_keys(vals)
+    order = _radix_order(key)
     rank = np.empty(m, np.int64)
     r = -1
     for i in range(m):
@@ -749,11 +772,41 @@ def masked_median(values, mask):  # pragma: no cover - compiled
             buf[k] = fv[i]
             k += 1
     half = m // 2
-    hi = np.partition(buf, half)[half]
+    hi = _kth(buf, half)
     if m % 2:
         return float(hi)
-    lo = np.max(np.partition(buf, half - 1)[:half])
+    lo = buf[0]
+    for i in range(1, half):  # after the selection, buf[:half] holds the smaller values
+        lo = max(lo, buf[i])
     return float(np.float32(np.float32(lo + hi) / np.float32(2.0)))
+
+
+@numba.njit(cache=True, nogil=True)
+def _kth(a, k):  # pragma: no cover - compiled
+    """The k-th smallest value of ``a`` (reordered in place: a[:k] <= a[k] <= a[k+1:]); Hoare's
+    selection (the value is the order statistic, whatever the method)."""
+    lo, hi = 0, a.size - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        x, y, z = a[lo], a[mid], a[hi]
+        pivot = max(min(x, y), min(max(x, y), z))
+        i, j = lo, hi
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            break
+    return a[k]
 
 
 @numba.njit(cache=True, nogil=True)
@@ -807,61 +860,3 @@ def guarded(local, out, keep_st, drop, ids, not_vis):  # pragma: no cover - comp
             res[i, j] = ids[v]
             nv[i, j] = not_vis[loc]
     return res, nv
-
-
-@numba.njit(cache=True, nogil=True)
-def _median_of(vals):  # pragma: no cover - compiled
-    """``np.median`` of a float64 array (NaN when empty)."""
-    m = vals.size
-    if m == 0:
-        return np.nan
-    s = np.sort(vals)
-    return s[m // 2] if m % 2 else (s[m // 2 - 1] + s[m // 2]) / 2.0
-
-
-@numba.njit(cache=True, nogil=True)
-def refine_core(rgb, local, interior, n, lut, hcol, w, r, rr, rc, edge_fraction, min_rel_contrast,
-                min_contrast_od, min_keep, max_grow):  # pragma: no cover - compiled
-    """All of :func:`stlib.labels.refine.refine_instances` after the relabelling, in one call:
-    haematoxylin, zones, per-label thresholds, watershed, clean-up, guards. Returns the refined
-    local labels (0 = none), the kept-ST and not-visible flags per label, and both areas."""
-    h = haematoxylin_smoothed(rgb, lut, hcol, w)
-    near, ring, outside, core = zones(local, interior, n, r, rr, rc)
-    fg = label_median(h, core, n)
-    bg = label_median(h, ring, n)
-    tile_bg = masked_median(h, outside)
-    if not np.isfinite(tile_bg):
-        tile_bg = np.inf
-        for k in range(1, n + 1):
-            if np.isfinite(fg[k]) and fg[k] < tile_bg:
-                tile_bg = fg[k]
-        if tile_bg == np.inf:
-            tile_bg = np.nan
-    contrast = np.empty(n + 1)
-    fin = np.empty(n, np.float64)
-    nf = 0
-    for k in range(n + 1):
-        if not np.isfinite(bg[k]):
-            bg[k] = tile_bg
-        contrast[k] = fg[k] - bg[k]
-        if k > 0 and not np.isnan(contrast[k]):
-            fin[nf] = contrast[k]
-            nf += 1
-    ref_contrast = _median_of(fin[:nf])
-    floor = min_contrast_od
-    if np.isfinite(ref_contrast) and ref_contrast > 0:
-        floor = max(floor, min_rel_contrast * ref_contrast)
-    not_vis = np.empty(n + 1, np.bool_)
-    thr = np.empty(n + 1)
-    for k in range(n + 1):
-        not_vis[k] = not (contrast[k] >= floor)
-        thr[k] = bg[k] + edge_fraction * contrast[k]
-    not_vis[0] = False
-    thr[0] = np.inf
-    out = segment(h, local, near, core, thr, n)
-    a0, a1 = areas(local, out, n)
-    keep_st = np.empty(n + 1, np.bool_)
-    for k in range(n + 1):
-        keep_st[k] = ((a1[k] < min_keep * a0[k]) or (a1[k] > max_grow * a0[k])) and not not_vis[k]
-    keep_st[0] = False
-    return out, keep_st, not_vis, a0, a1

@@ -257,9 +257,27 @@ def refine_instances(image: np.ndarray, inst: np.ndarray, *, um_per_px: float,
     r = max(1.0, cfg.grow_um / um_per_px)
     rc = max(1.0, cfg.core_um / um_per_px)
     rr = max(1.0, cfg.ring_um / um_per_px)
-    out, keep_st, not_vis, a0, a1 = K.refine_core(
-        np.ascontiguousarray(img), local, interior, n, lut, hcol, w, r, rr, rc, cfg.edge_fraction,
-        cfg.min_rel_contrast, cfg.min_contrast_od, cfg.min_keep, cfg.max_grow)
+    h = K.haematoxylin_smoothed(np.ascontiguousarray(img), lut, hcol, w)
+    near, ring, outside, core = K.zones(local, interior, n, r, rr, rc)
+    fg = K.label_median(h, core, n)
+    bg = K.label_median(h, ring, n)
+    tile_bg = K.masked_median(h, outside)
+    if not np.isfinite(tile_bg):
+        tile_bg = float(np.nanmin(fg[1:]))
+    bg = np.where(np.isfinite(bg), bg, tile_bg)
+    contrast = fg - bg
+    ref_contrast = float(np.nanmedian(contrast[1:]))
+    floor = cfg.min_contrast_od
+    if np.isfinite(ref_contrast) and ref_contrast > 0:
+        floor = max(floor, cfg.min_rel_contrast * ref_contrast)
+    not_vis = ~(contrast >= floor)
+    not_vis[0] = False
+    thr = bg + cfg.edge_fraction * contrast
+    thr[0] = np.inf
+    out = K.segment(h, local, near, core, thr, n)
+    a0, a1 = K.areas(local, out, n)
+    keep_st = ((a1 < cfg.min_keep * a0) | (a1 > cfg.max_grow * a0)) & ~not_vis
+    keep_st[0] = False
     drop = keep_st | not_vis
     refined_ids = ~drop
     refined_ids[0] = False
