@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import logging
 import math
@@ -284,20 +285,37 @@ class _Timing:
     n_tiles: int = 0
 
 
+def _timed_call(work: Callable[..., Any], key: Any, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    res = work(key, a, b, c)
+    return res, time.perf_counter() - t0
+
+
 def _run_pipeline(model: torch.nn.Module, batches: Iterable[tuple[list[Any], np.ndarray]],
                   work: Callable[[Any, np.ndarray, np.ndarray, np.ndarray], Any], *, dev: torch.device,
-                  amp: bool, workers: int, timing: _Timing) -> Iterator[tuple[Any, Any]]:
-    """Predict batches on ``dev`` while a thread pool runs ``work`` on the previous ones.
+                  amp: bool, workers: int, timing: _Timing, processes: bool = False) -> Iterator[tuple[Any, Any]]:
+    """Predict batches on ``dev`` while a pool runs ``work`` on the previous ones.
 
     Yields ``(key, work(key, np_prob, hv, tp_prob))`` in input order. At most two batches of
-    network outputs wait for post-processing, which bounds memory.
+    network outputs wait for post-processing, which bounds memory. The pool holds ``workers``
+    threads, or with ``processes=True`` worker processes (``spawn``; ``work`` must pickle): the
+    post-processing libraries hold the GIL, so only processes add CPU cores to it (for a GPU,
+    whose network outruns one core).
     """
     def timed(key: Any, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[Any, float]:
-        t0 = time.perf_counter()
-        res = work(key, a, b, c)
-        return res, time.perf_counter() - t0
+        return _timed_call(work, key, a, b, c)
 
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="stlib-postproc") if workers > 0 else None
+    if workers > 0 and processes:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+        submit = functools.partial(pool.submit, _timed_call, work)
+    elif workers > 0:
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="stlib-postproc")
+        submit = functools.partial(pool.submit, timed)
+    else:
+        pool = None
     pending: deque[list[tuple[Any, Future | tuple[Any, float]]]] = deque()
 
     def collect(items: list[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
@@ -315,7 +333,7 @@ def _run_pipeline(model: torch.nn.Module, batches: Iterable[tuple[list[Any], np.
             items = []
             for j, key in enumerate(keys):
                 args = (key, out["np_prob"][j], out["hv"][j], out["tp_prob"][j])
-                items.append((key, pool.submit(timed, *args) if pool else timed(*args)))
+                items.append((key, submit(*args) if pool else timed(*args)))
             pending.append(items)
             while len(pending) > (2 if pool else 0):
                 yield from collect(pending.popleft())
@@ -575,7 +593,8 @@ def _open_image(image_or_path: Any, um_per_px: float | None) -> Any:
 
 def infer_image(model_or_path: Any, image_or_path: Any, *, um_per_px: float | None = None, device: str = "auto",
                 tile_px: int | None = None, overlap: int = 128, batch_size: int = 16, tissue_detection: bool = True,
-                amp: bool = True, workers: int | None = None, model_um_per_px: float | None = None,
+                amp: bool = True, workers: int | None = None, postproc_processes: bool = False,
+                model_um_per_px: float | None = None,
                 max_map_px: int = DEFAULT_MAX_MAP_PX, overlay_px: int = 2048,
                 postproc_kwargs: Mapping[str, Any] | None = None) -> InferenceResult:
     """Segment and classify the nuclei of an image tile or a whole slide.
@@ -606,6 +625,10 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, um_per_px: float | No
         bf16 autocast on CUDA.
     workers
         Post-processing threads (default: CPUs - 1, at most 8; 0 = in the calling thread).
+    postproc_processes
+        Post-process in ``workers`` processes instead of threads (the same results): on a GPU
+        the network outruns one post-processing core and threads share one (the GIL);
+        ``make gpu-check`` measures whether either keeps up.
     model_um_per_px
         Override / supply the model's training resolution.
     max_map_px
@@ -687,13 +710,12 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, um_per_px: float | No
                 timing.read_s += time.perf_counter() - t0
                 yield keys, imgs
 
-        def work(k: int, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> dict[str, Any]:
-            return _tile_nuclei(k, a, b, c, grid=grid, neighbours=neighbours, keep_map=keep_map, pp_kwargs=pp)
-
+        work = functools.partial(_tile_nuclei, grid=grid, neighbours=neighbours, keep_map=keep_map, pp_kwargs=pp)
         src = _prefetch(batches()) if workers > 0 else batches()
         xy, polys, area, cls, prob = [], [], [], [], []
         n = 0
-        bar = progress(_run_pipeline(model, src, work, dev=dev, amp=amp, workers=workers, timing=timing),
+        bar = progress(_run_pipeline(model, src, work, dev=dev, amp=amp, workers=workers, timing=timing,
+                                     processes=postproc_processes),
                        desc="infer tiles", total=len(origins))
         for k, res in bar:
             m = len(res["polys"])
@@ -866,12 +888,14 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--overlap", type=int, default=128,
                    help="model px shared by neighbouring tiles; keep it >= 2x the largest nucleus diameter")
     p.add_argument("--workers", type=int, default=None, help="post-processing threads (default CPUs-1, max 8)")
+    p.add_argument("--postproc-processes", action="store_true",
+                   help="post-process in --workers processes instead of threads (GPU: more CPU cores keep up)")
     p.add_argument("--no-tissue-detection", action="store_true", help="process every tile")
     p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA (default bf16 autocast)")
     args = p.parse_args(argv)
     res = infer_image(args.model, args.input, um_per_px=args.um_per_px, device=args.device, tile_px=args.tile_px,
                       overlap=args.overlap, batch_size=args.batch_size, tissue_detection=not args.no_tissue_detection,
-                      amp=not args.no_amp, workers=args.workers)
+                      amp=not args.no_amp, workers=args.workers, postproc_processes=args.postproc_processes)
     paths = write_outputs(res, args.out, args.name)
     st = res.stats
     print(f"stlib infer: {len(res)} nuclei in {st['n_tiles_processed']}/{st['n_tiles']} tiles "
@@ -987,7 +1011,8 @@ def _bench_slide(args: argparse.Namespace, argv: list[str]) -> int:
                     workers=workers)
         load0 = [round(v, 2) for v in os.getloadavg()]
         cpu0 = time.process_time()
-        res = infer_image(info, path, device=str(dev), tile_px=T, batch_size=batch, amp=amp, workers=workers)
+        res = infer_image(info, path, device=str(dev), tile_px=T, batch_size=batch, amp=amp, workers=workers,
+                          postproc_processes=args.postproc_processes)
         cpu_s = time.process_time() - cpu0
     st = res.stats
     wall = st["wall_s"]
@@ -1003,6 +1028,7 @@ def _bench_slide(args: argparse.Namespace, argv: list[str]) -> int:
         "slide": {"side_mm": args.slide_mm, "px": sample["slide_px"], "um_per_px": 0.2737,
                   "nuclei_true": sample["nuclei"], "generator": "stlib.bench_slide.make_slide_sample"},
         "tile_px": T, "overlap": st["overlap"], "batch": batch, "postproc_workers": workers,
+        "postproc_pool": "processes" if args.postproc_processes else "threads",
         "tiles": st["n_tiles_processed"], "tiles_skipped_no_tissue": st["n_tiles_skipped"],
         "nuclei_found": st["n_nuclei"],
         "wall_s": round(wall, 2), "net_s": round(st["net_s"], 2), "read_s": round(st["read_s"], 2),
@@ -1050,6 +1076,7 @@ def bench_main(argv: list[str]) -> int:
                    help="whole-slide run only: a synthetic pyramidal slide of --slide-mm (stlib.bench_slide), network "
                         "and post-processing timed apart (writes benchmarks/infer_slide_<device>.json)")
     p.add_argument("--slide-mm", type=float, default=2.0, help="side of the --slide slide (mm)")
+    p.add_argument("--postproc-processes", action="store_true", help="--slide: post-process in processes")
     p.add_argument("--out", default=None, help="JSON output (default benchmarks/infer_<device>.json)")
     args = p.parse_args(argv)
     if args.slide:

@@ -336,3 +336,14 @@ def test_cli_on_a_real_he_image_writes_valid_geojson(tiny_model_file, tmp_path):
         g = shape(f["geometry"])
         assert g.is_valid and frame.contains(g)
         assert f["properties"]["classification"]["name"]
+
+
+def test_postprocessing_in_processes_gives_the_same_nuclei(seam_case):
+    """``postproc_processes=True`` (for GPUs: more cores than the GIL allows threads) changes
+    where post-processing runs, not what it finds."""
+    img, inst, classes, res = seam_case
+    res_p = infer_image(Oracle(), img, um_per_px=0.25, model_um_per_px=0.25, tile_px=256, overlap=64,
+                        tissue_detection=False, workers=2, postproc_processes=True)
+    assert res_p.stats["n_nuclei"] == res.stats["n_nuclei"]
+    np.testing.assert_array_equal(res_p.nuclei.to_numpy(), res.nuclei.to_numpy())
+    np.testing.assert_array_equal(res_p.inst, res.inst)
