@@ -20,7 +20,9 @@ Pipeline of :func:`infer_image`
    whose footprint holds no tissue are skipped.
 5. **Tiles** - overlapping ``tile_px`` tiles in model pixels (``overlap`` px shared);
    the network runs in batches (bf16 autocast + channels_last on CUDA, fp32 on CPU) while
-   a thread pool post-processes the previous batches (:func:`stlib.model.postproc.hovernet_postprocess`).
+   a thread pool (or, with ``postproc_processes=True``, a process pool: on a GPU the network
+   outruns what GIL-bound threads can post-process) post-processes the previous batches
+   (:func:`stlib.model.postproc.hovernet_postprocess`).
 6. **Seams** - every point belongs to the processed tile containing it whose centre is
    nearest (:func:`stlib.model.postproc.remove_seam_duplicates`); a nucleus is kept only in
    the tile owning its centroid, so a nucleus on a seam is reported once. Decided per tile
