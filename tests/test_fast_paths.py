@@ -124,3 +124,66 @@ def test_parallel_tile_stores_equal_the_per_tile_reference(demo, run):
         assert rec["mask_pq_vs_truth_before"] == pytest.approx(float(np.nanmean(pq0)), abs=1e-12)
         assert rec["mask_pq_vs_truth_after"] == pytest.approx(float(np.nanmean(pq1)), abs=1e-12)
     assert k == len(st) == len(tr)
+
+
+def test_batched_phase_correlation_is_scikit_images():
+    from scipy import ndimage
+    from skimage.registration import phase_cross_correlation
+    from threadpoolctl import threadpool_limits
+
+    from stlib import _align_kernels as K
+
+    rng = np.random.default_rng(0)
+    m, n = 40, 64
+    base = ndimage.gaussian_filter(rng.random((m, n + 40, n + 40)).astype(np.float32), (0, 2, 2))
+    shifts = rng.uniform(-6, 6, (m, 2))
+    ref = base[:, 20:20 + n, 20:20 + n]
+    mov = np.stack([ndimage.shift(base[k], shifts[k], order=1)[20:20 + n, 20:20 + n] for k in range(m)])
+    mov = (mov + 0.01 * rng.standard_normal(mov.shape)).astype(np.float32)
+    hann = np.outer(np.hanning(n), np.hanning(n)).astype(np.float32)
+    ref = ((ref - ref.mean((1, 2), keepdims=True)) * hann).astype(np.float32)
+    mov = ((mov - mov.mean((1, 2), keepdims=True)) * hann).astype(np.float32)
+    with threadpool_limits(limits=1, user_api="blas"):
+        fast = K.batched_phase_shift(ref, mov, 20)
+        sk = np.array([phase_cross_correlation(ref[k], mov[k], upsample_factor=20, normalization=None)[0]
+                       for k in range(m)])
+    np.testing.assert_array_equal(fast, sk)
+
+
+def test_full_image_twins_equal_numpy_and_scipy():
+    from scipy import ndimage
+
+    import stlib.align as A
+    from stlib import _align_kernels as K
+
+    rng = np.random.default_rng(0)
+    for t in range(12):
+        H, W = (int(v) for v in rng.integers(20, 100, 2))
+        img = rng.random((H, W)).astype(np.float32)
+        for s in (0.41, 1.0, 2.0):
+            assert np.array_equal(K.gaussian_filter32(img, s, workers=2), ndimage.gaussian_filter(img, s))
+        jy, jx = np.sort(rng.uniform(-3, H + 2, 37)), np.sort(rng.uniform(-3, W + 2, 41))
+        JY, JX = np.meshgrid(jy, jx, indexing="ij")
+        assert np.array_equal(K.map_linear_nearest(img, jy, jx),
+                              ndimage.map_coordinates(img, [JY, JX], order=1, mode="nearest"))
+        n = 30
+        th = np.linspace(0, 2 * np.pi, 13)
+        cx, cy = rng.uniform(-10, W + 10, n), rng.uniform(-10, H + 10, n)
+        xs = cx[:, None] + rng.uniform(3, 12, n)[:, None] * np.cos(th) * rng.choice([-1, 1], n)[:, None]
+        ys = cy[:, None] + rng.uniform(3, 12, n)[:, None] * np.sin(th)
+        xy = np.stack([xs.ravel(), ys.ravel()], 1)
+        if t % 3 == 0:
+            xy = np.round(xy)  # vertices on pixel centres
+        ring = np.repeat(np.arange(n), 13)
+        assert np.array_equal(K.fill_rings(xy, ring, H, W), A._rasterize_rings(xy, ring, (H, W)))
+        pts, cen = rng.uniform(-5, max(H, W) + 5, (300, 2)), rng.uniform(-20, max(H, W) + 20, (40, 2))
+        u0, v0 = (np.round(cen[:, k] - 8).astype(np.int64) for k in (0, 1))
+        got = K.count_in_windows(np.round(pts[:, 0]).astype(np.int64), np.round(pts[:, 1]).astype(np.int64),
+                                 H, W, u0, v0, 16)
+        assert np.array_equal(got, A._count_window(pts, (H, W), cen, 16))
+    T = A.Transform(np.array([[3.6, 0.05, 100.0], [-0.04, 3.7, -50.0], [0, 0, 1]]), np.linspace(-10, 500, 11),
+                    np.linspace(0, 400, 9), rng.normal(0, 3, (9, 11)), rng.normal(0, 3, (9, 11)))
+    g = A.WorkGrid(x0=-0.5, y0=3.2, f=3.65, shape=(100, 100))
+    xy = rng.uniform(-50, 600, (5000, 2))
+    for TT in (T, A.Transform(T.affine)):
+        assert np.array_equal(A._map_points(TT, g, xy), g.xy_to_work(TT.apply_xy(xy)))
