@@ -149,8 +149,11 @@ def batched_phase_shift(ref: np.ndarray, mov: np.ndarray, upsample: int, workers
     ar = np.arange(ups_size)
     kern = []
     for ax, nn in ((1, n1), (0, n0)):  # _upsampled_dft: the last axis first
-        k = (ar[None, :] - offset[:, ax][:, None])[:, :, None] * fftfreq(nn, uf)[None, None, :]
-        kern.append(np.exp(-im2pi * k).astype(data.dtype, copy=False))
+        # a kernel depends on the window only through its offset, which takes a few values
+        # (integer shifts): computed once per value, with the same expression
+        vals, inv = np.unique(offset[:, ax], return_inverse=True)
+        k = (ar[None, :] - vals[:, None])[:, :, None] * fftfreq(nn, uf)[None, None, :]
+        kern.append(np.exp(-im2pi * k).astype(data.dtype, copy=False)[inv.ravel()])
     ups = int(ups_size)
     # tensordot(kernel, data, axes=(1, -1)) per window is dot(kernel, data.T): the same BLAS
     # product as a stacked matmul with transposed views (bit-identical, checked in the tests)
