@@ -1082,33 +1082,25 @@ def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str 
                          sample=sample or None, fix="check the registration (route) and the slide")
     levels: dict[float, _Level] = {}
 
-    def tick(key: str, t0: float) -> None:
-        if timings is not None:
-            timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
-
     def level_at(um_px: float) -> _Level:
         if um_px not in levels:
             from skimage.filters import threshold_otsu
 
-            t0 = time.perf_counter()
-            f = um_px * ppu
-            shp = (max(1, int((by1 - by0) / f)), max(1, int((bx1 - bx0) / f)))
-            g = WorkGrid(x0=float(bx0), y0=float(by0), f=f, shape=shp)
-            h = haematoxylin_image(slide, g, reference=reference)
-            thr = float(threshold_otsu(h)) if np.ptp(h) > 0 else 0.5
-            levels[um_px] = _Level(g, h, thr)
-            tick("haematoxylin_images", t0)
+            with _timed(timings, "haematoxylin_images"):
+                f = um_px * ppu
+                shp = (max(1, int((by1 - by0) / f)), max(1, int((bx1 - bx0) / f)))
+                g = WorkGrid(x0=float(bx0), y0=float(by0), f=f, shape=shp)
+                h = haematoxylin_image(slide, g, reference=reference)
+                thr = float(threshold_otsu(h)) if np.ptp(h) > 0 else 0.5
+                levels[um_px] = _Level(g, h, thr)
         return levels[um_px]
 
     def measure(T: Transform, um_px: float, win_um: float, nodes: np.ndarray) -> dict[str, np.ndarray]:
         lev = level_at(um_px)
         win_px = max(16, int(round(win_um / um_px)))
-        t0 = time.perf_counter()
-        with _single_thread_blas():
-            out = _measure(lev, T, xy_um, ring_id, centroids, nodes, win_px, min_nuclei=min_nuclei,
-                           reference=reference)
-        tick("tile_measurements", t0)
-        return out
+        with _single_thread_blas(), _timed(timings, "tile_measurements"):
+            return _measure(lev, T, xy_um, ring_id, centroids, nodes, win_px, min_nuclei=min_nuclei,
+                            reference=reference)
 
     T = Transform(M0)
     gx, gy = _node_grid(lo_um, hi_um, grid_um)
@@ -1249,6 +1241,22 @@ def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str 
     return AlignmentResult(sample=sample, route=route, initial=M0, transform=T, scores=scores,
                            residual_field=field_, excluded_regions=excluded, he_um_per_px=he_um,
                            params=params)
+
+
+def _timed(timings: dict[str, float] | None, key: str) -> Any:
+    """Context manager adding the seconds of its block to ``timings[key]`` (no-op without timings)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def run() -> Any:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if timings is not None:
+                timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
+    return run()
 
 
 def _single_thread_blas() -> Any:

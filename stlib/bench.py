@@ -323,7 +323,7 @@ def _generate_in_child(work: Path, kwargs: dict[str, Any]) -> tuple[dict[str, An
 
     from stlib.bench_slide import make_slide_sample
 
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # not fork: torch / OpenMP may already run threads in this process
     proc = ctx.Process(target=make_slide_sample, args=(work,), kwargs=kwargs)
     proc.start()
     proc.join()
@@ -534,6 +534,17 @@ def bench_derive(work_dir: str | Path | None = None, *, n_nuclei: int = 500_000,
             shutil.rmtree(tmp, ignore_errors=True)
         elif not keep:
             shutil.rmtree(work / "run", ignore_errors=True)
+    return _derive_result(info, seconds, stages, align_t, tile_t, workers, cpu_s, peak, gen_peak, load0, load1, warm,
+                          um_per_px, side_mm, seed, tile_px, target_um_per_px, n_tiles, store, store_bytes, sid,
+                          err0, err1, res, refs)
+
+
+def _derive_result(info: dict[str, Any], seconds: float, stages: dict[str, float], align_t: dict[str, float],
+                   tile_t: dict[str, float], workers: int, cpu_s: float, peak: float, gen_peak: float,
+                   load0: list[float], load1: list[float], warm: float, um_per_px: float, side_mm: float, seed: int,
+                   tile_px: int, target_um_per_px: float, n_tiles: int, store: dict[str, Any], store_bytes: int,
+                   sid: str, err0: np.ndarray, err1: np.ndarray, res: Any, refs: dict[str, Any]) -> dict[str, Any]:
+    """The JSON document of :func:`bench_derive`."""
     return {
         "benchmark": "derive_slide",
         "nuclei": int(info["nuclei"]),

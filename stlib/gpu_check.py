@@ -67,7 +67,7 @@ def postproc_keep_up(n_tiles: int = 64, tile_px: int = 256, workers: int | None 
         out["threads_tiles_per_s"] = round(n_tiles / (time.perf_counter() - t0), 2)
     import multiprocessing as mp
 
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:  # torch ran: no fork
         list(pool.map(_postproc_one, maps[:workers]))  # start the processes
         t0 = time.perf_counter()
         list(pool.map(_postproc_one, maps, chunksize=max(1, n_tiles // (4 * workers))))

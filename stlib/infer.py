@@ -980,6 +980,30 @@ def _device_name(dev: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def _bench_parser() -> argparse.ArgumentParser:
+    """Options of ``stlib bench infer``."""
+    p = argparse.ArgumentParser(prog="stlib bench infer",
+                                description="Network vs post-processing time per tile; whole-slide throughput.")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model", default=None, help="model.pt to time (default: a random network)")
+    g.add_argument("--encoder", choices=sorted(ENCODERS), default=None,
+                   help="random network of this encoder (default: resnet50 on CUDA, small on CPU)")
+    p.add_argument("--tiles", type=int, default=None, help="tiles timed (default 512 on CUDA, 16 on CPU)")
+    p.add_argument("--tile-px", type=int, default=256)
+    p.add_argument("--batch", type=int, default=None, help="default 64 on CUDA, 8 on CPU")
+    p.add_argument("--slide-px", type=int, default=None, help="synthetic slide side (default 8192 CUDA, 1024 CPU)")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--slide", action="store_true",
+                   help="whole-slide run only: a synthetic pyramidal slide of --slide-mm (stlib.bench_slide), network "
+                        "and post-processing timed apart (writes benchmarks/infer_slide_<device>.json)")
+    p.add_argument("--slide-mm", type=float, default=1.5, help="side of the --slide slide (mm)")
+    p.add_argument("--postproc-processes", action="store_true", help="--slide: post-process in processes")
+    p.add_argument("--out", default=None, help="JSON output (default benchmarks/infer_<device>.json)")
+    return p
+
+
 def _bench_slide(args: argparse.Namespace, argv: list[str]) -> int:
     """``stlib bench infer --slide``: :func:`infer_image` on a synthetic whole slide, timed per part."""
     import resource
@@ -1062,25 +1086,7 @@ def bench_main(argv: list[str]) -> int:
 
     from stlib.io.wsi import write_pyramidal_tiff
 
-    p = argparse.ArgumentParser(prog="stlib bench infer", description=bench_main.__doc__)
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--model", default=None, help="model.pt to time (default: a random network)")
-    g.add_argument("--encoder", choices=sorted(ENCODERS), default=None,
-                   help="random network of this encoder (default: resnet50 on CUDA, small on CPU)")
-    p.add_argument("--tiles", type=int, default=None, help="tiles timed (default 512 on CUDA, 16 on CPU)")
-    p.add_argument("--tile-px", type=int, default=256)
-    p.add_argument("--batch", type=int, default=None, help="default 64 on CUDA, 8 on CPU")
-    p.add_argument("--slide-px", type=int, default=None, help="synthetic slide side (default 8192 CUDA, 1024 CPU)")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-amp", action="store_true")
-    p.add_argument("--slide", action="store_true",
-                   help="whole-slide run only: a synthetic pyramidal slide of --slide-mm (stlib.bench_slide), network "
-                        "and post-processing timed apart (writes benchmarks/infer_slide_<device>.json)")
-    p.add_argument("--slide-mm", type=float, default=2.0, help="side of the --slide slide (mm)")
-    p.add_argument("--postproc-processes", action="store_true", help="--slide: post-process in processes")
-    p.add_argument("--out", default=None, help="JSON output (default benchmarks/infer_<device>.json)")
-    args = p.parse_args(argv)
+    args = _bench_parser().parse_args(argv)
     if args.slide:
         return _bench_slide(args, argv)
     dev = torch.device(resolve_device(args.device))
