@@ -387,10 +387,11 @@ def _reference_alignment(hest: Path, sid: str, crop_mm: float) -> dict[str, Any]
 
 def _reference_tiles(hest: Path, sid: str, nuc: Any, excluded: Any, *, n_tiles: int, tile_px: int, um_per_px: float,
                      seed: int) -> dict[str, Any]:
-    """Per-tile seconds of the straightforward forms on ``n_tiles`` random tiles, and of the fast
-    forms on the same tiles, single thread: tile image (``read_tile_image`` vs band decoding +
-    compiled resize) and mask refinement (reference vs compiled); and the per-nucleus
-    ``skimage.draw.polygon`` loop vs the compiled fill (nuclei/s)."""
+    """Per-tile seconds of the straightforward forms on ``n_tiles`` random tiles, single thread:
+    tile image (``read_tile_image``; the fast form's pixels are checked to be the same) and mask
+    refinement (reference vs compiled, both timed here); and the per-nucleus
+    ``skimage.draw.polygon`` loop (nuclei/s). The fast tile image and masks are timed over the
+    whole slide by the run itself."""
     from stlib.io.hest import HestSample
     from stlib.labels.masks import TileRenderer
     from stlib.labels.refine import refine_label_maps
@@ -430,7 +431,6 @@ def _reference_tiles(hest: Path, sid: str, nuc: Any, excluded: Any, *, n_tiles: 
     k = max(1, len(busy))
     out.update({"tiles": len(busy), "identical_tiles": int(same),
                 "tile_image_ms_reference": round(1e3 * t["image_ref"] / k, 2),
-                "tile_image_ms_fast_one_band_per_tile": round(1e3 * t["image_fast"] / k, 2),
                 "refine_ms_reference": round(1e3 * t["refine_ref"] / k, 2),
                 "refine_ms_fast": round(1e3 * t["refine_fast"] / k, 2),
                 "refine_speedup": round(t["refine_ref"] / max(t["refine_fast"], 1e-9), 1)})
@@ -529,6 +529,9 @@ def bench_derive(work_dir: str | Path | None = None, *, n_nuclei: int = 500_000,
                                           n_tiles=ref_tiles, tile_px=tile_px, um_per_px=target_um_per_px, seed=seed)}
         n_tiles = int(store["n_tiles"])
         refs["tiles"]["masks_fast_nuclei_per_s"] = round(len(nuc) / max(tile_t.get("masks", 0.0), 1e-9), 1)
+        # the fast tile image, amortised over the slide: band decoding + compiled resampling per tile
+        refs["tiles"]["tile_image_ms_fast"] = round(
+            1e3 * (tile_t.get("slide_decoding", 0.0) + tile_t.get("tile_images", 0.0)) / max(n_tiles, 1), 2)
     finally:
         if tmp is not None and not keep:
             shutil.rmtree(tmp, ignore_errors=True)
