@@ -33,8 +33,8 @@ from stlib.constants import is_control_feature
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Key", "FINE_TYPES", "UNKNOWN", "load_markers", "load_programs", "marker_coverage",
-    "canonical_organ", "qc_filter", "normalize", "rank_score", "cluster", "assign_fine_types",
+    "Key", "FINE_TYPES", "UNKNOWN", "load_markers", "type_allowed", "load_programs", "marker_coverage",
+    "canonical_organ", "qc_filter", "normalize", "rank_score", "cluster", "annotate_clusters", "assign_fine_types",
     "refine_posteriors",
 ]
 
@@ -63,10 +63,12 @@ class Key:
     UNS = "stlib_labels"  #: uns: parameters, coverage and counts of the labelling run
 
 
-#: Fine-type vocabulary shared with the demo generator and :data:`stlib.labels.classes.FINE_TO_CLASS`.
+#: Fine-type vocabulary of the labeler (:data:`stlib.labels.classes.FINE_TO_CLASS`); the demo generator
+#: has its own catalogue (``stlib.demo.biology``) and never shares this one.
 FINE_TYPES: tuple[str, ...] = (
     "tumor", "epithelial", "melanocyte", "t_cell", "b_cell", "plasma", "macrophage", "mast",
     "fibroblast", "endothelial", "smooth_muscle", "adipocyte", "dead",
+    "hepatocyte", "kidney_tubule", "cardiomyocyte", "glia", "neuron",
 )
 UNKNOWN = "unknown"
 
@@ -111,6 +113,24 @@ def _all_markers(organ: str | None) -> dict[str, list[str]]:
     return out
 
 
+def type_allowed(fine_type: str, organ: str | None = None, oncotree_code: str | None = None) -> bool:
+    """Whether a fine type is scored in a sample of this organ / OncoTree code (``only_in`` of
+    ``markers/celltypes.yaml``: melanocytes in skin or melanoma, hepatocytes in liver ...).
+
+    Types without ``only_in`` are always scored; with neither an organ nor a code every type is.
+    """
+    entry = _read_yaml("celltypes.yaml")["types"].get(fine_type, {})
+    only = entry.get("only_in")
+    if not only:
+        return True
+    org = canonical_organ(organ) if organ is not None else None
+    code = None if oncotree_code is None or (isinstance(oncotree_code, float) and np.isnan(oncotree_code)) \
+        else str(oncotree_code).strip().upper() or None
+    if org is None and code is None:
+        return True
+    return (org is not None and org in only.get("organs", [])) or (code is not None and code in only.get("oncotree", []))
+
+
 def _panel_set(panel_genes: Iterable[str] | AnnData) -> set[str]:
     if isinstance(panel_genes, AnnData):
         panel_genes = panel_genes.var_names
@@ -148,7 +168,7 @@ def marker_coverage(panel_genes: Iterable[str] | AnnData, *, organ: str | None =
 
 
 def load_markers(panel_genes: Iterable[str] | AnnData, *, organ: str | None = None,
-                 types: Sequence[str] | None = None, min_markers: int = 2,
+                 oncotree_code: str | None = None, types: Sequence[str] | None = None, min_markers: int = 2,
                  max_markers: int | None = None, drop_empty: bool = True) -> dict[str, list[str]]:
     """Marker genes per fine type, restricted to the genes of a panel.
 
@@ -157,7 +177,11 @@ def load_markers(panel_genes: Iterable[str] | AnnData, *, organ: str | None = No
     panel_genes
         Gene symbols of the sample's panel (or an AnnData: its ``var_names``).
     organ
-        HEST organ (``"Bowel"``, ``"Breast"``, ...) or canonical organ; adds organ extras.
+        HEST organ (``"Bowel"``, ``"Breast"``, ...) or canonical organ; adds organ extras and
+        leaves out types that do not live in it (``only_in``, :func:`type_allowed`).
+    oncotree_code
+        OncoTree code of the sample (``only_in`` lets a type in by code, e.g. melanocytes in a
+        melanoma metastasis).
     types
         Fine types to return (default: all types in ``markers/celltypes.yaml``).
     min_markers
@@ -174,7 +198,11 @@ def load_markers(panel_genes: Iterable[str] | AnnData, *, organ: str | None = No
     if min_markers < 0:
         raise ValueError(f"min_markers must be >= 0, got {min_markers}")
     panel = _panel_set(panel_genes)
-    allm = _all_markers(canonical_organ(organ))
+    org = canonical_organ(organ, oncotree_code)
+    allm = _all_markers(org)
+    spec = _read_yaml("celltypes.yaml")["types"]
+    if types is None:
+        allm = {t: g for t, g in allm.items() if type_allowed(t, org, oncotree_code)}
     if types is not None:
         unknown = [t for t in types if t not in allm]
         if unknown:
@@ -186,6 +214,12 @@ def load_markers(panel_genes: Iterable[str] | AnnData, *, organ: str | None = No
         kept = [g for g in genes if g in panel]
         if max_markers is not None:
             kept = kept[:max_markers]
+        own_min = spec.get(t, {}).get("min_markers")
+        if own_min is not None and len(kept) < own_min:
+            # a parenchymal type the panel barely covers: not scored at all (a 1-2 gene set
+            # would pull in any cell expressing one of them)
+            log.info("load_markers: %s has %d panel markers (< %d): not scored", t, len(kept), own_min)
+            continue
         if len(kept) < min_markers:
             weak.append(f"{t} ({len(kept)})")
         if kept or not drop_empty:
@@ -506,6 +540,64 @@ def _gene_counts(adata: AnnData) -> Any:
     return x[:, keep] if not keep.all() else x
 
 
+def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, cluster_key: str = Key.CLUSTER,
+                      layer: str = Key.LOGNORM, background_quantile: float = 0.1, min_cluster_cells: int = 10,
+                      owned: float = 0.5, min_owned_markers: int = 2, min_ownership: float = 0.3,
+                      min_range: float = 2.0) -> pd.DataFrame:
+    r"""Cell type of each Leiden cluster from how much of each type's marker set it *owns*.
+
+    For every gene, the cluster means of the log-normalised expression are put on a 0-1 scale
+    between a background (the ``background_quantile`` of the means over clusters of at least
+    ``min_cluster_cells`` cells: the clusters that do not express it) and the highest cluster:
+    :math:`s_{cg} = \mathrm{clip}((m_{cg} - b_g) / (\max_{c'} m_{c'g} - b_g), 0, 1)`. A type's
+    *ownership* of cluster :math:`c` is the mean of :math:`s_{cg}` over its markers in the panel: the
+    share of the marker set the cluster expresses at (close to) full strength. Several markers must
+    agree: a marker of one type that another type also expresses moves a 4-marker set by 0.25 at
+    most, and a type needs ``min_owned_markers`` markers with :math:`s \ge` ``owned``. The cluster
+    takes the type of highest ownership when that is ``>= min_ownership`` and the condition holds,
+    else ``"unknown"``. Scaling to the highest cluster, not to the rest of the sample, keeps a
+    marker shared by several clusters of one lineage (the epithelium of a tumour split in five
+    clusters) owned by each of them.
+
+    Returns
+    -------
+    One row per cluster: ``cluster``, ``n_cells``, ``type`` (``"unknown"`` when no type
+    qualifies), ``ownership``, ``n_owned`` (markers with s >= ``owned``), ``runner_up``,
+    ``runner_up_ownership``, ``owned_markers`` (comma-joined).
+    """
+    if cluster_key not in adata.obs:
+        raise ValueError(f"obs[{cluster_key!r}] missing: run stlib.labels.celltypes.cluster(adata) first")
+    if layer not in adata.layers:
+        raise ValueError(f"layer {layer!r} missing: run stlib.labels.celltypes.normalize(adata) first")
+    cat = pd.Categorical(adata.obs[cluster_key])
+    codes, cats = cat.codes, list(cat.categories)
+    n_cl = len(cats)
+    x = sp.csr_matrix(adata.layers[layer], dtype=np.float64)
+    onehot = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n_cl, len(codes)))
+    size = np.asarray(onehot.sum(axis=1)).ravel()
+    mean = (onehot @ x).toarray() / np.maximum(size, 1)[:, None]
+    big = size >= min_cluster_cells
+    ref = mean[big] if big.sum() >= 2 else mean
+    bg = np.quantile(ref, background_quantile, axis=0)
+    top = mean[big].max(axis=0) if big.any() else mean.max(axis=0)
+    scaled = np.clip((mean - bg[None, :]) / np.maximum(top - bg, min_range)[None, :], 0.0, 1.0)
+    var = pd.Index(adata.var_names)
+    idx = {t: var.get_indexer(list(g)) for t, g in markers.items()}
+    idx = {t: i[i >= 0] for t, i in idx.items() if (i >= 0).any()}
+    rows = []
+    for c in range(n_cl):
+        ev = {t: (float(scaled[c, i].mean()), int((scaled[c, i] >= owned).sum())) for t, i in idx.items()}
+        order = sorted(ev, key=lambda t: (-ev[t][0], -ev[t][1]))
+        best = order[0] if order else UNKNOWN
+        second = order[1] if len(order) > 1 else None
+        ok = bool(order) and ev[best][0] >= min_ownership and ev[best][1] >= min_owned_markers
+        rows.append({"cluster": cats[c], "n_cells": int(size[c]), "type": best if ok else UNKNOWN,
+                     "ownership": ev[best][0] if order else 0.0, "n_owned": ev[best][1] if order else 0,
+                     "runner_up": second, "runner_up_ownership": ev[second][0] if second else 0.0,
+                     "owned_markers": ",".join(var[idx[best][scaled[c, idx[best]] >= owned]]) if order else ""})
+    return pd.DataFrame(rows)
+
+
 def refine_posteriors(counts: Any, label: np.ndarray, seed: np.ndarray, n_types: int, *,
                       contamination: float = 0.2, dispersion: float = 4.0, min_seed_cells: int = 5,
                       min_divergence: float = 0.15,
@@ -576,6 +668,7 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
                       temperature: float = 0.03, min_margin: float = 0.02,
                       cluster_weight: float = 0.5, min_detected: int = 1, refine: int = 2,
                       refine_kwargs: Mapping[str, Any] | None = None,
+                      annotate_kwargs: Mapping[str, Any] | None = None, unknown_posterior: float = 0.99,
                       qc_key: str | None = Key.QC_PASS, key_added: str = Key.FINE_TYPE,
                       copy: bool = False) -> AnnData | None:
     """Per-cell fine type and confidence from marker rank scores and Leiden clusters.
@@ -656,23 +749,28 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
             label = q.argmax(axis=1)[codes]
             conf = q.max(axis=1)[codes]
         else:
-            z = (s - top[:, None]) / temperature
-            p = np.exp(z)
-            p /= p.sum(axis=1, keepdims=True)
-            blend = (1 - cluster_weight) * p + cluster_weight * q[codes]
-            label = blend.argmax(axis=1)
-            chosen = blend[np.arange(len(s)), label]
             qc = (adata.obs[qc_key].to_numpy(bool) if qc_key is not None and qc_key in adata.obs
                   else np.ones(len(s), dtype=bool))
+            ann = annotate_clusters(adata, markers, cluster_key=cluster_key, **dict(annotate_kwargs or {}))
+            ext = [*types, UNKNOWN]  # index len(types): no type (clusters without marker evidence)
+            cl_label = np.array([ext.index(t) for t in ann["type"]], dtype=int)
+            label = cl_label[codes]
+            chosen = np.where(label < len(types), 1.0, 0.0)
             if refine > 0:
                 counts = _gene_counts(adata)
-                seed = qc & (label == best) & (margin >= min_margin)
+                seed = qc & (label < len(types))
                 for _ in range(refine):
-                    post, _has = refine_posteriors(counts, label, seed, len(types), **dict(refine_kwargs or {}))
-                    label = post.argmax(axis=1)
-                    chosen = post[np.arange(len(s)), label]
-                    seed = qc & (chosen >= 0.9)
+                    post, _has = refine_posteriors(counts, label, seed, len(ext), **dict(refine_kwargs or {}))
+                    new_label = post.argmax(axis=1)
+                    new_chosen = post[np.arange(len(s)), new_label]
+                    # a cell of a cluster no type explains joins a type only on strong evidence
+                    stay = (label == len(types)) & (new_chosen < unknown_posterior)
+                    label = np.where(stay, len(types), new_label)
+                    chosen = np.where(stay, 0.0, new_chosen)
+                    seed = qc & (chosen >= 0.9) & (label < len(types))
                 refined = True
+            adata.uns.setdefault(Key.UNS, {})["annotate_clusters"] = ann.astype(
+                {"cluster": str}).to_dict(orient="list")
             if "connectivities" in adata.obsp:
                 g = sp.csr_matrix(adata.obsp["connectivities"])
                 rows = np.repeat(np.arange(g.shape[0]), np.diff(g.indptr))
@@ -684,9 +782,11 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
                 nbr = chosen
             conf = 0.5 * (chosen + nbr)
 
+    no_type = label >= len(types)
+    label = np.where(no_type, 0, label)
     names = np.array(types, dtype=object)[label]
     det = _detected_markers(adata, markers)
-    weak = (det[np.arange(len(s)), label] < min_detected) & (not refined)
+    weak = ((det[np.arange(len(s)), label] < min_detected) & (not refined)) | no_type
     if qc_key is not None and qc_key in adata.obs:
         weak |= ~adata.obs[qc_key].to_numpy(bool)
     names[weak] = UNKNOWN
