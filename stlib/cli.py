@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("stlib.run", "cli_main", "execute the notebooks of a profile with papermill and build the book"),
     "batch": ("stlib.run", "batch_main", "run a notebook over samples / a parameter grid on Dask"),
     "bench": ("stlib.bench", "cli_main", "benchmarks: labels | train | infer"),
+    "robustness": ("stlib.robustness", "cli_main",
+                   "labeler vs the demo generator's own biology: acceptance over seeds, robustness curves"),
 }
 
 

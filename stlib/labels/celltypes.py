@@ -549,13 +549,16 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
     For every gene, the cluster means of the log-normalised expression are put on a 0-1 scale
     between a background (the ``background_quantile`` of the means over clusters of at least
     ``min_cluster_cells`` cells: the clusters that do not express it) and the highest cluster:
-    :math:`s_{cg} = \mathrm{clip}((m_{cg} - b_g) / (\max_{c'} m_{c'g} - b_g), 0, 1)`. A type's
+    :math:`s_{cg} = \mathrm{clip}((m_{cg} - b_g) / \max(\max_{c'} m_{c'g} - b_g, r), 0, 1)` with
+    :math:`r` = ``min_range`` (log-normalised units; 2 ~ a gene detected in about half of the cells at
+    ~100 transcripts per cell), so a gene that no cluster really expresses is owned by none. A type's
     *ownership* of cluster :math:`c` is the mean of :math:`s_{cg}` over its markers in the panel: the
     share of the marker set the cluster expresses at (close to) full strength. Several markers must
     agree: a marker of one type that another type also expresses moves a 4-marker set by 0.25 at
     most, and a type needs ``min_owned_markers`` markers with :math:`s \ge` ``owned``. The cluster
-    takes the type of highest ownership when that is ``>= min_ownership`` and the condition holds,
-    else ``"unknown"``. Scaling to the highest cluster, not to the rest of the sample, keeps a
+    takes the type of highest ownership among those with ownership ``>= min_ownership`` and enough
+    owned markers, else it is ``"unknown"``: no type the labeler knows explains it (an
+    off-vocabulary type, a type the panel barely covers, or too little signal). Scaling to the highest cluster, not to the rest of the sample, keeps a
     marker shared by several clusters of one lineage (the epithelium of a tumour split in five
     clusters) owned by each of them.
 
@@ -587,10 +590,11 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
     rows = []
     for c in range(n_cl):
         ev = {t: (float(scaled[c, i].mean()), int((scaled[c, i] >= owned).sum())) for t, i in idx.items()}
-        order = sorted(ev, key=lambda t: (-ev[t][0], -ev[t][1]))
+        qual = lambda t: ev[t][0] >= min_ownership and ev[t][1] >= min_owned_markers  # noqa: E731
+        order = sorted(ev, key=lambda t: (-qual(t), -ev[t][0], -ev[t][1]))
         best = order[0] if order else UNKNOWN
         second = order[1] if len(order) > 1 else None
-        ok = bool(order) and ev[best][0] >= min_ownership and ev[best][1] >= min_owned_markers
+        ok = bool(order) and qual(best)
         rows.append({"cluster": cats[c], "n_cells": int(size[c]), "type": best if ok else UNKNOWN,
                      "ownership": ev[best][0] if order else 0.0, "n_owned": ev[best][1] if order else 0,
                      "runner_up": second, "runner_up_ownership": ev[second][0] if second else 0.0,
@@ -600,8 +604,8 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
 
 def refine_posteriors(counts: Any, label: np.ndarray, seed: np.ndarray, n_types: int, *,
                       contamination: float = 0.2, dispersion: float = 4.0, min_seed_cells: int = 5,
-                      min_divergence: float = 0.15,
-                      prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      min_divergence: float = 0.15, prior: np.ndarray | None = None,
+                      free: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     r"""Posterior of each type per cell under per-sample multinomial type profiles.
 
     Every type's expression profile is learned from the sample itself: the summed raw counts of
@@ -610,7 +614,8 @@ def refine_posteriors(counts: Any, label: np.ndarray, seed: np.ndarray, n_types:
     every cell). A cell's log-likelihood under type :math:`t` is :math:`\sum_g x_g \log p_{tg}`
     (multinomial), divided by ``dispersion`` (counts are over-dispersed, so the plain multinomial
     is over-confident), plus ``log prior``. Types with fewer than ``min_seed_cells`` seeds get no
-    profile (posterior 0); cells whose label is such a type keep it (posterior 1 on it).
+    profile (posterior 0); cells whose label is such a type keep it (posterior 1 on it), except the
+    ``free`` ones (e.g. cells of clusters no type explains), which get the posterior over the profiles.
     A type whose learned profile is within ``min_divergence`` (Kullback-Leibler, nats per
     transcript) of a type with more seeds is not a population of its own (e.g. tumour cells with an
     amplified adipocyte gene scored "adipocyte" by markers): its profile is dropped and its cells
@@ -657,6 +662,8 @@ def refine_posteriors(counts: Any, label: np.ndarray, seed: np.ndarray, n_types:
         post = np.exp(ll)
         post /= post.sum(axis=1, keepdims=True)
     keep = (~has[label] & ~merged[label]) if n else np.zeros(0, dtype=bool)
+    if free is not None:  # cells not held to their (profile-less) label: posterior over the profiles
+        keep &= ~np.asarray(free, dtype=bool)
     post[keep] = 0.0
     post[keep, label[keep]] = 1.0
     return post, has
@@ -760,7 +767,8 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
                 counts = _gene_counts(adata)
                 seed = qc & (label < len(types))
                 for _ in range(refine):
-                    post, _has = refine_posteriors(counts, label, seed, len(ext), **dict(refine_kwargs or {}))
+                    post, _has = refine_posteriors(counts, label, seed, len(ext), free=label == len(types),
+                                                   **dict(refine_kwargs or {}))
                     new_label = post.argmax(axis=1)
                     new_chosen = post[np.arange(len(s)), new_label]
                     # a cell of a cluster no type explains joins a type only on strong evidence

@@ -544,8 +544,8 @@ def _split_candidates(adata: AnnData, fine: np.ndarray, cand: np.ndarray, call: 
         info.update(cycling_fraction_high=f_hi, cycling_fraction_low=f_lo)
         backed = tumour_like(f_hi) and normal_like(f_lo)
         backed_flipped = tumour_like(f_lo) and normal_like(f_hi)
-        if tumour_like(f_hi) and tumour_like(f_lo):
-            info["split"] = "rejected: both components carry tumour evidence (cycling share)"
+        if tumour_like(f_hi) and tumour_like(f_lo) and max(f_hi, f_lo) < 2.0 * min(f_hi, f_lo):
+            info["split"] = "rejected: both components carry the same tumour evidence (cycling share)"
             post = None
         elif d >= min_separation and backed_flipped:
             info["split"] = "flipped: the low-score component carries the tumour evidence (cycling share)"
