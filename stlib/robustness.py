@@ -34,7 +34,8 @@ from stlib.constants import CLASS_NAMES, CONNECTIVE, DEAD, EPITHELIAL, IGNORE, I
 __all__ = ["DEV_SEEDS", "EVAL_SEEDS", "KNOB_GRID", "label_cohort", "score_cells", "score_by_sample",
            "robustness_sweep", "acceptance_table", "outside_region_background", "cli_main"]
 
-#: cohort seeds on which the labeler's parameters were chosen (and nothing else)
+#: cohort seeds on which the labeler's parameters were chosen (and nothing else); the labeler was
+#: frozen before any evaluation seed was labelled
 DEV_SEEDS: tuple[int, ...] = (101, 102, 103, 104, 105, 106)
 #: evaluation seeds of the committed benchmark (never used to choose a parameter)
 EVAL_SEEDS: tuple[int, ...] = tuple(range(1000, 1020))

@@ -68,7 +68,7 @@ class Key:
 FINE_TYPES: tuple[str, ...] = (
     "tumor", "epithelial", "melanocyte", "t_cell", "b_cell", "plasma", "macrophage", "mast",
     "fibroblast", "endothelial", "smooth_muscle", "adipocyte", "dead",
-    "hepatocyte", "kidney_tubule", "cardiomyocyte", "glia", "neuron",
+    "hepatocyte", "kidney_tubule", "pancreatic_islet", "acinar", "cardiomyocyte", "glia", "neuron",
 )
 UNKNOWN = "unknown"
 
@@ -543,7 +543,7 @@ def _gene_counts(adata: AnnData) -> Any:
 def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, cluster_key: str = Key.CLUSTER,
                       layer: str = Key.LOGNORM, background_quantile: float = 0.1, min_cluster_cells: int = 10,
                       owned: float = 0.5, min_owned_markers: int = 2, min_ownership: float = 0.3,
-                      min_range: float = 2.0) -> pd.DataFrame:
+                      min_range: float = 2.0, groups: Mapping[str, Any] | None = None) -> pd.DataFrame:
     r"""Cell type of each Leiden cluster from how much of each type's marker set it *owns*.
 
     For every gene, the cluster means of the log-normalised expression are put on a 0-1 scale
@@ -595,6 +595,8 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
         best = order[0] if order else UNKNOWN
         second = order[1] if len(order) > 1 else None
         ok = bool(order) and qual(best)
+        if ok and groups is not None and any(qual(u) and groups.get(u) != groups.get(best) for u in order[1:]):
+            ok = False  # markers of two classes at full strength: the markers cannot tell
         rows.append({"cluster": cats[c], "n_cells": int(size[c]), "type": best if ok else UNKNOWN,
                      "ownership": ev[best][0] if order else 0.0, "n_owned": ev[best][1] if order else 0,
                      "runner_up": second, "runner_up_ownership": ev[second][0] if second else 0.0,
@@ -673,9 +675,10 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
                       method: Literal["hierarchical", "consensus", "marker", "cluster"] = "hierarchical",
                       score_prefix: str = Key.SCORE_PREFIX, cluster_key: str = Key.CLUSTER,
                       temperature: float = 0.03, min_margin: float = 0.02,
-                      cluster_weight: float = 0.5, min_detected: int = 1, refine: int = 2,
+                      min_detected: int = 1, refine: int = 2,
                       refine_kwargs: Mapping[str, Any] | None = None,
                       annotate_kwargs: Mapping[str, Any] | None = None, unknown_posterior: float = 0.99,
+                      rare_margin: float = 0.1, rare_min_detected: int = 3, rare_min_cells: int = 5,
                       qc_key: str | None = Key.QC_PASS, key_added: str = Key.FINE_TYPE,
                       copy: bool = False) -> AnnData | None:
     """Per-cell fine type and confidence from marker rank scores and Leiden clusters.
@@ -693,15 +696,19 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
         of the cluster's voters agreeing.
     ``"hierarchical"`` / ``"consensus"`` (same thing; the neoplastic hierarchy itself is in
     :func:`stlib.labels.classes.neoplastic_step`)
-        the cell's soft assignment ``softmax(scores / temperature)`` is blended with its
-        cluster's vote distribution, ``(1 - cluster_weight) * cell + cluster_weight * cluster``;
-        the type is the argmax of the blend. Confidence = mean of the blend's value for the
-        chosen type and the fraction of the cell's kNN neighbours (``obsp["connectivities"]``)
-        given the same type. Then ``refine`` rounds of :func:`refine_posteriors`: type profiles
-        over the whole panel are learned from the sample's seed cells (first round: cells whose
-        own marker argmax agrees with the consensus with margin >= ``min_margin``; later rounds:
-        posterior >= 0.9), every cell takes the type of highest posterior, and the confidence is
-        the mean of that posterior and the kNN agreement. ``refine=0`` skips it.
+        1. every Leiden cluster gets the type whose marker set it owns (:func:`annotate_clusters`),
+           or ``"unknown"`` when no type the labeler knows explains it (``annotate_kwargs``);
+        2. rare types that form no cluster of their own are seeded by cells whose own marker
+           scores say so clearly (best score ahead of the second by ``rare_margin``, at least
+           ``rare_min_detected`` of the type's markers detected, at least ``rare_min_cells`` cells);
+        3. ``refine`` rounds of :func:`refine_posteriors`: type profiles over the whole panel are
+           learned from the seed cells (first round: cells of annotated clusters + rare seeds; later
+           rounds: posterior >= 0.9) and every cell takes the type of highest posterior; a cell of a
+           cluster no type explains joins a type only with posterior >= ``unknown_posterior``,
+           else it stays ``"unknown"`` (the unknown / other outcome, class 255).
+        Confidence = mean of the posterior and the fraction of the cell's kNN neighbours
+        (``obsp["connectivities"]``) given the same type. ``refine=0`` keeps the cluster types.
+        The defaults were chosen on the development cohorts of :mod:`stlib.robustness` only.
 
     In all methods a cell becomes ``"unknown"`` (confidence 0) when it fails QC (``obs[qc_key]``)
     or when fewer than ``min_detected`` markers of its type have a count (not applied to refined
@@ -714,8 +721,6 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
     """
     if method not in ("hierarchical", "consensus", "marker", "cluster"):
         raise ValueError(f"method must be 'hierarchical', 'consensus', 'marker' or 'cluster', got {method!r}")
-    if not 0.0 <= cluster_weight <= 1.0:
-        raise ValueError(f"cluster_weight must be in [0, 1], got {cluster_weight}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     adata = adata.copy() if copy else adata
@@ -766,6 +771,22 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
             if refine > 0:
                 counts = _gene_counts(adata)
                 seed = qc & (label < len(types))
+                # rare types form no cluster of their own (T cells among a few immune cells, basal
+                # melanocytes): cells whose own markers say so clearly seed their profile instead
+                det = _detected_markers(adata, markers)
+                n_mk = np.array([len(markers[t]) for t in types])
+                annotated = set(cl_label[cl_label < len(types)].tolist())
+                strong = (qc & (margin >= rare_margin)
+                          & (det[np.arange(len(s)), best] >= np.minimum(rare_min_detected, n_mk[best])))
+                rare_seed = np.zeros(len(s), dtype=bool)
+                for t in range(len(types)):
+                    if t in annotated:
+                        continue
+                    m = strong & (best == t)
+                    if m.sum() >= rare_min_cells:
+                        rare_seed |= m
+                label = np.where(rare_seed, best, label)
+                seed |= rare_seed
                 for _ in range(refine):
                     post, _has = refine_posteriors(counts, label, seed, len(ext), free=label == len(types),
                                                    **dict(refine_kwargs or {}))
@@ -804,7 +825,7 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
     adata.obs[Key.TYPE_CONFIDENCE] = np.clip(conf, 0.0, 1.0).astype(np.float64)
     adata.uns.setdefault(Key.UNS, {})["assign_fine_types"] = {
         "method": method, "temperature": temperature, "min_margin": min_margin,
-        "cluster_weight": cluster_weight, "min_detected": min_detected, "types": types,
+        "min_detected": min_detected, "types": types,
         "refine": int(refine) if refined else 0,
     }
     log.info("assign_fine_types(%s): %s; wrote obs[%r, %r]", method,
