@@ -82,6 +82,9 @@ class LabelParams(CommonParams):
     #: robustness curves of the labeler: "benchmark" reads benchmarks/label_robustness.json (the
     #: committed sweep); "live" recomputes a small sweep here (workshop profile; minutes)
     robustness: str = "benchmark"
+    robustness_json: str = "benchmarks/label_robustness.json"
+    #: the real 10x panel gene lists (falls back to the copies shipped in stlib/data/panels)
+    realdata_panels: str = "../shared/realdata/xenium-panels"
 
 
 @dataclass(frozen=True)

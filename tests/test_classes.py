@@ -295,6 +295,13 @@ def test_lineage_table_covers_every_oncotree_code_of_the_manifest():
     assert not cl.tumor_lineage("XYZ").defensible and not cl.tumor_lineage(None).defensible
 
 
+def test_lineage_table_frame():
+    t = cl.lineage_table(["IDC", "GBM", "idc"]).set_index("oncotree_code")
+    assert list(t.index) == ["IDC", "GBM"]
+    assert t.loc["IDC", "candidates"] == "epithelial" and t.loc["GBM", "candidates"] == "(none)"
+    assert "glia" in t.loc["GBM", "suspect"]
+
+
 def test_no_defensible_lineage_gives_ignore_not_inflammatory():
     ad = make_sample({"b_cell": 150, "t_cell": 100, "fibroblast": 100, "macrophage": 80}, seed=5)
     out = cl.label_cells(ad, organ="Lymphoid", disease_state="Cancer", oncotree_code="ALL", seed=0, **FAST)

@@ -113,3 +113,28 @@ def test_without_the_region_mask_the_check_fails(region_run, tmp_path):
     derive.build_tile_stores(hest, table, run2, truth_dir=data / "truth", refine_masks=False)
     res = outside_region_background(run2, data / "truth")
     assert res["n_background_nuclei"] > 10, res
+
+
+def test_panel_coverage_table_on_every_real_panel(realdata):
+    from stlib.io.panels import read_panel_dir
+    from stlib.labels.celltypes import panel_coverage_table
+    from stlib.labels.classes import cnv_support
+
+    panels = read_panel_dir(realdata / "xenium-panels")
+    assert {"hMulti", "hBreast", "hColon", "hLung", "hSkin", "hPrime5K"} <= set(panels)
+    tab = panel_coverage_table(panels).set_index("type")
+    assert tab.loc["t_cell", "hMulti"] == "13" and tab.loc["cardiomyocyte", "hMulti"].endswith("(off)")
+    assert not tab.loc["hepatocyte", "hPrime5K"].endswith("(off)")
+    assert [p for p in panels if cnv_support(panels[p])[0]] == ["hPrime5K"]
+
+
+def test_robustness_curves_figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from stlib import plot
+
+    df = pd.DataFrame({"knob": ["cnv_fold"] * 4, "value": [1.0, 1.0, 1.3, 1.3], "default": 1.3, "seed": [1, 2, 1, 2],
+                       "accuracy": [0.8, 0.82, 0.85, 0.86], "f1_Neoplastic": [0.7, 0.72, 0.9, 0.88]})
+    fig = plot.robustness_curves(df, source="SYNTHETIC test", metrics=("accuracy", "f1_Neoplastic"))
+    assert len(fig.axes) >= 1 and any("SYNTHETIC" in t.get_text() for t in fig.texts)

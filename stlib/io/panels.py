@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -85,3 +86,20 @@ def chromosome_arms(genes: list[str]) -> np.ndarray:
             if c in CENTROMERE_MB:
                 out[i] = c + ("p" if float(pos.at[g, "start"]) < CENTROMERE_MB[c] * 1e6 else "q")
     return out
+
+
+def read_panel_dir(path: str | Path | None = None) -> dict[str, list[str]]:
+    """Gene lists of every panel CSV in a folder (a ``gene`` column each), by file stem.
+
+    ``path=None`` (or a folder that does not exist) gives the panels shipped with stlib. The
+    real-data folder ``realdata/xenium-panels`` holds the same files as ``stlib/data/panels``.
+    """
+    if path is not None and Path(path).is_dir():
+        out = {}
+        for p in sorted(Path(path).glob("*.csv")):
+            t = pd.read_csv(p)
+            if "gene" in t.columns:
+                out[p.stem] = t["gene"].astype(str).tolist()
+        if out:
+            return out
+    return {name: load_panel(name) for name in panel_names()}

@@ -33,7 +33,7 @@ from stlib.constants import is_control_feature
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Key", "FINE_TYPES", "UNKNOWN", "load_markers", "type_allowed", "load_programs", "marker_coverage",
+    "Key", "FINE_TYPES", "UNKNOWN", "load_markers", "type_allowed", "panel_coverage_table", "load_programs", "marker_coverage",
     "canonical_organ", "qc_filter", "normalize", "rank_score", "cluster", "annotate_clusters", "assign_fine_types",
     "refine_posteriors",
 ]
@@ -165,6 +165,36 @@ def marker_coverage(panel_genes: Iterable[str] | AnnData, *, organ: str | None =
                      "fraction": len(kept) / len(genes) if genes else 0.0,
                      "in_panel": ",".join(kept), "missing": ",".join(g for g in genes if g not in panel)})
     return pd.DataFrame(rows, columns=["type", "n_markers", "n_in_panel", "fraction", "in_panel", "missing"])
+
+
+def panel_coverage_table(panels: Mapping[str, Iterable[str]], *, organ: str | None = None) -> pd.DataFrame:
+    """Marker coverage of several panels side by side: markers of each fine type found in each panel.
+
+    Parameters
+    ----------
+    panels
+        ``{panel name: gene symbols}`` (e.g. every panel of ``stlib.io.panels``, or the files of
+        ``realdata/xenium-panels``).
+    organ
+        Organ whose extras are counted (default: none, the organ-independent sets).
+
+    Returns
+    -------
+    One row per fine type: ``n_markers`` (in the YAML) and, per panel, ``"k"`` markers present;
+    a type the labeler would not score on a panel (fewer than its ``min_markers``) is marked
+    ``"k (off)"``.
+    """
+    spec = _read_yaml("celltypes.yaml")["types"]
+    allm = _all_markers(canonical_organ(organ))
+    rows = []
+    for t, genes in allm.items():
+        row: dict[str, Any] = {"type": t, "n_markers": len(genes)}
+        for name, g in panels.items():
+            k = sum(1 for x in genes if x in _panel_set(g))
+            own_min = spec.get(t, {}).get("min_markers", 1)
+            row[name] = f"{k} (off)" if k < own_min else str(k)
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def load_markers(panel_genes: Iterable[str] | AnnData, *, organ: str | None = None,

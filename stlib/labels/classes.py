@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "FINE_TO_CLASS", "REFERENCE_TYPES", "CANDIDATE_TYPES", "Lineage", "is_tumor_sample", "load_gene_positions",
-    "tumor_lineage", "cnv_support", "cycling_cells", "neoplastic_step", "dead_rule", "to_image_classes",
+    "tumor_lineage", "lineage_table", "cnv_support", "cycling_cells", "neoplastic_step", "dead_rule", "to_image_classes",
     "label_cells",
 ]
 
@@ -269,6 +269,22 @@ def tumor_lineage(oncotree_code: str | None, organ: str | None = None) -> Lineag
         return Lineage(code, (), tuple(_EPITHELIAL_LIKE), f"{why}: no defensible lineage")
     return Lineage(code, tuple(entry.get("candidates") or ()), tuple(entry.get("suspect") or ()),
                    str(entry.get("note", "")))
+
+
+def lineage_table(codes: Sequence[str] | None = None) -> pd.DataFrame:
+    """The lineage table (``programs.yaml: lineage``) as a DataFrame, for ``codes`` (default all).
+
+    Columns: ``oncotree_code``, ``candidates`` (fine types the neoplastic step may call neoplastic;
+    empty = no defensible lineage), ``suspect`` (their cells get no class then), ``note``.
+    """
+    table = _read_yaml("programs.yaml").get("lineage", {})
+    codes = list(table) if codes is None else list(dict.fromkeys(str(c).strip().upper() for c in codes))
+    rows = []
+    for c in codes:
+        lin = tumor_lineage(c)
+        rows.append({"oncotree_code": c, "candidates": ", ".join(lin.candidates) or "(none)",
+                     "suspect": ", ".join(lin.suspect), "note": lin.note})
+    return pd.DataFrame(rows)
 
 
 def cnv_support(var_names: Sequence[str], *, min_genes_per_arm: int = 20) -> tuple[bool, int, int, str]:

@@ -352,6 +352,7 @@ def report_table(reports: Sequence[dict[str, Any]]) -> pd.DataFrame:
         row = {"sample": r["sample"], "organ": r["organ"], "labeler": r.get("labeler"),
                "nuclei": r["n_nuclei"], "density /mm²": r.get("density_per_mm2"),
                "align corr after": (r["alignment"].get("score_after") or {}).get("corr"),
+               "% slide imaged": 100 * (r.get("coverage") or {}).get("fraction_of_slide", float("nan")),
                "median confidence": r.get("confidence_quantiles", {}).get("0.5"),
                **{f"% {k}": 100 * v for k, v in r["class_fraction"].items()}}
         t = r.get("truth")
