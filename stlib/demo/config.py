@@ -241,7 +241,9 @@ def config_for_scale(scale: str = "demo", preset: str = "realistic", **overrides
 # organs
 # ---------------------------------------------------------------------------------------
 
-#: fine cell type -> image-oriented class id (1 Neoplastic ... 5 Epithelial)
+#: tissue compartment type (stlib.demo.tissue; it sets the nucleus morphology) -> image-oriented class
+#: id (1 Neoplastic ... 5 Epithelial). With the realistic biology each compartment's cells get a
+#: generator type (stlib.demo.biology) whose class is the same as its compartment's.
 FINE_TYPE_TO_CLASS: dict[str, int] = {
     "tumor": 1,
     "t_cell": 2, "b_cell": 2, "plasma": 2, "macrophage": 2,

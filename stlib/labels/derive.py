@@ -610,6 +610,9 @@ def cli_main(argv: list[str]) -> int:
     ap.add_argument("--truth-dir", help="demo truth root (truth/): score the labels against it")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-confidence", type=float, default=0.3)
+    ap.add_argument("--dead", choices=["ignore", "proxy"], default="ignore",
+                    help="ignore: no cell is called Dead (default, for ST training); proxy: low count + "
+                         "apoptosis genes (unvalidated)")
     ap.add_argument("--tiles", action="store_true", help="also build OUT/tiles/st (all given samples)")
     ap.add_argument("--tile-px", type=int, default=256)
     ap.add_argument("--um-per-px", type=float, default=TARGET_UM_PER_PX_40X)
@@ -620,7 +623,8 @@ def cli_main(argv: list[str]) -> int:
     out = Path(args.out)
     for sid in args.sample:
         rep = derive_sample(args.hest_dir, sid, out, labeler=args.labeler, seed=args.seed,
-                            min_confidence=args.min_confidence, truth_dir=args.truth_dir, force=args.force)
+                            min_confidence=args.min_confidence, truth_dir=args.truth_dir, dead=args.dead,
+                            force=args.force)
         line = f"stlib labels: {sid}: {rep['n_cells']} cells, classes {rep['class_mix']}"
         if "truth" in rep:
             line += f"; vs truth accuracy {rep['truth']['class']['accuracy']:.3f}"
