@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "lab": ("stlib.lab", "cli_main", "JupyterLab on parameterised copies of a profile's notebooks (make lab)"),
     "batch": ("stlib.run", "batch_main", "run a notebook over samples / a parameter grid on Dask"),
     "bench": ("stlib.bench", "cli_main", "benchmarks: labels | train | infer"),
+    "robustness": ("stlib.robustness", "cli_main",
+                   "labeler vs the demo generator's own biology: acceptance over seeds, robustness curves"),
 }
 
 

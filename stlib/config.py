@@ -78,6 +78,13 @@ class LabelParams(CommonParams):
     min_confidence: float = 0.3
     leiden_resolution: float = 1.0
     refine_masks: bool = True  # snap ST nuclei to their haematoxylin boundary (stlib.labels.refine)
+    dead: str = "ignore"  # ignore (Dead is not a training class) | proxy (low-count + apoptosis genes)
+    #: robustness curves of the labeler: "benchmark" reads benchmarks/label_robustness.json (the
+    #: committed sweep); "live" recomputes a small sweep here (workshop profile; minutes)
+    robustness: str = "benchmark"
+    robustness_json: str = "benchmarks/label_robustness.json"
+    #: the real 10x panel gene lists (falls back to the copies shipped in stlib/data/panels)
+    realdata_panels: str = "../shared/realdata/xenium-panels"
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from scipy.sparse.csgraph import connected_components
 
 from stlib.constants import (
     CLASS_NAMES,
+    DEAD,
     IGNORE,
     NUCLEUS_CLASSES,
     PANNUKE_CHANNEL_TO_CLASS,
@@ -46,8 +47,12 @@ __all__ = [
     "PanNukeSummary", "dice", "aji", "aji_plus", "pq", "pannuke_bpq", "pannuke_mpq",
     "pannuke_masks_to_inst_type", "pannuke_summary", "pair_coordinates", "radius_px",
     "detection_f1", "type_f1", "centroids", "instance_types", "remap_label", "evaluate_pair",
-    "aggregate", "evaluate_folder", "DEFINITIONS", "cli_main",
+    "aggregate", "evaluate_folder", "DEFINITIONS", "CLASSES_NO_DEAD", "cli_main",
 ]
+
+#: The four classes scored by ``mpq_no_dead``: ST labels leave Dead out by default (no expression
+#: signature of dead cells is validated), so mPQ is also reported over the other four.
+CLASSES_NO_DEAD: tuple[int, ...] = tuple(c for c in NUCLEUS_CLASSES if c != DEAD)
 
 #: Pairing radius of HoVer-Net's ``compute_stats`` (12 px at 40x, i.e. 3 µm).
 DETECTION_RADIUS_UM = 12 * TARGET_UM_PER_PX_40X
@@ -67,6 +72,8 @@ DEFINITIONS: dict[str, str] = {
            "(skipped) where the truth has no class-c nucleus; per-image mPQ = nanmean over "
            "classes; aggregate = mean over tissues of per-tissue image means "
            "(mpq_image_avg = mean over images, CellViT's 'dataset' variant)",
+    "mpq_no_dead": "mPQ over Neoplastic, Inflammatory, Connective and Epithelial only (Dead left out: "
+                   "ST labels ignore it by default); same per-image and per-tissue rules as mpq",
     "f_d": "detection F1 (HoVer-Net compute_stats), pooled over images: centroids paired by a "
            "Hungarian assignment on Euclidean distance, pairs farther than 3 µm (12 px at "
            "0.25 µm/px) dropped; F_d = 2TP/(2TP+FP+FN)",
@@ -490,7 +497,7 @@ def pannuke_bpq(true_inst: Any, pred_inst: Any, *, match_iou: float = 0.5) -> fl
 
 
 def pannuke_mpq(true_inst: Any, true_type: Any, pred_inst: Any, pred_type: Any, *,
-                match_iou: float = 0.5) -> MPQResult:
+                match_iou: float = 0.5, classes: Sequence[int] = NUCLEUS_CLASSES) -> MPQResult:
     """PanNuke multi-class PQ of one image (Gamper et al. 2020, PanNuke-metrics ``run.py``).
 
     For each class c in 1..5, PQ between the true class-c instances and the predicted
@@ -503,7 +510,13 @@ def pannuke_mpq(true_inst: Any, true_type: Any, pred_inst: Any, pred_type: Any, 
     Extension for ST labels: true nuclei of unknown class (type 0 or 255 by majority vote)
     count for no class, and a prediction that matches one of them (binary IoU > 0.5) is
     removed from the class maps, so it is not a false positive of the class it was given.
+
+    ``classes`` restricts the classes averaged (and returned): :data:`CLASSES_NO_DEAD` gives the
+    four-class mPQ reported beside the five-class one, since ST labels ignore Dead by default.
     """
+    bad = [c for c in classes if c not in NUCLEUS_CLASSES]
+    if bad or not len(classes):
+        raise ValueError(f"classes: must be a non-empty subset of {NUCLEUS_CLASSES}, got {tuple(classes)}")
     t_arr = np.asarray(true_inst)
     p_arr = np.asarray(pred_inst)
     t_maps = _class_maps(t_arr, None if true_type is None else np.asarray(true_type), "true")
@@ -518,7 +531,7 @@ def pannuke_mpq(true_inst: Any, true_type: Any, pred_inst: Any, pred_type: Any, 
                 keep = ~np.isin(p_arr, drop)
                 p_maps = {c: np.where(keep, v, 0) for c, v in p_maps.items()}
     per_class: dict[int, float] = {}
-    for c in NUCLEUS_CLASSES:
+    for c in classes:
         t_c = _as_label_array(t_maps[c], "true_inst")
         per_class[c] = pq(t_c, p_maps[c], match_iou=match_iou).pq if np.any(t_c) else math.nan
     return MPQResult(_nanmean(list(per_class.values())), per_class)
@@ -729,7 +742,7 @@ def evaluate_pair(true_inst: Any, pred_inst: Any, true_type: Any = None, pred_ty
 
     Keys: ``dice, aji, aji_plus, dq, sq, pq`` (with ``pq_tp, pq_fp, pq_fn, sum_iou``),
     ``bpq``, ``n_true, n_pred``, detection ``det_tp, det_fp, det_fn, f_d`` (centroids paired
-    within :func:`radius_px` of ``um_per_px``). With both type maps also ``mpq``,
+    within :func:`radius_px` of ``um_per_px``). With both type maps also ``mpq``, ``mpq_no_dead``,
     ``pq_<class>``, ``f_<class>``, ``type_acc``, and the pooled-count fields
     ``type_<tp|fp|fn|fpd|fnd>_<class>``, ``type_agree``, ``type_n`` used by :func:`aggregate`.
     """
@@ -762,6 +775,7 @@ def evaluate_pair(true_inst: Any, pred_inst: Any, true_type: Any = None, pred_ty
             raise ValueError(f"true_type {tt.shape} / pred_type {pt.shape} must match the instance maps {t.shape}")
         mres = pannuke_mpq(t, tt, p, pt, match_iou=match_iou)
         out["mpq"] = mres.mpq
+        out["mpq_no_dead"] = _nanmean([v for c, v in mres.pq.items() if c in CLASSES_NO_DEAD])
         for c, v in mres.pq.items():
             out[f"pq_{_class_key(c)}"] = v
         _, t_cls = instance_types(t, tt)
@@ -779,7 +793,8 @@ def aggregate(records: Sequence[Mapping[str, Any]], tissues: Sequence[str] | Non
     """Aggregate per-image :func:`evaluate_pair` records.
 
     Means over images (NaN skipped) for dice, aji, aji_plus, dq, sq, pq, bpq; PanNuke mPQ /
-    bPQ with the tissue rule (:func:`pannuke_summary`); detection ``f_d`` and per-class
+    bPQ with the tissue rule (:func:`pannuke_summary`), and ``mpq_no_dead`` (the four classes
+    without Dead) with the same rule; detection ``f_d`` and per-class
     ``f_<class>`` from counts pooled over images (HoVer-Net ``compute_stats``).
     """
     out: dict[str, Any] = {"n_images": len(records)}
@@ -795,6 +810,9 @@ def aggregate(records: Sequence[Mapping[str, Any]], tissues: Sequence[str] | Non
         tis = None if tissues is None else [t for t, r in zip(tissues, records) if "mpq" in r]
         summ = pannuke_summary(typed, tis)
         out.update(mpq=summ.mpq, mpq_image_avg=summ.mpq_image_avg, per_tissue=summ.per_tissue)
+        four = pannuke_summary([{"mpq": r.get("mpq_no_dead", math.nan), "bpq": r.get("bpq", math.nan)}
+                                for r in typed], tis)
+        out.update(mpq_no_dead=four.mpq, mpq_no_dead_image_avg=four.mpq_image_avg)
         for name, v in summ.pq_per_class.items():
             out[f"pq_{name}"] = v
         for c in NUCLEUS_CLASSES:

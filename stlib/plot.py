@@ -434,3 +434,45 @@ __all__ = ["refinement_overlay", "notebook_setup", "source_label", "class_cmap_r
            "training_curves", "metric_ci_plot", "confusion_plot", "alignment_overlay",
            "residual_field", "class_overlay", "tile_labels", "umap_by_class", "marker_dotplot",
            "nhood_enrichment"]
+
+
+def robustness_curves(sweep: pd.DataFrame, *, source: str,
+                      metrics: Sequence[str] = ("accuracy", "f1_Neoplastic", "f1_Inflammatory", "f1_Connective",
+                                                "f1_Epithelial"),
+                      knob_labels: Mapping[str, str] | None = None, title: str = "") -> plt.Figure:
+    """Scores of the labeler against each biology knob of the demo generator.
+
+    ``sweep``: one row per (knob, value, seed) with the score columns (as
+    :func:`stlib.robustness.robustness_sweep` returns). One panel per knob; per metric the mean over
+    seeds with the min-max range as a band; the knob's default is marked.
+    """
+    knobs = list(dict.fromkeys(sweep["knob"]))
+    ncols = min(4, max(1, len(knobs)))
+    nrows = int(np.ceil(len(knobs) / ncols)) if knobs else 1
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.7 * nrows + 0.7), squeeze=False)
+    colours = {"accuracy": "k", **{f"f1_{CLASS_NAMES[c]}": np.array(CLASS_COLORS[c]) / 255 for c in NUCLEUS_CLASSES}}
+    for ax in axes.ravel()[len(knobs):]:
+        ax.axis("off")
+    for ax, k in zip(axes.ravel(), knobs):
+        d = sweep[sweep["knob"] == k]
+        for m in metrics:
+            if m not in d.columns:
+                continue
+            g = d.groupby("value")[m].agg(["mean", "min", "max"])
+            c = colours.get(m, None)
+            ax.plot(g.index, g["mean"], marker="o", ms=3, lw=1.5 if m == "accuracy" else 1.0, color=c,
+                    label=m.replace("f1_", "F1 "))
+            ax.fill_between(g.index, g["min"], g["max"], color=c, alpha=0.12, lw=0)
+        if "default" in d.columns:
+            ax.axvline(float(d["default"].iloc[0]), color="0.5", ls=":", lw=1)
+        ax.axhline(0.75, color="0.7", lw=0.6, ls="--")
+        ax.axhline(0.5, color="0.85", lw=0.6, ls="--")
+        ax.set_ylim(0, 1.02)
+        ax.set_title((knob_labels or {}).get(k, k), fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes.ravel()[0].legend(fontsize=6, loc="lower left")
+    fig.suptitle(title or "Labeler scores against each biology knob (mean over seeds, band = min-max; "
+                          "dotted = default)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.03, 1, 0.97))
+    _caption(fig, source)
+    return fig

@@ -155,7 +155,8 @@ def test_programs_organs():
     assert {"CA1", "AQP8", "SLC26A3", "GUCA2A", "GUCA2B"} <= set(p["tumor_down"])
     assert ct.canonical_organ(None, "SKCM") == "skin"
     assert ct.canonical_organ("Bowel") == "colon"
-    assert ct.canonical_organ("Heart") is None
+    assert ct.canonical_organ("Heart") == "heart"
+    assert ct.canonical_organ("Spleen") is None
     skin = ct.load_programs(load_panel("hSkin"), organ="Skin")
     assert {"MLANA", "PMEL", "TYR"} <= set(skin["tumor_up"])
 
@@ -315,3 +316,87 @@ def test_refine_posteriors_learns_profiles_and_merges_lookalikes():
     assert np.allclose(post.sum(axis=1), 1.0)
     new = post.argmax(axis=1)
     assert (new[:60] == 0).all() and (new[60:120] == 1).all() and (new[120:] == 0).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# cluster annotation, organ-gated and parenchymal types
+# ------------------------------------------------------------------------------------------------
+
+
+def _cluster_sample(profiles: dict[str, dict[str, float]], n: int = 60, seed: int = 0) -> AnnData:
+    """Cells of a few clusters: Poisson counts of given genes (+ a low background on 40 others)."""
+    rng = np.random.default_rng(seed)
+    genes = sorted({g for p in profiles.values() for g in p}) + [f"BG{i}" for i in range(40)]
+    rows, labels = [], []
+    for name, prof in profiles.items():
+        lam = np.full(len(genes), 0.3)
+        for g, v in prof.items():
+            lam[genes.index(g)] = v
+        rows.append(rng.poisson(lam, (n, len(genes))))
+        labels += [name] * n
+    ad = AnnData(sp.csr_matrix(np.vstack(rows).astype(np.float32)), var=pd.DataFrame(index=genes))
+    ad.obs["leiden"] = pd.Categorical(labels)
+    ct.normalize(ad)
+    return ad
+
+
+def test_annotate_clusters_needs_several_markers_and_owns_shared_ones():
+    markers = {"epi": ["E1", "E2", "E3", "E4", "E5", "E6"], "small": ["S1", "S2", "S3", "S4"],
+               "imm": ["I1", "I2", "I3", "I4", "I5"]}
+    ad = _cluster_sample({
+        # an epithelium that also expresses one marker of the small set: still epithelium
+        "c_epi": {"E1": 6, "E2": 6, "E3": 5, "E4": 5, "S1": 6},
+        # a second epithelial cluster: the shared lineage markers are owned by both
+        "c_epi2": {"E1": 5, "E2": 6, "E3": 6, "E5": 5},
+        "c_imm": {"I1": 6, "I2": 6, "I3": 6, "I4": 5},
+        # nothing the labeler knows: unknown (an off-vocabulary type)
+        "c_other": {"O1": 8, "O2": 8, "O3": 8},
+    })
+    a = ct.annotate_clusters(ad, markers).set_index("cluster")
+    assert a.loc["c_epi", "type"] == "epi" and a.loc["c_epi2", "type"] == "epi"
+    assert a.loc["c_imm", "type"] == "imm"
+    assert a.loc["c_other", "type"] == ct.UNKNOWN
+    assert a.loc["c_epi", "n_owned"] >= 3
+    with pytest.raises(ValueError, match="leiden"):
+        ct.annotate_clusters(AnnData(np.zeros((3, 2)), var=pd.DataFrame(index=["A", "B"])), markers)
+
+
+def test_unknown_clusters_stay_unknown_unless_the_whole_panel_says_otherwise():
+    markers = {"epi": ["E1", "E2", "E3", "E4"], "imm": ["I1", "I2", "I3", "I4"]}
+    ad = _cluster_sample({"c_epi": {"E1": 6, "E2": 6, "E3": 6, "E4": 6},
+                          "c_imm": {"I1": 6, "I2": 6, "I3": 6, "I4": 6},
+                          "c_other": {"O1": 9, "O2": 9, "O3": 9, "O4": 9}}, n=80)
+    ct.qc_filter(ad)
+    import scanpy as sc
+
+    sc.pp.pca(ad, n_comps=10, layer=ct.Key.LOGNORM)
+    sc.pp.neighbors(ad, n_neighbors=10, method="gauss")
+    ct.assign_fine_types(ad, markers, method="consensus")
+    ft = ad.obs["fine_type"].astype(str).to_numpy()
+    cl_ = ad.obs["leiden"].astype(str).to_numpy()
+    assert (ft[cl_ == "c_epi"] == "epi").mean() > 0.95
+    assert (ft[cl_ == "c_imm"] == "imm").mean() > 0.95
+    assert (ft[cl_ == "c_other"] == ct.UNKNOWN).mean() > 0.9
+    assert "annotate_clusters" in ad.uns["stlib_labels"]
+
+
+def test_organ_gated_and_parenchymal_types():
+    hm = load_panel("hMulti")
+    # melanocytes live in skin (and melanoma anywhere), hepatocytes in liver, tubules in kidney
+    assert ct.type_allowed("melanocyte", "Skin") and not ct.type_allowed("melanocyte", "Lung")
+    assert ct.type_allowed("melanocyte", "Lymphoid", "SKCM")
+    assert ct.type_allowed("melanocyte") and ct.type_allowed("epithelial", "Lung")
+    liver = ct.load_markers(hm, organ="Liver", min_markers=0)
+    assert "hepatocyte" in liver and len(liver["hepatocyte"]) >= 5 and "melanocyte" not in liver
+    lung = ct.load_markers(hm, organ="Lung", min_markers=0)
+    assert "hepatocyte" not in lung and "kidney_tubule" not in lung and "melanocyte" not in lung
+    assert "kidney_tubule" in ct.load_markers(hm, organ="Kidney", min_markers=0)
+    # a parenchymal type the panel barely covers is not scored (hMulti: no cardiomyocyte genes to speak of)
+    assert "cardiomyocyte" not in ct.load_markers(hm, organ="Heart", min_markers=0)
+    assert "cardiomyocyte" in ct.load_markers(load_panel("hPrime5K"), organ="Heart", min_markers=0)
+    brain = ct.load_markers(load_panel("hPrime5K"), organ="Brain", min_markers=0)
+    assert {"glia", "neuron"} <= set(brain)
+    from stlib.labels.classes import FINE_TO_CLASS
+
+    assert FINE_TO_CLASS["hepatocyte"] == 5 and FINE_TO_CLASS["kidney_tubule"] == 5
+    assert FINE_TO_CLASS["glia"] == 255 and FINE_TO_CLASS["neuron"] == 255

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,8 +14,10 @@ from sklearn.metrics import f1_score
 from test_celltypes import MIX_HEALTHY, MIX_TUMOR, make_sample
 
 from stlib.constants import DEAD, EPITHELIAL, IGNORE, INFLAMMATORY, NEOPLASTIC
+from stlib.demo.config import config_for_scale
 from stlib.labels import celltypes as ct
 from stlib.labels import classes as cl
+from stlib.robustness import DEV_SEEDS, label_cohort, score_cells
 
 FAST = {"neighbors_method": "gauss"}  # avoid ~30 s of numba compilation in the test process
 #: weak tumour signature: tumour vs normal epithelium is hard for markers alone
@@ -33,25 +36,29 @@ def tumor_sample() -> AnnData:
     return make_sample(MIX_TUMOR, seed=1, tumor_strength=STRENGTH)
 
 
+#: make_sample's tumour carries whole-chromosome gains/losses; hMulti has too few genes per arm for
+#: the default (cnv_support says off), so these tests force a 5-gene window as the old default did
+FORCE_CNV = {"neoplastic_kwargs": {"cnv_window": 5, "cnv_step": 1}}
+
+
 @pytest.fixture(scope="module")
 def hier(tumor_sample) -> AnnData:
-    return _label(tumor_sample, "hierarchical")
+    return _label(tumor_sample, "hierarchical", **FORCE_CNV)
+
+
+#: a development cohort (expression only) of the realistic generator, four of its samples
+REALISTIC_CFG = config_for_scale("demo")
+REALISTIC_SEED = DEV_SEEDS[0]
+REALISTIC_SAMPLES = ("DEMO_BREAST_1", "DEMO_PANCREAS_1", "DEMO_BOWEL_1", "DEMO_SKIN_1")
 
 
 @pytest.fixture(scope="module")
-def flat(tumor_sample) -> AnnData:
-    return _label(tumor_sample, "flat")
+def realistic():
+    return label_cohort(REALISTIC_CFG, REALISTIC_SEED, samples=REALISTIC_SAMPLES)
 
 
 def _truth_class(ad: AnnData) -> np.ndarray:
     return ad.obs["truth"].map(cl.FINE_TO_CLASS).to_numpy().astype(int)
-
-
-def _neo_epi_accuracy(ad: AnnData) -> float:
-    """Among true tumour + epithelial cells: fraction given the right class (255 counts as wrong)."""
-    t = _truth_class(ad)
-    m = np.isin(t, [NEOPLASTIC, EPITHELIAL])
-    return float((ad.obs["class"].to_numpy()[m] == t[m]).mean())
 
 
 def test_class_table_covers_vocabulary():
@@ -80,19 +87,25 @@ def test_gene_positions_cover_panels():
     assert pd.isna(ad.var.loc["NOT_A_GENE", "chromosome"])
 
 
-def test_hierarchical_beats_flat_on_neoplastic(hier, flat):
-    a_h, a_f = _neo_epi_accuracy(hier), _neo_epi_accuracy(flat)
-    assert a_h >= a_f, (a_h, a_f)
-    assert a_h > 0.5  # coverage-limited: the grey zone leaves uncertain cells at 255 on purpose
-    t, c = _truth_class(hier), hier.obs["class"].to_numpy()
-    m = np.isin(t, [NEOPLASTIC, EPITHELIAL]) & (c != IGNORE)
-    assert (c[m] == t[m]).mean() > 0.9  # precision among the cells that keep a class
-    # the three signals were all computed and the CNV one separates tumour from normal epithelium
-    m = hier.obs["neoplastic_call"].astype(str) != ""
-    assert np.isfinite(hier.obs["cnv_score"][m]).all()
-    is_tum = (hier.obs["truth"][m] == "tumor").to_numpy()
-    cnv = hier.obs["cnv_score"][m].to_numpy()
-    assert np.median(cnv[is_tum]) > np.quantile(cnv[~is_tum], 0.75)
+def test_hierarchical_beats_flat_on_neoplastic(realistic):
+    """On a cohort whose biology the labeler does not share (most tumour cells do not cycle, some normal
+    cells do, tumour signatures differ from the labeler's), the hierarchy beats the flat labeler, whose
+    "tumor" type is the tumour signature plus proliferation."""
+    def neo_epi(c):
+        m = c["true_class"].isin([NEOPLASTIC, EPITHELIAL]).to_numpy()
+        return float((c["pred_class"].to_numpy()[m] == c["true_class"].to_numpy()[m]).mean())
+
+    flat = label_cohort(REALISTIC_CFG, REALISTIC_SEED, samples=REALISTIC_SAMPLES, labeler="flat")
+    assert neo_epi(realistic) > neo_epi(flat) + 0.1, (neo_epi(realistic), neo_epi(flat))
+
+
+def test_acceptance_on_a_realistic_cohort(realistic):
+    """The acceptance numbers of issue 12 on a development cohort (expression only)."""
+    sc = score_cells(realistic)
+    assert sc["accuracy"] >= 0.75, sc
+    assert sc["ignored_fraction"] <= 0.3, sc
+    assert sc["min_f1"] >= 0.5, sc
+    assert sc["neoplastic_in_healthy"] == 0
 
 
 def test_class_accuracy_and_f1(hier):
@@ -100,8 +113,10 @@ def test_class_accuracy_and_f1(hier):
     kept = c != IGNORE
     assert kept.mean() > 0.6
     acc = (c[kept] == t[kept]).mean()
-    f1 = f1_score(t[kept], c[kept], labels=[1, 2, 3, 5], average=None)
-    assert acc > 0.9 and f1.min() > 0.8, (acc, f1)
+    assert acc > 0.8, acc
+    f1 = f1_score(t[kept], c[kept], labels=[2, 3], average=None)
+    assert f1.min() > 0.8, f1
+    assert not (c == DEAD).any()  # Dead is ignore by default
     conf = hier.obs["confidence"].to_numpy()
     assert ((conf >= 0) & (conf <= 1)).all()
     # every cell that keeps a class clears the bar it was labelled with (default 0.3)
@@ -123,14 +138,33 @@ def test_neoplastic_step_skips_cnv_on_tiny_panel(caplog):
     ct.normalize(ad)
     ad.obs["fine_type"] = pd.Categorical(ad.obs["truth"].replace({"tumor": "epithelial"}))
     with caplog.at_level(logging.INFO, logger="stlib.labels.classes"):
-        cl.neoplastic_step(ad, disease_state="Cancer", organ="Breast", min_positioned_genes=10_000)
+        cl.neoplastic_step(ad, disease_state="Cancer", oncotree_code="IDC", organ="Breast", cnv_window=5,
+                           min_positioned_genes=10_000)
     assert ad.obs["cnv_score"].isna().all()
     assert "copy-number signal skipped" in caplog.text
     calls = ad.obs["neoplastic_call"].astype(str)
     assert set(calls[ad.obs["truth"] == "t_cell"]) == {""}
-    tum = (ad.obs["truth"] == "tumor").to_numpy()
-    ns = ad.obs["neoplastic_score"].to_numpy()
-    assert np.nanmean(ns[tum]) > np.nanmean(ns[~tum & (ad.obs["truth"] == "epithelial").to_numpy()])
+    assert set(calls[ad.obs["truth"] != "t_cell"]) <= {"neoplastic", "non-neoplastic", "ambiguous"}
+
+
+def test_cnv_only_where_the_panel_supports_it(caplog):
+    from stlib.io.panels import load_panel
+
+    ok, window, step, why = cl.cnv_support(load_panel("hMulti"))
+    assert not ok and window == 0 and "median of 8" in why
+    ok5k, window5k, step5k, _ = cl.cnv_support(load_panel("hPrime5K"))
+    assert ok5k and 10 <= window5k <= 100 and step5k == max(1, window5k // 5)
+    for p in ("hBreast", "hColon", "hLung", "hSkin"):
+        assert not cl.cnv_support(load_panel(p))[0], p
+    # the default on hMulti: off, with the reason logged and recorded
+    ad = make_sample({"tumor": 60, "epithelial": 60, "t_cell": 60}, seed=4, tumor_strength=1.0)
+    ct.normalize(ad)
+    ad.obs["fine_type"] = pd.Categorical(ad.obs["truth"].replace({"tumor": "epithelial"}))
+    with caplog.at_level(logging.INFO, logger="stlib.labels.classes"):
+        cl.neoplastic_step(ad, disease_state="Cancer", oncotree_code="IDC", organ="Breast")
+    assert ad.obs["cnv_score"].isna().all()
+    assert "copy-number signal off" in caplog.text
+    assert "lineage" in ad.uns["stlib_labels"]["neoplastic_step"]["cnv"]
 
 
 def test_dead_rule_is_low_count_plus_apoptosis():
@@ -157,11 +191,17 @@ def test_dead_rule_is_low_count_plus_apoptosis():
     assert "dead" not in set(ad2.obs["fine_type"].astype(str))
 
 
-def test_dead_on_synthetic(hier):
-    called = hier.obs["class"].to_numpy() == DEAD
+def test_dead_is_ignore_by_default_and_the_proxy_is_opt_in(tumor_sample, hier):
     truth_dead = (hier.obs["truth"] == "dead").to_numpy()
+    assert not (hier.obs["class"].to_numpy() == DEAD).any()
+    assert hier.uns["stlib_labels"]["dead_rule"]["proxy"] is False
+    assert (hier.obs["class"].to_numpy()[truth_dead] == IGNORE).mean() > 0.8  # low-count cells: ignore
+    proxy = _label(tumor_sample, "hierarchical", dead="proxy", **FORCE_CNV)
+    called = proxy.obs["class"].to_numpy() == DEAD
     assert called.sum() > 0
     assert truth_dead[called].mean() > 0.8  # precision of the proxy on data made to fit it
+    with pytest.raises(ValueError, match="dead"):
+        _label(tumor_sample, "hierarchical", dead="maybe")
 
 
 def test_to_image_classes_thresholds():
@@ -177,7 +217,7 @@ def test_to_image_classes_thresholds():
 
 
 def test_all_methods_run_and_seed_is_deterministic(tumor_sample, hier):
-    again = _label(tumor_sample, "hierarchical")
+    again = _label(tumor_sample, "hierarchical", **FORCE_CNV)
     np.testing.assert_array_equal(again.obs["class"].to_numpy(), hier.obs["class"].to_numpy())
     np.testing.assert_allclose(again.obs["confidence"].to_numpy(), hier.obs["confidence"].to_numpy())
     for m in ("marker", "cluster"):
@@ -222,23 +262,91 @@ def _demo_classes(root, method: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_label_cells_on_demo_cohort(small_demo):
-    from stlib.evaluate import class_scores
+    from stlib.robustness import score_cells
 
     t, p = _demo_classes(small_demo, "hierarchical")
     assert t.size > 500
-    cs = class_scores(t, p)  # 255 counts as wrong
-    # ~1,100 cells of six small samples: looser than the >= 0.85 of full-size cohorts
-    assert cs["accuracy"] >= 0.8, cs
-    assert cs["ignored_fraction"] <= 0.15, cs
-    for c in ("Neoplastic", "Inflammatory", "Connective", "Epithelial"):
-        assert cs[f"f1_{c}"] >= 0.6, (c, cs)
-    # the hierarchy beats the flat labeler on neoplastic vs normal epithelium
-    tf, pf = _demo_classes(small_demo, "flat")
-    m, mf = np.isin(t, [NEOPLASTIC, EPITHELIAL]), np.isin(tf, [NEOPLASTIC, EPITHELIAL])
-    assert (p[m] == t[m]).mean() > (pf[mf] == tf[mf]).mean()
+    sc = score_cells(pd.DataFrame({"true_class": t, "pred_class": p, "disease_state": "Cancer"}))
+    # ~1,000 cells of six small samples, the realistic biology: the acceptance bars of issue 12
+    assert sc["accuracy"] >= 0.75, sc
+    assert sc["ignored_fraction"] <= 0.3, sc
+    assert sc["min_f1"] >= 0.5, sc
 
 
-def test_tumor_lineage():
-    assert cl.tumor_lineage("SKCM") == ("melanocyte",)
-    assert cl.tumor_lineage("IDC") == ("epithelial",)
-    assert set(cl.tumor_lineage(None)) == {"epithelial", "melanocyte"}
+def test_lineage_table_covers_every_oncotree_code_of_the_manifest():
+    from stlib.io.manifest import load_manifest
+
+    m = load_manifest(Path(__file__).parents[1] / "data_manifest.yaml")
+    codes = {str(c) for c in m.samples["oncotree_code"].dropna() if str(c).strip()}
+    assert codes >= {"IDC", "COAD", "GBM", "ALL", "HCC", "PRCC", "SKCM"}
+    for code in codes:
+        lin = cl.tumor_lineage(code)
+        assert "not in the lineage table" not in lin.note, code
+        assert lin.note, code
+    assert cl.tumor_lineage("SKCM").candidates == ("melanocyte",)
+    assert cl.tumor_lineage("IDC").candidates == ("epithelial",)
+    assert cl.tumor_lineage("HCC").candidates[0] == "hepatocyte"
+    assert cl.tumor_lineage("PRCC").candidates[0] == "kidney_tubule"
+    for code in ("GBM", "ALL"):
+        lin = cl.tumor_lineage(code)
+        assert not lin.defensible and lin.suspect
+    assert set(cl.tumor_lineage("ALL").suspect) >= {"b_cell", "t_cell"}
+    # unknown code or none: no defensible lineage
+    assert not cl.tumor_lineage("XYZ").defensible and not cl.tumor_lineage(None).defensible
+
+
+def test_lineage_table_frame():
+    t = cl.lineage_table(["IDC", "GBM", "idc"]).set_index("oncotree_code")
+    assert list(t.index) == ["IDC", "GBM"]
+    assert t.loc["IDC", "candidates"] == "epithelial" and t.loc["GBM", "candidates"] == "(none)"
+    assert "glia" in t.loc["GBM", "suspect"]
+
+
+def test_no_defensible_lineage_gives_ignore_not_inflammatory():
+    ad = make_sample({"b_cell": 150, "t_cell": 100, "fibroblast": 100, "macrophage": 80}, seed=5)
+    out = cl.label_cells(ad, organ="Lymphoid", disease_state="Cancer", oncotree_code="ALL", seed=0, **FAST)
+    truth = out.obs["truth"].to_numpy()
+    cls = out.obs["class"].to_numpy()
+    lymph = np.isin(truth, ["b_cell", "t_cell"])
+    assert (cls[lymph] == IGNORE).mean() > 0.9  # blasts and lymphocytes: no class, not Inflammatory
+    assert (cls[truth == "macrophage"] == INFLAMMATORY).mean() > 0.8
+    assert "no defensible lineage" in out.uns["stlib_labels"]["neoplastic_step"]["reason"]
+    assert not (cls == NEOPLASTIC).any()
+
+
+def test_one_population_is_ambiguous_without_tumour_evidence():
+    # candidates of one kind, none cycling: not called neoplastic in a tumour sample
+    ad = make_sample({"epithelial": 300, "t_cell": 150, "fibroblast": 150}, seed=6)
+    ct.normalize(ad)
+    ad.obs["fine_type"] = pd.Categorical(ad.obs["truth"])
+    cl.neoplastic_step(ad, disease_state="Cancer", oncotree_code="IDC", organ="Breast")
+    epi = (ad.obs["truth"] == "epithelial").to_numpy()
+    calls = ad.obs["neoplastic_call"].astype(str).to_numpy()
+    assert (calls[epi] == "ambiguous").mean() > 0.9, pd.Series(calls[epi]).value_counts()
+    info = ad.uns["stlib_labels"]["neoplastic_step"]
+    assert "one population" in info["reason"] and "ambiguous" in info["reason"]
+    # the old behaviour stays available
+    cl.neoplastic_step(ad, disease_state="Cancer", oncotree_code="IDC", organ="Breast", unimodal="neoplastic")
+    assert (ad.obs["neoplastic_call"].astype(str).to_numpy()[epi] == "neoplastic").mean() > 0.9
+
+
+def test_one_tumour_population_with_cycling_evidence_is_neoplastic():
+    # make_sample's tumour cells all express proliferation genes: the population carries tumour evidence
+    ad = make_sample({"tumor": 300, "t_cell": 150, "fibroblast": 150}, seed=7, tumor_strength=0.3)
+    ct.normalize(ad)
+    ad.obs["fine_type"] = pd.Categorical(ad.obs["truth"].replace({"tumor": "epithelial"}))
+    cl.neoplastic_step(ad, disease_state="Cancer", oncotree_code="IDC", organ="Breast")
+    tum = (ad.obs["truth"] == "tumor").to_numpy()
+    assert (ad.obs["neoplastic_call"].astype(str).to_numpy()[tum] == "neoplastic").mean() > 0.9
+    info = ad.uns["stlib_labels"]["neoplastic_step"]
+    assert info["cycling_fraction_candidates"] > 3 * max(info["cycling_fraction_reference"], 0.01)
+
+
+def test_cycling_cells_need_several_proliferation_genes():
+    genes = ["MKI67", "TOP2A", "CDK1", "CENPF", "CD3E", "EPCAM"]
+    x = np.array([[3, 2, 2, 1, 40, 0],   # cycling: 8 of 48 on four genes
+                  [6, 0, 0, 0, 40, 0],   # one gene only: not
+                  [1, 1, 0, 0, 90, 0],   # too small a share: not
+                  [0, 0, 0, 0, 50, 5]], dtype=np.float32)
+    ad = AnnData(x, var=pd.DataFrame(index=genes))
+    np.testing.assert_array_equal(cl.cycling_cells(ad, genes[:4]), [True, False, False, False])

@@ -14,6 +14,7 @@ import shapely
 
 from stlib.constants import XENIUM_PIXEL_SIZE_UM
 from stlib.demo import DemoConfig, FINE_TYPE_TO_CLASS, cli_main, make_cohort, true_he_xy
+from stlib.demo.biology import DEAD_TYPE, type_class
 from stlib.demo.registration import apply_affine, true_um_from_he
 from stlib.io.panels import load_panel
 from stlib.io.wsi import open_wsi
@@ -88,12 +89,15 @@ def test_truth_columns_dtypes_and_transform_keys(cohort, meta):
     for s in meta["samples"]:
         sid = s["sample_id"]
         t = gpd.read_parquet(cohort / "truth" / sid / "nuclei.parquet")
-        assert list(t.columns) == ["cell_id", "class", "fine_type", "has_polygon", "visible", "x_he", "y_he",
-                                   "geometry"]
+        assert list(t.columns) == ["cell_id", "class", "fine_type", "has_polygon", "visible", "in_xenium_region",
+                                   "x_he", "y_he", "geometry"]
         assert t["class"].dtype == np.uint8 and t["has_polygon"].dtype == bool and t["visible"].dtype == bool
         assert t["cell_id"].map(type).eq(str).all() and t["cell_id"].is_unique
         assert set(t["class"]) <= {1, 2, 3, 4, 5}
-        assert (t["class"].to_numpy() == t["fine_type"].map(FINE_TYPE_TO_CLASS).to_numpy()).all()
+        # truth classes come from what the generator made each cell (its own catalogue)
+        assert (t["class"].to_numpy() == np.array([type_class(f) for f in t["fine_type"]])).all()
+        # outside the Xenium region there is no Xenium cell
+        assert not (t.has_polygon & ~t.in_xenium_region).any()
         assert t.loc[~t.has_polygon, "cell_id"].str.startswith("nopoly-").all()
         assert (t.has_polygon | t.visible).all()
         if s["disease_state"] == "Healthy":
@@ -150,8 +154,9 @@ def test_dapi_polygons_missing_extra(cohort, meta):
         vis = tg.visible.to_numpy()
         a, b = polys[vis], tg.geometry.values[vis]
         ious.append(shapely.area(shapely.intersection(a, b)) / shapely.area(shapely.union(a, b)))
-        nvis += int(truth.visible.sum())
-        miss += int((truth.visible & ~truth.has_polygon).sum())
+        inside = truth.visible & truth.in_xenium_region  # missed by DAPI = inside the region, no polygon
+        nvis += int(inside.sum())
+        miss += int((inside & ~truth.has_polygon).sum())
         extra += int((~truth.visible).sum())
     iou = np.concatenate(ious)
     assert 0.6 <= np.median(iou) <= 0.9
@@ -176,40 +181,40 @@ def test_expression_statistics(cohort, meta):
         assert tx.overlaps_nucleus.isin([0, 1]).all() and 0.4 < tx.overlaps_nucleus.mean() < 0.75
         assert set(tx.feature_name[~ctrl]) <= set(load_panel("hMulti"))
         X, truth = _gene_matrix(cohort, sid)
-        live = truth.fine_type.ne("dead").to_numpy()
+        live = truth.fine_type.ne(DEAD_TYPE).to_numpy()
         assert 50 <= np.median(X[live].sum(1)) <= 200
-        assert np.median(X[~live].sum(1)) < 0.3 * np.median(X[live].sum(1)) if (~live).any() else True
+        # dying cells lose some RNA at the default dead_signal (0.3: library x 0.775)
+        assert np.median(X[~live].sum(1)) < np.median(X[live].sum(1)) if (~live).sum() > 3 else True
         ex = pd.read_parquet(cohort / "truth" / sid / "expression.parquet")
         spill = ex.n_spill.sum() / (ex.n_own + ex.n_spill + ex.n_ambient).sum()
         assert spill >= 0.1
 
 
 def test_class_recoverable_from_expression(cohort, meta):
-    """A simple supervised labeller (nearest fine-type centroid on held-out cells).
-
-    Centroids are per sample, except the dead-cell centroid, which is pooled over samples
-    (a tiny test cohort has only a handful of dead cells per sample).
+    """An oracle labeller (nearest centroid of the generator's own types, on held-out cells) recovers
+    the four live classes from expression: the cohort is hard, not impossible. Dead cells are not
+    required to be recoverable: at the default dead_signal their expression is their origin's.
     """
     rng = np.random.default_rng(0)
-    data = []
+    Fs, fts, clss, trs = [], [], [], []
     for s in meta["samples"]:
         X, truth = _gene_matrix(cohort, s["sample_id"])
         tot = X.sum(1)
-        F = np.hstack([np.log1p(X / np.maximum(tot[:, None], 1) * 1e3), 2 * np.log1p(tot)[:, None]])
-        ft = truth.fine_type.to_numpy()
-        data.append((F, ft, truth["class"].to_numpy(), rng.random(len(ft)) < 0.5))
-    dead_c = np.concatenate([F[tr & (ft == "dead")] for F, ft, _, tr in data]).mean(0)
-    preds, trues = [], []
-    for F, ft, cls, tr in data:
-        types = [t for t in np.unique(ft) if t != "dead" and (tr & (ft == t)).any()]
-        C = np.stack([F[tr & (ft == t)].mean(0) for t in types] + [dead_c])
-        types.append("dead")
-        d = ((F[~tr, None, :] - C[None]) ** 2).sum(-1)
-        preds.append(np.array([FINE_TYPE_TO_CLASS[types[i]] for i in d.argmin(1)]))
-        trues.append(cls[~tr])
+        Fs.append(np.hstack([np.log1p(X / np.maximum(tot[:, None], 1) * 1e3), 2 * np.log1p(tot)[:, None]]))
+        # tumour programmes are per sample; the other types share the cohort's programmes
+        fts.append(np.where(truth.fine_type == "tumour_cell", "tumour_cell@" + s["sample_id"], truth.fine_type))
+        clss.append(truth["class"].to_numpy())
+        trs.append(rng.random(len(truth)) < 0.5)
+    F, ft, cls, tr = np.vstack(Fs), np.concatenate(fts), np.concatenate(clss), np.concatenate(trs)
+    types = [t for t in np.unique(ft) if t != DEAD_TYPE and (tr & (ft == t)).any()]
+    C = np.stack([F[tr & (ft == t)].mean(0) for t in types])
+    d = ((F[~tr, None, :] - C[None]) ** 2).sum(-1)
+    preds = [np.array([type_class(types[i].split("@")[0]) for i in d.argmin(1)])]
+    trues = [cls[~tr]]
     p, t = np.concatenate(preds), np.concatenate(trues)
-    assert (p == t).mean() >= 0.85
-    for c in (1, 2, 3, 4, 5):
+    live = t != 4
+    assert (p[live] == t[live]).mean() >= 0.8
+    for c in (1, 2, 3, 5):
         f1 = 2 * ((p == c) & (t == c)).sum() / max((p == c).sum() + (t == c).sum(), 1)
         assert f1 >= 0.6, (c, f1)
 

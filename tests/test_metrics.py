@@ -388,3 +388,25 @@ def test_folder_errors_name_the_file(tmp_path):
     _write(tmp_path / "pred", "y", b[:5])
     with pytest.raises(InputError, match=r"y\.npz.*shape"):
         M.evaluate_folder(tmp_path / "true", tmp_path / "pred")
+
+
+def test_mpq_without_dead():
+    """ST labels ignore Dead by default: mPQ is also reported over the four other classes."""
+    from stlib.metrics import CLASSES_NO_DEAD, aggregate, evaluate_pair, pannuke_mpq
+
+    inst = np.zeros((40, 40), np.int32)
+    inst[2:10, 2:10], inst[20:30, 20:30] = 1, 2
+    typ = np.zeros_like(inst, dtype=np.uint8)
+    typ[inst == 1], typ[inst == 2] = 1, 4  # a neoplastic and a dead nucleus
+    pred_typ = typ.copy()
+    pred_typ[inst == 2] = 2  # the dead one predicted inflammatory
+    full = pannuke_mpq(inst, typ, inst, pred_typ)
+    four = pannuke_mpq(inst, typ, inst, pred_typ, classes=CLASSES_NO_DEAD)
+    assert full.mpq == pytest.approx(0.5) and four.mpq == pytest.approx(1.0)
+    assert 4 not in four.pq and set(four.pq) == set(CLASSES_NO_DEAD)
+    r = evaluate_pair(inst, inst, typ, pred_typ)
+    assert r["mpq"] == pytest.approx(0.5) and r["mpq_no_dead"] == pytest.approx(1.0)
+    agg = aggregate([r, r], tissues=["a", "b"])
+    assert agg["mpq_no_dead"] == pytest.approx(1.0) and agg["mpq"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="classes"):
+        pannuke_mpq(inst, typ, inst, pred_typ, classes=(9,))

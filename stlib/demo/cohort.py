@@ -11,14 +11,14 @@ from typing import Any
 import numpy as np
 
 from stlib.constants import PANNUKE_CHANNEL_TO_CLASS
-from stlib.demo.config import (FINE_TYPE_TO_CLASS, ORGANS, PANNUKE_EXTRA_ORGANS, SCALES, DemoConfig,
+from stlib.demo.config import (FINE_TYPE_TO_CLASS, ORGANS, PANNUKE_EXTRA_ORGANS, PRESETS, SCALES, DemoConfig,
                                cohort_samples, config_for_scale)
 from stlib.utils import InputError, atomic_dir, progress, read_json, write_json
 
 __all__ = ["GENERATOR_VERSION", "make_cohort", "cli_main", "expected_files", "render_pannuke"]
 
 #: bump when the generator's output changes for the same config and seed
-GENERATOR_VERSION = "1.1"
+GENERATOR_VERSION = "2.0"
 
 _CLASS_TO_CHANNEL = {v: k for k, v in PANNUKE_CHANNEL_TO_CLASS.items()}
 
@@ -98,8 +98,8 @@ def _pannuke(root: Path, cfg: DemoConfig, seed: int) -> dict[str, Any]:
     return info
 
 
-def make_cohort(out: str | Path, *, seed: int = 0, scale: str = "demo", config: DemoConfig | None = None,
-                force: bool = False, **overrides: Any) -> Path:
+def make_cohort(out: str | Path, *, seed: int = 0, scale: str = "demo", preset: str = "realistic",
+                config: DemoConfig | None = None, force: bool = False, **overrides: Any) -> Path:
     """Write the synthetic cohort (HEST + raw Xenium + PanNuke layouts, plus ground truth).
 
     Parameters
@@ -111,8 +111,12 @@ def make_cohort(out: str | Path, *, seed: int = 0, scale: str = "demo", config: 
         Seed of everything; the same seed and config give identical tables.
     scale
         ``"demo"`` (6 samples of ~1024² px) or ``"workshop"`` (more, larger samples).
+    preset
+        Biology preset: ``"realistic"`` (default: :mod:`stlib.demo.biology` at the knobs'
+        literature-based defaults) or ``"easy"`` (the generator before issue 12, see
+        :data:`stlib.demo.config.PRESETS`).
     config
-        A full :class:`DemoConfig` (then ``scale`` is ignored); ``overrides`` still apply.
+        A full :class:`DemoConfig` (then ``scale`` and ``preset`` are ignored); ``overrides`` still apply.
     force
         Rebuild even if a complete cohort with the same config and seed exists.
     **overrides
@@ -129,7 +133,7 @@ def make_cohort(out: str | Path, *, seed: int = 0, scale: str = "demo", config: 
 
     out = Path(out)
     if config is None:
-        cfg = config_for_scale(scale, **overrides)
+        cfg = config_for_scale(scale, preset, **overrides)
     else:
         cfg = dataclasses.replace(config, **overrides).validate() if overrides else config.validate()
     if not force and _is_complete(out, cfg, seed):
@@ -156,6 +160,7 @@ def make_cohort(out: str | Path, *, seed: int = 0, scale: str = "demo", config: 
             p.write_text(csv_text(rows), encoding="utf-8")
         pannuke = _pannuke(tmp, cfg, seed) if cfg.pannuke_per_fold > 0 else {}
         meta = {"version": GENERATOR_VERSION, "seed": seed, "scale": scale if config is None else "custom",
+                "preset": preset if config is None else "custom",
                 "config": cfg.to_dict(), "panel": cfg.panel, "samples": table, "pannuke": pannuke,
                 "train_organs": sorted({t["organ"] for t in table if t["role"] == "train"}),
                 "held_out_organs": sorted({t["organ"] for t in table if t["role"] == "held-out"}),
@@ -169,6 +174,20 @@ def make_cohort(out: str | Path, *, seed: int = 0, scale: str = "demo", config: 
 # CLI
 # ---------------------------------------------------------------------------------------
 
+#: one-line help of the biology knobs (the full reasons are in stlib/demo/config.py)
+_KNOB_HELP = {
+    "biology": "realistic | legacy programmes.",
+    "marker_overlap": "fraction of each type's textbook markers it expresses specifically;",
+    "cnv_fold": "expression fold of an arm-level copy-number change (literature: ~1.2-1.5);",
+    "cnv_subclonal_fraction": "fraction of copy-number events present in a subclone only;",
+    "cycling_normal_fraction": "fraction of normal cells that cycle (Ki-67 index of normal tissue <5%%);",
+    "noncycling_tumour_fraction": "fraction of tumour cells that do not cycle (Ki-67 index ~30%%);",
+    "offvocab_fraction": "fraction of cells of types outside the labeler's vocabulary;",
+    "dead_signal": "strength of any expression signal of dying cells, 0 = none;",
+    "xenium_region_fraction": "fraction of the H&E field that the Xenium run imaged;",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="stlib demo",
@@ -177,12 +196,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="data root to write (e.g. data/demo)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--scale", choices=sorted(SCALES), default="demo", help="cohort size preset (default demo)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="realistic",
+                   help="biology preset: realistic (default; stlib.demo.biology at literature-based knob values) or "
+                        "easy (the generator before issue 12: labeler-derived programmes, every tumour cell cycling)")
     p.add_argument("--force", action="store_true", help="rebuild even if an identical cohort exists")
     g = p.add_argument_group("knobs (DemoConfig)")
     for f in dataclasses.fields(DemoConfig):
         typ = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+        doc = _KNOB_HELP.get(f.name, "")
         g.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=typ, default=None, metavar=typ.__name__.upper(),
-                       help=f"default {f.default!r}")
+                       help=(doc + " " if doc else "") + f"(default {f.default!r})")
     return p
 
 
@@ -192,7 +215,7 @@ def cli_main(argv: list[str]) -> int:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)
                  if getattr(args, f.name) is not None}
     t0 = time.perf_counter()
-    out = make_cohort(args.out, seed=args.seed, scale=args.scale, force=args.force, **overrides)
+    out = make_cohort(args.out, seed=args.seed, scale=args.scale, preset=args.preset, force=args.force, **overrides)
     meta = read_json(Path(out) / "cohort.json")
     print(f"demo cohort at {out}: {len(meta['samples'])} samples, seed {meta['seed']} "
           f"({time.perf_counter() - t0:.1f} s; generated in {meta['generation_seconds']} s)")

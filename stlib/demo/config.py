@@ -8,13 +8,27 @@ from typing import Any
 
 from stlib.utils import InputError
 
-__all__ = ["DemoConfig", "SCALES", "config_for_scale", "OrganSpec", "ORGANS", "SampleSpec", "cohort_samples",
+__all__ = ["DemoConfig", "SCALES", "PRESETS", "config_for_scale", "OrganSpec", "ORGANS", "SampleSpec", "cohort_samples",
            "FINE_TYPE_TO_CLASS", "PANNUKE_EXTRA_ORGANS"]
 
 #: scale presets: values that differ from the DemoConfig defaults
 SCALES: dict[str, dict[str, Any]] = {
     "demo": {},
     "workshop": {"n_per_organ": 2, "image_px": 2048, "pannuke_per_fold": 64, "raw_bundles": 2},
+}
+
+#: biology presets: values that differ from the DemoConfig defaults. ``realistic`` is the default
+#: (the knobs' own defaults); ``easy`` is the generator before issue 12 (its programmes were built
+#: from the labeler's own gene lists, every tumour cell cycled, no normal cell did, copy-number blocks
+#: of x0.3-x3.0, dead cells carried a strong apoptosis signal, no type outside the labeler's
+#: vocabulary, Xenium covered the whole H&E): kept so that the old numbers stay reproducible and as the
+#: easy end of the robustness curves. With ``biology="legacy"`` the biology knobs below are not read;
+#: the values written here only describe what the legacy programmes do.
+PRESETS: dict[str, dict[str, Any]] = {
+    "realistic": {},
+    "easy": {"biology": "legacy", "marker_overlap": 1.0, "cnv_fold": 2.5, "cnv_subclonal_fraction": 0.0,
+             "cycling_normal_fraction": 0.0, "noncycling_tumour_fraction": 0.0, "offvocab_fraction": 0.0,
+             "dead_signal": 1.0, "xenium_region_fraction": 1.0},
 }
 
 
@@ -51,6 +65,43 @@ class DemoConfig:
     dead_fraction: float = 0.03
     #: fraction of cells with atypical / ambiguous expression (truth class unchanged)
     atypical_fraction: float = 0.03
+
+    # -- biology (stlib.demo.biology; defined apart from the labeler's marker files) ----
+    #: "realistic" (stlib.demo.biology) or "legacy" (the pre-issue-12 programmes; preset "easy")
+    biology: str = "realistic"
+    #: fraction of each type's textbook markers that the type really expresses specifically (the
+    #: others are absent from it or shared with 1-3 other types). 10x's own hMulti annotation assigns
+    #: only 32 % of the labeler's hMulti markers to a single cell type (median 2 types per gene); many
+    #: of the shared ones are shared between related types, so 0.6 at the granularity of our types
+    #: is if anything generous.
+    marker_overlap: float = 0.6
+    #: expression fold of an arm-level copy-number change (gain x fold, loss / fold). One extra or
+    #: one lost copy of an arm changes the expression of its genes by ~1.2-1.5x on average in tumour
+    #: RNA-seq (dosage is partly compensated; inferCNV-style signals are of this size).
+    cnv_fold: float = 1.3
+    #: fraction of a tumour's arm-level events that are subclonal (present in one spatial subclone
+    #: of 30-70 % of its cells); multi-region sequencing (e.g. TRACERx) finds a quarter to a half of
+    #: copy-number events subclonal.
+    cnv_subclonal_fraction: float = 0.3
+    #: fraction of normal cells that cycle. Ki-67 labelling indices of normal adult tissues are mostly
+    #: below 5 % (crypt bases and germinal centres are the exceptions).
+    cycling_normal_fraction: float = 0.03
+    #: fraction of tumour cells that do not cycle. Ki-67 indices of carcinomas: median ~15-30 % in
+    #: breast and lung adenocarcinoma, lower in prostate cancer, higher in colorectal cancer; 0.7
+    #: means a Ki-67 index of 30 %.
+    noncycling_tumour_fraction: float = 0.7
+    #: fraction of cells of types outside the labeler's vocabulary (neutrophils, dendritic cells,
+    #: pericytes, Schwann cells, myoepithelium): each is a few % of the cells of a carcinoma section
+    #: in single-cell atlases, together ~5-10 %.
+    offvocab_fraction: float = 0.08
+    #: strength of any expression signal of dying cells (0 = none): RNA loss (library x (1 - 0.75 s))
+    #: and a stress/apoptosis programme (8 s % of the panel transcripts). Pyknotic cells lose RNA,
+    #: but no panel signature of cell death has been validated; 0.3 is a weak signal.
+    dead_signal: float = 0.3
+    #: fraction of the H&E field that the Xenium run imaged (cells outside have no polygon and no
+    #: transcripts). A Xenium region is chosen on the slide and often leaves tissue of the H&E
+    #: section outside it; 0.85 is a typical share.
+    xenium_region_fraction: float = 0.85
 
     # -- expression --------------------------------------------------------------------
     #: median transcripts per (live) cell
@@ -134,13 +185,25 @@ class DemoConfig:
 
     def validate(self) -> DemoConfig:
         """Check ranges; raise :class:`InputError` naming the knob."""
-        fracs = ["dead_fraction", "atypical_fraction", "spill_fraction", "ambient_fraction", "dropout_fraction",
+        fracs = ["marker_overlap", "cnv_subclonal_fraction", "cycling_normal_fraction",
+                 "noncycling_tumour_fraction", "offvocab_fraction", "dead_fraction", "atypical_fraction", "spill_fraction", "ambient_fraction", "dropout_fraction",
                  "nuclear_tx_fraction", "low_qv_fraction", "missing_fraction", "extra_fraction",
                  "defocus_fraction", "cellvit_recall", "cellvit_class_acc"]
         for k in fracs:
             v = getattr(self, k)
             if not 0.0 <= v <= 1.0:
                 raise InputError(f"knob {k} must be in [0, 1], got {v}", fix=f"pass --{k.replace('_', '-')} in [0, 1]")
+        if self.biology not in ("realistic", "legacy"):
+            raise InputError(f"knob biology must be 'realistic' or 'legacy', got {self.biology!r}",
+                             fix="pass --biology realistic|legacy (or --preset easy)")
+        if not self.cnv_fold >= 1.0:
+            raise InputError(f"knob cnv_fold must be >= 1 (a gain multiplies by it, a loss divides), got {self.cnv_fold}",
+                             fix="pass --cnv-fold 1.3 for example")
+        if self.dead_signal < 0:
+            raise InputError(f"knob dead_signal must be >= 0, got {self.dead_signal}", fix="pass --dead-signal 0 or more")
+        if not 0.05 <= self.xenium_region_fraction <= 1.0:
+            raise InputError(f"knob xenium_region_fraction must be in [0.05, 1], got {self.xenium_region_fraction}",
+                             fix="pass --xenium-region-fraction in [0.05, 1]")
         if self.spill_fraction + self.ambient_fraction >= 0.9:
             raise InputError("spill_fraction + ambient_fraction must be < 0.9",
                              fix="lower --spill-fraction or --ambient-fraction")
@@ -160,22 +223,27 @@ class DemoConfig:
         return self
 
 
-def config_for_scale(scale: str = "demo", **overrides: Any) -> DemoConfig:
-    """The preset of ``scale`` (``demo`` | ``workshop``) with ``overrides`` applied."""
+def config_for_scale(scale: str = "demo", preset: str = "realistic", **overrides: Any) -> DemoConfig:
+    """The preset of ``scale`` (``demo`` | ``workshop``) and biology ``preset`` (``realistic`` |
+    ``easy``) with ``overrides`` applied."""
     if scale not in SCALES:
         raise InputError(f"unknown scale {scale!r}", fix=f"one of {sorted(SCALES)}")
+    if preset not in PRESETS:
+        raise InputError(f"unknown biology preset {preset!r}", fix=f"one of {sorted(PRESETS)}")
     names = {f.name for f in fields(DemoConfig)}
     bad = sorted(set(overrides) - names)
     if bad:
         raise InputError(f"unknown demo knob(s) {bad}", fix=f"known knobs: {sorted(names)}")
-    return DemoConfig(**{**SCALES[scale], **overrides}).validate()
+    return DemoConfig(**{**SCALES[scale], **PRESETS[preset], **overrides}).validate()
 
 
 # ---------------------------------------------------------------------------------------
 # organs
 # ---------------------------------------------------------------------------------------
 
-#: fine cell type -> image-oriented class id (1 Neoplastic ... 5 Epithelial)
+#: tissue compartment type (stlib.demo.tissue; it sets the nucleus morphology) -> image-oriented class
+#: id (1 Neoplastic ... 5 Epithelial). With the realistic biology each compartment's cells get a
+#: generator type (stlib.demo.biology) whose class is the same as its compartment's.
 FINE_TYPE_TO_CLASS: dict[str, int] = {
     "tumor": 1,
     "t_cell": 2, "b_cell": 2, "plasma": 2, "macrophage": 2,

@@ -1,6 +1,14 @@
 """Per-cell expression and transcript placement from the same truth as the image.
 
-Every fine cell type has a programme over the panel genes: a shared low background plus its
+Two biologies: the default, realistic one lives in :mod:`stlib.demo.biology` (its own cell-type
+catalogue and programmes, defined apart from the labeler) and is simulated by
+:func:`simulate_cell_expression`; the **legacy** one below (:data:`MARKERS`, :func:`make_programmes`,
+:func:`simulate_expression`; the ``easy`` preset) is the generator before issue 12, kept so that its
+numbers stay reproducible. Its gene lists were taken from the labeler's own marker sets and every
+tumour cell cycles, which is why a labeler scores so well on it. Both share the count machinery
+(:func:`draw_counts`: negative-binomial counts, spill-over, ambient RNA).
+
+Legacy biology: every fine cell type has a programme over the panel genes: a shared low background plus its
 marker genes (only genes that are in the panel are used). Neoplastic cells differ from the
 normal epithelium of their organ **only** by the organ's tumour signature (up/down genes),
 proliferation genes and copy-number-like shifts of blocks of genes that are contiguous in the
@@ -22,7 +30,9 @@ third of those decoded as a wrong gene).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.spatial import cKDTree
@@ -30,8 +40,8 @@ from scipy.spatial import cKDTree
 from stlib.demo.config import DemoConfig, OrganSpec
 from stlib.io.panels import genomic_order
 
-__all__ = ["Programmes", "make_programmes", "simulate_expression", "MARKERS", "PROLIFERATION", "APOPTOSIS",
-           "CONTROL_PROBES"]
+__all__ = ["Programmes", "make_programmes", "simulate_expression", "simulate_cell_expression", "draw_counts",
+           "detection_efficiency", "cell_count_matrix", "MARKERS", "PROLIFERATION", "APOPTOSIS", "CONTROL_PROBES"]
 
 MARKERS: dict[str, tuple[str, ...]] = {
     "epithelial": ("EPCAM", "KRT7", "FOXA1", "EHF", "AQP3", "MLPH", "TMC5"),
@@ -193,6 +203,43 @@ def simulate_expression(prog: Programmes, fine_type: np.ndarray, xy_um: np.ndarr
     # library sizes
     lib = cfg.tx_per_cell_median * np.exp(rng.normal(0, cfg.library_log_sd, n)) * \
         np.array([_LIB[t] for t in fine_type]) / 0.95
+    out = draw_counts(P, lib, xy_um, rng, cfg)
+    out.update(atypical=atyp, efficiency=eff, dropout=drop)
+    return out
+
+
+def detection_efficiency(G: int, rng: np.random.Generator, cfg: DemoConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample detection efficiency of every gene (log-normal, sd 0.3) and the dropout subset
+    (``dropout_fraction`` of the genes at x0.1)."""
+    eff = np.exp(rng.normal(0, 0.3, G))
+    drop = rng.random(G) < cfg.dropout_fraction
+    eff[drop] *= 0.1
+    return eff, drop
+
+
+def draw_counts(P: np.ndarray, lib: np.ndarray, xy_um: np.ndarray, rng: np.random.Generator,
+                cfg: DemoConfig) -> dict[str, np.ndarray]:
+    """Transcripts of every cell from its expression profile, with spill-over and ambient RNA.
+
+    Parameters
+    ----------
+    P
+        (cells, genes) expression profiles, rows summing to 1 (detection efficiency applied).
+    lib
+        Expected transcripts per cell.
+    xy_um
+        Cell centres (µm); neighbours within ``3 * spill_range_um`` spill into each other.
+    rng
+        Random generator.
+    cfg
+        ``spill_fraction``, ``spill_range_um``, ``ambient_fraction``, ``nb_size``.
+
+    Returns
+    -------
+    dict with ``cell``, ``gene``, ``source`` (0 own, 1 spill, 2 ambient) per transcript and the
+    ``ambient_profile``.
+    """
+    n, G = P.shape
     # spill-over weights from neighbours
     tree = cKDTree(xy_um)
     r = cfg.spill_range_um
@@ -252,5 +299,80 @@ def simulate_expression(prog: Programmes, fine_type: np.ndarray, xy_um: np.ndarr
     gene = np.concatenate([gene_own, gene_sp, gene_amb]).astype(np.int64)
     source = np.concatenate([np.zeros(cell_own.size, np.int8), np.ones(cell_sp.size, np.int8),
                              np.full(cell_amb.size, 2, np.int8)])
-    return {"cell": cell, "gene": gene, "source": source, "atypical": atyp, "efficiency": eff,
-            "ambient_profile": amb_prof, "dropout": drop}
+    return {"cell": cell, "gene": gene, "source": source, "ambient_profile": amb_prof}
+
+
+def simulate_cell_expression(xy_um: np.ndarray, cell_type: Sequence[str], *, organ_key: str, cancer: bool,
+                             genes: Sequence[str], cfg: DemoConfig, cohort_seed: int = 0,
+                             sample_key: Sequence[int] | int = 0, origin: Sequence[str] | None = None,
+                             rng: np.random.Generator | None = None) -> dict[str, Any]:
+    """Transcripts of given cells under the generator's own biology (:mod:`stlib.demo.biology`).
+
+    Parameters
+    ----------
+    xy_um
+        (n, 2) cell centres in µm (spill-over between neighbours depends on them).
+    cell_type
+        Generator type per cell: a :data:`stlib.demo.biology.CATALOGUE` name, ``"tumour_cell"`` or
+        ``"dying_cell"`` (see :func:`stlib.demo.biology.assign_cell_types` to get them from tissue
+        compartments, or :func:`stlib.demo.biology.types_for_classes` from truth classes).
+    organ_key
+        :data:`stlib.demo.config.ORGANS` key (tumour signature, copy-number events).
+    cancer
+        Tumour sample (the tumour programme exists only then).
+    genes
+        Panel genes, in the order of the returned gene indices.
+    cfg
+        :class:`stlib.demo.config.DemoConfig` (biology knobs, library size, dispersion, spill-over,
+        ambient, dropout, atypical fraction).
+    cohort_seed
+        Seed of what a cohort shares (the catalogue's programmes).
+    sample_key
+        Seed entropy of this sample (per-sample variation, tumour signature subset, copy number).
+    origin
+        For ``"dying_cell"`` entries: the type the cell was (default: a present type at random).
+    rng
+        Generator of the per-cell draws (default: from ``sample_key``).
+
+    Returns
+    -------
+    dict with per transcript ``cell`` (index into the inputs), ``gene`` (index into ``genes``),
+    ``source`` (0 own, 1 spill-over, 2 ambient); per cell ``atypical``, ``cycling``, ``clone`` (0
+    normal, 1 clonal tumour, 2 subclone), ``library``; and ``efficiency``, ``dropout`` (per gene),
+    ``ambient_profile``, ``events`` (copy-number events: arm, sign, subclonal).
+    """
+    from stlib.demo.biology import make_sample_biology, per_cell_programmes
+
+    xy_um = np.asarray(xy_um, dtype=float)
+    ct = np.asarray(cell_type, dtype=object)
+    if xy_um.ndim != 2 or xy_um.shape[1] != 2 or len(xy_um) != ct.size:
+        raise ValueError(f"xy_um must be (n, 2) with n = len(cell_type) = {ct.size}, got {xy_um.shape}")
+    key = [int(k) for k in np.atleast_1d(sample_key)]
+    rng = rng if rng is not None else np.random.default_rng([*key, 11])
+    present = sorted({str(t) for t in ct} | ({str(t) for t in origin} if origin is not None else set()))
+    bio = make_sample_biology(genes, organ_key, cancer=cancer, cfg=cfg,
+                              cohort_rng=np.random.default_rng([int(cohort_seed), 999, 12]),
+                              sample_rng=np.random.default_rng([*key, 13]), types_present=present)
+    org = np.asarray(origin, dtype=object) if origin is not None else ct.copy()
+    pc = per_cell_programmes(bio, ct, org, cfg=cfg, rng=rng, xy_um=xy_um)
+    eff, drop = detection_efficiency(len(bio.genes), rng, cfg)
+    P = pc["P"] * eff[None, :]
+    P /= P.sum(1, keepdims=True)
+    n = ct.size
+    lib = cfg.tx_per_cell_median * np.exp(rng.normal(0, cfg.library_log_sd, n)) * pc["library"]
+    out: dict[str, Any] = dict(draw_counts(P, lib, xy_um, rng, cfg)) if n else {
+        "cell": np.zeros(0, np.int64), "gene": np.zeros(0, np.int64), "source": np.zeros(0, np.int8),
+        "ambient_profile": np.full(len(bio.genes), 1.0 / max(len(bio.genes), 1))}
+    out.update(atypical=pc["atypical"], cycling=pc["cycling"], clone=pc["clone"], library=lib, efficiency=eff,
+               dropout=drop, events=list(bio.events))
+    return out
+
+
+def cell_count_matrix(ex: Mapping[str, np.ndarray], n_cells: int, n_genes: int, *,
+                      sources: Sequence[int] = (0, 1, 2)) -> Any:
+    """(cells, genes) CSR matrix of the transcripts of :func:`simulate_cell_expression`."""
+    import scipy.sparse as sp
+
+    m = np.isin(ex["source"], list(sources))
+    return sp.csr_matrix((np.ones(int(m.sum()), np.int32), (ex["cell"][m], ex["gene"][m])),
+                         shape=(n_cells, n_genes))

@@ -11,12 +11,13 @@ import shapely
 
 from stlib.constants import CLASS_NAMES
 from stlib.demo.config import FINE_TYPE_TO_CLASS, ORGANS, DemoConfig, SampleSpec
-from stlib.demo.expression import CONTROL_PROBES, make_programmes, simulate_expression
+from stlib.demo.biology import DEAD_TYPE, OFF_VOCABULARY, assign_cell_types, type_class
+from stlib.demo.expression import CONTROL_PROBES, make_programmes, simulate_cell_expression, simulate_expression
 from stlib.demo.registration import apply_affine, dapi_outlines, make_transform, true_um_from_he
 from stlib.demo.render import render_he, sample_stain
 from stlib.demo.tissue import nucleus_polygons, simulate_tissue
 
-__all__ = ["SampleData", "simulate_sample", "xoa_cell_ids"]
+__all__ = ["SampleData", "simulate_sample", "xoa_cell_ids", "xenium_region_box", "place_transcripts"]
 
 
 def xoa_cell_ids(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -53,8 +54,48 @@ def _polys(v: np.ndarray) -> np.ndarray:
     return polys
 
 
-def simulate_sample(spec: SampleSpec, cfg: DemoConfig, *, seed: int, index: int, genes: list[str]) -> SampleData:
-    """Simulate one sample (deterministic given ``seed`` and ``index``)."""
+def xenium_region_box(tf: dict[str, Any], size: tuple[int, int], fraction: float,
+                      rng: np.random.Generator) -> tuple[float, float, float, float] | None:
+    """The Xenium-imaged region of a field: an axis-aligned box in Xenium µm covering about
+    ``fraction`` of the field (``None`` when the whole field is imaged).
+
+    Xenium images a region of the slide chosen by the user (a union of fields of view, axis-
+    aligned in Xenium coordinates); the H&E of the same section often shows tissue outside it.
+    """
+    if fraction >= 1.0:
+        return None
+    h, w = size
+    cx = np.array([0.0, w, 0.0, w])
+    cy = np.array([0.0, 0.0, h, h])
+    xu, yu = true_um_from_he(tf, cx, cy)
+    x0, x1, y0, y1 = float(xu.min()), float(xu.max()), float(yu.min()), float(yu.max())
+    fx = float(rng.uniform(fraction, 1.0))
+    fy = fraction / fx
+    bw, bh = fx * (x1 - x0), fy * (y1 - y0)
+    bx = x0 + float(rng.uniform(0.0, 1.0)) * (x1 - x0 - bw)
+    by = y0 + float(rng.uniform(0.0, 1.0)) * (y1 - y0 - bh)
+    return (bx, by, bx + bw, by + bh)
+
+
+def _in_box(x: np.ndarray, y: np.ndarray, box: tuple[float, float, float, float] | None) -> np.ndarray:
+    if box is None:
+        return np.ones(np.shape(x), bool)
+    return (x >= box[0]) & (x < box[2]) & (y >= box[1]) & (y < box[3])
+
+
+def simulate_sample(spec: SampleSpec, cfg: DemoConfig, *, seed: int, index: int, genes: list[str],
+                    render: bool = True) -> SampleData:
+    """Simulate one sample (deterministic given ``seed`` and ``index``).
+
+    Truth classes come from what each cell is and where it sits (the tissue compartment and, with
+    the realistic biology, the generator's cell type of :mod:`stlib.demo.biology`), never from any
+    labeler.
+
+    With ``render=False`` the H&E image and the CellViT-like calls are skipped (``image`` is an
+    empty array, ``cellvit`` an empty table): with the realistic biology the image has its own
+    random stream, so the cells, classes and transcripts are exactly those of the rendered sample
+    (expression-only studies such as :mod:`stlib.robustness` use this).
+    """
     rng = np.random.default_rng([seed, index, 1])
     bio_rng = np.random.default_rng([seed, 999])  # shared biology of the cohort
     organ = ORGANS[spec.organ_key]
@@ -63,9 +104,15 @@ def simulate_sample(spec: SampleSpec, cfg: DemoConfig, *, seed: int, index: int,
     um = cfg.um_per_px
     tis = simulate_tissue(organ, size, um, rng, cancer=cancer, density=cfg.cell_density,
                           dead_fraction=cfg.dead_fraction)
-    stain = sample_stain(organ, rng, cfg.stain_jitter)
-    img, _inst = render_he(tis, stain, rng, blur_px=cfg.blur_px, defocus_px=cfg.defocus_px,
-                           defocus_fraction=cfg.defocus_fraction, noise_sd=cfg.noise_sd)
+    legacy = cfg.biology == "legacy"
+    # the legacy generator drew the image from the main stream; the realistic one gives it its own
+    img_rng = rng if legacy else np.random.default_rng([seed, index, 2])
+    stain = sample_stain(organ, img_rng, cfg.stain_jitter)
+    if render or legacy:
+        img, _inst = render_he(tis, stain, img_rng, blur_px=cfg.blur_px, defocus_px=cfg.defocus_px,
+                               defocus_fraction=cfg.defocus_fraction, noise_sd=cfg.noise_sd)
+    if not render:
+        img = np.zeros((0, 0, 3), np.uint8)
     tf = make_transform(rng, size, um, true_rot_deg=cfg.true_rot_deg, warp_px=cfg.warp_px, warp_grid=cfg.warp_grid,
                         reg_shift_um=cfg.reg_shift_um, reg_rot_deg=cfg.reg_rot_deg, reg_scale_err=cfg.reg_scale_err)
     n_vis = tis.n
@@ -93,6 +140,19 @@ def simulate_sample(spec: SampleSpec, cfg: DemoConfig, *, seed: int, index: int,
     xu, yu = true_um_from_he(tf, dapi_px[..., 0].ravel(), dapi_px[..., 1].ravel())
     dapi_um_all = np.stack([xu, yu], -1).reshape(dapi_px.shape)
     cen_um = dapi_um_all.mean(axis=1)
+    # the Xenium region: cells outside it have no polygon and no transcripts; out-of-plane extra
+    # cells outside it do not exist at all
+    region = xenium_region_box(tf, size, cfg.xenium_region_fraction, np.random.default_rng([seed, index, 5]))
+    in_region = _in_box(cen_um[:, 0], cen_um[:, 1], region)
+    keep = visible | in_region
+    if not keep.all():
+        all_v, fine, visible, missing = all_v[keep], fine[keep], visible[keep], missing[keep]
+        dapi_px, dapi_um_all, cen_um, in_region = dapi_px[keep], dapi_um_all[keep], cen_um[keep], in_region[keep]
+        ex_keep = keep[n_vis:]
+        ex_x, ex_y, src = ex_x[ex_keep], ex_y[ex_keep], src[ex_keep]
+        n_extra = int(ex_keep.sum())
+        n_all = n_vis + n_extra
+    has_poly = ~missing & in_region
     # cell ids (raster order of the Xenium cells)
     xen = np.flatnonzero(has_poly)
     order = xen[np.lexsort((cen_um[xen, 0], cen_um[xen, 1]))]
@@ -102,23 +162,36 @@ def simulate_sample(spec: SampleSpec, cfg: DemoConfig, *, seed: int, index: int,
         ids_x = xoa_cell_ids(rng, order.size)
     cell_id = np.empty(n_all, dtype=object)
     cell_id[order] = ids_x
-    cell_id[missing] = [f"nopoly-{k + 1}" for k in range(int(missing.sum()))]
+    nopoly = ~has_poly
+    cell_id[nopoly] = [f"nopoly-{k + 1}" for k in range(int(nopoly.sum()))]
 
-    # expression for every cell that carries transcripts (Xenium cells + missed nuclei)
+    # what every cell is: compartment type (legacy) or the generator's own cell type
     genes_sorted = list(genes)
-    prog = make_programmes(genes_sorted, organ, cancer=cancer, bio_rng=bio_rng, sample_rng=rng)
-    ex = simulate_expression(prog, fine, cen_um, has_poly, rng, cfg)
-    tx = _place_transcripts(ex, dapi_um_all, cen_um, has_poly, cell_id, spec, genes_sorted, rng, cfg, tf, size)
+    carry = in_region  # cells that carry transcripts: Xenium cells + missed nuclei inside the region
+    if cfg.biology == "legacy":
+        cell_type = fine.astype(object)
+        cls = np.array([FINE_TYPE_TO_CLASS[t] for t in fine], dtype=np.uint8)
+        prog = make_programmes(genes_sorted, organ, cancer=cancer, bio_rng=bio_rng, sample_rng=rng)
+        ex = simulate_expression(prog, fine[carry], cen_um[carry], has_poly[carry], rng, cfg)
+        extra_info: dict[str, Any] = {}
+    else:
+        ex, cell_type, extra_info = _realistic_expression(tis, src, n_vis, fine, carry, cen_um, spec, cfg, seed,
+                                                          index, genes_sorted, rng)
+        cls = np.array([type_class(t) for t in cell_type], dtype=np.uint8)
+    ci = np.flatnonzero(carry)
+    ex["cell"] = ci[ex["cell"]]
+    tx = place_transcripts(ex, dapi_um_all, cen_um, has_poly, cell_id, spec, genes_sorted, rng, cfg, tf, size,
+                            region=region)
 
     # truth table (one row per visible nucleus + one per extra Xenium cell)
     true_polys = _polys(all_v)
-    cls = np.array([FINE_TYPE_TO_CLASS[t] for t in fine], dtype=np.uint8)
     truth = pd.DataFrame({
         "cell_id": [str(c) for c in cell_id],
         "class": cls,
-        "fine_type": fine.astype(str),
+        "fine_type": np.asarray(cell_type).astype(str),
         "has_polygon": has_poly,
         "visible": visible,
+        "in_xenium_region": in_region,
         "x_he": np.concatenate([tis.x, ex_x]) if n_extra else tis.x,
         "y_he": np.concatenate([tis.y, ex_y]) if n_extra else tis.y,
         "geometry": true_polys,
@@ -138,30 +211,71 @@ def simulate_sample(spec: SampleSpec, cfg: DemoConfig, *, seed: int, index: int,
     # expression truth per transcript-carrying cell
     n_src = np.zeros((n_all, 3), np.int64)
     np.add.at(n_src, (ex["cell"], ex["source"]), 1)
-    expr_truth = pd.DataFrame({"cell_id": [str(c) for c in cell_id], "fine_type": fine.astype(str),
-                               "n_own": n_src[:, 0], "n_spill": n_src[:, 1], "n_ambient": n_src[:, 2],
-                               "atypical": ex["atypical"], "has_polygon": has_poly})
-    cellvit = _cellvit(true_v, tis.fine_type, tis.regions.shape, rng, cfg, um)
+    atyp = np.zeros(n_all, bool)
+    atyp[ci] = ex["atypical"]
+    expr_truth = pd.DataFrame({"cell_id": [str(c) for c in cell_id[ci]], "fine_type": np.asarray(cell_type)[ci].astype(str),
+                               "n_own": n_src[ci, 0], "n_spill": n_src[ci, 1], "n_ambient": n_src[ci, 2],
+                               "atypical": atyp[ci], "has_polygon": has_poly[ci]})
+    for k in ("cycling", "clone"):
+        if k in ex:
+            expr_truth[k] = ex[k]
+    if render:
+        cellvit = _cellvit(true_v, tis.fine_type, tis.regions.shape, rng if legacy else img_rng, cfg, um)
+    else:
+        cellvit = pd.DataFrame({"class_name": pd.Series(dtype=str), "prob": pd.Series(dtype=float),
+                                "geometry": pd.Series(dtype=object)})
     # statistics of the sample (measured on the generated data)
     dapi_true_frame = _polys(dapi_px)
     vis_xen = visible & has_poly
     iou = _iou(dapi_true_frame[vis_xen], true_polys[vis_xen])
     per_cell = counts["gene"]
     stats = {
-        "n_visible_nuclei": int(n_vis), "n_xenium_cells": int(order.size), "n_missing": int(missing.sum()),
-        "n_extra": int(n_extra), "median_tx_per_cell": float(np.median(per_cell)) if per_cell.size else 0.0,
+        "n_visible_nuclei": int(n_vis), "n_xenium_cells": int(order.size), "n_missing": int((missing & visible).sum()),
+        "n_extra": int(n_extra), "n_outside_xenium_region": int((visible & ~in_region).sum()),
+        "xenium_region_um": None if region is None else [round(v, 2) for v in region],
+        "median_tx_per_cell": float(np.median(per_cell)) if per_cell.size else 0.0,
         "spill_fraction": float(n_src[:, 1].sum() / max(n_src.sum(), 1)),
         "dapi_iou_median": float(np.median(iou)) if iou.size else float("nan"),
         "dapi_iou_q10": float(np.quantile(iou, 0.1)) if iou.size else float("nan"),
         "dapi_iou_q90": float(np.quantile(iou, 0.9)) if iou.size else float("nan"),
         "class_counts": {CLASS_NAMES[int(k)]: int(v) for k, v in zip(*np.unique(cls[visible], return_counts=True))},
-        "fine_type_counts": {str(k): int(v) for k, v in zip(*np.unique(fine[visible], return_counts=True))},
+        "fine_type_counts": {str(k): int(v) for k, v in zip(*np.unique(np.asarray(cell_type)[visible].astype(str),
+                                                                      return_counts=True))},
         "n_transcripts": int(len(tx)),
         "stain": {"h_vec": stain.h_vec, "e_vec": stain.e_vec, "h_strength": stain.h_strength,
                   "e_strength": stain.e_strength},
+        **extra_info,
     }
     return SampleData(spec=spec, image=img, transform=tf, truth=truth, cells=cells, dapi_um=dapi_um_all[order],
                       transcripts=tx, cellvit=cellvit, expression_truth=expr_truth, stats=stats)
+
+
+def _realistic_expression(tis, src: np.ndarray, n_vis: int, fine: np.ndarray, carry: np.ndarray, cen_um: np.ndarray,
+                          spec: SampleSpec, cfg: DemoConfig, seed: int, index: int, genes: list[str],
+                          rng: np.random.Generator) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, Any]]:
+    """Generator cell types of every cell and the expression of the cells inside the Xenium region."""
+    brng = np.random.default_rng([seed, index, 3])
+    cancer = spec.disease_state != "Healthy"
+    xy = np.c_[tis.x, tis.y]
+    vessels = xy[tis.fine_type == "endothelial"]
+    vis_type = assign_cell_types(tis.fine_type, spec.organ_key, cancer=cancer,
+                                 offvocab_fraction=cfg.offvocab_fraction, rng=brng, xy=xy, vessel_xy=vessels)
+    origin_tissue = tis.origin if tis.origin is not None else tis.fine_type
+    vis_origin = vis_type.copy()
+    dead = vis_type == DEAD_TYPE
+    if dead.any():
+        vis_origin[dead] = assign_cell_types(origin_tissue[dead], spec.organ_key, cancer=cancer,
+                                             offvocab_fraction=0.0, rng=brng)
+    n_all = fine.size
+    keep_extra = src  # extra cells copy the type of the visible cell they sit next to
+    cell_type = np.concatenate([vis_type, vis_type[keep_extra]]) if n_all > n_vis else vis_type
+    origin = np.concatenate([vis_origin, vis_origin[keep_extra]]) if n_all > n_vis else vis_origin
+    ex = simulate_cell_expression(cen_um[carry], cell_type[carry], origin=origin[carry],
+                                  organ_key=spec.organ_key, cancer=cancer, genes=genes, cfg=cfg,
+                                  cohort_seed=seed, sample_key=(seed, index), rng=rng)
+    info = {"cnv_events": [[a, int(sg), bool(sub)] for a, sg, sub in ex.pop("events")],
+            "n_cycling": int(ex["cycling"].sum()), "n_offvocab": int(np.isin(cell_type, OFF_VOCABULARY).sum())}
+    return ex, cell_type, info
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -188,9 +302,18 @@ def _cell_counts(tx: pd.DataFrame, ids: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def _place_transcripts(ex: dict[str, np.ndarray], dapi_um: np.ndarray, cen_um: np.ndarray, has_poly: np.ndarray,
-                       cell_id: np.ndarray, spec: SampleSpec, genes: list[str], rng: np.random.Generator,
-                       cfg: DemoConfig, tf: dict[str, Any], size: tuple[int, int]) -> pd.DataFrame:
+def place_transcripts(ex: dict[str, np.ndarray], dapi_um: np.ndarray, cen_um: np.ndarray, has_poly: np.ndarray,
+                      cell_id: np.ndarray, spec: SampleSpec, genes: list[str], rng: np.random.Generator,
+                      cfg: DemoConfig, tf: dict[str, Any], size: tuple[int, int],
+                      region: tuple[float, float, float, float] | None = None) -> pd.DataFrame:
+    """A Xenium ``transcripts.parquet`` table from simulated counts (:func:`draw_counts` output).
+
+    Each transcript lies inside its cell's DAPI nucleus (``nuclear_tx_fraction``) or in a
+    ``cyto_um`` rim around it; unassigned transcripts and control probes are scattered over the
+    imaged field (``region``, Xenium µm, when given: nothing is decoded outside it); some have
+    qv < 20, a third of those decoded as a wrong gene. Cell ids of cells without a polygon
+    become ``UNASSIGNED`` (or -1 for integer ids).
+    """
     cell, gene = ex["cell"], ex["gene"]
     m = cell.size
     v = dapi_um.shape[1]
@@ -214,6 +337,9 @@ def _place_transcripts(ex: dict[str, np.ndarray], dapi_um: np.ndarray, cen_um: n
     corners = np.array([[0, 0], [size[1], 0], [0, size[0]], [size[1], size[0]]], float)
     cu = np.stack(apply_affine(np.linalg.inv(A), corners[:, 0], corners[:, 1]), 1)
     lo, hi = cu.min(0), cu.max(0)
+    if region is not None:
+        lo = np.maximum(lo, [region[0], region[1]])
+        hi = np.minimum(hi, [region[2], region[3]])
     n_un = int(cfg.unassigned_fraction * m)
     n_ct = int(cfg.control_fraction * m)
     ux = rng.uniform(lo[0], hi[0], n_un + n_ct)
@@ -226,6 +352,9 @@ def _place_transcripts(ex: dict[str, np.ndarray], dapi_um: np.ndarray, cen_um: n
     nucl = np.concatenate([nuclear & assigned, np.zeros(n_un + n_ct, bool)])
     assigned = np.concatenate([assigned, np.zeros(n_un + n_ct, bool)])
     ids = np.concatenate([ids, np.empty(n_un + n_ct, dtype=object)])
+    if region is not None:  # Xenium decodes nothing outside its imaged region
+        inside = _in_box(x, y, region)
+        x, y, names, nucl, assigned, ids = x[inside], y[inside], names[inside], nucl[inside], assigned[inside], ids[inside]
     n = x.size
     # quality: some low-qv transcripts, a third of which are decoded as a wrong gene
     low = rng.random(n) < cfg.low_qv_fraction

@@ -75,6 +75,9 @@ class Tissue:
     vesicular: np.ndarray
     fragmented: np.ndarray       # bool: karyorrhexis (dead)
     um_per_px: float
+    #: what a dead cell was before it died (its compartment type; "tumor" in necrosis); the
+    #: fine type itself for live cells. None for fields built before this was recorded.
+    origin: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -675,6 +678,7 @@ def simulate_tissue(organ: OrganSpec, shape: tuple[int, int], um_per_px: float, 
     # dead cells: scattered apoptotic bodies, more in tumour
     n = arr["x"].size
     ft = arr["fine_type"]
+    origin = np.where(ft == "dead", "tumor", ft).astype(object)  # necrosis: dead tumour cells
     already = int((ft == "dead").sum())
     want = int(round(dead_fraction * n)) - already
     if want > 0:
@@ -698,4 +702,5 @@ def simulate_tissue(organ: OrganSpec, shape: tuple[int, int], um_per_px: float, 
     return Tissue(regions=bld.regions, fibre_angle=fibre, x=arr["x"][order], y=arr["y"][order], a=arr["a"][order],
                   b=arr["b"][order], theta=arr["theta"][order], harm=arr["harm"][order],
                   fine_type=np.asarray(ft[order]).astype(str), density=dens[order], texture=tex[order],
-                  vesicular=ves[order], fragmented=frag[order], um_per_px=um_per_px)
+                  vesicular=ves[order], fragmented=frag[order], um_per_px=um_per_px,
+                  origin=np.asarray(origin[order]).astype(str))

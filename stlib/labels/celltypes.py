@@ -33,8 +33,8 @@ from stlib.constants import is_control_feature
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "Key", "FINE_TYPES", "UNKNOWN", "load_markers", "load_programs", "marker_coverage",
-    "canonical_organ", "qc_filter", "normalize", "rank_score", "cluster", "assign_fine_types",
+    "Key", "FINE_TYPES", "UNKNOWN", "load_markers", "type_allowed", "panel_coverage_table", "load_programs", "marker_coverage",
+    "canonical_organ", "qc_filter", "normalize", "rank_score", "cluster", "annotate_clusters", "assign_fine_types",
     "refine_posteriors",
 ]
 
@@ -63,10 +63,12 @@ class Key:
     UNS = "stlib_labels"  #: uns: parameters, coverage and counts of the labelling run
 
 
-#: Fine-type vocabulary shared with the demo generator and :data:`stlib.labels.classes.FINE_TO_CLASS`.
+#: Fine-type vocabulary of the labeler (:data:`stlib.labels.classes.FINE_TO_CLASS`); the demo generator
+#: has its own catalogue (``stlib.demo.biology``) and never shares this one.
 FINE_TYPES: tuple[str, ...] = (
     "tumor", "epithelial", "melanocyte", "t_cell", "b_cell", "plasma", "macrophage", "mast",
     "fibroblast", "endothelial", "smooth_muscle", "adipocyte", "dead",
+    "hepatocyte", "kidney_tubule", "pancreatic_islet", "acinar", "cardiomyocyte", "glia", "neuron",
 )
 UNKNOWN = "unknown"
 
@@ -111,6 +113,24 @@ def _all_markers(organ: str | None) -> dict[str, list[str]]:
     return out
 
 
+def type_allowed(fine_type: str, organ: str | None = None, oncotree_code: str | None = None) -> bool:
+    """Whether a fine type is scored in a sample of this organ / OncoTree code (``only_in`` of
+    ``markers/celltypes.yaml``: melanocytes in skin or melanoma, hepatocytes in liver ...).
+
+    Types without ``only_in`` are always scored; with neither an organ nor a code every type is.
+    """
+    entry = _read_yaml("celltypes.yaml")["types"].get(fine_type, {})
+    only = entry.get("only_in")
+    if not only:
+        return True
+    org = canonical_organ(organ) if organ is not None else None
+    code = None if oncotree_code is None or (isinstance(oncotree_code, float) and np.isnan(oncotree_code)) \
+        else str(oncotree_code).strip().upper() or None
+    if org is None and code is None:
+        return True
+    return (org is not None and org in only.get("organs", [])) or (code is not None and code in only.get("oncotree", []))
+
+
 def _panel_set(panel_genes: Iterable[str] | AnnData) -> set[str]:
     if isinstance(panel_genes, AnnData):
         panel_genes = panel_genes.var_names
@@ -147,8 +167,38 @@ def marker_coverage(panel_genes: Iterable[str] | AnnData, *, organ: str | None =
     return pd.DataFrame(rows, columns=["type", "n_markers", "n_in_panel", "fraction", "in_panel", "missing"])
 
 
+def panel_coverage_table(panels: Mapping[str, Iterable[str]], *, organ: str | None = None) -> pd.DataFrame:
+    """Marker coverage of several panels side by side: markers of each fine type found in each panel.
+
+    Parameters
+    ----------
+    panels
+        ``{panel name: gene symbols}`` (e.g. every panel of ``stlib.io.panels``, or the files of
+        ``realdata/xenium-panels``).
+    organ
+        Organ whose extras are counted (default: none, the organ-independent sets).
+
+    Returns
+    -------
+    One row per fine type: ``n_markers`` (in the YAML) and, per panel, ``"k"`` markers present;
+    a type the labeler would not score on a panel (fewer than its ``min_markers``) is marked
+    ``"k (off)"``.
+    """
+    spec = _read_yaml("celltypes.yaml")["types"]
+    allm = _all_markers(canonical_organ(organ))
+    rows = []
+    for t, genes in allm.items():
+        row: dict[str, Any] = {"type": t, "n_markers": len(genes)}
+        for name, g in panels.items():
+            k = sum(1 for x in genes if x in _panel_set(g))
+            own_min = spec.get(t, {}).get("min_markers", 1)
+            row[name] = f"{k} (off)" if k < own_min else str(k)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def load_markers(panel_genes: Iterable[str] | AnnData, *, organ: str | None = None,
-                 types: Sequence[str] | None = None, min_markers: int = 2,
+                 oncotree_code: str | None = None, types: Sequence[str] | None = None, min_markers: int = 2,
                  max_markers: int | None = None, drop_empty: bool = True) -> dict[str, list[str]]:
     """Marker genes per fine type, restricted to the genes of a panel.
 
@@ -157,7 +207,11 @@ def load_markers(panel_genes: Iterable[str] | AnnData, *, organ: str | None = No
     panel_genes
         Gene symbols of the sample's panel (or an AnnData: its ``var_names``).
     organ
-        HEST organ (``"Bowel"``, ``"Breast"``, ...) or canonical organ; adds organ extras.
+        HEST organ (``"Bowel"``, ``"Breast"``, ...) or canonical organ; adds organ extras and
+        leaves out types that do not live in it (``only_in``, :func:`type_allowed`).
+    oncotree_code
+        OncoTree code of the sample (``only_in`` lets a type in by code, e.g. melanocytes in a
+        melanoma metastasis).
     types
         Fine types to return (default: all types in ``markers/celltypes.yaml``).
     min_markers
@@ -174,7 +228,11 @@ def load_markers(panel_genes: Iterable[str] | AnnData, *, organ: str | None = No
     if min_markers < 0:
         raise ValueError(f"min_markers must be >= 0, got {min_markers}")
     panel = _panel_set(panel_genes)
-    allm = _all_markers(canonical_organ(organ))
+    org = canonical_organ(organ, oncotree_code)
+    allm = _all_markers(org)
+    spec = _read_yaml("celltypes.yaml")["types"]
+    if types is None:
+        allm = {t: g for t, g in allm.items() if type_allowed(t, org, oncotree_code)}
     if types is not None:
         unknown = [t for t in types if t not in allm]
         if unknown:
@@ -186,6 +244,12 @@ def load_markers(panel_genes: Iterable[str] | AnnData, *, organ: str | None = No
         kept = [g for g in genes if g in panel]
         if max_markers is not None:
             kept = kept[:max_markers]
+        own_min = spec.get(t, {}).get("min_markers")
+        if own_min is not None and len(kept) < own_min:
+            # a parenchymal type the panel barely covers: not scored at all (a 1-2 gene set
+            # would pull in any cell expressing one of them)
+            log.info("load_markers: %s has %d panel markers (< %d): not scored", t, len(kept), own_min)
+            continue
         if len(kept) < min_markers:
             weak.append(f"{t} ({len(kept)})")
         if kept or not drop_empty:
@@ -506,10 +570,74 @@ def _gene_counts(adata: AnnData) -> Any:
     return x[:, keep] if not keep.all() else x
 
 
+def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, cluster_key: str = Key.CLUSTER,
+                      layer: str = Key.LOGNORM, background_quantile: float = 0.1, min_cluster_cells: int = 10,
+                      owned: float = 0.5, min_owned_markers: int = 2, min_ownership: float = 0.3,
+                      min_range: float = 2.0, groups: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    r"""Cell type of each Leiden cluster from how much of each type's marker set it *owns*.
+
+    For every gene, the cluster means of the log-normalised expression are put on a 0-1 scale
+    between a background (the ``background_quantile`` of the means over clusters of at least
+    ``min_cluster_cells`` cells: the clusters that do not express it) and the highest cluster:
+    :math:`s_{cg} = \mathrm{clip}((m_{cg} - b_g) / \max(\max_{c'} m_{c'g} - b_g, r), 0, 1)` with
+    :math:`r` = ``min_range`` (log-normalised units; 2 ~ a gene detected in about half of the cells at
+    ~100 transcripts per cell), so a gene that no cluster really expresses is owned by none. A type's
+    *ownership* of cluster :math:`c` is the mean of :math:`s_{cg}` over its markers in the panel: the
+    share of the marker set the cluster expresses at (close to) full strength. Several markers must
+    agree: a marker of one type that another type also expresses moves a 4-marker set by 0.25 at
+    most, and a type needs ``min_owned_markers`` markers with :math:`s \ge` ``owned``. The cluster
+    takes the type of highest ownership among those with ownership ``>= min_ownership`` and enough
+    owned markers, else it is ``"unknown"``: no type the labeler knows explains it (an
+    off-vocabulary type, a type the panel barely covers, or too little signal). Scaling to the highest cluster, not to the rest of the sample, keeps a
+    marker shared by several clusters of one lineage (the epithelium of a tumour split in five
+    clusters) owned by each of them.
+
+    Returns
+    -------
+    One row per cluster: ``cluster``, ``n_cells``, ``type`` (``"unknown"`` when no type
+    qualifies), ``ownership``, ``n_owned`` (markers with s >= ``owned``), ``runner_up``,
+    ``runner_up_ownership``, ``owned_markers`` (comma-joined).
+    """
+    if cluster_key not in adata.obs:
+        raise ValueError(f"obs[{cluster_key!r}] missing: run stlib.labels.celltypes.cluster(adata) first")
+    if layer not in adata.layers:
+        raise ValueError(f"layer {layer!r} missing: run stlib.labels.celltypes.normalize(adata) first")
+    cat = pd.Categorical(adata.obs[cluster_key])
+    codes, cats = cat.codes, list(cat.categories)
+    n_cl = len(cats)
+    x = sp.csr_matrix(adata.layers[layer], dtype=np.float64)
+    onehot = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n_cl, len(codes)))
+    size = np.asarray(onehot.sum(axis=1)).ravel()
+    mean = (onehot @ x).toarray() / np.maximum(size, 1)[:, None]
+    big = size >= min_cluster_cells
+    ref = mean[big] if big.sum() >= 2 else mean
+    bg = np.quantile(ref, background_quantile, axis=0)
+    top = mean[big].max(axis=0) if big.any() else mean.max(axis=0)
+    scaled = np.clip((mean - bg[None, :]) / np.maximum(top - bg, min_range)[None, :], 0.0, 1.0)
+    var = pd.Index(adata.var_names)
+    idx = {t: var.get_indexer(list(g)) for t, g in markers.items()}
+    idx = {t: i[i >= 0] for t, i in idx.items() if (i >= 0).any()}
+    rows = []
+    for c in range(n_cl):
+        ev = {t: (float(scaled[c, i].mean()), int((scaled[c, i] >= owned).sum())) for t, i in idx.items()}
+        qual = lambda t: ev[t][0] >= min_ownership and ev[t][1] >= min_owned_markers  # noqa: E731
+        order = sorted(ev, key=lambda t: (-qual(t), -ev[t][0], -ev[t][1]))
+        best = order[0] if order else UNKNOWN
+        second = order[1] if len(order) > 1 else None
+        ok = bool(order) and qual(best)
+        if ok and groups is not None and any(qual(u) and groups.get(u) != groups.get(best) for u in order[1:]):
+            ok = False  # markers of two classes at full strength: the markers cannot tell
+        rows.append({"cluster": cats[c], "n_cells": int(size[c]), "type": best if ok else UNKNOWN,
+                     "ownership": ev[best][0] if order else 0.0, "n_owned": ev[best][1] if order else 0,
+                     "runner_up": second, "runner_up_ownership": ev[second][0] if second else 0.0,
+                     "owned_markers": ",".join(var[idx[best][scaled[c, idx[best]] >= owned]]) if order else ""})
+    return pd.DataFrame(rows)
+
+
 def refine_posteriors(counts: Any, label: np.ndarray, seed: np.ndarray, n_types: int, *,
                       contamination: float = 0.2, dispersion: float = 4.0, min_seed_cells: int = 5,
-                      min_divergence: float = 0.15,
-                      prior: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      min_divergence: float = 0.15, prior: np.ndarray | None = None,
+                      free: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     r"""Posterior of each type per cell under per-sample multinomial type profiles.
 
     Every type's expression profile is learned from the sample itself: the summed raw counts of
@@ -518,7 +646,8 @@ def refine_posteriors(counts: Any, label: np.ndarray, seed: np.ndarray, n_types:
     every cell). A cell's log-likelihood under type :math:`t` is :math:`\sum_g x_g \log p_{tg}`
     (multinomial), divided by ``dispersion`` (counts are over-dispersed, so the plain multinomial
     is over-confident), plus ``log prior``. Types with fewer than ``min_seed_cells`` seeds get no
-    profile (posterior 0); cells whose label is such a type keep it (posterior 1 on it).
+    profile (posterior 0); cells whose label is such a type keep it (posterior 1 on it), except the
+    ``free`` ones (e.g. cells of clusters no type explains), which get the posterior over the profiles.
     A type whose learned profile is within ``min_divergence`` (Kullback-Leibler, nats per
     transcript) of a type with more seeds is not a population of its own (e.g. tumour cells with an
     amplified adipocyte gene scored "adipocyte" by markers): its profile is dropped and its cells
@@ -565,6 +694,8 @@ def refine_posteriors(counts: Any, label: np.ndarray, seed: np.ndarray, n_types:
         post = np.exp(ll)
         post /= post.sum(axis=1, keepdims=True)
     keep = (~has[label] & ~merged[label]) if n else np.zeros(0, dtype=bool)
+    if free is not None:  # cells not held to their (profile-less) label: posterior over the profiles
+        keep &= ~np.asarray(free, dtype=bool)
     post[keep] = 0.0
     post[keep, label[keep]] = 1.0
     return post, has
@@ -574,8 +705,10 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
                       method: Literal["hierarchical", "consensus", "marker", "cluster"] = "hierarchical",
                       score_prefix: str = Key.SCORE_PREFIX, cluster_key: str = Key.CLUSTER,
                       temperature: float = 0.03, min_margin: float = 0.02,
-                      cluster_weight: float = 0.5, min_detected: int = 1, refine: int = 2,
+                      min_detected: int = 1, refine: int = 2,
                       refine_kwargs: Mapping[str, Any] | None = None,
+                      annotate_kwargs: Mapping[str, Any] | None = None, unknown_posterior: float = 0.99,
+                      rare_margin: float = 0.1, rare_min_detected: int = 3, rare_min_cells: int = 5,
                       qc_key: str | None = Key.QC_PASS, key_added: str = Key.FINE_TYPE,
                       copy: bool = False) -> AnnData | None:
     """Per-cell fine type and confidence from marker rank scores and Leiden clusters.
@@ -593,15 +726,19 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
         of the cluster's voters agreeing.
     ``"hierarchical"`` / ``"consensus"`` (same thing; the neoplastic hierarchy itself is in
     :func:`stlib.labels.classes.neoplastic_step`)
-        the cell's soft assignment ``softmax(scores / temperature)`` is blended with its
-        cluster's vote distribution, ``(1 - cluster_weight) * cell + cluster_weight * cluster``;
-        the type is the argmax of the blend. Confidence = mean of the blend's value for the
-        chosen type and the fraction of the cell's kNN neighbours (``obsp["connectivities"]``)
-        given the same type. Then ``refine`` rounds of :func:`refine_posteriors`: type profiles
-        over the whole panel are learned from the sample's seed cells (first round: cells whose
-        own marker argmax agrees with the consensus with margin >= ``min_margin``; later rounds:
-        posterior >= 0.9), every cell takes the type of highest posterior, and the confidence is
-        the mean of that posterior and the kNN agreement. ``refine=0`` skips it.
+        1. every Leiden cluster gets the type whose marker set it owns (:func:`annotate_clusters`),
+           or ``"unknown"`` when no type the labeler knows explains it (``annotate_kwargs``);
+        2. rare types that form no cluster of their own are seeded by cells whose own marker
+           scores say so clearly (best score ahead of the second by ``rare_margin``, at least
+           ``rare_min_detected`` of the type's markers detected, at least ``rare_min_cells`` cells);
+        3. ``refine`` rounds of :func:`refine_posteriors`: type profiles over the whole panel are
+           learned from the seed cells (first round: cells of annotated clusters + rare seeds; later
+           rounds: posterior >= 0.9) and every cell takes the type of highest posterior; a cell of a
+           cluster no type explains joins a type only with posterior >= ``unknown_posterior``,
+           else it stays ``"unknown"`` (the unknown / other outcome, class 255).
+        Confidence = mean of the posterior and the fraction of the cell's kNN neighbours
+        (``obsp["connectivities"]``) given the same type. ``refine=0`` keeps the cluster types.
+        The defaults were chosen on the development cohorts of :mod:`stlib.robustness` only.
 
     In all methods a cell becomes ``"unknown"`` (confidence 0) when it fails QC (``obs[qc_key]``)
     or when fewer than ``min_detected`` markers of its type have a count (not applied to refined
@@ -614,8 +751,6 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
     """
     if method not in ("hierarchical", "consensus", "marker", "cluster"):
         raise ValueError(f"method must be 'hierarchical', 'consensus', 'marker' or 'cluster', got {method!r}")
-    if not 0.0 <= cluster_weight <= 1.0:
-        raise ValueError(f"cluster_weight must be in [0, 1], got {cluster_weight}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     adata = adata.copy() if copy else adata
@@ -656,23 +791,45 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
             label = q.argmax(axis=1)[codes]
             conf = q.max(axis=1)[codes]
         else:
-            z = (s - top[:, None]) / temperature
-            p = np.exp(z)
-            p /= p.sum(axis=1, keepdims=True)
-            blend = (1 - cluster_weight) * p + cluster_weight * q[codes]
-            label = blend.argmax(axis=1)
-            chosen = blend[np.arange(len(s)), label]
             qc = (adata.obs[qc_key].to_numpy(bool) if qc_key is not None and qc_key in adata.obs
                   else np.ones(len(s), dtype=bool))
+            ann = annotate_clusters(adata, markers, cluster_key=cluster_key, **dict(annotate_kwargs or {}))
+            ext = [*types, UNKNOWN]  # index len(types): no type (clusters without marker evidence)
+            cl_label = np.array([ext.index(t) for t in ann["type"]], dtype=int)
+            label = cl_label[codes]
+            chosen = np.where(label < len(types), 1.0, 0.0)
             if refine > 0:
                 counts = _gene_counts(adata)
-                seed = qc & (label == best) & (margin >= min_margin)
+                seed = qc & (label < len(types))
+                # rare types form no cluster of their own (T cells among a few immune cells, basal
+                # melanocytes): cells whose own markers say so clearly seed their profile instead
+                det = _detected_markers(adata, markers)
+                n_mk = np.array([len(markers[t]) for t in types])
+                annotated = set(cl_label[cl_label < len(types)].tolist())
+                strong = (qc & (margin >= rare_margin)
+                          & (det[np.arange(len(s)), best] >= np.minimum(rare_min_detected, n_mk[best])))
+                rare_seed = np.zeros(len(s), dtype=bool)
+                for t in range(len(types)):
+                    if t in annotated:
+                        continue
+                    m = strong & (best == t)
+                    if m.sum() >= rare_min_cells:
+                        rare_seed |= m
+                label = np.where(rare_seed, best, label)
+                seed |= rare_seed
                 for _ in range(refine):
-                    post, _has = refine_posteriors(counts, label, seed, len(types), **dict(refine_kwargs or {}))
-                    label = post.argmax(axis=1)
-                    chosen = post[np.arange(len(s)), label]
-                    seed = qc & (chosen >= 0.9)
+                    post, _has = refine_posteriors(counts, label, seed, len(ext), free=label == len(types),
+                                                   **dict(refine_kwargs or {}))
+                    new_label = post.argmax(axis=1)
+                    new_chosen = post[np.arange(len(s)), new_label]
+                    # a cell of a cluster no type explains joins a type only on strong evidence
+                    stay = (label == len(types)) & (new_chosen < unknown_posterior)
+                    label = np.where(stay, len(types), new_label)
+                    chosen = np.where(stay, 0.0, new_chosen)
+                    seed = qc & (chosen >= 0.9) & (label < len(types))
                 refined = True
+            adata.uns.setdefault(Key.UNS, {})["annotate_clusters"] = ann.astype(
+                {"cluster": str}).to_dict(orient="list")
             if "connectivities" in adata.obsp:
                 g = sp.csr_matrix(adata.obsp["connectivities"])
                 rows = np.repeat(np.arange(g.shape[0]), np.diff(g.indptr))
@@ -684,9 +841,11 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
                 nbr = chosen
             conf = 0.5 * (chosen + nbr)
 
+    no_type = label >= len(types)
+    label = np.where(no_type, 0, label)
     names = np.array(types, dtype=object)[label]
     det = _detected_markers(adata, markers)
-    weak = (det[np.arange(len(s)), label] < min_detected) & (not refined)
+    weak = ((det[np.arange(len(s)), label] < min_detected) & (not refined)) | no_type
     if qc_key is not None and qc_key in adata.obs:
         weak |= ~adata.obs[qc_key].to_numpy(bool)
     names[weak] = UNKNOWN
@@ -696,7 +855,7 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
     adata.obs[Key.TYPE_CONFIDENCE] = np.clip(conf, 0.0, 1.0).astype(np.float64)
     adata.uns.setdefault(Key.UNS, {})["assign_fine_types"] = {
         "method": method, "temperature": temperature, "min_margin": min_margin,
-        "cluster_weight": cluster_weight, "min_detected": min_detected, "types": types,
+        "min_detected": min_detected, "types": types,
         "refine": int(refine) if refined else 0,
     }
     log.info("assign_fine_types(%s): %s; wrote obs[%r, %r]", method,

@@ -13,12 +13,19 @@ decided in a second, sample-aware step (:func:`neoplastic_step`):
 
 :func:`label_cells` runs the whole chain; its ``method`` switches between our hierarchy and the
 ablations / baselines ("flat" = the paper's "w/o Hier", "marker", "cluster").
+
+**Frozen labeler.** The defaults of this module and of :mod:`stlib.labels.celltypes` (cluster
+annotation, rare-type seeding, posterior thresholds, the neoplastic step's evidence rules) were
+chosen on the development cohorts ``stlib.robustness.DEV_SEEDS`` (seeds 101-106 of the realistic
+demo generator) and on nothing else; the evaluation seeds ``stlib.robustness.EVAL_SEEDS`` were
+not looked at before the labeler was frozen, and ``benchmarks/label_robustness.json`` reports them.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
@@ -29,15 +36,16 @@ from anndata import AnnData
 
 from stlib.constants import CONNECTIVE, DEAD, EPITHELIAL, IGNORE, INFLAMMATORY, NEOPLASTIC
 from stlib.labels.celltypes import (
-    UNKNOWN, Key, _counts, _read_yaml, _row_sums, assign_fine_types, canonical_organ, cluster, load_markers,
+    UNKNOWN, Key, _counts, _read_yaml, _row_nnz, _row_sums, assign_fine_types, canonical_organ, cluster, load_markers,
     load_programs, normalize, qc_filter, rank_score,
 )
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "FINE_TO_CLASS", "REFERENCE_TYPES", "CANDIDATE_TYPES", "is_tumor_sample", "load_gene_positions",
-    "neoplastic_step", "dead_rule", "to_image_classes", "label_cells",
+    "FINE_TO_CLASS", "REFERENCE_TYPES", "CANDIDATE_TYPES", "Lineage", "is_tumor_sample", "load_gene_positions",
+    "tumor_lineage", "lineage_table", "cnv_support", "cycling_cells", "neoplastic_step", "dead_rule", "to_image_classes",
+    "label_cells",
 ]
 
 #: Fine type -> image class id (stlib.constants). Types not listed (and "unknown") -> IGNORE.
@@ -49,13 +57,22 @@ FINE_TO_CLASS: dict[str, int] = {
     "adipocyte": CONNECTIVE,
     "dead": DEAD,
     "epithelial": EPITHELIAL, "melanocyte": EPITHELIAL,
+    # parenchymal types: hepatocytes and tubule cells are epithelia (PanNuke's liver and kidney
+    # epithelium); cardiomyocytes are muscle, counted with connective tissue as PanNuke counts
+    # smooth muscle; glia and neurons have no PanNuke class (IGNORE: segmented, not classified)
+    "hepatocyte": EPITHELIAL, "kidney_tubule": EPITHELIAL, "pancreatic_islet": EPITHELIAL, "acinar": EPITHELIAL,
+    "cardiomyocyte": CONNECTIVE,
+    "glia": IGNORE, "neuron": IGNORE,
 }
 #: Cell types used as the copy-number reference (assumed diploid).
 REFERENCE_TYPES: tuple[str, ...] = (
     "t_cell", "b_cell", "plasma", "macrophage", "mast", "fibroblast", "endothelial", "smooth_muscle",
 )
-#: Cell types the neoplastic step may call neoplastic.
-CANDIDATE_TYPES: tuple[str, ...] = ("epithelial", "melanocyte")
+#: Cell types the neoplastic step may call neoplastic (the union over lineages).
+CANDIDATE_TYPES: tuple[str, ...] = ("epithelial", "melanocyte", "hepatocyte", "kidney_tubule")
+#: Types a non-neoplastic call applies to (tumour-like lineages that are not the sample's).
+_EPITHELIAL_LIKE: tuple[str, ...] = ("epithelial", "melanocyte", "hepatocyte", "kidney_tubule", "pancreatic_islet",
+                                     "acinar")
 
 _NOT_TUMOR_STATES = {"healthy", "normal", "diseased", "control", "benign", "inflamed"}
 _TUMOR_STATES = {"cancer", "tumor", "tumour", "malignant", "carcinoma", "neoplastic"}
@@ -181,7 +198,7 @@ def _mixture_posterior(feats: np.ndarray, seed: int, min_separation: float) -> t
     hi = int(np.argmax(means.sum(axis=1)))
     d = float(np.sqrt((((means[0] - means[1]) ** 2) / (0.5 * (var[0] + var[1]))).sum()))
     info = {"ashman_d": d, "gmm_means": means.tolist(), "gmm_weights": gm.weights_.tolist()}
-    if d < min_separation or gm.weights_.min() < 0.02:
+    if gm.weights_.min() < 0.02 or (min_separation > 0 and d < min_separation):
         return None, info
     post = gm.predict_proba(feats)[:, hi]
     # the mixture's tails can flip (lower component wider): keep the posterior monotone in the
@@ -191,6 +208,16 @@ def _mixture_posterior(feats: np.ndarray, seed: int, min_separation: float) -> t
     mono = np.empty_like(post)
     mono[order] = np.maximum.accumulate(post[order])
     return mono, info
+
+
+def _knn(x: np.ndarray, k: int) -> np.ndarray | None:
+    """Indices of the ``k`` nearest rows of every row (itself included); None when k < 2."""
+    if k < 2 or len(x) < 3:
+        return None
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(k, len(x))
+    return NearestNeighbors(n_neighbors=k).fit(x).kneighbors(x, return_distance=False)
 
 
 def _self_train(features: np.ndarray, post: np.ndarray, *, confident: float, min_seed_cells: int,
@@ -209,89 +236,175 @@ def _self_train(features: np.ndarray, post: np.ndarray, *, confident: float, min
     return clf.predict_proba(f)[:, 1]
 
 
-def tumor_lineage(oncotree_code: str | None, organ: str | None = None) -> tuple[str, ...]:
-    """Fine types a tumour of this OncoTree code can arise from (``programs.yaml: tumor_lineage``).
+@dataclass(frozen=True)
+class Lineage:
+    """What a tumour of an OncoTree code arises from (``programs.yaml: lineage``)."""
 
-    Melanoma codes -> ``("melanocyte",)``; other known codes (carcinomas) -> ``("epithelial",)``;
-    unknown or missing code -> :data:`CANDIDATE_TYPES` (both).
+    code: str | None
+    #: fine types the neoplastic step may call neoplastic (empty: no defensible lineage)
+    candidates: tuple[str, ...]
+    #: without a lineage: types the tumour cells resemble (their cells get no class)
+    suspect: tuple[str, ...] = ()
+    note: str = ""
+
+    @property
+    def defensible(self) -> bool:
+        """A lineage is known: the neoplastic step can split its cells."""
+        return bool(self.candidates)
+
+
+def tumor_lineage(oncotree_code: str | None, organ: str | None = None) -> Lineage:
+    """Lineage of a tumour from its OncoTree code (``markers/programs.yaml: lineage``).
+
+    Carcinoma codes -> epithelium (plus the parenchymal type where one exists: hepatocytes for
+    HCC, kidney tubule for renal cell carcinomas); melanoma codes -> melanocytes. Codes with no
+    defensible lineage for a marker panel (GBM, ALL) and codes missing from the table (or no code)
+    return ``candidates=()`` and the ``suspect`` types whose cells then get no class.
     """
-    prog = _read_yaml("programs.yaml")
-    lin = prog.get("tumor_lineage", {})
-    if _is_missing(oncotree_code):
-        return CANDIDATE_TYPES
-    code = str(oncotree_code).strip().upper()
-    if code in lin:
-        return tuple(lin[code])
-    if code in prog["oncotree_to_organ"]:
-        return tuple(lin.get("carcinoma", CANDIDATE_TYPES))
-    return CANDIDATE_TYPES
+    table = _read_yaml("programs.yaml").get("lineage", {})
+    code = None if _is_missing(oncotree_code) else str(oncotree_code).strip().upper()
+    entry = table.get(code) if code is not None else None
+    if entry is None:
+        why = "no OncoTree code" if code is None else f"OncoTree code {code} is not in the lineage table"
+        return Lineage(code, (), tuple(_EPITHELIAL_LIKE), f"{why}: no defensible lineage")
+    return Lineage(code, tuple(entry.get("candidates") or ()), tuple(entry.get("suspect") or ()),
+                   str(entry.get("note", "")))
+
+
+def lineage_table(codes: Sequence[str] | None = None) -> pd.DataFrame:
+    """The lineage table (``programs.yaml: lineage``) as a DataFrame, for ``codes`` (default all).
+
+    Columns: ``oncotree_code``, ``candidates`` (fine types the neoplastic step may call neoplastic;
+    empty = no defensible lineage), ``suspect`` (their cells get no class then), ``note``.
+    """
+    table = _read_yaml("programs.yaml").get("lineage", {})
+    codes = list(table) if codes is None else list(dict.fromkeys(str(c).strip().upper() for c in codes))
+    rows = []
+    for c in codes:
+        lin = tumor_lineage(c)
+        rows.append({"oncotree_code": c, "candidates": ", ".join(lin.candidates) or "(none)",
+                     "suspect": ", ".join(lin.suspect), "note": lin.note})
+    return pd.DataFrame(rows)
+
+
+def cnv_support(var_names: Sequence[str], *, min_genes_per_arm: int = 20) -> tuple[bool, int, int, str]:
+    """Whether a panel can carry a copy-number signal, and the window sized to it.
+
+    A CNV signal averages neighbouring genes; on a targeted panel most neighbours are lineage
+    markers chosen for the panel, so a window of a few genes measures lineage, not copy number.
+    The panel supports CNV when the median number of its positioned genes per autosomal chromosome
+    arm is at least ``min_genes_per_arm`` (hMulti: 8; Prime 5K: ~110). The window is then half the
+    median arm (between 10 and 100 genes) and the step a fifth of the window.
+
+    Returns
+    -------
+    ``(supported, window, step, reason)``.
+    """
+    from collections import Counter
+
+    from stlib.io.panels import chromosome_arms
+
+    arms = chromosome_arms([str(g) for g in var_names])
+    per_arm = Counter(a for a in arms if a and not a.startswith(("chrX", "chrY")))
+    med = float(np.median(list(per_arm.values()))) if per_arm else 0.0
+    if med < min_genes_per_arm:
+        return False, 0, 0, (f"panel has a median of {med:.0f} positioned genes per chromosome arm "
+                             f"(< {min_genes_per_arm}): a copy-number window would mostly measure "
+                             "lineage; copy-number signal off")
+    window = int(np.clip(med // 2, 10, 100))
+    step = max(1, window // 5)
+    return True, window, step, f"median {med:.0f} genes per arm: window {window}, step {step}"
+
+
+def cycling_cells(adata: AnnData, genes: Sequence[str], *, min_fraction: float = 0.06,
+                  min_genes: int = 3) -> np.ndarray:
+    """Cells in S/G2/M: proliferation genes hold at least ``min_fraction`` of the cell's counts and
+    at least ``min_genes`` distinct ones are detected (capped at half the panel's proliferation
+    genes). Cycling cells express the set together; one or two stray transcripts (spill-over from
+    a dividing neighbour, background) do not qualify."""
+    x = _counts(adata)
+    idx = pd.Index(adata.var_names).get_indexer(list(genes))
+    idx = idx[idx >= 0]
+    if idx.size == 0:
+        return np.zeros(adata.n_obs, dtype=bool)
+    sub = x[:, idx]
+    c = _row_sums(sub)
+    nd = _row_nnz(sub)
+    tot = _row_sums(x)
+    need = min(min_genes, max(1, idx.size // 2))
+    return (c >= min_fraction * np.maximum(tot, 1)) & (nd >= need) & (c > 0)
 
 
 def neoplastic_step(adata: AnnData, *, disease_state: str | None, oncotree_code: str | None = None,
                     organ: str | None = None, fine_key: str = Key.FINE_TYPE,
                     candidate_types: Sequence[str] | None = None,
                     reference_types: Sequence[str] = REFERENCE_TYPES,
-                    weights: tuple[float, float, float] = (1.0, 0.5, 1.0), use_cnv: bool = True,
-                    cnv_window: int = 5, cnv_step: int = 1, min_positioned_genes: int = 100,
-                    min_reference_cells: int = 30, low: float = 0.4, high: float = 0.6,
-                    min_separation: float = 2.0, unimodal: Literal["neoplastic", "ambiguous"] = "neoplastic",
-                    self_train: bool = True, self_train_rounds: int = 2, refit_confident: float = 0.9,
-                    min_seed_cells: int = 5,
+                    weights: tuple[float, float, float] = (1.0, 0.0, 1.0), use_cnv: bool = True,
+                    cnv_window: int | None = None, cnv_step: int | None = None, min_genes_per_arm: int = 20,
+                    min_positioned_genes: int = 100, min_reference_cells: int = 30, low: float = 0.4,
+                    high: float = 0.6, min_separation: float = 2.0,
+                    unimodal: Literal["evidence", "neoplastic", "ambiguous"] = "evidence",
+                    min_separation_backed: float = 1.2, min_cycling_fraction: float = 0.06,
+                    min_cycling_ratio: float = 2.5, normal_cycling_ratio: float = 1.5,
+                    unimodal_score: float = 0.75, self_train: bool = True, self_train_rounds: int = 2,
+                    refit_confident: float = 0.9, min_seed_cells: int = 5, smooth_neighbors: int = 15,
                     seed: int = 0, copy: bool = False) -> AnnData | None:
-    """The hierarchical neoplastic step: sample gate, then neoplastic vs non-neoplastic epithelium.
+    """The hierarchical neoplastic step: sample gate, lineage, then neoplastic vs non-neoplastic.
 
-    1. Gate: when :func:`is_tumor_sample` is False, no cell is neoplastic; candidates are called
-       "non-neoplastic".
-    2. Candidates are the cells of the tumour's lineage (``candidate_types``; default
-       :func:`tumor_lineage` of the OncoTree code: melanocytes for melanoma, epithelium for
-       carcinomas, both when unknown); cells of the other candidate lineage are "non-neoplastic".
-       Three signals, each standardised over the candidates (median / SD, :func:`_std_z`): the
-       organ tumour signature rank score (up genes minus lost genes,
-       :func:`stlib.labels.celltypes.load_programs`), the proliferation rank score, and the
-       copy-number signal (infercnvpy, immune and stromal cells as the diploid reference,
-       ``window_size=cnv_window``, ``step=cnv_step``; each cell's CNV profile projected on the
-       candidates-minus-reference mean profile; skipped with a logged reason when the panel has
-       fewer than ``min_positioned_genes`` positioned autosomal genes or too few reference cells).
-       Their weighted sum (``weights`` = tumour, proliferation, CNV) is the raw score.
-    3. A 2-component Gaussian mixture (``seed``) on the raw score gives a first posterior. When
-       the mixture is not bimodal (Ashman's D < ``min_separation``, 2 by convention), all
-       candidates are called ``unimodal`` ("neoplastic": in a cancer sample the epithelium is
-       mostly tumour; logged). Otherwise the CNV direction is re-estimated as putative tumour minus
-       putative normal candidates (posterior >= / <= ``refit_confident``; cancels the lineage
-       expression that a candidates-minus-reference profile carries), the mixture refitted, and
+    1. Gate: when :func:`is_tumor_sample` is False, no cell is neoplastic; epithelial-like cells
+       are called "non-neoplastic".
+    2. Lineage (:func:`tumor_lineage`, a table over OncoTree codes): candidates are the cells of the
+       tumour's lineage (``candidate_types`` overrides it); cells of other epithelial-like types are
+       "non-neoplastic". Where no lineage is defensible (GBM, ALL, unknown codes) the cells of the
+       ``suspect`` types are "ambiguous" (class 255) and leave the copy-number reference.
+    3. Three signals, each standardised over the candidates (median / SD, :func:`_std_z`): the organ
+       tumour signature rank score (up genes minus lost genes), the proliferation rank score, and a
+       copy-number signal (infercnvpy, immune and stromal cells as the diploid reference) where the
+       panel supports one (:func:`cnv_support`: enough genes per chromosome arm; window sized to the
+       panel; ``cnv_window`` / ``cnv_step`` override it), else off with a logged message. Their
+       weighted sum (``weights`` = tumour, proliferation, CNV) is the raw score. Proliferation weighs
+       little per cell: most tumour cells do not cycle (Ki-67 indices of 10-40 %) and some normal
+       cells do.
+    4. A 2-component Gaussian mixture on the raw score averaged over each candidate's
+       ``smooth_neighbors`` nearest candidates in expression space (20 PCs; 0 = no smoothing). When it is bimodal (Ashman's D >=
+       ``min_separation`` and both components >= 2 % of the candidates): the CNV direction is
+       re-estimated on putative tumour minus putative normal candidates, the mixture refitted, and
        (``self_train``) a logistic regression over the candidates' expression PCs + the signals is
-       trained on the confident cells for ``self_train_rounds`` rounds; its probability is the
-       neoplastic score. >= ``high`` -> "neoplastic" (fine type becomes "tumor"), <= ``low`` ->
-       "non-neoplastic", in between -> "ambiguous" (class 255 later).
+       trained on the confident cells; its probability is the neoplastic score.
+    5. When the scores are **not bimodal** the candidates are one population; ``unimodal`` decides:
+       ``"evidence"`` (default) calls it neoplastic (score ``unimodal_score``) only when the
+       population as a whole carries tumour evidence — its share of cycling cells
+       (:func:`cycling_cells`) is at least ``min_cycling_fraction`` and ``min_cycling_ratio`` times
+       that of the reference cells — and ambiguous otherwise; ``"ambiguous"`` always leaves it
+       ambiguous; ``"neoplastic"`` (the old behaviour) always calls it neoplastic.
+    6. Score >= ``high`` -> "neoplastic" (fine type becomes "tumor"), <= ``low`` -> "non-neoplastic",
+       in between -> "ambiguous" (class 255 later).
 
     Returns
     -------
     Writes ``obs["neoplastic_score"]`` (NaN for non-candidates / healthy samples),
     ``obs["neoplastic_call"]``, ``obs["tumor_signature_score"]``, ``obs["proliferation_score"]``,
-    ``obs["cnv_score"]`` (NaN when skipped), updates ``obs[fine_key]`` ("tumor" for neoplastic
+    ``obs["cnv_score"]`` (NaN when off), updates ``obs[fine_key]`` ("tumor" for neoplastic
     cells) and ``uns["stlib_labels"]["neoplastic_step"]``; returns the AnnData when ``copy=True``.
     """
     if not 0.0 <= low <= high <= 1.0:
         raise ValueError(f"need 0 <= low <= high <= 1, got low={low}, high={high}")
-    if unimodal not in ("neoplastic", "ambiguous"):
-        raise ValueError(f"unimodal must be 'neoplastic' or 'ambiguous', got {unimodal!r}")
+    if unimodal not in ("evidence", "neoplastic", "ambiguous"):
+        raise ValueError(f"unimodal must be 'evidence', 'neoplastic' or 'ambiguous', got {unimodal!r}")
     adata = adata.copy() if copy else adata
     if fine_key not in adata.obs:
         raise ValueError(f"obs[{fine_key!r}] missing: run stlib.labels.celltypes.assign_fine_types first")
     fine = adata.obs[fine_key].astype(str).to_numpy(object)
-    if candidate_types is None:
-        candidate_types = tumor_lineage(oncotree_code, organ)
-    other_lineage = np.isin(fine, [t for t in CANDIDATE_TYPES if t not in candidate_types])
-    cand = np.isin(fine, list(candidate_types))
+    tumor = is_tumor_sample(disease_state, oncotree_code)
+    lin = tumor_lineage(oncotree_code, organ)
+    if candidate_types is not None:
+        lin = Lineage(lin.code, tuple(candidate_types), (), "candidate types given")
     n = adata.n_obs
     call = np.full(n, "", dtype=object)
-    call[other_lineage] = "non-neoplastic"
     nscore = np.full(n, np.nan)
     cnv_score = np.full(n, np.nan)
-    info: dict = {"tumor_sample": None, "n_candidates": int(cand.sum()),
-                  "candidate_types": list(candidate_types)}
-    tumor = is_tumor_sample(disease_state, oncotree_code)
-    info["tumor_sample"] = tumor
+    info: dict = {"tumor_sample": tumor, "lineage": list(lin.candidates), "lineage_note": lin.note,
+                  "candidate_types": list(lin.candidates)}
     prog = load_programs(adata.var_names, organ=organ, oncotree_code=oncotree_code)
     sigs = {k: v for k, v in {"tumor_up": prog["tumor_up"], "tumor_down": prog["tumor_down"],
                               "proliferation": prog["proliferation"]}.items() if v}
@@ -302,89 +415,41 @@ def neoplastic_step(adata: AnnData, *, disease_state: str | None, oncotree_code:
     prol = adata.obs.pop("_prog_proliferation").to_numpy() if "proliferation" in sigs else np.zeros(n)
     adata.obs[Key.TUMOR_SCORE] = t_up - t_dn
     adata.obs[Key.PROLIF_SCORE] = prol
+    epithelial_like = np.isin(fine, list(_EPITHELIAL_LIKE))
 
     if not tumor:
-        call[cand] = "non-neoplastic"
+        call[epithelial_like] = "non-neoplastic"
+        info["n_candidates"] = 0
         info["reason"] = f"sample gate: disease_state={disease_state!r}, oncotree_code={oncotree_code!r} -> not a tumour"
-        log.info("neoplastic_step: %s; %d candidates non-neoplastic", info["reason"], int(cand.sum()))
-    elif cand.sum() < 3:
-        call[cand] = "ambiguous"
-        info["reason"] = f"only {int(cand.sum())} candidate cells"
-        log.warning("neoplastic_step: %s; left ambiguous", info["reason"])
+        log.info("neoplastic_step: %s; %d epithelial-like cells non-neoplastic", info["reason"],
+                 int(epithelial_like.sum()))
+    elif not lin.defensible:
+        sus = np.isin(fine, list(lin.suspect))
+        call[sus] = "ambiguous"
+        call[epithelial_like & ~sus] = "non-neoplastic"
+        info["n_candidates"] = 0
+        info["reason"] = (f"no defensible lineage ({lin.note}); {int(sus.sum())} cells of "
+                          f"{sorted(lin.suspect)} left without a class")
+        log.warning("neoplastic_step: %s", info["reason"])
     else:
-        w_t, w_p, w_c = weights
-        z_t, z_p = _std_z((t_up - t_dn)[cand]), _std_z(prol[cand])
-        raw = w_t * z_t + w_p * z_p
-        info["cnv"] = "disabled"
-        cnv_m = None
-        ref = np.isin(fine, list(reference_types))
-        if use_cnv and w_c != 0:
-            if Key.LOGNORM not in adata.layers:
-                normalize(adata)
-            cnv_m, reason = _cnv_signal(adata, ref, cand, window_size=cnv_window, step=cnv_step,
-                                        min_positioned_genes=min_positioned_genes,
-                                        min_reference_cells=min_reference_cells)
-            info["cnv"] = reason
-            sig = None if cnv_m is None else _project(cnv_m, cand, ref)
-            if sig is None:
-                log.info("neoplastic_step: %s", reason if cnv_m is None else "flat copy-number profile")
-                cnv_m = None
-            else:
-                info["cnv"] += "; score = projection on candidates-minus-reference CNV profile"
-                cnv_score[:] = sig
-                raw = raw + w_c * _std_z(sig[cand])
-        post, mix = _mixture_posterior(raw, seed, min_separation)
-        info.update(mix)
-        info["ashman_d_first_pass"] = mix["ashman_d"]
-        log.info("neoplastic_step: first-pass mixture D=%.2f weights=%s", mix["ashman_d"], mix["gmm_weights"])
-        if post is not None and cnv_m is not None:
-            # second pass: the CNV direction of putative tumour minus putative normal candidates
-            # cancels what lineage expression (epithelial genes, absent from the reference) adds
-            ci = np.flatnonzero(cand)
-            a, b = ci[post >= refit_confident], ci[post <= 1.0 - refit_confident]
-            if a.size >= min_seed_cells and b.size >= min_seed_cells:
-                sig2 = _project(cnv_m, a, b)
-                if sig2 is not None:
-                    cnv_score[:] = sig2
-                    raw = w_t * z_t + w_p * z_p + w_c * _std_z(sig2[cand])
-                    post2, mix2 = _mixture_posterior(raw, seed, min_separation)
-                    if post2 is not None:
-                        post = post2
-                        info.update(mix2)
-                        info["cnv"] += "; refined on putative tumour-minus-normal candidates"
-        if post is None:
-            info["reason"] = (f"candidate scores not bimodal (Ashman's D={info['ashman_d']:.2f}); "
-                              f"all called {unimodal}")
-            log.warning("neoplastic_step: %s", info["reason"])
-            post = np.full(int(cand.sum()), 1.0 if unimodal == "neoplastic" else 0.5)
+        cand = np.isin(fine, list(lin.candidates))
+        call[epithelial_like & ~cand] = "non-neoplastic"
+        info["n_candidates"] = int(cand.sum())
+        if cand.sum() < 3:
+            call[cand] = "ambiguous"
+            info["reason"] = f"only {int(cand.sum())} candidate cells"
+            log.warning("neoplastic_step: %s; left ambiguous", info["reason"])
         else:
-            info["reason"] = f"2-component mixture, Ashman's D={info['ashman_d']:.2f}"
-            if self_train:
-                # the cells the signals call clearly teach a classifier over the candidates' whole
-                # expression (sample-specific tumour genes the signature lists lack)
-                x = adata.layers[Key.LOGNORM] if Key.LOGNORM in adata.layers else _counts(adata)
-                x = x[np.flatnonzero(cand)]
-                x = x.toarray() if sp.issparse(x) else np.asarray(x, dtype=np.float64)
-                from sklearn.decomposition import PCA
-
-                k = max(1, min(20, x.shape[0] - 1, x.shape[1] - 1))
-                pcs = PCA(n_components=k, random_state=seed).fit_transform(x - x.mean(axis=0))
-                extra = [z_t, z_p] + ([_std_z(cnv_score[cand])] if cnv_m is not None else [])
-                feats = np.column_stack([pcs, *extra])
-                done = 0
-                for _ in range(self_train_rounds):
-                    prob = _self_train(feats, post, confident=refit_confident,
-                                       min_seed_cells=min_seed_cells, seed=seed)
-                    if prob is None:
-                        break
-                    post, done = prob, done + 1
-                if done:
-                    info["reason"] += f"; self-trained logistic regression on confident cells ({done} rounds)"
-        nscore[cand] = post
-        c = np.where(post >= high, "neoplastic", np.where(post <= low, "non-neoplastic", "ambiguous"))
-        call[cand] = c
-        log.info("neoplastic_step: %s; calls %s", info["reason"],
-                 pd.Series(c).value_counts().to_dict())
+            _split_candidates(adata, fine, cand, call, nscore, cnv_score, info, t_up=t_up, t_dn=t_dn, prol=prol,
+                              prog=prog, reference_types=reference_types, weights=weights, use_cnv=use_cnv,
+                              cnv_window=cnv_window, cnv_step=cnv_step, min_genes_per_arm=min_genes_per_arm,
+                              min_positioned_genes=min_positioned_genes, min_reference_cells=min_reference_cells,
+                              low=low, high=high, min_separation=min_separation, unimodal=unimodal,
+                              min_cycling_fraction=min_cycling_fraction, min_cycling_ratio=min_cycling_ratio,
+                              normal_cycling_ratio=normal_cycling_ratio, min_separation_backed=min_separation_backed,
+                              unimodal_score=unimodal_score, self_train=self_train,
+                              self_train_rounds=self_train_rounds, refit_confident=refit_confident,
+                              min_seed_cells=min_seed_cells, smooth_neighbors=smooth_neighbors, seed=seed)
     # update fine types
     fine_cat = adata.obs[fine_key]
     cats = list(fine_cat.cat.categories) if hasattr(fine_cat, "cat") else sorted(set(fine))
@@ -406,8 +471,156 @@ def neoplastic_step(adata: AnnData, *, disease_state: str | None, oncotree_code:
     return adata if copy else None
 
 
+def _split_candidates(adata: AnnData, fine: np.ndarray, cand: np.ndarray, call: np.ndarray, nscore: np.ndarray,
+                      cnv_score: np.ndarray, info: dict, *, t_up, t_dn, prol, prog, reference_types, weights,
+                      use_cnv, cnv_window, cnv_step, min_genes_per_arm, min_positioned_genes, min_reference_cells,
+                      low, high, min_separation, unimodal, min_cycling_fraction, min_cycling_ratio, unimodal_score,
+                      normal_cycling_ratio, min_separation_backed,
+                      self_train, self_train_rounds, refit_confident, min_seed_cells, smooth_neighbors,
+                      seed) -> None:
+    """Steps 3-6 of :func:`neoplastic_step` for a tumour sample with a lineage (writes in place)."""
+    w_t, w_p, w_c = weights
+    z_t, z_p = _std_z((t_up - t_dn)[cand]), _std_z(prol[cand])
+    raw = w_t * z_t + w_p * z_p
+    info["cnv"] = "disabled"
+    cnv_m = None
+    ref = np.isin(fine, list(reference_types))
+    if use_cnv and w_c != 0:
+        ok, win, stp, why = cnv_support(adata.var_names, min_genes_per_arm=min_genes_per_arm)
+        win = cnv_window if cnv_window is not None else win
+        stp = cnv_step if cnv_step is not None else stp
+        if not ok and cnv_window is None:
+            info["cnv"] = why
+            log.info("neoplastic_step: %s", why)
+        else:
+            if Key.LOGNORM not in adata.layers:
+                normalize(adata)
+            cnv_m, reason = _cnv_signal(adata, ref, cand, window_size=win, step=stp,
+                                        min_positioned_genes=min_positioned_genes,
+                                        min_reference_cells=min_reference_cells)
+            info["cnv"] = reason
+            sig = None if cnv_m is None else _project(cnv_m, cand, ref)
+            if sig is None:
+                log.info("neoplastic_step: %s", reason if cnv_m is None else "flat copy-number profile")
+                cnv_m = None
+            else:
+                info["cnv"] += "; score = projection on candidates-minus-reference CNV profile"
+                cnv_score[:] = sig
+                raw = raw + w_c * _std_z(sig[cand])
+    # expression PCs of the candidates: the raw score is averaged over each cell's nearest
+    # candidates in expression space (tumour and normal epithelium differ in many genes, so a
+    # cell's neighbours are mostly of its kind; a few-gene signature is noisy cell by cell)
+    x = adata.layers[Key.LOGNORM] if Key.LOGNORM in adata.layers else _counts(adata)
+    x = x[np.flatnonzero(cand)]
+    x = x.toarray() if sp.issparse(x) else np.asarray(x, dtype=np.float64)
+    # cycling is a state, not an identity: proliferation genes stay out of the neighbourhoods
+    x = x[:, ~np.isin(np.asarray(adata.var_names), list(prog["proliferation"]))]
+    from sklearn.decomposition import PCA
+
+    k_pc = max(1, min(20, x.shape[0] - 1, x.shape[1] - 1))
+    pcs = PCA(n_components=k_pc, random_state=seed).fit_transform(x - x.mean(axis=0))
+    nbrs = _knn(pcs, smooth_neighbors)
+    smooth = lambda v: v[nbrs].mean(axis=1) if nbrs is not None else v  # noqa: E731
+    post, mix = _mixture_posterior(smooth(raw), seed, 0.0)
+    info.update(mix)
+    info["ashman_d_first_pass"] = mix["ashman_d"]
+    if post is not None and mix["ashman_d"] >= min_separation and cnv_m is not None:
+        # second pass: the CNV direction of putative tumour minus putative normal candidates
+        # cancels what lineage expression (epithelial genes, absent from the reference) adds
+        ci = np.flatnonzero(cand)
+        a, b = ci[post >= refit_confident], ci[post <= 1.0 - refit_confident]
+        if a.size >= min_seed_cells and b.size >= min_seed_cells:
+            sig2 = _project(cnv_m, a, b)
+            if sig2 is not None:
+                cnv_score[:] = sig2
+                raw = w_t * z_t + w_p * z_p + w_c * _std_z(sig2[cand])
+                post2, mix2 = _mixture_posterior(smooth(raw), seed, 0.0)
+                if post2 is not None and mix2["ashman_d"] >= min_separation:
+                    post = post2
+                    info.update(mix2)
+                    info["cnv"] += "; refined on putative tumour-minus-normal candidates"
+    # population evidence of a tumour: a share of cycling cells well above the reference cells'
+    cyc = cycling_cells(adata, prog["proliferation"])
+    f_ref = float(cyc[ref].mean()) if ref.sum() >= 20 else float("nan")
+    base = max(f_ref, 0.01) if np.isfinite(f_ref) else float("nan")
+
+    def share(mask: np.ndarray) -> float:
+        return float(cyc[mask].mean()) if mask.sum() >= 20 else float("nan")
+
+    def tumour_like(f: float) -> bool:
+        return bool(np.isfinite(f) and np.isfinite(base) and f >= max(min_cycling_fraction, min_cycling_ratio * base))
+
+    def normal_like(f: float) -> bool:
+        return bool(np.isfinite(f) and np.isfinite(base) and f <= normal_cycling_ratio * base)
+
+    f_cand = share(cand)
+    info.update(cycling_fraction_candidates=f_cand, cycling_fraction_reference=f_ref)
+    d = info["ashman_d"]
+    if post is not None:
+        # which side of the split is tumour-like: a split must separate tumour from normal epithelium,
+        # not two tumour populations (subclones; cycling and resting cells)
+        ci = np.flatnonzero(cand)
+        hi_m = np.zeros(len(cand), bool)
+        hi_m[ci[post >= 0.5]] = True
+        lo_m = np.zeros(len(cand), bool)
+        lo_m[ci[post < 0.5]] = True
+        f_hi, f_lo = share(hi_m), share(lo_m)
+        info.update(cycling_fraction_high=f_hi, cycling_fraction_low=f_lo)
+        backed = tumour_like(f_hi) and normal_like(f_lo)
+        backed_flipped = tumour_like(f_lo) and normal_like(f_hi)
+        if tumour_like(f_hi) and tumour_like(f_lo) and max(f_hi, f_lo) < 2.0 * min(f_hi, f_lo):
+            info["split"] = "rejected: both components carry the same tumour evidence (cycling share)"
+            post = None
+        elif d >= min_separation and backed_flipped:
+            info["split"] = "flipped: the low-score component carries the tumour evidence (cycling share)"
+            post = 1.0 - post
+        elif d >= min_separation:
+            info["split"] = "accepted: bimodal"
+        elif d >= min_separation_backed and (backed or backed_flipped):
+            info["split"] = ("accepted: weakly bimodal, one component tumour-like and the other normal-like "
+                             "(cycling share)")
+            if backed_flipped:
+                post = 1.0 - post
+        else:
+            post = None
+        if "split" in info:
+            log.info("neoplastic_step: split %s", info["split"])
+    if post is None:
+        evidence_ok = tumour_like(f_cand)
+        if unimodal == "neoplastic" or (unimodal == "evidence" and evidence_ok):
+            value = 1.0 if unimodal == "neoplastic" else unimodal_score
+            what = "neoplastic"
+        else:
+            value, what = 0.5, "ambiguous"
+        info["reason"] = (f"candidates are one population (Ashman's D={info['ashman_d']:.2f}); cycling "
+                          f"{100 * f_cand:.1f}% of candidates vs {100 * f_ref:.1f}% of reference cells; "
+                          f"all called {what} (unimodal={unimodal!r})")
+        log.warning("neoplastic_step: %s", info["reason"])
+        post = np.full(int(cand.sum()), value)
+    else:
+        info["reason"] = f"2-component mixture, Ashman's D={info['ashman_d']:.2f}"
+        if self_train:
+            # the cells the signals call clearly teach a classifier over the candidates' whole
+            # expression (sample-specific tumour genes the signature lists lack)
+            extra = [z_t, z_p] + ([_std_z(cnv_score[cand])] if cnv_m is not None else [])
+            feats = np.column_stack([pcs, *extra])
+            done = 0
+            for _ in range(self_train_rounds):
+                prob = _self_train(feats, post, confident=refit_confident,
+                                   min_seed_cells=min_seed_cells, seed=seed)
+                if prob is None:
+                    break
+                post, done = prob, done + 1
+            if done:
+                info["reason"] += f"; self-trained logistic regression on confident cells ({done} rounds)"
+    nscore[cand] = post
+    c = np.where(post >= high, "neoplastic", np.where(post <= low, "non-neoplastic", "ambiguous"))
+    call[cand] = c
+    log.info("neoplastic_step: %s; calls %s", info["reason"], pd.Series(c).value_counts().to_dict())
+
+
 def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: float = 0.05,
-              min_apoptosis_counts: int = 1, min_apoptosis_fraction: float = 0.1,
+              min_apoptosis_counts: int = 2, min_apoptosis_fraction: float = 0.1, call_dead: bool = True,
               apoptosis_genes: Sequence[str] | None = None, fine_key: str = Key.FINE_TYPE,
               copy: bool = False) -> AnnData | None:
     """A PROXY for dead / dying cells: low transcript count plus detected apoptosis genes.
@@ -422,6 +635,10 @@ def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: 
       only those in the panel) have ``>= min_apoptosis_counts`` counts and ``>=
       min_apoptosis_fraction`` of its counts becomes fine type ``"dead"``;
     * every other low-count cell becomes ``"unknown"`` (class 255: segment it, do not classify it).
+
+    ``call_dead=False`` (the default of :func:`label_cells`: Dead is *ignore* for ST training)
+    makes every low-count cell ``"unknown"`` and calls no cell dead. Two apoptosis transcripts
+    are required by default: with one, any low-count cell with a stray FAS read became Dead.
 
     On panels without any apoptosis gene (hBreast, hColon, hSkin) no cell is called dead and the
     low-count cells become unknown; that is logged.
@@ -441,6 +658,8 @@ def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: 
     n_counts = (adata.obs[Key.N_COUNTS].to_numpy(float) if Key.N_COUNTS in adata.obs else _row_sums(x))
     thr = float(max_counts) if max_counts is not None else float(np.quantile(n_counts, low_quantile))
     genes = list(apoptosis_genes) if apoptosis_genes is not None else load_programs(adata.var_names)["apoptosis"]
+    if not call_dead:
+        genes = []
     idx = pd.Index(adata.var_names).get_indexer(genes)
     idx = idx[idx >= 0]
     apo = _row_sums(x[:, idx]) if idx.size else np.zeros(adata.n_obs)
@@ -459,7 +678,7 @@ def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: 
         adata.obs[Key.TYPE_CONFIDENCE] = conf
     adata.obs[Key.APOPTOSIS_COUNTS] = apo
     info = {"max_counts": thr, "n_low": int(low.sum()), "n_dead": int(dead.sum()),
-            "apoptosis_genes": [str(g) for g in adata.var_names[idx]], "proxy": True}
+            "apoptosis_genes": [str(g) for g in adata.var_names[idx]], "proxy": bool(call_dead)}
     adata.uns.setdefault(Key.UNS, {})["dead_rule"] = info
     if idx.size == 0:
         log.info("dead_rule: no apoptosis gene in the panel; %d low-count cells -> unknown", int(low.sum()))
@@ -517,9 +736,10 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
                 min_counts: int = 10, min_genes: int = 3, min_confidence: float = 0.3,
                 resolution: float = 1.0, n_pcs: int = 30, n_neighbors: int = 15,
                 neighbors_method: Literal["umap", "gauss"] = "umap", min_markers: int = 2,
-                use_cnv: bool = True, dead: bool = True,
+                use_cnv: bool = True, dead: Literal["ignore", "proxy", "off"] | bool = "ignore",
                 markers: Mapping[str, Sequence[str]] | None = None,
-                neoplastic_kwargs: Mapping | None = None, copy: bool = False) -> AnnData:
+                neoplastic_kwargs: Mapping | None = None, fine_kwargs: Mapping | None = None,
+                copy: bool = False) -> AnnData:
     """Whole chain: counts -> QC -> scores -> (clusters) -> fine types -> classes.
 
     Methods (all kept for the ablation):
@@ -549,10 +769,19 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
         kNN connectivity kernel for Leiden (see :func:`stlib.labels.celltypes.cluster`).
     min_confidence
         Cells below it get class 255.
+    use_cnv
+        Allow the copy-number signal (it still needs a panel that supports it, :func:`cnv_support`).
+    dead
+        ``"ignore"`` (default: Dead is ignore for ST training; low-count cells become unknown, no cell
+        is called Dead), ``"proxy"`` (opt-in: :func:`dead_rule`'s low-count + apoptosis-gene proxy
+        calls Dead) or ``"off"`` (no low-count rule). ``True`` / ``False`` mean proxy / off.
     markers
         Replace the shipped marker sets (``{type: genes}``).
     neoplastic_kwargs
         Extra options for :func:`neoplastic_step`.
+    fine_kwargs
+        Extra options for :func:`stlib.labels.celltypes.assign_fine_types` (``annotate_kwargs`` go
+        to :func:`stlib.labels.celltypes.annotate_clusters`).
     copy
         Work on a copy (the input is left untouched).
 
@@ -573,7 +802,8 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
     qc_filter(adata, min_counts=min_counts, min_genes=min_genes)
     normalize(adata)
     if markers is None:
-        mk = load_markers(genes, organ=organ or canonical_organ(None, oncotree_code), min_markers=min_markers)
+        mk = load_markers(genes, organ=organ or canonical_organ(None, oncotree_code), oncotree_code=oncotree_code,
+                          min_markers=min_markers)
     else:
         mk = {t: [g for g in v if g in set(genes)] for t, v in markers.items()}
         mk = {t: v for t, v in mk.items() if v}
@@ -589,12 +819,18 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
                 neighbors_method=neighbors_method)
     fine_method = {"hierarchical": "consensus", "flat": "consensus", "marker": "marker",
                    "cluster": "cluster"}[method]
-    assign_fine_types(adata, mk, method=fine_method)
+    fk = dict(fine_kwargs or {})
+    # clusters that own the markers of two image classes at full strength stay unknown
+    ak = {"groups": {t: FINE_TO_CLASS.get(t, IGNORE) for t in mk}, **dict(fk.pop("annotate_kwargs", None) or {})}
+    assign_fine_types(adata, mk, method=fine_method, annotate_kwargs=ak, **fk)
     if method == "hierarchical":
         neoplastic_step(adata, disease_state=disease_state, oncotree_code=oncotree_code, organ=organ,
                         use_cnv=use_cnv, seed=seed, **dict(neoplastic_kwargs or {}))
-    if dead:
-        dead_rule(adata)
+    dead_mode = {True: "proxy", False: "off"}.get(dead, dead) if isinstance(dead, bool) else dead
+    if dead_mode not in ("ignore", "proxy", "off"):
+        raise ValueError(f"dead must be 'ignore', 'proxy' or 'off', got {dead!r}")
+    if dead_mode != "off":
+        dead_rule(adata, call_dead=dead_mode == "proxy")
     to_image_classes(adata, min_confidence=min_confidence)
     from stlib.labels.celltypes import marker_coverage
 

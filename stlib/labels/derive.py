@@ -36,7 +36,7 @@ from stlib.utils import InputError, atomic_path, progress, read_json, write_json
 log = logging.getLogger(__name__)
 
 #: version of the derivation; part of the idempotence key
-LABELS_VERSION = "1"
+LABELS_VERSION = "2"
 #: CellViT / PanNuke class names -> class ids (second-opinion comparison)
 _NAME_TO_CLASS = {v.lower(): k for k, v in CLASS_NAMES.items()}
 
@@ -54,7 +54,7 @@ def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, 
                   seed: int = 0, min_counts: int = 10, min_confidence: float = 0.3,
                   leiden_resolution: float = 1.0, truth_dir: str | Path | None = None,
                   refine: bool = True, neighbors_method: str = "umap", out_name: str | None = None,
-                  force: bool = False) -> dict[str, Any]:
+                  dead: str = "ignore", force: bool = False) -> dict[str, Any]:
     """Derive labels for one sample; write ``{run_dir}/labels/{sample}/`` and return the report.
 
     Parameters
@@ -71,6 +71,9 @@ def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, 
     out_name
         Sub-folder name under ``labels/`` (default: the sample id; the ablation uses
         ``{sample}__{labeler}``).
+    dead
+        ``"ignore"`` (default: no cell is called Dead; low-count cells are ignore) or ``"proxy"``
+        (the low-count + apoptosis-gene proxy calls Dead), see :func:`stlib.labels.classes.label_cells`.
     force
         Recompute even if an up-to-date output exists.
 
@@ -86,7 +89,7 @@ def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, 
     out = run_dir / "labels" / (out_name or sample_id)
     params = {"labeler": labeler, "seed": seed, "min_counts": min_counts, "min_confidence": min_confidence,
               "leiden_resolution": leiden_resolution, "refine": refine, "neighbors_method": neighbors_method,
-              "truth": None if truth_dir is None else str(truth_dir), "version": LABELS_VERSION}
+              "truth": None if truth_dir is None else str(truth_dir), "dead": dead, "version": LABELS_VERSION}
     aligned = run_dir / "alignment" / sample_id / "alignment.json"
     if aligned.is_file():  # the alignment stage (notebook 01 / `stlib align`) owns its parameters
         res = load_alignment(aligned)
@@ -97,13 +100,15 @@ def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, 
     report_path = out / "label_report.json"
     if report_path.is_file() and not force:
         old = read_json(report_path)
-        if old.get("key") == key and (out / "cells.parquet").is_file():
+        if old.get("key") == key and (out / "cells.parquet").is_file() and (out / "coverage.parquet").is_file():
             return old
 
     cells, nuclei, adata = _label(s, res, labeler=labeler, seed=seed, min_counts=min_counts,
                                   min_confidence=min_confidence, leiden_resolution=leiden_resolution,
-                                  neighbors_method=neighbors_method)
+                                  neighbors_method=neighbors_method, dead=dead)
+    coverage = imaged_region(s, res)
     report = _report(s, res, cells, nuclei, adata, labeler=labeler)
+    report["coverage"] = _coverage_report(s, coverage, nuclei)
     if truth_dir is not None:
         report["truth"] = truth_scores(cells, nuclei, Path(truth_dir) / sample_id, he_um_per_px=s.pixel_size_um)
     cv = s.cellvit() if s.has("cellvit_seg") else None
@@ -118,6 +123,8 @@ def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, 
         nuclei.to_parquet(tmp)
     with atomic_path(out / "cells.h5ad") as tmp:
         _slim(adata).write_h5ad(tmp)
+    with atomic_path(out / "coverage.parquet") as tmp:
+        coverage.to_parquet(tmp)
     write_json(report_path, report)
     return report
 
@@ -136,8 +143,46 @@ def _slim(adata):
     return ad
 
 
+def imaged_region(s, res, **kw: Any):
+    """The region where Xenium imaged and transcripts fall, in aligned H&E px, as a GeoDataFrame.
+
+    :func:`stlib.labels.masks.coverage_region` on every molecule of the sample (µm), mapped with
+    the alignment's transform. Outside it the training masks are *ignore* (never background).
+    """
+    import geopandas as gpd
+    import shapely
+
+    from stlib.labels.masks import coverage_region
+
+    tx = s.transcripts(min_qv=None, genes_only=False, columns=["x_location", "y_location"])
+    with s.wsi() as w:
+        H, W = w.shape
+    # the H&E image in µm (affine part; the local warp is a few px, well inside the margin)
+    inv = np.linalg.inv(np.asarray(res.transform.affine, dtype=float))
+    corners = np.array([[0, 0, 1], [W, 0, 1], [W, H, 1], [0, H, 1]], dtype=float) @ inv.T
+    extent = shapely.Polygon(corners[:, :2])
+    region = coverage_region(tx["x_location"].to_numpy(), tx["y_location"].to_numpy(), extent=extent, **kw)
+    parts = shapely.get_parts(shapely.segmentize(region, 4.0)) if not region.is_empty else np.array([], object)
+    geoms = res.transform.warp_geometries(parts) if len(parts) else parts
+    return gpd.GeoDataFrame({"part": np.arange(len(geoms))}, geometry=list(geoms))
+
+
+def _coverage_report(s, coverage, nuclei) -> dict[str, Any]:
+    """Share of the slide and of the nuclei inside the imaged region."""
+    import shapely
+
+    with s.wsi() as w:
+        H, W = w.shape
+    region = shapely.union_all(coverage.geometry.values) if len(coverage) else shapely.Polygon()
+    inside = shapely.contains_xy(region, *shapely.get_coordinates(shapely.centroid(nuclei.geometry.values)).T) \
+        if len(nuclei) and not region.is_empty else np.zeros(len(nuclei), bool)
+    return {"fraction_of_slide": float(region.area / max(H * W, 1)),
+            "nuclei_inside_fraction": float(np.mean(inside)) if len(nuclei) else float("nan"),
+            "n_parts": int(len(coverage))}
+
+
 def _label(s, res, *, labeler: str, seed: int, min_counts: int, min_confidence: float,
-           leiden_resolution: float, neighbors_method: str):
+           leiden_resolution: float, neighbors_method: str, dead: str = "ignore"):
     """Classes per cell and the aligned nuclei table of one sample."""
     import geopandas as gpd
     import shapely
@@ -151,7 +196,8 @@ def _label(s, res, *, labeler: str, seed: int, min_counts: int, min_confidence: 
                          fix="check the transcripts parquet (cell_id / qv columns)")
     label_cells(adata, method=labeler, organ=s.organ, disease_state=s.disease_state,
                 oncotree_code=s.oncotree_code, seed=seed, min_counts=min_counts,
-                min_confidence=min_confidence, resolution=leiden_resolution, neighbors_method=neighbors_method)
+                min_confidence=min_confidence, resolution=leiden_resolution, neighbors_method=neighbors_method,
+                dead=dead)
     nuc = s.nuclei()
     nuc = nuc[~nuc.index.duplicated()]
     aligned = transform_nuclei(nuc, res)
@@ -307,6 +353,7 @@ def report_table(reports: Sequence[dict[str, Any]]) -> pd.DataFrame:
         row = {"sample": r["sample"], "organ": r["organ"], "labeler": r.get("labeler"),
                "nuclei": r["n_nuclei"], "density /mm²": r.get("density_per_mm2"),
                "align corr after": (r["alignment"].get("score_after") or {}).get("corr"),
+               "% slide imaged": 100 * (r.get("coverage") or {}).get("fraction_of_slide", float("nan")),
                "median confidence": r.get("confidence_quantiles", {}).get("0.5"),
                **{f"% {k}": 100 * v for k, v in r["class_fraction"].items()}}
         t = r.get("truth")
@@ -381,6 +428,10 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
                       timings: dict[str, float] | None = None) -> dict[str, Path]:
     """Cut every sample into training tiles; write ``{run_dir}/tiles/{name}`` (and ``truth``).
 
+    The ST store's pixels outside the region where Xenium imaged and transcripts fall
+    (``coverage.parquet`` of each sample, :func:`imaged_region`) are ``ignore``: an H&E nucleus
+    there is not background, nobody labelled it.
+
     Parameters
     ----------
     samples
@@ -441,13 +492,16 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
     try:
         for row in progress(list(samples.itertuples()), desc="tiles"):
             nuc = gpd.read_parquet(lab_dirs[row.sample] / "nuclei.parquet")
+            cov_path = lab_dirs[row.sample] / "coverage.parquet"
+            imaged = gpd.read_parquet(cov_path).geometry.values if cov_path.is_file() else None
             truth = None
             if "truth" in out:
                 t = gpd.read_parquet(Path(truth_dir) / row.sample / "nuclei.parquet")
                 truth = t[t["visible"].to_numpy(bool)] if "visible" in t.columns else t
             rep = _sample_tiles(HestSample(hest_dir, row.sample), row.organ, nuc, truth, writers,
                                 load_alignment(run_dir / "alignment" / row.sample / "alignment.json"),
-                                um_per_px=um_per_px, tile_px=tile_px, rcfg=rcfg, workers=workers, timings=timings)
+                                um_per_px=um_per_px, tile_px=tile_px, rcfg=rcfg, workers=workers, timings=timings,
+                                imaged=imaged)
             if rep is not None:
                 refinement[row.sample] = rep
         t_close = time.perf_counter()
@@ -470,8 +524,11 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
 
 def _sample_tiles(s, organ: str, nuc, truth, writers: dict[str, Any], res, *, um_per_px: float, tile_px: int,
                   rcfg: RefineConfig | None, workers: int | None,
-                  timings: dict[str, float] | None) -> dict[str, Any] | None:
+                  timings: dict[str, float] | None, imaged=None) -> dict[str, Any] | None:
     """Cut one sample into tiles (in parallel) and append them to the writers in grid order.
+
+    ``imaged``: the Xenium-imaged region (level-0 px polygons, :func:`imaged_region`); the ST
+    maps are ``ignore`` outside it.
 
     Returns the sample's refinement record (None without refinement).
     """
@@ -493,7 +550,8 @@ def _sample_tiles(s, organ: str, nuc, truth, writers: dict[str, Any], res, *, um
             conf = g["confidence"].to_numpy(float) if "confidence" in g.columns else 1.0
             renderers[k] = TileRenderer(g.geometry.values, width=W, height=H, scale=scale, tile_px=tile_px,
                                         classes=g["class"].to_numpy().astype(np.uint8), confidence=conf,
-                                        ignore_polygons=excluded if k == "st" else None)
+                                        ignore_polygons=excluded if k == "st" else None,
+                                        tissue=_imaged_or_none(imaged) if k == "st" else None)
         if timings is not None:
             timings["polygon_setup"] = timings.get("polygon_setup", 0.0) + time.perf_counter() - t0
         for t in iter_slide_tiles(wsi, renderers, size_l0=tile_px / scale, tile_px=tile_px, um_per_px=um_per_px,
@@ -528,6 +586,21 @@ def refinement_table(store: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _imaged_or_none(imaged):
+    """Imaged-region polygons for :func:`iter_label_tiles` (``tissue``: outside = ignore).
+
+    An empty region (no molecule at all) makes every pixel ignore; ``None`` (labels derived
+    before the region was recorded) leaves the maps as they are.
+    """
+    import shapely
+
+    if imaged is None:
+        return None
+    if len(imaged) == 0:
+        return np.array([shapely.box(-2.0, -2.0, -1.0, -1.0)], dtype=object)  # nothing imaged
+    return imaged
+
+
 def _box(r: dict[str, float]):
     import shapely
 
@@ -557,6 +630,9 @@ def cli_main(argv: list[str]) -> int:
     ap.add_argument("--truth-dir", help="demo truth root (truth/): score the labels against it")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-confidence", type=float, default=0.3)
+    ap.add_argument("--dead", choices=["ignore", "proxy"], default="ignore",
+                    help="ignore: no cell is called Dead (default, for ST training); proxy: low count + "
+                         "apoptosis genes (unvalidated)")
     ap.add_argument("--tiles", action="store_true", help="also build OUT/tiles/st (all given samples)")
     ap.add_argument("--tile-px", type=int, default=256)
     ap.add_argument("--um-per-px", type=float, default=TARGET_UM_PER_PX_40X)
@@ -567,7 +643,8 @@ def cli_main(argv: list[str]) -> int:
     out = Path(args.out)
     for sid in args.sample:
         rep = derive_sample(args.hest_dir, sid, out, labeler=args.labeler, seed=args.seed,
-                            min_confidence=args.min_confidence, truth_dir=args.truth_dir, force=args.force)
+                            min_confidence=args.min_confidence, truth_dir=args.truth_dir, dead=args.dead,
+                            force=args.force)
         line = f"stlib labels: {sid}: {rep['n_cells']} cells, classes {rep['class_mix']}"
         if "truth" in rep:
             line += f"; vs truth accuracy {rep['truth']['class']['accuracy']:.3f}"
@@ -583,5 +660,5 @@ def cli_main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["derive_sample", "report_table", "pooled_truth_scores", "truth_scores", "cellvit_agreement", "build_tile_stores", "refinement_table", "assign_splits",
+__all__ = ["derive_sample", "imaged_region", "report_table", "pooled_truth_scores", "truth_scores", "cellvit_agreement", "build_tile_stores", "refinement_table", "assign_splits",
            "cli_main", "LABELS_VERSION"]

@@ -46,6 +46,9 @@ Defined behaviour
   that straddle it are clipped at the region edge, and output pixels outside the region
   get ``ignore = 1``.
 * Empty / missing geometries are dropped and counted (``report["n_empty"]``).
+* **Where Xenium did not image** (:func:`coverage_region`): the region covered by decoded
+  molecules, shrunk by a margin, is passed as ``tissue``; pixels outside it are ``ignore = 1``,
+  so an H&E nucleus outside the Xenium region is never taught as background.
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ __all__ = [
     "tile_grid",
     "TileRenderer",
     "iter_label_tiles",
+    "coverage_region",
 ]
 
 #: Default smallest nucleus area (output px^2 at the target scale) that becomes an instance.
@@ -1188,3 +1192,89 @@ def iter_label_tiles(
             lm = fut.result()
             if lm is not None:
                 yield renderer.tile(i), lm
+
+
+# --------------------------------------------------------------------------------------
+# the Xenium-imaged region
+# --------------------------------------------------------------------------------------
+
+
+def coverage_region(x_um: Any, y_um: Any, *, bin_um: float = 4.0, close_um: float = 16.0,
+                    margin_um: float = 10.0, min_count: int = 1, extent: Any = None) -> Any:
+    """The region where Xenium imaged and transcripts fall, shrunk by a safety margin (µm).
+
+    The H&E section usually extends beyond the Xenium region, and inside it there are stretches
+    without any decoded molecule; there the label maps know nothing, so those pixels must be
+    *ignore*, never background (an H&E nucleus there is a nucleus nobody labelled).
+
+    Molecules are binned on a ``bin_um`` grid; bins with at least ``min_count`` molecules are
+    covered; gaps up to ``close_um`` (lumina, a fat cell, a fold) are closed; then the region is
+    shrunk so that every kept bin lies at least ``margin_um`` plus one and a half bins inside it:
+    a covered bin can reach a bin beyond the last molecule, and a nucleus centred just outside
+    the region can reach ``margin_um`` into it (the largest nuclei have ~8-10 µm semi-axes).
+
+    Parameters
+    ----------
+    x_um, y_um
+        Molecule coordinates (Xenium µm; any molecule, genes or controls, counts as imaged).
+    bin_um, close_um, margin_um, min_count
+        See above.
+
+    Returns
+    -------
+    shapely (Multi)Polygon in µm (empty when no molecule is given). Binary-image work is
+    done with scipy.ndimage; the covered bins become polygons as one box per run of bins in a
+    row, merged with ``shapely.coverage_union_all`` (no raster-to-vector library needed).
+    """
+    from scipy import ndimage as ndi
+
+    x = np.asarray(x_um, dtype=np.float64).ravel()
+    y = np.asarray(y_um, dtype=np.float64).ravel()
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if bin_um <= 0 or margin_um < 0 or close_um < 0:
+        raise ValueError("bin_um must be > 0, close_um and margin_um >= 0")
+    if x.size == 0:
+        return shapely.Polygon()
+    pad = int(math.ceil((close_um + margin_um) / bin_um)) + 3
+    x0 = math.floor(x.min() / bin_um) * bin_um - pad * bin_um
+    y0 = math.floor(y.min() / bin_um) * bin_um - pad * bin_um
+    nx = int(math.ceil((x.max() - x0) / bin_um)) + pad + 1
+    ny = int(math.ceil((y.max() - y0) / bin_um)) + pad + 1
+    if extent is not None:  # grow the grid to the image, so its border is inside the grid
+        ex0, ey0, ex1, ey1 = shapely.bounds(extent)
+        if np.isfinite(ex0):
+            gx0 = math.floor(min(x.min(), ex0) / bin_um) * bin_um - pad * bin_um
+            gy0 = math.floor(min(y.min(), ey0) / bin_um) * bin_um - pad * bin_um
+            nx = int(math.ceil((max(x.max(), ex1) - gx0) / bin_um)) + pad + 1
+            ny = int(math.ceil((max(y.max(), ey1) - gy0) / bin_um)) + pad + 1
+            x0, y0 = gx0, gy0
+    ix = np.clip(((x - x0) / bin_um).astype(np.int64), 0, nx - 1)
+    iy = np.clip(((y - y0) / bin_um).astype(np.int64), 0, ny - 1)
+    counts = np.bincount(iy * nx + ix, minlength=nx * ny).reshape(ny, nx)
+    cov = counts >= min_count
+    r = int(round(close_um / bin_um))
+    if r > 0:
+        yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+        disk = (xx ** 2 + yy ** 2) <= r * r
+        cov = ndi.binary_closing(np.pad(cov, r + 1), structure=disk)[r + 1:-(r + 1), r + 1:-(r + 1)]
+    if extent is not None:  # beyond the image there is nothing to mislabel: count it as covered
+        # (after the closing, which must not bridge a gap between the region and the image border)
+        cy, cx = np.mgrid[0:ny, 0:nx]
+        beyond = ~shapely.contains_xy(extent, x0 + (cx.ravel() + 0.5) * bin_um, y0 + (cy.ravel() + 0.5) * bin_um)
+        beyond = beyond.reshape(ny, nx)
+        cov |= beyond
+    # a kept bin at centre distance d (bins) from the nearest empty bin starts d - 0.5 bins from it;
+    # the region's edge lies at most 1.5 bins inside that empty bin's centre (the outermost covered
+    # bin may hold a single molecule at its far side): d >= 2 + margin keeps margin_um clear
+    keep = ndi.distance_transform_edt(cov) >= 2.0 + margin_um / bin_um
+    if extent is not None:
+        keep &= ~beyond
+    if not keep.any():
+        return shapely.Polygon()
+    boxes = []
+    for row in range(ny):
+        v = np.flatnonzero(np.diff(np.r_[0, keep[row].astype(np.int8), 0]))
+        for a, b in zip(v[::2], v[1::2]):
+            boxes.append(shapely.box(x0 + a * bin_um, y0 + row * bin_um, x0 + b * bin_um, y0 + (row + 1) * bin_um))
+    return shapely.coverage_union_all(np.array(boxes, dtype=object))

@@ -1,0 +1,349 @@
+"""How well the labeler holds on cohorts whose biology it does not share (``stlib robustness``).
+
+The labeler (:mod:`stlib.labels`) is frozen: its parameters were chosen on the development cohorts
+:data:`DEV_SEEDS` only. Here it labels synthetic cohorts drawn by :mod:`stlib.demo` with its own
+biology (:mod:`stlib.demo.biology`, never imported by the labeler) at evaluation seeds it was not
+tuned on, and the labels are scored against the generator's truth, cell by cell:
+
+* :func:`label_cohort`: one cohort, expression only (no image is rendered: the cells, classes and
+  transcripts are exactly those of the written cohort, see :func:`stlib.demo.sample.simulate_sample`),
+  labelled with :func:`stlib.labels.classes.label_cells`; one row per Xenium cell;
+* :func:`score_cells`: the acceptance numbers (class accuracy over labelled cells, per-class F1,
+  share of cells ignored, Neoplastic calls in healthy samples);
+* :func:`robustness_sweep`: the scores against each biology knob, over several seeds;
+* ``stlib robustness``: writes ``benchmarks/label_robustness.json`` (sweep + acceptance at the
+  defaults over many evaluation seeds + the easy preset).
+
+Module stage: evaluation (it imports :mod:`stlib.demo`, :mod:`stlib.labels` and :mod:`stlib.evaluate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stlib.constants import CLASS_NAMES, CONNECTIVE, DEAD, EPITHELIAL, IGNORE, INFLAMMATORY, NEOPLASTIC
+
+__all__ = ["DEV_SEEDS", "EVAL_SEEDS", "KNOB_GRID", "label_cohort", "score_cells", "score_by_sample",
+           "robustness_sweep", "acceptance_table", "outside_region_background", "region_check", "cli_main"]
+
+#: cohort seeds on which the labeler's parameters were chosen (and nothing else); the labeler was
+#: frozen before any evaluation seed was labelled
+DEV_SEEDS: tuple[int, ...] = (101, 102, 103, 104, 105, 106)
+#: evaluation seeds of the committed benchmark (never used to choose a parameter)
+EVAL_SEEDS: tuple[int, ...] = tuple(range(1000, 1020))
+#: knob values of the robustness curves (the default of each knob is among them)
+KNOB_GRID: dict[str, tuple[float, ...]] = {
+    "marker_overlap": (0.3, 0.45, 0.6, 0.8, 1.0),
+    "cnv_fold": (1.0, 1.15, 1.3, 1.5, 2.0),
+    "cnv_subclonal_fraction": (0.0, 0.3, 0.6, 1.0),
+    "cycling_normal_fraction": (0.0, 0.03, 0.1, 0.2),
+    "noncycling_tumour_fraction": (0.0, 0.4, 0.7, 0.9),
+    "offvocab_fraction": (0.0, 0.08, 0.15, 0.25),
+    "dead_signal": (0.0, 0.3, 1.0),
+    "xenium_region_fraction": (0.5, 0.85, 1.0),
+}
+#: the four classes scored when Dead is ignored (the default for ST training)
+FOUR_CLASSES: tuple[int, ...] = (NEOPLASTIC, INFLAMMATORY, CONNECTIVE, EPITHELIAL)
+
+
+def _sample_adata(sd: Any) -> Any:
+    """Cells x genes of a simulated sample, as :meth:`stlib.io.hest.HestSample.cells` reads them."""
+    from stlib.constants import MIN_QV, is_control_feature
+    from stlib.io.xenium import counts_from_transcripts
+
+    tx = sd.transcripts
+    cid = tx["cell_id"].to_numpy()
+    assigned = (cid != "UNASSIGNED") & (cid != -1) if cid.dtype == object else cid != -1
+    names = tx["feature_name"].to_numpy().astype(str)
+    u, inv = np.unique(names, return_inverse=True)
+    gene = ~np.array([is_control_feature(x) for x in u], bool)[inv]
+    keep = assigned & gene & (tx["qv"].to_numpy() >= MIN_QV)
+    t = pd.DataFrame({"cell_id": pd.Series(cid[keep]).astype(str).to_numpy(), "feature_name": names[keep]})
+    return counts_from_transcripts(t, sample=sd.spec.sample_id)
+
+
+def label_cohort(cfg: Any = None, seed: int = 0, *, samples: Sequence[str] | None = None,
+                 labeler: str = "hierarchical", label_kwargs: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Label one synthetic cohort (expression only) and join the truth.
+
+    Parameters
+    ----------
+    cfg
+        :class:`stlib.demo.DemoConfig` (default: the demo scale, realistic preset).
+    seed
+        Cohort seed.
+    samples
+        Sample ids to keep (default all).
+    labeler
+        ``method`` of :func:`stlib.labels.classes.label_cells`.
+    label_kwargs
+        Extra options of :func:`~stlib.labels.classes.label_cells`.
+
+    Returns
+    -------
+    One row per Xenium cell: ``sample``, ``organ``, ``disease_state``, ``cell_id``, ``true_class``,
+    ``true_type`` (generator type), ``pred_class``, ``pred_type``, ``confidence``.
+    """
+    from stlib.demo.config import ORGANS, cohort_samples, config_for_scale
+    from stlib.demo.sample import simulate_sample
+    from stlib.io.panels import load_panel
+    from stlib.labels.classes import label_cells
+
+    cfg = cfg if cfg is not None else config_for_scale("demo")
+    genes = load_panel(cfg.panel)
+    rows = []
+    for idx, spec in enumerate(cohort_samples(cfg)):
+        if samples is not None and spec.sample_id not in samples:
+            continue
+        sd = simulate_sample(spec, cfg, seed=seed, index=idx, genes=genes, render=False)
+        ad = _sample_adata(sd)
+        organ = ORGANS[spec.organ_key].name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            label_cells(ad, method=labeler, organ=organ, disease_state=spec.disease_state,
+                        oncotree_code=spec.oncotree_code or None, seed=0, neighbors_method="gauss",
+                        **dict(label_kwargs or {}))
+        truth = sd.truth.set_index("cell_id")
+        ids = ad.obs_names.astype(str)
+        rows.append(pd.DataFrame({
+            "sample": spec.sample_id, "organ": organ, "disease_state": spec.disease_state, "cell_id": ids,
+            "true_class": truth["class"].reindex(ids).to_numpy().astype(int),
+            "true_type": truth["fine_type"].reindex(ids).to_numpy(),
+            "pred_class": ad.obs["class"].to_numpy().astype(int),
+            "pred_type": ad.obs["fine_type"].astype(str).to_numpy(),
+            "confidence": ad.obs["confidence"].to_numpy(float),
+        }))
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
+
+
+def score_cells(cells: pd.DataFrame, *, classes: Sequence[int] = FOUR_CLASSES) -> dict[str, float]:
+    """Acceptance numbers of labelled cells against the truth.
+
+    ``accuracy``: fraction of *labelled* cells (class != 255) whose class is right (a truly Dead
+    cell given any class counts as wrong). ``accuracy_all``: the same over all cells, ignore
+    counted as wrong. ``ignored_fraction``: share of cells labelled 255. ``f1_<Class>``: F1 over
+    labelled cells for each class in ``classes`` present in the truth of the labelled cells (NaN
+    otherwise); ``min_f1`` their minimum. ``neoplastic_in_healthy``: Neoplastic calls in samples
+    whose disease state is not a cancer.
+    """
+    t = cells["true_class"].to_numpy(int)
+    p = cells["pred_class"].to_numpy(int)
+    lab = p != IGNORE
+    out: dict[str, float] = {"n": int(len(t)), "n_labelled": int(lab.sum()),
+                             "accuracy": float(np.mean(t[lab] == p[lab])) if lab.any() else float("nan"),
+                             "accuracy_all": float(np.mean(t == p)) if len(t) else float("nan"),
+                             "ignored_fraction": float(np.mean(~lab)) if len(t) else float("nan")}
+    f1s = []
+    for c in classes:
+        tp = int(np.sum(lab & (t == c) & (p == c)))
+        fp = int(np.sum(lab & (t != c) & (p == c)))
+        fn = int(np.sum(lab & (t == c) & (p != c)))
+        present = bool(np.any(lab & (t == c)))
+        f1 = 2 * tp / (2 * tp + fp + fn) if present and (2 * tp + fp + fn) else float("nan")
+        out[f"f1_{CLASS_NAMES[c]}"] = f1
+        if present:
+            f1s.append(f1)
+    out["min_f1"] = float(np.min(f1s)) if f1s else float("nan")
+    healthy = ~cells["disease_state"].astype(str).str.lower().isin(["cancer", "tumor", "tumour", "malignant"])
+    out["neoplastic_in_healthy"] = int(np.sum(healthy.to_numpy() & (p == NEOPLASTIC)))
+    return out
+
+
+def score_by_sample(cells: pd.DataFrame, **kw: Any) -> pd.DataFrame:
+    """:func:`score_cells` per sample (one row each)."""
+    return pd.DataFrame([{"sample": s, "organ": g["organ"].iloc[0], "disease_state": g["disease_state"].iloc[0],
+                          **score_cells(g, **kw)} for s, g in cells.groupby("sample", sort=False)])
+
+
+def robustness_sweep(seeds: Sequence[int], *, knobs: Mapping[str, Sequence[float]] | None = None,
+                     base: Any = None, label_kwargs: Mapping[str, Any] | None = None,
+                     samples: Sequence[str] | None = None, progress: bool = True) -> pd.DataFrame:
+    """Scores against each biology knob, one knob at a time from ``base`` (default: the realistic
+    defaults), for every seed. One row per (knob, value, seed) with the :func:`score_cells` numbers."""
+    from stlib.demo.config import config_for_scale
+    from stlib.utils import progress as _progress
+
+    base = base if base is not None else config_for_scale("demo")
+    knobs = dict(knobs if knobs is not None else KNOB_GRID)
+    jobs = [(k, v, s) for k, vals in knobs.items() for v in vals for s in seeds]
+    rows = []
+    for k, v, s in (_progress(jobs, desc="robustness") if progress else jobs):
+        cfg = dataclasses.replace(base, **{k: v}).validate()
+        sc = score_cells(label_cohort(cfg, s, samples=samples, label_kwargs=label_kwargs))
+        rows.append({"knob": k, "value": float(v), "default": float(getattr(base, k)), "seed": int(s), **sc})
+    return pd.DataFrame(rows)
+
+
+def acceptance_table(seeds: Sequence[int], *, cfg: Any = None, label_kwargs: Mapping[str, Any] | None = None,
+                     samples: Sequence[str] | None = None, progress: bool = True) -> pd.DataFrame:
+    """:func:`score_cells` of whole cohorts, one row per seed (the acceptance distribution)."""
+    from stlib.utils import progress as _progress
+
+    rows = []
+    for s in (_progress(list(seeds), desc="cohorts") if progress else seeds):
+        rows.append({"seed": int(s), **score_cells(label_cohort(cfg, s, samples=samples, label_kwargs=label_kwargs))})
+    return pd.DataFrame(rows)
+
+
+def outside_region_background(run_dir: Any, truth_dir: Any, *, store: str = "st") -> dict[str, int]:
+    """Check the training tiles: no true nucleus outside the Xenium region may be background.
+
+    The ST tile store and the truth store built on the same tiles (``build_tile_stores`` with
+    ``truth_dir``) are compared pixel by pixel: a pixel of a true visible nucleus whose centre lies
+    outside the Xenium region (truth column ``in_xenium_region``) must not be ``inst == 0`` with
+    ``ignore == 0`` in the ST store.
+
+    Returns
+    -------
+    ``n_outside_nuclei`` (true nuclei outside the region reaching some tile), ``n_background_nuclei``
+    (those with at least one background pixel in an ST tile) and ``n_background_pixels``.
+    """
+    from pathlib import Path
+
+    import geopandas as gpd
+
+    from stlib.io.tiles import TileStore
+
+    st = TileStore(Path(run_dir) / "tiles" / store)
+    tr = TileStore(Path(run_dir) / "tiles" / f"{store}_truth")
+    outside_ids: dict[str, np.ndarray] = {}
+    for sid in st.meta["sample"].unique():
+        t = gpd.read_parquet(Path(truth_dir) / sid / "nuclei.parquet")
+        t = t[t["visible"].to_numpy(bool)] if "visible" in t.columns else t
+        inside = t["in_xenium_region"].to_numpy(bool) if "in_xenium_region" in t.columns else np.ones(len(t), bool)
+        outside_ids[sid] = np.flatnonzero(~inside) + 1  # truth instance ids = row position + 1
+    seen: set[tuple[str, int]] = set()
+    bad: set[tuple[str, int]] = set()
+    n_px = 0
+    for i in range(len(st)):
+        sid = st.meta["sample"].iloc[i]
+        ids = outside_ids.get(sid)
+        if ids is None or ids.size == 0:
+            continue
+        a, b = st[i], tr[i]
+        m = np.isin(b["inst"], ids)
+        if not m.any():
+            continue
+        seen.update((sid, int(k)) for k in np.unique(b["inst"][m]))
+        viol = m & (a["inst"] == 0) & (a["ignore"] == 0)
+        if viol.any():
+            n_px += int(viol.sum())
+            bad.update((sid, int(k)) for k in np.unique(b["inst"][viol]))
+    return {"n_outside_nuclei": len(seen), "n_background_nuclei": len(bad), "n_background_pixels": n_px}
+
+
+def region_check(seeds: Sequence[int], workdir: Any, *, cfg: Any = None, refine_masks: bool = True,
+                 progress: bool = True) -> pd.DataFrame:
+    """The whole label pipeline on written cohorts, then :func:`outside_region_background`.
+
+    For each seed: write the cohort (``cfg``, default the realistic demo scale), align and label
+    every sample (:func:`stlib.labels.derive.derive_sample`), build the tile stores with the truth on
+    the same tiles, and count true nuclei outside the Xenium region that a training tile marks as
+    background. One row per seed.
+    """
+    import dataclasses as _dc
+    import shutil
+    from pathlib import Path
+
+    from stlib.demo import make_cohort
+    from stlib.demo.config import config_for_scale
+    from stlib.io import cohort
+    from stlib.labels import derive
+    from stlib.utils import progress as _progress
+
+    cfg = cfg if cfg is not None else config_for_scale("demo")
+    cfg = _dc.replace(cfg, pannuke_per_fold=0, raw_bundles=0)
+    rows = []
+    for s in (_progress(list(seeds), desc="region check") if progress else seeds):
+        root = Path(workdir) / f"seed{s}"
+        data = make_cohort(root / "data", seed=int(s), config=cfg)
+        hest = cohort.hest_dir(data)
+        table = cohort.cohort_table(data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for sid in table["sample"]:
+                derive.derive_sample(hest, sid, root / "run", truth_dir=data / "truth", neighbors_method="gauss")
+            derive.build_tile_stores(hest, table, root / "run", truth_dir=data / "truth", refine_masks=refine_masks)
+        rows.append({"seed": int(s), "xenium_region_fraction": cfg.xenium_region_fraction,
+                     **outside_region_background(root / "run", data / "truth")})
+        shutil.rmtree(root, ignore_errors=True)
+    return pd.DataFrame(rows)
+
+
+def _summary(df: pd.DataFrame, cols: Sequence[str]) -> dict[str, dict[str, float]]:
+    return {c: {"min": float(df[c].min()), "median": float(df[c].median()), "max": float(df[c].max())}
+            for c in cols if c in df.columns}
+
+
+def cli_main(argv: list[str]) -> int:
+    """``stlib robustness [--seeds ...] [--sweep-seeds ...] [--out benchmarks/label_robustness.json]``."""
+    from stlib.bench import machine_info
+    from stlib.demo.config import config_for_scale
+    from stlib.utils import write_json
+
+    ap = argparse.ArgumentParser(prog="stlib robustness", description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="*", default=list(EVAL_SEEDS),
+                    help="evaluation cohort seeds at the realistic defaults (never the development seeds)")
+    ap.add_argument("--easy-seeds", type=int, nargs="*", default=[0, 1, 2], help="cohort seeds of the easy preset")
+    ap.add_argument("--sweep-seeds", type=int, nargs="*", default=list(EVAL_SEEDS[:3]),
+                    help="seeds of every point of the robustness curves")
+    ap.add_argument("--no-sweep", action="store_true", help="skip the robustness curves")
+    ap.add_argument("--out", default="benchmarks/label_robustness.json")
+    ap.add_argument("--region-only", action="store_true",
+                    help="only the outside-region check on written cohorts (--seeds), whole pipeline")
+    ap.add_argument("--workdir", default=None, help="scratch folder of --region-only (default: a temp folder)")
+    args = ap.parse_args(argv)
+    bad = sorted(set(args.seeds) & set(DEV_SEEDS)) + sorted(set(args.sweep_seeds) & set(DEV_SEEDS))
+    if bad:
+        from stlib.utils import InputError
+
+        raise InputError(f"seeds {bad} are development seeds of the labeler", fix="evaluate on other seeds")
+    t0 = time.time()
+    if args.region_only:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+            reg = region_check(args.seeds, tmp)
+        res = {"command": "stlib robustness " + " ".join(argv),
+               "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 1),
+               "machine": machine_info(), "what": "true nuclei outside the Xenium region that a training tile marks "
+                                                  "as background (whole pipeline, default knobs)",
+               "per_seed": reg.to_dict(orient="records"),
+               "total_background_nuclei": int(reg["n_background_nuclei"].sum()),
+               "total_outside_nuclei": int(reg["n_outside_nuclei"].sum())}
+        write_json(args.out, res)
+        print(f"stlib robustness: region check on {len(reg)} cohorts: {res['total_background_nuclei']} of "
+              f"{res['total_outside_nuclei']} outside-region nuclei marked background -> {args.out}")
+        return 0
+    acc = acceptance_table(args.seeds)
+    easy = acceptance_table(args.easy_seeds, cfg=config_for_scale("demo", "easy"))
+    easy_proxy = acceptance_table(args.easy_seeds, cfg=config_for_scale("demo", "easy"),
+                                  label_kwargs={"dead": "proxy"})
+    sweep = pd.DataFrame() if args.no_sweep else robustness_sweep(args.sweep_seeds)
+    cols = ["accuracy", "accuracy_all", "ignored_fraction", "min_f1", "f1_Neoplastic", "f1_Inflammatory",
+            "f1_Connective", "f1_Epithelial", "neoplastic_in_healthy"]
+    res = {
+        "command": "stlib robustness " + " ".join(argv),
+        "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 1),
+        "machine": machine_info(), "dev_seeds": list(DEV_SEEDS),
+        "defaults": {k: getattr(config_for_scale("demo"), k) for k in KNOB_GRID},
+        "acceptance": {"seeds": args.seeds, "per_seed": acc.to_dict(orient="records"), "summary": _summary(acc, cols)},
+        "easy": {"seeds": args.easy_seeds, "per_seed": easy.to_dict(orient="records"), "summary": _summary(easy, cols),
+                 "dead_proxy": {"per_seed": easy_proxy.to_dict(orient="records"),
+                                "summary": _summary(easy_proxy, cols)}},
+        "sweep": {"seeds": args.sweep_seeds, "rows": sweep.to_dict(orient="records")},
+    }
+    write_json(args.out, res)
+    s = res["acceptance"]["summary"]
+    print(f"stlib robustness: {len(args.seeds)} cohorts at the defaults: accuracy min {s['accuracy']['min']:.3f} "
+          f"median {s['accuracy']['median']:.3f}; min F1 min {s['min_f1']['min']:.3f}; ignored max "
+          f"{s['ignored_fraction']['max']:.3f} -> {args.out}")
+    return 0

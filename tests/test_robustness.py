@@ -1,0 +1,140 @@
+"""stlib.robustness and the Xenium-region mask: scores, sweeps and the outside-region check."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import shapely
+
+from stlib.labels.masks import coverage_region
+from stlib.robustness import DEV_SEEDS, EVAL_SEEDS, KNOB_GRID, outside_region_background, robustness_sweep, score_cells
+
+
+def test_score_cells_by_hand():
+    c = pd.DataFrame({"true_class": [1, 1, 2, 3, 5, 4, 1],
+                      "pred_class": [1, 5, 2, 255, 5, 3, 1],
+                      "disease_state": ["Cancer"] * 5 + ["Healthy"] * 2})
+    sc = score_cells(c)
+    assert sc["n"] == 7 and sc["n_labelled"] == 6
+    assert sc["accuracy"] == pytest.approx(4 / 6)        # the Dead cell labelled Connective is wrong
+    assert sc["accuracy_all"] == pytest.approx(4 / 7)    # ignore counted wrong
+    assert sc["ignored_fraction"] == pytest.approx(1 / 7)
+    assert sc["f1_Neoplastic"] == pytest.approx(2 * 2 / (2 * 2 + 0 + 1))
+    assert sc["f1_Epithelial"] == pytest.approx(2 * 1 / (2 * 1 + 1 + 0))
+    assert np.isnan(sc["f1_Connective"])                 # no labelled Connective cell in the truth
+    assert sc["min_f1"] == pytest.approx(min(sc["f1_Neoplastic"], sc["f1_Inflammatory"], sc["f1_Epithelial"]))
+    assert sc["neoplastic_in_healthy"] == 1
+
+
+def test_seeds_and_grid():
+    assert not set(DEV_SEEDS) & set(EVAL_SEEDS)
+    from stlib.demo.config import config_for_scale
+
+    cfg = config_for_scale("demo")
+    for knob, values in KNOB_GRID.items():
+        assert getattr(cfg, knob) in values, knob  # every curve passes through the default
+
+
+def test_sweep_runs_and_moves_with_a_knob():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        df = robustness_sweep([DEV_SEEDS[0]], knobs={"offvocab_fraction": (0.0, 0.3)},
+                              samples=["DEMO_SKIN_1"], progress=False)
+    assert list(df["value"]) == [0.0, 0.3] and (df["knob"] == "offvocab_fraction").all()
+    assert (df["n"] > 100).all() and df["accuracy"].between(0, 1).all()
+
+
+def test_coverage_region_ignores_what_xenium_did_not_image():
+    rng = np.random.default_rng(0)
+    # molecules in x 0-200, y 0-100 µm, with a 10 µm gap (a lumen) in the middle
+    x, y = rng.uniform(0, 200, 40000), rng.uniform(0, 100, 40000)
+    keep = ~((x > 95) & (x < 105) & (y > 40) & (y < 50))
+    g = coverage_region(x[keep], y[keep], bin_um=4.0, margin_um=10.0)
+    x0, y0, x1, y1 = g.bounds
+    # shrunk by the margin + up to two bins everywhere, never beyond the molecules
+    assert 10.0 <= x0 <= 22.0 and 10.0 <= y0 <= 22.0 and 178.0 <= x1 <= 190.0 and 78.0 <= y1 <= 90.0
+    assert g.contains(shapely.Point(100, 45))  # the small gap is closed
+    # where the region meets the image border it is not shrunk
+    img = shapely.box(0, 0, 200, 100)
+    g2 = coverage_region(x[keep], y[keep], bin_um=4.0, margin_um=10.0, extent=img)
+    assert g2.contains(shapely.Point(2, 50)) and g2.area > 0.95 * img.area
+    # a region smaller than the image: shrunk on the inner side only
+    inner = x < 150
+    g3 = coverage_region(x[keep & inner], y[keep & inner], bin_um=4.0, margin_um=10.0, extent=img)
+    assert g3.contains(shapely.Point(2, 50)) and not g3.contains(shapely.Point(140, 50))
+    assert g3.bounds[2] <= 150 - 10.0
+    assert coverage_region([], []).is_empty
+
+
+@pytest.fixture(scope="module")
+def region_run(tmp_path_factory):
+    from stlib.demo import make_cohort
+    from stlib.io import cohort
+    from stlib.labels import derive
+
+    root = tmp_path_factory.mktemp("region")
+    data = make_cohort(root / "data", seed=7, image_px=512, pannuke_per_fold=0, raw_bundles=0,
+                       xenium_region_fraction=0.6)
+    hest = cohort.hest_dir(data)
+    table = cohort.cohort_table(data)
+    table = table[table["sample"].isin(["DEMO_BREAST_1", "DEMO_BOWEL_1"])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for sid in table["sample"]:
+            derive.derive_sample(hest, sid, root / "run", truth_dir=data / "truth", neighbors_method="gauss")
+        derive.build_tile_stores(hest, table, root / "run", truth_dir=data / "truth", refine_masks=False)
+    return root, data, hest, table
+
+
+def test_no_training_tile_marks_a_nucleus_outside_the_xenium_region_as_background(region_run):
+    root, data, hest, table = region_run
+    res = outside_region_background(root / "run", data / "truth")
+    assert res["n_outside_nuclei"] > 20  # the check has something to check
+    assert res["n_background_nuclei"] == 0 and res["n_background_pixels"] == 0, res
+    rep = __import__("json").loads((root / "run" / "labels" / "DEMO_BREAST_1" / "label_report.json").read_text())
+    assert 0.2 < rep["coverage"]["fraction_of_slide"] < 0.8
+
+
+def test_without_the_region_mask_the_check_fails(region_run, tmp_path):
+    """The same tiles built without coverage.parquet (as before issue 12) teach those nuclei as background."""
+    import shutil
+
+    from stlib.labels import derive
+
+    root, data, hest, table = region_run
+    run2 = tmp_path / "run"
+    shutil.copytree(root / "run" / "labels", run2 / "labels")
+    shutil.copytree(root / "run" / "alignment", run2 / "alignment")
+    for p in (run2 / "labels").glob("*/coverage.parquet"):
+        p.unlink()
+    derive.build_tile_stores(hest, table, run2, truth_dir=data / "truth", refine_masks=False)
+    res = outside_region_background(run2, data / "truth")
+    assert res["n_background_nuclei"] > 10, res
+
+
+def test_panel_coverage_table_on_every_real_panel(realdata):
+    from stlib.io.panels import read_panel_dir
+    from stlib.labels.celltypes import panel_coverage_table
+    from stlib.labels.classes import cnv_support
+
+    panels = read_panel_dir(realdata / "xenium-panels")
+    assert {"hMulti", "hBreast", "hColon", "hLung", "hSkin", "hPrime5K"} <= set(panels)
+    tab = panel_coverage_table(panels).set_index("type")
+    assert tab.loc["t_cell", "hMulti"] == "13" and tab.loc["cardiomyocyte", "hMulti"].endswith("(off)")
+    assert not tab.loc["hepatocyte", "hPrime5K"].endswith("(off)")
+    assert [p for p in panels if cnv_support(panels[p])[0]] == ["hPrime5K"]
+
+
+def test_robustness_curves_figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from stlib import plot
+
+    df = pd.DataFrame({"knob": ["cnv_fold"] * 4, "value": [1.0, 1.0, 1.3, 1.3], "default": 1.3, "seed": [1, 2, 1, 2],
+                       "accuracy": [0.8, 0.82, 0.85, 0.86], "f1_Neoplastic": [0.7, 0.72, 0.9, 0.88]})
+    fig = plot.robustness_curves(df, source="SYNTHETIC test", metrics=("accuracy", "f1_Neoplastic"))
+    assert len(fig.axes) >= 1 and any("SYNTHETIC" in t.get_text() for t in fig.texts)
