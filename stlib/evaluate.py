@@ -469,6 +469,24 @@ def label_accuracy_vs_truth(cells: pd.DataFrame, truth: pd.DataFrame, *, visible
     return out
 
 
+def cell_correct(cells: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
+    """Derived cell labels joined with the demo truth by ``cell_id``: one row per matched cell.
+
+    Columns ``cell_id``, ``class_true``, ``class_pred`` and ``correct`` (1.0 when the derived class
+    is the true one; an abstention, 255, counts as wrong, as in :func:`class_scores`). Per-cell
+    values that :func:`paired_comparison` can compare between label sets with the sample (slide)
+    as the unit.
+    """
+    for name, df in (("cells", cells), ("truth", truth)):
+        if "cell_id" not in df.columns or "class" not in df.columns:
+            raise ValueError(f"{name} needs columns cell_id and class")
+    t = pd.DataFrame({"cell_id": truth["cell_id"].astype(str), "class_true": truth["class"].astype(int)})
+    c = pd.DataFrame({"cell_id": cells["cell_id"].astype(str), "class_pred": cells["class"].astype(int)})
+    m = t.merge(c, on="cell_id", how="inner")
+    m["correct"] = (m["class_true"] == m["class_pred"]).astype(float)
+    return m
+
+
 def score_tiles(truth: Mapping[str, Sequence[np.ndarray]], preds: Sequence[tuple[np.ndarray, np.ndarray | None]], *,
                 meta: pd.DataFrame, method: str, um_per_px: float = 0.25, with_types: bool = True) -> pd.DataFrame:
     """Per-image metrics (:func:`stlib.metrics.evaluate_pair`) of predictions against a truth batch.
@@ -879,6 +897,6 @@ def classification_head_eval(model, train_batch: Mapping[str, np.ndarray], train
 
 __all__ = ["CI", "bootstrap_ci", "hierarchical_bootstrap", "pooled_mean", "sign_flip_test", "holm",
            "PairedComparison", "paired_comparison", "summarize", "compare_models", "seed_average", "seed_spread",
-           "class_scores", "label_accuracy_vs_truth", "score_tiles", "REFERENCE_KINDS", "ReferenceSet",
+           "class_scores", "label_accuracy_vs_truth", "cell_correct", "score_tiles", "REFERENCE_KINDS", "ReferenceSet",
            "reference_from_store", "pannuke_reference", "manual_truth_folder", "restrict_reference",
            "load_instance_folder", "segment_and_score", "nucleus_features", "classification_head_eval"]

@@ -179,6 +179,13 @@ def test_label_accuracy_vs_truth_joins_on_cell_id():
     assert rv["n_matched"] == 2
 
 
+def test_cell_correct_pairs_label_sets_by_cell():
+    truth = pd.DataFrame({"cell_id": ["a", "b", "c"], "class": [1, 2, 3]})
+    hier = pd.DataFrame({"cell_id": ["a", "b", "c", "x"], "class": [1, 2, IGNORE, 5]})
+    m = ev.cell_correct(hier, truth)
+    assert m["cell_id"].tolist() == ["a", "b", "c"] and m["correct"].tolist() == [1.0, 1.0, 0.0]
+
+
 def test_load_instance_folder(tmp_path):
     from PIL import Image
 
