@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from stlib.constants import CLASS_NAMES, IGNORE, NUCLEUS_CLASSES
-from stlib.utils import InputError
+from stlib.utils import InputError, atomic_path
 
 
 class CI(NamedTuple):
@@ -688,6 +688,46 @@ def restrict_reference(ref: ReferenceSet, organs: Sequence[str]) -> ReferenceSet
     return ref._replace(batch=batch, meta=ref.meta.iloc[keep].reset_index(drop=True))
 
 
+def heldout_references(run_dir: str | Path, *, heldout_organs: Sequence[str], heldout_tissues: Sequence[str],
+                       organ_of_tissue: Mapping[str, str], pannuke_test_split: str = "fold3",
+                       pannuke_trained_on: Sequence[str] = (), annotated: Sequence[str | Path] = (),
+                       um_per_px: float = 0.25) -> list[ReferenceSet]:
+    """The references of the evaluation chapters on the held-out organs, with fixed names and order.
+
+    Manual truth first: the demo truth of the held-out slides (``tiles/st_truth``, demo only,
+    post-Xenium H&E), the PanNuke tiles of ``heldout_tissues`` in ``pannuke_test_split``
+    (routine H&E), every annotated set of ``annotated`` restricted to the held-out organs
+    (routine H&E); then the held-out ST-derived labels (secondary). References missing on a
+    profile are left out.
+
+    Raises
+    ------
+    ValueError
+        When ``pannuke_test_split`` is one of the folds a PanNuke network trained on.
+    """
+    from stlib.io.tiles import TileStore
+
+    run = Path(run_dir)
+    test_idx = TileStore(run / "tiles" / "st").indices(split="test")
+    refs = []
+    if (run / "tiles" / "st_truth" / "store.json").is_file():
+        refs.append(reference_from_store(run / "tiles" / "st_truth", test_idx, kind="manual",
+                                         domain="post-Xenium H&E", images_key="hest_test",
+                                         name="manual truth: demo truth nuclei, held-out slides"))
+    if (run / "tiles" / "pannuke" / "store.json").is_file() and heldout_tissues:
+        if pannuke_test_split in set(pannuke_trained_on):
+            raise ValueError(f"{pannuke_test_split} is a fold a PanNuke network trained on "
+                             f"({sorted(set(pannuke_trained_on))}): it cannot be a test fold")
+        refs.append(pannuke_reference(run / "tiles" / "pannuke", split=pannuke_test_split, tissues=heldout_tissues,
+                                      organ_of=organ_of_tissue))
+    for folder in dict.fromkeys(str(a) for a in annotated):
+        refs.append(restrict_reference(manual_truth_folder(folder, um_per_px=um_per_px, organ_of=organ_of_tissue),
+                                       heldout_organs))
+    refs.append(reference_from_store(run / "tiles" / "st", test_idx, kind="st-derived", domain="post-Xenium H&E",
+                                     images_key="hest_test", name="held-out ST-derived labels (secondary)"))
+    return refs
+
+
 def load_instance_folder(folder: str | Path, *, tissue_csv: str | Path | None = None) -> tuple[dict[str, list], pd.DataFrame]:
     """A folder of manual nucleus annotations as an evaluation set (MoNuSeg-style).
 
@@ -738,9 +778,28 @@ def load_instance_folder(folder: str | Path, *, tissue_csv: str | Path | None = 
     return batch, pd.DataFrame(rows)
 
 
+def _reference_key(ref: ReferenceSet) -> str:
+    """Content hash of a reference: its name, images and truth arrays."""
+    import hashlib
+
+    h = hashlib.sha1()
+    h.update(f"{ref.name}|{ref.kind}|{ref.domain}|{ref.images_key}".encode())
+    h.update("\n".join(ref.meta["image"].astype(str)).encode())
+    for k in ("image", "inst", "type", "ignore"):
+        for a in ref.batch.get(k, []):
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _model_key(path: Path) -> dict[str, Any]:
+    st = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def segment_and_score(models: Mapping[str, Mapping[int, Any]], references: Sequence[ReferenceSet], *,
                       um_per_px: float = 0.25, device: str = "auto", with_types: bool = True,
-                      batch_size: int = 8) -> tuple[pd.DataFrame, dict[str, dict[str, list]]]:
+                      batch_size: int = 8, keep_predictions: bool = True,
+                      cache_dir: str | Path | None = None) -> tuple[pd.DataFrame, dict[str, dict[str, list]]]:
     """Segment the images of every reference with every network and score them.
 
     Parameters
@@ -751,37 +810,66 @@ def segment_and_score(models: Mapping[str, Mapping[int, Any]], references: Seque
     references
         :class:`ReferenceSet` s; those with the same ``images_key`` share their images, which
         each network segments once.
+    keep_predictions
+        Return the predictions of the first seed of each model (for figures).
+    cache_dir
+        Where the scores of a model file on a set of references are kept, keyed by the model
+        file (path, size, time) and the references' content: an evaluation that already scored
+        the same network on the same references (another chapter, a rerun) reuses them instead
+        of segmenting again. Networks given as objects are never cached.
 
     Returns
     -------
     (per_seed, predictions): one row per (model, seed, reference, image) with the metrics of
     :func:`score_tiles` and ``reference``, ``kind``, ``domain``; ``predictions[name][images_key]``
-    the ``(inst, type)`` per image of the first seed of each model (for figures).
+    the ``(inst, type)`` per image of the first seed of each model.
     """
+    import hashlib
+    import json
+
     from stlib.infer import load_inference_model, segment_tiles
 
     by_images: dict[str, list[ReferenceSet]] = {}
     for r in references:
         by_images.setdefault(r.images_key, []).append(r)
+    ref_keys = {r.name: _reference_key(r) for r in references} if cache_dir is not None else {}
     frames, predictions = [], {}
+
+    def cache_path(model: Any, ref: ReferenceSet) -> Path | None:
+        if cache_dir is None or not isinstance(model, (str, Path)):
+            return None
+        payload = {"model": _model_key(Path(model)), "ref": ref_keys[ref.name], "um": um_per_px, "types": with_types}
+        return Path(cache_dir) / (hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest() + ".parquet")
+
     for name, seeds in models.items():
         for k, (seed, model) in enumerate(sorted(seeds.items())):
-            if isinstance(model, (str, Path)):
-                model = load_inference_model(model, device=device).model
+            want_pred = keep_predictions and k == 0
+            net = None
             for key, refs in by_images.items():
                 images = refs[0].batch["image"]
                 if not len(images):
                     continue
+                paths = [cache_path(model, r) for r in refs]
+                if not want_pred and all(p is not None and p.is_file() for p in paths):
+                    frames += [pd.read_parquet(p).assign(model=name, seed=int(seed)) for p in paths]
+                    continue
+                if net is None:
+                    net = load_inference_model(model, device=device).model if isinstance(model, (str, Path)) else model
                 if len({np.shape(im) for im in images}) == 1:
-                    pr = segment_tiles(model, np.asarray(images), device=device, batch_size=batch_size)
+                    pr = segment_tiles(net, np.asarray(images), device=device, batch_size=batch_size)
                 else:
-                    pr = [segment_tiles(model, np.asarray(im)[None], device=device, batch_size=1)[0] for im in images]
-                if k == 0:
+                    pr = [segment_tiles(net, np.asarray(im)[None], device=device, batch_size=1)[0] for im in images]
+                if want_pred:
                     predictions.setdefault(name, {})[key] = pr
-                for r in refs:
+                for r, path in zip(refs, paths):
                     df = score_tiles(r.batch, pr, meta=r.meta, method=name, um_per_px=um_per_px, with_types=with_types)
-                    frames.append(df.assign(seed=int(seed), reference=r.name, kind=r.kind, domain=r.domain))
-            del model
+                    df = df.assign(seed=int(seed), reference=r.name, kind=r.kind, domain=r.domain)
+                    frames.append(df)
+                    if path is not None:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        with atomic_path(path) as tmp:
+                            df.to_parquet(tmp, index=False)
+            del net
     if not frames:
         raise ValueError("nothing was scored: no model or no reference image")
     return pd.concat(frames, ignore_index=True), predictions
@@ -898,5 +986,5 @@ def classification_head_eval(model, train_batch: Mapping[str, np.ndarray], train
 __all__ = ["CI", "bootstrap_ci", "hierarchical_bootstrap", "pooled_mean", "sign_flip_test", "holm",
            "PairedComparison", "paired_comparison", "summarize", "compare_models", "seed_average", "seed_spread",
            "class_scores", "label_accuracy_vs_truth", "cell_correct", "score_tiles", "REFERENCE_KINDS", "ReferenceSet",
-           "reference_from_store", "pannuke_reference", "manual_truth_folder", "restrict_reference",
+           "reference_from_store", "pannuke_reference", "manual_truth_folder", "restrict_reference", "heldout_references",
            "load_instance_folder", "segment_and_score", "nucleus_features", "classification_head_eval"]

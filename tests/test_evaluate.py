@@ -277,3 +277,46 @@ def test_segment_and_score_each_image_set_once_per_network(tmp_path, monkeypatch
     assert (per_seed["bpq"] == 1.0).all() and set(preds) == {"A", "B"} and len(preds["A"]["hest"]) == 2
     avg = ev.seed_average(per_seed, ["bpq", "mpq"])
     assert len(avg) == 2 * 2 * 2 and set(avg["n_seeds"]) == {1, 2}
+
+
+def test_segment_and_score_reuses_cached_scores_of_the_same_network_and_reference(tmp_path, monkeypatch):
+    import os
+
+    import stlib.infer as infer
+
+    st = _tiny_store(tmp_path / "st", ["Bowel", "Skin"], ["S1", "S2"])
+    truth = ev.reference_from_store(st, [0, 1], name="truth", kind="manual", domain="d", images_key="hest")
+    labels = ev.reference_from_store(st, [0, 1], name="st labels", kind="st-derived", domain="d", images_key="hest")
+    calls = []
+    monkeypatch.setattr(infer, "load_inference_model", lambda path, device="cpu": type("M", (), {"model": path})())
+    monkeypatch.setattr(infer, "segment_tiles", lambda model, images, **kw: calls.append(model) or
+                        [(np.asarray(i), np.ones_like(i, dtype=np.uint8)) for i in truth.batch["inst"][:len(images)]])
+    m = tmp_path / "model.pt"
+    m.write_bytes(b"weights")
+    cache = tmp_path / "cache"
+    first, _ = ev.segment_and_score({"A": {0: m}}, [truth, labels], cache_dir=cache, keep_predictions=False)
+    assert len(calls) == 1 and len(list(cache.glob("*.parquet"))) == 2
+    again, _ = ev.segment_and_score({"hier": {0: m}}, [truth], cache_dir=cache, keep_predictions=False)
+    assert len(calls) == 1 and set(again["model"]) == {"hier"} and len(again) == 2  # reused, renamed
+    pd.testing.assert_frame_equal(again.drop(columns="model").reset_index(drop=True),
+                                  first[first.reference == "truth"].drop(columns="model").reset_index(drop=True))
+    ev.segment_and_score({"A": {0: m}}, [truth], cache_dir=cache)  # predictions wanted: the network runs
+    assert len(calls) == 2
+    os.utime(m, ns=(1, 1))  # a retrained model file: scored again
+    ev.segment_and_score({"A": {0: m}}, [truth], cache_dir=cache, keep_predictions=False)
+    assert len(calls) == 3
+
+
+def test_heldout_references_order_names_and_the_test_fold_guard(tmp_path):
+    run = tmp_path / "run"
+    _tiny_store(run / "tiles" / "st", ["Bowel", "Skin"], ["S1", "S2"])
+    _tiny_store(run / "tiles" / "st_truth", ["Bowel", "Skin"], ["S1", "S2"])
+    _tiny_store(run / "tiles" / "pannuke", ["Colon", "Breast", "Skin"], ["pannuke_fold3"] * 3, split="fold3")
+    kw = dict(heldout_organs=["Bowel", "Skin"], heldout_tissues=["Colon", "Skin"],
+              organ_of_tissue={"Colon": "Bowel", "Skin": "Skin", "Breast": "Breast"})
+    refs = ev.heldout_references(run, pannuke_trained_on=["fold1", "fold2"], **kw)
+    assert [r.kind for r in refs] == ["manual", "manual", "st-derived"]
+    assert [len(r.meta) for r in refs] == [2, 2, 2] and refs[0].images_key == refs[2].images_key
+    assert set(refs[1].meta["organ"]) == {"Bowel", "Skin"}  # no Breast tile: not a held-out organ
+    with pytest.raises(ValueError, match="trained on"):
+        ev.heldout_references(run, pannuke_trained_on=["fold3"], **kw)

@@ -125,6 +125,13 @@ def test_one_recipe_per_profile_from_the_params():
     paper = runs["paper"]["st"]
     assert (paper.encoder, paper.steps, paper.batch_size, paper.lr, paper.schedule) == ("resnet50", 16600, 32, 1e-4, "step")
     assert 500_000 <= paper.steps * paper.batch_size <= 560_000  # HoVer-Net's ~530k tiles (methods chapter)
+    # the methods chapter's budget table says what the params say
+    methods = (REPO / "book" / "methods.md").read_text()
+    assert f"{paper.steps:,} steps x batch {paper.batch_size}" in methods
+    for prof in ("workshop", "demo"):
+        c = runs[prof]["st"]
+        assert f"{c.steps} steps x {c.batch_size} crops of {c.crop_px} px" in methods, prof
+        assert f"{c.steps * c.batch_size:,} crops" in methods, prof
 
 
 def test_variant_configs_and_seeds():
