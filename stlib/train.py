@@ -389,14 +389,14 @@ def record_study_runs(params: Any, results: Mapping[str, Mapping[int, TrainResul
 
     run = Path(params.run_dir)
     path = run / STUDY_RUNS_FILE
-    old = read_json_or_empty(path)
+    old = _read_json_or_empty(path)
     runs = dict(old.get("runs", {}))
     for variant, seeds in results.items():
         runs[variant] = {str(k): os.path.relpath(r.model_path, run) for k, r in sorted(seeds.items())}
     return write_json(path, {"params": to_papermill(params), "runs": runs})
 
 
-def read_json_or_empty(path: Path) -> dict[str, Any]:
+def _read_json_or_empty(path: Path) -> dict[str, Any]:
     """A JSON file's content, or ``{}`` when it does not exist."""
     from stlib.utils import read_json
 
@@ -413,7 +413,7 @@ def read_study_runs(run_dir: str | os.PathLike) -> tuple[Any, dict[str, dict[int
     path = Path(run_dir) / STUDY_RUNS_FILE
     if not path.is_file():
         raise InputError("no record of the training runs", path=path, fix="run notebook 03_training first")
-    data = read_json_or_empty(path)
+    data = _read_json_or_empty(path)
     params = make_params("03_training", data["params"], source=str(path))
     runs = {v: {int(k): Path(run_dir) / p for k, p in seeds.items()} for v, seeds in data.get("runs", {}).items()}
     missing = [str(p) for seeds in runs.values() for p in seeds.values() if not p.is_file()]
