@@ -791,6 +791,17 @@ def _reference_key(ref: ReferenceSet) -> str:
     return h.hexdigest()
 
 
+def _scoring_key() -> str:
+    """Hash of the scoring code (:mod:`stlib.metrics` and :func:`score_tiles`): cached scores of
+    an older metric definition are not reused."""
+    import hashlib
+    import inspect
+
+    import stlib.metrics
+
+    return hashlib.sha1((Path(stlib.metrics.__file__).read_text() + inspect.getsource(score_tiles)).encode()).hexdigest()
+
+
 def _model_key(path: Path) -> dict[str, Any]:
     st = Path(path).stat()
     return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -814,7 +825,7 @@ def segment_and_score(models: Mapping[str, Mapping[int, Any]], references: Seque
         Return the predictions of the first seed of each model (for figures).
     cache_dir
         Where the scores of a model file on a set of references are kept, keyed by the model
-        file (path, size, time) and the references' content: an evaluation that already scored
+        file (path, size, time), the references' content and the scoring code: an evaluation that already scored
         the same network on the same references (another chapter, a rerun) reuses them instead
         of segmenting again. Networks given as objects are never cached.
 
@@ -833,12 +844,14 @@ def segment_and_score(models: Mapping[str, Mapping[int, Any]], references: Seque
     for r in references:
         by_images.setdefault(r.images_key, []).append(r)
     ref_keys = {r.name: _reference_key(r) for r in references} if cache_dir is not None else {}
+    code_key = _scoring_key() if cache_dir is not None else ""
     frames, predictions = [], {}
 
     def cache_path(model: Any, ref: ReferenceSet) -> Path | None:
         if cache_dir is None or not isinstance(model, (str, Path)):
             return None
-        payload = {"model": _model_key(Path(model)), "ref": ref_keys[ref.name], "um": um_per_px, "types": with_types}
+        payload = {"model": _model_key(Path(model)), "ref": ref_keys[ref.name], "um": um_per_px, "types": with_types,
+                   "code": code_key}
         return Path(cache_dir) / (hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest() + ".parquet")
 
     for name, seeds in models.items():

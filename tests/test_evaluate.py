@@ -305,6 +305,9 @@ def test_segment_and_score_reuses_cached_scores_of_the_same_network_and_referenc
     os.utime(m, ns=(1, 1))  # a retrained model file: scored again
     ev.segment_and_score({"A": {0: m}}, [truth], cache_dir=cache, keep_predictions=False)
     assert len(calls) == 3
+    monkeypatch.setattr(ev, "_scoring_key", lambda: "another metric definition")  # changed scoring code
+    ev.segment_and_score({"A": {0: m}}, [truth], cache_dir=cache, keep_predictions=False)
+    assert len(calls) == 4
 
 
 def test_heldout_references_order_names_and_the_test_fold_guard(tmp_path):
