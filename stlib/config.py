@@ -89,14 +89,25 @@ class LabelParams(CommonParams):
 
 @dataclass(frozen=True)
 class TrainParams(CommonParams):
-    """03_training: train the HoVer-Net-style network (ST-supervised and PanNuke baseline)."""
+    """03_training: train the HoVer-Net-style network (ST-supervised and PanNuke baselines).
+
+    This block of ``params/{profile}.yaml`` is the one source of a profile's training recipe:
+    every run (each recipe, each seed, each ablation labeler) trains with it
+    (:func:`stlib.train.variant_config`; ``stlib train --profile P --run NAME``).
+    """
 
     encoder: str = "small"  # small | resnet50
     steps: int = 300
     batch_size: int = 8
     lr: float = 1e-3
+    schedule: str = "cosine"  # cosine | step (x0.1 halfway) | constant
+    warmup_steps: int = 0
     val_every: int = 100
-    recipes: tuple[str, ...] = ("st", "pannuke")
+    val_max_tiles: int = 64
+    #: training runs: ST-supervised, PanNuke with all tissues, PanNuke without the held-out organs' tissues
+    recipes: tuple[str, ...] = ("st", "pannuke", "pannuke_noheldout")
+    #: training seeds per recipe (and per ablation labeler in 05); the spread across them is reported
+    n_seeds: int = 3
     weights: str = ""  # optional local encoder weight file; never downloaded
     compile: bool = False
     crop_px: int = 0  # train on random crops of this size (0 = whole tiles); CPU demos use 128
@@ -105,12 +116,28 @@ class TrainParams(CommonParams):
 
 @dataclass(frozen=True)
 class SegEvalParams(CommonParams):
-    """04_segmentation_eval: unseen-organ segmentation, ST-supervised vs PanNuke-trained."""
+    """04_segmentation_eval: unseen-organ segmentation, ST-supervised vs PanNuke-trained.
+
+    The primary endpoint, fixed before any result: ``primary_metric`` on the held-out organs
+    against manual truth (every manual reference: PanNuke tiles of the held-out organs' tissues
+    from the fold no baseline trained on, the demo truth, the ``manual_truth`` sets), pooled by
+    PanNuke's rule (per organ, then across organs), as the paired difference
+    ``primary_model - primary_baseline``; 95% CI by a hierarchical bootstrap over slides/images
+    then tiles, sign-flip test on the same statistic. Everything else is secondary.
+    """
 
     n_bootstrap: int = 1000
     ci: float = 0.95
-    #: extra manual-annotation sets: folders of NAME.npz (+ images), e.g. a MoNuSeg-style set
+    #: sign patterns of the cluster-wise permutation test (exact when there are fewer patterns)
+    n_permutations: int = 10000
+    #: public manual-annotation sets (MoNuSeg, CoNSeP, Lizard-style folders; npz folders): paths, in
+    #: addition to every set found under ``{data_dir}/annotations/`` (where downloads and mirrors go)
     manual_truth: tuple[str, ...] = ()
+    #: PanNuke fold that no PanNuke-trained network trained on (its held-out tissues are manual truth)
+    pannuke_test_split: str = "fold3"
+    primary_metric: str = "bpq"
+    primary_model: str = "st"
+    primary_baseline: str = "pannuke_noheldout"
 
 
 @dataclass(frozen=True)
@@ -119,6 +146,10 @@ class ClsEvalParams(CommonParams):
 
     labelers: tuple[str, ...] = ("hierarchical", "flat", "marker", "cluster")
     n_bootstrap: int = 1000
+    n_permutations: int = 10000
+    #: retrain the network on every label set with the recipe and seeds of 03_training (the ablation)
+    retrain: bool = True
+    pannuke_test_split: str = "fold3"
 
 
 @dataclass(frozen=True)

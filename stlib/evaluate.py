@@ -1,21 +1,35 @@
 """Evaluation: label quality against truth, model comparisons with effect sizes and CIs.
 
-The metric definitions live in :mod:`stlib.metrics`; this module aggregates per-image values
-into per-organ and pooled tables with bootstrap confidence intervals over images and paired
-tests of the difference between two models, and scores derived labels against a truth table.
+The metric definitions live in :mod:`stlib.metrics`; this module turns per-image values into
+per-organ and pooled tables and paired comparisons, at the right unit:
+
+* the unit of uncertainty is the slide (or an image that is its own slide), not the tile:
+  :func:`hierarchical_bootstrap` resamples slides, then tiles within them;
+* "pooled" always means PanNuke's rule, the mean per tissue (organ) and then over tissues
+  (:func:`pooled_mean`), and the bootstrap is stratified by organ;
+* a paired difference gets its CI and its test on the same statistic with the same clusters
+  (:func:`paired_comparison`: bootstrap CI, cluster-wise sign-flip test); tables with several
+  tests carry Holm-adjusted p-values (:func:`holm`), after the effect sizes;
+* training seeds: :func:`seed_average` gives each image the mean of its scores over the seeds
+  of a recipe, :func:`seed_spread` shows how much the pooled value moves between seeds.
+
+References to score against are :class:`ReferenceSet` s: tiles of a store (demo truth, held-out
+ST-derived labels), PanNuke tiles of a fold no baseline trained on (:func:`pannuke_reference`),
+public annotated sets (:func:`manual_truth_folder`). It also scores derived labels against the
+demo truth cell by cell.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
 
 from stlib.constants import CLASS_NAMES, IGNORE, NUCLEUS_CLASSES
-from stlib.utils import InputError
+from stlib.utils import InputError, atomic_path
 
 
 class CI(NamedTuple):
@@ -29,8 +43,10 @@ class CI(NamedTuple):
 
 def bootstrap_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = 1000, ci: float = 0.95,
                  seed: int = 0, stat: Callable[[np.ndarray], float] = np.mean) -> CI:
-    """Percentile bootstrap CI of ``stat`` over ``values`` (resampling units = images).
+    """Percentile bootstrap CI of ``stat`` over ``values``, each value an independent unit.
 
+    Use it only where the values really are independent (one per slide, one per training
+    seed). Tiles of one slide are not: use :func:`hierarchical_bootstrap` for them.
     NaNs are dropped first (e.g. mPQ of images whose truth has no class). With fewer than two
     values the interval is the point estimate itself (nothing to resample).
     """
@@ -52,8 +68,165 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = 1000, ci
     return CI(est, float(lo), float(hi), n)
 
 
+class _Design(NamedTuple):
+    """Values grouped for the hierarchical statistics (NaNs dropped)."""
+
+    values: np.ndarray
+    cluster_of: list[np.ndarray]      # per stratum: the cluster index (0..K_g-1) of each value
+    stratum_values: list[np.ndarray]  # per stratum: its values
+    n_clusters: list[int]
+
+
+def _design(values: Sequence[float] | np.ndarray, clusters: Sequence | np.ndarray | None,
+            strata: Sequence | np.ndarray | None) -> _Design:
+    v = np.asarray(values, dtype=float)
+    n = v.size
+    c = np.arange(n) if clusters is None else np.asarray(clusters)
+    s = np.zeros(n, dtype=int) if strata is None else np.asarray(strata)
+    if c.shape != v.shape or s.shape != v.shape:
+        raise ValueError(f"values {v.shape}, clusters {c.shape} and strata {s.shape} must have one entry per value")
+    keep = ~np.isnan(v)
+    v, c, s = v[keep], c[keep], s[keep]
+    cluster_of, stratum_values, n_clusters = [], [], []
+    for g in pd.unique(s):
+        m = s == g
+        codes, uniq = pd.factorize(c[m])
+        cluster_of.append(np.asarray(codes))
+        stratum_values.append(v[m])
+        n_clusters.append(len(uniq))
+    return _Design(v, cluster_of, stratum_values, n_clusters)
+
+
+def pooled_mean(values: Sequence[float] | np.ndarray, strata: Sequence | np.ndarray | None = None) -> float:
+    """PanNuke's pooling rule: the mean over images within each stratum (tissue), then the mean
+    over strata. Without strata, the plain mean. NaNs are dropped.
+    """
+    d = _design(values, None, strata)
+    if not d.stratum_values:
+        return float("nan")
+    return float(np.mean([sv.mean() for sv in d.stratum_values]))
+
+
+def _boot_stratum(rng: np.random.Generator, vals: np.ndarray, codes: np.ndarray, n_boot: int,
+                  within: bool) -> np.ndarray:
+    """Bootstrap means of one stratum: clusters with replacement, then values within each."""
+    k = int(codes.max()) + 1
+    draws = rng.multinomial(k, np.full(k, 1.0 / k), size=n_boot)  # (B, K): times each cluster is drawn
+    total = np.zeros(n_boot)
+    count = np.zeros(n_boot)
+    for j in range(k):
+        vj = vals[codes == j]
+        m = draws[:, j]
+        if within and vj.size > 1:
+            w = rng.multinomial(m * vj.size, np.full(vj.size, 1.0 / vj.size))  # (B, n_j): tile counts
+            total += w @ vj
+        else:
+            total += m * vj.sum()
+        count += m * vj.size
+    return total / count
+
+
+def hierarchical_bootstrap(values: Sequence[float] | np.ndarray, clusters: Sequence | np.ndarray | None = None, *,
+                           strata: Sequence | np.ndarray | None = None, n_boot: int = 1000, ci: float = 0.95,
+                           seed: int = 0, resample_within: bool = True, return_replicates: bool = False
+                           ) -> CI | tuple[CI, np.ndarray]:
+    """Percentile CI of a pooled mean by a stratified two-stage (hierarchical) bootstrap.
+
+    The statistic is :func:`pooled_mean` (PanNuke's rule: mean within each stratum, then over
+    strata). Each replicate draws, within every stratum, as many clusters (slides, or images
+    that are their own unit) as it has, with replacement, then the values (tiles) of each drawn
+    cluster with replacement (Saravanan et al. 2020, "Application of the hierarchical bootstrap
+    to multi-level data in neuroscience"). Strata are fixed (every organ is in every replicate).
+
+    Tiles of one slide share stain, tissue and label quality, so their scores are correlated: a
+    bootstrap over tiles treats them as independent and gives intervals too narrow for claims
+    about slides. With one cluster in a stratum its between-slide variation cannot be estimated:
+    the interval is then conditional on that slide (``n`` counts values; report clusters too).
+
+    Parameters
+    ----------
+    values
+        One value per tile / image (NaN = not scored, dropped).
+    clusters
+        The independent unit of each value (slide id; an image's own id when it is its own
+        unit). ``None`` = every value is its own cluster (then this is an ordinary bootstrap).
+    strata
+        Fixed groups pooled by PanNuke's rule (organ / tissue); ``None`` = one group.
+    resample_within
+        Also resample values within each drawn cluster (the second stage).
+    return_replicates
+        Also return the bootstrap replicates of the statistic.
+    """
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    d = _design(values, clusters, strata)
+    if d.values.size == 0:
+        out = CI(float("nan"), float("nan"), float("nan"), 0)
+        return (out, np.zeros(0)) if return_replicates else out
+    est = float(np.mean([sv.mean() for sv in d.stratum_values]))
+    if n_boot < 1 or d.values.size < 2:
+        out = CI(est, est, est, int(d.values.size))
+        return (out, np.full(max(n_boot, 0), est)) if return_replicates else out
+    rng = np.random.default_rng(seed)
+    reps = np.mean([_boot_stratum(rng, sv, co, n_boot, resample_within)
+                    for sv, co in zip(d.stratum_values, d.cluster_of)], axis=0)
+    a = (1 - ci) / 2
+    lo, hi = np.quantile(reps, [a, 1 - a])
+    out = CI(est, float(lo), float(hi), int(d.values.size))
+    return (out, reps) if return_replicates else out
+
+
+def sign_flip_test(differences: Sequence[float] | np.ndarray, clusters: Sequence | np.ndarray | None = None, *,
+                   strata: Sequence | np.ndarray | None = None, n_perm: int = 10000, seed: int = 0) -> float:
+    """Two-sided p-value of a paired difference by flipping signs cluster by cluster.
+
+    The statistic is the one the CI is about (:func:`pooled_mean` of the paired differences).
+    Under the null hypothesis the two methods are exchangeable on every cluster (slide / image),
+    so the sign of all differences of one cluster may be flipped together; the p-value is the
+    share of sign patterns whose statistic is at least as far from 0 as the observed one. All
+    ``2^K`` patterns are used when there are at most 2^14 of them (an exact test), otherwise
+    ``n_perm`` random ones (p = (1 + hits) / (1 + n_perm)). With K clusters the smallest
+    possible p is 2 / 2^K: two slides can never give p < 0.5.
+    """
+    d = _design(differences, clusters, strata)
+    if d.values.size == 0:
+        return float("nan")
+    g = len(d.stratum_values)
+    # statistic = sum_k eps_k * a_k with a_k = (sum of cluster k) / (G * values in its stratum)
+    a = np.concatenate([np.bincount(co, weights=sv) / (g * sv.size) for sv, co in zip(d.stratum_values, d.cluster_of)])
+    obs = abs(float(a.sum()))
+    if np.allclose(a, 0):
+        return 1.0
+    k = a.size
+    tol = 1e-12 * max(1.0, obs)
+    if k <= 14:
+        signs = 1 - 2 * ((np.arange(2 ** k)[:, None] >> np.arange(k)) & 1)
+        stats = np.abs(signs @ a)
+        return float(np.mean(stats >= obs - tol))
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for s in range(0, n_perm, 4096):
+        signs = rng.choice((-1.0, 1.0), size=(min(4096, n_perm - s), k))
+        hits += int(np.sum(np.abs(signs @ a) >= obs - tol))
+    return float((1 + hits) / (1 + n_perm))
+
+
+def holm(p_values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Holm's step-down adjustment of a family of p-values (NaNs stay NaN, not counted)."""
+    p = np.asarray(p_values, dtype=float)
+    out = np.full(p.shape, np.nan)
+    ok = np.flatnonzero(~np.isnan(p))
+    m = ok.size
+    if m == 0:
+        return out
+    order = ok[np.argsort(p[ok], kind="stable")]
+    adj = np.maximum.accumulate((m - np.arange(m)) * p[order])
+    out[order] = np.minimum(adj, 1.0)
+    return out
+
+
 class PairedComparison(NamedTuple):
-    """Difference ``a - b`` of two models scored on the same images."""
+    """Difference ``a - b`` of two methods scored on the same images."""
 
     mean_a: float
     mean_b: float
@@ -61,55 +234,76 @@ class PairedComparison(NamedTuple):
     p_value: float
     test: str
     n: int
+    n_clusters: int
 
 
-def paired_comparison(a: Sequence[float], b: Sequence[float], *, n_boot: int = 1000, ci: float = 0.95,
+def paired_comparison(a: Sequence[float], b: Sequence[float], *, clusters: Sequence | None = None,
+                      strata: Sequence | None = None, n_boot: int = 1000, n_perm: int = 10000, ci: float = 0.95,
                       seed: int = 0) -> PairedComparison:
-    """Paired bootstrap CI of the mean difference and a Wilcoxon signed-rank test.
+    """Paired difference ``a - b``: hierarchical bootstrap CI and sign-flip test, same statistic.
 
-    Images where either value is NaN are dropped pairwise. The p-value is two-sided; with fewer
-    than 6 pairs or all differences zero it is reported as NaN (the test has no power there).
+    ``a`` and ``b`` are per-image scores of two methods on the same images; ``clusters`` the
+    independent unit of each image (slide), ``strata`` the groups pooled by PanNuke's rule.
+    Images where either value is NaN are dropped pairwise. Means and the difference are
+    :func:`pooled_mean` values; the CI is :func:`hierarchical_bootstrap` of the differences, the
+    p-value :func:`sign_flip_test` of the same differences with the same clusters.
     """
-    from scipy import stats
-
     a = np.asarray(a, dtype=float)
     b = np.asarray(b, dtype=float)
     if a.shape != b.shape:
         raise ValueError(f"a and b must be paired (same length), got {a.shape} and {b.shape}")
     keep = ~(np.isnan(a) | np.isnan(b))
-    a, b = a[keep], b[keep]
+    c = np.arange(a.size) if clusters is None else np.asarray(clusters)
+    s = None if strata is None else np.asarray(strata)[keep]
+    a, b, c = a[keep], b[keep], c[keep]
     d = a - b
-    diff = bootstrap_ci(d, n_boot=n_boot, ci=ci, seed=seed)
-    p = float("nan")
-    if d.size >= 6 and np.any(d != 0):
-        p = float(stats.wilcoxon(a, b, zero_method="wilcox", alternative="two-sided").pvalue)
-    return PairedComparison(float(a.mean()) if a.size else float("nan"),
-                            float(b.mean()) if b.size else float("nan"), diff, p,
-                            "Wilcoxon signed-rank (two-sided)", int(d.size))
+    diff = hierarchical_bootstrap(d, c, strata=s, n_boot=n_boot, ci=ci, seed=seed)
+    p = sign_flip_test(d, c, strata=s, n_perm=n_perm, seed=seed)
+    return PairedComparison(pooled_mean(a, s), pooled_mean(b, s), diff, p,
+                            "sign-flip permutation by cluster (two-sided)", int(d.size), int(pd.unique(c).size))
+
+
+def _cluster_col(df: pd.DataFrame, cluster: str | None) -> str | None:
+    """``"auto"``: the ``slide`` column when there is one (tiles from :func:`score_tiles` always have
+    it), else every image is its own unit (a table of whole images without slide ids)."""
+    if cluster == "auto":
+        return "slide" if "slide" in df.columns else None
+    return cluster
+
+
+def _need(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} lacks columns {missing}")
 
 
 def summarize(per_image: pd.DataFrame, metrics: Sequence[str], *, group: str = "organ",
-              by: str | None = "model", n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
-    """Per-group and pooled mean with bootstrap CI for each metric.
+              by: str | None = "model", cluster: str | None = "auto", n_boot: int = 1000, ci: float = 0.95,
+              seed: int = 0) -> pd.DataFrame:
+    """Per-group and pooled value of each metric with a hierarchical bootstrap CI.
 
     Parameters
     ----------
     per_image
-        One row per image (and model), with the metric columns, ``group`` and ``by``.
+        One row per image (and model), with the metric columns, ``group``, ``cluster`` and ``by``.
     metrics
         Metric columns to summarise.
     group
-        Grouping column (e.g. ``organ``); a ``"pooled"`` row is added over all images.
+        Grouping column (e.g. ``organ``); a ``"pooled"`` row pools the groups by PanNuke's rule
+        (mean per group, then over groups), its CI stratified by group.
     by
         Optional column that separates models / label sets.
+    cluster
+        Column of the independent unit (``slide``); ``None`` treats every image as independent;
+        ``"auto"`` = ``slide`` when the table has it, else every image is its own unit.
 
     Returns
     -------
-    Long table: ``by``, ``group``, ``metric``, ``mean``, ``ci_low``, ``ci_high``, ``n_images``.
+    Long table: ``by``, ``group``, ``metric``, ``mean``, ``ci_low``, ``ci_high``, ``n_images``,
+    ``n_clusters``.
     """
-    missing = [c for c in [*metrics, group, *([by] if by else [])] if c not in per_image.columns]
-    if missing:
-        raise ValueError(f"per_image lacks columns {missing}")
+    cluster = _cluster_col(per_image, cluster)
+    _need(per_image, [*metrics, group, *([by] if by else []), *([cluster] if cluster else [])], "per_image")
     rows = []
     keys = sorted(per_image[by].unique()) if by else [None]
     for key in keys:
@@ -117,28 +311,39 @@ def summarize(per_image: pd.DataFrame, metrics: Sequence[str], *, group: str = "
         groups = [(g, s) for g, s in sub.groupby(group, sort=True)] + [("pooled", sub)]
         for g, s in groups:
             for m in metrics:
-                r = bootstrap_ci(s[m].to_numpy(), n_boot=n_boot, ci=ci, seed=seed)
+                v = s[m].to_numpy(float)
+                cl = None if cluster is None else s[cluster].astype(str).to_numpy()
+                st = s[group].to_numpy() if g == "pooled" else None
+                r = hierarchical_bootstrap(v, cl, strata=st, n_boot=n_boot, ci=ci, seed=seed)
+                ok = ~np.isnan(v)
                 row = {group: g, "metric": m, "mean": r.estimate, "ci_low": r.low, "ci_high": r.high,
-                       "n_images": r.n}
+                       "n_images": r.n, "n_clusters": int(pd.unique(cl[ok]).size) if cl is not None else r.n}
                 if by:
                     row[by] = key
                 rows.append(row)
-    cols = ([by] if by else []) + [group, "metric", "mean", "ci_low", "ci_high", "n_images"]
-    return pd.DataFrame(rows)[cols]
+    cols = ([by] if by else []) + [group, "metric", "mean", "ci_low", "ci_high", "n_images", "n_clusters"]
+    return pd.DataFrame(rows, columns=cols)
 
 
 def compare_models(per_image: pd.DataFrame, metrics: Sequence[str], *, model_a: str, model_b: str,
-                   group: str = "organ", by: str = "model", image_key: str = "image",
-                   n_boot: int = 1000, ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
+                   group: str = "organ", by: str = "model", image_key: str = "image", cluster: str | None = "auto",
+                   n_boot: int = 1000, n_perm: int = 10000, ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
     """Paired comparison ``model_a - model_b`` per group and pooled, for each metric.
 
-    Images are paired on ``image_key``; an image scored by only one model is an error (the
-    comparison would not be paired).
+    Effect first: ``diff`` (pooled by PanNuke's rule in the ``pooled`` row) with its hierarchical
+    bootstrap CI over ``cluster``; then the sign-flip p-value on the same statistic and its Holm
+    adjustment over every row of the returned table (``p_holm``). Images are paired on
+    ``image_key``; an image scored by only one model is an error (the comparison would not be
+    paired). ``cluster`` as in :func:`summarize`.
     """
+    cluster = _cluster_col(per_image, cluster)
+    _need(per_image, [by, image_key, group, *metrics, *([cluster] if cluster else [])], "per_image")
     a = per_image[per_image[by] == model_a].set_index(image_key)
     b = per_image[per_image[by] == model_b].set_index(image_key)
     if a.empty or b.empty:
         raise ValueError(f"no rows for {model_a!r} or {model_b!r} in column {by!r}")
+    if not a.index.is_unique or not b.index.is_unique:
+        raise ValueError(f"{image_key!r} repeats within a model: average seeds first (seed_average)")
     if set(a.index) != set(b.index):
         only = sorted(set(a.index) ^ set(b.index))[:5]
         raise ValueError(f"models were not scored on the same images (e.g. {only})")
@@ -147,11 +352,52 @@ def compare_models(per_image: pd.DataFrame, metrics: Sequence[str], *, model_a: 
     groups = [(g, idx) for g, idx in a.groupby(group, sort=True).groups.items()] + [("pooled", a.index)]
     for g, idx in groups:
         for m in metrics:
-            r = paired_comparison(a.loc[idx, m].to_numpy(), b.loc[idx, m].to_numpy(),
-                                  n_boot=n_boot, ci=ci, seed=seed)
-            rows.append({group: g, "metric": m, model_a: r.mean_a, model_b: r.mean_b,
-                         "diff": r.diff.estimate, "diff_ci_low": r.diff.low, "diff_ci_high": r.diff.high,
-                         "p_value": r.p_value, "n_images": r.n})
+            cl = None if cluster is None else a.loc[idx, cluster].astype(str).to_numpy()
+            st = a.loc[idx, group].to_numpy() if g == "pooled" else None
+            r = paired_comparison(a.loc[idx, m].to_numpy(), b.loc[idx, m].to_numpy(), clusters=cl, strata=st,
+                                  n_boot=n_boot, n_perm=n_perm, ci=ci, seed=seed)
+            rows.append({group: g, "metric": m, "diff": r.diff.estimate, "diff_ci_low": r.diff.low,
+                         "diff_ci_high": r.diff.high, model_a: r.mean_a, model_b: r.mean_b,
+                         "p_value": r.p_value, "n_images": r.n, "n_clusters": r.n_clusters})
+    out = pd.DataFrame(rows)
+    out.insert(out.columns.get_loc("p_value") + 1, "p_holm", holm(out["p_value"].to_numpy()))
+    return out
+
+
+def seed_average(per_seed: pd.DataFrame, metrics: Sequence[str], *, seed_col: str = "seed",
+                 keys: Sequence[str] = ("model", "reference", "image")) -> pd.DataFrame:
+    """Average each image's scores over the training seeds of a model.
+
+    The CIs of this study describe uncertainty over slides and images *given* the trained
+    networks: each image gets the mean of its scores under the seeds of a recipe, and the
+    spread across seeds is reported apart (:func:`seed_spread`). Other columns are kept when
+    they agree across the seeds of every image (they describe the image: slide, organ, ...) and
+    dropped otherwise (per-seed values that were not asked for).
+    """
+    _need(per_seed, [*keys, seed_col, *metrics], "per_seed")
+    g = per_seed.groupby(list(keys), sort=False, dropna=False)
+    other = [c for c in per_seed.columns if c not in (*keys, seed_col, *metrics)]
+    const = g[other].nunique(dropna=False).le(1).all() if other else pd.Series(dtype=bool)
+    agg = {m: "mean" for m in metrics} | {c: "first" for c in other if const[c]} | {seed_col: "nunique"}
+    out = g.agg(agg).reset_index()
+    return out.rename(columns={seed_col: "n_seeds"})
+
+
+def seed_spread(per_seed: pd.DataFrame, metric: str, *, by: str = "model", seed_col: str = "seed",
+                group: str = "organ") -> pd.DataFrame:
+    """The pooled value (PanNuke's rule) of each training seed, and their spread per model.
+
+    Returns one row per ``by`` value: the pooled ``metric`` of every seed (columns
+    ``seed <k>``), their mean, standard deviation and range.
+    """
+    _need(per_seed, [by, seed_col, group, metric], "per_seed")
+    rows = []
+    for key, sub in per_seed.groupby(by, sort=False):
+        vals = {f"seed {s}": pooled_mean(ss[metric].to_numpy(float), ss[group].to_numpy())
+                for s, ss in sub.groupby(seed_col, sort=True)}
+        v = np.array(list(vals.values()), float)
+        rows.append({by: key, **vals, "mean": float(np.nanmean(v)), "sd": float(np.nanstd(v, ddof=1)) if v.size > 1
+                     else float("nan"), "range": float(np.nanmax(v) - np.nanmin(v)), "n_seeds": int(v.size)})
     return pd.DataFrame(rows)
 
 
@@ -223,23 +469,43 @@ def label_accuracy_vs_truth(cells: pd.DataFrame, truth: pd.DataFrame, *, visible
     return out
 
 
-def score_tiles(truth: Mapping[str, np.ndarray], preds: Sequence[tuple[np.ndarray, np.ndarray | None]], *,
+def cell_correct(cells: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
+    """Derived cell labels joined with the demo truth by ``cell_id``: one row per matched cell.
+
+    Columns ``cell_id``, ``class_true``, ``class_pred`` and ``correct`` (1.0 when the derived class
+    is the true one; an abstention, 255, counts as wrong, as in :func:`class_scores`). Per-cell
+    values that :func:`paired_comparison` can compare between label sets with the sample (slide)
+    as the unit.
+    """
+    for name, df in (("cells", cells), ("truth", truth)):
+        if "cell_id" not in df.columns or "class" not in df.columns:
+            raise ValueError(f"{name} needs columns cell_id and class")
+    t = pd.DataFrame({"cell_id": truth["cell_id"].astype(str), "class_true": truth["class"].astype(int)})
+    c = pd.DataFrame({"cell_id": cells["cell_id"].astype(str), "class_pred": cells["class"].astype(int)})
+    m = t.merge(c, on="cell_id", how="inner")
+    m["correct"] = (m["class_true"] == m["class_pred"]).astype(float)
+    return m
+
+
+def score_tiles(truth: Mapping[str, Sequence[np.ndarray]], preds: Sequence[tuple[np.ndarray, np.ndarray | None]], *,
                 meta: pd.DataFrame, method: str, um_per_px: float = 0.25, with_types: bool = True) -> pd.DataFrame:
-    """Per-tile metrics (:func:`stlib.metrics.evaluate_pair`) of predictions against a truth batch.
+    """Per-image metrics (:func:`stlib.metrics.evaluate_pair`) of predictions against a truth batch.
 
     Parameters
     ----------
     truth
-        Batch of a tile store (``inst``, ``type``, ``ignore``), one row per tile.
+        ``inst``, ``type``, ``ignore`` per image (a tile-store batch or lists of arrays).
     preds
-        ``(inst, type)`` per tile, same order (``type`` may be None).
+        ``(inst, type)`` per image, same order (``type`` may be None).
     meta
-        Tile meta rows (``tile_id``, ``sample``, ``organ``), same order.
+        One row per image, same order: ``image`` (or a store's ``tile_id``), ``slide`` (the
+        independent unit; a store's ``sample`` when absent) and ``organ``; ``tissue``,
+        ``source`` are kept when present.
     method
         Name of the method, written to the ``model`` column.
     with_types
-        Also score classes (mPQ, per-class PQ): truth nuclei of class 255 (unknown) are kept for
-        segmentation and skipped for classes by :mod:`stlib.metrics`.
+        Also score classes (mPQ, per-class PQ, type accuracy): truth nuclei of class 255
+        (unknown) are kept for segmentation and skipped for classes by :mod:`stlib.metrics`.
 
     Pixels with ``ignore == 1`` are removed from truth and prediction before scoring (excluded
     regions count for nothing, as in training).
@@ -248,18 +514,218 @@ def score_tiles(truth: Mapping[str, np.ndarray], preds: Sequence[tuple[np.ndarra
 
     if len(preds) != len(meta) or len(truth["inst"]) != len(meta):
         raise ValueError(f"truth ({len(truth['inst'])}), preds ({len(preds)}) and meta ({len(meta)}) differ in length")
+    image = meta["image"] if "image" in meta else meta["tile_id"]
+    slide = meta["slide"] if "slide" in meta else meta["sample"]
+    extra = [c for c in ("tissue", "source") if c in meta]
     rows = []
     for i, (p_inst, p_type) in enumerate(preds):
-        keep = truth["ignore"][i] == 0 if "ignore" in truth else np.ones(p_inst.shape, bool)
+        keep = np.asarray(truth["ignore"][i]) == 0 if "ignore" in truth else np.ones(np.shape(p_inst), bool)
         t_inst = np.where(keep, truth["inst"][i], 0)
         q_inst = np.where(keep, p_inst, 0)
         t_type = np.where(keep, truth["type"][i], 0) if with_types and "type" in truth else None
         q_type = np.where(keep, p_type, 0) if with_types and p_type is not None else None
         r = evaluate_pair(t_inst, q_inst, t_type if q_type is not None else None, q_type, um_per_px=um_per_px)
-        m = meta.iloc[i]
-        rows.append({"model": method, "image": m["tile_id"], "sample": m["sample"], "organ": m["organ"],
-                     "n_true": int(len(np.unique(t_inst)) - (1 if (t_inst == 0).any() else 0)), **r})
+        rows.append({"model": method, "image": str(image.iloc[i]), "slide": str(slide.iloc[i]),
+                     "organ": meta["organ"].iloc[i], **{c: meta[c].iloc[i] for c in extra}, **r})
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- references
+
+#: Kinds of reference: manual annotations (the primary endpoint's) and the study's own ST labels.
+REFERENCE_KINDS = ("manual", "st-derived")
+
+
+class ReferenceSet(NamedTuple):
+    """Images with a reference segmentation that predictions are scored against.
+
+    Attributes
+    ----------
+    name
+        Shown in tables (``"manual truth: PanNuke fold3 (Colon, Skin)"``).
+    kind
+        ``"manual"`` or ``"st-derived"`` (:data:`REFERENCE_KINDS`).
+    domain
+        The kind of H&E: ``"post-Xenium H&E"`` (stained after a Xenium run, as the ST training
+        slides) or ``"routine H&E"`` (as PanNuke and the public annotated sets).
+    images_key
+        References with the same key share their images, so each network segments them once.
+    batch
+        ``image``, ``inst``, ``type``, ``ignore``: one array per image (arrays may differ in size).
+    meta
+        One row per image: ``image`` (unique over all references with other images), ``slide``
+        (the independent unit: the slide of a tile; an image that is its own unit repeats its
+        ``image``), ``organ`` (HEST vocabulary), ``tissue`` (the source's name), ``source``.
+    """
+
+    name: str
+    kind: str
+    domain: str
+    images_key: str
+    batch: Mapping[str, Sequence[np.ndarray]]
+    meta: pd.DataFrame
+
+
+def _reference(name: str, kind: str, domain: str, images_key: str, batch: Mapping[str, Sequence[np.ndarray]],
+               meta: pd.DataFrame) -> ReferenceSet:
+    if kind not in REFERENCE_KINDS:
+        raise ValueError(f"kind must be one of {REFERENCE_KINDS}, got {kind!r}")
+    _need(meta, ["image", "slide", "organ"], "reference meta")
+    if len(meta) != len(batch["inst"]):
+        raise ValueError(f"reference {name!r}: {len(meta)} meta rows for {len(batch['inst'])} images")
+    if not meta["image"].is_unique:
+        raise ValueError(f"reference {name!r}: image ids repeat")
+    return ReferenceSet(name, kind, domain, images_key, batch, meta.reset_index(drop=True))
+
+
+def reference_from_store(store: str | Path, idx: Sequence[int] | np.ndarray, *, name: str, kind: str, domain: str,
+                         images_key: str, slide: str = "sample",
+                         organ_of: Mapping[str, str] | None = None) -> ReferenceSet:
+    """Tiles ``idx`` of a tile store as a reference.
+
+    ``slide="sample"`` makes the store's sample (slide) the independent unit; ``slide="image"``
+    makes every tile its own unit (PanNuke, whose images come without slide ids). ``organ_of``
+    renames the store's ``organ`` column into HEST organs (PanNuke tissue -> organ); the store's
+    name stays in ``tissue``.
+    """
+    from stlib.io.tiles import TileStore
+
+    st = TileStore(store)
+    idx = np.asarray(idx, dtype=np.int64)
+    m = st.meta.iloc[idx].reset_index(drop=True)
+    image = images_key + "/" + m["tile_id"].astype(str)
+    meta = pd.DataFrame({
+        "image": image,
+        "slide": image if slide == "image" else images_key + "/" + m[slide].astype(str),
+        "organ": m["organ"].astype(str).map(lambda o: (organ_of or {}).get(o, o)),
+        "tissue": m["organ"].astype(str), "source": Path(store).name,
+    })
+    batch = st.get_batch(idx, keys=["image", "inst", "type", "ignore"]) if len(idx) else \
+        {"image": [], "inst": [], "type": [], "ignore": []}
+    return _reference(name, kind, domain, images_key, batch, meta)
+
+
+def pannuke_reference(store: str | Path, *, split: str, tissues: Sequence[str], organ_of: Mapping[str, str],
+                      name: str | None = None) -> ReferenceSet:
+    """Manual truth from PanNuke: the tiles of ``tissues`` in one fold (``split``, e.g. ``fold3``).
+
+    Use a fold that no PanNuke-trained network trained on. Each image is its own unit
+    (PanNuke publishes no slide ids; images of one slide may share a fold, so the interval may
+    be a little narrow).
+    """
+    from stlib.io.tiles import TileStore
+
+    st = TileStore(store)
+    idx = st.indices(split=split, organ=list(tissues)) if tissues else np.zeros(0, np.int64)
+    label = name or f"manual truth: PanNuke {split} ({', '.join(tissues)})"
+    return reference_from_store(store, idx, name=label, kind="manual", domain="routine H&E",
+                                images_key=f"pannuke_{split}", slide="image", organ_of=organ_of)
+
+
+def _read_annotated(path: Path) -> list[dict[str, Any]]:
+    """Read a manually annotated set into records (name, image, inst, type, um_per_px, organ).
+
+    THE place where annotation readers plug in. :mod:`stlib.io.annotations` (MoNuSeg XML,
+    CoNSeP, PanNuke, instance folders, QuPath GeoJSON; ``read_annotations``) is used when it is
+    present; otherwise the folder must be the ``NAME.npz`` layout of :func:`load_instance_folder`.
+    """
+    try:
+        from stlib.io import annotations as ann  # the readers of the real-tissue work (issue 10)
+    except ImportError:
+        ann = None
+    if ann is not None and hasattr(ann, "read_annotations"):
+        return [{"name": a.name, "image": a.image, "inst": a.inst, "type": a.type, "um_per_px": a.um_per_px,
+                 "organ": a.organ} for a in ann.read_annotations(path)]
+    batch, meta = load_instance_folder(path)
+    return [{"name": meta["tile_id"].iloc[i], "image": batch["image"][i], "inst": batch["inst"][i],
+             "type": batch["type"][i], "um_per_px": None, "organ": meta["organ"].iloc[i]} for i in range(len(meta))]
+
+
+def manual_truth_folder(path: str | Path, *, um_per_px: float = 0.25, organ_of: Mapping[str, str] | None = None,
+                        name: str | None = None) -> ReferenceSet:
+    """A public manually annotated set (MoNuSeg, CoNSeP, Lizard-style folders) as a reference.
+
+    Every image is its own unit (the public sets draw their images from different slides);
+    images at another resolution are resampled to ``um_per_px`` (labels by nearest neighbour).
+    Classes outside stlib's table (e.g. "epithelial, malignancy unknown") count as unknown
+    (255): they score segmentation, not classes. ``organ_of`` maps tissue names to HEST organs.
+    """
+    from skimage.transform import resize
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError("manual truth set not found", path=path,
+                         fix="download it (stlib download ...) or point manual_truth at a local copy")
+    recs = _read_annotated(path)
+    key = f"manual_{path.name}"
+    batch: dict[str, list] = {"image": [], "inst": [], "type": [], "ignore": []}
+    rows = []
+    for r in recs:
+        img, inst = np.asarray(r["image"]), np.asarray(r["inst"])
+        typ = np.zeros(inst.shape, np.uint8) if r["type"] is None else np.asarray(r["type"]).astype(np.uint8)
+        typ = np.where(np.isin(typ, [0, *NUCLEUS_CLASSES]), typ, IGNORE).astype(np.uint8)
+        um = r["um_per_px"]
+        if um and abs(um / um_per_px - 1) > 0.02:
+            shape = tuple(int(round(s * um / um_per_px)) for s in inst.shape)
+            img = np.clip(np.rint(resize(img, shape, order=1, preserve_range=True, anti_aliasing=um < um_per_px)),
+                          0, 255).astype(np.uint8)
+            inst = resize(inst, shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.int32)
+            typ = resize(typ, shape, order=0, preserve_range=True, anti_aliasing=False).astype(np.uint8)
+        batch["image"].append(img.astype(np.uint8))
+        batch["inst"].append(inst.astype(np.int32))
+        batch["type"].append(typ)
+        batch["ignore"].append(np.zeros(inst.shape, np.uint8))
+        organ = str(r["organ"]) if r["organ"] else "unknown"
+        rows.append({"image": f"{key}/{r['name']}", "slide": f"{key}/{r['name']}",
+                     "organ": (organ_of or {}).get(organ, organ), "tissue": organ, "source": path.name})
+    return _reference(name or f"manual truth: {path.name}", "manual", "routine H&E", key, batch, pd.DataFrame(rows))
+
+
+def restrict_reference(ref: ReferenceSet, organs: Sequence[str]) -> ReferenceSet:
+    """The images of ``ref`` whose organ is in ``organs`` (e.g. the held-out organs)."""
+    keep = np.flatnonzero(ref.meta["organ"].isin(list(organs)).to_numpy())
+    batch = {k: [v[i] for i in keep] for k, v in ref.batch.items()}
+    return ref._replace(batch=batch, meta=ref.meta.iloc[keep].reset_index(drop=True))
+
+
+def heldout_references(run_dir: str | Path, *, heldout_organs: Sequence[str], heldout_tissues: Sequence[str],
+                       organ_of_tissue: Mapping[str, str], pannuke_test_split: str = "fold3",
+                       pannuke_trained_on: Sequence[str] = (), annotated: Sequence[str | Path] = (),
+                       um_per_px: float = 0.25) -> list[ReferenceSet]:
+    """The references of the evaluation chapters on the held-out organs, with fixed names and order.
+
+    Manual truth first: the demo truth of the held-out slides (``tiles/st_truth``, demo only,
+    post-Xenium H&E), the PanNuke tiles of ``heldout_tissues`` in ``pannuke_test_split``
+    (routine H&E), every annotated set of ``annotated`` restricted to the held-out organs
+    (routine H&E); then the held-out ST-derived labels (secondary). References missing on a
+    profile are left out.
+
+    Raises
+    ------
+    ValueError
+        When ``pannuke_test_split`` is one of the folds a PanNuke network trained on.
+    """
+    from stlib.io.tiles import TileStore
+
+    run = Path(run_dir)
+    test_idx = TileStore(run / "tiles" / "st").indices(split="test")
+    refs = []
+    if (run / "tiles" / "st_truth" / "store.json").is_file():
+        refs.append(reference_from_store(run / "tiles" / "st_truth", test_idx, kind="manual",
+                                         domain="post-Xenium H&E", images_key="hest_test",
+                                         name="manual truth: demo truth nuclei, held-out slides"))
+    if (run / "tiles" / "pannuke" / "store.json").is_file() and heldout_tissues:
+        if pannuke_test_split in set(pannuke_trained_on):
+            raise ValueError(f"{pannuke_test_split} is a fold a PanNuke network trained on "
+                             f"({sorted(set(pannuke_trained_on))}): it cannot be a test fold")
+        refs.append(pannuke_reference(run / "tiles" / "pannuke", split=pannuke_test_split, tissues=heldout_tissues,
+                                      organ_of=organ_of_tissue))
+    for folder in dict.fromkeys(str(a) for a in annotated):
+        refs.append(restrict_reference(manual_truth_folder(folder, um_per_px=um_per_px, organ_of=organ_of_tissue),
+                                       heldout_organs))
+    refs.append(reference_from_store(run / "tiles" / "st", test_idx, kind="st-derived", domain="post-Xenium H&E",
+                                     images_key="hest_test", name="held-out ST-derived labels (secondary)"))
+    return refs
 
 
 def load_instance_folder(folder: str | Path, *, tissue_csv: str | Path | None = None) -> tuple[dict[str, list], pd.DataFrame]:
@@ -312,30 +778,114 @@ def load_instance_folder(folder: str | Path, *, tissue_csv: str | Path | None = 
     return batch, pd.DataFrame(rows)
 
 
-def segment_and_score(models: Mapping[str, object], batch: Mapping[str, Sequence[np.ndarray]], meta: pd.DataFrame, *,
+def _reference_key(ref: ReferenceSet) -> str:
+    """Content hash of a reference: its name, images and truth arrays."""
+    import hashlib
+
+    h = hashlib.sha1()
+    h.update(f"{ref.name}|{ref.kind}|{ref.domain}|{ref.images_key}".encode())
+    h.update("\n".join(ref.meta["image"].astype(str)).encode())
+    for k in ("image", "inst", "type", "ignore"):
+        for a in ref.batch.get(k, []):
+            h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _scoring_key() -> str:
+    """Hash of the scoring code (:mod:`stlib.metrics` and :func:`score_tiles`): cached scores of
+    an older metric definition are not reused."""
+    import hashlib
+    import inspect
+
+    import stlib.metrics
+
+    return hashlib.sha1((Path(stlib.metrics.__file__).read_text() + inspect.getsource(score_tiles)).encode()).hexdigest()
+
+
+def _model_key(path: Path) -> dict[str, Any]:
+    st = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def segment_and_score(models: Mapping[str, Mapping[int, Any]], references: Sequence[ReferenceSet], *,
                       um_per_px: float = 0.25, device: str = "auto", with_types: bool = True,
-                      batch_size: int = 8) -> tuple[pd.DataFrame, dict[str, list]]:
-    """Segment every image of ``batch`` with each model and score it (:func:`score_tiles`).
+                      batch_size: int = 8, keep_predictions: bool = True,
+                      cache_dir: str | Path | None = None) -> tuple[pd.DataFrame, dict[str, dict[str, list]]]:
+    """Segment the images of every reference with every network and score them.
+
+    Parameters
+    ----------
+    models
+        ``{name: {seed: model}}``: a network (``torch.nn.Module``) or the path of its
+        ``model.pt``, per training seed of each recipe. Paths are loaded one at a time.
+    references
+        :class:`ReferenceSet` s; those with the same ``images_key`` share their images, which
+        each network segments once.
+    keep_predictions
+        Return the predictions of the first seed of each model (for figures).
+    cache_dir
+        Where the scores of a model file on a set of references are kept, keyed by the model
+        file (path, size, time), the references' content and the scoring code: an evaluation that already scored
+        the same network on the same references (another chapter, a rerun) reuses them instead
+        of segmenting again. Networks given as objects are never cached.
 
     Returns
     -------
-    (per_image, predictions): one row per (model, image); ``predictions[name]`` is the list of
-    ``(inst, type)`` per image (for overlays).
+    (per_seed, predictions): one row per (model, seed, reference, image) with the metrics of
+    :func:`score_tiles` and ``reference``, ``kind``, ``domain``; ``predictions[name][images_key]``
+    the ``(inst, type)`` per image of the first seed of each model.
     """
-    from stlib.infer import segment_tiles
+    import hashlib
+    import json
 
-    images = batch["image"]
-    same = isinstance(images, np.ndarray) or len({np.shape(im) for im in images}) == 1
-    preds: dict[str, list] = {}
-    frames = []
-    for name, model in models.items():
-        if same:
-            pr = segment_tiles(model, np.asarray(images), device=device, batch_size=batch_size)
-        else:
-            pr = [segment_tiles(model, np.asarray(im)[None], device=device, batch_size=1)[0] for im in images]
-        preds[name] = pr
-        frames.append(score_tiles(batch, pr, meta=meta, method=name, um_per_px=um_per_px, with_types=with_types))
-    return pd.concat(frames, ignore_index=True), preds
+    from stlib.infer import load_inference_model, segment_tiles
+
+    by_images: dict[str, list[ReferenceSet]] = {}
+    for r in references:
+        by_images.setdefault(r.images_key, []).append(r)
+    ref_keys = {r.name: _reference_key(r) for r in references} if cache_dir is not None else {}
+    code_key = _scoring_key() if cache_dir is not None else ""
+    frames, predictions = [], {}
+
+    def cache_path(model: Any, ref: ReferenceSet) -> Path | None:
+        if cache_dir is None or not isinstance(model, (str, Path)):
+            return None
+        payload = {"model": _model_key(Path(model)), "ref": ref_keys[ref.name], "um": um_per_px, "types": with_types,
+                   "code": code_key}
+        return Path(cache_dir) / (hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest() + ".parquet")
+
+    for name, seeds in models.items():
+        for k, (seed, model) in enumerate(sorted(seeds.items())):
+            want_pred = keep_predictions and k == 0
+            net = None
+            for key, refs in by_images.items():
+                images = refs[0].batch["image"]
+                if not len(images):
+                    continue
+                paths = [cache_path(model, r) for r in refs]
+                if not want_pred and all(p is not None and p.is_file() for p in paths):
+                    frames += [pd.read_parquet(p).assign(model=name, seed=int(seed)) for p in paths]
+                    continue
+                if net is None:
+                    net = load_inference_model(model, device=device).model if isinstance(model, (str, Path)) else model
+                if len({np.shape(im) for im in images}) == 1:
+                    pr = segment_tiles(net, np.asarray(images), device=device, batch_size=batch_size)
+                else:
+                    pr = [segment_tiles(net, np.asarray(im)[None], device=device, batch_size=1)[0] for im in images]
+                if want_pred:
+                    predictions.setdefault(name, {})[key] = pr
+                for r, path in zip(refs, paths):
+                    df = score_tiles(r.batch, pr, meta=r.meta, method=name, um_per_px=um_per_px, with_types=with_types)
+                    df = df.assign(seed=int(seed), reference=r.name, kind=r.kind, domain=r.domain)
+                    frames.append(df)
+                    if path is not None:
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        with atomic_path(path) as tmp:
+                            df.to_parquet(tmp, index=False)
+            del net
+    if not frames:
+        raise ValueError("nothing was scored: no model or no reference image")
+    return pd.concat(frames, ignore_index=True), predictions
 
 
 def nucleus_features(model, images: np.ndarray, insts: Sequence[np.ndarray], *, device: str = "auto",
@@ -446,6 +996,8 @@ def classification_head_eval(model, train_batch: Mapping[str, np.ndarray], train
     return pd.DataFrame(rows), pd.DataFrame(per_image)
 
 
-__all__ = ["CI", "bootstrap_ci", "PairedComparison", "paired_comparison", "summarize",
-           "compare_models", "class_scores", "label_accuracy_vs_truth", "score_tiles",
+__all__ = ["CI", "bootstrap_ci", "hierarchical_bootstrap", "pooled_mean", "sign_flip_test", "holm",
+           "PairedComparison", "paired_comparison", "summarize", "compare_models", "seed_average", "seed_spread",
+           "class_scores", "label_accuracy_vs_truth", "cell_correct", "score_tiles", "REFERENCE_KINDS", "ReferenceSet",
+           "reference_from_store", "pannuke_reference", "manual_truth_folder", "restrict_reference", "heldout_references",
            "load_instance_folder", "segment_and_score", "nucleus_features", "classification_head_eval"]

@@ -244,7 +244,7 @@ class TrainConfig:
 
         path = Path(path)
         if not path.is_file():
-            raise InputError("train config not found", path=path, fix="see configs/train_demo.yaml")
+            raise InputError("train config not found", path=path, fix="use --profile demo, or the config.json of a model")
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
@@ -257,16 +257,20 @@ class TrainConfig:
     def from_train_params(cls, params: Any, recipe: str = "st", **overrides: Any) -> TrainConfig:
         """Config of one recipe from the notebook parameters (:class:`stlib.config.TrainParams`).
 
-        ``run_dir``, ``seed``, ``device``, ``encoder``, ``weights``, ``steps``, ``batch_size``, ``lr``,
-        ``val_every``, ``compile`` and ``crop_px`` come from ``params``; the store is ``tiles/{recipe}`` and the
-        output ``models/{recipe}``; ``overrides`` win over both.
+        ``params/{profile}.yaml`` (block ``03_training``) is the one source of each profile's
+        recipe: ``run_dir``, ``seed``, ``device``, ``encoder``, ``weights``, ``steps``,
+        ``batch_size``, ``lr``, ``schedule``, ``warmup_steps``, ``val_every``, ``val_max_tiles``,
+        ``compile``, ``crop_px`` and ``nt_confidence`` come from ``params``; the store is ``tiles/{recipe}`` and the
+        output ``models/{recipe}``; ``overrides`` win over both. See :func:`variant_config` for
+        the study's named runs.
         """
         values: dict[str, Any] = {"recipe": recipe, "stores": (f"tiles/{recipe}",)}
-        for name in ("run_dir", "seed", "device", "encoder", "weights", "steps", "batch_size", "lr",
-                     "val_every", "compile", "crop_px"):
+        for name in _FROM_PARAMS:
             if hasattr(params, name):
                 values[name] = getattr(params, name)
         values["ckpt_every"] = values.get("val_every", cls.ckpt_every)
+        if getattr(params, "nt_confidence", False):
+            values["loss"] = {"nt_confidence": True}
         values.update(overrides)
         return cls.from_dict(values, source="TrainParams")
 
@@ -282,6 +286,141 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+#: fields of :class:`TrainConfig` that a profile's ``03_training`` block sets
+_FROM_PARAMS = ("run_dir", "seed", "device", "encoder", "weights", "steps", "batch_size", "lr", "schedule",
+                "warmup_steps", "val_every", "val_max_tiles", "compile", "crop_px")
+
+#: The study's training runs by name: the label source (recipe), its tile store and splits.
+#: Every run of a profile shares that profile's recipe and budget (``params/{profile}.yaml``).
+#: ``pannuke`` trains on every PanNuke tissue (as published), ``pannuke_noheldout`` on the
+#: store without the held-out organs' tissues; both train on folds 1-2, so fold 3 is unseen.
+#: ``st__<labeler>`` (ablation) trains on the ST tiles labelled by another labeler.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "st": {"recipe": "st", "stores": ("tiles/st",), "train_splits": ("train",), "val_splits": ("val",)},
+    "pannuke": {"recipe": "pannuke", "stores": ("tiles/pannuke",), "train_splits": ("fold1", "fold2"),
+                "val_splits": ("fold3",)},
+    "pannuke_noheldout": {"recipe": "pannuke", "stores": ("tiles/pannuke_noheldout",),
+                          "train_splits": ("fold1", "fold2"), "val_splits": ("fold3",)},
+}
+#: seeds of the runs of one variant: ``params.seed + SEED_STRIDE * k`` for k = 0 .. n_seeds - 1
+SEED_STRIDE = 1000
+
+
+def variant_spec(variant: str) -> dict[str, Any]:
+    """Recipe, stores and splits of a named run (:data:`VARIANTS`, or ``st__<labeler>``)."""
+    if variant in VARIANTS:
+        return dict(VARIANTS[variant])
+    if variant.startswith("st__") and len(variant) > 4:
+        return {**VARIANTS["st"], "stores": (f"tiles/{variant}",)}
+    raise InputError(f"unknown training run {variant!r}",
+                     fix=f"one of {sorted(VARIANTS)} or st__<labeler> (e.g. st__flat)")
+
+
+def variant_dir(variant: str, seed_index: int = 0) -> str:
+    """Output folder (relative to ``run_dir``): ``models/{variant}``, then ``models/{variant}__seed{k}``."""
+    if seed_index < 0:
+        raise ValueError(f"seed_index must be >= 0, got {seed_index}")
+    return f"models/{variant}" if seed_index == 0 else f"models/{variant}__seed{seed_index}"
+
+
+def variant_config(params: Any, variant: str, *, seed_index: int = 0, **overrides: Any) -> TrainConfig:
+    """The config of one run of the study: profile recipe (``params``) + named run + seed.
+
+    Parameters
+    ----------
+    params
+        :class:`stlib.config.TrainParams` (a profile's ``03_training`` block).
+    variant
+        ``st``, ``pannuke``, ``pannuke_noheldout`` or ``st__<labeler>``.
+    seed_index
+        Which of the profile's ``n_seeds`` training seeds (seed ``params.seed + 1000 k``; output
+        :func:`variant_dir`).
+    """
+    spec = variant_spec(variant)
+    seed = int(getattr(params, "seed", 0)) + SEED_STRIDE * int(seed_index)
+    values = {**spec, "seed": seed, "out_dir": variant_dir(variant, seed_index), **overrides}
+    return TrainConfig.from_train_params(params, values.pop("recipe"), **values)
+
+
+def train_or_reuse(config: TrainConfig) -> TrainResult:
+    """:func:`train` that starts over when a finished or partial run used another config.
+
+    A notebook rerun with changed parameters must retrain, not fail on the old checkpoint;
+    an identical finished run is reused (skipped), an identical interrupted one resumed.
+    """
+    try:
+        return train(config)
+    except InputError as e:
+        if "different config" not in str(e):
+            raise
+        log.info("%s: parameters changed since the last run; training starts over", config.out_path())
+        return train(config, resume="never")
+
+
+#: file (under ``run_dir``) where notebook 03 records the study's training runs
+STUDY_RUNS_FILE = "models/study_runs.json"
+
+
+def train_study(params: Any, variants: Sequence[str], *, log_line: Any = None) -> dict[str, dict[int, TrainResult]]:
+    """Train every run of ``variants`` x ``params.n_seeds`` seeds (finished runs are reused).
+
+    Records the runs and the recipe in ``{run_dir}/models/study_runs.json`` (:func:`read_study_runs`),
+    so the evaluation chapters find every seed and the ablation retrains with the same recipe.
+    """
+    n = int(getattr(params, "n_seeds", 1))
+    if n < 1:
+        raise InputError(f"n_seeds must be >= 1, got {n}")
+    results: dict[str, dict[int, TrainResult]] = {}
+    for variant in variants:
+        for k in range(n):
+            res = train_or_reuse(variant_config(params, variant, seed_index=k))
+            results.setdefault(variant, {})[k] = res
+            if log_line is not None:
+                log_line(f"{variant} seed {k}: " + ("reused" if res.skipped else f"{res.steps} steps in {res.wall_s:.0f} s"))
+    record_study_runs(params, results)
+    return results
+
+
+def record_study_runs(params: Any, results: Mapping[str, Mapping[int, TrainResult]]) -> Path:
+    """Write ``models/study_runs.json``: the recipe (``params``) and each run's model per seed."""
+    from stlib.config import to_papermill
+
+    run = Path(params.run_dir)
+    path = run / STUDY_RUNS_FILE
+    old = _read_json_or_empty(path)
+    runs = dict(old.get("runs", {}))
+    for variant, seeds in results.items():
+        runs[variant] = {str(k): os.path.relpath(r.model_path, run) for k, r in sorted(seeds.items())}
+    return write_json(path, {"params": to_papermill(params), "runs": runs})
+
+
+def _read_json_or_empty(path: Path) -> dict[str, Any]:
+    """A JSON file's content, or ``{}`` when it does not exist."""
+    from stlib.utils import read_json
+
+    return read_json(path) if Path(path).is_file() else {}
+
+
+def read_study_runs(run_dir: str | os.PathLike) -> tuple[Any, dict[str, dict[int, Path]]]:
+    """The recipe (:class:`stlib.config.TrainParams`) and ``{run: {seed index: model.pt}}`` of a run.
+
+    Raises :class:`InputError` when notebook 03 / :func:`train_study` has not run.
+    """
+    from stlib.config import make_params
+
+    path = Path(run_dir) / STUDY_RUNS_FILE
+    if not path.is_file():
+        raise InputError("no record of the training runs", path=path, fix="run notebook 03_training first")
+    data = _read_json_or_empty(path)
+    params = make_params("03_training", data["params"], source=str(path))
+    runs = {v: {int(k): Path(run_dir) / p for k, p in seeds.items()} for v, seeds in data.get("runs", {}).items()}
+    missing = [str(p) for seeds in runs.values() for p in seeds.values() if not p.is_file()]
+    if missing:
+        raise InputError(f"model file(s) of recorded runs missing: {missing[:3]}", path=path,
+                         fix="rerun notebook 03_training")
+    return params, runs
 
 
 def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
@@ -1219,17 +1358,33 @@ def _final(history: list[dict[str, Any]]) -> dict[str, float]:
 
 
 def cli_main(argv: list[str]) -> int:
-    """``stlib train --config FILE [--set key=value ...] [--resume auto|never]``."""
-    p = argparse.ArgumentParser(prog="stlib train", description="Train the HoVer-Net-style network on a tile store. "
-                                "Under torchrun (WORLD_SIZE > 1) it runs data-parallel.")
-    p.add_argument("--config", required=True, help="train config YAML (see configs/train_demo.yaml)")
+    """``stlib train (--profile P [--run NAME] [--seed-index K] | --config FILE) [--set key=value ...]``."""
+    p = argparse.ArgumentParser(
+        prog="stlib train",
+        description="Train the HoVer-Net-style network on a tile store. The recipe of a profile comes from "
+                    "params/{profile}.yaml (block 03_training), its one source; --config takes a TrainConfig "
+                    "YAML/JSON instead (e.g. the config.json of a trained model). Under torchrun "
+                    "(WORLD_SIZE > 1) it runs data-parallel.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--profile", help="demo | workshop | paper | a params YAML: its 03_training recipe")
+    src.add_argument("--config", help="a YAML/JSON file of TrainConfig keys (e.g. models/st/config.json)")
+    p.add_argument("--run", default="st", metavar="NAME",
+                   help=f"with --profile: the training run, one of {sorted(VARIANTS)} or st__<labeler> (default st)")
+    p.add_argument("--seed-index", type=int, default=0, help="with --profile: which training seed (0 = the first)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (YAML value; loss.nt_ce=0.5 for nested keys); repeatable")
     p.add_argument("--resume", choices=("auto", "never"), default="auto",
                    help="auto: continue from checkpoint.pt / skip a finished run (default); never: start over")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    config = TrainConfig.from_yaml(args.config, overrides=args.overrides)
+    if args.profile:
+        from stlib.config import load_params, make_params
+
+        params = make_params("03_training", load_params(args.profile, "03_training"))
+        base = variant_config(params, args.run, seed_index=args.seed_index).to_dict()
+        config = TrainConfig.from_dict(apply_overrides(base, args.overrides), source=f"profile {args.profile}")
+    else:
+        config = TrainConfig.from_yaml(args.config, overrides=args.overrides)
     res = train(config, resume=args.resume)
     if DistInfo.from_env().is_main:
         keys = ("loss", "val_loss", "val_dice", "val_bpq")
@@ -1431,10 +1586,12 @@ def bench_main(argv: list[str]) -> int:
 
 
 __all__ = [
+    "VARIANTS", "SEED_STRIDE", "variant_spec", "variant_dir", "variant_config", "train_or_reuse", "train_study",
+    "record_study_runs", "read_study_runs", "STUDY_RUNS_FILE",
     "TrainConfig", "TrainResult", "TrainingInterrupted", "train", "cli_main", "bench_main", "TileData",
     "BalancedSampler", "tile_weights", "hv_from_inst", "augment_batch", "draw_augment_params", "shard_params",
     "rgb_to_hed", "hed_to_rgb", "apply_overrides", "DistInfo",
 ]
 
-if __name__ == "__main__":  # torchrun -m stlib.train --config FILE
+if __name__ == "__main__":  # torchrun -m stlib.train --profile paper --run st
     sys.exit(cli_main(sys.argv[1:]))

@@ -305,3 +305,44 @@ def test_bad_knobs_raise(tmp_path):
         make_cohort(tmp_path / "x", no_such_knob=1)
     with pytest.raises(InputError, match="scale"):
         make_cohort(tmp_path / "x", scale="huge")
+
+
+def test_restricted_pannuke_baseline_has_no_tile_of_the_held_out_organs(cohort, meta):
+    """The demo's PanNuke-layout set holds the held-out organs' tissues, and the restricted store none."""
+    from stlib.demo.config import ORGANS
+    from stlib.io.manifest import load_manifest
+    from stlib.io.pannuke import pannuke_to_store
+    from stlib.io.tiles import TileStore
+
+    man = load_manifest()
+    held = meta["held_out_organs"]
+    assert held == man.demo_organs("held-out") == ["Bowel", "Skin"]
+    tissues = man.pannuke_tissues(held)
+    # the generator names the demo organs' PanNuke tissues as the manifest does
+    assert tissues == sorted(o.pannuke for o in ORGANS.values() if o.name in held) == ["Colon", "Skin"]
+    full = TileStore(pannuke_to_store(cohort / "pannuke", cohort.parent / "pn_all"))
+    restricted = TileStore(pannuke_to_store(cohort / "pannuke", cohort.parent / "pn_nohe", exclude_tissues=tissues))
+    assert set(tissues) <= set(full.meta["organ"])  # the restriction removes something real
+    assert not set(tissues) & set(restricted.meta["organ"])
+    assert len(restricted) == len(full) - int(full.meta["organ"].isin(tissues).sum())
+
+
+def test_post_xenium_stain_knob():
+    from stlib.demo.config import ORGANS
+    from stlib.demo.render import post_xenium_stain, render_he, sample_stain
+    from stlib.demo.tissue import simulate_tissue
+
+    base = sample_stain(ORGANS["bowel"], np.random.default_rng(0), 0.0)
+    assert post_xenium_stain(base, 0.0) == base
+    shifted = post_xenium_stain(base, 1.0)
+    assert shifted.h_strength < base.h_strength and shifted.e_strength > base.e_strength
+    assert shifted.h_vec != base.h_vec and np.isclose(np.linalg.norm(shifted.h_vec), 1)
+    tis = simulate_tissue(ORGANS["bowel"], (128, 128), 0.25, np.random.default_rng(1), cancer=True)
+    a, inst = render_he(tis, base, np.random.default_rng(2), noise_sd=0)
+    b, _ = render_he(tis, shifted, np.random.default_rng(2), noise_sd=0)
+    nuc = inst > 0
+    assert b[nuc].mean() > a[nuc].mean() + 5  # paler nuclei after a Xenium run
+    with pytest.raises(InputError, match="post_xenium_stain"):
+        make_cohort("unused", post_xenium_stain=1.5)
+    with pytest.raises(ValueError, match="strength"):
+        post_xenium_stain(base, -0.1)

@@ -109,3 +109,26 @@ def test_pannuke_to_store_round_trip(tmp_path):
     mtime = (out / "store.json").stat().st_mtime_ns
     pannuke_to_store(tmp_path / "pn", tmp_path / "store")
     assert (out / "store.json").stat().st_mtime_ns == mtime
+
+
+def test_restricted_store_holds_no_tile_of_an_excluded_tissue(tmp_path):
+    from stlib.io.pannuke import pannuke_to_store
+    from stlib.io.tiles import TileStore
+    from stlib.utils import read_json
+
+    for k in (1, 2, 3):
+        _write_fold(tmp_path / "pn", k=k, n=2)  # each fold: one Breast, one Colon image
+    full = TileStore(pannuke_to_store(tmp_path / "pn", tmp_path / "all"))
+    out = pannuke_to_store(tmp_path / "pn", tmp_path / "restricted", exclude_tissues=["Colon"])
+    restricted = TileStore(out)
+    assert set(full.meta["organ"]) == {"Breast", "Colon"}
+    assert set(restricted.meta["organ"]) == {"Breast"} and len(restricted) == 3
+    # a tile keeps the id of its PanNuke image, so it is the same image as in the full store
+    assert set(restricted.meta["tile_id"]) == set(full.meta.loc[full.meta.organ == "Breast", "tile_id"])
+    info = read_json(out / "store.json")
+    assert info["exclude_tissues"] == ["Colon"] and info["tissues"] == ["Breast"]
+    # the exclusion is part of the build key: another exclusion rebuilds the store
+    again = TileStore(pannuke_to_store(tmp_path / "pn", tmp_path / "restricted", exclude_tissues=["Breast"]))
+    assert set(again.meta["organ"]) == {"Colon"}
+    with pytest.raises(InputError, match="Kolon"):
+        pannuke_to_store(tmp_path / "pn", tmp_path / "x", exclude_tissues=["Kolon"])

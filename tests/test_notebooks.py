@@ -27,9 +27,9 @@ pytestmark = pytest.mark.slow
 
 SMOKE = {
     "00_data": {"demo_image_px": 512},
-    "03_training": {"steps": 4, "batch_size": 2, "val_every": 2, "crop_px": 64},
-    "04_segmentation_eval": {"n_bootstrap": 50},
-    "05_classification_eval": {"n_bootstrap": 50},
+    "03_training": {"steps": 4, "batch_size": 2, "val_every": 4, "val_max_tiles": 2, "crop_px": 64},
+    "04_segmentation_eval": {"n_bootstrap": 50, "n_permutations": 500},
+    "05_classification_eval": {"n_bootstrap": 50, "n_permutations": 500},
 }
 
 
@@ -99,6 +99,38 @@ def test_outputs_of_the_study_exist(smoke):
         assert (run / "alignment" / sid / "alignment.json").is_file()
         assert (run / "labels" / sid / "cells.parquet").is_file()
     assert list((run / "infer").glob("*/*.geojson"))
+
+
+def _glued(nb_path: Path) -> dict:
+    """``{key: text/plain}`` of every value a notebook glued (myst_nb stores them as outputs)."""
+    out = {}
+    for o in _outputs(nb_path):
+        sb = o.get("metadata", {}).get("scrapbook", {})
+        if sb.get("name"):
+            out[sb["name"]] = o.get("data", {}).get(sb.get("mime_prefix", "") + "text/plain")
+    return out
+
+
+def test_primary_endpoint_is_glued_at_the_right_unit(smoke):
+    import ast
+
+    g = {k: ast.literal_eval(v) for k, v in _glued(smoke["root"] / "book" / "executed" / "04_segmentation_eval.ipynb").items()
+         if k in ("primary_endpoint", "primary_diff", "primary_ci_low", "primary_ci_high", "ci_unit", "n_train_seeds",
+                  "baselines")}
+    assert set(g) == {"primary_endpoint", "primary_diff", "primary_ci_low", "primary_ci_high", "ci_unit",
+                      "n_train_seeds", "baselines"}
+    assert isinstance(g["primary_endpoint"], str) and "manual truth" in g["primary_endpoint"]
+    assert all(isinstance(g[k], float) for k in ("primary_diff", "primary_ci_low", "primary_ci_high"))
+    assert g["primary_ci_low"] <= g["primary_diff"] <= g["primary_ci_high"]
+    assert "tile" not in g["ci_unit"] and ("slide" in g["ci_unit"] or "image" in g["ci_unit"])
+    assert isinstance(g["n_train_seeds"], int) and g["n_train_seeds"] >= 3
+    assert "all tissues" in g["baselines"] and "w/o held-out tissues" in g["baselines"]
+    run = smoke["root"] / "runs" / "demo"
+    for name in ("st", "pannuke", "pannuke_noheldout", "st__flat"):
+        assert (run / "models" / f"{name}__seed2" / "model.pt").is_file(), name
+    # the front page shows them (cross-document glue resolved in the built book)
+    index = (smoke["root"] / "_build" / "html" / "book" / "intro.html").read_text()
+    assert "Results at a glance" in index and g["baselines"].split(";")[0] in index
 
 
 def test_tile_store_records_mask_refinement_and_rebuilds_on_change(smoke):

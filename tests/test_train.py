@@ -19,9 +19,10 @@ import torch
 
 from stlib.constants import IGNORE
 from stlib.model.net import load_model
-from stlib.train import (BalancedSampler, TileData, TrainConfig, TrainingInterrupted, augment_batch, bench_main,
-                         cli_main, draw_augment_params, hed_to_rgb, hv_from_inst, rgb_to_hed, shard_params,
-                         tile_weights, train)
+from stlib.train import (SEED_STRIDE, BalancedSampler, TileData, TrainConfig, TrainingInterrupted, augment_batch,
+                         bench_main, cli_main, draw_augment_params, hed_to_rgb, hv_from_inst, read_study_runs,
+                         record_study_runs, rgb_to_hed, shard_params, tile_weights, train, train_or_reuse,
+                         train_study, variant_config)
 from stlib.utils import InputError
 
 torch.set_num_threads(1)
@@ -105,11 +106,82 @@ def test_config_round_trip_yaml_and_overrides(tmp_path):
         TrainConfig(schedule="linear")
 
 
-def test_shipped_configs_parse():
-    demo = TrainConfig.from_yaml(REPO / "configs" / "train_demo.yaml")
-    paper = TrainConfig.from_yaml(REPO / "configs" / "train_paper.yaml")
-    assert demo.encoder == "small" and paper.encoder == "resnet50"
-    assert not Path(demo.stores[0]).is_absolute() and not Path(paper.stores[0]).is_absolute()
+def test_one_recipe_per_profile_from_the_params():
+    """Each profile's recipe has one source (params/*.yaml 03_training); no second config file."""
+    from stlib.config import load_params, make_params
+
+    assert not (REPO / "configs").exists() or not list((REPO / "configs").glob("train_*.yaml"))
+    runs = {}
+    for prof in ("demo", "workshop", "paper"):
+        p = make_params("03_training", load_params(prof, "03_training"))
+        assert p.n_seeds >= 3 and set(p.recipes) == {"st", "pannuke", "pannuke_noheldout"}
+        runs[prof] = {v: variant_config(p, v, seed_index=k) for v in (*p.recipes, "st__flat") for k in range(p.n_seeds)}
+        cfgs = list(runs[prof].values())
+        # same network, recipe and budget for every run of a profile: only store, splits, seed, output differ
+        free = {"recipe", "stores", "train_splits", "val_splits", "seed", "out_dir"}
+        ref = {k: v for k, v in cfgs[0].to_dict().items() if k not in free}
+        assert all({k: v for k, v in c.to_dict().items() if k not in free} == ref for c in cfgs)
+        assert len({c.out_dir for c in cfgs}) == len(cfgs)  # no two runs share a folder
+    paper = runs["paper"]["st"]
+    assert (paper.encoder, paper.steps, paper.batch_size, paper.lr, paper.schedule) == ("resnet50", 16600, 32, 1e-4, "step")
+    assert 500_000 <= paper.steps * paper.batch_size <= 560_000  # HoVer-Net's ~530k tiles (methods chapter)
+    # the methods chapter's budget table says what the params say
+    methods = (REPO / "book" / "methods.md").read_text()
+    assert f"{paper.steps:,} steps x batch {paper.batch_size}" in methods
+    for prof in ("workshop", "demo"):
+        c = runs[prof]["st"]
+        assert f"{c.steps} steps x {c.batch_size} crops of {c.crop_px} px" in methods, prof
+        assert f"{c.steps * c.batch_size:,} crops" in methods, prof
+
+
+def test_variant_configs_and_seeds():
+    from stlib.config import TrainParams
+
+    p = TrainParams(steps=5, batch_size=2, run_dir="runs/x", seed=7, n_seeds=3)
+    c0, c2 = variant_config(p, "pannuke_noheldout"), variant_config(p, "pannuke_noheldout", seed_index=2)
+    assert c0.stores == ("tiles/pannuke_noheldout",) and c0.train_splits == ("fold1", "fold2")
+    assert c0.val_splits == ("fold3",) and c0.recipe == "pannuke"
+    assert (c0.seed, c2.seed) == (7, 7 + 2 * SEED_STRIDE) and c2.out_path() == Path("runs/x/models/pannuke_noheldout__seed2")
+    flat = variant_config(p, "st__flat", seed_index=1)
+    assert flat.recipe == "st" and flat.stores == ("tiles/st__flat",) and flat.out_dir == "models/st__flat__seed1"
+    assert variant_config(TrainParams(nt_confidence=True), "st").loss.nt_confidence
+    with pytest.raises(InputError, match="unknown training run"):
+        variant_config(p, "pannuke_all")
+
+
+def test_train_study_records_every_seed_and_reuses(tmp_path):
+    from stlib.config import TrainParams
+
+    run = tmp_path / "run"
+    make_store(run / "tiles" / "st")
+    make_store(run / "tiles" / "st__flat", seed=3)
+    p = TrainParams(run_dir=str(run), steps=2, batch_size=2, val_every=2, val_max_tiles=2, n_seeds=2, recipes=("st",))
+    res = train_study(p, ["st"])
+    assert sorted(res["st"]) == [0, 1] and (run / "models" / "st__seed1" / "model.pt").is_file()
+    a = torch.load(res["st"][0].model_path, weights_only=True)["state_dict"]
+    b = torch.load(res["st"][1].model_path, weights_only=True)["state_dict"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # two seeds, two networks
+    assert all(r.skipped for r in train_study(p, ["st"])["st"].values())
+    # a changed recipe retrains instead of failing on the old checkpoint
+    assert not train_or_reuse(variant_config(p.__class__(**{**p.__dict__, "steps": 3}), "st")).skipped
+    params, runs = read_study_runs(run)
+    assert params.n_seeds == 2 and set(runs["st"]) == {0, 1}
+    record_study_runs(params, {"st__flat": {0: train_or_reuse(variant_config(params, "st__flat"))}})
+    assert set(read_study_runs(run)[1]) == {"st", "st__flat"}
+    with pytest.raises(InputError, match="notebook 03"):
+        read_study_runs(tmp_path / "nothing")
+
+
+def test_cli_profile_trains_one_run_of_a_profile(tmp_path, capsys):
+    run = tmp_path / "run"
+    make_store(run / "tiles" / "pannuke_noheldout")
+    prof = tmp_path / "p.yaml"
+    prof.write_text(f"common: {{run_dir: {run}}}\n03_training: {{steps: 2, batch_size: 2, val_every: 2, "
+                    "val_max_tiles: 2, n_seeds: 3}\n")
+    assert cli_main(["--profile", str(prof), "--run", "pannuke_noheldout", "--seed-index", "1",
+                     "--set", "train_splits=[train]", "--set", "val_splits=[val]"]) == 0
+    saved = json.loads((run / "models" / "pannuke_noheldout__seed1" / "config.json").read_text())
+    assert saved["seed"] == SEED_STRIDE and saved["stores"] == ["tiles/pannuke_noheldout"] and saved["steps"] == 2
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -51,7 +51,7 @@ class DemoConfig:
     #: number of samples whose Xenium cell ids are integers (older XOA / R exports)
     int_id_samples: int = 1
     #: PanNuke-like images per fold (3 folds)
-    pannuke_per_fold: int = 24
+    pannuke_per_fold: int = 40
     #: PanNuke tile edge (px) and resolution (µm/px)
     pannuke_px: int = 256
     pannuke_um_per_px: float = 0.25
@@ -179,6 +179,13 @@ class DemoConfig:
     #: false positives per true nucleus
     cellvit_fp: float = 0.03
 
+    # -- post-Xenium H&E ---------------------------------------------------------------
+    #: strength (0..1) of the look of H&E stained *after* a Xenium run, on the HEST-layout slides
+    #: only (the PanNuke-layout set stays routine H&E): paler, greyer haematoxylin, stronger eosin,
+    #: softer chromatin (:func:`stlib.demo.render.post_xenium_stain`). A modelled shift, not a
+    #: measured one; 0 = the slides share the PanNuke-layout set's stain distribution.
+    post_xenium_stain: float = 0.5
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every knob."""
         return dataclasses.asdict(self)
@@ -188,7 +195,7 @@ class DemoConfig:
         fracs = ["marker_overlap", "cnv_subclonal_fraction", "cycling_normal_fraction",
                  "noncycling_tumour_fraction", "offvocab_fraction", "dead_fraction", "atypical_fraction", "spill_fraction", "ambient_fraction", "dropout_fraction",
                  "nuclear_tx_fraction", "low_qv_fraction", "missing_fraction", "extra_fraction",
-                 "defocus_fraction", "cellvit_recall", "cellvit_class_acc"]
+                 "defocus_fraction", "cellvit_recall", "cellvit_class_acc", "post_xenium_stain"]
         for k in fracs:
             v = getattr(self, k)
             if not 0.0 <= v <= 1.0:

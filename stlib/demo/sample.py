@@ -14,7 +14,7 @@ from stlib.demo.config import FINE_TYPE_TO_CLASS, ORGANS, DemoConfig, SampleSpec
 from stlib.demo.biology import DEAD_TYPE, OFF_VOCABULARY, assign_cell_types, type_class
 from stlib.demo.expression import CONTROL_PROBES, make_programmes, simulate_cell_expression, simulate_expression
 from stlib.demo.registration import apply_affine, dapi_outlines, make_transform, true_um_from_he
-from stlib.demo.render import render_he, sample_stain
+from stlib.demo.render import POST_XENIUM_EXTRA_BLUR_PX, post_xenium_stain, render_he, sample_stain
 from stlib.demo.tissue import nucleus_polygons, simulate_tissue
 
 __all__ = ["SampleData", "simulate_sample", "xoa_cell_ids", "xenium_region_box", "place_transcripts"]
@@ -107,9 +107,11 @@ def simulate_sample(spec: SampleSpec, cfg: DemoConfig, *, seed: int, index: int,
     legacy = cfg.biology == "legacy"
     # the legacy generator drew the image from the main stream; the realistic one gives it its own
     img_rng = rng if legacy else np.random.default_rng([seed, index, 2])
-    stain = sample_stain(organ, img_rng, cfg.stain_jitter)
+    # HEST slides are H&E stained after the Xenium run: a post-Xenium look (0 = none)
+    stain = post_xenium_stain(sample_stain(organ, img_rng, cfg.stain_jitter), cfg.post_xenium_stain)
+    blur = cfg.blur_px + POST_XENIUM_EXTRA_BLUR_PX * cfg.post_xenium_stain
     if render or legacy:
-        img, _inst = render_he(tis, stain, img_rng, blur_px=cfg.blur_px, defocus_px=cfg.defocus_px,
+        img, _inst = render_he(tis, stain, img_rng, blur_px=blur, defocus_px=cfg.defocus_px,
                                defocus_fraction=cfg.defocus_fraction, noise_sd=cfg.noise_sd)
     if not render:
         img = np.zeros((0, 0, 3), np.uint8)

@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
@@ -21,6 +22,7 @@ from stlib.utils import InputError, atomic_path, repo_root
 
 __all__ = [
     "HELD_OUT_ORGANS",
+    "PANNUKE_TISSUES_OF_ORGAN",
     "KNOWN_ORGANS",
     "ROLES",
     "TRAIN_ORGANS",
@@ -40,6 +42,22 @@ HELD_OUT_ORGANS: tuple[str, ...] = ("Bowel", "Kidney", "Liver", "Skin")
 #: The nine training organs (the paper trains on nine of the 13).
 TRAIN_ORGANS: tuple[str, ...] = tuple(o for o in KNOWN_ORGANS if o not in HELD_OUT_ORGANS)
 ROLES: tuple[str, ...] = ("train", "held-out")
+
+#: HEST organ -> PanNuke tissue names (``types.npy``): written into the manifest's
+#: ``pannuke.tissues_of_organ`` by :func:`write_manifest_yaml`; code reads the manifest
+#: (:meth:`Manifest.pannuke_tissues`), not this table. Bile-duct stays apart from Liver (a
+#: neighbouring organ, not the hepatocyte tissue of HEST's liver samples).
+PANNUKE_TISSUES_OF_ORGAN: dict[str, tuple[str, ...]] = {
+    "Bowel": ("Colon",), "Breast": ("Breast",), "Kidney": ("Kidney",), "Liver": ("Liver",), "Lung": ("Lung",),
+    "Ovary": ("Ovarian",), "Pancreas": ("Pancreatic",), "Prostate": ("Prostate",), "Skin": ("Skin",),
+}
+_PANNUKE_COMMENT = """
+# PanNuke (baseline training data; 7,901 images over 3 folds). tissues_of_organ maps each HEST
+# organ to its PanNuke tissues (types.npy): the PanNuke baseline without the held-out organs drops
+# the tissues of the held-out organs, and PanNuke tiles of those tissues from a fold no baseline
+# trained on are manual truth for the held-out organs. Bone, Brain, Heart and Lymphoid have no
+# PanNuke tissue; Bile-duct is kept apart from Liver (a neighbouring organ, not hepatocytes).
+"""
 
 #: Columns of :attr:`Manifest.samples`, in order.
 SAMPLE_FIELDS: tuple[str, ...] = (
@@ -95,6 +113,25 @@ class Manifest:
     def pannuke_folds(self) -> list[int]:
         """PanNuke fold numbers listed."""
         return [int(f["fold"]) for f in self.pannuke.get("folds", [])]
+
+    def pannuke_tissues(self, organs: Sequence[str]) -> list[str]:
+        """PanNuke tissue names (``types.npy``) of HEST organs, from ``pannuke.tissues_of_organ``.
+
+        The one place where the two vocabularies meet: the restricted PanNuke baseline drops
+        ``pannuke_tissues(held-out organs)`` and the evaluation scores PanNuke tiles of those
+        tissues as manual truth of the held-out organs. An organ without PanNuke tissue maps to
+        nothing; an organ the table does not list is an error (the table must be complete).
+        """
+        table = self.pannuke.get("tissues_of_organ") or {}
+        missing = sorted(set(organs) - set(table))
+        if missing:
+            raise InputError(f"organ(s) {missing} have no entry in pannuke.tissues_of_organ", path=self.path,
+                             fix="add them (an empty list when PanNuke has no such tissue)")
+        return sorted({t for o in organs for t in (table[o] or [])})
+
+    def organ_of_pannuke_tissue(self) -> dict[str, str]:
+        """PanNuke tissue -> HEST organ (inverse of ``pannuke.tissues_of_organ``)."""
+        return {t: o for o, ts in (self.pannuke.get("tissues_of_organ") or {}).items() for t in (ts or [])}
 
     def demo_organs(self, role: str) -> list[str]:
         """Organs of the demo cohort with one role."""
@@ -176,6 +213,27 @@ def _validate_demo(demo: Any, path: Path) -> dict[str, Any]:
     return demo
 
 
+def _validate_tissue_map(table: Any, path: Path) -> None:
+    """``pannuke.tissues_of_organ``: HEST organ -> list of PanNuke tissue names, each tissue once."""
+    if table is None:
+        return
+    if not isinstance(table, dict):
+        raise InputError("pannuke.tissues_of_organ must map organs to lists of PanNuke tissues", path=path,
+                         fix="write e.g. tissues_of_organ: {Bowel: [Colon], Bone: []}")
+    seen: dict[str, str] = {}
+    for organ, tissues in table.items():
+        if organ not in KNOWN_ORGANS:
+            raise InputError(f"pannuke.tissues_of_organ names unknown organ {organ!r}", path=path,
+                             fix=f"use one of {list(KNOWN_ORGANS)}")
+        if not isinstance(tissues, list) or not all(isinstance(t, str) for t in tissues):
+            raise InputError(f"pannuke.tissues_of_organ[{organ}] must be a list of tissue names", path=path)
+        for t in tissues:
+            if t in seen:
+                raise InputError(f"PanNuke tissue {t!r} is mapped to both {seen[t]} and {organ}", path=path,
+                                 fix="map each PanNuke tissue to one organ")
+            seen[t] = organ
+
+
 def load_manifest(path: str | os.PathLike | None = None) -> Manifest:
     """Read and validate ``data_manifest.yaml``.
 
@@ -209,6 +267,7 @@ def load_manifest(path: str | os.PathLike | None = None) -> Manifest:
     for f in pannuke.get("folds", []) or []:
         if not isinstance(f, dict) or "fold" not in f:
             raise InputError("every pannuke.folds entry needs 'fold'", path=path, fix="write - {fold: 1, file: fold_1.zip}")
+    _validate_tissue_map(pannuke.get("tissues_of_organ"), path)
     return Manifest(samples=samples, hest=data.get("hest") or {}, pannuke=pannuke,
                     demo=_validate_demo(data.get("demo"), path), path=path)
 
@@ -330,6 +389,7 @@ def write_manifest_yaml(path: str | os.PathLike, hest_csv: str | os.PathLike) ->
                 for k, n in ((1, 2656), (2, 2523), (3, 2722))
             ],
             "protocol": "3-fold: train on one fold, validate on another, test on the third; never test on a training fold",
+            "tissues_of_organ": {o: list(PANNUKE_TISSUES_OF_ORGAN.get(o, ())) for o in KNOWN_ORGANS},
         },
         "demo": {
             "generator": "stlib.demo", "seed": 0,
@@ -340,7 +400,7 @@ def write_manifest_yaml(path: str | os.PathLike, hest_csv: str | os.PathLike) ->
     dump = lambda obj: yaml.safe_dump(obj, sort_keys=False, allow_unicode=True, width=100)  # noqa: E731
     lines = [header, dump({"version": blocks["version"]}),
              "\n# HEST-1k release the samples come from\n", dump({"hest": blocks["hest"]}),
-             "\n# PanNuke (baseline training data; 7,901 images over 3 folds)\n", dump({"pannuke": blocks["pannuke"]}),
+             _PANNUKE_COMMENT, dump({"pannuke": blocks["pannuke"]}),
              "\n# Synthetic demo cohort (profiles demo / workshop)\n", dump({"demo": blocks["demo"]}),
              f"\n# {len(s)} human Xenium samples of HEST-1k v1.1.0, by role then organ\nsamples:\n"]
     prev = None

@@ -25,7 +25,7 @@ import pandas as pd
 from stlib.constants import PANNUKE_CHANNEL_TO_CLASS, PANNUKE_CHANNELS
 from stlib.utils import InputError
 
-__all__ = ["PanNukeFold", "images_uint8", "list_folds", "masks_to_inst_type", "read_fold"]
+__all__ = ["PanNukeFold", "images_uint8", "list_folds", "masks_to_inst_type", "pannuke_to_store", "read_fold"]
 
 _N_CLASS_CHANNELS = len(PANNUKE_CHANNEL_TO_CLASS)  # 5 nucleus channels; channel 5 = background
 
@@ -253,12 +253,17 @@ def _to_u8(a: np.ndarray, unit: bool) -> np.ndarray:
 
 def pannuke_to_store(pannuke_dir: str | os.PathLike, out: str | os.PathLike, *,
                      folds: Sequence[int] | None = None, um_per_px: float = 0.25, chunk: int = 64,
-                     overwrite: bool = False) -> Path:
+                     exclude_tissues: Sequence[str] = (), overwrite: bool = False) -> Path:
     """Convert PanNuke folds into a tile store (DEVELOPING.md), split ``fold{k}`` per fold.
 
     Manual labels are complete and certain: ``conf`` is 255 on every nucleus and ``ignore`` is
     0 everywhere; the tissue name is the ``organ`` column and ``sample`` is ``pannuke_fold{k}``.
-    Idempotent: an existing store is kept unless ``overwrite``.
+    ``tile_id`` is ``pannuke_fold{k}_{index}`` with the image's index in its fold, so a tile of
+    a restricted store names the same PanNuke image as in the full one.
+
+    Idempotent: an existing store built from the same files with the same folds, exclusions and
+    resolution (``build_key`` in its ``store.json``) is kept; any other is rebuilt. ``overwrite``
+    rebuilds regardless.
 
     Parameters
     ----------
@@ -270,29 +275,50 @@ def pannuke_to_store(pannuke_dir: str | os.PathLike, out: str | os.PathLike, *,
         Folds to convert (default: all present).
     um_per_px
         Resolution recorded for the tiles (PanNuke is 40x, about 0.25 µm/px).
+    exclude_tissues
+        PanNuke tissue names (``types.npy``) whose images are left out: the baseline "without
+        the held-out organs" (tissues from :meth:`stlib.io.manifest.Manifest.pannuke_tissues`).
+        ``store.json`` records them under ``exclude_tissues``. A name that occurs in none of the
+        folds is an error (a typo would silently restrict nothing).
     """
+    import hashlib
+    import json
+
     from stlib.io.tiles import TileStoreWriter
-    from stlib.utils import progress
+    from stlib.utils import progress, read_json
 
     out = Path(out)
-    if (out / "store.json").is_file() and not overwrite:
-        return out
     folds = list(folds) if folds else list_folds(pannuke_dir)
     if not folds:
         raise InputError("no PanNuke fold found", path=pannuke_dir,
                          fix="download with `stlib download pannuke --out DIR` or point data_dir at a PanNuke copy")
     data = [read_fold(pannuke_dir, k) for k in folds]
+    excluded = sorted({str(t) for t in exclude_tissues})
+    present = set().union(*(set(fd.types.tolist()) for fd in data))
+    unknown = [t for t in excluded if t not in present]
+    if unknown:
+        raise InputError(f"tissue(s) {unknown} to exclude occur in no PanNuke fold (tissues: {sorted(present)})",
+                         path=pannuke_dir, fix="use PanNuke's types.npy names (data_manifest.yaml pannuke.tissues_of_organ)")
+    files = {f"fold{fd.fold}/{k}": [p.stat().st_size, p.stat().st_mtime_ns] for fd in data for k, p in fd.paths.items()}
+    key = hashlib.sha256(json.dumps({"folds": folds, "exclude_tissues": excluded, "um_per_px": float(um_per_px),
+                                     "files": files, "version": 2}, sort_keys=True).encode()).hexdigest()
+    if (out / "store.json").is_file() and not overwrite and read_json(out / "store.json").get("build_key") == key:
+        return out
     tile_px = int(data[0].images.shape[1])
-    with TileStoreWriter(out, tile_px=tile_px, um_per_px=um_per_px, source="pannuke", overwrite=overwrite) as w:
+    kept_tissues: set[str] = set()
+    with TileStoreWriter(out, tile_px=tile_px, um_per_px=um_per_px, source="pannuke", overwrite=True) as w:
         for fd in data:
-            for s in progress(range(0, len(fd), chunk), desc=f"PanNuke fold {fd.fold} -> tiles"):
-                sl = slice(s, min(s + chunk, len(fd)))
-                imgs = images_uint8(np.asarray(fd.images[sl]))
-                inst, typ = masks_to_inst_type(np.asarray(fd.masks[sl]))
-                for j in range(imgs.shape[0]):
-                    i = s + j
+            keep = np.flatnonzero(~np.isin(fd.types, excluded))
+            for s in progress(range(0, len(keep), chunk), desc=f"PanNuke fold {fd.fold} -> tiles"):
+                idx = keep[s:s + chunk]
+                imgs = images_uint8(np.asarray(fd.images[idx]))
+                inst, typ = masks_to_inst_type(np.asarray(fd.masks[idx]))
+                for j, i in enumerate(idx):
                     conf = np.where(inst[j] > 0, 255, 0).astype(np.uint8)
+                    kept_tissues.add(str(fd.types[i]))
                     w.add(image=imgs[j], inst=inst[j], type=typ[j], conf=conf, sample=f"pannuke_fold{fd.fold}",
                           organ=str(fd.types[i]), x0=0.0, y0=0.0, split=f"fold{fd.fold}",
-                          tile_id=f"pannuke_fold{fd.fold}_{i:05d}")
+                          tile_id=f"pannuke_fold{fd.fold}_{int(i):05d}")
+        w.close(extra={"build_key": key, "folds": [int(k) for k in folds], "exclude_tissues": excluded,
+                       "tissues": sorted(kept_tissues)})
     return out
