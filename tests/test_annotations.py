@@ -450,7 +450,7 @@ def test_shipped_subset_matches_the_originals(repo, realdata):
                            realdata / "nuclei-monuseg" / "annotations" / f"{stem}.xml")
         np.testing.assert_array_equal(a.inst, b.inst)
         assert a.um_per_px == b.um_per_px
-        assert np.abs(a.image.astype(int) - b.image.astype(int)).mean() < 2.5  # JPEG quality 95
+        assert np.abs(a.image.astype(int) - b.image.astype(int)).mean() < 4  # JPEG tiles, quality 95: 2.1-3.5 measured
     for p in sorted((root / "nuclei-consep" / "inst").glob("*.npz"))[:4]:
         with np.load(p) as z:
             np.testing.assert_array_equal(z["inst"], np.load(realdata / "nuclei-consep" / "inst" / f"{p.stem}.npy"))
