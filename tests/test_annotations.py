@@ -454,3 +454,29 @@ def test_shipped_subset_matches_the_originals(repo, realdata):
     for p in sorted((root / "nuclei-consep" / "inst").glob("*.npz"))[:4]:
         with np.load(p) as z:
             np.testing.assert_array_equal(z["inst"], np.load(realdata / "nuclei-consep" / "inst" / f"{p.stem}.npy"))
+
+
+def test_bad_inputs_give_one_error_line_naming_the_file_through_the_cli(tmp_path, capsys):
+    """The three bad inputs of the issue, as a user meets them: ``stlib realtissue --source DIR``
+    exits 1 with one ``error`` line that names the offending file, and writes no cohort."""
+    from stlib.cli import main
+
+    mon = tmp_path / "mon"
+    (mon / "images").mkdir(parents=True)
+    (mon / "annotations").mkdir()
+    _write_img(mon / "images" / "TCGA-A7-A13E-01Z-00-DX1.tif", 40, 40)
+    (mon / "annotations" / "TCGA-A7-A13E-01Z-00-DX1.xml").write_text(
+        _xml([_square(2, 2, 5), _square(20, 20, 5)], broken=True))
+    inst = np.zeros((16, 16), np.int32)
+    inst[2:6, 2:6] = 4
+    con_mat, con_jpg = tmp_path / "con_mat", tmp_path / "con_jpg"
+    con_mat.mkdir(), con_jpg.mkdir()
+    _consep_patch(con_mat, "train_1_000", inst, [2])
+    savemat(con_mat / "type_mat" / "train_1_000.mat", {"inst_centroid": np.zeros((1, 2))})  # no inst_type
+    _consep_patch(con_jpg, "train_1_000", inst, [2], img_shape=(20, 16))  # JPEG 16x20, mask 16x16
+    for src, name in ((mon, "TCGA-A7-A13E-01Z-00-DX1.xml"), (con_mat, "train_1_000.mat"), (con_jpg, "train_1_000.jpg")):
+        out = tmp_path / f"cohort_{src.name}"
+        assert main(["realtissue", "--out", str(out), "--source", str(src), "--pannuke", "none"]) == 1
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and err[0].startswith("stlib realtissue: error:") and name in err[0], err
+        assert not (out / "cohort.json").exists()
