@@ -1,4 +1,4 @@
-"""Real tissue in the loop (chapter 7): ST-derived labels on real H&E, scored against real nuclei.
+"""Real tissue in the loop (notebook 07_real_tissue): ST-derived labels on real H&E, scored against real nuclei.
 
 The cohort (:mod:`stlib.demo.realtissue`) is real annotated H&E (MoNuSeg, CoNSeP) with a
 simulated Xenium layer. This module runs the study's own pipeline on it and measures the
@@ -103,7 +103,7 @@ def st_labels(data_dir: str | Path, run_dir: str | Path, samples: Sequence[str],
         Samples that also get expression-derived classes (:func:`stlib.labels.derive.derive_sample`
         into ``labels/{sample}/``); all get segmentation labels (``labels/{sample}__seg/``).
     refine_alignment
-        Use the project's alignment refinement (chapter 2) before taking the outlines.
+        Use the project's alignment refinement (notebook 01_alignment) before taking the outlines.
 
     Returns
     -------
