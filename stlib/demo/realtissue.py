@@ -13,7 +13,8 @@ Xenium run would add on top is simulated, from the real outlines and with the de
 * the true Xenium -> H&E map and HEST's imperfect registration (shift, rotation, scale, local
   warp: :func:`stlib.demo.registration.make_transform`);
 * expression and transcripts (:mod:`stlib.demo.expression`, through the one call site
-  :func:`_simulate_transcripts`): each nucleus's cell type comes from its **real class** where
+  :func:`_simulate_transcripts`; the **legacy** programmes of the ``easy`` preset, whose marker genes
+  come from the labeler's own marker sets, not the realistic :mod:`stlib.demo.biology`): each nucleus's cell type comes from its **real class** where
   the annotation has one (CoNSeP: inflammatory, spindle, epithelial; the merged epithelial class
   becomes tumour with probability ``tumour_fraction``), otherwise from an organ-typical mix
   (:data:`ORGAN_MIX`; MoNuSeg has no classes), drawn independently of the image;
@@ -211,12 +212,12 @@ def _simulate_transcripts(genes: list[str], organ_key: str, cancer: bool, fine: 
     (:mod:`stlib.demo.expression`) is one edit in this module.
     """
     from stlib.demo.expression import make_programmes, simulate_expression
-    from stlib.demo.sample import _place_transcripts
+    from stlib.demo.sample import place_transcripts
 
     bio_rng = np.random.default_rng([seed, 999])  # biology shared by the cohort, as in the demo
     prog = make_programmes(genes, ORGANS[organ_key], cancer=cancer, bio_rng=bio_rng, sample_rng=rng)
     ex = simulate_expression(prog, fine, cen_um, has_poly, rng, cfg)
-    tx = _place_transcripts(ex, dapi_um, cen_um, has_poly, cell_id, spec, genes, rng, cfg, tf, size)
+    tx = place_transcripts(ex, dapi_um, cen_um, has_poly, cell_id, spec, genes, rng, cfg, tf, size)
     return tx, ex
 
 
