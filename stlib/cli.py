@@ -13,7 +13,9 @@ import sys
 #: command -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("stlib.demo", "cli_main", "write the synthetic demo cohort (HEST + Xenium + PanNuke layouts, truth)"),
-    "download": ("stlib.io.download", "cli_main", "download HEST-1k samples / PanNuke folds"),
+    "realtissue": ("stlib.demo.realtissue", "cli_main",
+                   "write a cohort of REAL annotated H&E with a SIMULATED Xenium layer (demo layout, truth)"),
+    "download": ("stlib.io.download", "cli_main", "download HEST-1k samples / PanNuke folds / MoNuSeg / CoNSeP"),
     "align": ("stlib.align", "cli_main", "align Xenium nuclei to H&E, score and refine (alignment.json)"),
     "labels": ("stlib.labels.derive", "cli_main", "derive masks, cell types and classes for a sample"),
     "tiles": ("stlib.io.tiles", "cli_main", "inspect a tile store (stlib tiles info PATH)"),

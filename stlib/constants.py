@@ -6,7 +6,10 @@ id <-> name mapping cannot drift between label derivation, training, metrics and
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: Image-oriented nucleus classes (PanNuke's five plus background). 255 = labelled nucleus
 #: whose class is unknown: it counts for segmentation, never for classification.
@@ -50,6 +53,31 @@ PANNUKE_CHANNEL_TO_CLASS: Final[dict[int, int]] = {
     0: NEOPLASTIC, 1: INFLAMMATORY, 2: CONNECTIVE, 3: DEAD, 4: EPITHELIAL,
 }
 
+#: Nucleus known to be epithelial but not whether neoplastic (CoNSeP's merged "epithelial": healthy
+#: and malignant together). Training treats it like :data:`IGNORE` (segmentation only, no class
+#: loss); scoring against such a truth merges Neoplastic and Epithelial into one class first
+#: (:func:`merge_epithelial`), so a network that says "Neoplastic" there is not counted wrong.
+EPITHELIAL_ANY: Final = 254
+#: Class ids that mark a nucleus whose class cannot be used for training a 5-class head.
+UNKNOWN_CLASSES: Final[tuple[int, ...]] = (IGNORE, EPITHELIAL_ANY)
+
+#: How each annotated source's own class ids map to stlib classes, in one table.
+#: ``monuseg``: instances only (every nucleus -> IGNORE, class unknown).
+#: ``consep`` (merged, HoVer-Net's 4 classes, the patch export): 1 other -> IGNORE,
+#: 2 inflammatory -> Inflammatory, 3 epithelial (healthy and malignant together) -> EPITHELIAL_ANY,
+#: 4 spindle-shaped (fibroblast, muscle, endothelial) -> Connective.
+#: ``consep_original`` (the 7 classes of CoNSeP's own ``.mat`` labels): 1 other -> IGNORE,
+#: 2 inflammatory, 3 healthy epithelial -> Epithelial, 4 dysplastic/malignant epithelial ->
+#: Neoplastic, 5 fibroblast, 6 muscle, 7 endothelial -> Connective.
+#: ``pannuke``: mask channel -> class (:data:`PANNUKE_CHANNEL_TO_CLASS`).
+SOURCE_CLASS_MAPS: Final[dict[str, dict[int, int]]] = {
+    "monuseg": {},
+    "consep": {1: IGNORE, 2: INFLAMMATORY, 3: EPITHELIAL_ANY, 4: CONNECTIVE},
+    "consep_original": {1: IGNORE, 2: INFLAMMATORY, 3: EPITHELIAL, 4: NEOPLASTIC, 5: CONNECTIVE, 6: CONNECTIVE,
+                        7: CONNECTIVE},
+    "pannuke": dict(PANNUKE_CHANNEL_TO_CLASS),
+}
+
 #: Xenium morphology image pixel size (µm/px), as written in experiment.xenium.
 XENIUM_PIXEL_SIZE_UM: Final = 0.2125
 #: PanNuke-like 40x resolution (µm/px) used for training tiles by default.
@@ -69,10 +97,27 @@ def class_name(class_id: int) -> str:
     """Name of a class id, ``"Ignore"`` for 255; raises ``ValueError`` for anything else."""
     if class_id == IGNORE:
         return "Ignore"
+    if class_id == EPITHELIAL_ANY:
+        return "Epithelial (neoplastic or not)"
     try:
         return CLASS_NAMES[int(class_id)]
     except KeyError:
         raise ValueError(f"unknown class id {class_id!r}; known: {sorted(CLASS_NAMES)} and {IGNORE}") from None
+
+
+def merge_epithelial(types: np.ndarray) -> np.ndarray:
+    """Class map for scoring against a truth that cannot split epithelial nuclei.
+
+    Neoplastic (1), Epithelial (5) and :data:`EPITHELIAL_ANY` (254) all become Epithelial (5);
+    every other value is kept. Apply it to the truth *and* the prediction before computing
+    per-class metrics against CoNSeP-like (merged) types.
+    """
+    import numpy as np
+
+    t = np.asarray(types)
+    out = t.copy()
+    out[(t == NEOPLASTIC) | (t == EPITHELIAL_ANY)] = EPITHELIAL
+    return out
 
 
 def is_control_feature(name: str) -> bool:

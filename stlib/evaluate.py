@@ -889,8 +889,9 @@ def segment_and_score(models: Mapping[str, Mapping[int, Any]], references: Seque
 
 
 def nucleus_features(model, images: np.ndarray, insts: Sequence[np.ndarray], *, device: str = "auto",
-                     batch_size: int = 8) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Frozen per-nucleus features: the NT branch's last feature map averaged over each nucleus.
+                     batch_size: int = 8, branch: str = "nt") -> list[tuple[np.ndarray, np.ndarray]]:
+    """Frozen per-nucleus features: a branch's last feature map (``branch`` = ``"nt"``, ``"np"`` or
+    ``"hv"``; default the NT branch) averaged over each nucleus.
 
     Returns one ``(ids, features)`` per image (``features`` is (n_nuclei, C)). The network is
     not changed (eval mode, no gradients): this is the "classification head on frozen features"
@@ -904,7 +905,7 @@ def nucleus_features(model, images: np.ndarray, insts: Sequence[np.ndarray], *, 
     dev = torch.device(resolve_device(device))
     model = model.to(dev).eval()
     captured: list[torch.Tensor] = []
-    hook = model.decoders["nt"].head.register_forward_hook(lambda m, inp, out: captured.append(inp[0].detach()))
+    hook = model.decoders[branch].head.register_forward_hook(lambda m, inp, out: captured.append(inp[0].detach()))
     out: list[tuple[np.ndarray, np.ndarray]] = []
     try:
         with torch.inference_mode():

@@ -771,21 +771,21 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, um_per_px: float | No
 
 # ----------------------------------------------------------------------------- outputs
 def geojson_features(result: InferenceResult, *, decimals: int = 2) -> Iterator[dict[str, Any]]:
-    """QuPath detection features (one per nucleus), polygons in level-0 px of the input."""
+    """QuPath detection features (one per nucleus), polygons in level-0 px of the input.
+
+    Built by :func:`stlib.io.annotations.geojson_feature`, the one GeoJSON writer of stlib (its
+    reader, :func:`stlib.io.annotations.read_geojson`, reads these files back).
+    """
+    from stlib.io.annotations import geojson_feature
+
     df = result.nuclei
     cols = [df[c].to_numpy() for c in ("id", "class", "class_name", "area_um2", "probability")]
     for (nid, cid, cname, area, prob), ring in zip(zip(*cols), result.polygons):
-        color = CLASS_COLORS.get(int(cid), CLASS_COLORS[IGNORE])
         meas: dict[str, float] = {"id": int(nid), "area_um2": round(float(area), 3)}
         if np.isfinite(prob):
             meas["probability"] = round(float(prob), 4)
-        yield {
-            "type": "Feature",
-            "geometry": {"type": "Polygon", "coordinates": [np.round(ring, decimals).tolist()]},
-            "properties": {"objectType": "detection",
-                           "classification": {"name": str(cname), "color": [int(v) for v in color]},
-                           "measurements": meas},
-        }
+        yield geojson_feature(ring, class_id=int(cid), class_label=str(cname), measurements=meas,
+                              decimals=decimals)
 
 
 def _overlay(result: InferenceResult) -> np.ndarray:
@@ -837,14 +837,9 @@ def write_outputs(result: InferenceResult, out_dir: str | os.PathLike, name: str
         name = stem if stem and stem != "<array>" else "image"
     paths: dict[str, Path] = {}
 
-    p = out / f"{name}.geojson"
-    with atomic_path(p) as tmp:
-        with open(tmp, "w") as f:
-            f.write('{"type": "FeatureCollection", "features": [\n')
-            for i, feat in enumerate(geojson_features(result)):
-                f.write((",\n" if i else "") + json.dumps(feat, separators=(",", ":")))
-            f.write("\n]}\n")
-    paths["geojson"] = p
+    from stlib.io.annotations import write_geojson
+
+    paths["geojson"] = write_geojson(out / f"{name}.geojson", geojson_features(result))
 
     p = out / f"{name}_nuclei.csv"
     with atomic_path(p) as tmp:

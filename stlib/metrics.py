@@ -40,6 +40,7 @@ from stlib.constants import (
     NUCLEUS_CLASSES,
     PANNUKE_CHANNEL_TO_CLASS,
     TARGET_UM_PER_PX_40X,
+    UNKNOWN_CLASSES,
 )
 
 __all__ = [
@@ -523,7 +524,7 @@ def pannuke_mpq(true_inst: Any, true_type: Any, pred_inst: Any, pred_type: Any, 
     p_maps = _class_maps(p_arr, None if pred_type is None else np.asarray(pred_type), "pred")
     if true_type is not None and pred_type is not None:
         ids, types = instance_types(t_arr, true_type)
-        unknown = ids[(types == 0) | (types == IGNORE)]
+        unknown = ids[(types == 0) | np.isin(types, UNKNOWN_CLASSES)]
         if unknown.size:
             m = pq(t_arr, p_arr, match_iou=0.5)
             drop = m.paired_pred[np.isin(m.paired_true, unknown)]
@@ -677,7 +678,7 @@ def _type_count_table(pairing: Pairing, t_types: np.ndarray, p_types: np.ndarray
     """(len(classes), 5) counts [tp, fp, fn, fp_d, fn_d] plus (agree, n_typed) of one image."""
     pt = t_types[pairing.paired[:, 0]]
     pp = p_types[pairing.paired[:, 1]]
-    known = (pt != 0) & (pt != IGNORE)
+    known = (pt != 0) & ~np.isin(pt, UNKNOWN_CLASSES)
     pt, pp = pt[known], pp[known]
     ut = t_types[pairing.unpaired_a]
     up = p_types[pairing.unpaired_b]

@@ -40,6 +40,9 @@ def source_label(profile: str, data_dir: str | None = None) -> str:
     """The data-source caption used on every figure and table of a profile."""
     if profile in ("demo", "workshop"):
         return f"SYNTHETIC {profile} cohort (stlib.demo) - not real tissue"
+    if profile == "realtissue":
+        return ("REAL H&E + REAL manual nuclei (MoNuSeg, CoNSeP) with a SIMULATED Xenium layer "
+                f"(stlib realtissue{', ' + str(data_dir) if data_dir else ''})")
     where = f" ({data_dir})" if data_dir else ""
     return f"HEST-1k Xenium + PanNuke{where}"
 
@@ -475,4 +478,39 @@ def robustness_curves(sweep: pd.DataFrame, *, source: str,
                           "dotted = default)", fontsize=10)
     fig.tight_layout(rect=(0, 0.03, 1, 0.97))
     _caption(fig, source)
+    return fig
+
+
+def outlines(image: np.ndarray, inst: np.ndarray, *, color: tuple[int, int, int] = (255, 255, 0)) -> np.ndarray:
+    """A copy of ``image`` with the inner boundary of every instance of ``inst`` drawn in ``color``."""
+    from skimage.segmentation import find_boundaries
+
+    out = np.asarray(image).copy()
+    out[find_boundaries(np.asarray(inst), mode="inner")] = color
+    return out
+
+
+def outline_panels(image: np.ndarray, panels: Mapping[str, np.ndarray], *, source: str, title: str = "",
+                   colors: Mapping[str, tuple[int, int, int]] | None = None, size: float = 3.6) -> plt.Figure:
+    """The same image once per instance map, with that map's nucleus outlines drawn on it.
+
+    ``panels``: title -> (H, W) instance map (e.g. ``{"manual": truth, "ST-trained": pred}``);
+    an empty title draws the bare image.
+    """
+    from skimage.segmentation import find_boundaries
+
+    img = np.asarray(image)
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(size * n, size + 0.5), squeeze=False)
+    for ax, (name, inst) in zip(axes[0], panels.items()):
+        shown = img.copy()
+        if inst is not None:
+            shown[find_boundaries(np.asarray(inst), mode="inner")] = (colors or {}).get(name, (255, 255, 0))
+        ax.imshow(shown)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    _caption(fig, source)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig

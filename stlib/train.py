@@ -57,7 +57,7 @@ from stlib.utils import InputError, StlibError, atomic_path, progress, write_jso
 
 log = logging.getLogger("stlib.train")
 
-RECIPES = ("st", "pannuke")
+RECIPES = ("st", "pannuke", "manual")  # manual: manual masks of the real-tissue cohort (stlib.realtissue)
 SCHEDULES = ("cosine", "step", "constant")
 OPTIMIZERS = ("adamw", "adam")
 HV_SOURCES = ("device", "masks")
@@ -81,7 +81,8 @@ class TrainConfig:
     ``batch_size / W`` tiles, so the budget does not depend on the number of GPUs.
     """
 
-    #: "st" (ST-derived labels) or "pannuke" (store converted from PanNuke folds)
+    #: "st" (ST-derived labels), "pannuke" (store converted from PanNuke folds) or "manual" (manual
+    #: masks of real annotated H&E, the comparison of the real-tissue chapter)
     recipe: str = "st"
     run_dir: str = "."
     stores: tuple[str, ...] = ("tiles/st",)

@@ -30,6 +30,11 @@ SMOKE = {
     "03_training": {"steps": 4, "batch_size": 2, "val_every": 4, "val_max_tiles": 2, "crop_px": 64},
     "04_segmentation_eval": {"n_bootstrap": 50, "n_permutations": 500},
     "05_classification_eval": {"n_bootstrap": 50, "n_permutations": 500},
+    # two MoNuSeg training organs, one held-out MoNuSeg image, three CoNSeP images (one trains the
+    # classification heads): every cell of the real-tissue chapter runs, in a fraction of its time
+    "07_real_tissue": {"steps": 4, "batch_size": 2, "crop_px": 64, "n_bootstrap": 50, "n_class_train": 1,
+                       "images": ["TCGA-A7-A13E-01Z-00-DX1", "TCGA-21-5784-01Z-00-DX1", "TCGA-B0-5710-01Z-00-DX1",
+                                  "train_1", "train_3", "train_6"]},
 }
 
 
@@ -99,6 +104,8 @@ def test_outputs_of_the_study_exist(smoke):
         assert (run / "alignment" / sid / "alignment.json").is_file()
         assert (run / "labels" / sid / "cells.parquet").is_file()
     assert list((run / "infer").glob("*/*.geojson"))
+    rt = smoke["root"] / "runs" / "realtissue"  # the real-tissue chapter's two networks, for `stlib infer`
+    assert (rt / "models" / "st" / "model.pt").is_file() and (rt / "models" / "manual" / "model.pt").is_file()
 
 
 def _glued(nb_path: Path) -> dict:
@@ -170,7 +177,11 @@ def test_book_builds_with_every_chapter(smoke):
         page = html / "book" / "executed" / f"{name}.html"
         assert page.is_file(), page
         text = page.read_text()
-        assert "SYNTHETIC" in text  # every chapter says which data it shows
+        if name == "07_real_tissue":  # real images and nuclei, simulated Xenium layer: it says both
+            assert "REAL H&amp;E" in text or "REAL H&E" in text
+            assert "SIMULATED" in text
+        else:
+            assert "SYNTHETIC" in text  # every chapter says which data it shows
         # papermill's injected-parameters cell (and the notebook's defaults cell) are not shown
         assert "tag_injected-parameters" not in text and "tag_parameters" not in text, name
         assert "# Parameters</span>" not in text, name

@@ -73,11 +73,16 @@ def hest_row(sd: SampleData, n_genes: int) -> dict[str, Any]:
     }
 
 
-def write_hest_sample(root: Path, sd: SampleData, *, n_genes: int, jpeg_quality: int) -> dict[str, Any]:
-    """Write the HEST files of one sample under ``root/hest``; return its CSV row."""
+def write_hest_sample(root: Path, sd: SampleData, *, n_genes: int, jpeg_quality: int,
+                      meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the HEST files of one sample under ``root/hest``; return its CSV row.
+
+    ``meta`` overrides fields of the metadata row (the real-tissue cohort states its source and
+    licence there).
+    """
     sid = sd.spec.sample_id
     hest = root / "hest"
-    row = hest_row(sd, n_genes)
+    row = {**hest_row(sd, n_genes), **(meta or {})}
     write_json(hest / "metadata" / f"{sid}.json", row)
     write_pyramidal_tiff(hest / "wsis" / f"{sid}.tif", sd.image, um_per_px=row["pixel_size_um_estimated"],
                          tile=256, min_size=256, compression="jpeg", quality=jpeg_quality)

@@ -1,12 +1,12 @@
 """Readers and writers of the study's data: HEST-1k samples, raw Xenium bundles, PanNuke,
-the data manifest, whole-slide images and the tile store.
+the data manifest, whole-slide images, manually annotated H&E sets and the tile store.
 
 Names are imported lazily (on first attribute access), so ``import stlib.io`` stays light:
 pyarrow, geopandas, anndata and h5py load only when a reader is used.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations` here: it would bind the name `annotations` in this
+# package and shadow the submodule stlib.io.annotations for `from stlib.io import annotations`
 import importlib
 from typing import Any
 
@@ -37,6 +37,14 @@ _EXPORTS: dict[str, str] = {
     "load_manifest": "manifest",
     # whole-slide images
     "open_wsi": "wsi",
+    # manually annotated H&E (MoNuSeg, CoNSeP, PanNuke, instance folders, QuPath GeoJSON)
+    "AnnotatedImage": "annotations",
+    "read_annotations": "annotations",
+    "read_monuseg": "annotations",
+    "read_consep_patches": "annotations",
+    "read_geojson": "annotations",
+    "write_geojson": "annotations",
+    "write_instance_folder": "annotations",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -79,7 +79,8 @@ def cohort_table(data_dir: str | os.PathLike, *, samples: Sequence[str] = (),
     for sid in ids:
         s = HestSample(hd, sid)
         if sid in demo:
-            role, src = demo[sid]["role"], "cohort.json (synthetic)"
+            role = demo[sid]["role"]
+            src = "cohort.json (synthetic)" if demo[sid].get("synthetic", True) else "cohort.json (real tissue)"
         elif sid in man_roles:
             role, src = man_roles[sid], "data_manifest.yaml (id)"
         else:
@@ -90,7 +91,8 @@ def cohort_table(data_dir: str | os.PathLike, *, samples: Sequence[str] = (),
             shape = tuple(int(v) for v in w.shape)
         rows.append({"sample": sid, "organ": s.organ, "disease_state": s.disease_state,
                      "oncotree_code": s.oncotree_code, "um_per_px": float(s.pixel_size_um),
-                     "role": role, "role_source": src, "synthetic": sid in demo,
+                     "role": role, "role_source": src, "synthetic": bool(demo[sid].get("synthetic", True))
+                     if sid in demo else False,
                      "n_transcripts": int(n_tx), "wsi_shape": f"{shape[0]}x{shape[1]}"})
     table = pd.DataFrame(rows)
     if not table.empty:

@@ -1,4 +1,5 @@
-"""Downloads: HEST-1k samples by id (Hugging Face or a local mirror), plain HTTP files, PanNuke.
+"""Downloads: HEST-1k samples by id (Hugging Face or a local mirror), plain HTTP files, PanNuke,
+and the real annotated H&E sets MoNuSeg and CoNSeP (:func:`download_monuseg`, :func:`download_consep`).
 
 Three entry points, all resumable and idempotent (a finished file is never fetched twice):
 
@@ -39,8 +40,10 @@ __all__ = [
     "HEST_TABLE",
     "PANNUKE_DEFAULT_URLS",
     "cli_main",
+    "download_consep",
     "download_file",
     "download_hest",
+    "download_monuseg",
     "download_pannuke",
     "hest_allow_patterns",
     "hest_missing_files",
@@ -802,6 +805,162 @@ def download_pannuke(out_dir: str | os.PathLike, *, folds: Iterable[int] = (1, 2
 
 
 # --------------------------------------------------------------------------------------------
+# Real annotated H&E: MoNuSeg, CoNSeP
+# --------------------------------------------------------------------------------------------
+
+def _annotated_block(kind: str, manifest: Any) -> dict[str, Any]:
+    if manifest is None:
+        try:
+            from stlib.io.manifest import load_manifest
+
+            manifest = load_manifest()
+        except (ImportError, FileNotFoundError, InputError):
+            manifest = None
+    block = None
+    if isinstance(manifest, (str, os.PathLike)):
+        from stlib.io.manifest import load_manifest
+
+        manifest = load_manifest(manifest)
+    if manifest is not None:
+        block = (manifest.get("annotated_he") if isinstance(manifest, Mapping)
+                 else getattr(manifest, "annotated_he", None)) or {}
+        block = block.get(kind)
+    if not block:
+        from stlib.io.manifest import ANNOTATED_HE
+
+        block = ANNOTATED_HE[kind]
+    return dict(block)
+
+
+def _copy_verified(src: Path, dest: Path, *, sha256: str | None, size: int | None) -> None:
+    """Copy one file atomically, checking size and SHA-256 when known (a mismatch loses nothing)."""
+    if not src.is_file():
+        raise InputError("file missing in the mirror", path=src, fix="point --mirror at a complete copy")
+    if size is not None and src.stat().st_size != int(size):
+        raise DownloadError(f"size {src.stat().st_size} differs from the manifest's {size}", path=src,
+                            fix="the mirror holds another version of this file; use an unmodified copy")
+    if sha256 and sha256_file(src).lower() != str(sha256).lower():
+        raise DownloadError("SHA-256 differs from the manifest", path=src,
+                            fix="the mirror holds another version of this file; use an unmodified copy")
+    with atomic_path(dest) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def _verified(dest: Path, sha256: str | None, size: int | None) -> bool:
+    if not _is_nonempty_file(dest):
+        return False
+    if size is not None and dest.stat().st_size != int(size):
+        return False
+    return not sha256 or sha256_file(dest).lower() == str(sha256).lower()
+
+
+def download_monuseg(out_dir: str | os.PathLike, *, mirror: str | os.PathLike | None = None,
+                     names: Iterable[str] | None = None, manifest: Any = None) -> Path:
+    """The MoNuSeg images and XML outlines of the manifest, as ``out_dir/{images,annotations}/``.
+
+    Parameters
+    ----------
+    out_dir
+        Folder to fill (the layout :func:`stlib.io.annotations.read_monuseg_folder` reads).
+    mirror
+        A local copy in the same layout (``images/NAME.tif``, ``annotations/NAME.xml``), e.g.
+        ``../shared/realdata/nuclei-monuseg``: files are copied from it instead of downloaded.
+    names
+        Image names to fetch (default: every image of the manifest).
+    manifest
+        Where file names, URLs and checksums come from (default: ``data_manifest.yaml``).
+
+    Every file is checked against the manifest's size and SHA-256; finished files are skipped.
+    """
+    block = _annotated_block("monuseg", manifest)
+    files = {f["name"]: f for f in block.get("files", [])}
+    want = list(names) if names is not None else list(files)
+    unknown = sorted(set(want) - set(files))
+    if unknown:
+        raise InputError(f"image(s) {unknown} are not in the manifest's MoNuSeg list",
+                         fix=f"choose among {sorted(files)}")
+    out = Path(out_dir)
+    for sub in ("images", "annotations"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    tmpl = block.get("url_template", "")
+    folders = block.get("folders", {"image": "Tissue%20Images", "xml": "Annotations"})
+    for name in want:
+        f = files[name]
+        for kind, sub, ext in (("image", "images", ".tif"), ("xml", "annotations", ".xml")):
+            dest = out / sub / f"{name}{ext}"
+            sha, size = f.get(f"{kind}_sha256"), f.get(f"{kind}_size")
+            if _verified(dest, sha, size):
+                continue
+            if mirror is not None:
+                _copy_verified(Path(mirror) / sub / f"{name}{ext}", dest, sha256=sha, size=size)
+            else:
+                url = tmpl.format(folder=folders[kind], file=f"{name}{ext}")
+                download_file(url, dest, sha256=sha, expected_size=int(size) if size else None)
+    (out / "SOURCE.md").write_text(f"MoNuSeg: {block.get('source')}\nLicence: {block.get('licence')}\n"
+                                   f"Cite: {block.get('cite')}\n")
+    return out
+
+
+def download_consep(out_dir: str | os.PathLike, *, mirror: str | os.PathLike | None = None,
+                    manifest: Any = None, keep_archive: bool = False) -> Path:
+    """CoNSeP into ``out_dir``: the official archive unpacked (``CoNSeP/Train|Test/Images|Labels``),
+    or a local copy (``--mirror``) of either that layout or the HoVer-Net patch export
+    (``images/``, ``inst/``, ``type_mat/``), checked to be complete (every image has its labels).
+    """
+    block = _annotated_block("consep", manifest)
+    out = Path(out_dir)
+    if mirror is not None:
+        from stlib.io.annotations import detect_layout
+
+        mirror = Path(mirror)
+        kind = detect_layout(mirror) if mirror.is_dir() else "missing"
+        if kind == "consep_patches":
+            stems = {sub: sorted(p.stem for p in (mirror / sub).iterdir() if p.is_file())
+                     for sub in ("images", "inst", "type_mat")}
+            if not stems["images"] or not (stems["images"] == stems["inst"] == stems["type_mat"]):
+                raise InputError("the patch export is incomplete: images/, inst/ and type_mat/ must name the same "
+                                 "patches", path=mirror, fix="point --mirror at a complete copy")
+            with atomic_dir(out) as tmp:
+                for sub in ("images", "inst", "type_mat"):
+                    shutil.copytree(mirror / sub, tmp / sub)
+                if (mirror / "LICENSE.md").is_file():
+                    shutil.copy(mirror / "LICENSE.md", tmp / "LICENSE.md")
+            return out
+        root = next((c for c in (mirror, mirror / "CoNSeP") if (c / "Train").is_dir()), None)
+        if root is None:
+            raise InputError("not a CoNSeP copy (no CoNSeP/Train/ and no images/ + inst/ + type_mat/)", path=mirror)
+        with atomic_dir(out) as tmp:
+            shutil.copytree(root, tmp / "CoNSeP")
+        return out
+    if (out / "CoNSeP" / "Train" / "Labels").is_dir():
+        return out
+    archive = out.parent / f".{out.name}.archives" / block.get("file", "consep.zip")
+    download_file(block["url"], archive, sha256=block.get("sha256"),
+                  expected_size=int(block["size"]) if block.get("size") else None)
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile as e:
+        archive.unlink(missing_ok=True)
+        raise DownloadError("not a valid zip archive; it was deleted", path=archive, fix="run again") from e
+    with zf, atomic_dir(out) as tmp:
+        base = tmp.resolve()
+        for info in zf.infolist():
+            target = (base / info.filename).resolve()
+            if base != target and base not in target.parents:
+                raise DownloadError(f"archive member {info.filename!r} points outside the folder", path=archive)
+        zf.extractall(base)
+        found = [p for p in base.rglob("Train") if (p / "Labels").is_dir()]
+        if not found:
+            raise DownloadError("archive has no Train/Labels folder", path=archive, fix="check the URL in the manifest")
+        if found[0].parent != base / "CoNSeP":
+            os.replace(found[0].parent, base / "_consep")
+            os.replace(base / "_consep", base / "CoNSeP")
+    if not keep_archive:
+        archive.unlink(missing_ok=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
 
@@ -827,6 +986,15 @@ def _parser() -> argparse.ArgumentParser:
     pn.add_argument("--out", required=True, type=Path, help="PanNuke root ({data_dir}/pannuke)")
     pn.add_argument("--folds", nargs="+", type=int, default=[1, 2, 3], choices=[1, 2, 3])
     pn.add_argument("--manifest", type=Path, default=None, help="data_manifest.yaml (default: the repository's)")
+    mo = sub.add_parser("monuseg", help="MoNuSeg images + XML outlines (checksummed; or --mirror DIR)")
+    mo.add_argument("--out", required=True, type=Path, help="folder to fill (images/, annotations/)")
+    mo.add_argument("--mirror", type=Path, help="copy from a local MoNuSeg folder instead (checksums still checked)")
+    mo.add_argument("--names", nargs="+", default=None, help="image names (default: all of the manifest)")
+    mo.add_argument("--manifest", type=Path, default=None, help="data_manifest.yaml (default: the repository's)")
+    co = sub.add_parser("consep", help="CoNSeP (official archive, or --mirror DIR)")
+    co.add_argument("--out", required=True, type=Path, help="folder to create")
+    co.add_argument("--mirror", type=Path, help="a local copy: CoNSeP/Train|Test or the patch export")
+    co.add_argument("--manifest", type=Path, default=None, help="data_manifest.yaml (default: the repository's)")
     u = sub.add_parser("url", help="one file over HTTP(S), resumable, optionally SHA-256 checked")
     u.add_argument("url")
     u.add_argument("--out", required=True, type=Path, help="destination file")
@@ -836,7 +1004,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cli_main(argv: list[str]) -> int:
-    """``stlib download {hest,pannuke,url} ...``; prints the path written."""
+    """``stlib download {hest,pannuke,monuseg,consep,url} ...``; prints the path written."""
     args = _parser().parse_args(argv)
     if args.what == "hest":
         out = download_hest(args.ids, args.out, repo_id=args.repo_id, revision=args.revision, kinds=args.kinds,
@@ -844,6 +1012,10 @@ def cli_main(argv: list[str]) -> int:
                             force=args.force, endpoint=args.endpoint)
     elif args.what == "pannuke":
         out = download_pannuke(args.out, folds=args.folds, manifest=args.manifest)
+    elif args.what == "monuseg":
+        out = download_monuseg(args.out, mirror=args.mirror, names=args.names, manifest=args.manifest)
+    elif args.what == "consep":
+        out = download_consep(args.out, mirror=args.mirror, manifest=args.manifest)
     else:
         out = download_file(args.url, args.out, sha256=args.sha256, retries=args.retries)
     print(out)

@@ -21,6 +21,7 @@ import yaml
 from stlib.utils import InputError, atomic_path, repo_root
 
 __all__ = [
+    "ANNOTATED_HE",
     "HELD_OUT_ORGANS",
     "PANNUKE_TISSUES_OF_ORGAN",
     "KNOWN_ORGANS",
@@ -66,6 +67,71 @@ SAMPLE_FIELDS: tuple[str, ...] = (
 _REQUIRED = ("id", "organ", "pixel_size_um", "role")
 
 
+#: Real annotated H&E sets: ``stlib download monuseg|consep`` and the real-tissue chapter. Sizes and
+#: SHA-256 of the MoNuSeg files were computed from the copy in ../shared/realdata (as mirrored in
+#: github ykrmm/monuseg @93a696d); the CoNSeP archive's SHA-256 is the one pinned by a third-party
+#: downloader (not published by the TIA centre), so a mismatch is reported, not silently accepted.
+ANNOTATED_HE: dict[str, Any] = {
+    "monuseg": {
+        "source": "https://monuseg.grand-challenge.org/Data/",
+        "licence": "CC BY-NC-SA 4.0",
+        "cite": "Kumar et al., IEEE TMI 36(7) 2017; Kumar et al., IEEE TMI 39(5) 2020",
+        "magnification": "40x",
+        "um_per_px": "MicronsPerPixel of each XML (0.2456-0.2527; absent in TCGA-NH-A8F7)",
+        "layout": "images/{name}.tif, annotations/{name}.xml",
+        "official_access": "Google Drive archive linked from the challenge page (needs a browser)",
+        "url_template": ("https://raw.githubusercontent.com/ykrmm/monuseg/93a696d5b608b963ff7083a059c93d5addbd985a/"
+                         "datasets/MoNuSegTrainingData/{folder}/{file}"),
+        "folders": {"image": "Tissue%20Images", "xml": "Annotations"},
+        "note": ("the 13 training images whose XML is in that GitHub mirror; the URL layout is not verified "
+                 "offline, the checksums are: a file that does not match is refused"),
+        "files": [
+        {"name": "TCGA-21-5784-01Z-00-DX1", "organ": "Lung", "image_size": 2499970, "image_sha256": "8e05b6f3c92f33f7f2606bee2fdb223db92f3b94559d2748b67d0b2d62960100",
+         "xml_size": 3920375, "xml_sha256": "d49690dad9d115ef5b4651521effa31dc2849ce307e0527d9a6d9de49a5350d6"},
+        {"name": "TCGA-21-5786-01Z-00-DX1", "organ": "Lung", "image_size": 2510688, "image_sha256": "fbee9258bc8df706b9bba8b30a8064b4aede797a54224715af28564c342296ef",
+         "xml_size": 3740548, "xml_sha256": "a02e0eea799db7d65ec4a4e6ed87262b304e3d043cb1e2cb22a6eaba667a128e"},
+        {"name": "TCGA-50-5931-01Z-00-DX1", "organ": "Lung", "image_size": 2677314, "image_sha256": "143c39a3f6925f4df146f4f90d07c5035838cdc365fb64963c61624844fb0f77",
+         "xml_size": 3841552, "xml_sha256": "548fa69925df3500c02ccf218547c028f33e7594c570717bfefcf29d42bb5c1e"},
+        {"name": "TCGA-A7-A13E-01Z-00-DX1", "organ": "Breast", "image_size": 2411084, "image_sha256": "132bcb7f423a1f82aa24a46526bbc7cd494cd02a87992df4c1dc35e9925c3532",
+         "xml_size": 3046342, "xml_sha256": "2ec624361299072295cf9cdff99e010e31a5edd20817da409d492b0aa66c4607"},
+        {"name": "TCGA-AR-A1AK-01Z-00-DX1", "organ": "Breast", "image_size": 2488404, "image_sha256": "d60ce260a27d5f4bfac1e1e5dd3aefb7c2bb79b8ff070029d4bd293ae564fb0f",
+         "xml_size": 2997755, "xml_sha256": "893609de156b908222db4fc81f5a5b6af1b1426aef75438db9c5fa8fc0290917"},
+        {"name": "TCGA-AR-A1AS-01Z-00-DX1", "organ": "Breast", "image_size": 2666288, "image_sha256": "8944c2bcd11ff7c8b9ac35e2e7fbddb380f000586306ec47e15cad6f7a0441a5",
+         "xml_size": 3721820, "xml_sha256": "14a64ebc8d07e016de14be9f3312b27e1d2ddaeb4387f9096bb3b2b8496bf4bb"},
+        {"name": "TCGA-B0-5698-01Z-00-DX1", "organ": "Kidney", "image_size": 2207620, "image_sha256": "c64a9d2838d8a16f6ba5cc93a5fc021cedf069da1c347262237ae1af7448131d",
+         "xml_size": 2183421, "xml_sha256": "618b62e43ef762fefea5c1e8f148c119107e9ba85c64719552c4718b2a0196a3"},
+        {"name": "TCGA-B0-5710-01Z-00-DX1", "organ": "Kidney", "image_size": 2014962, "image_sha256": "0eb115e1aee44ff1fc3ee9cc496319d02212215a30922bb2e65da778fa7c611a",
+         "xml_size": 1120359, "xml_sha256": "78f0dd170aa1bb3c8282837fd10ab37bfa618067d468f9dd252fe4638a401562"},
+        {"name": "TCGA-B0-5711-01Z-00-DX1", "organ": "Kidney", "image_size": 2182636, "image_sha256": "7384ad4fe3ae9bab49dc7df10d7158ca7767e1c46c0a1661632ba090a4ec737d",
+         "xml_size": 3498960, "xml_sha256": "88dad5dd2b7e3c19e18f1011eeb78d80c01fe375251ea39e2bc586e1a6709b60"},
+        {"name": "TCGA-CH-5767-01Z-00-DX1", "organ": "Prostate", "image_size": 2121570, "image_sha256": "aa2865bd0cd60617d9372659bd3284fee8d132d9c79c1008e1fae7e6aa87dfec",
+         "xml_size": 2382226, "xml_sha256": "61e4caa06f0db2af412e819b6c6c1052a35ff855a80e0c3841f988b090f5eb96"},
+        {"name": "TCGA-E2-A1B5-01Z-00-DX1", "organ": "Breast", "image_size": 2594042, "image_sha256": "26e77a18d6ea4ee5224b84e5837a207e60c634ec4753e7ddfa248537d3907210",
+         "xml_size": 3657640, "xml_sha256": "adbc0912327a3aff03b9d5fe156e58a93d560df583c6cf211088507d0bc12d3a"},
+        {"name": "TCGA-G9-6362-01Z-00-DX1", "organ": "Prostate", "image_size": 2133616, "image_sha256": "4be4e6d71053eee0408fcffe8a7ca40d758a03053d9a3302d395a2a247276423",
+         "xml_size": 3229206, "xml_sha256": "12bf75d35b745fd73aa8a159fa082616f3001fe1a8d355fc17a0292d882fa2e3"},
+        {"name": "TCGA-NH-A8F7-01A-01-TS1", "organ": "Bowel", "image_size": 2164648, "image_sha256": "be919c53a36bc39f084888587acb5afc2aec22fc57367a3ebe3a26f76f2e0c81",
+         "xml_size": 3681776, "xml_sha256": "3906362573759fa8f4cec1cc6670c485560aa0d5cca1fb403a8902d27b1e7941"},
+        ],
+    },
+    "consep": {
+        "source": "https://warwick.ac.uk/fac/cross_fac/tia/data/hovernet/",
+        "licence": "CC BY-NC-SA, non-commercial (TIA Centre, University of Warwick)",
+        "cite": "Graham et al., Medical Image Analysis 58, 2019",
+        "magnification": "40x",
+        "um_per_px": 0.25,
+        "file": "consep.zip",
+        "url": "https://warwick.ac.uk/fac/sci/dcs/research/tia/data/hovernet/consep.zip",
+        "size": None,
+        "sha256": "23eb8a717551827b4d42642b08bd64370810acf6e6e73a399182c1c915dfe82a",
+        "layout": "CoNSeP/{Train,Test}/Images/{name}.png, Labels/{name}.mat (inst_map, type_map: 7 classes)",
+        "n_images": {"Train": 27, "Test": 14},
+        "note": ("sha256 as pinned by a third-party downloader, size unknown: neither verified offline; "
+                 "the HoVer-Net patch export (images/, inst/, type_mat/) is accepted as a --mirror too"),
+    },
+}
+
+
 @dataclass(frozen=True)
 class Manifest:
     """A validated data manifest.
@@ -75,8 +141,8 @@ class Manifest:
     samples
         One row per HEST sample: ``id``, ``organ``, ``tissue``, ``disease_state``,
         ``oncotree_code``, ``pixel_size_um``, ``panel_size``, ``role``.
-    hest, pannuke, demo
-        The corresponding YAML blocks as dicts.
+    hest, pannuke, demo, annotated_he
+        The corresponding YAML blocks as dicts (``annotated_he``: MoNuSeg / CoNSeP).
     path
         The file read.
     """
@@ -86,6 +152,7 @@ class Manifest:
     pannuke: dict[str, Any] = field(default_factory=dict)
     demo: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    annotated_he: dict[str, Any] = field(default_factory=dict)
 
     def train_ids(self) -> list[str]:
         """Ids of the training samples."""
@@ -269,7 +336,8 @@ def load_manifest(path: str | os.PathLike | None = None) -> Manifest:
             raise InputError("every pannuke.folds entry needs 'fold'", path=path, fix="write - {fold: 1, file: fold_1.zip}")
     _validate_tissue_map(pannuke.get("tissues_of_organ"), path)
     return Manifest(samples=samples, hest=data.get("hest") or {}, pannuke=pannuke,
-                    demo=_validate_demo(data.get("demo"), path), path=path)
+                    demo=_validate_demo(data.get("demo"), path), path=path,
+                    annotated_he=data.get("annotated_he") or {})
 
 
 # --------------------------------------------------------------------------------------------
@@ -402,6 +470,8 @@ def write_manifest_yaml(path: str | os.PathLike, hest_csv: str | os.PathLike) ->
              "\n# HEST-1k release the samples come from\n", dump({"hest": blocks["hest"]}),
              _PANNUKE_COMMENT, dump({"pannuke": blocks["pannuke"]}),
              "\n# Synthetic demo cohort (profiles demo / workshop)\n", dump({"demo": blocks["demo"]}),
+             "\n# Real annotated H&E (MoNuSeg, CoNSeP): stlib download monuseg|consep; the real-tissue chapter\n",
+             dump({"annotated_he": ANNOTATED_HE}),
              f"\n# {len(s)} human Xenium samples of HEST-1k v1.1.0, by role then organ\nsamples:\n"]
     prev = None
     for rec in s.to_dict("records"):

@@ -13,7 +13,8 @@ Which pixels count:
 * ``ignore == 1``: the pixel counts for no term. For the MSGE this means every pixel
   whose 5x5 Sobel window touches an ignored pixel is left out too, so predictions in an
   ignored region cannot leak into the loss through the gradient filter.
-* ``type == 255`` (nucleus of unknown class): counts for NP and HV, not for NT.
+* ``type == 255`` (nucleus of unknown class) or ``254`` (epithelial, neoplastic or not: a class the
+  five-class head cannot be taught): counts for NP and HV, not for NT.
 * With ``weights.nt_confidence`` the NT terms weight each nucleus pixel by its label
   confidence (``conf`` in [0, 1]); background pixels keep weight 1. The NT cross-entropy is
   then a weighted mean, ``sum(w * ce) / sum(w)``. The paper trains on hard labels; this
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from stlib.constants import IGNORE
+from stlib.constants import EPITHELIAL_ANY, IGNORE
 
 _DICE_EPS = 1e-3
 
@@ -152,9 +153,9 @@ def hovernet_loss(outputs: dict[str, torch.Tensor], *, inst: torch.Tensor, hv: t
 
     # NT
     t = type_map.long()
-    known = (t != IGNORE)
+    known = (t != IGNORE) & (t != EPITHELIAL_ANY)  # nuclei of unknown (or merged) class: NP/HV only
     if bool(((t < 0) | ((t >= c) & known)).any()):
-        raise ValueError(f"type_map has ids outside 0..{c - 1} (and 255)")
+        raise ValueError(f"type_map has ids outside 0..{c - 1} (and {EPITHELIAL_ANY}, {IGNORE})")
     t_safe = torch.where(known, t, torch.zeros_like(t))
     w_nt = valid * known[:, None].float()
     if weights.nt_confidence:

@@ -1,0 +1,516 @@
+"""Real tissue in the loop (notebook 07_real_tissue): ST-derived labels on real H&E, scored against real nuclei.
+
+The cohort (:mod:`stlib.demo.realtissue`) is real annotated H&E (MoNuSeg, CoNSeP) with a
+simulated Xenium layer. This module runs the study's own pipeline on it and measures the
+segmentation half of the claim against the *real manual* outlines:
+
+1. :func:`st_labels` - per sample: the project's alignment (:func:`stlib.align.align_and_save`)
+   of the simulated Xenium nuclei, then their aligned outlines as segmentation labels
+   (``labels/{sample}__seg``: class unknown), and for chosen samples the full expression-derived
+   classes (:func:`stlib.labels.derive.derive_sample`).
+2. :func:`build_stores` - tile stores of the training samples
+   (:func:`stlib.labels.derive.build_tile_stores`): ``tiles/rt`` = ST-derived masks snapped to
+   the haematoxylin boundary (:mod:`stlib.labels.refine`), ``tiles/rt_truth`` = the manual masks
+   of exactly the same tiles.
+3. :func:`train_pair` - the same network, recipe, budget and seed trained on each store:
+   ``models/st/model.pt`` and ``models/manual/model.pt``.
+4. :func:`score_images` - every method on whole held-out images through
+   :func:`stlib.infer.infer_image` (the code of ``stlib infer``: resampled to the model's µm/px,
+   tiled, stitched) and the classical Otsu + watershed baseline, scored per image with
+   :func:`stlib.metrics.evaluate_pair`; :func:`summary_tables` gives means with bootstrap CIs
+   over images and paired differences; :func:`ratio_ci` the ST / manual ratio.
+5. :func:`classification_experiment` - CoNSeP: logistic heads on frozen nucleus features of the
+   ST network, trained on the expression-derived classes vs on the real CoNSeP types of the same
+   nuclei, both scored against the real types of other images (epithelial merged:
+   :func:`stlib.constants.merge_epithelial`).
+6. :func:`held_out_check` - the acceptance check as a user runs it: ``stlib infer`` on each
+   image, ``stlib metrics`` against the manual truth, per model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from stlib.constants import (CONNECTIVE, EPITHELIAL, IGNORE, INFLAMMATORY, UNKNOWN_CLASSES, merge_epithelial)
+from stlib.utils import InputError, atomic_path, progress, read_json, write_json
+
+log = logging.getLogger("stlib.realtissue")
+
+__all__ = ["RecipeConfig", "st_labels", "build_stores", "train_pair", "score_images", "summary_tables",
+           "ratio_ci", "to_resolution", "classification_experiment", "held_out_check", "source_label",
+           "MERGED_CLASSES", "load_test_images", "classification_sets", "derived_class_maps", "natural_sorted"]
+
+#: classes a merged-epithelial truth (CoNSeP) can score: Inflammatory, Connective, Epithelial (any)
+MERGED_CLASSES: tuple[int, ...] = (INFLAMMATORY, CONNECTIVE, EPITHELIAL)
+SEG_LABELS = "{sample}__seg"
+STORE = "rt"
+
+
+def source_label(kind: str = "realtissue") -> str:
+    """Caption of every figure and table of the real-tissue chapter."""
+    return ("REAL H&E + REAL manual nuclei (MoNuSeg, CoNSeP; CC BY-NC-SA) with a SIMULATED Xenium layer "
+            "(stlib realtissue)")
+
+
+# ----------------------------------------------------------------------------- labels
+def _seg_only_labels(hest: Path, sid: str, run_dir: Path, res: Any) -> Path:
+    """Aligned Xenium nuclei as labels of unknown class (``labels/{sid}__seg/nuclei.parquet``)."""
+    import geopandas as gpd
+
+    from stlib.align import transform_nuclei
+    from stlib.io.hest import HestSample
+
+    out = run_dir / "labels" / SEG_LABELS.format(sample=sid)
+    key = {"alignment": res.inputs.get("key"), "version": 1}
+    rep = out / "label_report.json"
+    if rep.is_file() and (out / "nuclei.parquet").is_file() and read_json(rep).get("key") == key:
+        return out
+    nuc = HestSample(hest, sid).nuclei()
+    nuc = nuc[~nuc.index.duplicated()]
+    aligned = transform_nuclei(nuc, res)
+    ids = aligned.index.astype(str)
+    g = gpd.GeoDataFrame({"cell_id": ids, "class": np.full(len(ids), IGNORE, np.uint8),
+                          "confidence": np.zeros(len(ids), np.float32),
+                          "fine_type": np.full(len(ids), "unlabelled", object)}, geometry=aligned.geometry.values)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "nuclei.parquet") as tmp:
+        g.to_parquet(tmp)
+    write_json(rep, {"sample": sid, "key": key, "n_nuclei": int(len(g)),
+                     "note": "segmentation labels only: aligned Xenium nuclei, class unknown (255)"})
+    return out
+
+
+def st_labels(data_dir: str | Path, run_dir: str | Path, samples: Sequence[str], *,
+              classes_for: Sequence[str] = (), seed: int = 0, refine_alignment: bool = True,
+              labeler: str = "hierarchical") -> pd.DataFrame:
+    """Align every sample and write its ST-derived labels.
+
+    Parameters
+    ----------
+    data_dir, run_dir
+        The cohort's data root and the run folder.
+    samples
+        Sample ids.
+    classes_for
+        Samples that also get expression-derived classes (:func:`stlib.labels.derive.derive_sample`
+        into ``labels/{sample}/``); all get segmentation labels (``labels/{sample}__seg/``).
+    refine_alignment
+        Use the project's alignment refinement (notebook 01_alignment) before taking the outlines.
+
+    Returns
+    -------
+    One row per sample: alignment scores before / after, against the simulated true map
+    (median error µm), and the time taken.
+    """
+    from stlib.align import align_and_save, truth_comparison
+    from stlib.io.cohort import hest_dir
+    from stlib.labels.derive import derive_sample
+
+    hest, run_dir = hest_dir(data_dir), Path(run_dir)
+    truth = Path(data_dir) / "truth"
+    rows = []
+    for sid in progress(list(samples), desc="align + ST labels"):
+        t0 = time.perf_counter()
+        res, _ = align_and_save(hest, sid, run_dir / "alignment", refine=refine_alignment)
+        _seg_only_labels(hest, sid, run_dir, res)
+        row = {"sample": sid, "corr before": res.scores["global"]["before"]["corr"],
+               "corr after": res.scores["global"]["after"]["corr"]}
+        if truth.is_dir():
+            tc = truth_comparison(res, hest, truth)
+            row.update({"error before (µm)": tc.get("median_error_um_before"),
+                        "error after (µm)": tc.get("median_error_um_after")})
+        if sid in set(classes_for):
+            derive_sample(hest, sid, run_dir, labeler=labeler, seed=seed,
+                          truth_dir=truth if truth.is_dir() else None, refine=refine_alignment)
+        row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def build_stores(data_dir: str | Path, run_dir: str | Path, table: pd.DataFrame, *, um_per_px: float = 0.5,
+                 tile_px: int = 256, seed: int = 0, refine_masks: bool = True) -> dict[str, Path]:
+    """``tiles/rt`` (ST-derived masks) and ``tiles/rt_truth`` (manual masks) of the same tiles.
+
+    ``table`` = cohort rows (``sample``, ``organ``, ``role``) of the samples to cut, normally the
+    training samples. Uses :func:`stlib.labels.derive.build_tile_stores` (idempotent).
+    """
+    from stlib.io.cohort import hest_dir
+    from stlib.labels.derive import build_tile_stores
+
+    return build_tile_stores(hest_dir(data_dir), table[["sample", "organ", "role"]], run_dir, um_per_px=um_per_px,
+                             tile_px=tile_px, truth_dir=Path(data_dir) / "truth", seed=seed, name=STORE,
+                             labels_name=SEG_LABELS, refine_masks=refine_masks)
+
+
+# ----------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class RecipeConfig:
+    """The one recipe both networks share (differences = labels only)."""
+
+    steps: int = 150
+    batch_size: int = 8
+    crop_px: int = 128
+    lr: float = 2e-3
+    encoder: str = "small"
+    aug_hed: float = 0.2
+    aug_scale: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def train_pair(run_dir: str | Path, recipe: RecipeConfig) -> dict[str, Any]:
+    """Train ``models/st`` on ``tiles/rt`` and ``models/manual`` on ``tiles/rt_truth``.
+
+    Every tile of the training samples is used (``train`` and ``val`` splits: there is no model
+    selection, so nothing is held back for it); finished runs are reused (:func:`stlib.train.train`).
+
+    Returns
+    -------
+    ``{"st": TrainResult, "manual": TrainResult}``.
+    """
+    from stlib.train import TrainConfig, train
+
+    import torch
+
+    from stlib.train import _comparable
+
+    out = {}
+    for name, store in (("st", f"tiles/{STORE}"), ("manual", f"tiles/{STORE}_truth")):
+        cfg = TrainConfig(recipe=name, run_dir=str(run_dir), stores=(store,), out_dir=f"models/{name}",
+                          train_splits=("train", "val"), val_splits=("val",), val_max_tiles=4,
+                          encoder=recipe.encoder, steps=recipe.steps, batch_size=recipe.batch_size,
+                          crop_px=recipe.crop_px, lr=recipe.lr, aug_hed=recipe.aug_hed, aug_scale=recipe.aug_scale,
+                          seed=recipe.seed, device=recipe.device, val_every=recipe.steps, ckpt_every=recipe.steps,
+                          num_workers=1, **recipe.extra)
+        ckpt = cfg.out_path() / "checkpoint.pt"
+        resume = "auto"
+        if ckpt.is_file():  # another profile or parameter set trained here before: start over, don't refuse
+            old = torch.load(ckpt, map_location="cpu", weights_only=True).get("config", {})
+            if _comparable(old) != _comparable(cfg.to_dict()):
+                resume = "never"
+        out[name] = train(cfg, resume=resume)
+    return out
+
+
+# ----------------------------------------------------------------------------- scoring
+def load_test_images(data_dir: str | Path, samples: Sequence[str]) -> list[Any]:
+    """Held-out samples of a real-tissue cohort as annotated images: the cohort's H&E (as the
+    pipeline sees it) with the real manual nuclei of ``truth/`` rasterised at its level 0."""
+    import geopandas as gpd
+
+    from stlib.io.annotations import AnnotatedImage
+    from stlib.io.cohort import hest_dir
+    from stlib.io.hest import HestSample
+    from stlib.labels.masks import rasterize_instances
+
+    out = []
+    meta = {s["sample_id"]: s for s in read_json(Path(data_dir) / "cohort.json")["samples"]}
+    for sid in samples:
+        s = HestSample(hest_dir(data_dir), sid)
+        with s.wsi() as w:
+            img = w.read_level(0)
+        t = gpd.read_parquet(Path(data_dir) / "truth" / sid / "nuclei.parquet")
+        t = t[t["visible"].to_numpy(bool)]
+        cls = t["class"].to_numpy().astype(np.uint8)
+        inst, typ = rasterize_instances(t.geometry.values, shape=img.shape[:2], classes=cls,
+                                        ids=t["source_id"].to_numpy() if "source_id" in t.columns else None)
+        has = bool(meta.get(sid, {}).get("has_classes", True))
+        out.append(AnnotatedImage(name=sid, image=img, inst=inst, type=typ if has else None,
+                                  um_per_px=float(s.pixel_size_um), organ=s.organ,
+                                  source=str(meta.get(sid, {}).get("source", "realtissue")),
+                                  path=str(s.path("wsi"))))
+    return out
+
+
+def _classical(image: np.ndarray, um_per_px: float) -> np.ndarray:
+    from stlib.model.baseline import classical_segmentation
+
+    return classical_segmentation(image, um_per_px=um_per_px)
+
+
+def score_images(methods: Mapping[str, Any], images: Sequence[Any], *, device: str = "auto",
+                 model_um_per_px: float | None = None, keep_predictions: bool = False
+                 ) -> tuple[pd.DataFrame, dict[str, list[np.ndarray]]]:
+    """Score each method on each whole image against its manual instances.
+
+    Parameters
+    ----------
+    methods
+        name -> ``model.pt`` path or network module (run through :func:`stlib.infer.infer_image`,
+        i.e. exactly as ``stlib infer`` runs it), or ``"classical"`` (Otsu + watershed at the
+        image's own resolution), or a callable ``f(image, um_per_px) -> inst``.
+    images
+        :class:`~stlib.io.annotations.AnnotatedImage` list (the truth).
+    model_um_per_px
+        Resolution of network modules given as objects (paths carry their own).
+
+    Returns
+    -------
+    (per_image, predictions): one row per (method, image) with ``model``, ``image``, ``organ``,
+    ``source``, ``n_true`` and the metrics of :func:`stlib.metrics.evaluate_pair` (``dice``, ``aji``,
+    ``pq``, ``bpq``, ``f_d``, ...); predictions per method when ``keep_predictions``.
+    """
+    from stlib.infer import infer_image
+    from stlib.metrics import evaluate_pair
+
+    rows, preds = [], {}
+    for name, m in methods.items():
+        for a in progress(list(images), desc=f"score {name}"):
+            if isinstance(m, str) and m == "classical":
+                inst = _classical(a.image, a.um_per_px)
+            elif callable(m) and not hasattr(m, "state_dict"):
+                inst = m(a.image, a.um_per_px)
+            else:
+                res = infer_image(m, a.image, um_per_px=a.um_per_px, device=device, workers=0,
+                                  tissue_detection=False, model_um_per_px=None if isinstance(m, (str, Path))
+                                  else model_um_per_px)
+                inst = res.inst
+            r = evaluate_pair(a.inst, inst, um_per_px=a.um_per_px)
+            rows.append({"model": name, "image": a.name, "organ": a.organ, "source": a.source,
+                         "n_true": a.n_nuclei, **{k: v for k, v in r.items() if np.isscalar(v)}})
+            if keep_predictions:
+                preds.setdefault(name, []).append(inst)
+    return pd.DataFrame(rows), preds
+
+
+def summary_tables(per_image: pd.DataFrame, *, metrics: Sequence[str] = ("bpq", "dice", "aji"),
+                   pairs: Sequence[tuple[str, str]] = (), n_boot: int = 1000, seed: int = 0,
+                   group: str = "organ") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Means with 95% bootstrap CIs over images (per group and pooled) and paired differences."""
+    from stlib.evaluate import compare_models, summarize
+
+    s = summarize(per_image, list(metrics), group=group, by="model", n_boot=n_boot, seed=seed)
+    comps = [compare_models(per_image, list(metrics), model_a=a, model_b=b, group=group, n_boot=n_boot,
+                            seed=seed).assign(comparison=f"{a} - {b}") for a, b in pairs]
+    return s, (pd.concat(comps, ignore_index=True) if comps else pd.DataFrame())
+
+
+def ratio_ci(a: Sequence[float], b: Sequence[float], *, n_boot: int = 2000, ci: float = 0.95,
+             seed: int = 0) -> tuple[float, float, float]:
+    """Ratio of means ``mean(a) / mean(b)`` of paired per-image values, with a paired bootstrap CI."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    keep = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[keep], b[keep]
+    if not a.size or b.mean() == 0:
+        return float("nan"), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, a.size, (n_boot, a.size))
+    r = a[idx].mean(1) / np.maximum(b[idx].mean(1), 1e-12)
+    lo, hi = np.quantile(r, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+    return float(a.mean() / b.mean()), float(lo), float(hi)
+
+
+# ----------------------------------------------------------------------------- classification
+def to_resolution(ann: Any, um_per_px: float) -> Any:
+    """An annotated image resampled to ``um_per_px`` (bilinear image, nearest labels)."""
+    from dataclasses import replace
+
+    from skimage.transform import resize
+
+    s = float(ann.um_per_px) / float(um_per_px)
+    if abs(s - 1) < 1e-3:
+        return ann
+    h, w = ann.shape
+    shape = (max(1, int(round(h * s))), max(1, int(round(w * s))))
+    img = resize(ann.image, shape, order=1, anti_aliasing=s < 1, preserve_range=True)
+    inst = resize(ann.inst, shape, order=0, anti_aliasing=False, preserve_range=True).astype(np.int32)
+    typ = None if ann.type is None else resize(ann.type, shape, order=0, anti_aliasing=False,
+                                               preserve_range=True).astype(np.uint8)
+    return replace(ann, image=np.clip(np.rint(img), 0, 255).astype(np.uint8), inst=inst, type=typ,
+                   um_per_px=float(um_per_px), notes=[*ann.notes, f"resampled to {um_per_px} µm/px"])
+
+
+def _features(model: Any, images: Sequence[np.ndarray], insts: Sequence[np.ndarray], device: str
+              ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Frozen per-nucleus features: NP- and NT-branch features of the network, averaged per nucleus."""
+    from stlib.evaluate import nucleus_features
+
+    out = []
+    for img, inst in zip(images, insts):
+        f_np = nucleus_features(model, img[None], [inst], device=device, branch="np")[0]
+        f_nt = nucleus_features(model, img[None], [inst], device=device, branch="nt")[0]
+        out.append((f_np[0], np.concatenate([f_np[1], f_nt[1]], axis=1)))
+    return out
+
+
+def _majority(inst: np.ndarray, typ: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    from stlib.metrics import instance_types
+
+    tid, tt = instance_types(inst, typ)
+    lut = dict(zip(np.asarray(tid).tolist(), np.asarray(tt).tolist()))
+    return np.array([lut.get(int(i), 0) for i in ids], np.int64)
+
+
+def classification_experiment(model: Any, train_images: Sequence[Any], test_images: Sequence[Any],
+                              label_sets: Mapping[str, Sequence[np.ndarray]], *, device: str = "auto",
+                              seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Label sets compared with a classification head on frozen features (CoNSeP protocol).
+
+    Parameters
+    ----------
+    model
+        The (segmentation) network whose frozen features describe each nucleus.
+    train_images, test_images
+        Annotated images at the model's resolution (:func:`to_resolution`); features are pooled
+        over the *manual* nuclei of the training images, so every label set sees the same nuclei.
+    label_sets
+        name -> one class map per training image (stlib ids; 255 = not used for training). Each set
+        trains its own multinomial logistic regression, in the merged space it is scored in.
+
+    Returns
+    -------
+    (per_image, confusion): per (label set, test image) the accuracy and macro F1 over the test
+    image's typed nuclei, in the merged space Inflammatory / Connective / Epithelial (neoplastic or
+    not) (:func:`stlib.constants.merge_epithelial`), with the number of nuclei; and the pooled
+    confusion counts (truth x prediction) per label set.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    tr = _features(model, [a.image for a in train_images], [a.inst for a in train_images], device)
+    te = _features(model, [a.image for a in test_images], [a.inst for a in test_images], device)
+    X = np.concatenate([f for _, f in tr])
+    Xt = np.concatenate([f for _, f in te])
+    y_true = np.concatenate([merge_epithelial(_majority(a.inst, a.type, ids)) for a, (ids, _) in zip(test_images, te)])
+    img_of = np.concatenate([np.full(len(ids), k) for k, (ids, _) in enumerate(te)])
+    rows, conf = [], []
+    for name, maps in label_sets.items():
+        if len(maps) != len(train_images):
+            raise ValueError(f"label set {name!r} has {len(maps)} maps for {len(train_images)} images")
+        # every label set is learnt in the space it is scored in: Neoplastic, Epithelial and
+        # "epithelial, neoplastic or not" are one class (Epithelial)
+        y = merge_epithelial(np.concatenate([_majority(a.inst, m, ids) for a, m, (ids, _) in zip(train_images, maps, tr)]))
+        keep = (y > 0) & ~np.isin(y, UNKNOWN_CLASSES)
+        if len(np.unique(y[keep])) < 2:
+            raise InputError(f"label set {name!r} has fewer than two classes on the training nuclei")
+        scaler = StandardScaler().fit(X[keep])
+        clf = LogisticRegression(max_iter=3000, class_weight="balanced", random_state=seed)
+        clf.fit(scaler.transform(X[keep]), y[keep])
+        pred = merge_epithelial(clf.predict(scaler.transform(Xt)).astype(np.int64))
+        scored = np.isin(y_true, MERGED_CLASSES)
+        for k, a in enumerate(test_images):
+            m = scored & (img_of == k)
+            t, p = y_true[m], pred[m]
+            f1s = []
+            for c in MERGED_CLASSES:
+                tp, fp, fn = np.sum((t == c) & (p == c)), np.sum((t != c) & (p == c)), np.sum((t == c) & (p != c))
+                if tp + fp + fn:
+                    f1s.append(2 * tp / (2 * tp + fp + fn))
+            rows.append({"labels": name, "image": a.name, "organ": a.organ, "n_nuclei": int(m.sum()),
+                         "accuracy": float(np.mean(t == p)) if m.any() else float("nan"),
+                         "macro_f1": float(np.mean(f1s)) if f1s else float("nan"),
+                         "n_train_nuclei": int(keep.sum())})
+        cm = pd.crosstab(pd.Categorical(y_true[scored], categories=MERGED_CLASSES),
+                         pd.Categorical(pred[scored], categories=sorted({*MERGED_CLASSES, *np.unique(pred).tolist()})),
+                         dropna=False)
+        conf.append(cm.assign(labels=name))
+    return pd.DataFrame(rows), pd.concat(conf)
+
+
+def derived_class_maps(run_dir: str | Path, data_dir: str | Path, sample: str, ann: Any) -> np.ndarray:
+    """Expression-derived classes of a sample painted onto its *manual* nuclei.
+
+    Each real nucleus carries the cell id of its simulated Xenium cell (``truth/{sample}``:
+    ``source_id`` -> ``cell_id``); the class the labels stage derived for that cell
+    (``labels/{sample}/cells.parquet``) becomes the nucleus's class; nuclei without a Xenium cell
+    or without a derived class are 255.
+    """
+    import geopandas as gpd
+
+    t = gpd.read_parquet(Path(data_dir) / "truth" / sample / "nuclei.parquet")
+    t = t[t["visible"].to_numpy(bool)]
+    cells = pd.read_parquet(Path(run_dir) / "labels" / sample / "cells.parquet")
+    cls = dict(zip(cells["cell_id"].astype(str), cells["class"].astype(int)))
+    lut = np.full(int(ann.inst.max(initial=0)) + 1, IGNORE, np.uint8)
+    for sid, cid in zip(t["source_id"].to_numpy(), t["cell_id"].astype(str)):
+        if 0 < sid < lut.size:
+            lut[sid] = cls.get(cid, IGNORE)
+    out = lut[ann.inst]
+    out[ann.inst == 0] = 0
+    return out
+
+
+def classification_sets(run_dir: str | Path, data_dir: str | Path, images: Mapping[str, Any],
+                        train_ids: Sequence[str], test_ids: Sequence[str], um_per_px: float
+                        ) -> tuple[list[Any], list[Any], dict[str, list[np.ndarray]]]:
+    """Training and test images at ``um_per_px`` and the two label sets of the training nuclei.
+
+    ``images``: sample id -> annotated image (with real classes). Label sets: the
+    expression-derived classes (:func:`derived_class_maps`) and the real types, both on the same
+    manual nuclei.
+    """
+    from dataclasses import replace
+
+    train = [to_resolution(images[s], um_per_px) for s in train_ids]
+    test = [to_resolution(images[s], um_per_px) for s in test_ids]
+    derived = [to_resolution(replace(images[s], type=derived_class_maps(run_dir, data_dir, s, images[s])),
+                             um_per_px).type for s in train_ids]
+    return train, test, {"expression-derived classes (ST)": derived,
+                         "real CoNSeP types": [merge_epithelial(a.type) for a in train]}
+
+
+def natural_sorted(names: Sequence[str]) -> list[str]:
+    """Names sorted with their numbers as numbers (``train_2`` before ``train_10``)."""
+    import re
+
+    return sorted(names, key=lambda s: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)])
+
+
+# ----------------------------------------------------------------------------- the user's check
+def held_out_check(models: Mapping[str, str | Path], images: Sequence[Any], out_dir: str | Path, *,
+                   classical: bool = True, device: str = "cpu") -> pd.DataFrame:
+    """The acceptance check exactly as a user runs it: ``stlib infer`` + ``stlib metrics``.
+
+    Writes each image as ``out_dir/truth/NAME.png`` with its manual ``NAME.npz``, runs
+    ``stlib infer --model M --input NAME.png --um-per-px U`` into ``out_dir/pred_{model}/`` and
+    ``stlib metrics --true truth --pred pred_{model}``; the classical baseline's maps are written
+    beside them and scored by the same command. Returns one row per (model, image) with the
+    metrics of the JSON (``pq`` there is the binary PQ of the whole image = bPQ).
+    """
+    from stlib.infer import cli_main as infer_cli
+    from stlib.io.annotations import write_instance_folder
+    from stlib.metrics import cli_main as metrics_cli
+
+    out = Path(out_dir)
+    truth = write_instance_folder(images, out / "truth")
+    runs = {k: str(v) for k, v in models.items()}
+    if classical:
+        runs["classical"] = "classical"
+    rows = []
+    for name, model in runs.items():
+        pred = out / f"pred_{name}"
+        pred.mkdir(parents=True, exist_ok=True)
+        for a in images:
+            if model == "classical":
+                with atomic_path(pred / f"{a.name}.npz") as tmp:
+                    with open(tmp, "wb") as fh:
+                        np.savez_compressed(fh, inst=_classical(a.image, a.um_per_px))
+            else:
+                infer_cli(["--model", model, "--input", str(truth / f"{a.name}.png"), "--out", str(pred),
+                           "--um-per-px", str(a.um_per_px), "--device", device, "--workers", "0",
+                           "--no-tissue-detection"])
+        um = float(np.median([a.um_per_px for a in images]))
+        metrics_cli(["--true", str(truth), "--pred", str(pred), "--json", str(out / f"metrics_{name}.json"),
+                     "--um-per-px", f"{um}"])
+        doc = read_json(out / f"metrics_{name}.json")
+        for img, rec in doc["per_image"].items():
+            organ = next((a.organ for a in images if a.name == img), None)
+            rows.append({"model": name, "image": img, "organ": organ, **{k: v for k, v in rec.items()
+                                                                          if not isinstance(v, (dict, list))}})
+    return pd.DataFrame(rows)
+
+
+def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    """``(fn(*args, **kwargs), seconds)``."""
+    t0 = time.perf_counter()
+    r = fn(*args, **kwargs)
+    return r, time.perf_counter() - t0
