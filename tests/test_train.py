@@ -168,7 +168,8 @@ def test_hv_from_inst_known_values_and_masks_agreement():
     assert torch.allclose(hv[0, 2, 1:4], torch.tensor([-1.0, 0.0, 1.0])) and float(hv[1, 2, 1:4].abs().max()) == 0
     assert torch.allclose(hv[1, 0:4, 6], torch.tensor([-1.0, -1 / 3, 1 / 3, 1.0]))
     assert float(hv[:, inst[0] == 0].abs().max()) == 0
-    masks = pytest.importorskip("stlib.labels.masks")
+    from stlib.labels import masks
+
     batch = _blobs()
     ours = hv_from_inst(batch).numpy()
     ref = np.stack([masks.hv_maps(t.numpy()) for t in batch])
