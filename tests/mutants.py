@@ -148,6 +148,49 @@ def _cellvit_names():
     derive._NAME_TO_CLASS = {k.upper(): v for k, v in derive._NAME_TO_CLASS.items()}
 
 
+# ----------------------------------------------------------------------------- post-processing
+
+_PP = ["tests/test_postproc.py::test_perfect_maps_recovered_at_pq_098",
+       "tests/test_postproc.py::test_noisy_blurred_maps_agree_with_the_hovernet_procedure"]
+
+
+@mutant("postproc_hv_swapped", _PP, "H and V maps swapped (derivatives taken along the wrong axes)")
+def _pp_swapped():
+    from stlib.model import postproc as P
+
+    orig = P._instances
+    P._instances = lambda np_prob, hv, **kw: orig(np_prob, hv[::-1], **kw)
+
+
+@mutant("postproc_no_watershed", _PP, "instances = connected components of the NP map (no HV split)")
+def _pp_components():
+    from scipy import ndimage as ndi
+
+    from stlib.model import postproc as P
+
+    P._instances = lambda np_prob, hv, *, np_thresh, **kw: ndi.label(np_prob >= np_thresh)[0].astype("int32")
+
+
+@mutant("postproc_sobel_sign", _PP, "Sobel derivative with the wrong sign (inside and between nuclei confused)")
+def _pp_sign():
+    from stlib.model import postproc as P
+
+    orig = P.sobel_kernels
+
+    def broken(k):
+        s, d = orig(k)
+        return s, -d
+    P.sobel_kernels = broken
+
+
+@mutant("postproc_small_sobel", _PP, "a 3-px Sobel instead of HoVer-Net's 21 px")
+def _pp_small():
+    from stlib.model import postproc as P
+
+    orig = P._instances
+    P._instances = lambda np_prob, hv, **kw: orig(np_prob, hv, **{**kw, "sobel_ksize": 3})
+
+
 # ----------------------------------------------------------------------------- plugin / runner
 
 def pytest_configure(config):
