@@ -7,8 +7,10 @@ names the tests that must catch it. Not part of the suite (CI never loads it); r
     PYTHONPATH=. python tests/mutants.py            # every mutant: its tests must FAIL
     PYTHONPATH=. python tests/mutants.py split_no_guard refine_shrinks
 
-which runs ``pytest -p mutants`` once per mutant with ``STLIB_MUTANT=<name>`` and prints, per
-mutant, whether its tests failed (caught) or passed (a test that cannot see the bug).
+which runs the mutant's tests once per mutant with ``STLIB_MUTANT=<name>`` and prints, per
+mutant, whether its tests failed (caught) or passed (a test that cannot see the bug). The
+patch is applied at interpreter start by a ``sitecustomize`` module put first on
+``PYTHONPATH``, so it reaches subprocesses too (the DDP ranks started by torchrun).
 """
 
 from __future__ import annotations
@@ -191,31 +193,99 @@ def _pp_small():
     P._instances = lambda np_prob, hv, **kw: orig(np_prob, hv, **{**kw, "sobel_ksize": 3})
 
 
-# ----------------------------------------------------------------------------- plugin / runner
+# ----------------------------------------------------------------------------- training
 
-def pytest_configure(config):
-    name = os.environ.get("STLIB_MUTANT")
-    if name:
-        MUTANTS[name][0]()
+_TRAIN = ["tests/test_train.py::test_overfitting_a_handful_of_tiles_halves_the_loss_and_beats_the_untrained_net"]
+_DDP = ["tests/test_train.py::test_ddp_two_processes_match_one_process_with_the_same_global_batch"]
+
+
+@mutant("train_step_no_update", _TRAIN, "optimizer step that does not update the weights")
+def _no_update():
+    import torch
+
+    torch.optim.AdamW.step = lambda self, closure=None: None
+
+
+@mutant("train_grad_zeroed_before_step", _TRAIN, "gradients cleared between backward and the optimizer step")
+def _zeroed():
+    import torch
+
+    orig = torch.optim.AdamW.step
+
+    def broken(self, closure=None):
+        self.zero_grad(set_to_none=True)
+        return orig(self, closure)
+    torch.optim.AdamW.step = broken
+
+
+@mutant("train_lr_schedule_zero", _TRAIN, "learning-rate schedule that is 0 after the first step")
+def _lr_zero():
+    from stlib import train
+
+    orig = train._lr_lambda
+    train._lr_lambda = lambda config: (lambda step: orig(config)(step) if step == 0 else 0.0)
+
+
+@mutant("ddp_ranks_share_tiles", _DDP, "every DDP rank trains on the same half of the global batch")
+def _ddp_same_tiles():
+    import torch
+
+    from stlib import train
+
+    def draw(self, global_batch):
+        idx = torch.multinomial(self.weights, global_batch, replacement=True, generator=self.generator)
+        self.draws += 1
+        return idx[: global_batch // self.world_size].numpy()
+    train.BalancedSampler.draw = draw
+
+
+@mutant("ddp_augmentation_unsharded", _DDP, "every DDP rank applies the first rank's augmentation parameters")
+def _ddp_aug():
+    from stlib import train
+
+    train.shard_params = lambda params, rank, world_size: {k: v[: len(v) // world_size] for k, v in params.items()}
+
+
+# ----------------------------------------------------------------------------- runner
+
+def apply(name: str) -> None:
+    """Apply mutant ``name`` (called by the generated ``sitecustomize``)."""
+    MUTANTS[name][0]()
+
+
+_SITECUSTOMIZE = """
+import os
+import sys
+
+if os.environ.get("STLIB_MUTANT"):
+    sys.path.insert(0, {tests!r})
+    import mutants
+
+    mutants.apply(os.environ["STLIB_MUTANT"])
+"""
 
 
 def main(names: list[str]) -> int:
+    import tempfile
+
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests"),
-                                                        os.environ.get("PYTHONPATH", "")])}
+    site = Path(tempfile.mkdtemp(prefix="stlib-mutants-"))
+    (site / "sitecustomize.py").write_text(_SITECUSTOMIZE.format(tests=str(repo / "tests")))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(repo), os.environ.get("PYTHONPATH", "")])}
     env.pop("STLIB_STRICT", None)
     bad = 0
     for name in names or list(MUTANTS):
         _, tests, what = MUTANTS[name]
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "mutants", "-p", "no:cacheprovider", *tests],
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
                            env={**env, "STLIB_MUTANT": name}, cwd=repo, capture_output=True, text=True)
         last = [ln for ln in p.stdout.splitlines() if ln.strip()][-1:] or [""]
         # caught: an assertion failed; an error (a crash in a fixture) would not show the test works
         caught = p.returncode == 1 and "failed" in last[0] and "error" not in last[0]
         bad += not caught
-        print(f"{'CAUGHT ' if caught else 'MISSED '} {name:32s} {time.perf_counter() - t0:6.1f}s  {what}  [{last[0]}]",
-              flush=True)
+        why = next((ln[1:].strip() for ln in p.stdout.splitlines() if ln.startswith("E ")), "")
+        print(f"{'CAUGHT ' if caught else 'MISSED '} {name:32s} {time.perf_counter() - t0:6.1f}s  {what}  [{last[0]}]"
+              + (f"\n         {why[:160]}" if why else ""), flush=True)
     return 1 if bad else 0
 
 
