@@ -193,6 +193,45 @@ def _pp_small():
     P._instances = lambda np_prob, hv, **kw: orig(np_prob, hv, **{**kw, "sobel_ksize": 3})
 
 
+# ----------------------------------------------------------------------------- alignment
+
+_ALIGN = ["tests/test_align_demo.py::test_alignment_from_a_15um_offset_on_every_demo_sample"]
+
+
+@mutant("align_not_refined", _ALIGN, "alignment that keeps the initial map (refinement skipped)")
+def _align_skip():
+    from stlib import align
+
+    orig = align.align_nuclei
+    align.align_nuclei = lambda *a, **kw: orig(*a, **{**kw, "refine": False})
+
+
+@mutant("align_shift_sign", _ALIGN, "phase-correlation shifts applied with the wrong sign")
+def _align_sign():
+    from stlib import align
+
+    orig = align._measure_nodes_batched
+
+    def broken(res, *a, **kw):
+        orig(res, *a, **kw)
+        res["dx_px"] *= -1
+        res["dy_px"] *= -1
+    align._measure_nodes_batched = broken
+
+
+@mutant("align_damped_updates", _ALIGN, "each refinement iteration applies only a fifth of the measured shift")
+def _align_damped():
+    from stlib import align
+
+    orig = align._measure_nodes_batched
+
+    def broken(res, *a, **kw):
+        orig(res, *a, **kw)
+        res["dx_px"] *= 0.2
+        res["dy_px"] *= 0.2
+    align._measure_nodes_batched = broken
+
+
 # ----------------------------------------------------------------------------- training
 
 _TRAIN = ["tests/test_train.py::test_overfitting_a_handful_of_tiles_halves_the_loss_and_beats_the_untrained_net"]
