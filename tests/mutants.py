@@ -232,6 +232,66 @@ def _align_damped():
     align._measure_nodes_batched = broken
 
 
+# ----------------------------------------------------------------------------- evaluation
+
+_EV = "tests/test_evaluate_props.py::"
+
+
+@mutant("score_tiles_ignore_unused", [_EV + "test_score_tiles_removes_ignored_pixels_from_truth_and_prediction"],
+        "score_tiles that scores excluded regions too")
+def _ignore_unused():
+    from stlib import evaluate
+
+    orig = evaluate.score_tiles
+    evaluate.score_tiles = lambda truth, preds, **kw: orig({k: v for k, v in truth.items() if k != "ignore"},
+                                                          preds, **kw)
+
+
+@mutant("score_tiles_ignore_truth_only", [_EV + "test_score_tiles_removes_ignored_pixels_from_truth_and_prediction"],
+        "ignore mask applied to the truth but not to the prediction")
+def _ignore_truth_only():
+    import numpy as np
+
+    from stlib import evaluate, metrics
+
+    orig = metrics.evaluate_pair
+    state = {}
+
+    def score(truth, preds, **kw):
+        state["raw"] = [p for p, _ in preds]
+        state["i"] = 0
+        return orig_score(truth, preds, **kw)
+
+    def pair(t, q, *a, **kw):
+        q = state["raw"][state["i"]]
+        state["i"] += 1
+        return orig(t, np.asarray(q), *a, **kw)
+    orig_score = evaluate.score_tiles
+    evaluate.score_tiles = score
+    metrics.evaluate_pair = pair
+
+
+@mutant("segment_and_score_misordered", [_EV + "test_segment_and_score_with_an_oracle_and_an_empty_network"],
+        "predictions scored against the truth of another image (order reversed)")
+def _misordered():
+    from stlib import infer
+
+    orig = infer.segment_tiles
+    infer.segment_tiles = lambda *a, **kw: orig(*a, **kw)[::-1]
+
+
+@mutant("class_head_features_misaligned", [_EV + "test_classification_head_learns_the_label_set_it_is_given"],
+        "frozen features of each tile paired with the nucleus ids in the wrong order")
+def _features_misaligned():
+    from stlib import evaluate
+
+    orig = evaluate.nucleus_features
+
+    def broken(*a, **kw):
+        return [(ids, f[::-1]) for ids, f in orig(*a, **kw)]
+    evaluate.nucleus_features = broken
+
+
 # ----------------------------------------------------------------------------- training
 
 _TRAIN = ["tests/test_train.py::test_overfitting_a_handful_of_tiles_halves_the_loss_and_beats_the_untrained_net"]
