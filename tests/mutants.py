@@ -150,6 +150,20 @@ def _cellvit_names():
     derive._NAME_TO_CLASS = {k.upper(): v for k, v in derive._NAME_TO_CLASS.items()}
 
 
+@mutant("labeler_tables_rotated", ["tests/test_labeler_independent.py::test_cells_of_the_panel_annotation_get_their_class"],
+        "the labeler's marker table with its cell-type names rotated (markers of one type credited to another)")
+def _tables_rotated():
+    from stlib.labels import celltypes
+
+    orig = celltypes.load_markers
+
+    def broken(*a, **kw):
+        mk = orig(*a, **kw)
+        keys = list(mk)
+        return {k: mk[keys[(i + 1) % len(keys)]] for i, k in enumerate(keys)}
+    celltypes.load_markers = broken
+
+
 # ----------------------------------------------------------------------------- post-processing
 
 _PP = ["tests/test_postproc.py::test_perfect_maps_recovered_at_pq_098",
