@@ -77,3 +77,18 @@ def pytest_make_collect_report(collector):
     if STRICT and rep.skipped:
         rep.outcome = "failed"
         rep.longrepr = f"{collector.nodeid}: module skipped under STLIB_STRICT=1 ({_skip_reason(rep.longrepr)})"
+
+
+@pytest.fixture(scope="session")
+def small_cohort(tmp_path_factory) -> Path:
+    """Six 640-px demo samples (every organ, two held out), no PanNuke, no raw bundle.
+
+    Shared by the property tests of label derivation and alignment (tests/test_derive.py,
+    tests/test_align_demo.py); large enough for the labeler's clustering (~200-300 cells a
+    sample), small enough to generate in a few seconds.
+    """
+    from stlib.demo import make_cohort
+
+    root = tmp_path_factory.mktemp("small_cohort") / "data"
+    make_cohort(root, seed=3, image_px=640, pannuke_per_fold=0, raw_bundles=0)
+    return root

@@ -22,7 +22,6 @@ from independent import SKIMAGE_E, SKIMAGE_H, STAINS, angle_deg, defocus, jpeg, 
 from test_align import ArraySlide
 
 from stlib.align import Transform, align_nuclei, alignment_error_um, fit_hest_registration, in_excluded_region
-from stlib.demo import make_cohort
 from stlib.io.hest import HestSample
 
 OFFSET_UM = 15.0
@@ -44,10 +43,9 @@ def restain(rgb: np.ndarray, stain: str, seed: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("aligndemo") / "data"
-    make_cohort(root, seed=11, image_px=512, pannuke_per_fold=0, raw_bundles=0)
-    return root
+def cohort(small_cohort) -> Path:
+    """The session's small demo cohort (tests/conftest.py)."""
+    return small_cohort
 
 
 def _offset(transform: dict, um: float, angle: float) -> np.ndarray:
