@@ -164,6 +164,41 @@ def _tables_rotated():
     celltypes.load_markers = broken
 
 
+# ----------------------------------------------------------------------------- demo statistics
+
+_STATS = ["tests/test_demo_stats.py::test_windows_hold_over_seeds", "tests/test_demo.py::test_expression_statistics",
+          "tests/test_demo.py::test_dapi_polygons_missing_extra"]
+
+
+@mutant("demo_low_qv_rate_off", _STATS, "generator whose low-qv rate is 1.3x the knob")
+def _low_qv():
+    import dataclasses
+
+    from stlib.demo import sample
+
+    orig = sample.place_transcripts
+
+    def broken(*args, **kw):
+        args = list(args)
+        i = next(i for i, a in enumerate(args) if hasattr(a, "low_qv_fraction"))
+        args[i] = dataclasses.replace(args[i], low_qv_fraction=args[i].low_qv_fraction * 1.3)
+        return orig(*args, **kw)
+    sample.place_transcripts = broken
+
+
+@mutant("demo_missing_rate_off", _STATS, "generator that drops twice the knob's share of DAPI nuclei")
+def _missing():
+    import dataclasses
+
+    from stlib.demo import sample
+
+    orig = sample.simulate_sample
+
+    def broken(spec, cfg, **kw):
+        return orig(spec, dataclasses.replace(cfg, missing_fraction=2 * cfg.missing_fraction), **kw)
+    sample.simulate_sample = broken
+
+
 # ----------------------------------------------------------------------------- post-processing
 
 _PP = ["tests/test_postproc.py::test_perfect_maps_recovered_at_pq_098",
