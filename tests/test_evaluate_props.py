@@ -7,7 +7,6 @@ import inspect
 
 import numpy as np
 import pandas as pd
-import pytest
 import torch
 
 from stlib import evaluate as ev
