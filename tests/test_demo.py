@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import shapely
+from windows import demo_statistics
 
 from stlib.constants import XENIUM_PIXEL_SIZE_UM
 from stlib.demo import DemoConfig, FINE_TYPE_TO_CLASS, cli_main, make_cohort, true_he_xy
@@ -160,8 +161,9 @@ def test_dapi_polygons_missing_extra(cohort, meta):
         extra += int((~truth.visible).sum())
     iou = np.concatenate(ious)
     assert 0.6 <= np.median(iou) <= 0.9
-    assert 0.03 <= miss / nvis <= 0.07
-    assert 0.015 <= extra / nvis <= 0.05
+    assert miss > 0 and extra > 0
+    # missing / extra shares: windows from the knobs and the sample sizes (tests/windows.py)
+    assert not [b for b in demo_statistics(cohort) if "nuclei" in b]
 
 
 def test_expression_statistics(cohort, meta):
@@ -175,10 +177,10 @@ def test_expression_statistics(cohort, meta):
         else:
             assert (tx.cell_id == "UNASSIGNED").any() and tx.cell_id[tx.cell_id != "UNASSIGNED"].str.endswith("-1").all()
         assert tx.transcript_id.is_unique
-        assert 0.03 < (tx.qv < 20).mean() < 0.15
+        assert (tx.qv < 20).any() and (tx.qv >= 20).any()
         ctrl = tx.feature_name.str.startswith(("NegControlProbe_", "BLANK_"))
         assert 0 < ctrl.mean() < 0.03
-        assert tx.overlaps_nucleus.isin([0, 1]).all() and 0.4 < tx.overlaps_nucleus.mean() < 0.75
+        assert tx.overlaps_nucleus.isin([0, 1]).all()
         assert set(tx.feature_name[~ctrl]) <= set(load_panel("hMulti"))
         X, truth = _gene_matrix(cohort, sid)
         live = truth.fine_type.ne(DEAD_TYPE).to_numpy()
@@ -188,6 +190,8 @@ def test_expression_statistics(cohort, meta):
         ex = pd.read_parquet(cohort / "truth" / sid / "expression.parquet")
         spill = ex.n_spill.sum() / (ex.n_own + ex.n_spill + ex.n_ambient).sum()
         assert spill >= 0.1
+    # low-qv and in-nucleus shares: windows from the knobs and the sample sizes (tests/windows.py)
+    assert not [b for b in demo_statistics(cohort) if "qv" in b or "in the nucleus" in b]
 
 
 def test_class_recoverable_from_expression(cohort, meta):

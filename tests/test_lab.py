@@ -13,6 +13,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
+from conftest import skip_or_fail
 
 from stlib import lab
 from stlib.utils import InputError
@@ -187,7 +188,7 @@ def test_stlib_lab_command_serves_the_workspace_and_stops_on_sigterm(study, tmp_
 
     exe = Path(sys.executable).parent / "stlib"
     if not exe.exists():
-        pytest.skip("the stlib console script is not installed in this environment")
+        skip_or_fail("the stlib console script is not installed in this environment")
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
            "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_DATA_DIR": str(tmp_path / "data")}
     env.pop("JUPYTER_TOKEN", None)

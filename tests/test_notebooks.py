@@ -17,6 +17,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
+from conftest import skip_or_fail
 
 from stlib.config import NOTEBOOK_PARAMS
 from stlib.run import build_book, run_profile
@@ -203,7 +204,7 @@ def _chromium() -> str | None:
 def test_rendered_chapters_in_headless_chromium(smoke):
     exe = _chromium()
     if exe is None:
-        pytest.skip("chromium not installed (.ci/run installs Debian's chromium)")
+        skip_or_fail("chromium not installed (.ci/run installs Debian's chromium)")
     assert smoke["book_error"] is None, smoke["book_error"]
     html = smoke["root"] / "_build" / "html"
     for name in NOTEBOOK_PARAMS:

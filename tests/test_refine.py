@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from independent import MACENKO_E, MACENKO_H
 from scipy import ndimage as ndi
 
 from stlib.labels.refine import RefineConfig, RefineStats, haematoxylin, refine_instances, refine_label_maps
 
 UM = 0.25
-# haematoxylin-like and eosin-like absorbances (unit RGB optical density vectors)
-H_VEC = np.array([0.65, 0.70, 0.29])
-E_VEC = np.array([0.07, 0.99, 0.11])
+# haematoxylin-like and eosin-like absorbances (unit RGB optical density vectors): Macenko's
+# reference pair, not the Ruifrok-Johnston vectors the refinement deconvolves
+H_VEC = MACENKO_H
+E_VEC = MACENKO_E
 
 
 def _render(true_inst: np.ndarray, *, h_level=None, seed: int = 0) -> np.ndarray:
