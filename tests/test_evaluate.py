@@ -241,7 +241,8 @@ def test_manual_truth_folder_resamples_and_maps_unknown_classes(tmp_path, monkey
     inst = np.zeros((40, 40), np.int32)
     inst[5:15, 5:15] = 2
     typ = np.where(inst > 0, 254, 0).astype(np.uint8)  # e.g. "epithelial, malignancy unknown"
-    np.savez(tmp_path / "img1.npz", inst=inst, type=typ, image=np.full((40, 40, 3), 120, np.uint8))
+    np.savez(tmp_path / "img1.npz", inst=inst, type=typ, image=np.full((40, 40, 3), 120, np.uint8),
+             um_per_px=0.25)  # the readers never guess a pixel size
     pd.DataFrame({"name": ["img1"], "tissue": ["Colon"]}).to_csv(tmp_path / "tissue.csv", index=False)
     ref = ev.manual_truth_folder(tmp_path, organ_of={"Colon": "Bowel"})
     assert ref.meta["organ"].tolist() == ["Bowel"] and ref.meta["slide"].tolist() == ref.meta["image"].tolist()
