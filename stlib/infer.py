@@ -649,59 +649,21 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, um_per_px: float | No
     InputError
         Unreadable image or model, unknown pixel size, model trained on another class set.
     """
-    import pandas as pd
-
     t_start = time.perf_counter()
     dev = torch.device(resolve_device(device))
     info = _as_model_info(model_or_path, str(dev), model_um_per_px)
     model = _ready(info.model, dev)
-    # default: 512 px tiles with 128 px overlap. A nucleus is kept whole only when its diameter is
-    # below overlap / 2 (seam rule); 64 px = 16 µm at 0.25 µm/px covers large tumour nuclei, and
-    # 512 px tiles keep the overlap's extra compute at 1.8x instead of 4x with 256 px tiles.
-    T = int(tile_px or max(512, info.tile_px))
-    if T < 32:
-        raise InputError(f"tile_px must be >= 32, got {T}")
-    if not 0 <= overlap < T // 2:
-        raise InputError(f"overlap must be in [0, tile_px / 2) = [0, {T // 2}), got {overlap}",
-                         fix="use e.g. --overlap 64 with 256 px tiles")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    T = _check_tiling(tile_px, info.tile_px, overlap, batch_size)
     pp = dict(postproc_kwargs or {})
     workers = _default_workers() if workers is None else int(workers)
 
     wsi = _open_image(image_or_path, um_per_px)
     try:
-        if wsi.um_per_px is None:
-            raise InputError("the image does not say its pixel size (µm/px)", path=wsi.path,
-                             fix="pass --um-per-px (um_per_px=), e.g. 0.25 for 40x or 0.5 for 20x scans")
-        img_um = float(wsi.um_per_px)
-        s = info.um_per_px / img_um  # level-0 px per model px
-        if s < 0.5:
-            log.warning("%s: image (%.3f µm/px) is %.1fx coarser than the model (%.3f µm/px); upsampled "
-                        "results are unreliable", wsi.path, img_um, 1 / s, info.um_per_px)
-        H0, W0 = wsi.shape
-        level = wsi.best_level_for_downsample(s)
-        ds = wsi.level_downsamples[level]
-        Hm, Wm = max(1, int(math.ceil(H0 / s))), max(1, int(math.ceil(W0 / s)))
-        all_origins = np.asarray(postproc.tile_origins((Hm, Wm), T, overlap), np.int64).reshape(-1, 2)
-
-        thumb = wsi.thumbnail(overlay_px)
-        tscale = thumb.shape[1] / W0
-        tissue = tissue_mask(thumb) if tissue_detection else np.ones(thumb.shape[:2], bool)
-        keep = np.ones(len(all_origins), bool)
-        if tissue_detection:
-            for i, (r, c) in enumerate(all_origins):
-                y0, y1 = int(math.floor(r * s * tscale)), int(math.ceil((r + T) * s * tscale))
-                x0, x1 = int(math.floor(c * s * tscale)), int(math.ceil((c + T) * s * tscale))
-                keep[i] = bool(tissue[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1].any())
-        origins = all_origins[keep]
-        grid = _Grid(s=s, level=level, ds=ds, tile=T, origins=origins, model_um=info.um_per_px)
+        plan = _plan_tiles(wsi, info, T, overlap, overlay_px=overlay_px, tissue_detection=tissue_detection)
+        origins, grid = plan.origins, plan.grid
         neighbours = [np.nonzero((np.abs(origins[:, 0] - o[0]) < T) & (np.abs(origins[:, 1] - o[1]) < T))[0]
                       for o in origins]
-        keep_map = H0 * W0 <= max_map_px
-        inst_map = np.zeros((H0, W0), np.int32) if keep_map else None
-        type_map = np.zeros((H0, W0), np.uint8) if keep_map else None
-
+        acc = _Collected(plan.shape, keep_map=plan.shape[0] * plan.shape[1] <= max_map_px)
         timing = _Timing()
 
         def batches() -> Iterator[tuple[list[int], np.ndarray]]:
@@ -712,61 +674,148 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, um_per_px: float | No
                 timing.read_s += time.perf_counter() - t0
                 yield keys, imgs
 
-        work = functools.partial(_tile_nuclei, grid=grid, neighbours=neighbours, keep_map=keep_map, pp_kwargs=pp)
+        work = functools.partial(_tile_nuclei, grid=grid, neighbours=neighbours, keep_map=acc.keep_map, pp_kwargs=pp)
         src = _prefetch(batches()) if workers > 0 else batches()
-        xy, polys, area, cls, prob = [], [], [], [], []
-        n = 0
         bar = progress(_run_pipeline(model, src, work, dev=dev, amp=amp, workers=workers, timing=timing,
                                      processes=postproc_processes),
                        desc="infer tiles", total=len(origins))
         for k, res in bar:
-            m = len(res["polys"])
-            if m == 0:
-                continue
-            xy.append(res["xy"])
-            polys.extend(res["polys"])
-            area.append(res["area"])
-            cls.append(res["cls"])
-            prob.append(res["prob"])
-            if keep_map:
-                r, c = (int(v) for v in origins[k])
-                yi, ym = _level0_index(r, T, s, H0)
-                xi, xm = _level0_index(c, T, s, W0)
-                sub = res["inst"][np.ix_(ym, xm)]
-                region = inst_map[yi, xi]  # a view: painted in place
-                paint = (sub > 0) & (region == 0)
-                region[paint] = sub[paint] + n
-                type_map[yi, xi][paint] = res["type"][np.ix_(ym, xm)][paint]
-            n += m
+            acc.add(res, origins[k], T, grid.s)
     finally:
         wsi.close()
 
-    cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt))
-    xy_a = np.concatenate(xy) if xy else np.zeros((0, 2))
-    cls_a = cat(cls, np.int64)
-    table = pd.DataFrame({
-        "id": np.arange(1, len(polys) + 1, dtype=np.int64),
-        "x": xy_a[:, 0], "y": xy_a[:, 1],
-        "area_um2": cat(area, float),
-        "class": cls_a.astype(np.int64),
-        "class_name": [_class_label(int(c), info.class_names) for c in cls_a],
-        "probability": cat(prob, float),
-    })
-    wall = time.perf_counter() - t_start
-    n_proc = int(timing.n_tiles)
+    table = acc.table(info.class_names)
     stats = {
-        "n_tiles": int(len(all_origins)), "n_tiles_processed": n_proc,
-        "n_tiles_skipped": int(len(all_origins) - len(origins)), "n_nuclei": int(len(polys)),
-        "tile_px": T, "overlap": int(overlap), "level": int(level), "scale_level0_per_model_px": s,
+        "n_tiles": int(len(plan.all_origins)), "n_tiles_processed": int(timing.n_tiles),
+        "n_tiles_skipped": int(len(plan.all_origins) - len(origins)), "n_nuclei": int(len(acc.polys)),
+        "tile_px": T, "overlap": int(overlap), "level": int(grid.level), "scale_level0_per_model_px": grid.s,
         "device": str(dev), "amp": bool(amp and dev.type == "cuda"), "batch_size": int(batch_size),
         "workers": workers, "model": info.source, "encoder": info.encoder,
-        "net_s": timing.net_s, "postproc_s": timing.postproc_s, "read_s": timing.read_s, "wall_s": wall,
-        "maps": "level-0 input resolution" if keep_map else f"omitted (> {max_map_px} level-0 px)",
+        "net_s": timing.net_s, "postproc_s": timing.postproc_s, "read_s": timing.read_s,
+        "wall_s": time.perf_counter() - t_start,
+        "maps": "level-0 input resolution" if acc.keep_map else f"omitted (> {max_map_px} level-0 px)",
     }
-    return InferenceResult(nuclei=table, polygons=polys, source=str(wsi.path), image_shape=(H0, W0),
-                           um_per_px=img_um, model_um_per_px=info.um_per_px, inst=inst_map, type=type_map,
-                           thumbnail=thumb, thumbnail_scale=tscale, tissue=tissue, stats=stats,
+    return InferenceResult(nuclei=table, polygons=acc.polys, source=str(wsi.path), image_shape=plan.shape,
+                           um_per_px=plan.img_um, model_um_per_px=info.um_per_px, inst=acc.inst, type=acc.type,
+                           thumbnail=plan.thumb, thumbnail_scale=plan.tscale, tissue=plan.tissue, stats=stats,
                            class_names=dict(info.class_names))
+
+
+def _check_tiling(tile_px: int | None, model_tile_px: int, overlap: int, batch_size: int) -> int:
+    """The tile size in model px (checked with ``overlap`` and ``batch_size``)."""
+    # default: 512 px tiles with 128 px overlap. A nucleus is kept whole only when its diameter is
+    # below overlap / 2 (seam rule); 64 px = 16 µm at 0.25 µm/px covers large tumour nuclei, and
+    # 512 px tiles keep the overlap's extra compute at 1.8x instead of 4x with 256 px tiles.
+    T = int(tile_px or max(512, model_tile_px))
+    if T < 32:
+        raise InputError(f"tile_px must be >= 32, got {T}")
+    if not 0 <= overlap < T // 2:
+        raise InputError(f"overlap must be in [0, tile_px / 2) = [0, {T // 2}), got {overlap}",
+                         fix="use e.g. --overlap 64 with 256 px tiles")
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    return T
+
+
+@dataclass
+class _TilePlan:
+    """Where the model tiles of an image lie, which hold tissue, and the image's thumbnail."""
+
+    grid: _Grid
+    all_origins: np.ndarray
+    origins: np.ndarray
+    shape: tuple[int, int]
+    img_um: float
+    thumb: np.ndarray
+    tscale: float
+    tissue: np.ndarray
+
+
+def _plan_tiles(wsi: Any, info: ModelInfo, T: int, overlap: int, *, overlay_px: int,
+                tissue_detection: bool) -> _TilePlan:
+    """Tile origins (model px) over the image at the model's resolution; with ``tissue_detection``
+    only tiles touching tissue of the thumbnail (one thumbnail pixel of margin) are kept."""
+    if wsi.um_per_px is None:
+        raise InputError("the image does not say its pixel size (µm/px)", path=wsi.path,
+                         fix="pass --um-per-px (um_per_px=), e.g. 0.25 for 40x or 0.5 for 20x scans")
+    img_um = float(wsi.um_per_px)
+    s = info.um_per_px / img_um  # level-0 px per model px
+    if s < 0.5:
+        log.warning("%s: image (%.3f µm/px) is %.1fx coarser than the model (%.3f µm/px); upsampled "
+                    "results are unreliable", wsi.path, img_um, 1 / s, info.um_per_px)
+    H0, W0 = wsi.shape
+    level = wsi.best_level_for_downsample(s)
+    ds = wsi.level_downsamples[level]
+    Hm, Wm = max(1, int(math.ceil(H0 / s))), max(1, int(math.ceil(W0 / s)))
+    all_origins = np.asarray(postproc.tile_origins((Hm, Wm), T, overlap), np.int64).reshape(-1, 2)
+
+    thumb = wsi.thumbnail(overlay_px)
+    tscale = thumb.shape[1] / W0
+    tissue = tissue_mask(thumb) if tissue_detection else np.ones(thumb.shape[:2], bool)
+    keep = np.ones(len(all_origins), bool)
+    if tissue_detection:
+        for i, (r, c) in enumerate(all_origins):
+            y0, y1 = int(math.floor(r * s * tscale)), int(math.ceil((r + T) * s * tscale))
+            x0, x1 = int(math.floor(c * s * tscale)), int(math.ceil((c + T) * s * tscale))
+            keep[i] = bool(tissue[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1].any())
+    origins = all_origins[keep]
+    grid = _Grid(s=s, level=level, ds=ds, tile=T, origins=origins, model_um=info.um_per_px)
+    return _TilePlan(grid=grid, all_origins=all_origins, origins=origins, shape=(H0, W0), img_um=img_um,
+                     thumb=thumb, tscale=tscale, tissue=tissue)
+
+
+class _Collected:
+    """The nuclei of the processed tiles, in tile order; with ``keep_map`` also painted into
+    level-0 ``inst``/``type`` maps (a pixel keeps the first nucleus painted on it)."""
+
+    def __init__(self, shape: tuple[int, int], *, keep_map: bool) -> None:
+        self.shape, self.keep_map = shape, keep_map
+        self.inst = np.zeros(shape, np.int32) if keep_map else None
+        self.type = np.zeros(shape, np.uint8) if keep_map else None
+        self.xy: list[np.ndarray] = []
+        self.polys: list[np.ndarray] = []
+        self.area: list[np.ndarray] = []
+        self.cls: list[np.ndarray] = []
+        self.prob: list[np.ndarray] = []
+        self.n = 0
+
+    def add(self, res: dict[str, Any], origin: np.ndarray, T: int, s: float) -> None:
+        """Append one tile's nuclei (``res`` of :func:`_tile_nuclei`) with top-left model px ``origin``."""
+        m = len(res["polys"])
+        if m == 0:
+            return
+        self.xy.append(res["xy"])
+        self.polys.extend(res["polys"])
+        self.area.append(res["area"])
+        self.cls.append(res["cls"])
+        self.prob.append(res["prob"])
+        if self.keep_map:
+            H0, W0 = self.shape
+            r, c = (int(v) for v in origin)
+            yi, ym = _level0_index(r, T, s, H0)
+            xi, xm = _level0_index(c, T, s, W0)
+            sub = res["inst"][np.ix_(ym, xm)]
+            region = self.inst[yi, xi]  # a view: painted in place
+            paint = (sub > 0) & (region == 0)
+            region[paint] = sub[paint] + self.n
+            self.type[yi, xi][paint] = res["type"][np.ix_(ym, xm)][paint]
+        self.n += m
+
+    def table(self, class_names: Mapping[int, str]) -> Any:
+        """One row per nucleus: id, centroid (level-0 px), area, class and its probability."""
+        import pandas as pd
+
+        cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt))
+        xy_a = np.concatenate(self.xy) if self.xy else np.zeros((0, 2))
+        cls_a = cat(self.cls, np.int64)
+        return pd.DataFrame({
+            "id": np.arange(1, len(self.polys) + 1, dtype=np.int64),
+            "x": xy_a[:, 0], "y": xy_a[:, 1],
+            "area_um2": cat(self.area, float),
+            "class": cls_a.astype(np.int64),
+            "class_name": [_class_label(int(c), class_names) for c in cls_a],
+            "probability": cat(self.prob, float),
+        })
 
 
 # ----------------------------------------------------------------------------- outputs
