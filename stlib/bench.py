@@ -10,7 +10,8 @@ Sub-commands
 ``derive``  the label derivation of one slide-sized synthetic sample (``stlib.bench_slide``),
             timed per stage, with the stages' reference implementations on subsamples.
 ``train``   dispatches to ``stlib.train.bench_main(argv)``.
-``infer``   dispatches to ``stlib.infer.bench_main(argv)`` (``--slide``: a whole synthetic slide).
+``infer``   :func:`bench_infer_main`: network vs post-processing per tile, whole-slide throughput
+            (``--slide``: a whole synthetic slide of :mod:`stlib.bench_slide`).
 ``gpu-check``  :mod:`stlib.gpu_check` (``make gpu-check``; ``--dry-run`` on a CPU).
 
 Every result records the machine, the date and the exact command; nothing is hard-coded.
@@ -21,9 +22,9 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import importlib
+import json
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,39 +33,10 @@ from typing import Any
 
 import numpy as np
 
-from stlib.utils import write_json
+from stlib.utils import device_name, machine_info, write_json
 
 __all__ = ["cli_main", "machine_info", "synthetic_nuclei", "bench_labels", "bench_tiles", "bench_refine",
-           "bench_derive"]
-
-
-def machine_info() -> dict[str, Any]:
-    """Platform, Python, CPU count (and the CPUs this process may use)."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        usable = os.cpu_count()
-    cpu_model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:  # pragma: no cover
-        pass
-    return {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "cpus_usable": usable, "cpu_model": cpu_model,
-            "numba_threads": _numba_threads(),
-            "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}
-
-
-def _numba_threads() -> int | None:
-    try:
-        import numba
-
-        return int(numba.get_num_threads())
-    except Exception:  # pragma: no cover
-        return None
+           "bench_derive", "bench_infer_main", "synthetic_slide"]
 
 
 def synthetic_nuclei(n: int, *, seed: int = 0, target_um_per_px: float = 0.25, level0_um_per_px: float = 0.25,
@@ -585,6 +557,287 @@ def _derive_result(info: dict[str, Any], seconds: float, stages: dict[str, float
     }
 
 
+# =====================================================================================
+# stlib bench infer (moved from stlib.infer)
+# =====================================================================================
+
+def synthetic_slide(size_px: int | tuple[int, int], *, seed: int = 0, spacing: int = 40,
+                    background_fraction: float = 0.15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A synthetic H&E-like image: dark purple ellipses on pink, with known instances.
+
+    Nuclei sit on a jittered grid (``spacing`` px), never touching, semi-major axis
+    0.21-0.35 x ``spacing`` (with the default 40 px at 0.25 µm/px: 4-7 µm long nuclei),
+    aspect ratio 0.6-1; the red channel encodes the class (70 + 10 x class). A band of glass
+    (``background_fraction`` of the width, on the right) has no tissue.
+
+    Returns
+    -------
+    image, inst, classes
+        ``(H, W, 3)`` uint8, ``(H, W)`` int32 ids 1..n, ``(n + 1,)`` uint8 class per id.
+    """
+    rng = np.random.default_rng(seed)
+    H, W = (size_px, size_px) if isinstance(size_px, int) else size_px
+    img = np.empty((H, W, 3), np.float32)
+    img[:] = (236, 170, 200)
+    img += rng.normal(0, 6, (H, W, 1)).astype(np.float32)
+    inst = np.zeros((H, W), np.int32)
+    glass_x = int(W * (1 - background_fraction))
+    cls = [0]
+    amax = spacing * 0.35
+    jit = max(0.0, spacing / 2 - amax - 1)
+    n = 0
+    for cy in np.arange(spacing / 2, H - spacing / 2 + 1, spacing):
+        for cx in np.arange(spacing / 2, glass_x - spacing / 2 + 1, spacing):
+            if rng.random() > 0.85:
+                continue
+            yc, xc = cy + rng.uniform(-jit, jit), cx + rng.uniform(-jit, jit)
+            a = rng.uniform(0.6, 1.0) * amax
+            b = a * rng.uniform(0.6, 1.0)
+            th = rng.uniform(0, np.pi)
+            y0, y1 = int(max(0, yc - a - 1)), int(min(H, yc + a + 2))
+            x0, x1 = int(max(0, xc - a - 1)), int(min(W, xc + a + 2))
+            yy, xx = np.mgrid[y0:y1, x0:x1]
+            u = (xx - xc) * np.cos(th) + (yy - yc) * np.sin(th)
+            v = -(xx - xc) * np.sin(th) + (yy - yc) * np.cos(th)
+            m = (u / a) ** 2 + (v / b) ** 2 <= 1.0
+            if m.sum() < 12:
+                continue
+            n += 1
+            inst[y0:y1, x0:x1][m] = n
+            c = int(rng.integers(1, 6))
+            cls.append(c)
+            img[y0:y1, x0:x1][m] = (70 + 10 * c, 40, 120)
+    img[:, glass_x:] = 242 + rng.normal(0, 2, (H, W - glass_x, 1))
+    return np.clip(img, 0, 255).astype(np.uint8), inst, np.asarray(cls, np.uint8)
+
+
+def _ideal_maps(inst: np.ndarray, classes: np.ndarray, n_types: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from stlib.labels.masks import hv_maps
+
+    np_prob = (inst > 0).astype(np.float32)
+    hv = hv_maps(inst)
+    typ = classes[inst]
+    tp = np.zeros((n_types, *inst.shape), np.float32)
+    for c in range(n_types):
+        tp[c] = typ == c
+    return np_prob, hv, tp
+
+
+def _infer_parser() -> argparse.ArgumentParser:
+    """Options of ``stlib bench infer``."""
+    from stlib.model.net import ENCODERS
+
+    p = argparse.ArgumentParser(prog="stlib bench infer",
+                                description="Network vs post-processing time per tile; whole-slide throughput.")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model", default=None, help="model.pt to time (default: a random network)")
+    g.add_argument("--encoder", choices=sorted(ENCODERS), default=None,
+                   help="random network of this encoder (default: resnet50 on CUDA, small on CPU)")
+    p.add_argument("--tiles", type=int, default=None, help="tiles timed (default 512 on CUDA, 16 on CPU)")
+    p.add_argument("--tile-px", type=int, default=256)
+    p.add_argument("--batch", type=int, default=None, help="default 64 on CUDA, 8 on CPU")
+    p.add_argument("--slide-px", type=int, default=None, help="synthetic slide side (default 8192 CUDA, 1024 CPU)")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--slide", action="store_true",
+                   help="whole-slide run only: a synthetic pyramidal slide of --slide-mm (stlib.bench_slide), network "
+                        "and post-processing timed apart (writes benchmarks/infer_slide_<device>.json)")
+    p.add_argument("--slide-mm", type=float, default=1.5, help="side of the --slide slide (mm)")
+    p.add_argument("--postproc-processes", action="store_true", help="--slide: post-process in processes")
+    p.add_argument("--out", default=None, help="JSON output (default benchmarks/infer_<device>.json)")
+    return p
+
+
+def _bench_infer_slide(args: argparse.Namespace, argv: list[str]) -> int:
+    """``stlib bench infer --slide``: :func:`infer_image` on a synthetic whole slide, timed per part."""
+    import resource
+
+    import torch
+
+    from stlib.bench_slide import make_slide_sample
+    from stlib.config import resolve_device
+    from stlib.infer import ModelInfo, _default_workers, infer_image, load_inference_model
+    from stlib.model.net import build_model
+
+    dev = torch.device(resolve_device(args.device))
+    cuda = dev.type == "cuda"
+    amp = cuda and not args.no_amp
+    torch.manual_seed(0)
+    if args.model:
+        info = load_inference_model(args.model, device=str(dev))
+    else:
+        enc = args.encoder or ("resnet50" if cuda else "small")
+        info = ModelInfo(model=build_model({"encoder": enc}), um_per_px=0.25, tile_px=256,
+                         source=f"random HoVerNet({enc})", encoder=enc)
+    workers = _default_workers() if args.workers is None else int(args.workers)
+    batch = args.batch or (16 if cuda else 4)
+    T = args.tile_px if args.tile_px != 256 else 512
+    n_nuclei = int(5000 * args.slide_mm ** 2)  # about HEST's density over tissue
+    with tempfile.TemporaryDirectory(prefix="stlib-bench-infer-") as td:
+        sample = make_slide_sample(Path(td), n_nuclei=n_nuclei, side_mm=args.slide_mm, seed=0)
+        path = Path(sample["hest_dir"]) / "wsis" / f"{sample['sample']}.tif"
+        from stlib.io.wsi import open_wsi
+
+        with open_wsi(path) as w:  # warm-up on a crop (kernel compilation, allocator); not timed
+            crop = w.read_region(w.shape[1] // 2, w.shape[0] // 2, T + 64, T + 64)
+        infer_image(info, crop, um_per_px=0.2737, device=str(dev), tile_px=T, batch_size=batch, amp=amp,
+                    workers=workers)
+        load0 = [round(v, 2) for v in os.getloadavg()]
+        cpu0 = time.process_time()
+        res = infer_image(info, path, device=str(dev), tile_px=T, batch_size=batch, amp=amp, workers=workers,
+                          postproc_processes=args.postproc_processes)
+        cpu_s = time.process_time() - cpu0
+    st = res.stats
+    wall = st["wall_s"]
+    pp_per_worker = st["postproc_s"] / max(1, workers)
+    pace = max(st["net_s"], pp_per_worker)
+    result = {
+        "benchmark": "infer_slide",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "stlib bench infer " + " ".join(argv),
+        "device": str(dev), "device_name": device_name(dev), "machine": machine_info(),
+        "load_average_1_5_15min_before": load0, "torch_threads": torch.get_num_threads(),
+        "model": info.source, "encoder": info.encoder, "precision": "bf16-autocast" if amp else "fp32",
+        "slide": {"side_mm": args.slide_mm, "px": sample["slide_px"], "um_per_px": 0.2737,
+                  "nuclei_true": sample["nuclei"], "generator": "stlib.bench_slide.make_slide_sample"},
+        "tile_px": T, "overlap": st["overlap"], "batch": batch, "postproc_workers": workers,
+        "postproc_pool": "processes" if args.postproc_processes else "threads",
+        "tiles": st["n_tiles_processed"], "tiles_skipped_no_tissue": st["n_tiles_skipped"],
+        "nuclei_found": st["n_nuclei"],
+        "wall_s": round(wall, 2), "net_s": round(st["net_s"], 2), "read_s": round(st["read_s"], 2),
+        "postproc_busy_s": round(st["postproc_s"], 2), "postproc_s_per_worker": round(pp_per_worker, 2),
+        "tiles_per_s": round(st["n_tiles_processed"] / wall, 3), "nuclei_per_s": round(st["n_nuclei"] / wall, 2),
+        "net_tiles_per_s": round(st["n_tiles_processed"] / max(st["net_s"], 1e-9), 3),
+        "postproc_tiles_per_s": round(st["n_tiles_processed"] / max(pp_per_worker, 1e-9), 3),
+        "slower_part": "network" if st["net_s"] >= pp_per_worker else "post-processing",
+        "overlap_efficiency": round(pace / wall, 3),
+        "process_cpu_s": round(cpu_s, 1), "cpu_utilisation": round(cpu_s / max(wall, 1e-9), 2),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "notes": ("net_s: forward passes in the calling thread (with host<->device copies); postproc_busy_s: "
+                  "post-processing summed over its worker threads, which run while the next batch goes "
+                  "through the network; overlap_efficiency = max(net_s, postproc_s_per_worker) / wall_s "
+                  "(1 = the slower part sets the pace, nothing waits). "
+                  + ("" if args.model else "A random (untrained) network: nuclei_found and nuclei_per_s mean "
+                     "nothing; pass --model runs/<profile>/models/st/model.pt for a trained one.")),
+    }
+    out_path = Path(args.out or f"benchmarks/infer_slide_{dev.type}.json")
+    write_json(out_path, result)
+    print(f"infer slide: {result['tiles']} tiles in {result['wall_s']} s ({result['tiles_per_s']} tiles/s; "
+          f"network {result['net_s']} s, post-processing {result['postproc_s_per_worker']} s per worker) -> {out_path}")
+    return 0
+
+
+def bench_infer_main(argv: list[str]) -> int:
+    """``stlib bench infer``: network vs post-processing time per tile, whole-slide throughput."""
+    import torch
+
+    from stlib.config import resolve_device
+    from stlib.infer import ModelInfo, _default_workers, _ready, infer_image, load_inference_model, predict_tiles
+    from stlib.io.wsi import write_pyramidal_tiff
+    from stlib.model import postproc
+    from stlib.model.net import build_model
+
+    args = _infer_parser().parse_args(argv)
+    if args.slide:
+        return _bench_infer_slide(args, argv)
+    dev = torch.device(resolve_device(args.device))
+    cuda = dev.type == "cuda"
+    amp = cuda and not args.no_amp
+    n_tiles = args.tiles or (512 if cuda else 16)
+    batch = args.batch or (64 if cuda else 8)
+    T = args.tile_px
+    slide_px = args.slide_px or (8192 if cuda else 1024)
+    workers = _default_workers() if args.workers is None else args.workers
+    torch.manual_seed(0)
+    if args.model:
+        info = load_inference_model(args.model, device=str(dev))
+        model_desc = args.model
+    else:
+        enc = args.encoder or ("resnet50" if cuda else "small")
+        info = ModelInfo(model=build_model({"encoder": enc}), um_per_px=0.25, tile_px=T,
+                         source=f"random HoVerNet({enc})", encoder=enc)
+        model_desc = info.source
+    model = _ready(info.model, dev)
+    n_types = int(getattr(model, "n_types", len(info.class_names)))
+
+    # tiles cut from the synthetic slide (the same tiles for network and post-processing)
+    side = max(T, int(math.ceil(math.sqrt(n_tiles))) * T)
+    img, inst, classes = synthetic_slide(side, seed=0, background_fraction=0.0)
+    k = side // T
+    sel = [(i // k, i % k) for i in range(n_tiles)]
+    tiles = np.stack([img[r * T:(r + 1) * T, c * T:(c + 1) * T] for r, c in sel])
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    predict_tiles(model, tiles[:batch], device=str(dev), batch_size=batch, amp=amp)  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    out = predict_tiles(model, tiles, device=str(dev), batch_size=batch, amp=amp)
+    sync()
+    net_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n_model_nuclei = 0
+    for j in range(n_tiles):
+        n_model_nuclei += int(postproc.hovernet_postprocess(out["np_prob"][j], out["hv"][j], out["tp_prob"][j])[0].max())
+    pp_s = time.perf_counter() - t0
+    ideal_s, n_ideal, n_true = 0.0, 0, 0
+    _ideal_maps(np.zeros((8, 8), np.int32), classes, n_types)  # compile/load hv_maps before timing
+    for r, c in sel:
+        sub = inst[r * T:(r + 1) * T, c * T:(c + 1) * T]
+        n_true += len(np.unique(sub)) - 1
+        maps = _ideal_maps(sub, classes, n_types)
+        t0 = time.perf_counter()
+        n_ideal += int(postproc.hovernet_postprocess(*maps)[0].max())
+        ideal_s += time.perf_counter() - t0
+
+    # whole-slide throughput, end to end from a pyramidal TIFF (read, tissue, net, post-processing)
+    with tempfile.TemporaryDirectory() as td:
+        s_img, s_inst, _ = synthetic_slide(slide_px, seed=1)
+        path = write_pyramidal_tiff(Path(td) / "slide.tif", s_img, um_per_px=0.25)
+        n_slide_true = int(s_inst.max())
+        del s_img, s_inst
+        res = infer_image(info, path, device=str(dev), tile_px=T, overlap=64, batch_size=batch, amp=amp,
+                          workers=workers)
+    st = res.stats
+    wall = st["wall_s"]
+    cpu_util = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
+    result = {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": "stlib bench infer " + " ".join(argv),
+        "device": str(dev), "device_name": device_name(dev),
+        "machine": {**machine_info(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "process_cpu_utilisation": round(cpu_util, 3),
+                    "note": "process CPU-seconds / wall-seconds over the run; well below the usable "
+                            "cores means the machine was shared and timings are pessimistic"},
+        "model": model_desc, "encoder": info.encoder, "batch": batch,
+        "precision": "bf16-autocast" if amp else "fp32", "channels_last": cuda, "tile_px": T,
+        "tiles_timed": n_tiles,
+        "net_ms_per_tile": round(1e3 * net_s / n_tiles, 3),
+        "net_includes": "host->device copy of uint8 tiles, forward, softmax, device->host copy",
+        "postproc_ms_per_tile": round(1e3 * ideal_s / n_tiles, 3),
+        "postproc_ms_per_tile_on_model_outputs": round(1e3 * pp_s / n_tiles, 3),
+        "postproc_note": ("postproc_ms_per_tile is measured on ideal NP/HV/NT maps of the known synthetic "
+                          "instances (hv_maps), i.e. realistic nuclei; the model-output timing depends on "
+                          "what a random network predicts. Single thread, same run as the network timing."),
+        "ratio_postproc_net": round(ideal_s / net_s, 3) if net_s > 0 else None,
+        "ratio_postproc_net_on_model_outputs": round(pp_s / net_s, 3) if net_s > 0 else None,
+        "nuclei_per_tile_true": round(n_true / n_tiles, 2), "nuclei_per_tile_ideal_postproc": round(n_ideal / n_tiles, 2),
+        "slide_px": [slide_px, slide_px], "slide_um_per_px": 0.25, "slide_tiles": st["n_tiles"],
+        "slide_tiles_processed": st["n_tiles_processed"], "slide_tiles_skipped": st["n_tiles_skipped"],
+        "slide_overlap": 64, "workers": workers, "slide_wall_s": round(wall, 3),
+        "slide_net_s": round(st["net_s"], 3), "slide_postproc_cpu_s": round(st["postproc_s"], 3),
+        "slide_read_s": round(st["read_s"], 3),
+        "tiles_per_s": round(st["n_tiles_processed"] / wall, 3),
+        "nuclei_per_s": round(len(res) / wall, 3), "slide_nuclei_found": len(res), "slide_nuclei_true": n_slide_true,
+        "nuclei_note": (None if args.model else "random (untrained) network: the nuclei count, and so "
+                        "nuclei_per_s, is not meaningful; tiles_per_s and the per-tile times are."),
+    }
+    out_path = Path(args.out or f"benchmarks/infer_{dev.type}.json")
+    write_json(out_path, result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 def _dispatch(module: str, argv: list[str]) -> int:
     try:
         mod = importlib.import_module(module)
@@ -637,13 +890,15 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--keep", action="store_true", help="keep the run folder (tile store) under --work-dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/derive_slide.json")
-    for name in ("train", "infer"):
-        sub.add_parser(name, help=f"dispatches to stlib.{name}.bench_main", add_help=False)
+    sub.add_parser("train", help="dispatches to stlib.train.bench_main", add_help=False)
+    sub.add_parser("infer", help="network vs post-processing per tile, whole-slide throughput", add_help=False)
     sub.add_parser("gpu-check", help="the GPU measurements in one run (stlib.gpu_check; --dry-run on a CPU)",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
-    if args.what in ("train", "infer"):
-        return _dispatch(f"stlib.{args.what}", rest)
+    if args.what == "infer":
+        return bench_infer_main(rest)
+    if args.what == "train":
+        return _dispatch("stlib.train", rest)
     if args.what == "gpu-check":
         from stlib.gpu_check import cli_main as gpu_cli
 

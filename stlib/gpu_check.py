@@ -7,7 +7,7 @@ On a machine with a CUDA GPU (about 5-8 minutes on an H100/H200-class device) it
    profiled steps), peak GPU memory, estimated model FLOP utilisation
    (:func:`stlib.train.bench_main`);
 2. inference per tile: network time and post-processing time, measured apart
-   (:func:`stlib.infer.bench_main`);
+   (:func:`stlib.bench.bench_infer_main`);
 3. whether post-processing keeps up with the network: post-processing tiles/s with 1 thread,
    with all CPUs as threads and with all CPUs as processes, against the network's tiles/s
    (issue 14, part 4: with a GPU the network is far faster than one CPU thread).
@@ -48,7 +48,7 @@ def postproc_keep_up(n_tiles: int = 64, tile_px: int = 256, workers: int | None 
     one thread, ``workers`` threads and ``workers`` processes."""
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
-    from stlib.infer import _ideal_maps, synthetic_slide
+    from stlib.bench import _ideal_maps, synthetic_slide
 
     workers = workers or os.cpu_count() or 1
     side = int(np.ceil(np.sqrt(n_tiles))) * tile_px
@@ -79,7 +79,7 @@ def postproc_keep_up(n_tiles: int = 64, tile_px: int = 256, workers: int | None 
 def _run_json(fn: Any, argv: list[str], out: Path) -> dict[str, Any]:
     rc = fn(argv + ["--out", str(out)])
     if rc:
-        raise RuntimeError(f"{fn.__module__}.bench_main {' '.join(argv)} exited with {rc}")
+        raise RuntimeError(f"{fn.__module__}.{fn.__name__} {' '.join(argv)} exited with {rc}")
     return json.loads(out.read_text())
 
 
@@ -88,8 +88,8 @@ def gpu_check(out_dir: str | Path = "benchmarks", *, dry_run: bool = False, comp
     """Run the GPU check (see the module docstring); returns the summary written to ``gpu_check.json``."""
     import torch
 
-    from stlib import infer, train
-    from stlib.bench import machine_info
+    from stlib import bench, train
+    from stlib.utils import machine_info
 
     if not dry_run and not torch.cuda.is_available():
         raise RuntimeError("no CUDA GPU visible: run `make gpu-check` on a GPU machine, or pass --dry-run")
@@ -114,7 +114,7 @@ def gpu_check(out_dir: str | Path = "benchmarks", *, dry_run: bool = False, comp
     else:
         parts["train_compile"] = {"skipped": "torch.compile needs a GPU run (dry mode skips it)" if dry_run
                                   else "--no-compile"}
-    parts["infer"] = _run_json(infer.bench_main, infer_args, out / "gpu_infer.json")
+    parts["infer"] = _run_json(bench.bench_infer_main, infer_args, out / "gpu_infer.json")
     kp = postproc_keep_up(**keep_up)
     net_tps = 1e3 / max(parts["infer"]["net_ms_per_tile"], 1e-9) * (kp["tile_px"] / parts["infer"]["tile_px"]) ** 2
     kp["network_tiles_per_s_same_tile_size"] = round(net_tps, 2)

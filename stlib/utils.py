@@ -165,9 +165,50 @@ def repo_root() -> Path:
     return pkg
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover - non-Linux
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine a measurement ran on: platform, Python, CPUs (and those this process may use),
+    CPU model, numba's threads and the load average; the one such record of benchmarks and runs."""
+    import platform
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        usable = os.cpu_count()
+    try:
+        import numba
+
+        numba_threads = int(numba.get_num_threads())
+    except Exception:  # pragma: no cover - numba missing or not initialisable
+        numba_threads = None
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "cpus_usable": usable, "cpu_model": cpu_model(),
+            "numba_threads": numba_threads,
+            "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+
+
+def device_name(device: Any) -> str:
+    """The CUDA device's name, or the CPU model for a CPU device (``torch.device`` or string)."""
+    import torch
+
+    dev = torch.device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()
+
+
 def environment_info() -> dict[str, Any]:
     """Versions and hardware of this run (for the reproducibility record of the book)."""
-    import platform
     import sys
     from importlib import metadata
 
@@ -179,10 +220,12 @@ def environment_info() -> dict[str, Any]:
             versions[p] = metadata.version(p)
         except metadata.PackageNotFoundError:
             versions[p] = None
+    machine = machine_info()
     info: dict[str, Any] = {
         "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
+        "platform": machine["platform"],
+        "cpu_count": machine["cpu_count"],
+        "cpu_model": machine["cpu_model"],
         "versions": versions,
         "gpu": None,
     }
