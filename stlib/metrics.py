@@ -45,7 +45,7 @@ from stlib.constants import (
 __all__ = [
     "PQResult", "MPQResult", "Pairing", "DetectionResult", "TypeCounts", "TypeF1Result",
     "PanNukeSummary", "dice", "aji", "aji_plus", "pq", "pannuke_bpq", "pannuke_mpq",
-    "pannuke_masks_to_inst_type", "pannuke_summary", "pair_coordinates", "radius_px",
+    "pannuke_summary", "pair_coordinates", "radius_px",
     "detection_f1", "type_f1", "centroids", "instance_types", "remap_label", "evaluate_pair",
     "aggregate", "evaluate_folder", "DEFINITIONS", "CLASSES_NO_DEAD", "cli_main",
 ]
@@ -442,29 +442,6 @@ def instance_types(inst: Any, type_map: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- PanNuke protocol
-def pannuke_masks_to_inst_type(masks: Any) -> tuple[np.ndarray, np.ndarray]:
-    """PanNuke (H, W, 6) masks -> (inst int32, type uint8).
-
-    Every (channel, id) pair of channels 0-4 becomes its own instance (numbered in channel
-    order, as PanNuke's ``binarize``; a later channel overwrites an earlier one where they
-    overlap); its class is the channel's class. Channel 5 (background) is ignored.
-    """
-    m = np.asarray(masks)
-    if m.ndim != 3 or m.shape[-1] < 5:
-        raise ValueError(f"masks must be (H, W, 6) PanNuke masks, got shape {m.shape}")
-    inst = np.zeros(m.shape[:2], np.int32)
-    typ = np.zeros(m.shape[:2], np.uint8)
-    offset = 0
-    for ch, cls in PANNUKE_CHANNEL_TO_CLASS.items():
-        ids, idx, _ = _dense_index(_as_label_array(m[..., ch], f"masks[..., {ch}]"))
-        idx = idx.reshape(m.shape[:2])
-        fg = idx > 0
-        inst[fg] = idx[fg] + offset
-        typ[fg] = cls
-        offset += ids.size
-    return inst, typ
-
-
 def _class_maps(inst: np.ndarray, typ: np.ndarray | None, name: str) -> dict[int, np.ndarray]:
     """Per-class instance maps: PanNuke channels, or ``inst`` masked by ``type == c``."""
     if typ is None:
@@ -479,7 +456,9 @@ def _class_maps(inst: np.ndarray, typ: np.ndarray | None, name: str) -> dict[int
 def _binary_map(inst: Any, typ: Any, name: str) -> np.ndarray:
     arr = np.asarray(inst)
     if arr.ndim == 3 and typ is None:
-        return pannuke_masks_to_inst_type(arr)[0]
+        from stlib.io.pannuke import masks_to_inst_type  # the one PanNuke converter (last channel wins)
+
+        return masks_to_inst_type(arr)[0]
     return _as_label_array(arr, f"{name}_inst")
 
 
