@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import shapely
 
-from stlib.constants import CLASS_NAMES
+from stlib.constants import CLASS_NAMES, MIN_QV
 from stlib.demo.config import FINE_TYPE_TO_CLASS, ORGANS, DemoConfig, SampleSpec
 from stlib.demo.biology import DEAD_TYPE, OFF_VOCABULARY, assign_cell_types, type_class
 from stlib.demo.expression import CONTROL_PROBES, make_programmes, simulate_cell_expression, simulate_expression
@@ -351,7 +351,7 @@ def _is_control(names: np.ndarray) -> np.ndarray:
 
 
 def _cell_counts(tx: pd.DataFrame, ids: np.ndarray) -> dict[str, np.ndarray]:
-    good = tx["qv"].to_numpy() >= 20
+    good = tx["qv"].to_numpy() >= MIN_QV
     is_ctrl = _is_control(tx["feature_name"].to_numpy())
     out = {}
     for name, m in (("gene", good & ~is_ctrl), ("control", good & is_ctrl)):
