@@ -40,7 +40,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stlib.constants import XENIUM_PIXEL_SIZE_UM
+from stlib.constants import TARGET_UM_PER_PX_40X, XENIUM_PIXEL_SIZE_UM
 from stlib.utils import InputError, read_json, write_json
 
 __all__ = [
@@ -1557,7 +1557,7 @@ def alignment_error_um(result_or_transform: AlignmentResult | Transform | np.nda
     return np.hypot(d[:, 0], d[:, 1]) / truth.px_per_um
 
 
-def nuclei_mask_dice(a_px: Any, b_px: Any, *, he_um_per_px: float, um_per_px: float = 0.25,
+def nuclei_mask_dice(a_px: Any, b_px: Any, *, he_um_per_px: float, um_per_px: float = TARGET_UM_PER_PX_40X,
                      bounds: tuple[float, float, float, float] | None = None) -> float:
     """Dice of two nucleus-polygon sets (H&E px) rasterised at ``um_per_px``.
 
@@ -1638,7 +1638,7 @@ def align_and_save(hest_dir: str | Path, sample_id: str, out_dir: str | Path, *,
 
 
 def truth_comparison(result: AlignmentResult, hest_dir: str | Path, truth_dir: str | Path, *,
-                     um_per_px: float = 0.25) -> dict[str, float]:
+                     um_per_px: float = TARGET_UM_PER_PX_40X) -> dict[str, float]:
     """Alignment error and mask Dice before / after refinement against the demo truth.
 
     Error: distance (µm) between the map and the true map at the Xenium nuclei centroids

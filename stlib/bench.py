@@ -33,13 +33,14 @@ from typing import Any
 
 import numpy as np
 
+from stlib.constants import TARGET_UM_PER_PX_40X
 from stlib.utils import device_name, machine_info, write_json
 
 __all__ = ["cli_main", "machine_info", "synthetic_nuclei", "bench_labels", "bench_tiles", "bench_refine",
            "bench_derive", "bench_infer_main", "synthetic_slide"]
 
 
-def synthetic_nuclei(n: int, *, seed: int = 0, target_um_per_px: float = 0.25, level0_um_per_px: float = 0.25,
+def synthetic_nuclei(n: int, *, seed: int = 0, target_um_per_px: float = TARGET_UM_PER_PX_40X, level0_um_per_px: float = TARGET_UM_PER_PX_40X,
                      area_fraction: float = 0.25, n_vertices: int = 20) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Random nucleus-like polygons over a slide-sized area (level-0 px).
 
@@ -111,7 +112,7 @@ def _baseline_loop(polys: np.ndarray, classes: np.ndarray, scale: float) -> floa
     return time.perf_counter() - t0
 
 
-def bench_labels(n_nuclei: int = 500_000, *, tile_px: int = 1024, target_um_per_px: float = 0.25,
+def bench_labels(n_nuclei: int = 500_000, *, tile_px: int = 1024, target_um_per_px: float = TARGET_UM_PER_PX_40X,
                  level0_um_per_px: float = 0.2738, baseline_nuclei: int = 2000, seed: int = 0,
                  n_workers: int = 1) -> dict[str, Any]:
     """Time full-slide label maps with the compiled path and the per-nucleus loop.
@@ -414,7 +415,7 @@ def _reference_tiles(hest: Path, sid: str, nuc: Any, excluded: Any, *, n_tiles: 
 
 
 def bench_derive(work_dir: str | Path | None = None, *, n_nuclei: int = 500_000, um_per_px: float = 0.2737,
-                 side_mm: float = 10.0, tile_px: int = 256, target_um_per_px: float = 0.25, workers: int | None = None,
+                 side_mm: float = 10.0, tile_px: int = 256, target_um_per_px: float = TARGET_UM_PER_PX_40X, workers: int | None = None,
                  seed: int = 0, ref_tiles: int = 60, ref_crop_mm: float = 1.5, keep: bool = False) -> dict[str, Any]:
     """The label derivation of one slide-sized synthetic sample, timed per stage.
 
