@@ -51,6 +51,7 @@ __all__ = [
     "align_nuclei",
     "align_and_save",
     "align_sample",
+    "overlay_crop",
     "alignment_error_um",
     "apply_affine",
     "cli_main",
@@ -1509,6 +1510,52 @@ def transform_nuclei(nuclei: Any, result: AlignmentResult | Transform, *, units:
         geoms = Transform(np.linalg.inv(_as_affine(M0))).warp_geometries(geoms)
     gdf = gdf.set_geometry(gpd.GeoSeries(T.warp_geometries(geoms), index=gdf.index))
     return gdf.set_crs(None, allow_override=True)
+
+
+def overlay_crop(hest_dir: str | Path, result: AlignmentResult, *, truth_dir: str | Path | None = None,
+                 crop_um: float = 60.0, center_xy: tuple[float, float] | None = None) -> dict[str, Any]:
+    """The inputs of :func:`stlib.plot.alignment_overlay` for one sample: an H&E crop and the
+    nucleus polygons (H&E level-0 px) under the initial and the refined map.
+
+    Parameters
+    ----------
+    hest_dir
+        HEST layout root of the sample.
+    result
+        Its alignment.
+    truth_dir
+        Demo truth root: also the true visible nuclei (``truth``).
+    crop_um
+        Edge of the square crop (µm).
+    center_xy
+        Centre of the crop in level-0 px (default: the slide's centre).
+
+    Returns
+    -------
+    dict
+        ``image``, ``origin`` (x0, y0), ``before``, ``after``, ``truth`` (or None) and ``sample``.
+    """
+    import geopandas as gpd
+
+    from stlib.io.hest import HestSample
+
+    s = HestSample(hest_dir, result.sample)
+    nuc = s.nuclei()
+    after = transform_nuclei(nuc, result).geometry.values
+    before = nuc.geometry.values if result.route == "hest" else after
+    truth = None
+    if truth_dir is not None:
+        t = gpd.read_parquet(Path(truth_dir) / result.sample / "nuclei.parquet")
+        truth = t.geometry.values[t["visible"].to_numpy(bool)]
+    with s.wsi() as w:
+        H, W = w.shape
+        cx, cy = center_xy or (W / 2, H / 2)
+        n = int(round(crop_um / s.pixel_size_um))
+        x0 = int(np.clip(cx - n / 2, 0, max(0, W - n)))
+        y0 = int(np.clip(cy - n / 2, 0, max(0, H - n)))
+        img = w.read_region(x0, y0, n, n)
+    return {"image": img, "origin": (x0, y0), "before": before, "after": after, "truth": truth,
+            "sample": result.sample}
 
 
 def in_excluded_region(result: AlignmentResult | dict, x_px: Any, y_px: Any) -> np.ndarray:

@@ -154,3 +154,14 @@ def test_no_function_is_longer_than_the_limit():
 def test_length_counts_def_to_last_line(source, n):
     (fn,) = _functions(ast.parse(source))
     assert fn.end_lineno - fn.lineno + 1 == n
+
+
+def test_plots_read_no_data():
+    """stlib.plot draws what it is given: it imports no reader and opens no file."""
+    tree = ast.parse((PKG / "plot.py").read_text(encoding="utf-8"))
+    imported = [m for _, m in _imports(PKG / "plot.py", _modules())]
+    assert set(imported) <= {"stlib.constants"}, imported
+    calls = {n.func.attr if isinstance(n.func, ast.Attribute) else getattr(n.func, "id", "")
+             for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    readers = {c for c in calls if c.startswith("read_") or c in ("open", "open_wsi", "imread", "load")}
+    assert not readers, readers
