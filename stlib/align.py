@@ -395,10 +395,6 @@ class Transform:
         return shapely.transform(np.asarray(geoms, dtype=object), self.apply_xy)
 
     # -- building -----------------------------------------------------------------------
-    def with_affine(self, affine: Any) -> Transform:
-        """Copy with another affine part (same grid)."""
-        return Transform(affine, self.x_um, self.y_um, self.dx_px, self.dy_px)
-
     def with_grid(self, x_um: Any, y_um: Any, dx_px: Any, dy_px: Any) -> Transform:
         """Copy with another displacement grid (same affine)."""
         return Transform(self.affine, x_um, y_um, dx_px, dy_px)

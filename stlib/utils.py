@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -140,19 +139,6 @@ def progress(iterable: Iterable, *, desc: str, total: int | None = None, disable
     if disable is None:
         disable = os.environ.get("STLIB_NO_PROGRESS", "0") == "1"
     return tqdm(iterable, desc=desc, total=total, disable=disable, mininterval=1.0)
-
-
-def seed_everything(seed: int) -> np.random.Generator:
-    """Seed python, numpy and (if imported) torch; return a numpy Generator."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    import sys
-
-    if "torch" in sys.modules:
-        import torch
-
-        torch.manual_seed(seed)
-    return np.random.default_rng(seed)
 
 
 def repo_root() -> Path:

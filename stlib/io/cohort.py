@@ -101,14 +101,6 @@ def cohort_table(data_dir: str | os.PathLike, *, samples: Sequence[str] = (),
     return table
 
 
-def sample_ids(table: pd.DataFrame, role: str | None = None) -> list[str]:
-    """Sample ids of a :func:`cohort_table`, optionally of one role."""
-    if role is not None and role not in ROLES:
-        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    t = table if role is None else table[table["role"] == role]
-    return t["sample"].tolist()
-
-
 def thumbnails(data_dir: str | os.PathLike, ids: Sequence[str], *, max_px: int = 512) -> list[np.ndarray]:
     """Slide thumbnails (RGB uint8) read from the smallest adequate pyramid level."""
     from stlib.io.hest import HestSample
@@ -120,4 +112,4 @@ def thumbnails(data_dir: str | os.PathLike, ids: Sequence[str], *, max_px: int =
     return out
 
 
-__all__ = ["cohort_table", "sample_ids", "thumbnails", "hest_dir", "ROLES"]
+__all__ = ["cohort_table", "thumbnails", "hest_dir", "ROLES"]

@@ -764,7 +764,7 @@ class LabelMaps:
 
 
 def _render(ps: PolygonSet, cand: np.ndarray, tiny_cand: np.ndarray, ox: float, oy: float,
-            scale: float, shape: tuple[int, int], win: _Window, *, with_hv: bool = True,
+            scale: float, shape: tuple[int, int], win: _Window, *,
             ignore_sets: Sequence[tuple[PolygonSet, np.ndarray]] = (),
             tissue: np.ndarray | None = None) -> LabelMaps:
     h, w = shape
