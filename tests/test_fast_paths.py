@@ -209,3 +209,24 @@ def test_overlay_crop_feeds_the_alignment_figure(demo, run):
                                  source="SYNTHETIC test", sample=sid, truth=crop["truth"])
     assert len(fig.axes) == 2
     plt.close(fig)
+
+
+def test_roles_outside_cohort_json_come_from_the_manifest_only(demo, tmp_path):
+    """A sample cohort.json does not list takes its role from data_manifest.yaml (by organ);
+    without a readable manifest that is an error naming the samples, never a typed default."""
+    from stlib.io.cohort import cohort_table
+    from stlib.io.manifest import load_manifest
+    from stlib.utils import InputError
+
+    data = tmp_path / "mirror"
+    data.mkdir()
+    (data / "hest").symlink_to(demo / "hest", target_is_directory=True)  # no cohort.json
+    table = cohort_table(data, samples=list(SAMPLES)).set_index("sample")
+    held = set(load_manifest().organs("held-out"))
+    for sid in SAMPLES:
+        assert table.loc[sid, "role"] == ("held-out" if table.loc[sid, "organ"] in held else "train")
+        assert table.loc[sid, "role_source"] == "data_manifest.yaml (organ)"
+    with pytest.raises(InputError, match="data_manifest.yaml"):
+        cohort_table(data, samples=list(SAMPLES), manifest=tmp_path / "absent.yaml")
+    # the demo cohort itself needs no manifest (cohort.json has the roles)
+    assert len(cohort_table(demo, samples=list(SAMPLES), manifest=tmp_path / "absent.yaml")) == len(SAMPLES)
