@@ -28,7 +28,6 @@ are returned as excluded regions (boxes in H&E px) for the label and tile stages
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -41,7 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from stlib.constants import TARGET_UM_PER_PX_40X, XENIUM_PIXEL_SIZE_UM
-from stlib.utils import InputError, read_json, write_json
+from stlib.utils import InputError, cache_key, file_fingerprint, read_json, write_json
 
 __all__ = [
     "AlignmentResult",
@@ -1358,11 +1357,6 @@ def _weighted_median(v: np.ndarray, w: np.ndarray) -> float:
 # Sample-level entry points
 # =====================================================================================
 
-def _file_key(p: Path) -> dict[str, Any]:
-    st = p.stat()
-    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
 def _resolve_bundle(xenium_dir: Path, sample_id: str) -> Path:
     cand = xenium_dir / sample_id
     return cand if cand.is_dir() else xenium_dir
@@ -1459,7 +1453,7 @@ def align_sample(hest_dir: str | Path, sample_id: str, *, refine: bool = True, t
     res = align_nuclei(slide, nuclei_um, M0, sample=sample_id, route=route, refine=refine,
                        tile_um=tile_um, max_residual_um=max_residual_um,
                        work_um_per_px=work_um_per_px, **kwargs)
-    res.inputs = {"files": [_file_key(p) for p in files]}
+    res.inputs = {"files": [{"path": str(p.resolve()), **file_fingerprint(p)} for p in files]}
     return res
 
 
@@ -1626,16 +1620,7 @@ def nuclei_mask_dice(a_px: Any, b_px: Any, *, he_um_per_px: float, um_per_px: fl
 # CLI
 # =====================================================================================
 
-def _input_key(args: argparse.Namespace, files: list[dict[str, Any]]) -> str:
-    payload = {"version": ALIGN_VERSION, "sample": args.sample, "refine": not args.no_refine,
-               "tile_um": args.tile_um, "max_residual_um": args.max_residual_um,
-               "work_um_per_px": args.work_um_per_px,
-               "xenium_dir": None if args.xenium_dir is None else str(Path(args.xenium_dir).resolve()),
-               "files": files}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _route_files(hest_dir: Path, sample: str, xenium_dir: str | None) -> list[dict[str, Any]]:
+def _route_files(hest_dir: Path, sample: str, xenium_dir: str | None) -> list[Path]:
     if xenium_dir is None:
         paths = [hest_dir / "wsis" / f"{sample}.tif", hest_dir / "metadata" / f"{sample}.json",
                  hest_dir / "transcripts" / f"{sample}_transcripts.parquet",
@@ -1644,7 +1629,7 @@ def _route_files(hest_dir: Path, sample: str, xenium_dir: str | None) -> list[di
         bundle = _resolve_bundle(Path(xenium_dir), sample)
         paths = sorted(p for p in bundle.glob("*") if p.is_file() and (
             "imagealignment" in p.name or p.name.startswith("nucleus_boundaries") or "he_image" in p.name))
-    return [_file_key(p) for p in paths if p.exists()]
+    return [p for p in paths if p.exists()]
 
 
 def align_and_save(hest_dir: str | Path, sample_id: str, out_dir: str | Path, *, refine: bool = True,
@@ -1661,11 +1646,11 @@ def align_and_save(hest_dir: str | Path, sample_id: str, out_dir: str | Path, *,
         ``computed`` is False when an up-to-date alignment.json was reused.
     """
     hest_dir = Path(hest_dir)
-    ns = argparse.Namespace(sample=sample_id, no_refine=not refine, tile_um=float(tile_um),
-                            max_residual_um=float(max_residual_um), work_um_per_px=float(work_um_per_px),
-                            xenium_dir=None if xenium_dir is None else str(xenium_dir))
+    config = {"version": ALIGN_VERSION, "sample": sample_id, "refine": bool(refine), "tile_um": float(tile_um),
+              "max_residual_um": float(max_residual_um), "work_um_per_px": float(work_um_per_px),
+              "xenium_dir": None if xenium_dir is None else str(Path(xenium_dir).resolve())}
     out = Path(out_dir) / sample_id / "alignment.json"
-    key = _input_key(ns, _route_files(hest_dir, sample_id, ns.xenium_dir))
+    key = cache_key(config, _route_files(hest_dir, sample_id, None if xenium_dir is None else str(xenium_dir)))
     if out.is_file() and not force:
         try:
             old = json.loads(out.read_text())

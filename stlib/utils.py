@@ -141,6 +141,24 @@ def progress(iterable: Iterable, *, desc: str, total: int | None = None, disable
     return tqdm(iterable, desc=desc, total=total, disable=disable, mininterval=1.0)
 
 
+def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    """Name, size and modification time of a file: what a cache key remembers of an input."""
+    p = Path(path)
+    st = p.stat()
+    return {"name": p.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def cache_key(config: Any, files: Iterable[str | os.PathLike] = ()) -> str:
+    """The one cache key of stlib's stages: SHA-256 of ``config`` (canonical JSON, keys sorted;
+    values JSON cannot hold are written with ``str``) and the :func:`file_fingerprint` of each
+    input file, in the order given. A stage keeps its output while the key it recorded is unchanged.
+    """
+    import hashlib
+
+    payload = {"config": config, "files": [file_fingerprint(f) for f in files]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def repo_root() -> Path:
     """The repository root (folder holding ``data_manifest.yaml``), searched upward from cwd."""
     here = Path.cwd().resolve()
