@@ -281,8 +281,7 @@ def truth_scores(cells: pd.DataFrame, nuclei, truth_sample_dir: str | Path, *, h
     """
     import geopandas as gpd
 
-    from stlib.evaluate import label_accuracy_vs_truth
-    from stlib.metrics import dice, pq
+    from stlib.metrics import dice, label_accuracy_vs_truth, pq
 
     p = Path(truth_sample_dir) / "nuclei.parquet"
     if not p.is_file():
@@ -364,7 +363,7 @@ def pooled_truth_scores(run_dir: str | Path, samples: Sequence[str], truth_dir: 
     """Class scores of derived labels against the demo truth, pooled over cells of all samples."""
     import geopandas as gpd
 
-    from stlib.evaluate import label_accuracy_vs_truth
+    from stlib.metrics import label_accuracy_vs_truth
 
     cells, truth = [], []
     for sid in samples:
