@@ -9,7 +9,7 @@ Sub-commands
 ``refine``  H&E-guided refinement of ST masks (``stlib.labels.refine``), time per tile.
 ``derive``  the label derivation of one slide-sized synthetic sample (``stlib.bench_slide``),
             timed per stage, with the stages' reference implementations on subsamples.
-``train``   dispatches to ``stlib.train.bench_main(argv)``.
+``train``   :func:`bench_train_main`: training throughput on synthetic batches, tile-store read rate.
 ``infer``   :func:`bench_infer_main`: network vs post-processing per tile, whole-slide throughput
             (``--slide``: a whole synthetic slide of :mod:`stlib.bench_slide`).
 ``gpu-check``  :mod:`stlib.gpu_check` (``make gpu-check``; ``--dry-run`` on a CPU).
@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,7 +35,7 @@ from stlib.constants import TARGET_UM_PER_PX_40X
 from stlib.utils import device_name, machine_info, write_json
 
 __all__ = ["cli_main", "machine_info", "synthetic_nuclei", "bench_labels", "bench_tiles", "bench_refine",
-           "bench_derive", "bench_infer_main", "synthetic_slide"]
+           "bench_derive", "bench_infer_main", "bench_train_main", "synthetic_slide"]
 
 
 def synthetic_nuclei(n: int, *, seed: int = 0, target_um_per_px: float = TARGET_UM_PER_PX_40X, level0_um_per_px: float = TARGET_UM_PER_PX_40X,
@@ -839,14 +837,227 @@ def bench_infer_main(argv: list[str]) -> int:
     return 0
 
 
-def _dispatch(module: str, argv: list[str]) -> int:
-    try:
-        mod = importlib.import_module(module)
-        func = getattr(mod, "bench_main")
-    except (ImportError, AttributeError):
-        print(f"stlib bench: {module}.bench_main is not available yet", file=sys.stderr)
-        return 2
-    return int(func(argv) or 0)
+# =====================================================================================
+# stlib bench train (moved from stlib.train)
+# =====================================================================================
+
+#: Dense peak tensor FLOP/s (bf16) of known GPUs, from the vendors' data sheets.
+PEAK_BF16_FLOPS: dict[str, float] = {
+    "H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
+    "H100": 756e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "V100": 125e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "T4": 65e12,
+}
+
+
+def _peak_flops(name: str) -> float | None:
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+        if key.lower() in name.lower():
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+def _synthetic_train_store(path: Path, n: int, tile: int, seed: int = 0) -> Path:
+    """A store of random discs (for throughput only), written with :mod:`stlib.io.tiles`."""
+    from stlib.io.tiles import TileStoreWriter
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:tile, :tile]
+    with TileStoreWriter(path, tile_px=tile, um_per_px=TARGET_UM_PER_PX_40X, source="bench", overwrite=True) as w:
+        for i in range(n):
+            inst = np.zeros((tile, tile), np.int32)
+            typ = np.zeros((tile, tile), np.uint8)
+            for j in range(1, 41):
+                cy, cx, r = rng.integers(0, tile), rng.integers(0, tile), rng.integers(4, 10)
+                m = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+                inst[m] = j
+                typ[m] = rng.integers(1, 6)
+            img = (255 - 120 * (inst > 0)[..., None] - rng.integers(0, 30, (tile, tile, 3))).astype(np.uint8)
+            w.add(image=img, inst=inst, type=typ, conf=(typ > 0).astype(np.uint8) * 200,
+                  sample="bench", organ="bench", x0=0.0, y0=0.0, split="train", tile_id=f"t{i}")
+    return path
+
+
+def _kernel_busy_us(prof: Any) -> float:
+    """Microseconds covered by at least one CUDA kernel in a ``torch.profiler`` trace."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA)
+    busy, cur_s, cur_e = 0.0, None, None
+    for s0, e0 in spans:
+        if cur_e is None or s0 > cur_e:
+            if cur_e is not None:
+                busy += cur_e - cur_s
+            cur_s, cur_e = s0, e0
+        else:
+            cur_e = max(cur_e, e0)
+    if cur_e is not None:
+        busy += cur_e - cur_s
+    return busy
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    """Options of ``stlib bench train``."""
+    from stlib.model.net import ENCODERS
+
+    p = argparse.ArgumentParser(prog="stlib bench train",
+                                description="Training throughput on synthetic batches + tile-store read rate.")
+    p.add_argument("--encoder", choices=sorted(ENCODERS), default=None,
+                   help="default: resnet50 on CUDA, small on CPU")
+    p.add_argument("--batch", type=int, default=None, help="default: 64 on CUDA, 4 on CPU")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 30 on CUDA, 5 on CPU)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--tile", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA (default bf16 autocast)")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--store", default=None, help="tile store to time reads from (default: a temporary synthetic one)")
+    p.add_argument("--out", default=None, help="JSON output (default benchmarks/train_<device>.json)")
+    return p
+
+
+def _train_step_fn(model: Any, cfg: Any, device: Any, batch: int, T: int, *, compile_: bool) -> Any:
+    """One optimiser step of the training loop on a fixed synthetic batch (augmentation and HV on the device)."""
+    import torch
+
+    from stlib.model.losses import hovernet_loss
+    from stlib.train import (_autocast, _make_optimizer, _to_device, augment_batch, draw_augment_params,
+                             hv_from_inst)
+
+    cuda = device.type == "cuda"
+    opt = _make_optimizer(model, cfg)
+    fwd = torch.compile(model) if compile_ else model
+    gen = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    grid = np.kron(np.arange(64, dtype=np.int32).reshape(8, 8), np.ones((T // 8, T // 8), np.int32))  # 64 blocks
+    host = {"images": rng.integers(0, 255, (batch, T, T, 3), dtype=np.uint8),
+            "inst": np.repeat(grid[None], batch, 0),
+            "type": rng.integers(0, 6, (batch, T, T), dtype=np.uint8),
+            "ignore": np.zeros((batch, T, T), np.uint8), "conf": np.full((batch, T, T), 200, np.uint8)}
+    tb = _to_device(host, device, None)
+
+    def step() -> None:
+        t = augment_batch(tb, draw_augment_params(gen, batch, cfg))
+        t["hv"] = hv_from_inst(t["inst"])
+        x = t["image"].contiguous(memory_format=torch.channels_last) if cuda else t["image"]
+        with _autocast(device, cfg.amp):
+            out = fwd(x)
+        loss, _ = hovernet_loss(out, inst=t["inst"], hv=t["hv"], type_map=t["type"], ignore=t["ignore"],
+                                conf=t["conf"], weights=cfg.loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+
+    return step
+
+
+def _time_steps(step: Any, device: Any, *, warmup: int, steps: int) -> dict[str, Any]:
+    """Wall and CPU seconds of ``steps`` steps after ``warmup``; on CUDA the GPU-busy fraction
+    (union of CUDA kernel intervals / wall time over a few profiled steps)."""
+    import torch
+
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    wall = time.perf_counter() - t0
+    cpu_s = time.process_time() - cpu0
+    busy = None
+    if cuda:
+        from torch.profiler import ProfilerActivity, profile
+
+        n_prof = min(steps, 5)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            tp = time.perf_counter()
+            for _ in range(n_prof):
+                step()
+            sync()
+            wall_p = time.perf_counter() - tp
+        busy = _kernel_busy_us(prof) / 1e6 / wall_p
+    return {"wall": wall, "cpu_s": cpu_s, "busy": busy}
+
+
+def _store_read_rate(store: str | None, device: Any, batch: int, T: int) -> float:
+    """Tiles/s of random tile-store batches moved to the device (warm page cache after the first pass)."""
+    from stlib.train import TileData, _to_device
+
+    with tempfile.TemporaryDirectory() as td:
+        path = Path(store) if store else _synthetic_train_store(Path(td) / "store", max(4 * batch, 32), T)
+        data = TileData([path])
+        idx = np.random.default_rng(1).integers(0, len(data), (8, batch))
+        tr = time.perf_counter()
+        for row in idx:
+            _to_device(data.get(row), device, None)
+        return idx.size / (time.perf_counter() - tr)
+
+
+def bench_train_main(argv: list[str]) -> int:
+    """``stlib bench train``: training throughput on synthetic batches + tile-store read rate."""
+    import resource
+
+    import torch
+
+    from stlib.config import resolve_device
+    from stlib.model.net import build_model, count_params, model_flops
+    from stlib.train import TrainConfig
+
+    args = _train_parser().parse_args(argv)
+    device = torch.device(resolve_device(args.device))
+    cuda = device.type == "cuda"
+    encoder = args.encoder or ("resnet50" if cuda else "small")
+    batch = args.batch or (64 if cuda else 4)
+    steps = args.steps or (30 if cuda else 5)
+    amp = cuda and not args.no_amp
+    cfg = TrainConfig(encoder=encoder, batch_size=batch, amp=amp, device=str(device), aug_blur=0.5)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    flops_fwd = model_flops(model, args.tile)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    T = args.tile
+    step = _train_step_fn(model, cfg, device, batch, T, compile_=args.compile)
+    tm = _time_steps(step, device, warmup=args.warmup, steps=steps)
+    wall = tm["wall"]
+    tiles_s = steps * batch / wall
+    read_tiles_s = _store_read_rate(args.store, device, batch, T)
+    name = device_name(device)
+    peak = _peak_flops(name) if cuda and amp else None
+    train_flops_tile = 3 * flops_fwd
+    res = {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": "stlib bench train " + " ".join(argv),
+        "device": str(device), "device_name": name,
+        "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+        "model": f"HoVerNet({encoder})", "n_params": count_params(model), "batch": batch, "tile_px": T,
+        "precision": "bf16-autocast" if amp else "fp32", "channels_last": cuda, "compile": bool(args.compile),
+        "steps_timed": steps, "train_tiles_per_s": round(tiles_s, 3), "step_s": round(wall / steps, 4),
+        "flops_fwd_per_tile": flops_fwd, "flops_train_per_tile_est": train_flops_tile,
+        "achieved_tflops": round(tiles_s * train_flops_tile / 1e12, 4),
+        "peak_tflops": None if peak is None else peak / 1e12,
+        "mfu_est": None if peak is None else round(tiles_s * train_flops_tile / peak, 4),
+        "gpu_busy_fraction": None if tm["busy"] is None else round(tm["busy"], 3),
+        "cpu_utilisation": None if cuda else round(tm["cpu_s"] / wall, 3),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "peak_memory_gb": round((torch.cuda.max_memory_allocated(device) if cuda else
+                                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9, 3),
+        "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process max RSS",
+        "store_read_tiles_per_s": round(read_tiles_s, 1),
+        "store_read_source": args.store or "temporary synthetic store (warm page cache)",
+        "input_bound": bool(read_tiles_s < tiles_s),
+        "augment": "flip+rot90+scale+HED+blur on device, HV from inst on device",
+    }
+    out = Path(args.out or f"benchmarks/train_{device.type}.json")
+    write_json(out, res)
+    print(json.dumps(res, indent=2))
+    return 0
 
 
 def cli_main(argv: list[str]) -> int:
@@ -891,7 +1102,7 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--keep", action="store_true", help="keep the run folder (tile store) under --work-dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/derive_slide.json")
-    sub.add_parser("train", help="dispatches to stlib.train.bench_main", add_help=False)
+    sub.add_parser("train", help="training throughput on synthetic batches, tile-store read rate", add_help=False)
     sub.add_parser("infer", help="network vs post-processing per tile, whole-slide throughput", add_help=False)
     sub.add_parser("gpu-check", help="the GPU measurements in one run (stlib.gpu_check; --dry-run on a CPU)",
                    add_help=False)
@@ -899,7 +1110,7 @@ def cli_main(argv: list[str]) -> int:
     if args.what == "infer":
         return bench_infer_main(rest)
     if args.what == "train":
-        return _dispatch("stlib.train", rest)
+        return bench_train_main(rest)
     if args.what == "gpu-check":
         from stlib.gpu_check import cli_main as gpu_cli
 

@@ -5,7 +5,7 @@ On a machine with a CUDA GPU (about 5-8 minutes on an H100/H200-class device) it
 1. training throughput of the ResNet-50-class HoVer-Net (bf16 autocast, channels_last) with
    ``torch.compile`` off and on: tiles/s, GPU-busy fraction (CUDA kernel time / wall time over
    profiled steps), peak GPU memory, estimated model FLOP utilisation
-   (:func:`stlib.train.bench_main`);
+   (:func:`stlib.bench.bench_train_main`);
 2. inference per tile: network time and post-processing time, measured apart
    (:func:`stlib.bench.bench_infer_main`);
 3. whether post-processing keeps up with the network: post-processing tiles/s with 1 thread,
@@ -88,7 +88,7 @@ def gpu_check(out_dir: str | Path = "benchmarks", *, dry_run: bool = False, comp
     """Run the GPU check (see the module docstring); returns the summary written to ``gpu_check.json``."""
     import torch
 
-    from stlib import bench, train
+    from stlib import bench
     from stlib.utils import machine_info
 
     if not dry_run and not torch.cuda.is_available():
@@ -108,9 +108,9 @@ def gpu_check(out_dir: str | Path = "benchmarks", *, dry_run: bool = False, comp
                       "--slide-px", "8192"]
         keep_up = {"n_tiles": 256, "tile_px": 256, "workers": None}
     parts: dict[str, Any] = {}
-    parts["train_eager"] = _run_json(train.bench_main, train_args, out / "gpu_train_eager.json")
+    parts["train_eager"] = _run_json(bench.bench_train_main, train_args, out / "gpu_train_eager.json")
     if compile_ and not dry_run:
-        parts["train_compile"] = _run_json(train.bench_main, train_args + ["--compile"], out / "gpu_train_compile.json")
+        parts["train_compile"] = _run_json(bench.bench_train_main, train_args + ["--compile"], out / "gpu_train_compile.json")
     else:
         parts["train_compile"] = {"skipped": "torch.compile needs a GPU run (dry mode skips it)" if dry_run
                                   else "--no-compile"}

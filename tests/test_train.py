@@ -19,7 +19,8 @@ import torch
 
 from stlib.constants import IGNORE
 from stlib.model.net import load_model
-from stlib.train import (BalancedSampler, TileData, TrainConfig, TrainingInterrupted, augment_batch, bench_main,
+from stlib.bench import bench_train_main as bench_main
+from stlib.train import (BalancedSampler, TileData, TrainConfig, TrainingInterrupted, augment_batch,
                          cli_main, draw_augment_params, hed_to_rgb, hv_from_inst, rgb_to_hed, shard_params,
                          tile_weights, train)
 from stlib.utils import InputError
