@@ -1357,6 +1357,12 @@ def _weighted_median(v: np.ndarray, w: np.ndarray) -> float:
 # Sample-level entry points
 # =====================================================================================
 
+def _input_record(p: Path) -> dict[str, Any]:
+    """Provenance of one input file in alignment.json: its full path, size and mtime."""
+    fp = file_fingerprint(p)
+    return {"path": str(p.resolve()), "size": fp["size"], "mtime_ns": fp["mtime_ns"]}
+
+
 def _resolve_bundle(xenium_dir: Path, sample_id: str) -> Path:
     cand = xenium_dir / sample_id
     return cand if cand.is_dir() else xenium_dir
@@ -1453,7 +1459,7 @@ def align_sample(hest_dir: str | Path, sample_id: str, *, refine: bool = True, t
     res = align_nuclei(slide, nuclei_um, M0, sample=sample_id, route=route, refine=refine,
                        tile_um=tile_um, max_residual_um=max_residual_um,
                        work_um_per_px=work_um_per_px, **kwargs)
-    res.inputs = {"files": [{"path": str(p.resolve()), **file_fingerprint(p)} for p in files]}
+    res.inputs = {"files": [_input_record(p) for p in files]}
     return res
 
 
