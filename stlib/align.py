@@ -28,7 +28,6 @@ are returned as excluded regions (boxes in H&E px) for the label and tile stages
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -40,8 +39,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stlib.constants import XENIUM_PIXEL_SIZE_UM
-from stlib.utils import InputError, read_json, write_json
+from stlib.constants import TARGET_UM_PER_PX_40X, XENIUM_PIXEL_SIZE_UM
+from stlib.utils import InputError, cache_key, file_fingerprint, read_json, write_json
 
 __all__ = [
     "AlignmentResult",
@@ -51,6 +50,7 @@ __all__ = [
     "align_nuclei",
     "align_and_save",
     "align_sample",
+    "overlay_crop",
     "alignment_error_um",
     "apply_affine",
     "cli_main",
@@ -394,10 +394,6 @@ class Transform:
         return shapely.transform(np.asarray(geoms, dtype=object), self.apply_xy)
 
     # -- building -----------------------------------------------------------------------
-    def with_affine(self, affine: Any) -> Transform:
-        """Copy with another affine part (same grid)."""
-        return Transform(affine, self.x_um, self.y_um, self.dx_px, self.dy_px)
-
     def with_grid(self, x_um: Any, y_um: Any, dx_px: Any, dy_px: Any) -> Transform:
         """Copy with another displacement grid (same affine)."""
         return Transform(self.affine, x_um, y_um, dx_px, dy_px)
@@ -993,6 +989,97 @@ def load_alignment(path: str | Path) -> AlignmentResult:
 # The alignment itself
 # =====================================================================================
 
+@dataclass(frozen=True)
+class AlignConfig:
+    """The knobs of :func:`align_nuclei` (see its parameters), shared by its steps."""
+
+    refine: bool = True
+    tile_um: float = 100.0
+    max_residual_um: float = 3.0
+    work_um_per_px: float = 1.0
+    #: spacing of the displacement grid and of the tile centres (None: ``tile_um / 2``)
+    grid_um: float | None = None
+    min_nuclei: int = 8
+    n_global: int = 3
+    n_local: int = 3
+    min_score_ratio: float = 0.3
+    reference: bool = False
+
+    def params(self) -> dict[str, Any]:
+        """The parameters recorded in ``alignment.json`` (``grid_um`` resolved)."""
+        return {"refine": self.refine, "tile_um": self.tile_um, "max_residual_um": self.max_residual_um,
+                "work_um_per_px": self.work_um_per_px, "grid_um": self.grid, "min_nuclei": self.min_nuclei,
+                "n_global": self.n_global, "n_local": self.n_local, "min_score_ratio": self.min_score_ratio}
+
+    @property
+    def grid(self) -> float:
+        """Grid spacing in µm (``grid_um``, default half a tile)."""
+        return float(self.grid_um) if self.grid_um else self.tile_um / 2.0
+
+
+class _Scene:
+    """What every step of :func:`align_nuclei` measures on: the nucleus rings (µm), their
+    centroids, the working window of the slide and its haematoxylin images per resolution."""
+
+    def __init__(self, slide: SlideLike, geoms: np.ndarray, M0: np.ndarray, cfg: AlignConfig, *,
+                 sample: str, timings: dict[str, float] | None) -> None:
+        self.slide, self.cfg, self.timings = slide, cfg, timings
+        self.ppu = px_per_um(M0)
+        if not self.ppu > 0:
+            raise InputError("initial map is singular", sample=sample or None, fix="check the registration input")
+        self.xy_um, self.ring_id = _ring_coords(geoms)
+        # per-polygon centroid from vertices of its exterior ring
+        cnt = np.bincount(self.ring_id)
+        centroids = np.column_stack([np.bincount(self.ring_id, self.xy_um[:, 0]),
+                                     np.bincount(self.ring_id, self.xy_um[:, 1])])
+        self.centroids = centroids[cnt > 0] / cnt[cnt > 0, None]
+        self.lo_um = self.centroids.min(axis=0)
+        self.hi_um = self.centroids.max(axis=0)
+        self.extent_um = float(max(self.hi_um - self.lo_um))
+        self.box = self._window(M0, sample)
+        self.levels: dict[float, _Level] = {}
+
+    def _window(self, M0: np.ndarray, sample: str) -> tuple[float, float, float, float]:
+        """Working raster: the nuclei's bounding box under the initial map plus a margin (H&E px)."""
+        lo_um, hi_um = self.lo_um, self.hi_um
+        corners = apply_affine(M0, np.array([[lo_um[0], lo_um[1]], [hi_um[0], lo_um[1]],
+                                             [lo_um[0], hi_um[1]], [hi_um[0], hi_um[1]]]))
+        margin_px = (self.cfg.tile_um + 30.0) * self.ppu
+        bx0, by0 = corners.min(axis=0) - margin_px
+        bx1, by1 = corners.max(axis=0) + margin_px
+        shape0 = getattr(self.slide, "shape", None)
+        if shape0 is not None:
+            bx0, by0 = max(bx0, -0.5), max(by0, -0.5)
+            bx1, by1 = min(bx1, shape0[1] - 0.5), min(by1, shape0[0] - 0.5)
+        if bx1 <= bx0 or by1 <= by0:
+            raise InputError("the nuclei map outside the H&E image under the initial registration",
+                             sample=sample or None, fix="check the registration (route) and the slide")
+        return bx0, by0, bx1, by1
+
+    def level_at(self, um_px: float) -> _Level:
+        """Haematoxylin image (and its Otsu threshold) of the window at ``um_px`` µm/px, cached."""
+        if um_px not in self.levels:
+            from skimage.filters import threshold_otsu
+
+            bx0, by0, bx1, by1 = self.box
+            with _timed(self.timings, "haematoxylin_images"):
+                f = um_px * self.ppu
+                shp = (max(1, int((by1 - by0) / f)), max(1, int((bx1 - bx0) / f)))
+                g = WorkGrid(x0=float(bx0), y0=float(by0), f=f, shape=shp)
+                h = haematoxylin_image(self.slide, g, reference=self.cfg.reference)
+                thr = float(threshold_otsu(h)) if np.ptp(h) > 0 else 0.5
+                self.levels[um_px] = _Level(g, h, thr)
+        return self.levels[um_px]
+
+    def measure(self, T: Transform, um_px: float, win_um: float, nodes: np.ndarray) -> dict[str, np.ndarray]:
+        """Correlation, Dice and residual shift of the windows centred on ``nodes`` (µm) under ``T``."""
+        lev = self.level_at(um_px)
+        win_px = max(16, int(round(win_um / um_px)))
+        with _single_thread_blas(), _timed(self.timings, "tile_measurements"):
+            return _measure(lev, T, self.xy_um, self.ring_id, self.centroids, nodes, win_px,
+                            min_nuclei=self.cfg.min_nuclei, reference=self.cfg.reference)
+
+
 def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str = "",
                  route: str = "", refine: bool = True, tile_um: float = 100.0,
                  max_residual_um: float = 3.0, work_um_per_px: float = 1.0,
@@ -1001,6 +1088,10 @@ def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str 
                  min_score_ratio: float = 0.3, reference: bool = False,
                  timings: dict[str, float] | None = None) -> AlignmentResult:
     """Score the registration of nucleus polygons on an H&E slide and refine it.
+
+    The steps: :func:`_refine_global` (affine, coarse to fine), :func:`_refine_local`
+    (displacement grid), :func:`_rough_nodes` (where the field is not smooth) and
+    :func:`_tile_table` (scores and excluded regions); their knobs are an :class:`AlignConfig`.
 
     Parameters
     ----------
@@ -1051,129 +1142,105 @@ def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str 
                          fix="check the nucleus segmentation (xenium_seg / nucleus_boundaries) of this sample")
     if tile_um <= 0 or work_um_per_px <= 0 or max_residual_um <= 0:
         raise ValueError("tile_um, work_um_per_px and max_residual_um must be positive")
+    cfg = AlignConfig(refine=refine, tile_um=tile_um, max_residual_um=max_residual_um, work_um_per_px=work_um_per_px,
+                      grid_um=grid_um, min_nuclei=min_nuclei, n_global=n_global, n_local=n_local,
+                      min_score_ratio=min_score_ratio, reference=reference)
     M0 = _as_affine(initial, "initial")
-    ppu = px_per_um(M0)
-    if not ppu > 0:
-        raise InputError("initial map is singular", sample=sample or None, fix="check the registration input")
-    he_um = 1.0 / ppu
-    grid_um = float(grid_um) if grid_um else tile_um / 2.0
-
-    xy_um, ring_id = _ring_coords(geoms)
-    # per-polygon centroid from vertices of its exterior ring
-    cnt = np.bincount(ring_id)
-    centroids = np.column_stack([np.bincount(ring_id, xy_um[:, 0]), np.bincount(ring_id, xy_um[:, 1])])
-    centroids = centroids[cnt > 0] / cnt[cnt > 0, None]
-    lo_um = centroids.min(axis=0)
-    hi_um = centroids.max(axis=0)
-    extent_um = float(max(hi_um - lo_um))
-
-    # working raster: nuclei bbox under the initial map + margin
-    corners = apply_affine(M0, np.array([[lo_um[0], lo_um[1]], [hi_um[0], lo_um[1]],
-                                         [lo_um[0], hi_um[1]], [hi_um[0], hi_um[1]]]))
-    margin_px = (tile_um + 30.0) * ppu
-    bx0, by0 = corners.min(axis=0) - margin_px
-    bx1, by1 = corners.max(axis=0) + margin_px
-    shape0 = getattr(slide, "shape", None)
-    if shape0 is not None:
-        bx0, by0 = max(bx0, -0.5), max(by0, -0.5)
-        bx1, by1 = min(bx1, shape0[1] - 0.5), min(by1, shape0[0] - 0.5)
-    if bx1 <= bx0 or by1 <= by0:
-        raise InputError("the nuclei map outside the H&E image under the initial registration",
-                         sample=sample or None, fix="check the registration (route) and the slide")
-    levels: dict[float, _Level] = {}
-
-    def level_at(um_px: float) -> _Level:
-        if um_px not in levels:
-            from skimage.filters import threshold_otsu
-
-            with _timed(timings, "haematoxylin_images"):
-                f = um_px * ppu
-                shp = (max(1, int((by1 - by0) / f)), max(1, int((bx1 - bx0) / f)))
-                g = WorkGrid(x0=float(bx0), y0=float(by0), f=f, shape=shp)
-                h = haematoxylin_image(slide, g, reference=reference)
-                thr = float(threshold_otsu(h)) if np.ptp(h) > 0 else 0.5
-                levels[um_px] = _Level(g, h, thr)
-        return levels[um_px]
-
-    def measure(T: Transform, um_px: float, win_um: float, nodes: np.ndarray) -> dict[str, np.ndarray]:
-        lev = level_at(um_px)
-        win_px = max(16, int(round(win_um / um_px)))
-        with _single_thread_blas(), _timed(timings, "tile_measurements"):
-            return _measure(lev, T, xy_um, ring_id, centroids, nodes, win_px, min_nuclei=min_nuclei,
-                            reference=reference)
-
+    scene = _Scene(slide, geoms, M0, cfg, sample=sample, timings=timings)
     T = Transform(M0)
-    gx, gy = _node_grid(lo_um, hi_um, grid_um)
+    gx, gy = _node_grid(scene.lo_um, scene.hi_um, cfg.grid)
     GX, GY = np.meshgrid(gx, gy)
     nodes = np.column_stack([GX.ravel(), GY.ravel()])
-    before = measure(T, work_um_per_px, tile_um, nodes)
+    before = scene.measure(T, cfg.work_um_per_px, cfg.tile_um, nodes)
     history: list[dict[str, Any]] = []
-
     if refine:
-        # ---- global affine, coarse to fine ------------------------------------------
-        schedule = [(work_um_per_px * k, tile_um * k) for k in (4, 2) if extent_um >= 3 * tile_um * k]
-        schedule += [(work_um_per_px, tile_um)] * max(1, n_global - len(schedule))
-        for um_px, win_um in schedule[:max(n_global, len(schedule))]:
-            ngx, ngy = _node_grid(lo_um, hi_um, win_um / 2.0)
-            NX, NY = np.meshgrid(ngx, ngy)
-            gnodes = np.column_stack([NX.ravel(), NY.ravel()])
-            m = measure(T, um_px, win_um, gnodes)
-            ok = np.isfinite(m["dx_px"]) & (m["reliability"] > 0.05)
-            if not ok.any():
-                history.append({"stage": "global", "um_per_px": um_px, "n_tiles": 0})
-                continue
-            mapped = T.apply_xy(gnodes[ok])
-            target = mapped + np.column_stack([m["dx_px"][ok], m["dy_px"][ok]])
-            w = m["reliability"][ok]
-            spread = np.ptp(gnodes[ok], axis=0)
-            if ok.sum() >= 6 and np.all(spread >= 1.5 * win_um / 2.0):
-                M_new, _ = robust_affine_from_points(gnodes[ok], target, weights=w, min_scale=0.05 * ppu)
-                kind = "affine"
-            else:  # translation only (weighted median shift)
-                d = np.column_stack([m["dx_px"][ok], m["dy_px"][ok]])
-                t = np.array([_weighted_median(d[:, 0], w), _weighted_median(d[:, 1], w)])
-                M_new = compose(np.array([[1, 0, t[0]], [0, 1, t[1]], [0, 0, 1.0]]), T.affine)
-                kind = "translation"
-            T = Transform(M_new)
-            history.append({"stage": "global", "fit": kind, "um_per_px": um_px, "window_um": win_um,
-                            "n_tiles": int(ok.sum()),
-                            "median_shift_um": float(np.median(np.hypot(m["dx_px"][ok], m["dy_px"][ok]))) / ppu})
-        # ---- local displacement grid ------------------------------------------------
-        dxg = np.zeros((len(gy), len(gx)))
-        dyg = np.zeros_like(dxg)
-        thr_px = max_residual_um * ppu
-        for _ in range(n_local):
-            Tg = T.with_grid(gx, gy, dxg, dyg)
-            m = measure(Tg, work_um_per_px, tile_um, nodes)
-            rx = m["dx_px"].reshape(dxg.shape)
-            ry = m["dy_px"].reshape(dxg.shape)
-            rel = m["reliability"].reshape(dxg.shape)
-            ok = np.isfinite(rx) & (rel > 0.05)
-            out = _neighbour_outliers(rx, ry, ok, thr_px)
-            use = ok & ~out
-            sx, den = _smooth_field(rx, np.where(use, rel, 0.0), 0.5)
-            sy, _ = _smooth_field(ry, np.where(use, rel, 0.0), 0.5)
-            sx = np.nan_to_num(sx)
-            sy = np.nan_to_num(sy)
-            dxg = dxg + sx
-            dyg = dyg + sy
-            history.append({"stage": "local", "n_tiles": int(use.sum()), "n_outliers": int(out.sum()),
-                            "median_shift_um": float(np.median(np.hypot(rx[ok], ry[ok]))) / ppu if ok.any() else None})
-        T = T.with_grid(gx, gy, dxg, dyg)
-    after = measure(T, work_um_per_px, tile_um, nodes) if refine else before
-    # where the field is not smooth (a fold, a tear, a mis-stitched area) a bilinear grid
-    # cannot follow it: neighbour outliers of the final residual field, and grid cells whose
-    # displacement jumps by more than max_residual_um between adjacent nodes
-    shape_g = (len(gy), len(gx))
+        T = _refine_global(scene, T, history)
+        T = _refine_local(scene, T, gx, gy, nodes, history)
+    after = scene.measure(T, cfg.work_um_per_px, cfg.tile_um, nodes) if refine else before
+    rough = _rough_nodes(T, after, (len(gy), len(gx)), cfg.max_residual_um * scene.ppu)
+    tiles, excluded, field_ = _tile_table(T, nodes, before, after, rough, cfg, scene.ppu)
+    scores = {"global": {"before": _score_summary(before, _residual_um(before, scene.ppu)),
+                         "after": _score_summary(after, _residual_um(after, scene.ppu))},
+              "tiles": tiles, "history": history}
+    return AlignmentResult(sample=sample, route=route, initial=M0, transform=T, scores=scores,
+                           residual_field=field_, excluded_regions=excluded, he_um_per_px=1.0 / scene.ppu,
+                           params=cfg.params())
+
+
+def _refine_global(scene: _Scene, T: Transform, history: list[dict[str, Any]]) -> Transform:
+    """Affine refinement, coarse to fine: each stage fits an affine (or, with too few or too
+    clustered windows, a weighted-median translation) to the windows' phase-correlation shifts."""
+    cfg, ppu = scene.cfg, scene.ppu
+    schedule = [(cfg.work_um_per_px * k, cfg.tile_um * k) for k in (4, 2) if scene.extent_um >= 3 * cfg.tile_um * k]
+    schedule += [(cfg.work_um_per_px, cfg.tile_um)] * max(1, cfg.n_global - len(schedule))
+    for um_px, win_um in schedule[:max(cfg.n_global, len(schedule))]:
+        ngx, ngy = _node_grid(scene.lo_um, scene.hi_um, win_um / 2.0)
+        NX, NY = np.meshgrid(ngx, ngy)
+        gnodes = np.column_stack([NX.ravel(), NY.ravel()])
+        m = scene.measure(T, um_px, win_um, gnodes)
+        ok = np.isfinite(m["dx_px"]) & (m["reliability"] > 0.05)
+        if not ok.any():
+            history.append({"stage": "global", "um_per_px": um_px, "n_tiles": 0})
+            continue
+        mapped = T.apply_xy(gnodes[ok])
+        target = mapped + np.column_stack([m["dx_px"][ok], m["dy_px"][ok]])
+        w = m["reliability"][ok]
+        spread = np.ptp(gnodes[ok], axis=0)
+        if ok.sum() >= 6 and np.all(spread >= 1.5 * win_um / 2.0):
+            M_new, _ = robust_affine_from_points(gnodes[ok], target, weights=w, min_scale=0.05 * ppu)
+            kind = "affine"
+        else:  # translation only (weighted median shift)
+            d = np.column_stack([m["dx_px"][ok], m["dy_px"][ok]])
+            t = np.array([_weighted_median(d[:, 0], w), _weighted_median(d[:, 1], w)])
+            M_new = compose(np.array([[1, 0, t[0]], [0, 1, t[1]], [0, 0, 1.0]]), T.affine)
+            kind = "translation"
+        T = Transform(M_new)
+        history.append({"stage": "global", "fit": kind, "um_per_px": um_px, "window_um": win_um,
+                        "n_tiles": int(ok.sum()),
+                        "median_shift_um": float(np.median(np.hypot(m["dx_px"][ok], m["dy_px"][ok]))) / ppu})
+    return T
+
+
+def _refine_local(scene: _Scene, T: Transform, gx: np.ndarray, gy: np.ndarray, nodes: np.ndarray,
+                  history: list[dict[str, Any]]) -> Transform:
+    """Local displacement grid: ``n_local`` rounds of measured residuals, neighbour outliers
+    dropped, smoothed with reliability weights and added to the grid."""
+    cfg, ppu = scene.cfg, scene.ppu
+    dxg = np.zeros((len(gy), len(gx)))
+    dyg = np.zeros_like(dxg)
+    thr_px = cfg.max_residual_um * ppu
+    for _ in range(cfg.n_local):
+        Tg = T.with_grid(gx, gy, dxg, dyg)
+        m = scene.measure(Tg, cfg.work_um_per_px, cfg.tile_um, nodes)
+        rx = m["dx_px"].reshape(dxg.shape)
+        ry = m["dy_px"].reshape(dxg.shape)
+        rel = m["reliability"].reshape(dxg.shape)
+        ok = np.isfinite(rx) & (rel > 0.05)
+        out = _neighbour_outliers(rx, ry, ok, thr_px)
+        use = ok & ~out
+        sx, den = _smooth_field(rx, np.where(use, rel, 0.0), 0.5)
+        sy, _ = _smooth_field(ry, np.where(use, rel, 0.0), 0.5)
+        sx = np.nan_to_num(sx)
+        sy = np.nan_to_num(sy)
+        dxg = dxg + sx
+        dyg = dyg + sy
+        history.append({"stage": "local", "n_tiles": int(use.sum()), "n_outliers": int(out.sum()),
+                        "median_shift_um": float(np.median(np.hypot(rx[ok], ry[ok]))) / ppu if ok.any() else None})
+    return T.with_grid(gx, gy, dxg, dyg)
+
+
+def _rough_nodes(T: Transform, after: dict[str, np.ndarray], shape_g: tuple[int, int], thr: float) -> np.ndarray:
+    """Nodes (flat) where the field is not smooth (a fold, a tear, a mis-stitched area), which a
+    bilinear grid cannot follow: neighbour outliers of the final residual field, and grid cells
+    whose displacement jumps by more than ``thr`` px between adjacent nodes."""
     fx = after["dx_px"].reshape(shape_g)
     fy = after["dy_px"].reshape(shape_g)
     fok = np.isfinite(fx) & (after["reliability"].reshape(shape_g) > 0.05)
-    rough = _neighbour_outliers(fx, fy, fok, max_residual_um * ppu)
+    rough = _neighbour_outliers(fx, fy, fok, thr)
     if T.has_grid:
         # a jump alone can be a real (steep but smooth) warp; it marks a discontinuity when
         # one of its two nodes also keeps a residual above a third of the threshold
         jump = np.zeros(shape_g, dtype=bool)
-        thr = max_residual_um * ppu
         resid = np.nan_to_num(np.hypot(fx, fy)) > thr / 3.0
         ddx = (np.hypot(np.diff(T.dx_px, axis=1), np.diff(T.dy_px, axis=1)) > thr) & (resid[:, :-1] | resid[:, 1:])
         ddy = (np.hypot(np.diff(T.dx_px, axis=0), np.diff(T.dy_px, axis=0)) > thr) & (resid[:-1, :] | resid[1:, :])
@@ -1182,65 +1249,71 @@ def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str 
         jump[:-1, :] |= ddy
         jump[1:, :] |= ddy
         rough |= jump
-    rough = rough.ravel()
+    return rough.ravel()
 
-    # ---- tiles table, residual field, exclusions ----------------------------------------
+
+def _exclusion_reason(i: int, after: dict[str, np.ndarray], res_after: np.ndarray, rough: np.ndarray,
+                      med_corr: float, cfg: AlignConfig) -> str | None:
+    """Why node ``i`` (with enough nuclei) is excluded, or None."""
+    if np.isfinite(res_after[i]) and res_after[i] > cfg.max_residual_um:
+        return "residual"
+    if rough[i]:
+        return "discontinuity"
+    if not np.isfinite(after["dx_px"][i]):
+        return "no_match"
+    if (math.isfinite(med_corr) and med_corr > 0 and np.isfinite(after["corr"][i])
+            and after["corr"][i] < cfg.min_score_ratio * med_corr):
+        return "low_score"
+    return None
+
+
+def _tile_table(T: Transform, nodes: np.ndarray, before: dict[str, np.ndarray], after: dict[str, np.ndarray],
+                rough: np.ndarray, cfg: AlignConfig, ppu: float) -> tuple[list[dict], list[dict], dict[str, Any]]:
+    """Per-tile scores, excluded regions (H&E px) and the residual field after refinement."""
     node_px = T.apply_xy(nodes)
-    res_after = np.hypot(after["dx_px"], after["dy_px"]) / ppu
-    res_before = np.hypot(before["dx_px"], before["dy_px"]) / ppu
-    enough = after["n_nuclei"] >= min_nuclei
+    res_after = _residual_um(after, ppu)
+    res_before = _residual_um(before, ppu)
+    enough = after["n_nuclei"] >= cfg.min_nuclei
     corr_ok = after["corr"][enough & np.isfinite(after["corr"])]
     med_corr = float(np.median(corr_ok)) if corr_ok.size else float("nan")
     tiles = []
     excluded = []
-    half_px = 0.5 * grid_um * ppu  # a node's cell: the cells of all nodes tile the field
+    half_px = 0.5 * cfg.grid * ppu  # a node's cell: the cells of all nodes tile the field
     for i in range(len(nodes)):
-        reason = None
-        if enough[i]:
-            if np.isfinite(res_after[i]) and res_after[i] > max_residual_um:
-                reason = "residual"
-            elif rough[i]:
-                reason = "discontinuity"
-            elif not np.isfinite(after["dx_px"][i]):
-                reason = "no_match"
-            elif (math.isfinite(med_corr) and med_corr > 0 and np.isfinite(after["corr"][i])
-                  and after["corr"][i] < min_score_ratio * med_corr):
-                reason = "low_score"
-        row = {
+        reason = _exclusion_reason(i, after, res_after, rough, med_corr, cfg) if enough[i] else None
+        tiles.append({
             "x_um": nodes[i, 0], "y_um": nodes[i, 1], "x_px": node_px[i, 0], "y_px": node_px[i, 1],
             "n_nuclei": int(after["n_nuclei"][i]),
             "corr_before": before["corr"][i], "corr_after": after["corr"][i],
             "dice_before": before["dice"][i], "dice_after": after["dice"][i],
             "residual_before_um": res_before[i], "residual_after_um": res_after[i],
             "reliability": after["reliability"][i], "excluded": reason is not None,
-        }
-        tiles.append(row)
+        })
         if reason is not None:
             # a residual / score measured over the window may come from anywhere in it;
             # a discontinuity of the grid sits in the node's own cell
-            hp = half_px if reason == "discontinuity" else max(half_px, 0.5 * tile_um * ppu)
+            hp = half_px if reason == "discontinuity" else max(half_px, 0.5 * cfg.tile_um * ppu)
             excluded.append({"x0": float(node_px[i, 0] - hp), "y0": float(node_px[i, 1] - hp),
                              "x1": float(node_px[i, 0] + hp), "y1": float(node_px[i, 1] + hp),
                              "reason": reason, "residual_um": float(res_after[i])})
-
-    def summary(m: dict[str, np.ndarray], r: np.ndarray) -> dict[str, Any]:
-        ok = np.isfinite(r)
-        return {"corr": m["global_corr"], "dice": m["global_dice"],
-                "median_tile_corr": float(np.nanmedian(m["corr"])) if np.isfinite(m["corr"]).any() else None,
-                "median_residual_um": float(np.median(r[ok])) if ok.any() else None,
-                "n_tiles_measured": int(ok.sum())}
-
-    scores = {"global": {"before": summary(before, res_before), "after": summary(after, res_after)},
-              "tiles": tiles, "history": history}
     field_ = {"x_um": nodes[:, 0], "y_um": nodes[:, 1], "x_px": node_px[:, 0], "y_px": node_px[:, 1],
               "dx_um": after["dx_px"] / ppu, "dy_um": after["dy_px"] / ppu,
               "reliability": after["reliability"]}
-    params = {"refine": refine, "tile_um": tile_um, "max_residual_um": max_residual_um,
-              "work_um_per_px": work_um_per_px, "grid_um": grid_um, "min_nuclei": min_nuclei,
-              "n_global": n_global, "n_local": n_local, "min_score_ratio": min_score_ratio}
-    return AlignmentResult(sample=sample, route=route, initial=M0, transform=T, scores=scores,
-                           residual_field=field_, excluded_regions=excluded, he_um_per_px=he_um,
-                           params=params)
+    return tiles, excluded, field_
+
+
+def _residual_um(m: dict[str, np.ndarray], ppu: float) -> np.ndarray:
+    """Length (µm) of each window's residual shift."""
+    return np.hypot(m["dx_px"], m["dy_px"]) / ppu
+
+
+def _score_summary(m: dict[str, np.ndarray], r: np.ndarray) -> dict[str, Any]:
+    """Global scores of one measurement and the median of its residuals ``r`` (µm)."""
+    ok = np.isfinite(r)
+    return {"corr": m["global_corr"], "dice": m["global_dice"],
+            "median_tile_corr": float(np.nanmedian(m["corr"])) if np.isfinite(m["corr"]).any() else None,
+            "median_residual_um": float(np.median(r[ok])) if ok.any() else None,
+            "n_tiles_measured": int(ok.sum())}
 
 
 def _timed(timings: dict[str, float] | None, key: str) -> Any:
@@ -1284,9 +1357,10 @@ def _weighted_median(v: np.ndarray, w: np.ndarray) -> float:
 # Sample-level entry points
 # =====================================================================================
 
-def _file_key(p: Path) -> dict[str, Any]:
-    st = p.stat()
-    return {"path": str(p.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+def _input_record(p: Path) -> dict[str, Any]:
+    """Provenance of one input file in alignment.json: its full path, size and mtime."""
+    fp = file_fingerprint(p)
+    return {"path": str(p.resolve()), "size": fp["size"], "mtime_ns": fp["mtime_ns"]}
 
 
 def _resolve_bundle(xenium_dir: Path, sample_id: str) -> Path:
@@ -1385,7 +1459,7 @@ def align_sample(hest_dir: str | Path, sample_id: str, *, refine: bool = True, t
     res = align_nuclei(slide, nuclei_um, M0, sample=sample_id, route=route, refine=refine,
                        tile_um=tile_um, max_residual_um=max_residual_um,
                        work_um_per_px=work_um_per_px, **kwargs)
-    res.inputs = {"files": [_file_key(p) for p in files]}
+    res.inputs = {"files": [_input_record(p) for p in files]}
     return res
 
 
@@ -1434,6 +1508,52 @@ def transform_nuclei(nuclei: Any, result: AlignmentResult | Transform, *, units:
     return gdf.set_crs(None, allow_override=True)
 
 
+def overlay_crop(hest_dir: str | Path, result: AlignmentResult, *, truth_dir: str | Path | None = None,
+                 crop_um: float = 60.0, center_xy: tuple[float, float] | None = None) -> dict[str, Any]:
+    """The inputs of :func:`stlib.plot.alignment_overlay` for one sample: an H&E crop and the
+    nucleus polygons (H&E level-0 px) under the initial and the refined map.
+
+    Parameters
+    ----------
+    hest_dir
+        HEST layout root of the sample.
+    result
+        Its alignment.
+    truth_dir
+        Demo truth root: also the true visible nuclei (``truth``).
+    crop_um
+        Edge of the square crop (µm).
+    center_xy
+        Centre of the crop in level-0 px (default: the slide's centre).
+
+    Returns
+    -------
+    dict
+        ``image``, ``origin`` (x0, y0), ``before``, ``after``, ``truth`` (or None) and ``sample``.
+    """
+    import geopandas as gpd
+
+    from stlib.io.hest import HestSample
+
+    s = HestSample(hest_dir, result.sample)
+    nuc = s.nuclei()
+    after = transform_nuclei(nuc, result).geometry.values
+    before = nuc.geometry.values if result.route == "hest" else after
+    truth = None
+    if truth_dir is not None:
+        t = gpd.read_parquet(Path(truth_dir) / result.sample / "nuclei.parquet")
+        truth = t.geometry.values[t["visible"].to_numpy(bool)]
+    with s.wsi() as w:
+        H, W = w.shape
+        cx, cy = center_xy or (W / 2, H / 2)
+        n = int(round(crop_um / s.pixel_size_um))
+        x0 = int(np.clip(cx - n / 2, 0, max(0, W - n)))
+        y0 = int(np.clip(cy - n / 2, 0, max(0, H - n)))
+        img = w.read_region(x0, y0, n, n)
+    return {"image": img, "origin": (x0, y0), "before": before, "after": after, "truth": truth,
+            "sample": result.sample}
+
+
 def in_excluded_region(result: AlignmentResult | dict, x_px: Any, y_px: Any) -> np.ndarray:
     """Whether H&E px points fall in an excluded region of the alignment."""
     regions = result.excluded_regions if isinstance(result, AlignmentResult) else result.get("excluded_regions", [])
@@ -1480,7 +1600,7 @@ def alignment_error_um(result_or_transform: AlignmentResult | Transform | np.nda
     return np.hypot(d[:, 0], d[:, 1]) / truth.px_per_um
 
 
-def nuclei_mask_dice(a_px: Any, b_px: Any, *, he_um_per_px: float, um_per_px: float = 0.25,
+def nuclei_mask_dice(a_px: Any, b_px: Any, *, he_um_per_px: float, um_per_px: float = TARGET_UM_PER_PX_40X,
                      bounds: tuple[float, float, float, float] | None = None) -> float:
     """Dice of two nucleus-polygon sets (H&E px) rasterised at ``um_per_px``.
 
@@ -1506,16 +1626,7 @@ def nuclei_mask_dice(a_px: Any, b_px: Any, *, he_um_per_px: float, um_per_px: fl
 # CLI
 # =====================================================================================
 
-def _input_key(args: argparse.Namespace, files: list[dict[str, Any]]) -> str:
-    payload = {"version": ALIGN_VERSION, "sample": args.sample, "refine": not args.no_refine,
-               "tile_um": args.tile_um, "max_residual_um": args.max_residual_um,
-               "work_um_per_px": args.work_um_per_px,
-               "xenium_dir": None if args.xenium_dir is None else str(Path(args.xenium_dir).resolve()),
-               "files": files}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _route_files(hest_dir: Path, sample: str, xenium_dir: str | None) -> list[dict[str, Any]]:
+def _route_files(hest_dir: Path, sample: str, xenium_dir: str | None) -> list[Path]:
     if xenium_dir is None:
         paths = [hest_dir / "wsis" / f"{sample}.tif", hest_dir / "metadata" / f"{sample}.json",
                  hest_dir / "transcripts" / f"{sample}_transcripts.parquet",
@@ -1524,7 +1635,7 @@ def _route_files(hest_dir: Path, sample: str, xenium_dir: str | None) -> list[di
         bundle = _resolve_bundle(Path(xenium_dir), sample)
         paths = sorted(p for p in bundle.glob("*") if p.is_file() and (
             "imagealignment" in p.name or p.name.startswith("nucleus_boundaries") or "he_image" in p.name))
-    return [_file_key(p) for p in paths if p.exists()]
+    return [p for p in paths if p.exists()]
 
 
 def align_and_save(hest_dir: str | Path, sample_id: str, out_dir: str | Path, *, refine: bool = True,
@@ -1541,11 +1652,11 @@ def align_and_save(hest_dir: str | Path, sample_id: str, out_dir: str | Path, *,
         ``computed`` is False when an up-to-date alignment.json was reused.
     """
     hest_dir = Path(hest_dir)
-    ns = argparse.Namespace(sample=sample_id, no_refine=not refine, tile_um=float(tile_um),
-                            max_residual_um=float(max_residual_um), work_um_per_px=float(work_um_per_px),
-                            xenium_dir=None if xenium_dir is None else str(xenium_dir))
+    config = {"version": ALIGN_VERSION, "sample": sample_id, "refine": bool(refine), "tile_um": float(tile_um),
+              "max_residual_um": float(max_residual_um), "work_um_per_px": float(work_um_per_px),
+              "xenium_dir": None if xenium_dir is None else str(Path(xenium_dir).resolve())}
     out = Path(out_dir) / sample_id / "alignment.json"
-    key = _input_key(ns, _route_files(hest_dir, sample_id, ns.xenium_dir))
+    key = cache_key(config, _route_files(hest_dir, sample_id, None if xenium_dir is None else str(xenium_dir)))
     if out.is_file() and not force:
         try:
             old = json.loads(out.read_text())
@@ -1561,7 +1672,7 @@ def align_and_save(hest_dir: str | Path, sample_id: str, out_dir: str | Path, *,
 
 
 def truth_comparison(result: AlignmentResult, hest_dir: str | Path, truth_dir: str | Path, *,
-                     um_per_px: float = 0.25) -> dict[str, float]:
+                     um_per_px: float = TARGET_UM_PER_PX_40X) -> dict[str, float]:
     """Alignment error and mask Dice before / after refinement against the demo truth.
 
     Error: distance (µm) between the map and the true map at the Xenium nuclei centroids

@@ -9,8 +9,9 @@ Sub-commands
 ``refine``  H&E-guided refinement of ST masks (``stlib.labels.refine``), time per tile.
 ``derive``  the label derivation of one slide-sized synthetic sample (``stlib.bench_slide``),
             timed per stage, with the stages' reference implementations on subsamples.
-``train``   dispatches to ``stlib.train.bench_main(argv)``.
-``infer``   dispatches to ``stlib.infer.bench_main(argv)`` (``--slide``: a whole synthetic slide).
+``train``   :func:`bench_train_main`: training throughput on synthetic batches, tile-store read rate.
+``infer``   :func:`bench_infer_main`: network vs post-processing per tile, whole-slide throughput
+            (``--slide``: a whole synthetic slide of :mod:`stlib.bench_slide`).
 ``gpu-check``  :mod:`stlib.gpu_check` (``make gpu-check``; ``--dry-run`` on a CPU).
 
 Every result records the machine, the date and the exact command; nothing is hard-coded.
@@ -20,11 +21,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import importlib
+import json
 import math
 import os
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,42 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from stlib.utils import write_json
+from stlib.constants import TARGET_UM_PER_PX_40X
+from stlib.utils import device_name, machine_info, write_json
 
 __all__ = ["cli_main", "machine_info", "synthetic_nuclei", "bench_labels", "bench_tiles", "bench_refine",
-           "bench_derive"]
+           "bench_derive", "bench_infer_main", "bench_train_main", "synthetic_slide"]
 
 
-def machine_info() -> dict[str, Any]:
-    """Platform, Python, CPU count (and the CPUs this process may use)."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        usable = os.cpu_count()
-    cpu_model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:  # pragma: no cover
-        pass
-    return {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_count": os.cpu_count(), "cpus_usable": usable, "cpu_model": cpu_model,
-            "numba_threads": _numba_threads(),
-            "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}
-
-
-def _numba_threads() -> int | None:
-    try:
-        import numba
-
-        return int(numba.get_num_threads())
-    except Exception:  # pragma: no cover
-        return None
-
-
-def synthetic_nuclei(n: int, *, seed: int = 0, target_um_per_px: float = 0.25, level0_um_per_px: float = 0.25,
+def synthetic_nuclei(n: int, *, seed: int = 0, target_um_per_px: float = TARGET_UM_PER_PX_40X, level0_um_per_px: float = TARGET_UM_PER_PX_40X,
                      area_fraction: float = 0.25, n_vertices: int = 20) -> tuple[np.ndarray, np.ndarray, float, float]:
     """Random nucleus-like polygons over a slide-sized area (level-0 px).
 
@@ -139,7 +110,7 @@ def _baseline_loop(polys: np.ndarray, classes: np.ndarray, scale: float) -> floa
     return time.perf_counter() - t0
 
 
-def bench_labels(n_nuclei: int = 500_000, *, tile_px: int = 1024, target_um_per_px: float = 0.25,
+def bench_labels(n_nuclei: int = 500_000, *, tile_px: int = 1024, target_um_per_px: float = TARGET_UM_PER_PX_40X,
                  level0_um_per_px: float = 0.2738, baseline_nuclei: int = 2000, seed: int = 0,
                  n_workers: int = 1) -> dict[str, Any]:
     """Time full-slide label maps with the compiled path and the per-nucleus loop.
@@ -442,7 +413,7 @@ def _reference_tiles(hest: Path, sid: str, nuc: Any, excluded: Any, *, n_tiles: 
 
 
 def bench_derive(work_dir: str | Path | None = None, *, n_nuclei: int = 500_000, um_per_px: float = 0.2737,
-                 side_mm: float = 10.0, tile_px: int = 256, target_um_per_px: float = 0.25, workers: int | None = None,
+                 side_mm: float = 10.0, tile_px: int = 256, target_um_per_px: float = TARGET_UM_PER_PX_40X, workers: int | None = None,
                  seed: int = 0, ref_tiles: int = 60, ref_crop_mm: float = 1.5, keep: bool = False) -> dict[str, Any]:
     """The label derivation of one slide-sized synthetic sample, timed per stage.
 
@@ -585,14 +556,508 @@ def _derive_result(info: dict[str, Any], seconds: float, stages: dict[str, float
     }
 
 
-def _dispatch(module: str, argv: list[str]) -> int:
-    try:
-        mod = importlib.import_module(module)
-        func = getattr(mod, "bench_main")
-    except (ImportError, AttributeError):
-        print(f"stlib bench: {module}.bench_main is not available yet", file=sys.stderr)
-        return 2
-    return int(func(argv) or 0)
+# =====================================================================================
+# stlib bench infer (moved from stlib.infer)
+# =====================================================================================
+
+def synthetic_slide(size_px: int | tuple[int, int], *, seed: int = 0, spacing: int = 40,
+                    background_fraction: float = 0.15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A synthetic H&E-like image: dark purple ellipses on pink, with known instances.
+
+    Nuclei sit on a jittered grid (``spacing`` px), never touching, semi-major axis
+    0.21-0.35 x ``spacing`` (with the default 40 px at 0.25 µm/px: 4-7 µm long nuclei),
+    aspect ratio 0.6-1; the red channel encodes the class (70 + 10 x class). A band of glass
+    (``background_fraction`` of the width, on the right) has no tissue.
+
+    Returns
+    -------
+    image, inst, classes
+        ``(H, W, 3)`` uint8, ``(H, W)`` int32 ids 1..n, ``(n + 1,)`` uint8 class per id.
+    """
+    rng = np.random.default_rng(seed)
+    H, W = (size_px, size_px) if isinstance(size_px, int) else size_px
+    img = np.empty((H, W, 3), np.float32)
+    img[:] = (236, 170, 200)
+    img += rng.normal(0, 6, (H, W, 1)).astype(np.float32)
+    inst = np.zeros((H, W), np.int32)
+    glass_x = int(W * (1 - background_fraction))
+    cls = [0]
+    amax = spacing * 0.35
+    jit = max(0.0, spacing / 2 - amax - 1)
+    n = 0
+    for cy in np.arange(spacing / 2, H - spacing / 2 + 1, spacing):
+        for cx in np.arange(spacing / 2, glass_x - spacing / 2 + 1, spacing):
+            if rng.random() > 0.85:
+                continue
+            yc, xc = cy + rng.uniform(-jit, jit), cx + rng.uniform(-jit, jit)
+            a = rng.uniform(0.6, 1.0) * amax
+            b = a * rng.uniform(0.6, 1.0)
+            th = rng.uniform(0, np.pi)
+            y0, y1 = int(max(0, yc - a - 1)), int(min(H, yc + a + 2))
+            x0, x1 = int(max(0, xc - a - 1)), int(min(W, xc + a + 2))
+            yy, xx = np.mgrid[y0:y1, x0:x1]
+            u = (xx - xc) * np.cos(th) + (yy - yc) * np.sin(th)
+            v = -(xx - xc) * np.sin(th) + (yy - yc) * np.cos(th)
+            m = (u / a) ** 2 + (v / b) ** 2 <= 1.0
+            if m.sum() < 12:
+                continue
+            n += 1
+            inst[y0:y1, x0:x1][m] = n
+            c = int(rng.integers(1, 6))
+            cls.append(c)
+            img[y0:y1, x0:x1][m] = (70 + 10 * c, 40, 120)
+    img[:, glass_x:] = 242 + rng.normal(0, 2, (H, W - glass_x, 1))
+    return np.clip(img, 0, 255).astype(np.uint8), inst, np.asarray(cls, np.uint8)
+
+
+def _ideal_maps(inst: np.ndarray, classes: np.ndarray, n_types: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from stlib.labels.masks import hv_maps
+
+    np_prob = (inst > 0).astype(np.float32)
+    hv = hv_maps(inst)
+    typ = classes[inst]
+    tp = np.zeros((n_types, *inst.shape), np.float32)
+    for c in range(n_types):
+        tp[c] = typ == c
+    return np_prob, hv, tp
+
+
+def _infer_parser() -> argparse.ArgumentParser:
+    """Options of ``stlib bench infer``."""
+    from stlib.model.net import ENCODERS
+
+    p = argparse.ArgumentParser(prog="stlib bench infer",
+                                description="Network vs post-processing time per tile; whole-slide throughput.")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--model", default=None, help="model.pt to time (default: a random network)")
+    g.add_argument("--encoder", choices=sorted(ENCODERS), default=None,
+                   help="random network of this encoder (default: resnet50 on CUDA, small on CPU)")
+    p.add_argument("--tiles", type=int, default=None, help="tiles timed (default 512 on CUDA, 16 on CPU)")
+    p.add_argument("--tile-px", type=int, default=256)
+    p.add_argument("--batch", type=int, default=None, help="default 64 on CUDA, 8 on CPU")
+    p.add_argument("--slide-px", type=int, default=None, help="synthetic slide side (default 8192 CUDA, 1024 CPU)")
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-amp", action="store_true")
+    p.add_argument("--slide", action="store_true",
+                   help="whole-slide run only: a synthetic pyramidal slide of --slide-mm (stlib.bench_slide), network "
+                        "and post-processing timed apart (writes benchmarks/infer_slide_<device>.json)")
+    p.add_argument("--slide-mm", type=float, default=1.5, help="side of the --slide slide (mm)")
+    p.add_argument("--postproc-processes", action="store_true", help="--slide: post-process in processes")
+    p.add_argument("--out", default=None, help="JSON output (default benchmarks/infer_<device>.json)")
+    return p
+
+
+def _bench_infer_slide(args: argparse.Namespace, argv: list[str]) -> int:
+    """``stlib bench infer --slide``: :func:`infer_image` on a synthetic whole slide, timed per part."""
+    import resource
+
+    import torch
+
+    from stlib.bench_slide import make_slide_sample
+    from stlib.config import resolve_device
+    from stlib.infer import ModelInfo, _default_workers, infer_image, load_inference_model
+    from stlib.model.net import build_model
+
+    dev = torch.device(resolve_device(args.device))
+    cuda = dev.type == "cuda"
+    amp = cuda and not args.no_amp
+    torch.manual_seed(0)
+    if args.model:
+        info = load_inference_model(args.model, device=str(dev))
+    else:
+        enc = args.encoder or ("resnet50" if cuda else "small")
+        info = ModelInfo(model=build_model({"encoder": enc}), um_per_px=0.25, tile_px=256,
+                         source=f"random HoVerNet({enc})", encoder=enc)
+    workers = _default_workers() if args.workers is None else int(args.workers)
+    batch = args.batch or (16 if cuda else 4)
+    T = args.tile_px if args.tile_px != 256 else 512
+    n_nuclei = int(5000 * args.slide_mm ** 2)  # about HEST's density over tissue
+    with tempfile.TemporaryDirectory(prefix="stlib-bench-infer-") as td:
+        sample = make_slide_sample(Path(td), n_nuclei=n_nuclei, side_mm=args.slide_mm, seed=0)
+        path = Path(sample["hest_dir"]) / "wsis" / f"{sample['sample']}.tif"
+        from stlib.io.wsi import open_wsi
+
+        with open_wsi(path) as w:  # warm-up on a crop (kernel compilation, allocator); not timed
+            crop = w.read_region(w.shape[1] // 2, w.shape[0] // 2, T + 64, T + 64)
+        infer_image(info, crop, um_per_px=0.2737, device=str(dev), tile_px=T, batch_size=batch, amp=amp,
+                    workers=workers)
+        load0 = [round(v, 2) for v in os.getloadavg()]
+        cpu0 = time.process_time()
+        res = infer_image(info, path, device=str(dev), tile_px=T, batch_size=batch, amp=amp, workers=workers,
+                          postproc_processes=args.postproc_processes)
+        cpu_s = time.process_time() - cpu0
+    st = res.stats
+    wall = st["wall_s"]
+    pp_per_worker = st["postproc_s"] / max(1, workers)
+    pace = max(st["net_s"], pp_per_worker)
+    result = {
+        "benchmark": "infer_slide",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": "stlib bench infer " + " ".join(argv),
+        "device": str(dev), "device_name": device_name(dev), "machine": machine_info(),
+        "load_average_1_5_15min_before": load0, "torch_threads": torch.get_num_threads(),
+        "model": info.source, "encoder": info.encoder, "precision": "bf16-autocast" if amp else "fp32",
+        "slide": {"side_mm": args.slide_mm, "px": sample["slide_px"], "um_per_px": 0.2737,
+                  "nuclei_true": sample["nuclei"], "generator": "stlib.bench_slide.make_slide_sample"},
+        "tile_px": T, "overlap": st["overlap"], "batch": batch, "postproc_workers": workers,
+        "postproc_pool": "processes" if args.postproc_processes else "threads",
+        "tiles": st["n_tiles_processed"], "tiles_skipped_no_tissue": st["n_tiles_skipped"],
+        "nuclei_found": st["n_nuclei"],
+        "wall_s": round(wall, 2), "net_s": round(st["net_s"], 2), "read_s": round(st["read_s"], 2),
+        "postproc_busy_s": round(st["postproc_s"], 2), "postproc_s_per_worker": round(pp_per_worker, 2),
+        "tiles_per_s": round(st["n_tiles_processed"] / wall, 3), "nuclei_per_s": round(st["n_nuclei"] / wall, 2),
+        "net_tiles_per_s": round(st["n_tiles_processed"] / max(st["net_s"], 1e-9), 3),
+        "postproc_tiles_per_s": round(st["n_tiles_processed"] / max(pp_per_worker, 1e-9), 3),
+        "slower_part": "network" if st["net_s"] >= pp_per_worker else "post-processing",
+        "overlap_efficiency": round(pace / wall, 3),
+        "process_cpu_s": round(cpu_s, 1), "cpu_utilisation": round(cpu_s / max(wall, 1e-9), 2),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "notes": ("net_s: forward passes in the calling thread (with host<->device copies); postproc_busy_s: "
+                  "post-processing summed over its worker threads, which run while the next batch goes "
+                  "through the network; overlap_efficiency = max(net_s, postproc_s_per_worker) / wall_s "
+                  "(1 = the slower part sets the pace, nothing waits). "
+                  + ("" if args.model else "A random (untrained) network: nuclei_found and nuclei_per_s mean "
+                     "nothing; pass --model runs/<profile>/models/st/model.pt for a trained one.")),
+    }
+    out_path = Path(args.out or f"benchmarks/infer_slide_{dev.type}.json")
+    write_json(out_path, result)
+    print(f"infer slide: {result['tiles']} tiles in {result['wall_s']} s ({result['tiles_per_s']} tiles/s; "
+          f"network {result['net_s']} s, post-processing {result['postproc_s_per_worker']} s per worker) -> {out_path}")
+    return 0
+
+
+def bench_infer_main(argv: list[str]) -> int:
+    """``stlib bench infer``: network vs post-processing time per tile, whole-slide throughput."""
+    import torch
+
+    from stlib.config import resolve_device
+    from stlib.infer import ModelInfo, _default_workers, _ready, infer_image, load_inference_model, predict_tiles
+    from stlib.io.wsi import write_pyramidal_tiff
+    from stlib.model import postproc
+    from stlib.model.net import build_model
+
+    args = _infer_parser().parse_args(argv)
+    if args.slide:
+        return _bench_infer_slide(args, argv)
+    dev = torch.device(resolve_device(args.device))
+    cuda = dev.type == "cuda"
+    amp = cuda and not args.no_amp
+    n_tiles = args.tiles or (512 if cuda else 16)
+    batch = args.batch or (64 if cuda else 8)
+    T = args.tile_px
+    slide_px = args.slide_px or (8192 if cuda else 1024)
+    workers = _default_workers() if args.workers is None else args.workers
+    torch.manual_seed(0)
+    if args.model:
+        info = load_inference_model(args.model, device=str(dev))
+        model_desc = args.model
+    else:
+        enc = args.encoder or ("resnet50" if cuda else "small")
+        info = ModelInfo(model=build_model({"encoder": enc}), um_per_px=0.25, tile_px=T,
+                         source=f"random HoVerNet({enc})", encoder=enc)
+        model_desc = info.source
+    model = _ready(info.model, dev)
+    n_types = int(getattr(model, "n_types", len(info.class_names)))
+
+    # tiles cut from the synthetic slide (the same tiles for network and post-processing)
+    side = max(T, int(math.ceil(math.sqrt(n_tiles))) * T)
+    img, inst, classes = synthetic_slide(side, seed=0, background_fraction=0.0)
+    k = side // T
+    sel = [(i // k, i % k) for i in range(n_tiles)]
+    tiles = np.stack([img[r * T:(r + 1) * T, c * T:(c + 1) * T] for r, c in sel])
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    predict_tiles(model, tiles[:batch], device=str(dev), batch_size=batch, amp=amp)  # warm-up
+    sync()
+    t0 = time.perf_counter()
+    out = predict_tiles(model, tiles, device=str(dev), batch_size=batch, amp=amp)
+    sync()
+    net_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    n_model_nuclei = 0
+    for j in range(n_tiles):
+        n_model_nuclei += int(postproc.hovernet_postprocess(out["np_prob"][j], out["hv"][j], out["tp_prob"][j])[0].max())
+    pp_s = time.perf_counter() - t0
+    ideal_s, n_ideal, n_true = 0.0, 0, 0
+    _ideal_maps(np.zeros((8, 8), np.int32), classes, n_types)  # compile/load hv_maps before timing
+    for r, c in sel:
+        sub = inst[r * T:(r + 1) * T, c * T:(c + 1) * T]
+        n_true += len(np.unique(sub)) - 1
+        maps = _ideal_maps(sub, classes, n_types)
+        t0 = time.perf_counter()
+        n_ideal += int(postproc.hovernet_postprocess(*maps)[0].max())
+        ideal_s += time.perf_counter() - t0
+
+    # whole-slide throughput, end to end from a pyramidal TIFF (read, tissue, net, post-processing)
+    with tempfile.TemporaryDirectory() as td:
+        s_img, s_inst, _ = synthetic_slide(slide_px, seed=1)
+        path = write_pyramidal_tiff(Path(td) / "slide.tif", s_img, um_per_px=0.25)
+        n_slide_true = int(s_inst.max())
+        del s_img, s_inst
+        res = infer_image(info, path, device=str(dev), tile_px=T, overlap=64, batch_size=batch, amp=amp,
+                          workers=workers)
+    st = res.stats
+    wall = st["wall_s"]
+    cpu_util = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
+    result = {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": "stlib bench infer " + " ".join(argv),
+        "device": str(dev), "device_name": device_name(dev),
+        "machine": {**machine_info(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+                    "process_cpu_utilisation": round(cpu_util, 3),
+                    "note": "process CPU-seconds / wall-seconds over the run; well below the usable "
+                            "cores means the machine was shared and timings are pessimistic"},
+        "model": model_desc, "encoder": info.encoder, "batch": batch,
+        "precision": "bf16-autocast" if amp else "fp32", "channels_last": cuda, "tile_px": T,
+        "tiles_timed": n_tiles,
+        "net_ms_per_tile": round(1e3 * net_s / n_tiles, 3),
+        "net_includes": "host->device copy of uint8 tiles, forward, softmax, device->host copy",
+        "postproc_ms_per_tile": round(1e3 * ideal_s / n_tiles, 3),
+        "postproc_ms_per_tile_on_model_outputs": round(1e3 * pp_s / n_tiles, 3),
+        "postproc_note": ("postproc_ms_per_tile is measured on ideal NP/HV/NT maps of the known synthetic "
+                          "instances (hv_maps), i.e. realistic nuclei; the model-output timing depends on "
+                          "what a random network predicts. Single thread, same run as the network timing."),
+        "ratio_postproc_net": round(ideal_s / net_s, 3) if net_s > 0 else None,
+        "ratio_postproc_net_on_model_outputs": round(pp_s / net_s, 3) if net_s > 0 else None,
+        "nuclei_per_tile_true": round(n_true / n_tiles, 2), "nuclei_per_tile_ideal_postproc": round(n_ideal / n_tiles, 2),
+        "slide_px": [slide_px, slide_px], "slide_um_per_px": 0.25, "slide_tiles": st["n_tiles"],
+        "slide_tiles_processed": st["n_tiles_processed"], "slide_tiles_skipped": st["n_tiles_skipped"],
+        "slide_overlap": 64, "workers": workers, "slide_wall_s": round(wall, 3),
+        "slide_net_s": round(st["net_s"], 3), "slide_postproc_cpu_s": round(st["postproc_s"], 3),
+        "slide_read_s": round(st["read_s"], 3),
+        "tiles_per_s": round(st["n_tiles_processed"] / wall, 3),
+        "nuclei_per_s": round(len(res) / wall, 3), "slide_nuclei_found": len(res), "slide_nuclei_true": n_slide_true,
+        "nuclei_note": (None if args.model else "random (untrained) network: the nuclei count, and so "
+                        "nuclei_per_s, is not meaningful; tiles_per_s and the per-tile times are."),
+    }
+    out_path = Path(args.out or f"benchmarks/infer_{dev.type}.json")
+    write_json(out_path, result)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+# =====================================================================================
+# stlib bench train (moved from stlib.train)
+# =====================================================================================
+
+#: Dense peak tensor FLOP/s (bf16) of known GPUs, from the vendors' data sheets.
+PEAK_BF16_FLOPS: dict[str, float] = {
+    "H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
+    "H100": 756e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "V100": 125e12,
+    "RTX 4090": 165e12, "RTX 3090": 71e12, "T4": 65e12,
+}
+
+
+def _peak_flops(name: str) -> float | None:
+    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
+        if key.lower() in name.lower():
+            return PEAK_BF16_FLOPS[key]
+    return None
+
+
+def _synthetic_train_store(path: Path, n: int, tile: int, seed: int = 0) -> Path:
+    """A store of random discs (for throughput only), written with :mod:`stlib.io.tiles`."""
+    from stlib.io.tiles import TileStoreWriter
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:tile, :tile]
+    with TileStoreWriter(path, tile_px=tile, um_per_px=TARGET_UM_PER_PX_40X, source="bench", overwrite=True) as w:
+        for i in range(n):
+            inst = np.zeros((tile, tile), np.int32)
+            typ = np.zeros((tile, tile), np.uint8)
+            for j in range(1, 41):
+                cy, cx, r = rng.integers(0, tile), rng.integers(0, tile), rng.integers(4, 10)
+                m = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+                inst[m] = j
+                typ[m] = rng.integers(1, 6)
+            img = (255 - 120 * (inst > 0)[..., None] - rng.integers(0, 30, (tile, tile, 3))).astype(np.uint8)
+            w.add(image=img, inst=inst, type=typ, conf=(typ > 0).astype(np.uint8) * 200,
+                  sample="bench", organ="bench", x0=0.0, y0=0.0, split="train", tile_id=f"t{i}")
+    return path
+
+
+def _kernel_busy_us(prof: Any) -> float:
+    """Microseconds covered by at least one CUDA kernel in a ``torch.profiler`` trace."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == DeviceType.CUDA)
+    busy, cur_s, cur_e = 0.0, None, None
+    for s0, e0 in spans:
+        if cur_e is None or s0 > cur_e:
+            if cur_e is not None:
+                busy += cur_e - cur_s
+            cur_s, cur_e = s0, e0
+        else:
+            cur_e = max(cur_e, e0)
+    if cur_e is not None:
+        busy += cur_e - cur_s
+    return busy
+
+
+def _train_parser() -> argparse.ArgumentParser:
+    """Options of ``stlib bench train``."""
+    from stlib.model.net import ENCODERS
+
+    p = argparse.ArgumentParser(prog="stlib bench train",
+                                description="Training throughput on synthetic batches + tile-store read rate.")
+    p.add_argument("--encoder", choices=sorted(ENCODERS), default=None,
+                   help="default: resnet50 on CUDA, small on CPU")
+    p.add_argument("--batch", type=int, default=None, help="default: 64 on CUDA, 4 on CPU")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 30 on CUDA, 5 on CPU)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--tile", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA (default bf16 autocast)")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--store", default=None, help="tile store to time reads from (default: a temporary synthetic one)")
+    p.add_argument("--out", default=None, help="JSON output (default benchmarks/train_<device>.json)")
+    return p
+
+
+def _train_step_fn(model: Any, cfg: Any, device: Any, batch: int, T: int, *, compile_: bool) -> Any:
+    """One optimiser step of the training loop on a fixed synthetic batch (augmentation and HV on the device)."""
+    import torch
+
+    from stlib.model.losses import hovernet_loss
+    from stlib.train import (_autocast, _make_optimizer, _to_device, augment_batch, draw_augment_params,
+                             hv_from_inst)
+
+    cuda = device.type == "cuda"
+    opt = _make_optimizer(model, cfg)
+    fwd = torch.compile(model) if compile_ else model
+    gen = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    grid = np.kron(np.arange(64, dtype=np.int32).reshape(8, 8), np.ones((T // 8, T // 8), np.int32))  # 64 blocks
+    host = {"images": rng.integers(0, 255, (batch, T, T, 3), dtype=np.uint8),
+            "inst": np.repeat(grid[None], batch, 0),
+            "type": rng.integers(0, 6, (batch, T, T), dtype=np.uint8),
+            "ignore": np.zeros((batch, T, T), np.uint8), "conf": np.full((batch, T, T), 200, np.uint8)}
+    tb = _to_device(host, device, None)
+
+    def step() -> None:
+        t = augment_batch(tb, draw_augment_params(gen, batch, cfg))
+        t["hv"] = hv_from_inst(t["inst"])
+        x = t["image"].contiguous(memory_format=torch.channels_last) if cuda else t["image"]
+        with _autocast(device, cfg.amp):
+            out = fwd(x)
+        loss, _ = hovernet_loss(out, inst=t["inst"], hv=t["hv"], type_map=t["type"], ignore=t["ignore"],
+                                conf=t["conf"], weights=cfg.loss)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+
+    return step
+
+
+def _time_steps(step: Any, device: Any, *, warmup: int, steps: int) -> dict[str, Any]:
+    """Wall and CPU seconds of ``steps`` steps after ``warmup``; on CUDA the GPU-busy fraction
+    (union of CUDA kernel intervals / wall time over a few profiled steps)."""
+    import torch
+
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    wall = time.perf_counter() - t0
+    cpu_s = time.process_time() - cpu0
+    busy = None
+    if cuda:
+        from torch.profiler import ProfilerActivity, profile
+
+        n_prof = min(steps, 5)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            tp = time.perf_counter()
+            for _ in range(n_prof):
+                step()
+            sync()
+            wall_p = time.perf_counter() - tp
+        busy = _kernel_busy_us(prof) / 1e6 / wall_p
+    return {"wall": wall, "cpu_s": cpu_s, "busy": busy}
+
+
+def _store_read_rate(store: str | None, device: Any, batch: int, T: int) -> float:
+    """Tiles/s of random tile-store batches moved to the device (warm page cache after the first pass)."""
+    from stlib.train import TileData, _to_device
+
+    with tempfile.TemporaryDirectory() as td:
+        path = Path(store) if store else _synthetic_train_store(Path(td) / "store", max(4 * batch, 32), T)
+        data = TileData([path])
+        idx = np.random.default_rng(1).integers(0, len(data), (8, batch))
+        tr = time.perf_counter()
+        for row in idx:
+            _to_device(data.get(row), device, None)
+        return idx.size / (time.perf_counter() - tr)
+
+
+def bench_train_main(argv: list[str]) -> int:
+    """``stlib bench train``: training throughput on synthetic batches + tile-store read rate."""
+    import resource
+
+    import torch
+
+    from stlib.config import resolve_device
+    from stlib.model.net import build_model, count_params, model_flops
+    from stlib.train import TrainConfig
+
+    args = _train_parser().parse_args(argv)
+    device = torch.device(resolve_device(args.device))
+    cuda = device.type == "cuda"
+    encoder = args.encoder or ("resnet50" if cuda else "small")
+    batch = args.batch or (64 if cuda else 4)
+    steps = args.steps or (30 if cuda else 5)
+    amp = cuda and not args.no_amp
+    cfg = TrainConfig(encoder=encoder, batch_size=batch, amp=amp, device=str(device), aug_blur=0.5)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(device)
+    flops_fwd = model_flops(model, args.tile)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    T = args.tile
+    step = _train_step_fn(model, cfg, device, batch, T, compile_=args.compile)
+    tm = _time_steps(step, device, warmup=args.warmup, steps=steps)
+    wall = tm["wall"]
+    tiles_s = steps * batch / wall
+    read_tiles_s = _store_read_rate(args.store, device, batch, T)
+    name = device_name(device)
+    peak = _peak_flops(name) if cuda and amp else None
+    train_flops_tile = 3 * flops_fwd
+    res = {
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": "stlib bench train " + " ".join(argv),
+        "device": str(device), "device_name": name,
+        "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
+        "model": f"HoVerNet({encoder})", "n_params": count_params(model), "batch": batch, "tile_px": T,
+        "precision": "bf16-autocast" if amp else "fp32", "channels_last": cuda, "compile": bool(args.compile),
+        "steps_timed": steps, "train_tiles_per_s": round(tiles_s, 3), "step_s": round(wall / steps, 4),
+        "flops_fwd_per_tile": flops_fwd, "flops_train_per_tile_est": train_flops_tile,
+        "achieved_tflops": round(tiles_s * train_flops_tile / 1e12, 4),
+        "peak_tflops": None if peak is None else peak / 1e12,
+        "mfu_est": None if peak is None else round(tiles_s * train_flops_tile / peak, 4),
+        "gpu_busy_fraction": None if tm["busy"] is None else round(tm["busy"], 3),
+        "cpu_utilisation": None if cuda else round(tm["cpu_s"] / wall, 3),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "peak_memory_gb": round((torch.cuda.max_memory_allocated(device) if cuda else
+                                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9, 3),
+        "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process max RSS",
+        "store_read_tiles_per_s": round(read_tiles_s, 1),
+        "store_read_source": args.store or "temporary synthetic store (warm page cache)",
+        "input_bound": bool(read_tiles_s < tiles_s),
+        "augment": "flip+rot90+scale+HED+blur on device, HV from inst on device",
+    }
+    out = Path(args.out or f"benchmarks/train_{device.type}.json")
+    write_json(out, res)
+    print(json.dumps(res, indent=2))
+    return 0
 
 
 def cli_main(argv: list[str]) -> int:
@@ -637,13 +1102,15 @@ def cli_main(argv: list[str]) -> int:
     p.add_argument("--keep", action="store_true", help="keep the run folder (tile store) under --work-dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/derive_slide.json")
-    for name in ("train", "infer"):
-        sub.add_parser(name, help=f"dispatches to stlib.{name}.bench_main", add_help=False)
+    sub.add_parser("train", help="training throughput on synthetic batches, tile-store read rate", add_help=False)
+    sub.add_parser("infer", help="network vs post-processing per tile, whole-slide throughput", add_help=False)
     sub.add_parser("gpu-check", help="the GPU measurements in one run (stlib.gpu_check; --dry-run on a CPU)",
                    add_help=False)
     args, rest = parser.parse_known_args(argv)
-    if args.what in ("train", "infer"):
-        return _dispatch(f"stlib.{args.what}", rest)
+    if args.what == "infer":
+        return bench_infer_main(rest)
+    if args.what == "train":
+        return bench_train_main(rest)
     if args.what == "gpu-check":
         from stlib.gpu_check import cli_main as gpu_cli
 

@@ -28,7 +28,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from stlib.constants import CLASS_NAMES, IGNORE, NUCLEUS_CLASSES
+from stlib.constants import IGNORE, NUCLEUS_CLASSES
+from stlib.metrics import class_scores, label_accuracy_vs_truth  # defined with the other metrics
 from stlib.utils import InputError, atomic_path
 
 
@@ -399,74 +400,6 @@ def seed_spread(per_seed: pd.DataFrame, metric: str, *, by: str = "model", seed_
         rows.append({by: key, **vals, "mean": float(np.nanmean(v)), "sd": float(np.nanstd(v, ddof=1)) if v.size > 1
                      else float("nan"), "range": float(np.nanmax(v) - np.nanmin(v)), "n_seeds": int(v.size)})
     return pd.DataFrame(rows)
-
-
-def class_scores(true: Sequence[int], pred: Sequence[int], *,
-                 classes: Sequence[int] = NUCLEUS_CLASSES) -> dict[str, float]:
-    """Accuracy and per-class F1 of predicted classes against true classes (cell by cell).
-
-    A prediction of ``IGNORE`` (255) counts as wrong for accuracy and as a miss for the true
-    class's F1 (an abstention is not a correct answer); ``ignored_fraction`` reports how often
-    it happened. Classes absent from both truth and prediction get F1 = NaN.
-    """
-    t = np.asarray(true, dtype=int)
-    p = np.asarray(pred, dtype=int)
-    if t.shape != p.shape:
-        raise ValueError(f"true and pred differ in length: {t.shape} vs {p.shape}")
-    out: dict[str, float] = {"n": int(t.size),
-                             "accuracy": float(np.mean(t == p)) if t.size else float("nan"),
-                             "ignored_fraction": float(np.mean(p == IGNORE)) if t.size else float("nan")}
-    f1s = []
-    for c in classes:
-        tp = int(np.sum((t == c) & (p == c)))
-        fp = int(np.sum((t != c) & (p == c)))
-        fn = int(np.sum((t == c) & (p != c)))
-        f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else float("nan")
-        out[f"f1_{CLASS_NAMES[c]}"] = f1
-        f1s.append(f1)
-    out["macro_f1"] = float(np.nanmean(f1s)) if not np.all(np.isnan(f1s)) else float("nan")
-    return out
-
-
-def label_accuracy_vs_truth(cells: pd.DataFrame, truth: pd.DataFrame, *, visible_only: bool = False) -> dict:
-    """Score derived cell labels against the demo truth, joined by ``cell_id``.
-
-    Parameters
-    ----------
-    cells
-        ``cells.parquet`` of :mod:`stlib.labels.derive` (``cell_id``, ``class``, ``x_he``, ``y_he``).
-    truth
-        ``truth/{sample}/nuclei.parquet`` (``cell_id``, ``class``, ``x_he``, ``y_he``, ``visible``).
-    visible_only
-        Score only cells whose nucleus is visible in the H&E.
-
-    Returns
-    -------
-    dict with ``class_scores`` (see :func:`class_scores`), ``n_matched``, ``n_truth``,
-    ``median_centroid_error_px`` and the confusion matrix (truth rows x predicted columns).
-    """
-    for name, df in (("cells", cells), ("truth", truth)):
-        if "cell_id" not in df.columns or "class" not in df.columns:
-            raise ValueError(f"{name} needs columns cell_id and class")
-    t = truth.copy()
-    t["cell_id"] = t["cell_id"].astype(str)
-    c = cells.copy()
-    c["cell_id"] = c["cell_id"].astype(str)
-    if visible_only and "visible" in t.columns:
-        t = t[t["visible"].astype(bool)]
-    m = t.merge(c, on="cell_id", suffixes=("_true", "_pred"), how="inner")
-    scores = class_scores(m["class_true"].to_numpy(), m["class_pred"].to_numpy())
-    out = {"class_scores": scores, "n_matched": int(len(m)), "n_truth": int(len(t)),
-           "n_cells": int(len(c))}
-    if {"x_he_true", "y_he_true", "x_he_pred", "y_he_pred"} <= set(m.columns):
-        d = np.hypot(m["x_he_true"] - m["x_he_pred"], m["y_he_true"] - m["y_he_pred"])
-        out["median_centroid_error_px"] = float(np.median(d)) if len(d) else float("nan")
-    labels = [*NUCLEUS_CLASSES, IGNORE]
-    cm = pd.crosstab(pd.Categorical(m["class_true"], categories=labels),
-                     pd.Categorical(m["class_pred"], categories=labels), dropna=False)
-    out["confusion"] = cm.to_numpy().tolist()
-    out["confusion_labels"] = labels
-    return out
 
 
 def cell_correct(cells: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:

@@ -5,9 +5,9 @@ On a machine with a CUDA GPU (about 5-8 minutes on an H100/H200-class device) it
 1. training throughput of the ResNet-50-class HoVer-Net (bf16 autocast, channels_last) with
    ``torch.compile`` off and on: tiles/s, GPU-busy fraction (CUDA kernel time / wall time over
    profiled steps), peak GPU memory, estimated model FLOP utilisation
-   (:func:`stlib.train.bench_main`);
+   (:func:`stlib.bench.bench_train_main`);
 2. inference per tile: network time and post-processing time, measured apart
-   (:func:`stlib.infer.bench_main`);
+   (:func:`stlib.bench.bench_infer_main`);
 3. whether post-processing keeps up with the network: post-processing tiles/s with 1 thread,
    with all CPUs as threads and with all CPUs as processes, against the network's tiles/s
    (issue 14, part 4: with a GPU the network is far faster than one CPU thread).
@@ -48,7 +48,7 @@ def postproc_keep_up(n_tiles: int = 64, tile_px: int = 256, workers: int | None 
     one thread, ``workers`` threads and ``workers`` processes."""
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
-    from stlib.infer import _ideal_maps, synthetic_slide
+    from stlib.bench import _ideal_maps, synthetic_slide
 
     workers = workers or os.cpu_count() or 1
     side = int(np.ceil(np.sqrt(n_tiles))) * tile_px
@@ -79,7 +79,7 @@ def postproc_keep_up(n_tiles: int = 64, tile_px: int = 256, workers: int | None 
 def _run_json(fn: Any, argv: list[str], out: Path) -> dict[str, Any]:
     rc = fn(argv + ["--out", str(out)])
     if rc:
-        raise RuntimeError(f"{fn.__module__}.bench_main {' '.join(argv)} exited with {rc}")
+        raise RuntimeError(f"{fn.__module__}.{fn.__name__} {' '.join(argv)} exited with {rc}")
     return json.loads(out.read_text())
 
 
@@ -88,8 +88,8 @@ def gpu_check(out_dir: str | Path = "benchmarks", *, dry_run: bool = False, comp
     """Run the GPU check (see the module docstring); returns the summary written to ``gpu_check.json``."""
     import torch
 
-    from stlib import infer, train
-    from stlib.bench import machine_info
+    from stlib import bench
+    from stlib.utils import machine_info
 
     if not dry_run and not torch.cuda.is_available():
         raise RuntimeError("no CUDA GPU visible: run `make gpu-check` on a GPU machine, or pass --dry-run")
@@ -108,13 +108,13 @@ def gpu_check(out_dir: str | Path = "benchmarks", *, dry_run: bool = False, comp
                       "--slide-px", "8192"]
         keep_up = {"n_tiles": 256, "tile_px": 256, "workers": None}
     parts: dict[str, Any] = {}
-    parts["train_eager"] = _run_json(train.bench_main, train_args, out / "gpu_train_eager.json")
+    parts["train_eager"] = _run_json(bench.bench_train_main, train_args, out / "gpu_train_eager.json")
     if compile_ and not dry_run:
-        parts["train_compile"] = _run_json(train.bench_main, train_args + ["--compile"], out / "gpu_train_compile.json")
+        parts["train_compile"] = _run_json(bench.bench_train_main, train_args + ["--compile"], out / "gpu_train_compile.json")
     else:
         parts["train_compile"] = {"skipped": "torch.compile needs a GPU run (dry mode skips it)" if dry_run
                                   else "--no-compile"}
-    parts["infer"] = _run_json(infer.bench_main, infer_args, out / "gpu_infer.json")
+    parts["infer"] = _run_json(bench.bench_infer_main, infer_args, out / "gpu_infer.json")
     kp = postproc_keep_up(**keep_up)
     net_tps = 1e3 / max(parts["infer"]["net_ms_per_tile"], 1e-9) * (kp["tile_px"] / parts["infer"]["tile_px"]) ** 2
     kp["network_tiles_per_s_same_tile_size"] = round(net_tps, 2)

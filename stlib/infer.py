@@ -44,13 +44,10 @@ whole slides the polygons are the output.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import functools
-import json
 import logging
 import math
 import os
-import platform
 import queue
 import threading
 import time
@@ -67,15 +64,14 @@ import torch
 from stlib.config import resolve_device
 from stlib.constants import CLASS_COLORS, CLASS_NAMES, IGNORE
 from stlib.model import postproc
-from stlib.model.net import ENCODERS, build_model, load_model, to_input
+from stlib.model.net import load_model, to_input
 from stlib.utils import InputError, atomic_path, progress, write_json
 
 log = logging.getLogger("stlib.infer")
 
 __all__ = [
     "ModelInfo", "InferenceResult", "load_inference_model", "predict_tiles", "segment_tiles",
-    "tissue_mask", "infer_image", "write_outputs", "geojson_features", "synthetic_slide",
-    "cli_main", "bench_main",
+    "tissue_mask", "infer_image", "write_outputs", "geojson_features", "cli_main",
 ]
 
 #: Slides with more level-0 pixels than this get no ``inst``/``type`` maps (polygons only).
@@ -649,59 +645,21 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, um_per_px: float | No
     InputError
         Unreadable image or model, unknown pixel size, model trained on another class set.
     """
-    import pandas as pd
-
     t_start = time.perf_counter()
     dev = torch.device(resolve_device(device))
     info = _as_model_info(model_or_path, str(dev), model_um_per_px)
     model = _ready(info.model, dev)
-    # default: 512 px tiles with 128 px overlap. A nucleus is kept whole only when its diameter is
-    # below overlap / 2 (seam rule); 64 px = 16 µm at 0.25 µm/px covers large tumour nuclei, and
-    # 512 px tiles keep the overlap's extra compute at 1.8x instead of 4x with 256 px tiles.
-    T = int(tile_px or max(512, info.tile_px))
-    if T < 32:
-        raise InputError(f"tile_px must be >= 32, got {T}")
-    if not 0 <= overlap < T // 2:
-        raise InputError(f"overlap must be in [0, tile_px / 2) = [0, {T // 2}), got {overlap}",
-                         fix="use e.g. --overlap 64 with 256 px tiles")
-    if batch_size < 1:
-        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    T = _check_tiling(tile_px, info.tile_px, overlap, batch_size)
     pp = dict(postproc_kwargs or {})
     workers = _default_workers() if workers is None else int(workers)
 
     wsi = _open_image(image_or_path, um_per_px)
     try:
-        if wsi.um_per_px is None:
-            raise InputError("the image does not say its pixel size (µm/px)", path=wsi.path,
-                             fix="pass --um-per-px (um_per_px=), e.g. 0.25 for 40x or 0.5 for 20x scans")
-        img_um = float(wsi.um_per_px)
-        s = info.um_per_px / img_um  # level-0 px per model px
-        if s < 0.5:
-            log.warning("%s: image (%.3f µm/px) is %.1fx coarser than the model (%.3f µm/px); upsampled "
-                        "results are unreliable", wsi.path, img_um, 1 / s, info.um_per_px)
-        H0, W0 = wsi.shape
-        level = wsi.best_level_for_downsample(s)
-        ds = wsi.level_downsamples[level]
-        Hm, Wm = max(1, int(math.ceil(H0 / s))), max(1, int(math.ceil(W0 / s)))
-        all_origins = np.asarray(postproc.tile_origins((Hm, Wm), T, overlap), np.int64).reshape(-1, 2)
-
-        thumb = wsi.thumbnail(overlay_px)
-        tscale = thumb.shape[1] / W0
-        tissue = tissue_mask(thumb) if tissue_detection else np.ones(thumb.shape[:2], bool)
-        keep = np.ones(len(all_origins), bool)
-        if tissue_detection:
-            for i, (r, c) in enumerate(all_origins):
-                y0, y1 = int(math.floor(r * s * tscale)), int(math.ceil((r + T) * s * tscale))
-                x0, x1 = int(math.floor(c * s * tscale)), int(math.ceil((c + T) * s * tscale))
-                keep[i] = bool(tissue[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1].any())
-        origins = all_origins[keep]
-        grid = _Grid(s=s, level=level, ds=ds, tile=T, origins=origins, model_um=info.um_per_px)
+        plan = _plan_tiles(wsi, info, T, overlap, overlay_px=overlay_px, tissue_detection=tissue_detection)
+        origins, grid = plan.origins, plan.grid
         neighbours = [np.nonzero((np.abs(origins[:, 0] - o[0]) < T) & (np.abs(origins[:, 1] - o[1]) < T))[0]
                       for o in origins]
-        keep_map = H0 * W0 <= max_map_px
-        inst_map = np.zeros((H0, W0), np.int32) if keep_map else None
-        type_map = np.zeros((H0, W0), np.uint8) if keep_map else None
-
+        acc = _Collected(plan.shape, keep_map=plan.shape[0] * plan.shape[1] <= max_map_px)
         timing = _Timing()
 
         def batches() -> Iterator[tuple[list[int], np.ndarray]]:
@@ -712,61 +670,148 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, um_per_px: float | No
                 timing.read_s += time.perf_counter() - t0
                 yield keys, imgs
 
-        work = functools.partial(_tile_nuclei, grid=grid, neighbours=neighbours, keep_map=keep_map, pp_kwargs=pp)
+        work = functools.partial(_tile_nuclei, grid=grid, neighbours=neighbours, keep_map=acc.keep_map, pp_kwargs=pp)
         src = _prefetch(batches()) if workers > 0 else batches()
-        xy, polys, area, cls, prob = [], [], [], [], []
-        n = 0
         bar = progress(_run_pipeline(model, src, work, dev=dev, amp=amp, workers=workers, timing=timing,
                                      processes=postproc_processes),
                        desc="infer tiles", total=len(origins))
         for k, res in bar:
-            m = len(res["polys"])
-            if m == 0:
-                continue
-            xy.append(res["xy"])
-            polys.extend(res["polys"])
-            area.append(res["area"])
-            cls.append(res["cls"])
-            prob.append(res["prob"])
-            if keep_map:
-                r, c = (int(v) for v in origins[k])
-                yi, ym = _level0_index(r, T, s, H0)
-                xi, xm = _level0_index(c, T, s, W0)
-                sub = res["inst"][np.ix_(ym, xm)]
-                region = inst_map[yi, xi]  # a view: painted in place
-                paint = (sub > 0) & (region == 0)
-                region[paint] = sub[paint] + n
-                type_map[yi, xi][paint] = res["type"][np.ix_(ym, xm)][paint]
-            n += m
+            acc.add(res, origins[k], T, grid.s)
     finally:
         wsi.close()
 
-    cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt))
-    xy_a = np.concatenate(xy) if xy else np.zeros((0, 2))
-    cls_a = cat(cls, np.int64)
-    table = pd.DataFrame({
-        "id": np.arange(1, len(polys) + 1, dtype=np.int64),
-        "x": xy_a[:, 0], "y": xy_a[:, 1],
-        "area_um2": cat(area, float),
-        "class": cls_a.astype(np.int64),
-        "class_name": [_class_label(int(c), info.class_names) for c in cls_a],
-        "probability": cat(prob, float),
-    })
-    wall = time.perf_counter() - t_start
-    n_proc = int(timing.n_tiles)
+    table = acc.table(info.class_names)
     stats = {
-        "n_tiles": int(len(all_origins)), "n_tiles_processed": n_proc,
-        "n_tiles_skipped": int(len(all_origins) - len(origins)), "n_nuclei": int(len(polys)),
-        "tile_px": T, "overlap": int(overlap), "level": int(level), "scale_level0_per_model_px": s,
+        "n_tiles": int(len(plan.all_origins)), "n_tiles_processed": int(timing.n_tiles),
+        "n_tiles_skipped": int(len(plan.all_origins) - len(origins)), "n_nuclei": int(len(acc.polys)),
+        "tile_px": T, "overlap": int(overlap), "level": int(grid.level), "scale_level0_per_model_px": grid.s,
         "device": str(dev), "amp": bool(amp and dev.type == "cuda"), "batch_size": int(batch_size),
         "workers": workers, "model": info.source, "encoder": info.encoder,
-        "net_s": timing.net_s, "postproc_s": timing.postproc_s, "read_s": timing.read_s, "wall_s": wall,
-        "maps": "level-0 input resolution" if keep_map else f"omitted (> {max_map_px} level-0 px)",
+        "net_s": timing.net_s, "postproc_s": timing.postproc_s, "read_s": timing.read_s,
+        "wall_s": time.perf_counter() - t_start,
+        "maps": "level-0 input resolution" if acc.keep_map else f"omitted (> {max_map_px} level-0 px)",
     }
-    return InferenceResult(nuclei=table, polygons=polys, source=str(wsi.path), image_shape=(H0, W0),
-                           um_per_px=img_um, model_um_per_px=info.um_per_px, inst=inst_map, type=type_map,
-                           thumbnail=thumb, thumbnail_scale=tscale, tissue=tissue, stats=stats,
+    return InferenceResult(nuclei=table, polygons=acc.polys, source=str(wsi.path), image_shape=plan.shape,
+                           um_per_px=plan.img_um, model_um_per_px=info.um_per_px, inst=acc.inst, type=acc.type,
+                           thumbnail=plan.thumb, thumbnail_scale=plan.tscale, tissue=plan.tissue, stats=stats,
                            class_names=dict(info.class_names))
+
+
+def _check_tiling(tile_px: int | None, model_tile_px: int, overlap: int, batch_size: int) -> int:
+    """The tile size in model px (checked with ``overlap`` and ``batch_size``)."""
+    # default: 512 px tiles with 128 px overlap. A nucleus is kept whole only when its diameter is
+    # below overlap / 2 (seam rule); 64 px = 16 µm at 0.25 µm/px covers large tumour nuclei, and
+    # 512 px tiles keep the overlap's extra compute at 1.8x instead of 4x with 256 px tiles.
+    T = int(tile_px or max(512, model_tile_px))
+    if T < 32:
+        raise InputError(f"tile_px must be >= 32, got {T}")
+    if not 0 <= overlap < T // 2:
+        raise InputError(f"overlap must be in [0, tile_px / 2) = [0, {T // 2}), got {overlap}",
+                         fix="use e.g. --overlap 64 with 256 px tiles")
+    if batch_size < 1:
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    return T
+
+
+@dataclass
+class _TilePlan:
+    """Where the model tiles of an image lie, which hold tissue, and the image's thumbnail."""
+
+    grid: _Grid
+    all_origins: np.ndarray
+    origins: np.ndarray
+    shape: tuple[int, int]
+    img_um: float
+    thumb: np.ndarray
+    tscale: float
+    tissue: np.ndarray
+
+
+def _plan_tiles(wsi: Any, info: ModelInfo, T: int, overlap: int, *, overlay_px: int,
+                tissue_detection: bool) -> _TilePlan:
+    """Tile origins (model px) over the image at the model's resolution; with ``tissue_detection``
+    only tiles touching tissue of the thumbnail (one thumbnail pixel of margin) are kept."""
+    if wsi.um_per_px is None:
+        raise InputError("the image does not say its pixel size (µm/px)", path=wsi.path,
+                         fix="pass --um-per-px (um_per_px=), e.g. 0.25 for 40x or 0.5 for 20x scans")
+    img_um = float(wsi.um_per_px)
+    s = info.um_per_px / img_um  # level-0 px per model px
+    if s < 0.5:
+        log.warning("%s: image (%.3f µm/px) is %.1fx coarser than the model (%.3f µm/px); upsampled "
+                    "results are unreliable", wsi.path, img_um, 1 / s, info.um_per_px)
+    H0, W0 = wsi.shape
+    level = wsi.best_level_for_downsample(s)
+    ds = wsi.level_downsamples[level]
+    Hm, Wm = max(1, int(math.ceil(H0 / s))), max(1, int(math.ceil(W0 / s)))
+    all_origins = np.asarray(postproc.tile_origins((Hm, Wm), T, overlap), np.int64).reshape(-1, 2)
+
+    thumb = wsi.thumbnail(overlay_px)
+    tscale = thumb.shape[1] / W0
+    tissue = tissue_mask(thumb) if tissue_detection else np.ones(thumb.shape[:2], bool)
+    keep = np.ones(len(all_origins), bool)
+    if tissue_detection:
+        for i, (r, c) in enumerate(all_origins):
+            y0, y1 = int(math.floor(r * s * tscale)), int(math.ceil((r + T) * s * tscale))
+            x0, x1 = int(math.floor(c * s * tscale)), int(math.ceil((c + T) * s * tscale))
+            keep[i] = bool(tissue[max(0, y0 - 1):y1 + 1, max(0, x0 - 1):x1 + 1].any())
+    origins = all_origins[keep]
+    grid = _Grid(s=s, level=level, ds=ds, tile=T, origins=origins, model_um=info.um_per_px)
+    return _TilePlan(grid=grid, all_origins=all_origins, origins=origins, shape=(H0, W0), img_um=img_um,
+                     thumb=thumb, tscale=tscale, tissue=tissue)
+
+
+class _Collected:
+    """The nuclei of the processed tiles, in tile order; with ``keep_map`` also painted into
+    level-0 ``inst``/``type`` maps (a pixel keeps the first nucleus painted on it)."""
+
+    def __init__(self, shape: tuple[int, int], *, keep_map: bool) -> None:
+        self.shape, self.keep_map = shape, keep_map
+        self.inst = np.zeros(shape, np.int32) if keep_map else None
+        self.type = np.zeros(shape, np.uint8) if keep_map else None
+        self.xy: list[np.ndarray] = []
+        self.polys: list[np.ndarray] = []
+        self.area: list[np.ndarray] = []
+        self.cls: list[np.ndarray] = []
+        self.prob: list[np.ndarray] = []
+        self.n = 0
+
+    def add(self, res: dict[str, Any], origin: np.ndarray, T: int, s: float) -> None:
+        """Append one tile's nuclei (``res`` of :func:`_tile_nuclei`) with top-left model px ``origin``."""
+        m = len(res["polys"])
+        if m == 0:
+            return
+        self.xy.append(res["xy"])
+        self.polys.extend(res["polys"])
+        self.area.append(res["area"])
+        self.cls.append(res["cls"])
+        self.prob.append(res["prob"])
+        if self.keep_map:
+            H0, W0 = self.shape
+            r, c = (int(v) for v in origin)
+            yi, ym = _level0_index(r, T, s, H0)
+            xi, xm = _level0_index(c, T, s, W0)
+            sub = res["inst"][np.ix_(ym, xm)]
+            region = self.inst[yi, xi]  # a view: painted in place
+            paint = (sub > 0) & (region == 0)
+            region[paint] = sub[paint] + self.n
+            self.type[yi, xi][paint] = res["type"][np.ix_(ym, xm)][paint]
+        self.n += m
+
+    def table(self, class_names: Mapping[int, str]) -> Any:
+        """One row per nucleus: id, centroid (level-0 px), area, class and its probability."""
+        import pandas as pd
+
+        cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt))
+        xy_a = np.concatenate(self.xy) if self.xy else np.zeros((0, 2))
+        cls_a = cat(self.cls, np.int64)
+        return pd.DataFrame({
+            "id": np.arange(1, len(self.polys) + 1, dtype=np.int64),
+            "x": xy_a[:, 0], "y": xy_a[:, 1],
+            "area_um2": cat(self.area, float),
+            "class": cls_a.astype(np.int64),
+            "class_name": [_class_label(int(c), class_names) for c in cls_a],
+            "probability": cat(self.prob, float),
+        })
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -900,284 +945,3 @@ def cli_main(argv: list[str]) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- benchmark
-def synthetic_slide(size_px: int | tuple[int, int], *, seed: int = 0, spacing: int = 40,
-                    background_fraction: float = 0.15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A synthetic H&E-like image: dark purple ellipses on pink, with known instances.
-
-    Nuclei sit on a jittered grid (``spacing`` px), never touching, semi-major axis
-    0.21-0.35 x ``spacing`` (with the default 40 px at 0.25 µm/px: 4-7 µm long nuclei),
-    aspect ratio 0.6-1; the red channel encodes the class (70 + 10 x class). A band of glass
-    (``background_fraction`` of the width, on the right) has no tissue.
-
-    Returns
-    -------
-    image, inst, classes
-        ``(H, W, 3)`` uint8, ``(H, W)`` int32 ids 1..n, ``(n + 1,)`` uint8 class per id.
-    """
-    rng = np.random.default_rng(seed)
-    H, W = (size_px, size_px) if isinstance(size_px, int) else size_px
-    img = np.empty((H, W, 3), np.float32)
-    img[:] = (236, 170, 200)
-    img += rng.normal(0, 6, (H, W, 1)).astype(np.float32)
-    inst = np.zeros((H, W), np.int32)
-    glass_x = int(W * (1 - background_fraction))
-    cls = [0]
-    amax = spacing * 0.35
-    jit = max(0.0, spacing / 2 - amax - 1)
-    n = 0
-    for cy in np.arange(spacing / 2, H - spacing / 2 + 1, spacing):
-        for cx in np.arange(spacing / 2, glass_x - spacing / 2 + 1, spacing):
-            if rng.random() > 0.85:
-                continue
-            yc, xc = cy + rng.uniform(-jit, jit), cx + rng.uniform(-jit, jit)
-            a = rng.uniform(0.6, 1.0) * amax
-            b = a * rng.uniform(0.6, 1.0)
-            th = rng.uniform(0, np.pi)
-            y0, y1 = int(max(0, yc - a - 1)), int(min(H, yc + a + 2))
-            x0, x1 = int(max(0, xc - a - 1)), int(min(W, xc + a + 2))
-            yy, xx = np.mgrid[y0:y1, x0:x1]
-            u = (xx - xc) * np.cos(th) + (yy - yc) * np.sin(th)
-            v = -(xx - xc) * np.sin(th) + (yy - yc) * np.cos(th)
-            m = (u / a) ** 2 + (v / b) ** 2 <= 1.0
-            if m.sum() < 12:
-                continue
-            n += 1
-            inst[y0:y1, x0:x1][m] = n
-            c = int(rng.integers(1, 6))
-            cls.append(c)
-            img[y0:y1, x0:x1][m] = (70 + 10 * c, 40, 120)
-    img[:, glass_x:] = 242 + rng.normal(0, 2, (H, W - glass_x, 1))
-    return np.clip(img, 0, 255).astype(np.uint8), inst, np.asarray(cls, np.uint8)
-
-
-def _ideal_maps(inst: np.ndarray, classes: np.ndarray, n_types: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    from stlib.labels.masks import hv_maps
-
-    np_prob = (inst > 0).astype(np.float32)
-    hv = hv_maps(inst)
-    typ = classes[inst]
-    tp = np.zeros((n_types, *inst.shape), np.float32)
-    for c in range(n_types):
-        tp[c] = typ == c
-    return np_prob, hv, tp
-
-
-def _device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:  # pragma: no cover
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _bench_parser() -> argparse.ArgumentParser:
-    """Options of ``stlib bench infer``."""
-    p = argparse.ArgumentParser(prog="stlib bench infer",
-                                description="Network vs post-processing time per tile; whole-slide throughput.")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--model", default=None, help="model.pt to time (default: a random network)")
-    g.add_argument("--encoder", choices=sorted(ENCODERS), default=None,
-                   help="random network of this encoder (default: resnet50 on CUDA, small on CPU)")
-    p.add_argument("--tiles", type=int, default=None, help="tiles timed (default 512 on CUDA, 16 on CPU)")
-    p.add_argument("--tile-px", type=int, default=256)
-    p.add_argument("--batch", type=int, default=None, help="default 64 on CUDA, 8 on CPU")
-    p.add_argument("--slide-px", type=int, default=None, help="synthetic slide side (default 8192 CUDA, 1024 CPU)")
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-amp", action="store_true")
-    p.add_argument("--slide", action="store_true",
-                   help="whole-slide run only: a synthetic pyramidal slide of --slide-mm (stlib.bench_slide), network "
-                        "and post-processing timed apart (writes benchmarks/infer_slide_<device>.json)")
-    p.add_argument("--slide-mm", type=float, default=1.5, help="side of the --slide slide (mm)")
-    p.add_argument("--postproc-processes", action="store_true", help="--slide: post-process in processes")
-    p.add_argument("--out", default=None, help="JSON output (default benchmarks/infer_<device>.json)")
-    return p
-
-
-def _bench_slide(args: argparse.Namespace, argv: list[str]) -> int:
-    """``stlib bench infer --slide``: :func:`infer_image` on a synthetic whole slide, timed per part."""
-    import resource
-    import tempfile
-
-    from stlib.bench import machine_info
-    from stlib.bench_slide import make_slide_sample
-
-    dev = torch.device(resolve_device(args.device))
-    cuda = dev.type == "cuda"
-    amp = cuda and not args.no_amp
-    torch.manual_seed(0)
-    if args.model:
-        info = load_inference_model(args.model, device=str(dev))
-    else:
-        enc = args.encoder or ("resnet50" if cuda else "small")
-        info = ModelInfo(model=build_model({"encoder": enc}), um_per_px=0.25, tile_px=256,
-                         source=f"random HoVerNet({enc})", encoder=enc)
-    workers = _default_workers() if args.workers is None else int(args.workers)
-    batch = args.batch or (16 if cuda else 4)
-    T = args.tile_px if args.tile_px != 256 else 512
-    n_nuclei = int(5000 * args.slide_mm ** 2)  # about HEST's density over tissue
-    with tempfile.TemporaryDirectory(prefix="stlib-bench-infer-") as td:
-        sample = make_slide_sample(Path(td), n_nuclei=n_nuclei, side_mm=args.slide_mm, seed=0)
-        path = Path(sample["hest_dir"]) / "wsis" / f"{sample['sample']}.tif"
-        from stlib.io.wsi import open_wsi
-
-        with open_wsi(path) as w:  # warm-up on a crop (kernel compilation, allocator); not timed
-            crop = w.read_region(w.shape[1] // 2, w.shape[0] // 2, T + 64, T + 64)
-        infer_image(info, crop, um_per_px=0.2737, device=str(dev), tile_px=T, batch_size=batch, amp=amp,
-                    workers=workers)
-        load0 = [round(v, 2) for v in os.getloadavg()]
-        cpu0 = time.process_time()
-        res = infer_image(info, path, device=str(dev), tile_px=T, batch_size=batch, amp=amp, workers=workers,
-                          postproc_processes=args.postproc_processes)
-        cpu_s = time.process_time() - cpu0
-    st = res.stats
-    wall = st["wall_s"]
-    pp_per_worker = st["postproc_s"] / max(1, workers)
-    pace = max(st["net_s"], pp_per_worker)
-    result = {
-        "benchmark": "infer_slide",
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "stlib bench infer " + " ".join(argv),
-        "device": str(dev), "device_name": _device_name(dev), "machine": machine_info(),
-        "load_average_1_5_15min_before": load0, "torch_threads": torch.get_num_threads(),
-        "model": info.source, "encoder": info.encoder, "precision": "bf16-autocast" if amp else "fp32",
-        "slide": {"side_mm": args.slide_mm, "px": sample["slide_px"], "um_per_px": 0.2737,
-                  "nuclei_true": sample["nuclei"], "generator": "stlib.bench_slide.make_slide_sample"},
-        "tile_px": T, "overlap": st["overlap"], "batch": batch, "postproc_workers": workers,
-        "postproc_pool": "processes" if args.postproc_processes else "threads",
-        "tiles": st["n_tiles_processed"], "tiles_skipped_no_tissue": st["n_tiles_skipped"],
-        "nuclei_found": st["n_nuclei"],
-        "wall_s": round(wall, 2), "net_s": round(st["net_s"], 2), "read_s": round(st["read_s"], 2),
-        "postproc_busy_s": round(st["postproc_s"], 2), "postproc_s_per_worker": round(pp_per_worker, 2),
-        "tiles_per_s": round(st["n_tiles_processed"] / wall, 3), "nuclei_per_s": round(st["n_nuclei"] / wall, 2),
-        "net_tiles_per_s": round(st["n_tiles_processed"] / max(st["net_s"], 1e-9), 3),
-        "postproc_tiles_per_s": round(st["n_tiles_processed"] / max(pp_per_worker, 1e-9), 3),
-        "slower_part": "network" if st["net_s"] >= pp_per_worker else "post-processing",
-        "overlap_efficiency": round(pace / wall, 3),
-        "process_cpu_s": round(cpu_s, 1), "cpu_utilisation": round(cpu_s / max(wall, 1e-9), 2),
-        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "notes": ("net_s: forward passes in the calling thread (with host<->device copies); postproc_busy_s: "
-                  "post-processing summed over its worker threads, which run while the next batch goes "
-                  "through the network; overlap_efficiency = max(net_s, postproc_s_per_worker) / wall_s "
-                  "(1 = the slower part sets the pace, nothing waits). "
-                  + ("" if args.model else "A random (untrained) network: nuclei_found and nuclei_per_s mean "
-                     "nothing; pass --model runs/<profile>/models/st/model.pt for a trained one.")),
-    }
-    out_path = Path(args.out or f"benchmarks/infer_slide_{dev.type}.json")
-    write_json(out_path, result)
-    print(f"infer slide: {result['tiles']} tiles in {result['wall_s']} s ({result['tiles_per_s']} tiles/s; "
-          f"network {result['net_s']} s, post-processing {result['postproc_s_per_worker']} s per worker) -> {out_path}")
-    return 0
-
-
-def bench_main(argv: list[str]) -> int:
-    """``stlib bench infer``: network vs post-processing time per tile, whole-slide throughput."""
-    import tempfile
-
-    from stlib.io.wsi import write_pyramidal_tiff
-
-    args = _bench_parser().parse_args(argv)
-    if args.slide:
-        return _bench_slide(args, argv)
-    dev = torch.device(resolve_device(args.device))
-    cuda = dev.type == "cuda"
-    amp = cuda and not args.no_amp
-    n_tiles = args.tiles or (512 if cuda else 16)
-    batch = args.batch or (64 if cuda else 8)
-    T = args.tile_px
-    slide_px = args.slide_px or (8192 if cuda else 1024)
-    workers = _default_workers() if args.workers is None else args.workers
-    torch.manual_seed(0)
-    if args.model:
-        info = load_inference_model(args.model, device=str(dev))
-        model_desc = args.model
-    else:
-        enc = args.encoder or ("resnet50" if cuda else "small")
-        info = ModelInfo(model=build_model({"encoder": enc}), um_per_px=0.25, tile_px=T,
-                         source=f"random HoVerNet({enc})", encoder=enc)
-        model_desc = info.source
-    model = _ready(info.model, dev)
-    n_types = int(getattr(model, "n_types", len(info.class_names)))
-
-    # tiles cut from the synthetic slide (the same tiles for network and post-processing)
-    side = max(T, int(math.ceil(math.sqrt(n_tiles))) * T)
-    img, inst, classes = synthetic_slide(side, seed=0, background_fraction=0.0)
-    k = side // T
-    sel = [(i // k, i % k) for i in range(n_tiles)]
-    tiles = np.stack([img[r * T:(r + 1) * T, c * T:(c + 1) * T] for r, c in sel])
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    predict_tiles(model, tiles[:batch], device=str(dev), batch_size=batch, amp=amp)  # warm-up
-    sync()
-    t0 = time.perf_counter()
-    out = predict_tiles(model, tiles, device=str(dev), batch_size=batch, amp=amp)
-    sync()
-    net_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    n_model_nuclei = 0
-    for j in range(n_tiles):
-        n_model_nuclei += int(postproc.hovernet_postprocess(out["np_prob"][j], out["hv"][j], out["tp_prob"][j])[0].max())
-    pp_s = time.perf_counter() - t0
-    ideal_s, n_ideal, n_true = 0.0, 0, 0
-    _ideal_maps(np.zeros((8, 8), np.int32), classes, n_types)  # compile/load hv_maps before timing
-    for r, c in sel:
-        sub = inst[r * T:(r + 1) * T, c * T:(c + 1) * T]
-        n_true += len(np.unique(sub)) - 1
-        maps = _ideal_maps(sub, classes, n_types)
-        t0 = time.perf_counter()
-        n_ideal += int(postproc.hovernet_postprocess(*maps)[0].max())
-        ideal_s += time.perf_counter() - t0
-
-    # whole-slide throughput, end to end from a pyramidal TIFF (read, tissue, net, post-processing)
-    with tempfile.TemporaryDirectory() as td:
-        s_img, s_inst, _ = synthetic_slide(slide_px, seed=1)
-        path = write_pyramidal_tiff(Path(td) / "slide.tif", s_img, um_per_px=0.25)
-        n_slide_true = int(s_inst.max())
-        del s_img, s_inst
-        res = infer_image(info, path, device=str(dev), tile_px=T, overlap=64, batch_size=batch, amp=amp,
-                          workers=workers)
-    st = res.stats
-    wall = st["wall_s"]
-    cpu_util = (time.process_time() - cpu0) / max(time.perf_counter() - wall0, 1e-9)
-    result = {
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "stlib bench infer " + " ".join(argv),
-        "device": str(dev), "device_name": _device_name(dev),
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                    "cpu": _device_name(torch.device("cpu")),
-                    "process_cpu_utilisation": round(cpu_util, 3),
-                    "note": "process CPU-seconds / wall-seconds over the run; well below the usable "
-                            "cores means the machine was shared and timings are pessimistic"},
-        "model": model_desc, "encoder": info.encoder, "batch": batch,
-        "precision": "bf16-autocast" if amp else "fp32", "channels_last": cuda, "tile_px": T,
-        "tiles_timed": n_tiles,
-        "net_ms_per_tile": round(1e3 * net_s / n_tiles, 3),
-        "net_includes": "host->device copy of uint8 tiles, forward, softmax, device->host copy",
-        "postproc_ms_per_tile": round(1e3 * ideal_s / n_tiles, 3),
-        "postproc_ms_per_tile_on_model_outputs": round(1e3 * pp_s / n_tiles, 3),
-        "postproc_note": ("postproc_ms_per_tile is measured on ideal NP/HV/NT maps of the known synthetic "
-                          "instances (hv_maps), i.e. realistic nuclei; the model-output timing depends on "
-                          "what a random network predicts. Single thread, same run as the network timing."),
-        "ratio_postproc_net": round(ideal_s / net_s, 3) if net_s > 0 else None,
-        "ratio_postproc_net_on_model_outputs": round(pp_s / net_s, 3) if net_s > 0 else None,
-        "nuclei_per_tile_true": round(n_true / n_tiles, 2), "nuclei_per_tile_ideal_postproc": round(n_ideal / n_tiles, 2),
-        "slide_px": [slide_px, slide_px], "slide_um_per_px": 0.25, "slide_tiles": st["n_tiles"],
-        "slide_tiles_processed": st["n_tiles_processed"], "slide_tiles_skipped": st["n_tiles_skipped"],
-        "slide_overlap": 64, "workers": workers, "slide_wall_s": round(wall, 3),
-        "slide_net_s": round(st["net_s"], 3), "slide_postproc_cpu_s": round(st["postproc_s"], 3),
-        "slide_read_s": round(st["read_s"], 3),
-        "tiles_per_s": round(st["n_tiles_processed"] / wall, 3),
-        "nuclei_per_s": round(len(res) / wall, 3), "slide_nuclei_found": len(res), "slide_nuclei_true": n_slide_true,
-        "nuclei_note": (None if args.model else "random (untrained) network: the nuclei count, and so "
-                        "nuclei_per_s, is not meaningful; tiles_per_s and the per-tile times are."),
-    }
-    out_path = Path(args.out or f"benchmarks/infer_{dev.type}.json")
-    write_json(out_path, result)
-    print(json.dumps(result, indent=2))
-    return 0

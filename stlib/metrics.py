@@ -46,9 +46,10 @@ from stlib.constants import (
 __all__ = [
     "PQResult", "MPQResult", "Pairing", "DetectionResult", "TypeCounts", "TypeF1Result",
     "PanNukeSummary", "dice", "aji", "aji_plus", "pq", "pannuke_bpq", "pannuke_mpq",
-    "pannuke_masks_to_inst_type", "pannuke_summary", "pair_coordinates", "radius_px",
+    "pannuke_summary", "pair_coordinates", "radius_px",
     "detection_f1", "type_f1", "centroids", "instance_types", "remap_label", "evaluate_pair",
-    "aggregate", "evaluate_folder", "DEFINITIONS", "CLASSES_NO_DEAD", "cli_main",
+    "aggregate", "evaluate_folder", "DEFINITIONS", "CLASSES_NO_DEAD", "cli_main", "class_scores",
+    "label_accuracy_vs_truth",
 ]
 
 #: The four classes scored by ``mpq_no_dead``: ST labels leave Dead out by default (no expression
@@ -443,29 +444,6 @@ def instance_types(inst: Any, type_map: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- PanNuke protocol
-def pannuke_masks_to_inst_type(masks: Any) -> tuple[np.ndarray, np.ndarray]:
-    """PanNuke (H, W, 6) masks -> (inst int32, type uint8).
-
-    Every (channel, id) pair of channels 0-4 becomes its own instance (numbered in channel
-    order, as PanNuke's ``binarize``; a later channel overwrites an earlier one where they
-    overlap); its class is the channel's class. Channel 5 (background) is ignored.
-    """
-    m = np.asarray(masks)
-    if m.ndim != 3 or m.shape[-1] < 5:
-        raise ValueError(f"masks must be (H, W, 6) PanNuke masks, got shape {m.shape}")
-    inst = np.zeros(m.shape[:2], np.int32)
-    typ = np.zeros(m.shape[:2], np.uint8)
-    offset = 0
-    for ch, cls in PANNUKE_CHANNEL_TO_CLASS.items():
-        ids, idx, _ = _dense_index(_as_label_array(m[..., ch], f"masks[..., {ch}]"))
-        idx = idx.reshape(m.shape[:2])
-        fg = idx > 0
-        inst[fg] = idx[fg] + offset
-        typ[fg] = cls
-        offset += ids.size
-    return inst, typ
-
-
 def _class_maps(inst: np.ndarray, typ: np.ndarray | None, name: str) -> dict[int, np.ndarray]:
     """Per-class instance maps: PanNuke channels, or ``inst`` masked by ``type == c``."""
     if typ is None:
@@ -480,7 +458,9 @@ def _class_maps(inst: np.ndarray, typ: np.ndarray | None, name: str) -> dict[int
 def _binary_map(inst: Any, typ: Any, name: str) -> np.ndarray:
     arr = np.asarray(inst)
     if arr.ndim == 3 and typ is None:
-        return pannuke_masks_to_inst_type(arr)[0]
+        from stlib.io.pannuke import masks_to_inst_type  # the one PanNuke converter (last channel wins)
+
+        return masks_to_inst_type(arr)[0]
     return _as_label_array(arr, f"{name}_inst")
 
 
@@ -735,6 +715,77 @@ def type_f1(true_points: Any, true_types: Any, pred_points: Any, pred_types: Any
 
 # --------------------------------------------------------------------------- one image / a folder
 _COUNT_FIELDS = ("tp", "fp", "fn", "fpd", "fnd")
+
+
+# ----------------------------------------------------------------------------- cell labels
+def class_scores(true: Sequence[int], pred: Sequence[int], *,
+                 classes: Sequence[int] = NUCLEUS_CLASSES) -> dict[str, float]:
+    """Accuracy and per-class F1 of predicted classes against true classes (cell by cell).
+
+    A prediction of ``IGNORE`` (255) counts as wrong for accuracy and as a miss for the true
+    class's F1 (an abstention is not a correct answer); ``ignored_fraction`` reports how often
+    it happened. Classes absent from both truth and prediction get F1 = NaN.
+    """
+    t = np.asarray(true, dtype=int)
+    p = np.asarray(pred, dtype=int)
+    if t.shape != p.shape:
+        raise ValueError(f"true and pred differ in length: {t.shape} vs {p.shape}")
+    out: dict[str, float] = {"n": int(t.size),
+                             "accuracy": float(np.mean(t == p)) if t.size else float("nan"),
+                             "ignored_fraction": float(np.mean(p == IGNORE)) if t.size else float("nan")}
+    f1s = []
+    for c in classes:
+        tp = int(np.sum((t == c) & (p == c)))
+        fp = int(np.sum((t != c) & (p == c)))
+        fn = int(np.sum((t == c) & (p != c)))
+        f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else float("nan")
+        out[f"f1_{CLASS_NAMES[c]}"] = f1
+        f1s.append(f1)
+    out["macro_f1"] = float(np.nanmean(f1s)) if not np.all(np.isnan(f1s)) else float("nan")
+    return out
+
+
+def label_accuracy_vs_truth(cells: Any, truth: Any, *, visible_only: bool = False) -> dict:
+    """Score derived cell labels against the demo truth, joined by ``cell_id``.
+
+    Parameters
+    ----------
+    cells
+        ``cells.parquet`` of :mod:`stlib.labels.derive` (``cell_id``, ``class``, ``x_he``, ``y_he``).
+    truth
+        ``truth/{sample}/nuclei.parquet`` (``cell_id``, ``class``, ``x_he``, ``y_he``, ``visible``).
+    visible_only
+        Score only cells whose nucleus is visible in the H&E.
+
+    Returns
+    -------
+    dict with ``class_scores`` (see :func:`class_scores`), ``n_matched``, ``n_truth``,
+    ``median_centroid_error_px`` and the confusion matrix (truth rows x predicted columns).
+    """
+    import pandas as pd
+
+    for name, df in (("cells", cells), ("truth", truth)):
+        if "cell_id" not in df.columns or "class" not in df.columns:
+            raise ValueError(f"{name} needs columns cell_id and class")
+    t = truth.copy()
+    t["cell_id"] = t["cell_id"].astype(str)
+    c = cells.copy()
+    c["cell_id"] = c["cell_id"].astype(str)
+    if visible_only and "visible" in t.columns:
+        t = t[t["visible"].astype(bool)]
+    m = t.merge(c, on="cell_id", suffixes=("_true", "_pred"), how="inner")
+    scores = class_scores(m["class_true"].to_numpy(), m["class_pred"].to_numpy())
+    out = {"class_scores": scores, "n_matched": int(len(m)), "n_truth": int(len(t)),
+           "n_cells": int(len(c))}
+    if {"x_he_true", "y_he_true", "x_he_pred", "y_he_pred"} <= set(m.columns):
+        d = np.hypot(m["x_he_true"] - m["x_he_pred"], m["y_he_true"] - m["y_he_pred"])
+        out["median_centroid_error_px"] = float(np.median(d)) if len(d) else float("nan")
+    labels = [*NUCLEUS_CLASSES, IGNORE]
+    cm = pd.crosstab(pd.Categorical(m["class_true"], categories=labels),
+                     pd.Categorical(m["class_pred"], categories=labels), dropna=False)
+    out["confusion"] = cm.to_numpy().tolist()
+    out["confusion_labels"] = labels
+    return out
 
 
 def evaluate_pair(true_inst: Any, pred_inst: Any, true_type: Any = None, pred_type: Any = None, *,

@@ -198,13 +198,6 @@ def confusion_plot(confusion: np.ndarray, labels: Sequence[int], *, source: str,
     return fig
 
 
-def _crop_window(center_xy: tuple[float, float], size_px: float, shape: tuple[int, int]) -> tuple[int, int, int]:
-    n = int(round(size_px))
-    x0 = int(np.clip(center_xy[0] - n / 2, 0, max(0, shape[1] - n)))
-    y0 = int(np.clip(center_xy[1] - n / 2, 0, max(0, shape[0] - n)))
-    return x0, y0, n
-
-
 def _select_in(geoms, x0: float, y0: float, n: float):
     import shapely
 
@@ -213,39 +206,33 @@ def _select_in(geoms, x0: float, y0: float, n: float):
     return g[shapely.intersects(g, box)] if len(g) else g
 
 
-def alignment_overlay(hest_dir, result, *, source: str, truth_dir=None, crop_um: float = 60.0,
-                      center_xy: tuple[float, float] | None = None) -> plt.Figure:
+def alignment_overlay(image: np.ndarray, before, after, *, origin: tuple[float, float], source: str,
+                      sample: str = "", truth=None) -> plt.Figure:
     """Xenium nuclei over the H&E before (HEST/CSV registration) and after refinement.
 
     Left: the registration as given; right: the refined map; the true nuclei of the demo truth
-    (when ``truth_dir`` is given) in white on both.
+    (when ``truth`` is given) in white on both. :func:`stlib.align.overlay_crop` reads the
+    inputs of one sample.
+
+    Parameters
+    ----------
+    image
+        ``(n, n, 3)`` H&E crop whose top-left level-0 pixel is ``origin``.
+    before, after
+        Nucleus polygons in H&E level-0 px under the initial and the refined map.
+    truth
+        True visible nuclei (H&E level-0 px), or None.
     """
-    import geopandas as gpd
-
-    from stlib.align import transform_nuclei
-    from stlib.io.hest import HestSample
-
-    s = HestSample(hest_dir, result.sample)
-    nuc = s.nuclei()
-    before = nuc.geometry.values if result.route == "hest" else transform_nuclei(nuc, result).geometry.values
-    after = transform_nuclei(nuc, result).geometry.values
-    truth = None
-    if truth_dir is not None:
-        t = gpd.read_parquet(f"{truth_dir}/{result.sample}/nuclei.parquet")
-        truth = t.geometry.values[t["visible"].to_numpy(bool)]
-    with s.wsi() as w:
-        H, W = w.shape
-        c = center_xy or (W / 2, H / 2)
-        x0, y0, n = _crop_window(c, crop_um / s.pixel_size_um, (H, W))
-        img = w.read_region(x0, y0, n, n)
+    x0, y0 = origin
+    n = max(image.shape[:2])
     fig, axes = plt.subplots(1, 2, figsize=(11, 5.6))
     for ax, polys, label, col in ((axes[0], before, "registration as given", "yellow"),
                                   (axes[1], after, "after refinement", "cyan")):
         layers = {label: (_select_in(polys, x0, y0, n), col)}
         if truth is not None:
             layers["true nuclei (demo truth)"] = (_select_in(truth, x0, y0, n), "white")
-        polygons_over_image(img, layers, source=source, origin=(x0, y0), ax=ax,
-                            title=f"{result.sample}: {label}")
+        polygons_over_image(image, layers, source=source, origin=(x0, y0), ax=ax,
+                            title=f"{sample}: {label}" if sample else label)
     fig.texts.clear()
     _caption(fig, source)
     fig.tight_layout(rect=(0, 0.04, 1, 1))

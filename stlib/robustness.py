@@ -285,7 +285,7 @@ def _summary(df: pd.DataFrame, cols: Sequence[str]) -> dict[str, dict[str, float
 
 def cli_main(argv: list[str]) -> int:
     """``stlib robustness [--seeds ...] [--sweep-seeds ...] [--out benchmarks/label_robustness.json]``."""
-    from stlib.bench import machine_info
+    from stlib.utils import machine_info
     from stlib.demo.config import config_for_scale
     from stlib.utils import write_json
 

@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import os
-import platform
 import random
 import sys
 import time
@@ -52,7 +51,7 @@ import torch.nn.functional as F
 from stlib.config import coerce_value, resolve_device
 from stlib.constants import CLASS_NAMES, N_TYPES
 from stlib.model.losses import LossWeights, hovernet_loss
-from stlib.model.net import ENCODERS, HoVerNet, build_model, count_params, model_flops
+from stlib.model.net import ENCODERS, HoVerNet, build_model, count_params
 from stlib.utils import InputError, StlibError, atomic_path, progress, write_json
 
 log = logging.getLogger("stlib.train")
@@ -1395,201 +1394,10 @@ def cli_main(argv: list[str]) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------- benchmark
-
-#: Dense peak tensor FLOP/s (bf16) of known GPUs, from the vendors' data sheets.
-PEAK_BF16_FLOPS: dict[str, float] = {
-    "H200": 989e12, "H100 SXM": 989e12, "H100 80GB HBM3": 989e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
-    "H100": 756e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12, "V100": 125e12,
-    "RTX 4090": 165e12, "RTX 3090": 71e12, "T4": 65e12,
-}
-
-
-def _peak_flops(name: str) -> float | None:
-    for key in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
-        if key.lower() in name.lower():
-            return PEAK_BF16_FLOPS[key]
-    return None
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _synthetic_store(path: Path, n: int, tile: int, seed: int = 0) -> Path:
-    """A store of random discs (for throughput only), written with :mod:`stlib.io.tiles`."""
-    from stlib.io.tiles import TileStoreWriter
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:tile, :tile]
-    with TileStoreWriter(path, tile_px=tile, um_per_px=0.25, source="bench", overwrite=True) as w:
-        for i in range(n):
-            inst = np.zeros((tile, tile), np.int32)
-            typ = np.zeros((tile, tile), np.uint8)
-            for j in range(1, 41):
-                cy, cx, r = rng.integers(0, tile), rng.integers(0, tile), rng.integers(4, 10)
-                m = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-                inst[m] = j
-                typ[m] = rng.integers(1, 6)
-            img = (255 - 120 * (inst > 0)[..., None] - rng.integers(0, 30, (tile, tile, 3))).astype(np.uint8)
-            w.add(image=img, inst=inst, type=typ, conf=(typ > 0).astype(np.uint8) * 200,
-                  sample="bench", organ="bench", x0=0.0, y0=0.0, split="train", tile_id=f"t{i}")
-    return path
-
-
-def _kernel_busy_us(prof: Any) -> float:
-    """Microseconds covered by at least one CUDA kernel in a ``torch.profiler`` trace."""
-    from torch.autograd import DeviceType
-
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == DeviceType.CUDA)
-    busy, cur_s, cur_e = 0.0, None, None
-    for s0, e0 in spans:
-        if cur_e is None or s0 > cur_e:
-            if cur_e is not None:
-                busy += cur_e - cur_s
-            cur_s, cur_e = s0, e0
-        else:
-            cur_e = max(cur_e, e0)
-    if cur_e is not None:
-        busy += cur_e - cur_s
-    return busy
-
-
-def bench_main(argv: list[str]) -> int:
-    """``stlib bench train``: training throughput on synthetic batches + tile-store read rate."""
-    import datetime
-    import resource
-    import tempfile
-
-    p = argparse.ArgumentParser(prog="stlib bench train", description=bench_main.__doc__)
-    p.add_argument("--encoder", choices=sorted(ENCODERS), default=None,
-                   help="default: resnet50 on CUDA, small on CPU")
-    p.add_argument("--batch", type=int, default=None, help="default: 64 on CUDA, 4 on CPU")
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 30 on CUDA, 5 on CPU)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--tile", type=int, default=256)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA (default bf16 autocast)")
-    p.add_argument("--compile", action="store_true")
-    p.add_argument("--store", default=None, help="tile store to time reads from (default: a temporary synthetic one)")
-    p.add_argument("--out", default=None, help="JSON output (default benchmarks/train_<device>.json)")
-    args = p.parse_args(argv)
-    device = torch.device(resolve_device(args.device))
-    cuda = device.type == "cuda"
-    encoder = args.encoder or ("resnet50" if cuda else "small")
-    batch = args.batch or (64 if cuda else 4)
-    steps = args.steps or (30 if cuda else 5)
-    amp = cuda and not args.no_amp
-    cfg = TrainConfig(encoder=encoder, batch_size=batch, amp=amp, device=str(device), aug_blur=0.5)
-
-    torch.manual_seed(0)
-    model = build_model(cfg).to(device)
-    flops_fwd = model_flops(model, args.tile)
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
-    opt = _make_optimizer(model, cfg)
-    fwd = torch.compile(model) if args.compile else model
-    gen = torch.Generator().manual_seed(0)
-    rng = np.random.default_rng(0)
-    T = args.tile
-    grid = np.kron(np.arange(64, dtype=np.int32).reshape(8, 8), np.ones((T // 8, T // 8), np.int32))  # 64 blocks
-    host = {"images": rng.integers(0, 255, (batch, T, T, 3), dtype=np.uint8),
-            "inst": np.repeat(grid[None], batch, 0),
-            "type": rng.integers(0, 6, (batch, T, T), dtype=np.uint8),
-            "ignore": np.zeros((batch, T, T), np.uint8), "conf": np.full((batch, T, T), 200, np.uint8)}
-    tb = _to_device(host, device, None)
-
-    def step() -> None:
-        t = augment_batch(tb, draw_augment_params(gen, batch, cfg))
-        t["hv"] = hv_from_inst(t["inst"])
-        x = t["image"].contiguous(memory_format=torch.channels_last) if cuda else t["image"]
-        with _autocast(device, amp):
-            out = fwd(x)
-        loss, _ = hovernet_loss(out, inst=t["inst"], hv=t["hv"], type_map=t["type"], ignore=t["ignore"],
-                                conf=t["conf"], weights=cfg.loss)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for _ in range(args.warmup):
-        step()
-    sync()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    wall = time.perf_counter() - t0
-    cpu_s = time.process_time() - cpu0
-    tiles_s = steps * batch / wall
-    busy = None
-    if cuda:  # GPU-busy fraction = union of CUDA kernel intervals / wall time, over a few profiled steps
-        from torch.profiler import ProfilerActivity, profile
-
-        n_prof = min(steps, 5)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            tp = time.perf_counter()
-            for _ in range(n_prof):
-                step()
-            sync()
-            wall_p = time.perf_counter() - tp
-        busy = _kernel_busy_us(prof) / 1e6 / wall_p
-    # input pipeline: tile-store reads (warm page cache after the first pass)
-    with tempfile.TemporaryDirectory() as td:
-        store = Path(args.store) if args.store else _synthetic_store(Path(td) / "store", max(4 * batch, 32), T)
-        data = TileData([store])
-        idx = np.random.default_rng(1).integers(0, len(data), (8, batch))
-        tr = time.perf_counter()
-        for row in idx:
-            b = data.get(row)
-            _to_device(b, device, None)
-        read_tiles_s = idx.size / (time.perf_counter() - tr)
-    name = torch.cuda.get_device_name(device) if cuda else _cpu_name()
-    peak = _peak_flops(name) if cuda and amp else None
-    train_flops_tile = 3 * flops_fwd
-    res = {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "command": "stlib bench train " + " ".join(argv),
-        "device": str(device), "device_name": name,
-        "torch": torch.__version__, "cpu_threads": torch.get_num_threads(),
-        "model": f"HoVerNet({encoder})", "n_params": count_params(model), "batch": batch, "tile_px": T,
-        "precision": "bf16-autocast" if amp else "fp32", "channels_last": cuda, "compile": bool(args.compile),
-        "steps_timed": steps, "train_tiles_per_s": round(tiles_s, 3), "step_s": round(wall / steps, 4),
-        "flops_fwd_per_tile": flops_fwd, "flops_train_per_tile_est": train_flops_tile,
-        "achieved_tflops": round(tiles_s * train_flops_tile / 1e12, 4),
-        "peak_tflops": None if peak is None else peak / 1e12,
-        "mfu_est": None if peak is None else round(tiles_s * train_flops_tile / peak, 4),
-        "gpu_busy_fraction": None if busy is None else round(busy, 3),
-        "cpu_utilisation": None if cuda else round(cpu_s / wall, 3),
-        "load_average_1min": round(os.getloadavg()[0], 2),
-        "peak_memory_gb": round((torch.cuda.max_memory_allocated(device) if cuda else
-                                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9, 3),
-        "peak_memory_kind": "cuda max_memory_allocated" if cuda else "process max RSS",
-        "store_read_tiles_per_s": round(read_tiles_s, 1),
-        "store_read_source": args.store or "temporary synthetic store (warm page cache)",
-        "input_bound": bool(read_tiles_s < tiles_s),
-        "augment": "flip+rot90+scale+HED+blur on device, HV from inst on device",
-    }
-    out = Path(args.out or f"benchmarks/train_{device.type}.json")
-    write_json(out, res)
-    print(json.dumps(res, indent=2))
-    return 0
-
-
 __all__ = [
     "VARIANTS", "SEED_STRIDE", "variant_spec", "variant_dir", "variant_config", "train_or_reuse", "train_study",
     "record_study_runs", "read_study_runs", "STUDY_RUNS_FILE",
-    "TrainConfig", "TrainResult", "TrainingInterrupted", "train", "cli_main", "bench_main", "TileData",
+    "TrainConfig", "TrainResult", "TrainingInterrupted", "train", "cli_main", "TileData",
     "BalancedSampler", "tile_weights", "hv_from_inst", "augment_batch", "draw_augment_params", "shard_params",
     "rgb_to_hed", "hed_to_rgb", "apply_overrides", "DistInfo",
 ]

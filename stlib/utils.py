@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -142,17 +141,22 @@ def progress(iterable: Iterable, *, desc: str, total: int | None = None, disable
     return tqdm(iterable, desc=desc, total=total, disable=disable, mininterval=1.0)
 
 
-def seed_everything(seed: int) -> np.random.Generator:
-    """Seed python, numpy and (if imported) torch; return a numpy Generator."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    import sys
+def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    """Name, size and modification time of a file: what a cache key remembers of an input."""
+    p = Path(path)
+    st = p.stat()
+    return {"name": p.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
-    if "torch" in sys.modules:
-        import torch
 
-        torch.manual_seed(seed)
-    return np.random.default_rng(seed)
+def cache_key(config: Any, files: Iterable[str | os.PathLike] = ()) -> str:
+    """The one cache key of stlib's stages: SHA-256 of ``config`` (canonical JSON, keys sorted;
+    values JSON cannot hold are written with ``str``) and the :func:`file_fingerprint` of each
+    input file, in the order given. A stage keeps its output while the key it recorded is unchanged.
+    """
+    import hashlib
+
+    payload = {"config": config, "files": [file_fingerprint(f) for f in files]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def repo_root() -> Path:
@@ -165,9 +169,50 @@ def repo_root() -> Path:
     return pkg
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere)."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:  # pragma: no cover - non-Linux
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine a measurement ran on: platform, Python, CPUs (and those this process may use),
+    CPU model, numba's threads and the load average; the one such record of benchmarks and runs."""
+    import platform
+
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        usable = os.cpu_count()
+    try:
+        import numba
+
+        numba_threads = int(numba.get_num_threads())
+    except Exception:  # pragma: no cover - numba missing or not initialisable
+        numba_threads = None
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu_count": os.cpu_count(), "cpus_usable": usable, "cpu_model": cpu_model(),
+            "numba_threads": numba_threads,
+            "load_average_1_5_15min": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None}
+
+
+def device_name(device: Any) -> str:
+    """The CUDA device's name, or the CPU model for a CPU device (``torch.device`` or string)."""
+    import torch
+
+    dev = torch.device(device)
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_model()
+
+
 def environment_info() -> dict[str, Any]:
     """Versions and hardware of this run (for the reproducibility record of the book)."""
-    import platform
     import sys
     from importlib import metadata
 
@@ -179,10 +224,12 @@ def environment_info() -> dict[str, Any]:
             versions[p] = metadata.version(p)
         except metadata.PackageNotFoundError:
             versions[p] = None
+    machine = machine_info()
     info: dict[str, Any] = {
         "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
+        "platform": machine["platform"],
+        "cpu_count": machine["cpu_count"],
+        "cpu_model": machine["cpu_model"],
         "versions": versions,
         "gpu": None,
     }

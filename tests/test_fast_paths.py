@@ -187,3 +187,46 @@ def test_full_image_twins_equal_numpy_and_scipy():
     xy = rng.uniform(-50, 600, (5000, 2))
     for TT in (T, A.Transform(T.affine)):
         assert np.array_equal(A._map_points(TT, g, xy), g.xy_to_work(TT.apply_xy(xy)))
+
+
+def test_overlay_crop_feeds_the_alignment_figure(demo, run):
+    """The data of the alignment figure are read by the align stage; the figure takes arrays."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from stlib import plot
+    from stlib.align import load_alignment, overlay_crop
+
+    sid = SAMPLES[0]
+    res = load_alignment(run / "alignment" / sid / "alignment.json")
+    crop = overlay_crop(demo / "hest", res, truth_dir=demo / "truth", crop_um=40.0)
+    n = crop["image"].shape[0]
+    assert crop["image"].shape == (n, n, 3) and n > 0
+    assert len(crop["before"]) == len(crop["after"]) > 0 and len(crop["truth"]) > 0
+    fig = plot.alignment_overlay(crop["image"], crop["before"], crop["after"], origin=crop["origin"],
+                                 source="SYNTHETIC test", sample=sid, truth=crop["truth"])
+    assert len(fig.axes) == 2
+    plt.close(fig)
+
+
+def test_roles_outside_cohort_json_come_from_the_manifest_only(demo, tmp_path):
+    """A sample cohort.json does not list takes its role from data_manifest.yaml (by organ);
+    without a readable manifest that is an error naming the samples, never a typed default."""
+    from stlib.io.cohort import cohort_table
+    from stlib.io.manifest import load_manifest
+    from stlib.utils import InputError
+
+    data = tmp_path / "mirror"
+    data.mkdir()
+    (data / "hest").symlink_to(demo / "hest", target_is_directory=True)  # no cohort.json
+    table = cohort_table(data, samples=list(SAMPLES)).set_index("sample")
+    held = set(load_manifest().organs("held-out"))
+    for sid in SAMPLES:
+        assert table.loc[sid, "role"] == ("held-out" if table.loc[sid, "organ"] in held else "train")
+        assert table.loc[sid, "role_source"] == "data_manifest.yaml (organ)"
+    with pytest.raises(InputError, match="data_manifest.yaml"):
+        cohort_table(data, samples=list(SAMPLES), manifest=tmp_path / "absent.yaml")
+    # the demo cohort itself needs no manifest (cohort.json has the roles)
+    assert len(cohort_table(demo, samples=list(SAMPLES), manifest=tmp_path / "absent.yaml")) == len(SAMPLES)

@@ -16,8 +16,8 @@ import torch
 from scipy import ndimage as ndi
 
 from stlib.constants import CLASS_COLORS, CLASS_NAMES
-from stlib.infer import (InferenceResult, infer_image, predict_tiles, segment_tiles, synthetic_slide,
-                         tissue_mask, write_outputs)
+from stlib.bench import synthetic_slide
+from stlib.infer import InferenceResult, infer_image, predict_tiles, segment_tiles, tissue_mask, write_outputs
 from stlib.utils import InputError
 
 torch.set_num_threads(1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stlib.constants import CONNECTIVE, EPITHELIAL, INFLAMMATORY, NEOPLASTIC
+from stlib.constants import CONNECTIVE, EPITHELIAL, INFLAMMATORY, NEOPLASTIC, PANNUKE_CHANNEL_TO_CLASS
 from stlib.io.pannuke import images_uint8, list_folds, masks_to_inst_type, read_fold
 from stlib.utils import InputError
 
@@ -51,6 +51,55 @@ def test_masks_to_inst_type_unique_per_image():
     np.testing.assert_array_equal(single_inst, inst[1])
     with pytest.raises(ValueError):
         masks_to_inst_type(np.zeros((8, 8)))
+
+
+def _paint_in_channel_order(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """PanNuke's rule, written out: every (channel, id) nucleus painted over what came before."""
+    inst = np.zeros(m.shape[:2], np.int64)
+    typ = np.zeros(m.shape[:2], np.uint8)
+    k = 0
+    for ch in range(5):
+        for v in np.unique(m[..., ch]):
+            if v > 0:
+                k += 1
+                inst[m[..., ch] == v] = k
+                typ[m[..., ch] == v] = PANNUKE_CHANNEL_TO_CLASS[ch]
+    return inst, typ
+
+
+def test_overlapping_channels_the_later_channel_wins():
+    """Where two class channels claim a pixel, PanNuke's evaluation (its ``binarize``) keeps the
+    later channel; the tile store and the metrics use this one converter."""
+    rng = np.random.default_rng(0)
+    m = np.zeros((3, 16, 16, 6))
+    for i in range(3):
+        for ch in range(5):
+            for v in (1, 2):
+                y, x = rng.integers(0, 12, 2)
+                m[i, y:y + 5, x:x + 5, ch] = v  # overlaps within and across channels on purpose
+    inst, typ = masks_to_inst_type(m)
+    for i in range(3):
+        ref_inst, ref_typ = _paint_in_channel_order(m[i])
+        np.testing.assert_array_equal(typ[i], ref_typ)
+        # the same partition of pixels into nuclei (ids may be numbered differently)
+        pairs = {(int(a), int(b)) for a, b in zip(inst[i].ravel(), ref_inst.ravel())}
+        assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs})
+    # a pixel of Neoplastic (channel 0) under a Connective nucleus (channel 2): Connective
+    two = np.zeros((4, 4, 6))
+    two[0:3, 0:3, 0] = 1
+    two[1:4, 1:4, 2] = 1
+    i2, t2 = masks_to_inst_type(two)
+    assert t2[1, 1] == CONNECTIVE and t2[0, 0] == NEOPLASTIC and i2[1, 1] == i2[3, 3] != i2[0, 0]
+
+
+def test_metrics_read_pannuke_masks_with_the_same_converter():
+    from stlib import metrics
+
+    two = np.zeros((8, 8, 6))
+    two[0:5, 0:5, 0] = 1
+    two[2:7, 2:7, 2] = 1
+    inst, _ = masks_to_inst_type(two)
+    assert metrics.pannuke_bpq(two, inst) == pytest.approx(1.0)
 
 
 def test_read_fold_official_layout(tmp_path):

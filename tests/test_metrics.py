@@ -289,7 +289,9 @@ def test_pannuke_mpq_skips_absent_classes():
     r2 = M.pannuke_mpq(tm, None, pm, None)
     assert r2.mpq == 0.5 and r2.pq[1] == 1.0
     assert M.pannuke_bpq(tm, pm) == pytest.approx(1 / 2.5)
-    inst, typ = M.pannuke_masks_to_inst_type(tm)
+    from stlib.io.pannuke import masks_to_inst_type
+
+    inst, typ = masks_to_inst_type(tm)
     assert len(np.unique(inst)) == 3 and set(np.unique(typ)) == {0, 1, 2}
 
 

@@ -19,8 +19,9 @@ import torch
 
 from stlib.constants import IGNORE
 from stlib.model.net import load_model
+from stlib.bench import bench_train_main as bench_main
 from stlib.train import (SEED_STRIDE, BalancedSampler, TileData, TrainConfig, TrainingInterrupted, augment_batch,
-                         bench_main, cli_main, draw_augment_params, hed_to_rgb, hv_from_inst, read_study_runs,
+                         cli_main, draw_augment_params, hed_to_rgb, hv_from_inst, read_study_runs,
                          record_study_runs, rgb_to_hed, shard_params, tile_weights, train, train_or_reuse,
                          train_study, variant_config)
 from stlib.utils import InputError

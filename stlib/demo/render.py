@@ -87,6 +87,14 @@ def render_he(tissue: Tissue, stain: Stain, rng: np.random.Generator, *, blur_px
         ``(H, W)`` int32 instance map of the rendered nuclei (nucleus ``i`` -> ``i + 1``; later
         nuclei overwrite earlier ones where they overlap).
     """
+    H, E, fine = _background(tissue, rng)
+    inst = _paint_nuclei(tissue, rng, H, E, fine)
+    return _optical_density_to_rgb(H, E, stain, rng, um=tissue.um_per_px, blur_px=blur_px, defocus_px=defocus_px,
+                                   defocus_fraction=defocus_fraction, noise_sd=noise_sd), inst
+
+
+def _background(tissue: Tissue, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Haematoxylin and eosin optical density of everything but the nuclei (and the fine noise field)."""
     reg = tissue.regions
     h, w = reg.shape
     um = tissue.um_per_px
@@ -133,7 +141,14 @@ def render_he(tissue: Tissue, stain: Stain, rng: np.random.Generator, *, blur_px
         rbc.ravel()[pick] = 1.0
         rbc = ndi.gaussian_filter(rbc, 2.6 / um / 2) * (2.6 / um) ** 2 * 1.6
         E += np.clip(rbc, 0, 0.95) * ves
-    # nuclei
+    return H, E, fine
+
+
+def _paint_nuclei(tissue: Tissue, rng: np.random.Generator, H: np.ndarray, E: np.ndarray,
+                  fine: np.ndarray) -> np.ndarray:
+    """Add the nuclei to ``H``/``E`` in place; their instance map (later nuclei win)."""
+    h, w = tissue.regions.shape
+    um = tissue.um_per_px
     inst = np.zeros((h, w), np.int32)
     coarse = _smooth_noise(rng, (h, w), 1.6)
     cth, sth = np.cos(tissue.theta), np.sin(tissue.theta)
@@ -186,7 +201,14 @@ def render_he(tissue: Tissue, stain: Stain, rng: np.random.Generator, *, blur_px
         if t == "melanocyte":  # clear halo
             E[sl] *= np.where((r > R) & (r < R * 1.9), 0.45, 1.0)
         inst[sl][inside] = i + 1
-    # optical density -> RGB (Beer-Lambert)
+    return inst
+
+
+def _optical_density_to_rgb(H: np.ndarray, E: np.ndarray, stain: Stain, rng: np.random.Generator, *, um: float,
+                            blur_px: float, defocus_px: float, defocus_fraction: float,
+                            noise_sd: float) -> np.ndarray:
+    """Beer-Lambert RGB of the optical densities, blurred, with defocused patches and noise."""
+    h, w = H.shape
     hv = np.asarray(stain.h_vec, np.float32) * stain.h_strength
     ev = np.asarray(stain.e_vec, np.float32) * stain.e_strength
     od = H[..., None] * hv + E[..., None] * ev + 0.025
@@ -200,4 +222,4 @@ def render_he(tissue: Tissue, stain: Stain, rng: np.random.Generator, *, blur_px
     rgb = 255.0 * np.power(10.0, -od)
     if noise_sd > 0:
         rgb += rng.normal(0, noise_sd, rgb.shape)
-    return np.clip(np.round(rgb), 0, 255).astype(np.uint8), inst
+    return np.clip(np.round(rgb), 0, 255).astype(np.uint8)

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import shapely
 
-from stlib.constants import CLASS_NAMES
+from stlib.constants import CLASS_NAMES, MIN_QV
 from stlib.demo.config import FINE_TYPE_TO_CLASS, ORGANS, DemoConfig, SampleSpec
 from stlib.demo.biology import DEAD_TYPE, OFF_VOCABULARY, assign_cell_types, type_class
 from stlib.demo.expression import CONTROL_PROBES, make_programmes, simulate_cell_expression, simulate_expression
@@ -117,6 +117,68 @@ def simulate_sample(spec: SampleSpec, cfg: DemoConfig, *, seed: int, index: int,
         img = np.zeros((0, 0, 3), np.uint8)
     tf = make_transform(rng, size, um, true_rot_deg=cfg.true_rot_deg, warp_px=cfg.warp_px, warp_grid=cfg.warp_grid,
                         reg_shift_um=cfg.reg_shift_um, reg_rot_deg=cfg.reg_rot_deg, reg_scale_err=cfg.reg_scale_err)
+    c = _xenium_cells(tis, tf, size, spec, cfg, seed=seed, index=index, rng=rng)
+    fine, has_poly, cen_um, cell_id = c.fine, c.has_poly, c.cen_um, c.cell_id
+
+    # what every cell is: compartment type (legacy) or the generator's own cell type
+    genes_sorted = list(genes)
+    carry = c.in_region  # cells that carry transcripts: Xenium cells + missed nuclei inside the region
+    if cfg.biology == "legacy":
+        cell_type = fine.astype(object)
+        cls = np.array([FINE_TYPE_TO_CLASS[t] for t in fine], dtype=np.uint8)
+        prog = make_programmes(genes_sorted, organ, cancer=cancer, bio_rng=bio_rng, sample_rng=rng)
+        ex = simulate_expression(prog, fine[carry], cen_um[carry], has_poly[carry], rng, cfg)
+        extra_info: dict[str, Any] = {}
+    else:
+        ex, cell_type, extra_info = _realistic_expression(tis, c.src, c.n_vis, fine, carry, cen_um, spec, cfg, seed,
+                                                          index, genes_sorted, rng)
+        cls = np.array([type_class(t) for t in cell_type], dtype=np.uint8)
+    ci = np.flatnonzero(carry)
+    ex["cell"] = ci[ex["cell"]]
+    tx = place_transcripts(ex, c.dapi_um_all, cen_um, has_poly, cell_id, spec, genes_sorted, rng, cfg, tf, size,
+                            region=c.region)
+
+    truth, cells, expr_truth, counts, n_src = _sample_tables(c, tis, tx, ex, cls, cell_type, rng)
+    if render:
+        cellvit = _cellvit(c.true_v, tis.fine_type, tis.regions.shape, rng if legacy else img_rng, cfg, um)
+    else:
+        cellvit = pd.DataFrame({"class_name": pd.Series(dtype=str), "prob": pd.Series(dtype=float),
+                                "geometry": pd.Series(dtype=object)})
+    stats = _sample_stats(c, tx, counts, n_src, cls, cell_type, stain, extra_info)
+    return SampleData(spec=spec, image=img, transform=tf, truth=truth, cells=cells, dapi_um=c.dapi_um_all[c.order],
+                      transcripts=tx, cellvit=cellvit, expression_truth=expr_truth, stats=stats)
+
+
+@dataclass
+class _Cells:
+    """Every cell of a sample: the visible nuclei, then the out-of-plane extra Xenium cells."""
+
+    true_v: np.ndarray
+    all_v: np.ndarray
+    fine: np.ndarray
+    visible: np.ndarray
+    missing: np.ndarray
+    has_poly: np.ndarray
+    dapi_px: np.ndarray
+    dapi_um_all: np.ndarray
+    cen_um: np.ndarray
+    in_region: np.ndarray
+    region: tuple[float, float, float, float] | None
+    ex_x: np.ndarray
+    ex_y: np.ndarray
+    src: np.ndarray
+    n_vis: int
+    n_extra: int
+    n_all: int
+    order: np.ndarray
+    ids_x: np.ndarray
+    cell_id: np.ndarray
+
+
+def _xenium_cells(tis, tf: dict[str, Any], size: tuple[int, int], spec: SampleSpec, cfg: DemoConfig, *,
+                  seed: int, index: int, rng: np.random.Generator) -> _Cells:
+    """Extra out-of-plane cells, missed nuclei, DAPI outlines (Xenium µm), the Xenium region and cell ids."""
+    um = cfg.um_per_px
     n_vis = tis.n
     true_v = nucleus_polygons(tis.x, tis.y, tis.a, tis.b, tis.theta, tis.harm, 32)
     # extra Xenium cells: nuclei out of the H&E plane, next to a visible cell of the same compartment
@@ -166,25 +228,19 @@ def simulate_sample(spec: SampleSpec, cfg: DemoConfig, *, seed: int, index: int,
     cell_id[order] = ids_x
     nopoly = ~has_poly
     cell_id[nopoly] = [f"nopoly-{k + 1}" for k in range(int(nopoly.sum()))]
+    return _Cells(true_v=true_v, all_v=all_v, fine=fine, visible=visible, missing=missing, has_poly=has_poly,
+                  dapi_px=dapi_px, dapi_um_all=dapi_um_all, cen_um=cen_um, in_region=in_region, region=region,
+                  ex_x=ex_x, ex_y=ex_y, src=src, n_vis=n_vis, n_extra=n_extra, n_all=n_all, order=order,
+                  ids_x=ids_x, cell_id=cell_id)
 
-    # what every cell is: compartment type (legacy) or the generator's own cell type
-    genes_sorted = list(genes)
-    carry = in_region  # cells that carry transcripts: Xenium cells + missed nuclei inside the region
-    if cfg.biology == "legacy":
-        cell_type = fine.astype(object)
-        cls = np.array([FINE_TYPE_TO_CLASS[t] for t in fine], dtype=np.uint8)
-        prog = make_programmes(genes_sorted, organ, cancer=cancer, bio_rng=bio_rng, sample_rng=rng)
-        ex = simulate_expression(prog, fine[carry], cen_um[carry], has_poly[carry], rng, cfg)
-        extra_info: dict[str, Any] = {}
-    else:
-        ex, cell_type, extra_info = _realistic_expression(tis, src, n_vis, fine, carry, cen_um, spec, cfg, seed,
-                                                          index, genes_sorted, rng)
-        cls = np.array([type_class(t) for t in cell_type], dtype=np.uint8)
-    ci = np.flatnonzero(carry)
-    ex["cell"] = ci[ex["cell"]]
-    tx = place_transcripts(ex, dapi_um_all, cen_um, has_poly, cell_id, spec, genes_sorted, rng, cfg, tf, size,
-                            region=region)
 
+def _sample_tables(c: _Cells, tis, tx: pd.DataFrame, ex: dict[str, np.ndarray], cls: np.ndarray, cell_type: Any,
+                   rng: np.random.Generator) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict, np.ndarray]:
+    """Truth table, Xenium cells table, expression truth; also the counts per cell and per source."""
+    all_v, visible, has_poly, in_region, cell_id = c.all_v, c.visible, c.has_poly, c.in_region, c.cell_id
+    ex_x, ex_y, n_extra, n_all, order, ids_x = c.ex_x, c.ex_y, c.n_extra, c.n_all, c.order, c.ids_x
+    dapi_um_all, cen_um = c.dapi_um_all, c.cen_um
+    ci = np.flatnonzero(in_region)
     # truth table (one row per visible nucleus + one per extra Xenium cell)
     true_polys = _polys(all_v)
     truth = pd.DataFrame({
@@ -221,12 +277,15 @@ def simulate_sample(spec: SampleSpec, cfg: DemoConfig, *, seed: int, index: int,
     for k in ("cycling", "clone"):
         if k in ex:
             expr_truth[k] = ex[k]
-    if render:
-        cellvit = _cellvit(true_v, tis.fine_type, tis.regions.shape, rng if legacy else img_rng, cfg, um)
-    else:
-        cellvit = pd.DataFrame({"class_name": pd.Series(dtype=str), "prob": pd.Series(dtype=float),
-                                "geometry": pd.Series(dtype=object)})
-    # statistics of the sample (measured on the generated data)
+    return truth, cells, expr_truth, counts, n_src
+
+
+def _sample_stats(c: _Cells, tx: pd.DataFrame, counts: dict, n_src: np.ndarray, cls: np.ndarray, cell_type: Any,
+                  stain: Any, extra_info: dict[str, Any]) -> dict[str, Any]:
+    """Statistics of the sample, measured on the generated data."""
+    visible, has_poly, missing, in_region, region = c.visible, c.has_poly, c.missing, c.in_region, c.region
+    n_vis, n_extra, order, dapi_px = c.n_vis, c.n_extra, c.order, c.dapi_px
+    true_polys = _polys(c.all_v)
     dapi_true_frame = _polys(dapi_px)
     vis_xen = visible & has_poly
     iou = _iou(dapi_true_frame[vis_xen], true_polys[vis_xen])
@@ -248,8 +307,7 @@ def simulate_sample(spec: SampleSpec, cfg: DemoConfig, *, seed: int, index: int,
                   "e_strength": stain.e_strength},
         **extra_info,
     }
-    return SampleData(spec=spec, image=img, transform=tf, truth=truth, cells=cells, dapi_um=dapi_um_all[order],
-                      transcripts=tx, cellvit=cellvit, expression_truth=expr_truth, stats=stats)
+    return stats
 
 
 def _realistic_expression(tis, src: np.ndarray, n_vis: int, fine: np.ndarray, carry: np.ndarray, cen_um: np.ndarray,
@@ -295,7 +353,7 @@ def _is_control(names: np.ndarray) -> np.ndarray:
 
 
 def _cell_counts(tx: pd.DataFrame, ids: np.ndarray) -> dict[str, np.ndarray]:
-    good = tx["qv"].to_numpy() >= 20
+    good = tx["qv"].to_numpy() >= MIN_QV
     is_ctrl = _is_control(tx["feature_name"].to_numpy())
     out = {}
     for name, m in (("gene", good & ~is_ctrl), ("control", good & is_ctrl)):

@@ -543,63 +543,81 @@ def simulate_tissue(organ: OrganSpec, shape: tuple[int, int], um_per_px: float, 
     h, w = shape
     area_um2 = h * w * um_per_px ** 2
     fibre = (np.pi * rng.random() + 0.9 * _smooth_noise(rng, shape, bld.px(50))).astype(np.float32)
-
-    # glass at one edge (tissue border)
     if glass and organ.normal != "epidermis" and rng.random() < 0.5:
-        edge = _smooth_noise(rng, shape, bld.px(40))
-        side = rng.integers(4)
-        ramp = [np.linspace(1, 0, h)[:, None], np.linspace(0, 1, h)[:, None],
-                np.linspace(1, 0, w)[None, :], np.linspace(0, 1, w)[None, :]][side]
-        bld.regions[(ramp * 4 + 0.4 * edge) > 3.7] = Region.GLASS
-
+        _glass_edge(bld, rng, shape)
     dermis = None
     if organ.normal == "epidermis":
         dermis = _epidermis(bld, melanoma=cancer)
-
-    # tumour compartments
     if cancer:
-        tum_area = min(0.55, organ.epi_area * 1.8)
-        if organ.tumour in ("nests", "sheets"):
-            noise = _smooth_noise(rng, shape, bld.px(35 if organ.tumour == "nests" else 70))
-            allowed = bld.regions == Region.STROMA
-            if dermis is not None:
-                allowed &= dermis
-            vals = noise[allowed]
-            if vals.size:
-                thr = np.quantile(vals, 1 - tum_area)
-                tmask = allowed & (noise > thr)
-                tmask = ndi.binary_opening(tmask, iterations=2)
-                bld.regions[tmask] = Region.TUMOUR
-                # comedo-like necrosis in the middle of large nests (breast)
-                if organ.tumour == "nests":
-                    dist = ndi.distance_transform_edt(tmask)
-                    nec = dist > bld.px(35)
-                    bld.regions[nec] = Region.NECROSIS
-                    tmask &= ~nec
-                md = 2 * MORPHOLOGY["tumor"][1] * organ.nucleus_scale * (1.05 if organ.tumour == "sheets" else 0.95)
-                _fill_compartment(bld, tmask, "tumor", min_dist_um=md)
-                nec = bld.regions == Region.NECROSIS
-                if nec.any():
-                    _fill_compartment(bld, nec, "dead", min_dist_um=7.0, fill=0.35)
-        else:  # tumour glands: irregular, stratified, back to back
-            n_gl = max(int(area_um2 * tum_area / (np.pi * 30 ** 2)), 2)
-            for _ in range(n_gl * 2):
-                r_out = bld.px(rng.uniform(18, 38))
-                c = bld.place(r_out, allowed=bld.regions == Region.STROMA, gap_px=bld.px(3))
-                if c is None:
-                    continue
-                thick = bld.px(rng.uniform(11, 17))
-                _ring_structure(bld, c[0], c[1], r_out, thick, aspect=rng.uniform(1.0, 2.2), rot=rng.uniform(0, np.pi),
-                                irregular=0.22, region=Region.TUMOUR, cell_type="tumor", rows=2,
-                                spacing_um=7.5 / np.sqrt(density), basal_frac=0.3, crowd=1.0,
-                                lumen_region=Region.NECROSIS if organ.name == "Bowel" else Region.LUMEN)
-                if sum(np.pi * r ** 2 for *_, r in bld.circles) * um_per_px ** 2 > area_um2 * tum_area:
-                    break
+        _tumour_compartments(bld, rng, organ, shape, dermis, area_um2, um_per_px, density)
+    _normal_epithelium(bld, rng, organ, shape, cancer, area_um2, um_per_px, density)
+    if organ.aggregate:
+        _immune_aggregate(bld, rng)
+    # vessels and fat
+    _vessels(bld, max(1, int(area_um2 / (110.0 ** 2) * 1.2)))
+    _fat(bld, organ.fat_area)
+    _stroma_cells(bld, rng, organ, cancer, dermis, fibre, um_per_px)
+    return _finish_tissue(bld, rng, organ, shape, fibre, um_per_px, dead_fraction)
+
+
+def _glass_edge(bld: _Builder, rng: np.random.Generator, shape: tuple[int, int]) -> None:
+    """Glass at one edge of the field (the tissue border)."""
+    h, w = shape
+    edge = _smooth_noise(rng, shape, bld.px(40))
+    side = rng.integers(4)
+    ramp = [np.linspace(1, 0, h)[:, None], np.linspace(0, 1, h)[:, None],
+            np.linspace(1, 0, w)[None, :], np.linspace(0, 1, w)[None, :]][side]
+    bld.regions[(ramp * 4 + 0.4 * edge) > 3.7] = Region.GLASS
+
+
+def _tumour_compartments(bld: _Builder, rng: np.random.Generator, organ: OrganSpec, shape: tuple[int, int],
+                         dermis: np.ndarray | None, area_um2: float, um_per_px: float, density: float) -> None:
+    """Tumour nests / sheets (with comedo-like necrosis) or irregular, stratified tumour glands."""
+    tum_area = min(0.55, organ.epi_area * 1.8)
+    if organ.tumour in ("nests", "sheets"):
+        noise = _smooth_noise(rng, shape, bld.px(35 if organ.tumour == "nests" else 70))
+        allowed = bld.regions == Region.STROMA
+        if dermis is not None:
+            allowed &= dermis
+        vals = noise[allowed]
+        if vals.size:
+            thr = np.quantile(vals, 1 - tum_area)
+            tmask = allowed & (noise > thr)
+            tmask = ndi.binary_opening(tmask, iterations=2)
+            bld.regions[tmask] = Region.TUMOUR
+            # comedo-like necrosis in the middle of large nests (breast)
+            if organ.tumour == "nests":
+                dist = ndi.distance_transform_edt(tmask)
+                nec = dist > bld.px(35)
+                bld.regions[nec] = Region.NECROSIS
+                tmask &= ~nec
+            md = 2 * MORPHOLOGY["tumor"][1] * organ.nucleus_scale * (1.05 if organ.tumour == "sheets" else 0.95)
+            _fill_compartment(bld, tmask, "tumor", min_dist_um=md)
             nec = bld.regions == Region.NECROSIS
             if nec.any():
-                _fill_compartment(bld, nec, "dead", min_dist_um=6.0, fill=0.4)
+                _fill_compartment(bld, nec, "dead", min_dist_um=7.0, fill=0.35)
+    else:  # tumour glands: irregular, stratified, back to back
+        n_gl = max(int(area_um2 * tum_area / (np.pi * 30 ** 2)), 2)
+        for _ in range(n_gl * 2):
+            r_out = bld.px(rng.uniform(18, 38))
+            c = bld.place(r_out, allowed=bld.regions == Region.STROMA, gap_px=bld.px(3))
+            if c is None:
+                continue
+            thick = bld.px(rng.uniform(11, 17))
+            _ring_structure(bld, c[0], c[1], r_out, thick, aspect=rng.uniform(1.0, 2.2), rot=rng.uniform(0, np.pi),
+                            irregular=0.22, region=Region.TUMOUR, cell_type="tumor", rows=2,
+                            spacing_um=7.5 / np.sqrt(density), basal_frac=0.3, crowd=1.0,
+                            lumen_region=Region.NECROSIS if organ.name == "Bowel" else Region.LUMEN)
+            if sum(np.pi * r ** 2 for *_, r in bld.circles) * um_per_px ** 2 > area_um2 * tum_area:
+                break
+        nec = bld.regions == Region.NECROSIS
+        if nec.any():
+            _fill_compartment(bld, nec, "dead", min_dist_um=6.0, fill=0.4)
 
-    # normal epithelium
+
+def _normal_epithelium(bld: _Builder, rng: np.random.Generator, organ: OrganSpec, shape: tuple[int, int],
+                       cancer: bool, area_um2: float, um_per_px: float, density: float) -> None:
+    """Glands, acini or crypts placed in stroma up to the organ's epithelial area, or alveoli."""
     epi_frac = organ.epi_area * (0.35 if cancer else 1.0)
     if organ.normal in ("glands", "acini", "crypts") and epi_frac > 0:
         if organ.normal == "glands":
@@ -632,22 +650,23 @@ def simulate_tissue(organ: OrganSpec, shape: tuple[int, int], um_per_px: float, 
             free &= _smooth_noise(rng, shape, bld.px(60)) > -0.3
         _alveoli(bld, free)
 
-    # immune aggregate
-    if organ.aggregate:
-        r = bld.px(rng.uniform(22, 38))
-        c = bld.place(r, allowed=bld.regions == Region.STROMA, gap_px=0)
-        if c is not None:
-            patch = bld.polar_patch(c[0], c[1], r * 1.3)
-            if patch is not None:
-                sl, rr, phi = patch
-                rb = nucleus_radius(r, r * 0.85, 0.0, _blob_shape(rng, 0.15), phi)
-                reg = bld.regions[sl]
-                reg[(rr <= rb) & (reg == Region.STROMA)] = Region.IMMUNE
-    # vessels and fat
-    _vessels(bld, max(1, int(area_um2 / (110.0 ** 2) * 1.2)))
-    _fat(bld, organ.fat_area)
 
-    # stroma cells: fibroblasts along fibres + scattered immune cells
+def _immune_aggregate(bld: _Builder, rng: np.random.Generator) -> None:
+    """One lymphoid aggregate in the stroma (its region; cells come with the stroma cells)."""
+    r = bld.px(rng.uniform(22, 38))
+    c = bld.place(r, allowed=bld.regions == Region.STROMA, gap_px=0)
+    if c is not None:
+        patch = bld.polar_patch(c[0], c[1], r * 1.3)
+        if patch is not None:
+            sl, rr, phi = patch
+            rb = nucleus_radius(r, r * 0.85, 0.0, _blob_shape(rng, 0.15), phi)
+            reg = bld.regions[sl]
+            reg[(rr <= rb) & (reg == Region.STROMA)] = Region.IMMUNE
+
+
+def _stroma_cells(bld: _Builder, rng: np.random.Generator, organ: OrganSpec, cancer: bool,
+                  dermis: np.ndarray | None, fibre: np.ndarray, um_per_px: float) -> None:
+    """Fibroblasts along the fibres, scattered and aggregated immune cells, tumour-infiltrating lymphocytes."""
     stroma = bld.regions == Region.STROMA
     if dermis is not None:
         stroma &= dermis
@@ -668,6 +687,11 @@ def simulate_tissue(organ: OrganSpec, shape: tuple[int, int], um_per_px: float, 
         bld.add_nuclei(p[:, 0], p[:, 1], rng.choice(np.array(["t_cell", "macrophage"], dtype=object), len(p), p=(0.8, 0.2)))
     # muscle layer cells (already have the wall nuclei of vessels)
 
+
+def _finish_tissue(bld: _Builder, rng: np.random.Generator, organ: OrganSpec, shape: tuple[int, int],
+                   fibre: np.ndarray, um_per_px: float, dead_fraction: float) -> Tissue:
+    """Nuclei off the field or on glass removed, dead cells drawn, per-nucleus looks, raster order."""
+    h, w = shape
     arr = bld.nuclei_arrays()
     # remove nuclei outside the field or on glass
     inside = (arr["x"] > -2) & (arr["y"] > -2) & (arr["x"] < w + 2) & (arr["y"] < h + 2)

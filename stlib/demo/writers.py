@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import shapely
 
-from stlib.constants import XENIUM_PIXEL_SIZE_UM, is_control_feature
+from stlib.constants import MIN_QV, XENIUM_PIXEL_SIZE_UM, is_control_feature
 from stlib.demo.config import ORGANS
 from stlib.demo.registration import apply_affine
 from stlib.demo.sample import SampleData
@@ -156,10 +156,10 @@ def write_xenium_bundle(root: Path, sd: SampleData, *, genes: list[str], jpeg_qu
                        "vertex_y": ring[..., 1].ravel().astype(np.float32),
                        "label_id": np.repeat(np.arange(1, len(v) + 1, dtype=np.int32), nv)})
     _write_parquet(nb, d / "nucleus_boundaries.parquet")
-    # cell-feature matrix (qv >= 20), 10x HDF5 layout, features x cells CSC
+    # cell-feature matrix (qv >= MIN_QV = 20, as 10x counts), 10x HDF5 layout, features x cells CSC
     feats = list(genes) + list(CONTROL_PROBES)
     fpos = {f: i for i, f in enumerate(feats)}
-    good = (tx["qv"].to_numpy() >= 20)
+    good = tx["qv"].to_numpy() >= MIN_QV
     cid = tx["cell_id"].to_numpy()
     un = (cid == -1) if np.issubdtype(np.asarray(cid).dtype, np.integer) else (cid == "UNASSIGNED")
     keep = good & ~un

@@ -55,7 +55,7 @@ def cohort_table(data_dir: str | os.PathLike, *, samples: Sequence[str] = (),
     import pyarrow.parquet as pq
 
     from stlib.io.hest import HestSample, list_samples
-    from stlib.io.manifest import HELD_OUT_ORGANS, load_manifest
+    from stlib.io.manifest import load_manifest
 
     data_dir = Path(data_dir)
     hd = hest_dir(data_dir)
@@ -69,12 +69,19 @@ def cohort_table(data_dir: str | os.PathLike, *, samples: Sequence[str] = (),
         raise InputError(f"sample(s) {missing} not found", path=hd,
                          fix="download them (stlib download hest --ids ...) or fix `samples`")
     demo = _demo_roles(data_dir)
+    # roles of samples cohort.json does not list come from data_manifest.yaml only (no typed default)
+    man_error: InputError | None = None
     try:
         man = load_manifest(manifest)
         man_roles = dict(zip(man.samples["id"], man.samples["role"]))
         held_organs = set(man.organs("held-out"))
-    except InputError:
-        man_roles, held_organs = {}, set(HELD_OUT_ORGANS)
+    except InputError as e:
+        man_roles, held_organs, man_error = {}, set(), e
+    unlisted = [sid for sid in ids if sid not in demo and sid not in man_roles]
+    if man_error is not None and unlisted:
+        raise InputError(f"the roles (train / held-out) of {unlisted} come from data_manifest.yaml, which could "
+                         f"not be read: {man_error}", path=manifest or data_dir,
+                         fix="restore data_manifest.yaml (the repository's) or pass manifest=PATH") from man_error
     rows = []
     for sid in ids:
         s = HestSample(hd, sid)
@@ -103,14 +110,6 @@ def cohort_table(data_dir: str | os.PathLike, *, samples: Sequence[str] = (),
     return table
 
 
-def sample_ids(table: pd.DataFrame, role: str | None = None) -> list[str]:
-    """Sample ids of a :func:`cohort_table`, optionally of one role."""
-    if role is not None and role not in ROLES:
-        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    t = table if role is None else table[table["role"] == role]
-    return t["sample"].tolist()
-
-
 def thumbnails(data_dir: str | os.PathLike, ids: Sequence[str], *, max_px: int = 512) -> list[np.ndarray]:
     """Slide thumbnails (RGB uint8) read from the smallest adequate pyramid level."""
     from stlib.io.hest import HestSample
@@ -122,4 +121,4 @@ def thumbnails(data_dir: str | os.PathLike, ids: Sequence[str], *, max_px: int =
     return out
 
 
-__all__ = ["cohort_table", "sample_ids", "thumbnails", "hest_dir", "ROLES"]
+__all__ = ["cohort_table", "thumbnails", "hest_dir", "ROLES"]

@@ -38,7 +38,9 @@ KNOWN_ORGANS: tuple[str, ...] = (
     "Bone", "Bowel", "Brain", "Breast", "Heart", "Kidney", "Liver", "Lung", "Lymphoid",
     "Ovary", "Pancreas", "Prostate", "Skin",
 )
-#: Organs held out from training: public manual nucleus annotations exist for each.
+#: Organs held out from training: public manual nucleus annotations exist for each. Written
+#: into ``data_manifest.yaml`` (the samples' roles) by :func:`write_manifest_yaml`; code reads the
+#: roles from the manifest (:meth:`Manifest.organs`), never from this tuple.
 HELD_OUT_ORGANS: tuple[str, ...] = ("Bowel", "Kidney", "Liver", "Skin")
 #: The nine training organs (the paper trains on nine of the 13).
 TRAIN_ORGANS: tuple[str, ...] = tuple(o for o in KNOWN_ORGANS if o not in HELD_OUT_ORGANS)

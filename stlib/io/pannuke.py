@@ -165,8 +165,11 @@ def masks_to_inst_type(masks: np.ndarray, *, chunk: int = 64) -> tuple[np.ndarra
 
     Ids of channels 0-4 are per channel in PanNuke (two nuclei of different classes may share
     an id); here each (channel, id) pair becomes its own instance, numbered ``1..k`` per image
-    in (channel, id) order. A pixel claimed by several channels goes to the first of them.
-    The background channel (5) is ignored.
+    in (channel, id) order. A pixel claimed by several channels goes to the **last** of them,
+    the rule of PanNuke's own evaluation code (``binarize`` in TissueImageAnalytics/PanNuke-metrics
+    paints the channels in order, each over the previous), so the truth of the tile store and of
+    :mod:`stlib.metrics` is the same. The background channel (5) is ignored. The one PanNuke
+    mask converter of stlib (:mod:`stlib.metrics` uses it for (H, W, 6) inputs).
 
     Parameters
     ----------
@@ -199,7 +202,7 @@ def masks_to_inst_type(masks: np.ndarray, *, chunk: int = 64) -> tuple[np.ndarra
         ids[ids < 0] = 0
         fg = ids > 0
         any_fg = fg.any(axis=-1)
-        ch = np.argmax(fg, axis=-1)  # first channel with a nucleus
+        ch = _N_CLASS_CHANNELS - 1 - np.argmax(fg[..., ::-1], axis=-1)  # last channel with a nucleus
         v = np.take_along_axis(ids, ch[..., None], axis=-1)[..., 0]
         span = int(ids.max()) + 1
         b = m.shape[0]

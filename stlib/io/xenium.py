@@ -846,7 +846,3 @@ class XeniumBundle:
             raise InputError("no *_he_imagealignment.csv in the bundle", path=self.path, sample=self.sample,
                              fix="export the H&E alignment from Xenium Explorer into the bundle folder")
         return read_he_alignment(p, pixel_size_um=self.pixel_size_um, sample=self.sample)
-
-    def um_to_he_px(self) -> np.ndarray:
-        """3x3 map Xenium µm -> H&E level-0 px from the bundle's alignment CSV."""
-        return um_to_he_px_matrix(self.he_alignment(), self.pixel_size_um)

@@ -16,7 +16,6 @@ and organ, and, for the demo cohort, a store of the *true* nuclei on the same ti
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -31,7 +30,7 @@ import pandas as pd
 
 from stlib.constants import CLASS_NAMES, IGNORE, NUCLEUS_CLASSES, TARGET_UM_PER_PX_40X
 from stlib.labels.refine import RefineConfig
-from stlib.utils import InputError, atomic_path, progress, read_json, write_json
+from stlib.utils import InputError, atomic_path, cache_key, progress, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +38,6 @@ log = logging.getLogger(__name__)
 LABELS_VERSION = "2"
 #: CellViT / PanNuke class names -> class ids (second-opinion comparison)
 _NAME_TO_CLASS = {v.lower(): k for k, v in CLASS_NAMES.items()}
-
-
-def _file_key(p: Path) -> dict[str, Any]:
-    st = p.stat()
-    return {"name": p.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-
-
-def _key(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, labeler: str = "hierarchical",
@@ -95,8 +85,8 @@ def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, 
         res = load_alignment(aligned)
     else:
         res, _ = align_and_save(hest_dir, sample_id, run_dir / "alignment", refine=refine)
-    inputs = [_file_key(s.path(k)) for k in ("transcripts", "xenium_seg", "metadata") if s.has(k)]
-    key = _key({"params": params, "inputs": inputs, "alignment": res.inputs.get("key")})
+    inputs = [s.path(k) for k in ("transcripts", "xenium_seg", "metadata") if s.has(k)]
+    key = cache_key({"params": params, "alignment": res.inputs.get("key")}, inputs)
     report_path = out / "label_report.json"
     if report_path.is_file() and not force:
         old = read_json(report_path)
@@ -291,8 +281,7 @@ def truth_scores(cells: pd.DataFrame, nuclei, truth_sample_dir: str | Path, *, h
     """
     import geopandas as gpd
 
-    from stlib.evaluate import label_accuracy_vs_truth
-    from stlib.metrics import dice, pq
+    from stlib.metrics import dice, label_accuracy_vs_truth, pq
 
     p = Path(truth_sample_dir) / "nuclei.parquet"
     if not p.is_file():
@@ -374,7 +363,7 @@ def pooled_truth_scores(run_dir: str | Path, samples: Sequence[str], truth_dir: 
     """Class scores of derived labels against the demo truth, pooled over cells of all samples."""
     import geopandas as gpd
 
-    from stlib.evaluate import label_accuracy_vs_truth
+    from stlib.metrics import label_accuracy_vs_truth
 
     cells, truth = [], []
     for sid in samples:
@@ -474,14 +463,13 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
         if not (d / "nuclei.parquet").is_file():
             raise InputError("labels not derived yet", path=d, sample=sid,
                              fix="run derive_sample / `stlib labels` for it first")
-    build_key = _key({
+    build_key = cache_key({
         "um_per_px": um_per_px, "tile_px": tile_px, "seed": seed, "val_fraction": val_fraction,
         "truth": None if truth_dir is None else str(truth_dir), "refine": None if rcfg is None else asdict(rcfg),
         "samples": samples[["sample", "organ", "role"]].astype(str).to_dict("records"),
-        "labels": {sid: [_file_key(d / "nuclei.parquet"), _file_key(d / "label_report.json")
-                         if (d / "label_report.json").is_file() else None] for sid, d in lab_dirs.items()},
-        "version": LABELS_VERSION,
-    })
+        "labels_name": labels_name, "version": LABELS_VERSION,
+        "with_report": [sid for sid, d in lab_dirs.items() if (d / "label_report.json").is_file()],
+    }, [f for d in lab_dirs.values() for f in (d / "nuclei.parquet", d / "label_report.json") if f.is_file()])
     if not force and all((p / "store.json").is_file() for p in out.values()) and all(
             read_json(p / "store.json").get("build_key") == build_key for p in out.values()):
         return out

@@ -517,6 +517,43 @@ def prepare_polygons(
     """
     geoms = _as_geometry_array(polygons)
     n = geoms.size
+    ids_a, cls_a, conf_a = _polygon_attributes(n, ids, classes, confidence)
+    report = {"n_input": int(n), "n_empty": 0, "n_repaired": 0, "n_degenerate": 0, "n_outside": 0}
+    geoms, keep = _repair_parts(geoms, report)
+    idx = np.flatnonzero(keep)
+    sub, idx, xy, voff, edge_ok = _repair_invalid(geoms[idx], idx, report)
+    bbox = shapely.bounds(sub).reshape(-1, 4) if sub.size else np.zeros((0, 4))
+    area = shapely.area(sub) if sub.size else np.zeros(0)
+    nonzero = area > 0
+    if not nonzero.all():
+        report["n_degenerate"] += int((~nonzero).sum())
+    inside = np.ones(sub.size, bool)
+    if region is not None:
+        x0, y0, x1, y1 = (float(v) for v in region)
+        if not (x1 > x0 and y1 > y0):
+            raise ValueError(f"region: expected (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {region}")
+        inside = (bbox[:, 2] >= x0) & (bbox[:, 0] <= x1) & (bbox[:, 3] >= y0) & (bbox[:, 1] <= y1)
+        report["n_outside"] = int((~inside & nonzero).sum())
+    sel = nonzero & inside
+    if not sel.all():
+        sub = sub[sel]
+        idx = idx[sel]
+        xy, voff, edge_ok, _ = _flatten(sub)
+        bbox = bbox[sel]
+        area = area[sel]
+    centroid = np.zeros((sub.size, 2))
+    if sub.size:
+        _centroids(xy, voff, edge_ok, centroid)
+    report["n_kept"] = int(sub.size)
+    return PolygonSet(
+        xy=xy, voff=voff, edge_ok=edge_ok, bbox=np.ascontiguousarray(bbox, np.float64),
+        area=np.asarray(area, np.float64), centroid=centroid,
+        ids=ids_a[idx].astype(np.int32), classes=cls_a[idx], conf=conf_a[idx], report=report,
+    )
+
+
+def _polygon_attributes(n: int, ids: Any, classes: Any, confidence: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Checked ids (int64), classes (uint8) and confidences (uint8, x 255; 0 on class 255) of ``n`` polygons."""
     if ids is None:
         ids_a = np.arange(1, n + 1, dtype=np.int64)
     else:
@@ -548,8 +585,13 @@ def prepare_polygons(
             raise ValueError("confidence: NaN values; use 0 for unknown confidence")
         conf_a = np.rint(np.clip(f, 0.0, 1.0) * 255).astype(np.uint8)
     conf_a[cls_a == IGNORE] = 0
+    return ids_a, cls_a, conf_a
 
-    report = {"n_input": int(n), "n_empty": 0, "n_repaired": 0, "n_degenerate": 0, "n_outside": 0}
+
+def _repair_parts(geoms: np.ndarray, report: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Empty geometries dropped; a non-polygon (MultiPolygon, collection) replaced by its largest
+    polygon part. Returns the (copied) geometries and which are kept; counts go to ``report``."""
+    n = geoms.size
     missing = np.array([g is None for g in geoms], bool) if n else np.zeros(0, bool)
     empty = missing.copy()
     empty[~missing] = shapely.is_empty(geoms[~missing])
@@ -557,7 +599,6 @@ def prepare_polygons(
     report["n_empty"] = int(empty.sum())
 
     geoms = geoms.copy()
-    # non-polygons (MultiPolygon, collections): largest polygon part
     type_id = np.full(n, -1)
     type_id[keep] = shapely.get_type_id(geoms[keep])
     for i in np.flatnonzero(keep & (type_id != 3)):
@@ -568,9 +609,13 @@ def prepare_polygons(
         else:
             geoms[i] = g
             report["n_repaired"] += 1
+    return geoms, keep
 
-    idx = np.flatnonzero(keep)
-    sub = geoms[idx]
+
+def _repair_invalid(sub: np.ndarray, idx: np.ndarray, report: dict[str, int]) -> tuple[Any, ...]:
+    """Invalid polygons (only those the flattening flags, or with holes, are checked) replaced by
+    the largest polygon of ``make_valid``, or dropped. Returns ``sub, idx`` and the flattening
+    ``xy, voff, edge_ok`` of what is kept."""
     xy, voff, edge_ok, maybe_bad = _flatten(sub)
     holes = shapely.get_num_interior_rings(sub) > 0 if sub.size else np.zeros(0, bool)
     check = maybe_bad | holes
@@ -593,34 +638,7 @@ def prepare_polygons(
                 sub = sub[mask]
                 idx = idx[mask]
             xy, voff, edge_ok, _ = _flatten(sub)
-    bbox = shapely.bounds(sub).reshape(-1, 4) if sub.size else np.zeros((0, 4))
-    area = shapely.area(sub) if sub.size else np.zeros(0)
-    nonzero = area > 0
-    if not nonzero.all():
-        report["n_degenerate"] += int((~nonzero).sum())
-    inside = np.ones(sub.size, bool)
-    if region is not None:
-        x0, y0, x1, y1 = (float(v) for v in region)
-        if not (x1 > x0 and y1 > y0):
-            raise ValueError(f"region: expected (x0, y0, x1, y1) with x1 > x0 and y1 > y0, got {region}")
-        inside = (bbox[:, 2] >= x0) & (bbox[:, 0] <= x1) & (bbox[:, 3] >= y0) & (bbox[:, 1] <= y1)
-        report["n_outside"] = int((~inside & nonzero).sum())
-    sel = nonzero & inside
-    if not sel.all():
-        sub = sub[sel]
-        idx = idx[sel]
-        xy, voff, edge_ok, _ = _flatten(sub)
-        bbox = bbox[sel]
-        area = area[sel]
-    centroid = np.zeros((sub.size, 2))
-    if sub.size:
-        _centroids(xy, voff, edge_ok, centroid)
-    report["n_kept"] = int(sub.size)
-    return PolygonSet(
-        xy=xy, voff=voff, edge_ok=edge_ok, bbox=np.ascontiguousarray(bbox, np.float64),
-        area=np.asarray(area, np.float64), centroid=centroid,
-        ids=ids_a[idx].astype(np.int32), classes=cls_a[idx], conf=conf_a[idx], report=report,
-    )
+    return sub, idx, xy, voff, edge_ok
 
 
 def _ensure_set(polygons: Any, ids: Any = None, classes: Any = None, confidence: Any = None,
@@ -746,7 +764,7 @@ class LabelMaps:
 
 
 def _render(ps: PolygonSet, cand: np.ndarray, tiny_cand: np.ndarray, ox: float, oy: float,
-            scale: float, shape: tuple[int, int], win: _Window, *, with_hv: bool = True,
+            scale: float, shape: tuple[int, int], win: _Window, *,
             ignore_sets: Sequence[tuple[PolygonSet, np.ndarray]] = (),
             tissue: np.ndarray | None = None) -> LabelMaps:
     h, w = shape

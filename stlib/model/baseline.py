@@ -11,8 +11,10 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
+from stlib.constants import TARGET_UM_PER_PX_40X
 
-def classical_segmentation(image: np.ndarray, *, um_per_px: float = 0.25, min_area_um2: float = 8.0,
+
+def classical_segmentation(image: np.ndarray, *, um_per_px: float = TARGET_UM_PER_PX_40X, min_area_um2: float = 8.0,
                            min_distance_um: float = 2.5, smooth_um: float = 0.5) -> np.ndarray:
     """Instance map of an H&E image by Otsu thresholding of haematoxylin + watershed.
 
