@@ -29,6 +29,7 @@ LAYERS: dict[str, float] = {
     "stlib.model": 6, "stlib.model.net": 6, "stlib.model.losses": 6, "stlib.model.postproc": 6,
     "stlib.model.baseline": 6,
     "stlib.train": 7, "stlib.infer": 7.5, "stlib.evaluate": 7.5, "stlib.robustness": 7.5,
+    "stlib.realtissue": 7.5,
     "stlib.plot": 8, "stlib.run": 8, "stlib.lab": 8, "stlib.bench": 8, "stlib.bench_slide": 8,
     "stlib.gpu_check": 8, "stlib.cli": 8,
 }
