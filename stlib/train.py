@@ -1163,39 +1163,55 @@ def train(config: TrainConfig, *, resume: str = "auto", interrupt_after: int | N
 
 def _train(config: TrainConfig, device: torch.device, dist: DistInfo, resume: str,
            interrupt_after: int | None) -> TrainResult:
+    """The steps of :func:`train`: checkpoint, data, model (:class:`_Run`), loop, final model."""
     t_start = time.time()
     out = config.out_path()
     ckpt_path, model_path = out / "checkpoint.pt", out / "model.pt"
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    ckpt = None
     data_key = _data_key(config.store_paths())
-    if resume == "auto" and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ckpt.get("data_key") != data_key:
-            # the tile stores were rebuilt (other labels, other refinement, other tiles) since
-            # this checkpoint: neither resuming nor skipping would train on the current data
-            if dist.is_main:
-                log.warning("%s: the tile stores changed since checkpoint step %s; training starts over",
-                            out, ckpt.get("step"))
-            ckpt = None
-    if ckpt is not None:
-        if _comparable(ckpt["config"]) != _comparable(config.to_dict()):
-            diff = sorted(k for k in _comparable(config.to_dict())
-                          if ckpt["config"].get(k) != config.to_dict().get(k))
-            raise InputError(f"checkpoint was written with a different config (fields {diff})", path=ckpt_path,
-                             fix="rerun with the same config, use --resume never, or choose another out_dir")
-        if int(ckpt["step"]) >= config.steps and model_path.is_file():
-            if dist.is_main:
-                log.info("%s: finished run found (step %d); skipping", out, ckpt["step"])
-            hist = list(ckpt["history"])
-            return TrainResult(out, model_path, int(ckpt["step"]), _final(hist), hist,
-                               resumed_from=int(ckpt["step"]), skipped=True)
-
+    ckpt = _usable_checkpoint(config, ckpt_path, data_key, dist) if resume == "auto" else None
+    if ckpt is not None and int(ckpt["step"]) >= config.steps and model_path.is_file():
+        if dist.is_main:
+            log.info("%s: finished run found (step %d); skipping", out, ckpt["step"])
+        hist = list(ckpt["history"])
+        return TrainResult(out, model_path, int(ckpt["step"]), _final(hist), hist,
+                           resumed_from=int(ckpt["step"]), skipped=True)
     if config.batch_size % dist.world_size:
         raise InputError(f"batch_size {config.batch_size} is not divisible by {dist.world_size} processes")
+    data, train_idx, val_idx, weights = _training_data(config)
+    run = _Run.build(config, device, dist, weights, ckpt, out)
+    _loop(run, config, device, dist, data, train_idx, val_idx, data_key=data_key, ckpt_path=ckpt_path,
+          t_start=t_start, interrupt_after=interrupt_after)
+    final = _save_final(run, config, device, dist, data, out, model_path)
+    return TrainResult(out, model_path, config.steps, final, run.history, resumed_from=run.start or None,
+                       wall_s=time.time() - t_start)
 
-    # -- data
+
+def _usable_checkpoint(config: TrainConfig, ckpt_path: Path, data_key: str | None,
+                       dist: DistInfo) -> dict[str, Any] | None:
+    """The checkpoint to resume from: None when absent or written for other tile stores; an
+    error when written with another config."""
+    if not ckpt_path.is_file():
+        return None
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if ckpt.get("data_key") != data_key:
+        # the tile stores were rebuilt (other labels, other refinement, other tiles) since
+        # this checkpoint: neither resuming nor skipping would train on the current data
+        if dist.is_main:
+            log.warning("%s: the tile stores changed since checkpoint step %s; training starts over",
+                        ckpt_path.parent, ckpt.get("step"))
+        return None
+    if _comparable(ckpt["config"]) != _comparable(config.to_dict()):
+        diff = sorted(k for k in _comparable(config.to_dict())
+                      if ckpt["config"].get(k) != config.to_dict().get(k))
+        raise InputError(f"checkpoint was written with a different config (fields {diff})", path=ckpt_path,
+                         fix="rerun with the same config, use --resume never, or choose another out_dir")
+    return ckpt
+
+
+def _training_data(config: TrainConfig) -> tuple[TileData, np.ndarray, np.ndarray, np.ndarray]:
+    """The tile stores, the training and validation tiles and the sampling weight of each training tile."""
     data = TileData(config.store_paths())
     train_idx = data.select(config.train_splits, config.organs, config.exclude_organs)
     val_idx = data.select(config.val_splits, config.organs, config.exclude_organs)[: config.val_max_tiles]
@@ -1207,102 +1223,139 @@ def _train(config: TrainConfig, device: torch.device, dist: DistInfo, resume: st
                            by_class=config.balance_class, max_boost=config.max_class_boost)
     if config.hv_source == "masks":
         import stlib.labels.masks  # noqa: F401  (fail early when missing)
+    return data, train_idx, val_idx, weights
 
-    # -- model, optimiser
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed % 2**32)
-    random.seed(config.seed)
-    model = build_model(config).to(device)
-    if _use_cl(config, device):
-        model = model.to(memory_format=torch.channels_last)
-    opt = _make_optimizer(model, config)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
-    sampler = BalancedSampler(weights, seed=config.seed + 1, rank=dist.rank, world_size=dist.world_size)
-    aug_gen = torch.Generator().manual_seed(config.seed + 2)
-    history: list[dict[str, Any]] = []
-    start = 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["state_dict"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        sampler.load_state_dict(ckpt["sampler"])
-        aug_gen.set_state(ckpt["aug_rng"])
-        _set_rng_states(ckpt["rng"], device)
-        history = list(ckpt["history"])
-        start = int(ckpt["step"])
-        if dist.is_main:
-            log.info("resuming %s from step %d", out, start)
-    raw_model = model
-    fwd: torch.nn.Module = model
+
+@dataclass
+class _Run:
+    """The state of a training run: model (and its DDP / compiled forward), optimiser, schedule,
+    sampler, augmentation generator, history and the step it starts from."""
+
+    model: torch.nn.Module
+    raw_model: torch.nn.Module
+    fwd: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: Any
+    sampler: BalancedSampler
+    aug_gen: torch.Generator
+    history: list[dict[str, Any]]
+    start: int
+
+    @classmethod
+    def build(cls, config: TrainConfig, device: torch.device, dist: DistInfo, weights: np.ndarray,
+              ckpt: Mapping[str, Any] | None, out: Path) -> _Run:
+        """Seeded model, optimiser, schedule and sampler, restored from ``ckpt`` when given."""
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed % 2**32)
+        random.seed(config.seed)
+        model = build_model(config).to(device)
+        if _use_cl(config, device):
+            model = model.to(memory_format=torch.channels_last)
+        opt = _make_optimizer(model, config)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(config))
+        sampler = BalancedSampler(weights, seed=config.seed + 1, rank=dist.rank, world_size=dist.world_size)
+        aug_gen = torch.Generator().manual_seed(config.seed + 2)
+        history: list[dict[str, Any]] = []
+        start = 0
+        if ckpt is not None:
+            model.load_state_dict(ckpt["state_dict"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            sampler.load_state_dict(ckpt["sampler"])
+            aug_gen.set_state(ckpt["aug_rng"])
+            _set_rng_states(ckpt["rng"], device)
+            history = list(ckpt["history"])
+            start = int(ckpt["step"])
+            if dist.is_main:
+                log.info("resuming %s from step %d", out, start)
+        raw_model = model
+        fwd: torch.nn.Module = model
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            if device.type == "cuda":
+                # the conversion keeps the same Parameter objects, so the optimizer stays valid
+                raw_model = model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+                fwd = DDP(model, device_ids=[device.index])
+            else:
+                fwd = DDP(model)
+        if config.compile:
+            fwd = torch.compile(fwd)
+        return cls(model, raw_model, fwd, opt, sched, sampler, aug_gen, history, start)
+
+
+def _summary_writer(out: Path, dist: DistInfo) -> Any:
+    """TensorBoard writer of the main process (None elsewhere or without tensorboard)."""
+    if not dist.is_main:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(out / "tensorboard"))
+    except ImportError:
+        return None
+
+
+def _step(run: _Run, b: Mapping[str, Any], config: TrainConfig, device: torch.device, dist: DistInfo,
+          step: int) -> dict[str, float]:
+    """One optimiser step on batch ``b``; the loss and its terms, averaged over the ranks."""
+    t = _to_device(b, device, b.get("hv"))
+    p = shard_params(draw_augment_params(run.aug_gen, config.batch_size, config), dist.rank, dist.world_size)
+    t = augment_batch(t, p)
+    if config.hv_source == "device":
+        t["hv"] = hv_from_inst(t["inst"])
+    x = t["image"].contiguous(memory_format=torch.channels_last) if _use_cl(config, device) else t["image"]
+    with _autocast(device, config.amp):
+        outputs = run.fwd(x)
+    loss, terms = hovernet_loss(outputs, inst=t["inst"], hv=t["hv"], type_map=t["type"],
+                                ignore=t["ignore"], conf=t["conf"], weights=config.loss)
+    if not torch.isfinite(loss):
+        raise StlibError(f"step {step}: loss is {float(loss)}; lower lr or check the tile store")
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), config.grad_clip)
+    run.opt.step()
+    run.sched.step()
+    vec = torch.stack([loss.detach(), *terms.values()]).float()
     if dist.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+        torch.distributed.all_reduce(vec)
+        vec /= dist.world_size
+    return dict(zip(["loss", *terms], vec.tolist()))
 
-        if device.type == "cuda":
-            # the conversion keeps the same Parameter objects, so the optimizer stays valid
-            raw_model = model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            fwd = DDP(model, device_ids=[device.index])
-        else:
-            fwd = DDP(model)
-    if config.compile:
-        fwd = torch.compile(fwd)
 
-    writer = None
-    if dist.is_main:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(out / "tensorboard"))
-        except ImportError:
-            writer = None
+def _loop(run: _Run, config: TrainConfig, device: torch.device, dist: DistInfo, data: TileData,
+          train_idx: np.ndarray, val_idx: np.ndarray, *, data_key: str | None, ckpt_path: Path, t_start: float,
+          interrupt_after: int | None) -> None:
+    """Steps ``start + 1 .. steps``: logging every ``log_every``, validation every ``val_every`` and a
+    resumable checkpoint every ``ckpt_every`` steps (and at the last)."""
+    out = ckpt_path.parent
+    writer = _summary_writer(out, dist)
     data_info = {"um_per_px": data.um_per_px, "tile_px": data.tile_px}
-    batches = _Batches(data, train_idx, sampler, config.batch_size, config.steps - start,
+    batches = _Batches(data, train_idx, run.sampler, config.batch_size, config.steps - run.start,
                        config.num_workers, config.hv_source == "masks")
-    last_terms: dict[str, float] = {}
     acc: dict[str, float] = {}
     n_acc = 0
-    model.train()
-    bar = progress(range(start + 1, config.steps + 1), desc=f"train {config.recipe}",
-                   total=config.steps - start, disable=None if dist.is_main else True)
+    run.model.train()
+    bar = progress(range(run.start + 1, config.steps + 1), desc=f"train {config.recipe}",
+                   total=config.steps - run.start, disable=None if dist.is_main else True)
     try:
         for step, (sampler_state, b) in zip(bar, batches):
-            t = _to_device(b, device, b.get("hv"))
-            p = shard_params(draw_augment_params(aug_gen, config.batch_size, config), dist.rank, dist.world_size)
-            t = augment_batch(t, p)
-            if config.hv_source == "device":
-                t["hv"] = hv_from_inst(t["inst"])
-            x = t["image"].contiguous(memory_format=torch.channels_last) if _use_cl(config, device) else t["image"]
-            with _autocast(device, config.amp):
-                outputs = fwd(x)
-            loss, terms = hovernet_loss(outputs, inst=t["inst"], hv=t["hv"], type_map=t["type"],
-                                        ignore=t["ignore"], conf=t["conf"], weights=config.loss)
-            if not torch.isfinite(loss):
-                raise StlibError(f"step {step}: loss is {float(loss)}; lower lr or check the tile store")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            opt.step()
-            sched.step()
-            vec = torch.stack([loss.detach(), *terms.values()]).float()
-            if dist.enabled:
-                torch.distributed.all_reduce(vec)
-                vec /= dist.world_size
-            for k, v in zip(["loss", *terms], vec.tolist()):
+            for k, v in _step(run, b, config, device, dist, step).items():
                 acc[k] = acc.get(k, 0.0) + v
             n_acc += 1
             row: dict[str, Any] | None = None
             if step % config.log_every == 0 or step % config.val_every == 0 or step == config.steps:
-                last_terms = {k: v / n_acc for k, v in acc.items()}
-                row = {"step": step, "lr": opt.param_groups[0]["lr"], **last_terms}
+                row = {"step": step, "lr": run.opt.param_groups[0]["lr"], **{k: v / n_acc for k, v in acc.items()}}
                 acc, n_acc = {}, 0
             if step % config.val_every == 0 or step == config.steps:
                 if dist.is_main and len(val_idx):
-                    row = {**(row or {"step": step}), **_validate(raw_model, data, val_idx, device, config)}
+                    row = {**(row or {"step": step}), **_validate(run.raw_model, data, val_idx, device, config)}
                 if dist.enabled:
                     torch.distributed.barrier()
             if row is not None and dist.is_main:
                 row["elapsed_s"] = round(time.time() - t_start, 3)
-                history.append(row)
+                run.history.append(row)
                 bar.set_postfix(loss=f"{row.get('loss', float('nan')):.3f}")
                 if writer is not None:
                     for k, v in row.items():
@@ -1310,13 +1363,13 @@ def _train(config: TrainConfig, device: torch.device, dist: DistInfo, resume: st
                             writer.add_scalar(k, v, step)
             if step % config.ckpt_every == 0 or step == config.steps:
                 if dist.is_main:
-                    state = {**_model_file(raw_model, config, data_info), "optimizer": opt.state_dict(),
-                             "scheduler": sched.state_dict(), "sampler": sampler_state,
-                             "aug_rng": aug_gen.get_state(), "rng": _rng_states(device), "step": step,
-                             "history": history, "data_key": data_key}
+                    state = {**_model_file(run.raw_model, config, data_info), "optimizer": run.opt.state_dict(),
+                             "scheduler": run.sched.state_dict(), "sampler": sampler_state,
+                             "aug_rng": run.aug_gen.get_state(), "rng": _rng_states(device), "step": step,
+                             "history": run.history, "data_key": data_key}
                     with atomic_path(ckpt_path) as tmp:
                         torch.save(state, tmp)
-                    _write_metrics(out, history, {"config": config.to_dict(), "step": step})
+                    _write_metrics(out, run.history, {"config": config.to_dict(), "step": step})
                 if dist.enabled:
                     torch.distributed.barrier()
             if interrupt_after is not None and step == interrupt_after:
@@ -1326,25 +1379,29 @@ def _train(config: TrainConfig, device: torch.device, dist: DistInfo, resume: st
         if writer is not None:
             writer.close()
 
+
+def _save_final(run: _Run, config: TrainConfig, device: torch.device, dist: DistInfo, data: TileData, out: Path,
+                model_path: Path) -> dict[str, float]:
+    """``model.pt``, ``config.json`` and the final metrics (with the ranks' weight digests under DDP)."""
     digests = None
     if dist.enabled:
         digests = [None] * dist.world_size
-        torch.distributed.all_gather_object(digests, _param_digest(raw_model))
+        torch.distributed.all_gather_object(digests, _param_digest(run.raw_model))
         if len(set(digests)) > 1 and dist.is_main:
             log.warning("DDP ranks ended with different weights: %s", digests)
-    final = _final(history)
+    final = _final(run.history)
     if dist.is_main:
+        data_info = {"um_per_px": data.um_per_px, "tile_px": data.tile_px}
         with atomic_path(model_path) as tmp:
-            torch.save(_model_file(raw_model, config, data_info), tmp)
+            torch.save(_model_file(run.raw_model, config, data_info), tmp)
         write_json(out / "config.json", config.to_dict())
         extra: dict[str, Any] = {"config": config.to_dict(), "step": config.steps, "final": final,
                                  "device": str(device), "world_size": dist.world_size,
-                                 "n_params": count_params(raw_model), "param_digest": _param_digest(raw_model)}
+                                 "n_params": count_params(run.raw_model), "param_digest": _param_digest(run.raw_model)}
         if digests is not None:
             extra["ddp_param_digests"] = digests
-        _write_metrics(out, history, extra)
-    return TrainResult(out, model_path, config.steps, final, history, resumed_from=start or None,
-                       wall_s=time.time() - t_start)
+        _write_metrics(out, run.history, extra)
+    return final
 
 
 def _final(history: list[dict[str, Any]]) -> dict[str, float]:
