@@ -596,7 +596,8 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
     -------
     One row per cluster: ``cluster``, ``n_cells``, ``type`` (``"unknown"`` when no type
     qualifies), ``qualifying`` (comma-joined types with enough ownership and owned markers),
-    ``nominated`` (the qualifying types and the best one), ``ownership``, ``n_owned`` (markers with s >= ``owned``), ``runner_up``,
+    ``nominated`` (the qualifying types, and the best one when its ownership reaches
+    ``min_ownership``), ``ownership``, ``n_owned`` (markers with s >= ``owned``), ``runner_up``,
     ``runner_up_ownership``, ``owned_markers`` (comma-joined).
     """
     if cluster_key not in adata.obs:
@@ -631,7 +632,10 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
         # the types the cluster's markers nominate (those qualifying, and the best one): the only
         # types a cluster no type explains may join later (assign_fine_types)
         qualifying = [t for t in order if qual(t)]
-        nominated = qualifying if (not order or best in qualifying) else [best, *qualifying]
+        # the best type is nominated when it has the ownership but too few owned markers; a cluster
+        # where no type reaches min_ownership nominates none (no type the labeler knows explains it)
+        strong_best = bool(order) and best not in qualifying and ev[best][0] >= min_ownership
+        nominated = [best, *qualifying] if strong_best else qualifying
         rows.append({"cluster": cats[c], "n_cells": int(size[c]), "type": best if ok else UNKNOWN,
                      "qualifying": ",".join(qualifying), "nominated": ",".join(nominated),
                      "ownership": ev[best][0] if order else 0.0, "n_owned": ev[best][1] if order else 0,
