@@ -400,3 +400,29 @@ def test_organ_gated_and_parenchymal_types():
 
     assert FINE_TO_CLASS["hepatocyte"] == 5 and FINE_TO_CLASS["kidney_tubule"] == 5
     assert FINE_TO_CLASS["glia"] == 255 and FINE_TO_CLASS["neuron"] == 255
+
+
+def test_an_unexplained_cluster_is_not_absorbed_by_a_profile_seeded_from_its_own_cells():
+    # an off-vocabulary population (acinar cells on a panel without acinar markers) that also
+    # expresses a few markers of a type absent from the sample (two smooth-muscle genes) and the
+    # markers of another class: the cluster is unknown, and its own cells must not seed a
+    # "rare" smooth-muscle profile that then takes the whole cluster
+    markers = {"epi": ["E1", "E2", "E3", "E4"], "imm": ["I1", "I2", "I3", "I4"],
+               "sm": ["S1", "S2", "S3", "S4", "S5", "S6"]}
+    ad = _cluster_sample({"c_epi": {"E1": 6, "E2": 6, "E3": 6, "E4": 6},
+                          "c_imm": {"I1": 6, "I2": 6, "I3": 6, "I4": 6},
+                          "c_other": {"O1": 9, "O2": 9, "O3": 9, "O4": 9, "E1": 4, "E2": 4,
+                                      "S1": 5, "S2": 5, "S3": 3}}, n=80)
+    ct.qc_filter(ad)
+    import scanpy as sc
+
+    sc.pp.pca(ad, n_comps=10, layer=ct.Key.LOGNORM)
+    sc.pp.neighbors(ad, n_neighbors=10, method="gauss")
+    groups = {"epi": 5, "imm": 2, "sm": 3}
+    ct.assign_fine_types(ad, markers, method="consensus", annotate_kwargs={"groups": groups})
+    ann = pd.DataFrame(ad.uns["stlib_labels"]["annotate_clusters"]).set_index("cluster")
+    assert ann.loc["c_other", "type"] == ct.UNKNOWN
+    ft = ad.obs["fine_type"].astype(str).to_numpy()
+    cl_ = ad.obs["leiden"].astype(str).to_numpy()
+    assert (ft[cl_ == "c_other"] == "sm").mean() < 0.1
+    assert (ft[cl_ == "c_epi"] == "epi").mean() > 0.95 and (ft[cl_ == "c_imm"] == "imm").mean() > 0.95

@@ -10,7 +10,10 @@ import pytest
 import shapely
 
 from stlib.labels.masks import coverage_region
-from stlib.robustness import DEV_SEEDS, EVAL_SEEDS, KNOB_GRID, outside_region_background, robustness_sweep, score_cells
+from stlib.robustness import (
+    DEV_SEEDS, EVAL_SEEDS, KNOB_GRID, SEEN_SEEDS, acceptance_table, outside_region_background, robustness_sweep,
+    score_cells,
+)
 
 
 def test_score_cells_by_hand():
@@ -31,6 +34,8 @@ def test_score_cells_by_hand():
 
 def test_seeds_and_grid():
     assert not set(DEV_SEEDS) & set(EVAL_SEEDS)
+    # the seeds read after the first freeze are neither development nor evaluation seeds
+    assert not set(SEEN_SEEDS) & set(EVAL_SEEDS) and not set(SEEN_SEEDS) & set(DEV_SEEDS)
     from stlib.demo.config import config_for_scale
 
     cfg = config_for_scale("demo")
@@ -45,6 +50,16 @@ def test_sweep_runs_and_moves_with_a_knob():
                               samples=["DEMO_SKIN_1"], progress=False)
     assert list(df["value"]) == [0.0, 0.3] and (df["knob"] == "offvocab_fraction").all()
     assert (df["n"] > 100).all() and df["accuracy"].between(0, 1).all()
+
+
+def test_acceptance_in_parallel_processes_equals_serial():
+    kw = {"samples": ["DEMO_SKIN_1"], "progress": False}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        serial = acceptance_table(DEV_SEEDS[:2], **kw)
+        parallel = acceptance_table(DEV_SEEDS[:2], n_jobs=2, **kw)
+    assert list(parallel["seed"]) == list(DEV_SEEDS[:2])
+    pd.testing.assert_frame_equal(serial, parallel)
 
 
 def test_coverage_region_ignores_what_xenium_did_not_image():

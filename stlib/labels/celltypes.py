@@ -595,7 +595,9 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
     Returns
     -------
     One row per cluster: ``cluster``, ``n_cells``, ``type`` (``"unknown"`` when no type
-    qualifies), ``ownership``, ``n_owned`` (markers with s >= ``owned``), ``runner_up``,
+    qualifies), ``qualifying`` (comma-joined types with enough ownership and owned markers),
+    ``nominated`` (the qualifying types, and the best one when its ownership reaches
+    ``min_ownership``), ``ownership``, ``n_owned`` (markers with s >= ``owned``), ``runner_up``,
     ``runner_up_ownership``, ``owned_markers`` (comma-joined).
     """
     if cluster_key not in adata.obs:
@@ -627,7 +629,15 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
         ok = bool(order) and qual(best)
         if ok and groups is not None and any(qual(u) and groups.get(u) != groups.get(best) for u in order[1:]):
             ok = False  # markers of two classes at full strength: the markers cannot tell
+        # the types the cluster's markers nominate (those qualifying, and the best one): the only
+        # types a cluster no type explains may join later (assign_fine_types)
+        qualifying = [t for t in order if qual(t)]
+        # the best type is nominated when it has the ownership but too few owned markers; a cluster
+        # where no type reaches min_ownership nominates none (no type the labeler knows explains it)
+        strong_best = bool(order) and best not in qualifying and ev[best][0] >= min_ownership
+        nominated = [best, *qualifying] if strong_best else qualifying
         rows.append({"cluster": cats[c], "n_cells": int(size[c]), "type": best if ok else UNKNOWN,
+                     "qualifying": ",".join(qualifying), "nominated": ",".join(nominated),
                      "ownership": ev[best][0] if order else 0.0, "n_owned": ev[best][1] if order else 0,
                      "runner_up": second, "runner_up_ownership": ev[second][0] if second else 0.0,
                      "owned_markers": ",".join(var[idx[best][scaled[c, idx[best]] >= owned]]) if order else ""})
@@ -707,7 +717,7 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
                       temperature: float = 0.03, min_margin: float = 0.02,
                       min_detected: int = 1, refine: int = 2,
                       refine_kwargs: Mapping[str, Any] | None = None,
-                      annotate_kwargs: Mapping[str, Any] | None = None, unknown_posterior: float = 0.99,
+                      annotate_kwargs: Mapping[str, Any] | None = None, unknown_posterior: float = 0.9,
                       rare_margin: float = 0.1, rare_min_detected: int = 3, rare_min_cells: int = 5,
                       qc_key: str | None = Key.QC_PASS, key_added: str = Key.FINE_TYPE,
                       copy: bool = False) -> AnnData | None:
@@ -806,7 +816,24 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
                 det = _detected_markers(adata, markers)
                 n_mk = np.array([len(markers[t]) for t in types])
                 annotated = set(cl_label[cl_label < len(types)].tolist())
-                strong = (qc & (margin >= rare_margin)
+                # ... except in a cluster no type explains whose markers qualify no type at all or
+                # also qualify a type that explains another cluster of the sample: there the cells
+                # whose markers "say so clearly" are that population's own non-specific markers
+                # (acinar cells with two smooth-muscle genes next to a duct epithelium), and a
+                # profile seeded from them would absorb the whole cluster through its own cells
+                nom = np.zeros((len(cl_label), len(types)), dtype=bool)
+                for c_i, nm in enumerate(ann["nominated"]):
+                    for t in str(nm).split(","):
+                        if t in types:
+                            nom[c_i, types.index(t)] = True
+                qual_ = np.zeros_like(nom)
+                for c_i, nm in enumerate(ann["qualifying"]):
+                    for t in str(nm).split(","):
+                        if t in types:
+                            qual_[c_i, types.index(t)] = True
+                blocked = (cl_label == len(types)) & (~qual_.any(axis=1) | np.array(
+                    [bool(qual_[c_i][sorted(annotated)].any()) if annotated else False for c_i in range(len(cl_label))]))
+                strong = (qc & (margin >= rare_margin) & ~blocked[codes]
                           & (det[np.arange(len(s)), best] >= np.minimum(rare_min_detected, n_mk[best])))
                 rare_seed = np.zeros(len(s), dtype=bool)
                 for t in range(len(types)):
@@ -817,13 +844,18 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
                         rare_seed |= m
                 label = np.where(rare_seed, best, label)
                 seed |= rare_seed
+                unexplained = cl_label[codes] == len(types)
                 for _ in range(refine):
                     post, _has = refine_posteriors(counts, label, seed, len(ext), free=label == len(types),
                                                    **dict(refine_kwargs or {}))
                     new_label = post.argmax(axis=1)
                     new_chosen = post[np.arange(len(s)), new_label]
-                    # a cell of a cluster no type explains joins a type only on strong evidence
-                    stay = (label == len(types)) & (new_chosen < unknown_posterior)
+                    # a cell of a cluster no type explains joins a type only on strong evidence, and
+                    # only a type that the cluster's markers nominate: the multinomial posterior is
+                    # over-confident, and over the whole panel an unknown population is always
+                    # "closest" to some profile (tumour cells to a T-cell profile)
+                    ok_type = nom[codes, np.minimum(new_label, len(types) - 1)] & (new_label < len(types))
+                    stay = unexplained & ((new_chosen < unknown_posterior) | ~ok_type)
                     label = np.where(stay, len(types), new_label)
                     chosen = np.where(stay, 0.0, new_chosen)
                     seed = qc & (chosen >= 0.9) & (label < len(types))

@@ -16,9 +16,11 @@ ablations / baselines ("flat" = the paper's "w/o Hier", "marker", "cluster").
 
 **Frozen labeler.** The defaults of this module and of :mod:`stlib.labels.celltypes` (cluster
 annotation, rare-type seeding, posterior thresholds, the neoplastic step's evidence rules) were
-chosen on the development cohorts ``stlib.robustness.DEV_SEEDS`` (seeds 101-106 of the realistic
+chosen on the development cohorts ``stlib.robustness.DEV_SEEDS`` (seeds 101-120 of the realistic
 demo generator) and on nothing else; the evaluation seeds ``stlib.robustness.EVAL_SEEDS`` were
 not looked at before the labeler was frozen, and ``benchmarks/label_robustness.json`` reports them.
+(The seeds of a first evaluation, ``stlib.robustness.SEEN_SEEDS``, were read when it failed and are
+no longer unseen.)
 """
 
 from __future__ import annotations
