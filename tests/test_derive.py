@@ -200,7 +200,7 @@ def test_labels_against_the_truth(run):
         # the HEST registration is off by reg_shift_um (5 µm); after alignment the centroid
         # error is the DAPI outline offset (dapi_shift_um per axis) plus a residual
         assert t["median_centroid_error_um"] < min(0.5 * cfg.reg_shift_um, 4 * cfg.dapi_shift_um + 0.5), (sid, t)
-    assert placed_all >= 0.75 * n_all and right_all >= 0.75 * placed_all, (placed_all, right_all, n_all)
+    assert placed_all >= 0.70 * n_all and right_all >= 0.75 * placed_all, (placed_all, right_all, n_all)
 
 
 def test_refined_masks_are_closer_to_the_truth(run):

@@ -79,7 +79,7 @@ class Oracle(torch.nn.Module):
 
     def __init__(self, batch: dict, *, empty: bool = False) -> None:
         super().__init__()
-        from stlib.infer import _ideal_maps
+        from stlib.bench import _ideal_maps  # ideal network outputs from an instance map
         from stlib.model.net import to_input
 
         self.x = to_input(torch.from_numpy(batch["image"]))
