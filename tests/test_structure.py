@@ -137,9 +137,6 @@ def _functions(tree: ast.AST):
 #: the test fails when a listed function has been brought under the limit (remove it then).
 PENDING: dict[str, str] = {
     "stlib.train._train": "split waits for issue 11's changes to stlib/train.py to merge (merge order)",
-    "stlib.labels.celltypes.assign_fine_types": "stlib/labels/celltypes.py is being changed by issue 12b",
-    "stlib.labels.classes.neoplastic_step": "stlib/labels/classes.py is being changed by issue 12b",
-    "stlib.labels.classes._split_candidates": "stlib/labels/classes.py is being changed by issue 12b",
 }
 
 
