@@ -136,7 +136,6 @@ def _functions(tree: ast.AST):
 #: Functions still over the limit, each with the reason it is not split yet. Keep this empty;
 #: the test fails when a listed function has been brought under the limit (remove it then).
 PENDING: dict[str, str] = {
-    "stlib.train._train": "split waits for issue 11's changes to stlib/train.py to merge (merge order)",
 }
 
 
