@@ -350,3 +350,23 @@ def test_cycling_cells_need_several_proliferation_genes():
                   [0, 0, 0, 0, 50, 5]], dtype=np.float32)
     ad = AnnData(x, var=pd.DataFrame(index=genes))
     np.testing.assert_array_equal(cl.cycling_cells(ad, genes[:4]), [True, False, False, False])
+
+
+def test_neoplastic_config_and_keywords_agree():
+    """neoplastic_step takes a NeoplasticConfig, keyword options, or both (keywords win)."""
+    ad = make_sample({"tumor": 60, "epithelial": 60, "t_cell": 60}, seed=4, tumor_strength=1.0)
+    ct.normalize(ad)
+    ad.obs["fine_type"] = pd.Categorical(ad.obs["truth"].replace({"tumor": "epithelial"}))
+    kw = dict(disease_state="Cancer", oncotree_code="IDC", organ="Breast")
+    a = cl.neoplastic_step(ad, **kw, unimodal="ambiguous", self_train_rounds=1, copy=True)
+    b = cl.neoplastic_step(ad, **kw, config=cl.NeoplasticConfig(unimodal="ambiguous", self_train_rounds=1), copy=True)
+    c = cl.neoplastic_step(ad, **kw, config=cl.NeoplasticConfig(unimodal="neoplastic", self_train_rounds=1),
+                           unimodal="ambiguous", copy=True)
+    for other in (b, c):
+        pd.testing.assert_frame_equal(a.obs, other.obs)
+    with pytest.raises(TypeError):
+        cl.neoplastic_step(ad, **kw, no_such_option=1)
+    with pytest.raises(ValueError, match="low <= high"):
+        cl.NeoplasticConfig(low=0.7, high=0.6)
+    with pytest.raises(ValueError, match="unimodal"):
+        cl.neoplastic_step(ad, **kw, unimodal="maybe")

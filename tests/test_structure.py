@@ -136,9 +136,6 @@ def _functions(tree: ast.AST):
 #: Functions still over the limit, each with the reason it is not split yet. Keep this empty;
 #: the test fails when a listed function has been brought under the limit (remove it then).
 PENDING: dict[str, str] = {
-    "stlib.labels.celltypes.assign_fine_types": "stlib/labels/celltypes.py is being changed by issue 12b",
-    "stlib.labels.classes.neoplastic_step": "stlib/labels/classes.py is being changed by issue 12b",
-    "stlib.labels.classes._split_candidates": "stlib/labels/classes.py is being changed by issue 12b",
 }
 
 

@@ -711,6 +711,170 @@ def refine_posteriors(counts: Any, label: np.ndarray, seed: np.ndarray, n_types:
     return post, has
 
 
+def _top_two(s: np.ndarray, n_types: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best type per cell (argmax of the scores) and margin over the second best score."""
+    order = np.argsort(-s, axis=1, kind="stable")
+    best = order[:, 0]
+    top = s[np.arange(len(s)), best]
+    second = s[np.arange(len(s)), order[:, 1]] if n_types > 1 else np.zeros(len(s))
+    return best, top - second
+
+
+def _qc_mask(adata: AnnData, qc_key: str | None) -> np.ndarray | None:
+    """``obs[qc_key]`` as booleans, or None when there is no QC column."""
+    if qc_key is not None and qc_key in adata.obs:
+        return adata.obs[qc_key].to_numpy(bool)
+    return None
+
+
+def _cluster_votes(codes: np.ndarray, best: np.ndarray, margin: np.ndarray, qc: np.ndarray | None,
+                   n_types: int, min_margin: float) -> np.ndarray:
+    """Per cluster, the fraction of its voters (confident cells; all cells when none) per type."""
+    n_cl = int(codes.max()) + 1
+    confident = margin >= min_margin
+    if qc is not None:
+        confident &= qc
+    votes = np.zeros((n_cl, n_types))
+    np.add.at(votes, (codes[confident], best[confident]), 1.0)
+    empty = votes.sum(axis=1) == 0
+    if empty.any():
+        sel = np.isin(codes, np.flatnonzero(empty))
+        np.add.at(votes, (codes[sel], best[sel]), 1.0)
+    return votes / np.maximum(votes.sum(axis=1, keepdims=True), 1.0)
+
+
+def _cluster_type_mask(column: Sequence[Any], types: list[str]) -> np.ndarray:
+    """(clusters, types) mask of the comma-separated type names in an annotate_clusters column."""
+    mask = np.zeros((len(column), len(types)), dtype=bool)
+    for c_i, nm in enumerate(column):
+        for t in str(nm).split(","):
+            if t in types:
+                mask[c_i, types.index(t)] = True
+    return mask
+
+
+def _rare_seeds(adata: AnnData, markers: Mapping[str, list[str]], types: list[str], ann: pd.DataFrame,
+                cl_label: np.ndarray, codes: np.ndarray, best: np.ndarray, margin: np.ndarray,
+                qc: np.ndarray, *, rare_margin: float, rare_min_detected: int,
+                rare_min_cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cells seeding a rare type that forms no cluster of its own; also the nominated-type mask.
+
+    Rare types form no cluster of their own (T cells among a few immune cells, basal melanocytes):
+    cells whose own markers say so clearly seed their profile instead ... except in a cluster no
+    type explains whose markers qualify no type at all or also qualify a type that explains another
+    cluster of the sample: there the cells whose markers "say so clearly" are that population's own
+    non-specific markers (acinar cells with two smooth-muscle genes next to a duct epithelium), and
+    a profile seeded from them would absorb the whole cluster through its own cells.
+    """
+    n = len(best)
+    det = _detected_markers(adata, markers)
+    n_mk = np.array([len(markers[t]) for t in types])
+    annotated = set(cl_label[cl_label < len(types)].tolist())
+    nom = _cluster_type_mask(ann["nominated"], types)
+    qual_ = _cluster_type_mask(ann["qualifying"], types)
+    blocked = (cl_label == len(types)) & (~qual_.any(axis=1) | np.array(
+        [bool(qual_[c_i][sorted(annotated)].any()) if annotated else False for c_i in range(len(cl_label))]))
+    strong = (qc & (margin >= rare_margin) & ~blocked[codes]
+              & (det[np.arange(n), best] >= np.minimum(rare_min_detected, n_mk[best])))
+    rare_seed = np.zeros(n, dtype=bool)
+    for t in range(len(types)):
+        if t in annotated:
+            continue
+        m = strong & (best == t)
+        if m.sum() >= rare_min_cells:
+            rare_seed |= m
+    return rare_seed, nom
+
+
+def _refine_rounds(counts: Any, label: np.ndarray, seed: np.ndarray, qc: np.ndarray, unexplained: np.ndarray,
+                   nom: np.ndarray, codes: np.ndarray, n_types: int, *, refine: int, unknown_posterior: float,
+                   refine_kwargs: Mapping[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
+    """``refine`` rounds of :func:`refine_posteriors`; returns the final label and its posterior."""
+    n = len(label)
+    chosen = np.where(label < n_types, 1.0, 0.0)
+    for _ in range(refine):
+        post, _has = refine_posteriors(counts, label, seed, n_types + 1, free=label == n_types,
+                                       **dict(refine_kwargs or {}))
+        new_label = post.argmax(axis=1)
+        new_chosen = post[np.arange(n), new_label]
+        # a cell of a cluster no type explains joins a type only on strong evidence, and
+        # only a type that the cluster's markers nominate: the multinomial posterior is
+        # over-confident, and over the whole panel an unknown population is always
+        # "closest" to some profile (tumour cells to a T-cell profile)
+        ok_type = nom[codes, np.minimum(new_label, n_types - 1)] & (new_label < n_types)
+        stay = unexplained & ((new_chosen < unknown_posterior) | ~ok_type)
+        label = np.where(stay, n_types, new_label)
+        chosen = np.where(stay, 0.0, new_chosen)
+        seed = qc & (chosen >= 0.9) & (label < n_types)
+    return label, chosen
+
+
+def _neighbour_confidence(adata: AnnData, label: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """Mean of the posterior and the fraction of the cell's kNN neighbours given the same type."""
+    if "connectivities" in adata.obsp:
+        g = sp.csr_matrix(adata.obsp["connectivities"])
+        rows = np.repeat(np.arange(g.shape[0]), np.diff(g.indptr))
+        agree = (label[g.indices] == label[rows]).astype(float) * g.data
+        num = np.bincount(rows, weights=agree, minlength=g.shape[0])
+        den = np.bincount(rows, weights=g.data, minlength=g.shape[0])
+        nbr = np.where(den > 0, num / np.maximum(den, 1e-12), chosen)
+    else:
+        nbr = chosen
+    return 0.5 * (chosen + nbr)
+
+
+def _hierarchical_labels(adata: AnnData, markers: Mapping[str, list[str]], types: list[str], codes: np.ndarray,
+                         best: np.ndarray, margin: np.ndarray, *, cluster_key: str, qc_key: str | None,
+                         refine: int, refine_kwargs: Mapping[str, Any] | None,
+                         annotate_kwargs: Mapping[str, Any] | None, unknown_posterior: float,
+                         rare_margin: float, rare_min_detected: int,
+                         rare_min_cells: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Steps 1-3 of the hierarchical method: cluster types, rare seeds, refinement; label, conf, refined."""
+    qc = _qc_mask(adata, qc_key)
+    if qc is None:
+        qc = np.ones(len(best), dtype=bool)
+    ann = annotate_clusters(adata, markers, cluster_key=cluster_key, **dict(annotate_kwargs or {}))
+    ext = [*types, UNKNOWN]  # index len(types): no type (clusters without marker evidence)
+    cl_label = np.array([ext.index(t) for t in ann["type"]], dtype=int)
+    label = cl_label[codes]
+    chosen = np.where(label < len(types), 1.0, 0.0)
+    refined = False
+    if refine > 0:
+        counts = _gene_counts(adata)
+        seed = qc & (label < len(types))
+        rare_seed, nom = _rare_seeds(adata, markers, types, ann, cl_label, codes, best, margin, qc,
+                                     rare_margin=rare_margin, rare_min_detected=rare_min_detected,
+                                     rare_min_cells=rare_min_cells)
+        label = np.where(rare_seed, best, label)
+        seed |= rare_seed
+        unexplained = cl_label[codes] == len(types)
+        label, chosen = _refine_rounds(counts, label, seed, qc, unexplained, nom, codes, len(types),
+                                       refine=refine, unknown_posterior=unknown_posterior,
+                                       refine_kwargs=refine_kwargs)
+        refined = True
+    adata.uns.setdefault(Key.UNS, {})["annotate_clusters"] = ann.astype(
+        {"cluster": str}).to_dict(orient="list")
+    return label, _neighbour_confidence(adata, label, chosen), refined
+
+
+def _write_fine_types(adata: AnnData, markers: Mapping[str, list[str]], types: list[str], label: np.ndarray,
+                      conf: np.ndarray, *, refined: bool, min_detected: int, qc_key: str | None,
+                      key_added: str) -> None:
+    """Unknown for failed QC / too few detected markers / no type; write obs[key_added] and the confidence."""
+    no_type = label >= len(types)
+    label = np.where(no_type, 0, label)
+    names = np.array(types, dtype=object)[label]
+    det = _detected_markers(adata, markers)
+    weak = ((det[np.arange(len(label)), label] < min_detected) & (not refined)) | no_type
+    if qc_key is not None and qc_key in adata.obs:
+        weak |= ~adata.obs[qc_key].to_numpy(bool)
+    names[weak] = UNKNOWN
+    conf = np.where(weak, 0.0, conf)
+    cats = [*types, UNKNOWN]
+    adata.obs[key_added] = pd.Categorical(names.astype(str), categories=cats)
+    adata.obs[Key.TYPE_CONFIDENCE] = np.clip(conf, 0.0, 1.0).astype(np.float64)
+
+
 def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
                       method: Literal["hierarchical", "consensus", "marker", "cluster"] = "hierarchical",
                       score_prefix: str = Key.SCORE_PREFIX, cluster_key: str = Key.CLUSTER,
@@ -772,11 +936,7 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
     if missing:
         rank_score(adata, {t: markers[t] for t in missing}, key_added=score_prefix)
     s = np.column_stack([adata.obs[f"{score_prefix}{t}"].to_numpy(np.float64) for t in types])
-    order = np.argsort(-s, axis=1, kind="stable")
-    best = order[:, 0]
-    top = s[np.arange(len(s)), best]
-    second = s[np.arange(len(s)), order[:, 1]] if len(types) > 1 else np.zeros(len(s))
-    margin = top - second
+    best, margin = _top_two(s, len(types))
 
     refined = False
     if method == "marker":
@@ -786,105 +946,19 @@ def assign_fine_types(adata: AnnData, markers: Mapping[str, Sequence[str]], *,
         if cluster_key not in adata.obs:
             raise ValueError(f"obs[{cluster_key!r}] missing: run stlib.labels.celltypes.cluster(adata) first")
         codes = pd.Categorical(adata.obs[cluster_key]).codes
-        n_cl = int(codes.max()) + 1
-        confident = margin >= min_margin
-        if qc_key is not None and qc_key in adata.obs:
-            confident &= adata.obs[qc_key].to_numpy(bool)
-        votes = np.zeros((n_cl, len(types)))
-        np.add.at(votes, (codes[confident], best[confident]), 1.0)
-        empty = votes.sum(axis=1) == 0
-        if empty.any():
-            sel = np.isin(codes, np.flatnonzero(empty))
-            np.add.at(votes, (codes[sel], best[sel]), 1.0)
-        q = votes / np.maximum(votes.sum(axis=1, keepdims=True), 1.0)
         if method == "cluster":
+            q = _cluster_votes(codes, best, margin, _qc_mask(adata, qc_key), len(types), min_margin)
             label = q.argmax(axis=1)[codes]
             conf = q.max(axis=1)[codes]
         else:
-            qc = (adata.obs[qc_key].to_numpy(bool) if qc_key is not None and qc_key in adata.obs
-                  else np.ones(len(s), dtype=bool))
-            ann = annotate_clusters(adata, markers, cluster_key=cluster_key, **dict(annotate_kwargs or {}))
-            ext = [*types, UNKNOWN]  # index len(types): no type (clusters without marker evidence)
-            cl_label = np.array([ext.index(t) for t in ann["type"]], dtype=int)
-            label = cl_label[codes]
-            chosen = np.where(label < len(types), 1.0, 0.0)
-            if refine > 0:
-                counts = _gene_counts(adata)
-                seed = qc & (label < len(types))
-                # rare types form no cluster of their own (T cells among a few immune cells, basal
-                # melanocytes): cells whose own markers say so clearly seed their profile instead
-                det = _detected_markers(adata, markers)
-                n_mk = np.array([len(markers[t]) for t in types])
-                annotated = set(cl_label[cl_label < len(types)].tolist())
-                # ... except in a cluster no type explains whose markers qualify no type at all or
-                # also qualify a type that explains another cluster of the sample: there the cells
-                # whose markers "say so clearly" are that population's own non-specific markers
-                # (acinar cells with two smooth-muscle genes next to a duct epithelium), and a
-                # profile seeded from them would absorb the whole cluster through its own cells
-                nom = np.zeros((len(cl_label), len(types)), dtype=bool)
-                for c_i, nm in enumerate(ann["nominated"]):
-                    for t in str(nm).split(","):
-                        if t in types:
-                            nom[c_i, types.index(t)] = True
-                qual_ = np.zeros_like(nom)
-                for c_i, nm in enumerate(ann["qualifying"]):
-                    for t in str(nm).split(","):
-                        if t in types:
-                            qual_[c_i, types.index(t)] = True
-                blocked = (cl_label == len(types)) & (~qual_.any(axis=1) | np.array(
-                    [bool(qual_[c_i][sorted(annotated)].any()) if annotated else False for c_i in range(len(cl_label))]))
-                strong = (qc & (margin >= rare_margin) & ~blocked[codes]
-                          & (det[np.arange(len(s)), best] >= np.minimum(rare_min_detected, n_mk[best])))
-                rare_seed = np.zeros(len(s), dtype=bool)
-                for t in range(len(types)):
-                    if t in annotated:
-                        continue
-                    m = strong & (best == t)
-                    if m.sum() >= rare_min_cells:
-                        rare_seed |= m
-                label = np.where(rare_seed, best, label)
-                seed |= rare_seed
-                unexplained = cl_label[codes] == len(types)
-                for _ in range(refine):
-                    post, _has = refine_posteriors(counts, label, seed, len(ext), free=label == len(types),
-                                                   **dict(refine_kwargs or {}))
-                    new_label = post.argmax(axis=1)
-                    new_chosen = post[np.arange(len(s)), new_label]
-                    # a cell of a cluster no type explains joins a type only on strong evidence, and
-                    # only a type that the cluster's markers nominate: the multinomial posterior is
-                    # over-confident, and over the whole panel an unknown population is always
-                    # "closest" to some profile (tumour cells to a T-cell profile)
-                    ok_type = nom[codes, np.minimum(new_label, len(types) - 1)] & (new_label < len(types))
-                    stay = unexplained & ((new_chosen < unknown_posterior) | ~ok_type)
-                    label = np.where(stay, len(types), new_label)
-                    chosen = np.where(stay, 0.0, new_chosen)
-                    seed = qc & (chosen >= 0.9) & (label < len(types))
-                refined = True
-            adata.uns.setdefault(Key.UNS, {})["annotate_clusters"] = ann.astype(
-                {"cluster": str}).to_dict(orient="list")
-            if "connectivities" in adata.obsp:
-                g = sp.csr_matrix(adata.obsp["connectivities"])
-                rows = np.repeat(np.arange(g.shape[0]), np.diff(g.indptr))
-                agree = (label[g.indices] == label[rows]).astype(float) * g.data
-                num = np.bincount(rows, weights=agree, minlength=g.shape[0])
-                den = np.bincount(rows, weights=g.data, minlength=g.shape[0])
-                nbr = np.where(den > 0, num / np.maximum(den, 1e-12), chosen)
-            else:
-                nbr = chosen
-            conf = 0.5 * (chosen + nbr)
+            label, conf, refined = _hierarchical_labels(
+                adata, markers, types, codes, best, margin, cluster_key=cluster_key, qc_key=qc_key,
+                refine=refine, refine_kwargs=refine_kwargs, annotate_kwargs=annotate_kwargs,
+                unknown_posterior=unknown_posterior, rare_margin=rare_margin,
+                rare_min_detected=rare_min_detected, rare_min_cells=rare_min_cells)
 
-    no_type = label >= len(types)
-    label = np.where(no_type, 0, label)
-    names = np.array(types, dtype=object)[label]
-    det = _detected_markers(adata, markers)
-    weak = ((det[np.arange(len(s)), label] < min_detected) & (not refined)) | no_type
-    if qc_key is not None and qc_key in adata.obs:
-        weak |= ~adata.obs[qc_key].to_numpy(bool)
-    names[weak] = UNKNOWN
-    conf = np.where(weak, 0.0, conf)
-    cats = [*types, UNKNOWN]
-    adata.obs[key_added] = pd.Categorical(names.astype(str), categories=cats)
-    adata.obs[Key.TYPE_CONFIDENCE] = np.clip(conf, 0.0, 1.0).astype(np.float64)
+    _write_fine_types(adata, markers, types, label, conf, refined=refined, min_detected=min_detected,
+                      qc_key=qc_key, key_added=key_added)
     adata.uns.setdefault(Key.UNS, {})["assign_fine_types"] = {
         "method": method, "temperature": temperature, "min_margin": min_margin,
         "min_detected": min_detected, "types": types,

@@ -26,8 +26,8 @@ no longer unseen.)
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Literal
 
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "FINE_TO_CLASS", "REFERENCE_TYPES", "CANDIDATE_TYPES", "Lineage", "is_tumor_sample", "load_gene_positions",
-    "tumor_lineage", "lineage_table", "cnv_support", "cycling_cells", "neoplastic_step", "dead_rule", "to_image_classes",
+    "tumor_lineage", "lineage_table", "cnv_support", "cycling_cells", "NeoplasticConfig", "neoplastic_step", "dead_rule", "to_image_classes",
     "label_cells",
 ]
 
@@ -337,20 +337,46 @@ def cycling_cells(adata: AnnData, genes: Sequence[str], *, min_fraction: float =
     return (c >= min_fraction * np.maximum(tot, 1)) & (nd >= need) & (c > 0)
 
 
+@dataclass(frozen=True)
+class NeoplasticConfig:
+    """Options of :func:`neoplastic_step` (see there for what each does)."""
+
+    fine_key: str = Key.FINE_TYPE
+    candidate_types: Sequence[str] | None = None
+    reference_types: Sequence[str] = REFERENCE_TYPES
+    weights: tuple[float, float, float] = (1.0, 0.0, 1.0)
+    use_cnv: bool = True
+    cnv_window: int | None = None
+    cnv_step: int | None = None
+    min_genes_per_arm: int = 20
+    min_positioned_genes: int = 100
+    min_reference_cells: int = 30
+    low: float = 0.4
+    high: float = 0.6
+    min_separation: float = 2.0
+    unimodal: Literal["evidence", "neoplastic", "ambiguous"] = "evidence"
+    min_separation_backed: float = 1.2
+    min_cycling_fraction: float = 0.06
+    min_cycling_ratio: float = 2.5
+    normal_cycling_ratio: float = 1.5
+    unimodal_score: float = 0.75
+    self_train: bool = True
+    self_train_rounds: int = 2
+    refit_confident: float = 0.9
+    min_seed_cells: int = 5
+    smooth_neighbors: int = 15
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.low <= self.high <= 1.0:
+            raise ValueError(f"need 0 <= low <= high <= 1, got low={self.low}, high={self.high}")
+        if self.unimodal not in ("evidence", "neoplastic", "ambiguous"):
+            raise ValueError(f"unimodal must be 'evidence', 'neoplastic' or 'ambiguous', got {self.unimodal!r}")
+
+
 def neoplastic_step(adata: AnnData, *, disease_state: str | None, oncotree_code: str | None = None,
-                    organ: str | None = None, fine_key: str = Key.FINE_TYPE,
-                    candidate_types: Sequence[str] | None = None,
-                    reference_types: Sequence[str] = REFERENCE_TYPES,
-                    weights: tuple[float, float, float] = (1.0, 0.0, 1.0), use_cnv: bool = True,
-                    cnv_window: int | None = None, cnv_step: int | None = None, min_genes_per_arm: int = 20,
-                    min_positioned_genes: int = 100, min_reference_cells: int = 30, low: float = 0.4,
-                    high: float = 0.6, min_separation: float = 2.0,
-                    unimodal: Literal["evidence", "neoplastic", "ambiguous"] = "evidence",
-                    min_separation_backed: float = 1.2, min_cycling_fraction: float = 0.06,
-                    min_cycling_ratio: float = 2.5, normal_cycling_ratio: float = 1.5,
-                    unimodal_score: float = 0.75, self_train: bool = True, self_train_rounds: int = 2,
-                    refit_confident: float = 0.9, min_seed_cells: int = 5, smooth_neighbors: int = 15,
-                    seed: int = 0, copy: bool = False) -> AnnData | None:
+                    organ: str | None = None, config: NeoplasticConfig | None = None, copy: bool = False,
+                    **options: object) -> AnnData | None:
     """The hierarchical neoplastic step: sample gate, lineage, then neoplastic vs non-neoplastic.
 
     1. Gate: when :func:`is_tumor_sample` is False, no cell is neoplastic; epithelial-like cells
@@ -382,6 +408,9 @@ def neoplastic_step(adata: AnnData, *, disease_state: str | None, oncotree_code:
     6. Score >= ``high`` -> "neoplastic" (fine type becomes "tumor"), <= ``low`` -> "non-neoplastic",
        in between -> "ambiguous" (class 255 later).
 
+    Options are the fields of :class:`NeoplasticConfig`: pass a ``config``, keyword arguments, or
+    both (keyword arguments override the config's fields).
+
     Returns
     -------
     Writes ``obs["neoplastic_score"]`` (NaN for non-candidates / healthy samples),
@@ -389,18 +418,15 @@ def neoplastic_step(adata: AnnData, *, disease_state: str | None, oncotree_code:
     ``obs["cnv_score"]`` (NaN when off), updates ``obs[fine_key]`` ("tumor" for neoplastic
     cells) and ``uns["stlib_labels"]["neoplastic_step"]``; returns the AnnData when ``copy=True``.
     """
-    if not 0.0 <= low <= high <= 1.0:
-        raise ValueError(f"need 0 <= low <= high <= 1, got low={low}, high={high}")
-    if unimodal not in ("evidence", "neoplastic", "ambiguous"):
-        raise ValueError(f"unimodal must be 'evidence', 'neoplastic' or 'ambiguous', got {unimodal!r}")
+    cfg = replace(config if config is not None else NeoplasticConfig(), **options)
     adata = adata.copy() if copy else adata
-    if fine_key not in adata.obs:
-        raise ValueError(f"obs[{fine_key!r}] missing: run stlib.labels.celltypes.assign_fine_types first")
-    fine = adata.obs[fine_key].astype(str).to_numpy(object)
+    if cfg.fine_key not in adata.obs:
+        raise ValueError(f"obs[{cfg.fine_key!r}] missing: run stlib.labels.celltypes.assign_fine_types first")
+    fine = adata.obs[cfg.fine_key].astype(str).to_numpy(object)
     tumor = is_tumor_sample(disease_state, oncotree_code)
     lin = tumor_lineage(oncotree_code, organ)
-    if candidate_types is not None:
-        lin = Lineage(lin.code, tuple(candidate_types), (), "candidate types given")
+    if cfg.candidate_types is not None:
+        lin = Lineage(lin.code, tuple(cfg.candidate_types), (), "candidate types given")
     n = adata.n_obs
     call = np.full(n, "", dtype=object)
     nscore = np.full(n, np.nan)
@@ -408,15 +434,7 @@ def neoplastic_step(adata: AnnData, *, disease_state: str | None, oncotree_code:
     info: dict = {"tumor_sample": tumor, "lineage": list(lin.candidates), "lineage_note": lin.note,
                   "candidate_types": list(lin.candidates)}
     prog = load_programs(adata.var_names, organ=organ, oncotree_code=oncotree_code)
-    sigs = {k: v for k, v in {"tumor_up": prog["tumor_up"], "tumor_down": prog["tumor_down"],
-                              "proliferation": prog["proliferation"]}.items() if v}
-    if sigs:
-        rank_score(adata, sigs, key_added="_prog_")
-    t_up = adata.obs.pop("_prog_tumor_up").to_numpy() if "tumor_up" in sigs else np.zeros(n)
-    t_dn = adata.obs.pop("_prog_tumor_down").to_numpy() if "tumor_down" in sigs else np.zeros(n)
-    prol = adata.obs.pop("_prog_proliferation").to_numpy() if "proliferation" in sigs else np.zeros(n)
-    adata.obs[Key.TUMOR_SCORE] = t_up - t_dn
-    adata.obs[Key.PROLIF_SCORE] = prol
+    t_up, t_dn, prol = _program_scores(adata, prog)
     epithelial_like = np.isin(fine, list(_EPITHELIAL_LIKE))
 
     if not tumor:
@@ -443,16 +461,36 @@ def neoplastic_step(adata: AnnData, *, disease_state: str | None, oncotree_code:
             log.warning("neoplastic_step: %s; left ambiguous", info["reason"])
         else:
             _split_candidates(adata, fine, cand, call, nscore, cnv_score, info, t_up=t_up, t_dn=t_dn, prol=prol,
-                              prog=prog, reference_types=reference_types, weights=weights, use_cnv=use_cnv,
-                              cnv_window=cnv_window, cnv_step=cnv_step, min_genes_per_arm=min_genes_per_arm,
-                              min_positioned_genes=min_positioned_genes, min_reference_cells=min_reference_cells,
-                              low=low, high=high, min_separation=min_separation, unimodal=unimodal,
-                              min_cycling_fraction=min_cycling_fraction, min_cycling_ratio=min_cycling_ratio,
-                              normal_cycling_ratio=normal_cycling_ratio, min_separation_backed=min_separation_backed,
-                              unimodal_score=unimodal_score, self_train=self_train,
-                              self_train_rounds=self_train_rounds, refit_confident=refit_confident,
-                              min_seed_cells=min_seed_cells, smooth_neighbors=smooth_neighbors, seed=seed)
-    # update fine types
+                              prog=prog, cfg=cfg)
+    _write_neoplastic(adata, fine, call, nscore, cnv_score, cfg.fine_key)
+    info.update(disease_state=None if _is_missing(disease_state) else str(disease_state),
+                oncotree_code=None if _is_missing(oncotree_code) else str(oncotree_code),
+                organ=canonical_organ(organ, oncotree_code), weights=list(cfg.weights), low=cfg.low,
+                high=cfg.high, programs={k: v for k, v in prog.items()})
+    adata.uns.setdefault(Key.UNS, {})["neoplastic_step"] = info
+    log.info("neoplastic_step: wrote obs[%r, %r, %r, %r, %r], updated obs[%r]", Key.NEOPLASTIC_SCORE,
+             Key.NEOPLASTIC_CALL, Key.TUMOR_SCORE, Key.PROLIF_SCORE, Key.CNV_SCORE, cfg.fine_key)
+    return adata if copy else None
+
+
+def _program_scores(adata: AnnData, prog: Mapping[str, list[str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rank scores of the tumour up / down and proliferation programmes; writes the two obs scores."""
+    n = adata.n_obs
+    sigs = {k: v for k, v in {"tumor_up": prog["tumor_up"], "tumor_down": prog["tumor_down"],
+                              "proliferation": prog["proliferation"]}.items() if v}
+    if sigs:
+        rank_score(adata, sigs, key_added="_prog_")
+    t_up = adata.obs.pop("_prog_tumor_up").to_numpy() if "tumor_up" in sigs else np.zeros(n)
+    t_dn = adata.obs.pop("_prog_tumor_down").to_numpy() if "tumor_down" in sigs else np.zeros(n)
+    prol = adata.obs.pop("_prog_proliferation").to_numpy() if "proliferation" in sigs else np.zeros(n)
+    adata.obs[Key.TUMOR_SCORE] = t_up - t_dn
+    adata.obs[Key.PROLIF_SCORE] = prol
+    return t_up, t_dn, prol
+
+
+def _write_neoplastic(adata: AnnData, fine: np.ndarray, call: np.ndarray, nscore: np.ndarray,
+                      cnv_score: np.ndarray, fine_key: str) -> None:
+    """Neoplastic cells become "tumor" in ``obs[fine_key]``; write the score, call and CNV columns."""
     fine_cat = adata.obs[fine_key]
     cats = list(fine_cat.cat.categories) if hasattr(fine_cat, "cat") else sorted(set(fine))
     if "tumor" not in cats:
@@ -463,43 +501,27 @@ def neoplastic_step(adata: AnnData, *, disease_state: str | None, oncotree_code:
     adata.obs[Key.NEOPLASTIC_SCORE] = nscore
     adata.obs[Key.NEOPLASTIC_CALL] = pd.Categorical(call.astype(str))
     adata.obs[Key.CNV_SCORE] = cnv_score
-    info.update(disease_state=None if _is_missing(disease_state) else str(disease_state),
-                oncotree_code=None if _is_missing(oncotree_code) else str(oncotree_code),
-                organ=canonical_organ(organ, oncotree_code), weights=list(weights), low=low, high=high,
-                programs={k: v for k, v in prog.items()})
-    adata.uns.setdefault(Key.UNS, {})["neoplastic_step"] = info
-    log.info("neoplastic_step: wrote obs[%r, %r, %r, %r, %r], updated obs[%r]", Key.NEOPLASTIC_SCORE,
-             Key.NEOPLASTIC_CALL, Key.TUMOR_SCORE, Key.PROLIF_SCORE, Key.CNV_SCORE, fine_key)
-    return adata if copy else None
 
 
-def _split_candidates(adata: AnnData, fine: np.ndarray, cand: np.ndarray, call: np.ndarray, nscore: np.ndarray,
-                      cnv_score: np.ndarray, info: dict, *, t_up, t_dn, prol, prog, reference_types, weights,
-                      use_cnv, cnv_window, cnv_step, min_genes_per_arm, min_positioned_genes, min_reference_cells,
-                      low, high, min_separation, unimodal, min_cycling_fraction, min_cycling_ratio, unimodal_score,
-                      normal_cycling_ratio, min_separation_backed,
-                      self_train, self_train_rounds, refit_confident, min_seed_cells, smooth_neighbors,
-                      seed) -> None:
-    """Steps 3-6 of :func:`neoplastic_step` for a tumour sample with a lineage (writes in place)."""
-    w_t, w_p, w_c = weights
-    z_t, z_p = _std_z((t_up - t_dn)[cand]), _std_z(prol[cand])
-    raw = w_t * z_t + w_p * z_p
+def _cnv_raw_score(adata: AnnData, ref: np.ndarray, cand: np.ndarray, raw: np.ndarray, cnv_score: np.ndarray,
+                   info: dict, cfg: NeoplasticConfig) -> tuple[np.ndarray, np.ndarray | None]:
+    """Step 3's copy-number signal where the panel supports one: adds it to ``raw``; the CNV matrix."""
+    w_c = cfg.weights[2]
     info["cnv"] = "disabled"
     cnv_m = None
-    ref = np.isin(fine, list(reference_types))
-    if use_cnv and w_c != 0:
-        ok, win, stp, why = cnv_support(adata.var_names, min_genes_per_arm=min_genes_per_arm)
-        win = cnv_window if cnv_window is not None else win
-        stp = cnv_step if cnv_step is not None else stp
-        if not ok and cnv_window is None:
+    if cfg.use_cnv and w_c != 0:
+        ok, win, stp, why = cnv_support(adata.var_names, min_genes_per_arm=cfg.min_genes_per_arm)
+        win = cfg.cnv_window if cfg.cnv_window is not None else win
+        stp = cfg.cnv_step if cfg.cnv_step is not None else stp
+        if not ok and cfg.cnv_window is None:
             info["cnv"] = why
             log.info("neoplastic_step: %s", why)
         else:
             if Key.LOGNORM not in adata.layers:
                 normalize(adata)
             cnv_m, reason = _cnv_signal(adata, ref, cand, window_size=win, step=stp,
-                                        min_positioned_genes=min_positioned_genes,
-                                        min_reference_cells=min_reference_cells)
+                                        min_positioned_genes=cfg.min_positioned_genes,
+                                        min_reference_cells=cfg.min_reference_cells)
             info["cnv"] = reason
             sig = None if cnv_m is None else _project(cnv_m, cand, ref)
             if sig is None:
@@ -509,9 +531,14 @@ def _split_candidates(adata: AnnData, fine: np.ndarray, cand: np.ndarray, call: 
                 info["cnv"] += "; score = projection on candidates-minus-reference CNV profile"
                 cnv_score[:] = sig
                 raw = raw + w_c * _std_z(sig[cand])
-    # expression PCs of the candidates: the raw score is averaged over each cell's nearest
-    # candidates in expression space (tumour and normal epithelium differ in many genes, so a
-    # cell's neighbours are mostly of its kind; a few-gene signature is noisy cell by cell)
+    return raw, cnv_m
+
+
+def _candidate_pcs(adata: AnnData, cand: np.ndarray, prog: Mapping[str, list[str]], seed: int) -> np.ndarray:
+    """Expression PCs of the candidates (proliferation genes left out: cycling is a state)."""
+    # the raw score is averaged over each cell's nearest candidates in expression space (tumour
+    # and normal epithelium differ in many genes, so a cell's neighbours are mostly of its kind; a
+    # few-gene signature is noisy cell by cell)
     x = adata.layers[Key.LOGNORM] if Key.LOGNORM in adata.layers else _counts(adata)
     x = x[np.flatnonzero(cand)]
     x = x.toarray() if sp.issparse(x) else np.asarray(x, dtype=np.float64)
@@ -520,103 +547,159 @@ def _split_candidates(adata: AnnData, fine: np.ndarray, cand: np.ndarray, call: 
     from sklearn.decomposition import PCA
 
     k_pc = max(1, min(20, x.shape[0] - 1, x.shape[1] - 1))
-    pcs = PCA(n_components=k_pc, random_state=seed).fit_transform(x - x.mean(axis=0))
-    nbrs = _knn(pcs, smooth_neighbors)
+    return PCA(n_components=k_pc, random_state=seed).fit_transform(x - x.mean(axis=0))
+
+
+def _cnv_second_pass(post: np.ndarray, cnv_m: np.ndarray, cand: np.ndarray, base_raw: np.ndarray,
+                     smooth: Callable[[np.ndarray], np.ndarray], cnv_score: np.ndarray, info: dict,
+                     cfg: NeoplasticConfig) -> np.ndarray:
+    """Refit on the CNV direction of putative tumour minus putative normal candidates; the posterior.
+
+    This direction cancels what lineage expression (epithelial genes, absent from the reference) adds.
+    """
+    ci = np.flatnonzero(cand)
+    a, b = ci[post >= cfg.refit_confident], ci[post <= 1.0 - cfg.refit_confident]
+    if a.size >= cfg.min_seed_cells and b.size >= cfg.min_seed_cells:
+        sig2 = _project(cnv_m, a, b)
+        if sig2 is not None:
+            cnv_score[:] = sig2
+            raw = base_raw + cfg.weights[2] * _std_z(sig2[cand])
+            post2, mix2 = _mixture_posterior(smooth(raw), cfg.seed, 0.0)
+            if post2 is not None and mix2["ashman_d"] >= cfg.min_separation:
+                post = post2
+                info.update(mix2)
+                info["cnv"] += "; refined on putative tumour-minus-normal candidates"
+    return post
+
+
+@dataclass(frozen=True)
+class _CyclingEvidence:
+    """Population evidence of a tumour: a share of cycling cells well above the reference cells'."""
+
+    cyc: np.ndarray
+    f_ref: float
+    base: float
+    cfg: NeoplasticConfig
+
+    @classmethod
+    def of(cls, adata: AnnData, prog: Mapping[str, list[str]], ref: np.ndarray,
+           cfg: NeoplasticConfig) -> _CyclingEvidence:
+        cyc = cycling_cells(adata, prog["proliferation"])
+        f_ref = float(cyc[ref].mean()) if ref.sum() >= 20 else float("nan")
+        base = max(f_ref, 0.01) if np.isfinite(f_ref) else float("nan")
+        return cls(cyc, f_ref, base, cfg)
+
+    def share(self, mask: np.ndarray) -> float:
+        return float(self.cyc[mask].mean()) if mask.sum() >= 20 else float("nan")
+
+    def tumour_like(self, f: float) -> bool:
+        return bool(np.isfinite(f) and np.isfinite(self.base)
+                    and f >= max(self.cfg.min_cycling_fraction, self.cfg.min_cycling_ratio * self.base))
+
+    def normal_like(self, f: float) -> bool:
+        return bool(np.isfinite(f) and np.isfinite(self.base) and f <= self.cfg.normal_cycling_ratio * self.base)
+
+
+def _judge_split(post: np.ndarray, cand: np.ndarray, ev: _CyclingEvidence, info: dict,
+                 cfg: NeoplasticConfig) -> np.ndarray | None:
+    """Accept, flip or reject the mixture's split by Ashman's D and the cycling share of each side.
+
+    A split must separate tumour from normal epithelium, not two tumour populations (subclones;
+    cycling and resting cells). Returns the posterior (flipped when the low side is tumour-like) or None.
+    """
+    d = info["ashman_d"]
+    ci = np.flatnonzero(cand)
+    hi_m = np.zeros(len(cand), bool)
+    hi_m[ci[post >= 0.5]] = True
+    lo_m = np.zeros(len(cand), bool)
+    lo_m[ci[post < 0.5]] = True
+    f_hi, f_lo = ev.share(hi_m), ev.share(lo_m)
+    info.update(cycling_fraction_high=f_hi, cycling_fraction_low=f_lo)
+    backed = ev.tumour_like(f_hi) and ev.normal_like(f_lo)
+    backed_flipped = ev.tumour_like(f_lo) and ev.normal_like(f_hi)
+    if ev.tumour_like(f_hi) and ev.tumour_like(f_lo) and max(f_hi, f_lo) < 2.0 * min(f_hi, f_lo):
+        info["split"] = "rejected: both components carry the same tumour evidence (cycling share)"
+        post = None
+    elif d >= cfg.min_separation and backed_flipped:
+        info["split"] = "flipped: the low-score component carries the tumour evidence (cycling share)"
+        post = 1.0 - post
+    elif d >= cfg.min_separation:
+        info["split"] = "accepted: bimodal"
+    elif d >= cfg.min_separation_backed and (backed or backed_flipped):
+        info["split"] = ("accepted: weakly bimodal, one component tumour-like and the other normal-like "
+                         "(cycling share)")
+        if backed_flipped:
+            post = 1.0 - post
+    else:
+        post = None
+    if "split" in info:
+        log.info("neoplastic_step: split %s", info["split"])
+    return post
+
+
+def _unimodal_posterior(cand: np.ndarray, f_cand: float, ev: _CyclingEvidence, info: dict,
+                        cfg: NeoplasticConfig) -> np.ndarray:
+    """Step 5: the candidates are one population; one score for all of them per ``unimodal``."""
+    evidence_ok = ev.tumour_like(f_cand)
+    if cfg.unimodal == "neoplastic" or (cfg.unimodal == "evidence" and evidence_ok):
+        value = 1.0 if cfg.unimodal == "neoplastic" else cfg.unimodal_score
+        what = "neoplastic"
+    else:
+        value, what = 0.5, "ambiguous"
+    info["reason"] = (f"candidates are one population (Ashman's D={info['ashman_d']:.2f}); cycling "
+                      f"{100 * f_cand:.1f}% of candidates vs {100 * ev.f_ref:.1f}% of reference cells; "
+                      f"all called {what} (unimodal={cfg.unimodal!r})")
+    log.warning("neoplastic_step: %s", info["reason"])
+    return np.full(int(cand.sum()), value)
+
+
+def _self_trained_posterior(post: np.ndarray, feats: np.ndarray, info: dict, cfg: NeoplasticConfig) -> np.ndarray:
+    """``self_train_rounds`` rounds of :func:`_self_train` on the confident cells; the posterior."""
+    done = 0
+    for _ in range(cfg.self_train_rounds):
+        prob = _self_train(feats, post, confident=cfg.refit_confident,
+                           min_seed_cells=cfg.min_seed_cells, seed=cfg.seed)
+        if prob is None:
+            break
+        post, done = prob, done + 1
+    if done:
+        info["reason"] += f"; self-trained logistic regression on confident cells ({done} rounds)"
+    return post
+
+
+def _split_candidates(adata: AnnData, fine: np.ndarray, cand: np.ndarray, call: np.ndarray, nscore: np.ndarray,
+                      cnv_score: np.ndarray, info: dict, *, t_up: np.ndarray, t_dn: np.ndarray, prol: np.ndarray,
+                      prog: Mapping[str, list[str]], cfg: NeoplasticConfig) -> None:
+    """Steps 3-6 of :func:`neoplastic_step` for a tumour sample with a lineage (writes in place)."""
+    w_t, w_p, w_c = cfg.weights
+    z_t, z_p = _std_z((t_up - t_dn)[cand]), _std_z(prol[cand])
+    raw = w_t * z_t + w_p * z_p
+    ref = np.isin(fine, list(cfg.reference_types))
+    raw, cnv_m = _cnv_raw_score(adata, ref, cand, raw, cnv_score, info, cfg)
+    pcs = _candidate_pcs(adata, cand, prog, cfg.seed)
+    nbrs = _knn(pcs, cfg.smooth_neighbors)
     smooth = lambda v: v[nbrs].mean(axis=1) if nbrs is not None else v  # noqa: E731
-    post, mix = _mixture_posterior(smooth(raw), seed, 0.0)
+    post, mix = _mixture_posterior(smooth(raw), cfg.seed, 0.0)
     info.update(mix)
     info["ashman_d_first_pass"] = mix["ashman_d"]
-    if post is not None and mix["ashman_d"] >= min_separation and cnv_m is not None:
-        # second pass: the CNV direction of putative tumour minus putative normal candidates
-        # cancels what lineage expression (epithelial genes, absent from the reference) adds
-        ci = np.flatnonzero(cand)
-        a, b = ci[post >= refit_confident], ci[post <= 1.0 - refit_confident]
-        if a.size >= min_seed_cells and b.size >= min_seed_cells:
-            sig2 = _project(cnv_m, a, b)
-            if sig2 is not None:
-                cnv_score[:] = sig2
-                raw = w_t * z_t + w_p * z_p + w_c * _std_z(sig2[cand])
-                post2, mix2 = _mixture_posterior(smooth(raw), seed, 0.0)
-                if post2 is not None and mix2["ashman_d"] >= min_separation:
-                    post = post2
-                    info.update(mix2)
-                    info["cnv"] += "; refined on putative tumour-minus-normal candidates"
-    # population evidence of a tumour: a share of cycling cells well above the reference cells'
-    cyc = cycling_cells(adata, prog["proliferation"])
-    f_ref = float(cyc[ref].mean()) if ref.sum() >= 20 else float("nan")
-    base = max(f_ref, 0.01) if np.isfinite(f_ref) else float("nan")
-
-    def share(mask: np.ndarray) -> float:
-        return float(cyc[mask].mean()) if mask.sum() >= 20 else float("nan")
-
-    def tumour_like(f: float) -> bool:
-        return bool(np.isfinite(f) and np.isfinite(base) and f >= max(min_cycling_fraction, min_cycling_ratio * base))
-
-    def normal_like(f: float) -> bool:
-        return bool(np.isfinite(f) and np.isfinite(base) and f <= normal_cycling_ratio * base)
-
-    f_cand = share(cand)
-    info.update(cycling_fraction_candidates=f_cand, cycling_fraction_reference=f_ref)
-    d = info["ashman_d"]
+    if post is not None and mix["ashman_d"] >= cfg.min_separation and cnv_m is not None:
+        post = _cnv_second_pass(post, cnv_m, cand, w_t * z_t + w_p * z_p, smooth, cnv_score, info, cfg)
+    ev = _CyclingEvidence.of(adata, prog, ref, cfg)
+    f_cand = ev.share(cand)
+    info.update(cycling_fraction_candidates=f_cand, cycling_fraction_reference=ev.f_ref)
     if post is not None:
-        # which side of the split is tumour-like: a split must separate tumour from normal epithelium,
-        # not two tumour populations (subclones; cycling and resting cells)
-        ci = np.flatnonzero(cand)
-        hi_m = np.zeros(len(cand), bool)
-        hi_m[ci[post >= 0.5]] = True
-        lo_m = np.zeros(len(cand), bool)
-        lo_m[ci[post < 0.5]] = True
-        f_hi, f_lo = share(hi_m), share(lo_m)
-        info.update(cycling_fraction_high=f_hi, cycling_fraction_low=f_lo)
-        backed = tumour_like(f_hi) and normal_like(f_lo)
-        backed_flipped = tumour_like(f_lo) and normal_like(f_hi)
-        if tumour_like(f_hi) and tumour_like(f_lo) and max(f_hi, f_lo) < 2.0 * min(f_hi, f_lo):
-            info["split"] = "rejected: both components carry the same tumour evidence (cycling share)"
-            post = None
-        elif d >= min_separation and backed_flipped:
-            info["split"] = "flipped: the low-score component carries the tumour evidence (cycling share)"
-            post = 1.0 - post
-        elif d >= min_separation:
-            info["split"] = "accepted: bimodal"
-        elif d >= min_separation_backed and (backed or backed_flipped):
-            info["split"] = ("accepted: weakly bimodal, one component tumour-like and the other normal-like "
-                             "(cycling share)")
-            if backed_flipped:
-                post = 1.0 - post
-        else:
-            post = None
-        if "split" in info:
-            log.info("neoplastic_step: split %s", info["split"])
+        post = _judge_split(post, cand, ev, info, cfg)
     if post is None:
-        evidence_ok = tumour_like(f_cand)
-        if unimodal == "neoplastic" or (unimodal == "evidence" and evidence_ok):
-            value = 1.0 if unimodal == "neoplastic" else unimodal_score
-            what = "neoplastic"
-        else:
-            value, what = 0.5, "ambiguous"
-        info["reason"] = (f"candidates are one population (Ashman's D={info['ashman_d']:.2f}); cycling "
-                          f"{100 * f_cand:.1f}% of candidates vs {100 * f_ref:.1f}% of reference cells; "
-                          f"all called {what} (unimodal={unimodal!r})")
-        log.warning("neoplastic_step: %s", info["reason"])
-        post = np.full(int(cand.sum()), value)
+        post = _unimodal_posterior(cand, f_cand, ev, info, cfg)
     else:
         info["reason"] = f"2-component mixture, Ashman's D={info['ashman_d']:.2f}"
-        if self_train:
+        if cfg.self_train:
             # the cells the signals call clearly teach a classifier over the candidates' whole
             # expression (sample-specific tumour genes the signature lists lack)
             extra = [z_t, z_p] + ([_std_z(cnv_score[cand])] if cnv_m is not None else [])
-            feats = np.column_stack([pcs, *extra])
-            done = 0
-            for _ in range(self_train_rounds):
-                prob = _self_train(feats, post, confident=refit_confident,
-                                   min_seed_cells=min_seed_cells, seed=seed)
-                if prob is None:
-                    break
-                post, done = prob, done + 1
-            if done:
-                info["reason"] += f"; self-trained logistic regression on confident cells ({done} rounds)"
+            post = _self_trained_posterior(post, np.column_stack([pcs, *extra]), info, cfg)
     nscore[cand] = post
-    c = np.where(post >= high, "neoplastic", np.where(post <= low, "non-neoplastic", "ambiguous"))
+    c = np.where(post >= cfg.high, "neoplastic", np.where(post <= cfg.low, "non-neoplastic", "ambiguous"))
     call[cand] = c
     log.info("neoplastic_step: %s; calls %s", info["reason"], pd.Series(c).value_counts().to_dict())
 
