@@ -225,7 +225,7 @@ def simulate_real_sample(ann: Any, spec: SampleSpec, cfg: DemoConfig, *, seed: i
                          genes: list[str], tumour_fraction: float = 0.8) -> Any:
     """The Xenium layer of one real annotated image (a :class:`stlib.demo.sample.SampleData`)."""
     from stlib.demo.registration import dapi_outlines, make_transform, true_um_from_he
-    from stlib.demo.sample import SampleData, _cell_counts, _cellvit, _iou, xoa_cell_ids
+    from stlib.demo.sample import SampleData, _cell_counts, _cellvit, _iou, xenium_cells_table, xoa_cell_ids
     from stlib.io.annotations import instance_polygons
 
     rng = np.random.default_rng([seed, index, 7])
@@ -298,17 +298,8 @@ def simulate_real_sample(ann: Any, spec: SampleSpec, cfg: DemoConfig, *, seed: i
     })
     from stlib.demo.sample import _polys
 
-    dapi_poly_um = _polys(dapi_um_all[order])
-    nuc_area = shapely.area(dapi_poly_um)
     counts = _cell_counts(tx, ids_x)
-    cells = pd.DataFrame({
-        "cell_id": ids_x, "x_centroid": cen_um[order, 0], "y_centroid": cen_um[order, 1],
-        "transcript_counts": counts["gene"], "control_probe_counts": counts["control"],
-        "control_codeword_counts": np.zeros(order.size, np.int64), "total_counts": counts["gene"] + counts["control"],
-        "cell_area": nuc_area * rng.uniform(2.2, 3.5, order.size), "nucleus_area": nuc_area,
-        "nucleus_count": np.ones(order.size, np.int64),
-        "segmentation_method": np.full(order.size, "Segmented by nucleus expansion of 5.0µm", dtype=object),
-    })
+    cells = xenium_cells_table(_polys(dapi_um_all[order]), cen_um[order], ids_x, counts, rng)
     n_src = np.zeros((n_all, 3), np.int64)
     np.add.at(n_src, (ex["cell"], ex["source"]), 1)
     expr_truth = pd.DataFrame({"cell_id": [str(c) for c in cell_id], "fine_type": fine.astype(str),

@@ -255,17 +255,8 @@ def _sample_tables(c: _Cells, tis, tx: pd.DataFrame, ex: dict[str, np.ndarray], 
         "geometry": true_polys,
     })
     # Xenium cells table
-    dapi_poly_um = _polys(dapi_um_all[order])
-    nuc_area = shapely.area(dapi_poly_um)
     counts = _cell_counts(tx, ids_x)
-    cells = pd.DataFrame({
-        "cell_id": ids_x, "x_centroid": cen_um[order, 0], "y_centroid": cen_um[order, 1],
-        "transcript_counts": counts["gene"], "control_probe_counts": counts["control"],
-        "control_codeword_counts": np.zeros(order.size, np.int64), "total_counts": counts["gene"] + counts["control"],
-        "cell_area": nuc_area * rng.uniform(2.2, 3.5, order.size), "nucleus_area": nuc_area,
-        "nucleus_count": np.ones(order.size, np.int64),
-        "segmentation_method": np.full(order.size, "Segmented by nucleus expansion of 5.0µm", dtype=object),
-    })
+    cells = xenium_cells_table(_polys(dapi_um_all[order]), cen_um[order], ids_x, counts, rng)
     # expression truth per transcript-carrying cell
     n_src = np.zeros((n_all, 3), np.int64)
     np.add.at(n_src, (ex["cell"], ex["source"]), 1)
@@ -351,6 +342,26 @@ def _is_control(names: np.ndarray) -> np.ndarray:
     u, inv = np.unique(names.astype(str), return_inverse=True)
     return np.array([is_control_feature(x) for x in u], dtype=bool)[inv]
 
+
+
+def xenium_cells_table(dapi_poly_um: Any, cen_um: np.ndarray, ids_x: Any, counts: dict[str, np.ndarray],
+                       rng: np.random.Generator) -> pd.DataFrame:
+    """The Xenium ``cells`` table of simulated cells (nucleus polygons in µm, in ``ids_x`` order).
+
+    ``counts``: gene and control-probe counts per cell (:func:`_cell_counts`). Shared by the
+    synthetic and the real-tissue cohort; draws one uniform per cell from ``rng``
+    (cell area = nucleus area x 2.2-3.5, as after a 5 µm nucleus expansion).
+    """
+    nuc_area = shapely.area(dapi_poly_um)
+    n = len(ids_x)
+    return pd.DataFrame({
+        "cell_id": ids_x, "x_centroid": cen_um[:, 0], "y_centroid": cen_um[:, 1],
+        "transcript_counts": counts["gene"], "control_probe_counts": counts["control"],
+        "control_codeword_counts": np.zeros(n, np.int64), "total_counts": counts["gene"] + counts["control"],
+        "cell_area": nuc_area * rng.uniform(2.2, 3.5, n), "nucleus_area": nuc_area,
+        "nucleus_count": np.ones(n, np.int64),
+        "segmentation_method": np.full(n, "Segmented by nucleus expansion of 5.0µm", dtype=object),
+    })
 
 def _cell_counts(tx: pd.DataFrame, ids: np.ndarray) -> dict[str, np.ndarray]:
     good = tx["qv"].to_numpy() >= MIN_QV
