@@ -7,6 +7,7 @@ user's clone runs it (missing prerequisites skip) and once as CI runs it (they f
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,11 @@ def test_under_strict_every_skip_fails(tmp_path, value):
     for name in ("test_needs_realdata", "test_needs_a_browser", "test_plain_skip", "test_missing_dependency"):
         assert f"FAILED test_cases.py::{name}" in out or f"ERROR test_cases.py::{name}" in out, (name, out)
     assert "real reference data not found" in out and "STLIB_STRICT=1" in out
-    assert "1 passed" in out and "1 xfailed" in out and "skipped" not in out.split("short test summary")[-1]
+    # the final counts line (its width does not depend on the terminal, unlike the summary lines,
+    # whose failure messages themselves say "skipped under STLIB_STRICT=1")
+    counts = [line for line in out.splitlines() if re.search(r"\d+ (passed|failed)\b.* in [\d.]+s", line)][-1]
+    assert "1 passed" in counts and "1 xfailed" in counts and "3 failed" in counts, counts
+    assert "skipped" not in counts, counts
 
 
 def test_ci_entry_point_is_strict_and_fails_without_chromium():
