@@ -416,8 +416,12 @@ if os.environ.get("STLIB_MUTANT"):
 def main(names: list[str]) -> int:
     import tempfile
 
+    with tempfile.TemporaryDirectory(prefix="stlib-mutants-") as site:
+        return _run(names, Path(site))
+
+
+def _run(names: list[str], site: Path) -> int:
     repo = Path(__file__).resolve().parents[1]
-    site = Path(tempfile.mkdtemp(prefix="stlib-mutants-"))
     (site / "sitecustomize.py").write_text(_SITECUSTOMIZE.format(tests=str(repo / "tests")))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(repo), os.environ.get("PYTHONPATH", "")])}
     env.pop("STLIB_STRICT", None)
