@@ -7,6 +7,7 @@ import argparse
 from stlib.infer.slide import infer_image
 from stlib.infer.writers import write_outputs
 
+
 def cli_main(argv: list[str]) -> int:
     """``stlib infer --model PATH --input IMAGE --out DIR [options]``."""
     p = argparse.ArgumentParser(prog="stlib infer", description="Segment and classify nuclei in an H&E tile or "

@@ -14,6 +14,7 @@ from stlib.constants import CLASS_COLORS, IGNORE
 from stlib.infer.slide import InferenceResult
 from stlib.utils import atomic_path, write_json
 
+
 def geojson_features(result: InferenceResult, *, decimals: int = 2) -> Iterator[dict[str, Any]]:
     """QuPath detection features (one per nucleus), polygons in level-0 px of the input.
 

@@ -27,6 +27,7 @@ from stlib.utils import InputError, atomic_path, write_json
 
 log = logging.getLogger("stlib.train")
 
+
 def param_digest(model: torch.nn.Module) -> str:
     """SHA-256 of the model's parameters (names and values): DDP ranks must end with the same digest."""
     h = hashlib.sha256()

@@ -9,6 +9,7 @@ from stlib.train.config import TrainConfig, apply_overrides
 from stlib.train.loop import DistInfo, train
 from stlib.train.study import VARIANTS, variant_config
 
+
 def cli_main(argv: list[str]) -> int:
     """``stlib train (--profile P [--run NAME] [--seed-index K] | --config FILE) [--set key=value ...]``."""
     p = argparse.ArgumentParser(

@@ -26,6 +26,7 @@ from stlib.constants import N_TYPES
 from stlib.train.config import TrainConfig
 from stlib.utils import InputError
 
+
 def _open_store(path: Path) -> Any:
     if not (path / "store.json").is_file():
         raise InputError("tile store not found (no store.json)", path=path,

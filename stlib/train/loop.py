@@ -40,6 +40,7 @@ from stlib.utils import InputError, StlibError, atomic_path, progress, write_jso
 
 log = logging.getLogger("stlib.train")
 
+
 class TrainingInterrupted(StlibError):
     """Raised by :func:`train` when ``interrupt_after`` is reached (used to test resumption)."""
 
