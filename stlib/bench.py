@@ -35,7 +35,7 @@ from stlib.constants import TARGET_UM_PER_PX_40X
 from stlib.utils import device_name, machine_info, write_json
 
 __all__ = ["cli_main", "machine_info", "synthetic_nuclei", "bench_labels", "bench_tiles", "bench_refine",
-           "bench_derive", "bench_infer_main", "bench_train_main", "synthetic_slide"]
+           "bench_derive", "bench_infer_main", "bench_train_main", "synthetic_slide", "ideal_maps"]
 
 
 def synthetic_nuclei(n: int, *, seed: int = 0, target_um_per_px: float = TARGET_UM_PER_PX_40X, level0_um_per_px: float = TARGET_UM_PER_PX_40X,
@@ -610,7 +610,12 @@ def synthetic_slide(size_px: int | tuple[int, int], *, seed: int = 0, spacing: i
     return np.clip(img, 0, 255).astype(np.uint8), inst, np.asarray(cls, np.uint8)
 
 
-def _ideal_maps(inst: np.ndarray, classes: np.ndarray, n_types: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def ideal_maps(inst: np.ndarray, classes: np.ndarray, n_types: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The network outputs a perfect model would give for an instance map: NP probability (1 on
+    nuclei), HV maps (:func:`stlib.labels.masks.hv_maps`) and one-hot NT maps of ``classes[inst]``
+    (``n_types`` channels). Post-processing timed on them (``stlib bench infer``, ``make gpu-check``)
+    sees realistic nuclei, whatever an untrained network predicts.
+    """
     from stlib.labels.masks import hv_maps
 
     np_prob = (inst > 0).astype(np.float32)
@@ -656,7 +661,8 @@ def _bench_infer_slide(args: argparse.Namespace, argv: list[str]) -> int:
 
     from stlib.bench_slide import make_slide_sample
     from stlib.config import resolve_device
-    from stlib.infer import ModelInfo, _default_workers, infer_image, load_inference_model
+    from stlib.infer import ModelInfo, infer_image, load_inference_model
+    from stlib.infer.engine import default_workers
     from stlib.model.net import build_model
 
     dev = torch.device(resolve_device(args.device))
@@ -669,7 +675,7 @@ def _bench_infer_slide(args: argparse.Namespace, argv: list[str]) -> int:
         enc = args.encoder or ("resnet50" if cuda else "small")
         info = ModelInfo(model=build_model({"encoder": enc}), um_per_px=0.25, tile_px=256,
                          source=f"random HoVerNet({enc})", encoder=enc)
-    workers = _default_workers() if args.workers is None else int(args.workers)
+    workers = default_workers() if args.workers is None else int(args.workers)
     batch = args.batch or (16 if cuda else 4)
     T = args.tile_px if args.tile_px != 256 else 512
     n_nuclei = int(5000 * args.slide_mm ** 2)  # about HEST's density over tissue
@@ -732,7 +738,8 @@ def bench_infer_main(argv: list[str]) -> int:
     import torch
 
     from stlib.config import resolve_device
-    from stlib.infer import ModelInfo, _default_workers, _ready, infer_image, load_inference_model, predict_tiles
+    from stlib.infer import ModelInfo, infer_image, load_inference_model, predict_tiles
+    from stlib.infer.engine import default_workers, prepare_model
     from stlib.io.wsi import write_pyramidal_tiff
     from stlib.model import postproc
     from stlib.model.net import build_model
@@ -747,7 +754,7 @@ def bench_infer_main(argv: list[str]) -> int:
     batch = args.batch or (64 if cuda else 8)
     T = args.tile_px
     slide_px = args.slide_px or (8192 if cuda else 1024)
-    workers = _default_workers() if args.workers is None else args.workers
+    workers = default_workers() if args.workers is None else args.workers
     torch.manual_seed(0)
     if args.model:
         info = load_inference_model(args.model, device=str(dev))
@@ -757,7 +764,7 @@ def bench_infer_main(argv: list[str]) -> int:
         info = ModelInfo(model=build_model({"encoder": enc}), um_per_px=0.25, tile_px=T,
                          source=f"random HoVerNet({enc})", encoder=enc)
         model_desc = info.source
-    model = _ready(info.model, dev)
+    model = prepare_model(info.model, dev)
     n_types = int(getattr(model, "n_types", len(info.class_names)))
 
     # tiles cut from the synthetic slide (the same tiles for network and post-processing)
@@ -775,16 +782,15 @@ def bench_infer_main(argv: list[str]) -> int:
     sync()
     net_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    n_model_nuclei = 0
     for j in range(n_tiles):
-        n_model_nuclei += int(postproc.hovernet_postprocess(out["np_prob"][j], out["hv"][j], out["tp_prob"][j])[0].max())
+        postproc.hovernet_postprocess(out["np_prob"][j], out["hv"][j], out["tp_prob"][j])
     pp_s = time.perf_counter() - t0
     ideal_s, n_ideal, n_true = 0.0, 0, 0
-    _ideal_maps(np.zeros((8, 8), np.int32), classes, n_types)  # compile/load hv_maps before timing
+    ideal_maps(np.zeros((8, 8), np.int32), classes, n_types)  # compile/load hv_maps before timing
     for r, c in sel:
         sub = inst[r * T:(r + 1) * T, c * T:(c + 1) * T]
         n_true += len(np.unique(sub)) - 1
-        maps = _ideal_maps(sub, classes, n_types)
+        maps = ideal_maps(sub, classes, n_types)
         t0 = time.perf_counter()
         n_ideal += int(postproc.hovernet_postprocess(*maps)[0].max())
         ideal_s += time.perf_counter() - t0
@@ -921,11 +927,12 @@ def _train_step_fn(model: Any, cfg: Any, device: Any, batch: int, T: int, *, com
     import torch
 
     from stlib.model.losses import hovernet_loss
-    from stlib.train import (_autocast, _make_optimizer, _to_device, augment_batch, draw_augment_params,
-                             hv_from_inst)
+    from stlib.train.augment import augment_batch, draw_augment_params
+    from stlib.train.data import hv_from_inst, to_device
+    from stlib.train.loop import autocast, make_optimizer
 
     cuda = device.type == "cuda"
-    opt = _make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg)
     fwd = torch.compile(model) if compile_ else model
     gen = torch.Generator().manual_seed(0)
     rng = np.random.default_rng(0)
@@ -934,13 +941,13 @@ def _train_step_fn(model: Any, cfg: Any, device: Any, batch: int, T: int, *, com
             "inst": np.repeat(grid[None], batch, 0),
             "type": rng.integers(0, 6, (batch, T, T), dtype=np.uint8),
             "ignore": np.zeros((batch, T, T), np.uint8), "conf": np.full((batch, T, T), 200, np.uint8)}
-    tb = _to_device(host, device, None)
+    tb = to_device(host, device, None)
 
     def step() -> None:
         t = augment_batch(tb, draw_augment_params(gen, batch, cfg))
         t["hv"] = hv_from_inst(t["inst"])
         x = t["image"].contiguous(memory_format=torch.channels_last) if cuda else t["image"]
-        with _autocast(device, cfg.amp):
+        with autocast(device, cfg.amp):
             out = fwd(x)
         loss, _ = hovernet_loss(out, inst=t["inst"], hv=t["hv"], type_map=t["type"], ignore=t["ignore"],
                                 conf=t["conf"], weights=cfg.loss)
@@ -987,7 +994,7 @@ def _time_steps(step: Any, device: Any, *, warmup: int, steps: int) -> dict[str,
 
 def _store_read_rate(store: str | None, device: Any, batch: int, T: int) -> float:
     """Tiles/s of random tile-store batches moved to the device (warm page cache after the first pass)."""
-    from stlib.train import TileData, _to_device
+    from stlib.train.data import TileData, to_device
 
     with tempfile.TemporaryDirectory() as td:
         path = Path(store) if store else _synthetic_train_store(Path(td) / "store", max(4 * batch, 32), T)
@@ -995,7 +1002,7 @@ def _store_read_rate(store: str | None, device: Any, batch: int, T: int) -> floa
         idx = np.random.default_rng(1).integers(0, len(data), (8, batch))
         tr = time.perf_counter()
         for row in idx:
-            _to_device(data.get(row), device, None)
+            to_device(data.get(row), device, None)
         return idx.size / (time.perf_counter() - tr)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from stlib.constants import TARGET_UM_PER_PX_40X
 from stlib.utils import InputError
 
 PROFILES = ("demo", "workshop", "paper", "realtissue")
@@ -75,7 +76,7 @@ class AlignParams(CommonParams):
 class LabelParams(CommonParams):
     """02_labels: masks, cell types, image-oriented classes, tile store, label-quality report."""
 
-    um_per_px: float = 0.25
+    um_per_px: float = TARGET_UM_PER_PX_40X
     tile_px: int = 256
     labeler: str = "hierarchical"  # hierarchical | flat | marker | cluster
     min_counts: int = 10
@@ -187,7 +188,7 @@ class RealTissueParams(CommonParams):
     #: scored on MoNuSeg kidney / colon and CoNSeP train_1-4 (0.5 µm/px or lr 0.001-0.002 lost
     #: 0.02-0.08 bPQ there). Those images are among the chapter's test images (the notebook says so);
     #: CoNSeP images outside the shipped subset were never used for any choice.
-    um_per_px: float = 0.25
+    um_per_px: float = TARGET_UM_PER_PX_40X
     tile_px: int = 256
     refine_masks: bool = True
     encoder: str = "small"

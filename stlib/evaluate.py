@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from stlib.constants import IGNORE, NUCLEUS_CLASSES
+from stlib.constants import IGNORE, NUCLEUS_CLASSES, TARGET_UM_PER_PX_40X
 from stlib.metrics import class_scores, label_accuracy_vs_truth  # defined with the other metrics
 from stlib.utils import InputError, atomic_path
 
@@ -421,7 +421,8 @@ def cell_correct(cells: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
 
 
 def score_tiles(truth: Mapping[str, Sequence[np.ndarray]], preds: Sequence[tuple[np.ndarray, np.ndarray | None]], *,
-                meta: pd.DataFrame, method: str, um_per_px: float = 0.25, with_types: bool = True) -> pd.DataFrame:
+                meta: pd.DataFrame, method: str, um_per_px: float = TARGET_UM_PER_PX_40X,
+                with_types: bool = True) -> pd.DataFrame:
     """Per-image metrics (:func:`stlib.metrics.evaluate_pair`) of predictions against a truth batch.
 
     Parameters
@@ -574,7 +575,8 @@ def _read_annotated(path: Path) -> list[dict[str, Any]]:
              "type": batch["type"][i], "um_per_px": None, "organ": meta["organ"].iloc[i]} for i in range(len(meta))]
 
 
-def manual_truth_folder(path: str | Path, *, um_per_px: float = 0.25, organ_of: Mapping[str, str] | None = None,
+def manual_truth_folder(path: str | Path, *, um_per_px: float = TARGET_UM_PER_PX_40X,
+                        organ_of: Mapping[str, str] | None = None,
                         name: str | None = None) -> ReferenceSet:
     """A public manually annotated set (MoNuSeg, CoNSeP, Lizard-style folders) as a reference.
 
@@ -624,7 +626,7 @@ def restrict_reference(ref: ReferenceSet, organs: Sequence[str]) -> ReferenceSet
 def heldout_references(run_dir: str | Path, *, heldout_organs: Sequence[str], heldout_tissues: Sequence[str],
                        organ_of_tissue: Mapping[str, str], pannuke_test_split: str = "fold3",
                        pannuke_trained_on: Sequence[str] = (), annotated: Sequence[str | Path] = (),
-                       um_per_px: float = 0.25) -> list[ReferenceSet]:
+                       um_per_px: float = TARGET_UM_PER_PX_40X) -> list[ReferenceSet]:
     """The references of the evaluation chapters on the held-out organs, with fixed names and order.
 
     Manual truth first: the demo truth of the held-out slides (``tiles/st_truth``, demo only,
@@ -741,7 +743,7 @@ def _model_key(path: Path) -> dict[str, Any]:
 
 
 def segment_and_score(models: Mapping[str, Mapping[int, Any]], references: Sequence[ReferenceSet], *,
-                      um_per_px: float = 0.25, device: str = "auto", with_types: bool = True,
+                      um_per_px: float = TARGET_UM_PER_PX_40X, device: str = "auto", with_types: bool = True,
                       batch_size: int = 8, keep_predictions: bool = True,
                       cache_dir: str | Path | None = None) -> tuple[pd.DataFrame, dict[str, dict[str, list]]]:
     """Segment the images of every reference with every network and score them.
@@ -876,7 +878,8 @@ def _nucleus_classes(inst: np.ndarray, typ: np.ndarray, ids: np.ndarray) -> np.n
 
 def classification_head_eval(model, train_batch: Mapping[str, np.ndarray], train_types: Mapping[str, np.ndarray],
                              test_truth: Mapping[str, np.ndarray], test_meta: pd.DataFrame, *,
-                             device: str = "auto", seed: int = 0, um_per_px: float = 0.25) -> tuple[pd.DataFrame, pd.DataFrame]:
+                             device: str = "auto", seed: int = 0,
+                             um_per_px: float = TARGET_UM_PER_PX_40X) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Compare label sets with a logistic classification head on frozen nucleus features.
 
     For each label set (``train_types[name]``: class maps of the training tiles, same nuclei),

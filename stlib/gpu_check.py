@@ -48,13 +48,13 @@ def postproc_keep_up(n_tiles: int = 64, tile_px: int = 256, workers: int | None 
     one thread, ``workers`` threads and ``workers`` processes."""
     from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
-    from stlib.bench import _ideal_maps, synthetic_slide
+    from stlib.bench import ideal_maps, synthetic_slide
 
     workers = workers or os.cpu_count() or 1
     side = int(np.ceil(np.sqrt(n_tiles))) * tile_px
     _img, inst, classes = synthetic_slide(side, seed=seed, background_fraction=0.0)
     k = side // tile_px
-    maps = [_ideal_maps(inst[(i // k) * tile_px:(i // k + 1) * tile_px, (i % k) * tile_px:(i % k + 1) * tile_px],
+    maps = [ideal_maps(inst[(i // k) * tile_px:(i // k + 1) * tile_px, (i % k) * tile_px:(i % k + 1) * tile_px],
                         classes, 6) for i in range(n_tiles)]
     _postproc_one(maps[0])  # warm-up
     out: dict[str, Any] = {"tiles": n_tiles, "tile_px": tile_px, "workers": int(workers)}

@@ -181,7 +181,7 @@ def train_pair(run_dir: str | Path, recipe: RecipeConfig) -> dict[str, Any]:
 
     import torch
 
-    from stlib.train import _comparable
+    from stlib.train.checkpoint import comparable_config
 
     out = {}
     for name, store in (("st", f"tiles/{STORE}"), ("manual", f"tiles/{STORE}_truth")):
@@ -195,7 +195,7 @@ def train_pair(run_dir: str | Path, recipe: RecipeConfig) -> dict[str, Any]:
         resume = "auto"
         if ckpt.is_file():  # another profile or parameter set trained here before: start over, don't refuse
             old = torch.load(ckpt, map_location="cpu", weights_only=True).get("config", {})
-            if _comparable(old) != _comparable(cfg.to_dict()):
+            if comparable_config(old) != comparable_config(cfg.to_dict()):
                 resume = "never"
         out[name] = train(cfg, resume=resume)
     return out

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stlib.constants import CLASS_NAMES, CONNECTIVE, DEAD, EPITHELIAL, IGNORE, INFLAMMATORY, NEOPLASTIC
+from stlib.constants import CLASS_NAMES, CONNECTIVE, EPITHELIAL, IGNORE, INFLAMMATORY, NEOPLASTIC
 
 __all__ = ["DEV_SEEDS", "SEEN_SEEDS", "EVAL_SEEDS", "KNOB_GRID", "label_cohort", "score_cells", "score_by_sample",
            "robustness_sweep", "acceptance_table", "outside_region_background", "region_check", "cli_main"]

@@ -368,10 +368,10 @@ def _zeroed():
 
 @mutant("train_lr_schedule_zero", _TRAIN, "learning-rate schedule that is 0 after the first step")
 def _lr_zero():
-    from stlib import train
+    from stlib.train import loop
 
-    orig = train._lr_lambda
-    train._lr_lambda = lambda config: (lambda step: orig(config)(step) if step == 0 else 0.0)
+    orig = loop._lr_lambda
+    loop._lr_lambda = lambda config: (lambda step: orig(config)(step) if step == 0 else 0.0)
 
 
 @mutant("ddp_ranks_share_tiles", _DDP, "every DDP rank trains on the same half of the global batch")
@@ -389,9 +389,9 @@ def _ddp_same_tiles():
 
 @mutant("ddp_augmentation_unsharded", _DDP, "every DDP rank applies the first rank's augmentation parameters")
 def _ddp_aug():
-    from stlib import train
+    from stlib.train import loop
 
-    train.shard_params = lambda params, rank, world_size: {k: v[: len(v) // world_size] for k, v in params.items()}
+    loop.shard_params = lambda params, rank, world_size: {k: v[: len(v) // world_size] for k, v in params.items()}
 
 
 # ----------------------------------------------------------------------------- runner

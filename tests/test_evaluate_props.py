@@ -79,11 +79,11 @@ class Oracle(torch.nn.Module):
 
     def __init__(self, batch: dict, *, empty: bool = False) -> None:
         super().__init__()
-        from stlib.bench import _ideal_maps  # ideal network outputs from an instance map
+        from stlib.bench import ideal_maps  # ideal network outputs from an instance map
         from stlib.model.net import to_input
 
         self.x = to_input(torch.from_numpy(batch["image"]))
-        maps = [_ideal_maps(batch["inst"][i], np.arange(256, dtype=np.uint8), 6) for i in range(len(batch["image"]))]
+        maps = [ideal_maps(batch["inst"][i], np.arange(256, dtype=np.uint8), 6) for i in range(len(batch["image"]))]
         for i, (_, _, tp) in enumerate(maps):  # classes from the type map, not the instance ids
             tp[:] = 0
             t = batch["type"][i]

@@ -150,6 +150,26 @@ def test_variant_configs_and_seeds():
         variant_config(p, "pannuke_all")
 
 
+def test_variant_config_takes_a_mapping_of_the_recipe_or_raises():
+    """A dict of 03_training keys is the recipe it says (it used to give the defaults silently)."""
+    from stlib.config import LabelParams, TrainParams
+
+    d = {"steps": 12, "batch_size": 4, "lr": 2e-3, "seed": 3, "run_dir": "runs/x", "crop_px": 32,
+         "nt_confidence": True, "encoder": "small"}
+    c = variant_config(d, "pannuke", seed_index=1)
+    assert c == variant_config(TrainParams(**d), "pannuke", seed_index=1)
+    assert (c.steps, c.batch_size, c.lr, c.seed, c.crop_px, c.loss.nt_confidence) == (12, 4, 2e-3, 3 + SEED_STRIDE, 32, True)
+    assert c.out_path() == Path("runs/x/models/pannuke__seed1") and c.steps != TrainConfig().steps
+    assert TrainConfig.from_train_params(d, "st").steps == 12
+    with pytest.raises(InputError, match="unknown parameter 'stepz'"):
+        variant_config({"stepz": 12}, "st")
+    with pytest.raises(InputError, match="must be an integer"):
+        variant_config({"steps": "many"}, "st")
+    for bad in (None, LabelParams(), "demo"):
+        with pytest.raises(InputError, match="TrainParams or a mapping"):
+            variant_config(bad, "st")
+
+
 def test_train_study_records_every_seed_and_reuses(tmp_path):
     from stlib.config import TrainParams
 

@@ -665,7 +665,6 @@ def per_cell_programmes(bio: SampleBiology, cell_type: Sequence[str], origin: Se
     ct = np.asarray(cell_type, dtype=object)
     orig = np.asarray(origin, dtype=object)
     n = ct.size
-    G = len(bio.genes)
     is_dead = ct == DEAD_TYPE
     src = np.where(is_dead, orig, ct)
     # a dying cell whose origin has no row (e.g. tumour in a healthy sample) takes a present type

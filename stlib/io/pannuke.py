@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from stlib.constants import PANNUKE_CHANNEL_TO_CLASS, PANNUKE_CHANNELS
+from stlib.constants import PANNUKE_CHANNEL_TO_CLASS, PANNUKE_CHANNELS, TARGET_UM_PER_PX_40X
 from stlib.utils import InputError
 
 __all__ = ["PanNukeFold", "images_uint8", "list_folds", "masks_to_inst_type", "pannuke_to_store", "read_fold"]
@@ -255,7 +255,7 @@ def _to_u8(a: np.ndarray, unit: bool) -> np.ndarray:
 
 
 def pannuke_to_store(pannuke_dir: str | os.PathLike, out: str | os.PathLike, *,
-                     folds: Sequence[int] | None = None, um_per_px: float = 0.25, chunk: int = 64,
+                     folds: Sequence[int] | None = None, um_per_px: float = TARGET_UM_PER_PX_40X, chunk: int = 64,
                      exclude_tissues: Sequence[str] = (), overwrite: bool = False) -> Path:
     """Convert PanNuke folds into a tile store (DEVELOPING.md), split ``fold{k}`` per fold.
 

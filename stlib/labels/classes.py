@@ -144,7 +144,7 @@ def _std_z(x: np.ndarray, ref: np.ndarray | None = None) -> np.ndarray:
     return (x - np.median(ref)) / (sd if sd > 1e-12 else 1.0)
 
 
-def _cnv_signal(adata: AnnData, ref_mask: np.ndarray, cand_mask: np.ndarray, *, window_size: int, step: int,
+def _cnv_signal(adata: AnnData, ref_mask: np.ndarray, *, window_size: int, step: int,
                 min_positioned_genes: int, min_reference_cells: int) -> tuple[np.ndarray | None, str]:
     """Per-cell copy-number signal; (None, reason) when it cannot be computed."""
     load_gene_positions(adata)
@@ -519,7 +519,7 @@ def _cnv_raw_score(adata: AnnData, ref: np.ndarray, cand: np.ndarray, raw: np.nd
         else:
             if Key.LOGNORM not in adata.layers:
                 normalize(adata)
-            cnv_m, reason = _cnv_signal(adata, ref, cand, window_size=win, step=stp,
+            cnv_m, reason = _cnv_signal(adata, ref, window_size=win, step=stp,
                                         min_positioned_genes=cfg.min_positioned_genes,
                                         min_reference_cells=cfg.min_reference_cells)
             info["cnv"] = reason
