@@ -199,6 +199,51 @@ def _missing():
     sample.simulate_sample = broken
 
 
+@mutant("demo_library_off", ["tests/test_demo.py::test_expression_statistics",
+                               "tests/test_demo_stats.py::test_windows_hold_over_seeds"],
+        "generator whose transcripts per cell are 1.4x the knob (the old 50-200 window passed it)")
+def _library():
+    import dataclasses
+
+    from stlib.demo import sample
+
+    orig = sample.simulate_sample
+
+    def broken(spec, cfg, **kw):
+        return orig(spec, dataclasses.replace(cfg, tx_per_cell_median=1.4 * cfg.tx_per_cell_median), **kw)
+    sample.simulate_sample = broken
+
+
+@mutant("demo_dapi_shift_px_as_um", ["tests/test_demo.py::test_dapi_polygons_missing_extra",
+                                     "tests/test_demo_stats.py::test_windows_hold_over_seeds"],
+        "DAPI outline shift knob (µm) used as H&E px: outlines 3.7x too close (the old IoU 0.6-0.9 window passed it)")
+def _dapi_shift():
+    from stlib.demo import sample
+
+    orig = sample.dapi_outlines
+
+    def broken(v, rng, *, shift_px, **kw):
+        return orig(v, rng, shift_px=shift_px * 0.2737, **kw)
+    sample.dapi_outlines = broken
+
+
+@mutant("demo_control_rate_off", ["tests/test_demo.py::test_expression_statistics",
+                                  "tests/test_demo_stats.py::test_windows_hold_over_seeds"],
+        "generator with 1.5x the knob's control probes (the old share < 3 % window passed it)")
+def _controls():
+    import dataclasses
+
+    from stlib.demo import sample
+
+    orig = sample.place_transcripts
+
+    def broken(*args, **kw):
+        args = [dataclasses.replace(a, control_fraction=1.5 * a.control_fraction) if hasattr(a, "control_fraction")
+                else a for a in args]
+        return orig(*args, **kw)
+    sample.place_transcripts = broken
+
+
 # ----------------------------------------------------------------------------- post-processing
 
 _PP = ["tests/test_postproc.py::test_perfect_maps_recovered_at_pq_098",
