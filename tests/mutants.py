@@ -150,10 +150,12 @@ def _cellvit_names():
     derive._NAME_TO_CLASS = {k.upper(): v for k, v in derive._NAME_TO_CLASS.items()}
 
 
-@mutant("labeler_tables_rotated", ["tests/test_labeler_independent.py::test_cells_of_the_panel_annotation_get_their_class"],
+@mutant("labeler_tables_rotated", ["tests/test_labeler_independent.py::test_cells_of_the_panel_annotation_get_their_class",
+                                   "tests/test_celltypes.py::test_assign_fine_types_accuracy",
+                                   "tests/test_classes.py::test_class_accuracy_and_f1"],
         "the labeler's marker table with its cell-type names rotated (markers of one type credited to another)")
 def _tables_rotated():
-    from stlib.labels import celltypes
+    from stlib.labels import celltypes, classes
 
     orig = celltypes.load_markers
 
@@ -162,6 +164,22 @@ def _tables_rotated():
         keys = list(mk)
         return {k: mk[keys[(i + 1) % len(keys)]] for i, k in enumerate(keys)}
     celltypes.load_markers = broken
+    classes.load_markers = broken  # (classes binds the name at import)
+
+
+@mutant("labeler_programmes_swapped", ["tests/test_classes.py::test_one_tumour_population_with_cycling_evidence_is_neoplastic",
+                                       "tests/test_classes.py::test_dead_is_ignore_by_default_and_the_proxy_is_opt_in"],
+        "the labeler's proliferation and apoptosis gene lists swapped")
+def _programmes_swapped():
+    from stlib.labels import celltypes, classes
+
+    orig = celltypes.load_programs
+
+    def broken(*a, **kw):
+        prog = orig(*a, **kw)
+        return {**prog, "proliferation": prog["apoptosis"], "apoptosis": prog["proliferation"]}
+    celltypes.load_programs = broken
+    classes.load_programs = broken
 
 
 # ----------------------------------------------------------------------------- demo statistics
