@@ -344,6 +344,39 @@ def _align_damped():
     align._measure_nodes_batched = broken
 
 
+_CAPTURE = "tests/test_align_demo.py::"
+
+
+@mutant("align_capture_halved", [_CAPTURE + "test_alignment_recovers_up_to_the_capture_range"],
+        "phase correlation that accepts shifts up to an eighth of the window (capture range 12.5 µm)")
+def _align_capture():
+    import numpy as np
+
+    from stlib import align
+
+    orig = align._measure_nodes_batched
+
+    def broken(res, h, mask, hmask, blurred, node_work, counts, win_px, **kw):
+        orig(res, h, mask, hmask, blurred, node_work, counts, win_px, **kw)
+        far = np.hypot(res["dx_px"], res["dy_px"]) > win_px / 8.0 * kw["f"]
+        res["dx_px"][far] = np.nan
+        res["dy_px"][far] = np.nan
+    align._measure_nodes_batched = broken
+
+
+@mutant("align_never_excludes", [_CAPTURE + "test_beyond_the_capture_range_the_region_is_excluded"],
+        "alignment QC that never excludes a region (a failed map is passed on as if it were right)")
+def _align_never_excludes():
+    from stlib import align
+
+    orig = align._tile_table
+
+    def broken(*a, **kw):
+        tiles, _excluded, field_ = orig(*a, **kw)
+        return tiles, [], field_
+    align._tile_table = broken
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 _EV = "tests/test_evaluate_props.py::"
