@@ -161,12 +161,12 @@ def _control_window(cfg: dict, m: int, *, z: float = Z) -> tuple[float, float]:
     :func:`stlib.demo.sample.place_transcripts` scatters ``int(control_fraction * m)`` control
     probes over the imaged field (all kept: the field is clipped to the Xenium region first); each
     is low-qv with probability ``low_qv_fraction`` and then, with probability 1/3, decoded as a
-    panel gene: binomial thinning, plus one count for rounding.
+    panel gene: binomial thinning (exact quantiles), plus one count for rounding.
     """
     k = int(cfg["control_fraction"] * m)
     p = 1.0 - cfg["low_qv_fraction"] / 3.0
-    se = math.sqrt(k * p * (1 - p))
-    return k * p - z * se - 1, k * p + z * se + 1
+    a = _tail(z)
+    return float(stats.binom.ppf(a, k, p)) - 1, float(stats.binom.isf(a, k, p)) + 1
 
 
 def _xenium_cells_um(root: Path, sid: str, truth: pd.DataFrame) -> pd.DataFrame:
