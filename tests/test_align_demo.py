@@ -131,7 +131,8 @@ def test_beyond_the_capture_range_the_region_is_excluded(prepared):
     excluded region, so the label stage drops it instead of training on misplaced masks."""
     for sid, before, after, excluded in _align_from(prepared, BEYOND_UM):
         assert np.median(before) > 0.8 * BEYOND_UM, (sid, np.median(before))
-        assert np.median(after) > 3.0, (sid, np.median(after))  # not recovered: the test is beyond the range
+        # not recovered: still beyond the range (if this fails, the range grew: move CAPTURE_UM / BEYOND_UM)
+        assert np.median(after) > 3.0, (sid, np.median(after))
         assert excluded.mean() >= 0.9, (sid, excluded.mean())
 
 
