@@ -13,7 +13,10 @@ assumption is wrong. Two such assumptions are kept out of the fixtures here:
   expression fixtures here draw their programmes from the *panel's own annotation* in the
   10x gene lists (``hMulti.csv``, column ``Cell types``; MIT, XeniumPanelExplorer; the same
   files as ``../shared/realdata/xenium-panels``, shipped in ``stlib/data/panels``), read
-  with pandas, never through the labeler.
+  with pandas, never through the labeler, and from canonical markers of the literature
+  written in this file (:data:`LITERATURE_MARKERS`, :data:`LITERATURE_PROGRAMMES`), for the
+  kinds and programmes the panel annotation lacks (plasma and mast cells, a breast tumour
+  signature, dying cells).
 """
 
 from __future__ import annotations
@@ -127,5 +130,82 @@ def panel_markers(panel: str = "hMulti", *, exclusive: bool = True) -> dict[str,
     return out
 
 
+#: Canonical markers of the literature (written here, not read from stlib). Broad-lineage genes
+#: (PTPRC for every leukocyte, EPCAM/KRT8/KRT18/KRT19/CDH1 for epithelium, COL1A1/DCN for
+#: fibroblasts, PECAM1/VWF for endothelium, ACTA2/MYH11/DES for smooth muscle) are textbook
+#: immunohistochemistry markers; the finer lists follow the marker genes of the cell types of
+#: the Tabula Sapiens atlas (Tabula Sapiens Consortium, Science 2022) and of the Human Protein
+#: Atlas single-cell type atlas (Karlsson et al., Science Advances 2021). Many are not on a given
+#: panel (hMulti carries no KRT8/KRT18/COL1A1/DCN/JCHAIN): :func:`fixture_markers` keeps those it has.
+LITERATURE_MARKERS: dict[str, tuple[str, ...]] = {
+    "epithelial": ("EPCAM", "KRT8", "KRT18", "KRT19", "CDH1", "CLDN4", "CLDN7", "KRT7", "ELF3", "MUC1"),
+    "t_cell": ("PTPRC", "CD3D", "CD3E", "CD3G", "CD2", "TRAC", "CD247", "LCK", "CD8A", "CD4", "IL7R", "ZAP70"),
+    "b_cell": ("PTPRC", "MS4A1", "CD19", "CD79A", "CD79B", "PAX5", "CD22", "BANK1", "CR2"),
+    # plasma cells: immunoglobulin secretion and their transcription factors (BLIMP1 = PRDM1, BCMA = TNFRSF17)
+    "plasma": ("PTPRC", "MZB1", "JCHAIN", "TNFRSF17", "SDC1", "PRDM1", "XBP1", "IGKC", "DERL3", "CD27", "SLAMF7"),
+    "macrophage": ("PTPRC", "CD68", "CD163", "CD14", "C1QA", "C1QB", "CSF1R", "MRC1", "MARCO", "AIF1", "FCGR1A",
+                   "CD86"),
+    # mast cells: tryptases, carboxypeptidase A3, the IgE receptor chains, KIT (Dwyer et al., Nat Immunol 2016)
+    "mast": ("PTPRC", "TPSAB1", "TPSB2", "CPA3", "MS4A2", "FCER1A", "KIT", "HDC", "CTSG", "HPGDS", "GATA2"),
+    "fibroblast": ("COL1A1", "COL1A2", "COL3A1", "DCN", "LUM", "PDGFRA", "PDGFRB", "FBLN1", "DPT", "SFRP2", "THY1"),
+    "endothelial": ("PECAM1", "VWF", "CDH5", "CLDN5", "KDR", "FLT1", "EMCN", "ERG", "TIE1", "CLEC14A", "EGFL7"),
+    "smooth_muscle": ("ACTA2", "MYH11", "DES", "CNN1", "TAGLN", "ACTG2", "LMOD1", "MYLK"),
+    "adipocyte": ("ADIPOQ", "PLIN1", "PLIN4", "LEP", "FABP4", "CIDEA", "LPL", "PPARG"),
+}
+
+#: Programmes of the literature. Breast tumour up: the HER2 amplicon (ERBB2), MYC and MDM2 gains
+#: and the luminal receptor ESR1, genes of the PAM50 classifier (Parker et al., J Clin Oncol 2009)
+#: and of recurrent breast-cancer amplicons. Proliferation: G2/M genes of the cell-cycle
+#: expression programme (Whitfield et al., Mol Biol Cell 2002). Apoptosis: death-receptor and BH3
+#: genes of the MSigDB hallmark apoptosis set (Liberzon et al., Cell Systems 2015).
+LITERATURE_PROGRAMMES: dict[str, tuple[str, ...]] = {
+    "tumor_up": ("ERBB2", "MYC", "MDM2", "ESR1", "CCND1", "GRB7", "FGFR1"),
+    "proliferation": ("MKI67", "TOP2A", "CCNB1", "CCNB2", "UBE2C", "CENPF", "CDK1", "BIRC5", "AURKA", "TPX2"),
+    "apoptosis": ("FAS", "BCL2L11", "BAX", "BBC3", "PMAIP1", "CASP3", "TNFRSF10B"),
+}
+
+#: the panel annotation's names of the fixture kinds (10x ``Cell types``; the labeler's names are
+#: the keys only so that a test can say which answer is right)
+_PANEL_FOR = {"epithelial": ("glandular",), "t_cell": ("t_cell",), "b_cell": ("b_cell",),
+              "macrophage": ("macrophage",), "fibroblast": ("fibroblast",), "endothelial": ("endothelial",),
+              "smooth_muscle": ("smooth_muscle",), "adipocyte": ("adipocyte",)}
+_PANEL_PROGRAMMES = {"tumor_up": "Cancer markers", "proliferation": "Proliferation markers",
+                     "apoptosis": "Pro-apoptosis markers"}
+
+
+def fixture_markers(panel: str = "hMulti") -> dict[str, list[str]]:
+    """Kind -> genes of the panel that mark it: the panel's own annotation plus the literature.
+
+    Kinds are named as the labeler's vocabulary names cell types, so that a test can state the
+    right answer; the genes never come from the labeler. A gene that marks two kinds in this
+    table (PTPRC: every leukocyte) stays in both.
+    """
+    genes = set(panel_table(panel)["gene"].astype(str))
+    ann = panel_markers(panel)
+    tumour = set(LITERATURE_PROGRAMMES["tumor_up"]) | set(fixture_programmes(panel)["tumor_up"])
+    out = {}
+    for kind, lit in LITERATURE_MARKERS.items():
+        own = {g for k in _PANEL_FOR.get(kind, ()) for g in ann[k]} | {g for g in lit if g in genes}
+        if kind == "epithelial":  # the panel calls ERBB2 / ESR1 / PGR glandular; normal epithelium here
+            own -= tumour         # carries only a little of them (the tumour signature is what it lacks)
+        out[kind] = sorted(own)
+    return out
+
+
+def fixture_programmes(panel: str = "hMulti") -> dict[str, list[str]]:
+    """Tumour-up / proliferation / apoptosis genes of the panel: its annotation plus the literature."""
+    t = panel_table(panel)
+    genes = set(t["gene"].astype(str))
+    out = {}
+    for name, lit in LITERATURE_PROGRAMMES.items():
+        ann = {g for g, a in zip(t["gene"].astype(str), t["Cell types"].fillna(""))
+               if _PANEL_PROGRAMMES[name] in {x.strip() for x in str(a).split(";")}}
+        own = ann | {g for g in lit if g in genes}
+        own.discard("KIT")  # annotated as a proliferation marker too; a mast-cell receptor here
+        out[name] = sorted(own)
+    return out
+
+
 __all__ = ["MACENKO_H", "MACENKO_E", "BLUE_H", "ORANGE_E", "SKIMAGE_H", "SKIMAGE_E", "STAINS", "angle_deg",
-           "render_od", "jpeg", "defocus", "panel_table", "panel_markers", "PANEL_KINDS"]
+           "render_od", "jpeg", "defocus", "panel_table", "panel_markers", "PANEL_KINDS", "LITERATURE_MARKERS",
+           "LITERATURE_PROGRAMMES", "fixture_markers", "fixture_programmes"]

@@ -150,10 +150,12 @@ def _cellvit_names():
     derive._NAME_TO_CLASS = {k.upper(): v for k, v in derive._NAME_TO_CLASS.items()}
 
 
-@mutant("labeler_tables_rotated", ["tests/test_labeler_independent.py::test_cells_of_the_panel_annotation_get_their_class"],
+@mutant("labeler_tables_rotated", ["tests/test_labeler_independent.py::test_cells_of_the_panel_annotation_get_their_class",
+                                   "tests/test_celltypes.py::test_assign_fine_types_accuracy",
+                                   "tests/test_classes.py::test_class_accuracy_and_f1"],
         "the labeler's marker table with its cell-type names rotated (markers of one type credited to another)")
 def _tables_rotated():
-    from stlib.labels import celltypes
+    from stlib.labels import celltypes, classes
 
     orig = celltypes.load_markers
 
@@ -162,6 +164,22 @@ def _tables_rotated():
         keys = list(mk)
         return {k: mk[keys[(i + 1) % len(keys)]] for i, k in enumerate(keys)}
     celltypes.load_markers = broken
+    classes.load_markers = broken  # (classes binds the name at import)
+
+
+@mutant("labeler_programmes_swapped", ["tests/test_classes.py::test_one_tumour_population_with_cycling_evidence_is_neoplastic",
+                                       "tests/test_classes.py::test_dead_is_ignore_by_default_and_the_proxy_is_opt_in"],
+        "the labeler's proliferation and apoptosis gene lists swapped")
+def _programmes_swapped():
+    from stlib.labels import celltypes, classes
+
+    orig = celltypes.load_programs
+
+    def broken(*a, **kw):
+        prog = orig(*a, **kw)
+        return {**prog, "proliferation": prog["apoptosis"], "apoptosis": prog["proliferation"]}
+    celltypes.load_programs = broken
+    classes.load_programs = broken
 
 
 # ----------------------------------------------------------------------------- demo statistics
@@ -197,6 +215,51 @@ def _missing():
     def broken(spec, cfg, **kw):
         return orig(spec, dataclasses.replace(cfg, missing_fraction=2 * cfg.missing_fraction), **kw)
     sample.simulate_sample = broken
+
+
+@mutant("demo_library_off", ["tests/test_demo.py::test_expression_statistics",
+                               "tests/test_demo_stats.py::test_windows_hold_over_seeds"],
+        "generator whose transcripts per cell are 1.4x the knob (the old 50-200 window passed it)")
+def _library():
+    import dataclasses
+
+    from stlib.demo import sample
+
+    orig = sample.simulate_sample
+
+    def broken(spec, cfg, **kw):
+        return orig(spec, dataclasses.replace(cfg, tx_per_cell_median=1.4 * cfg.tx_per_cell_median), **kw)
+    sample.simulate_sample = broken
+
+
+@mutant("demo_dapi_shift_px_as_um", ["tests/test_demo.py::test_dapi_polygons_missing_extra",
+                                     "tests/test_demo_stats.py::test_windows_hold_over_seeds"],
+        "DAPI outline shift knob (µm) used as H&E px: outlines 3.7x too close (the old IoU 0.6-0.9 window passed it)")
+def _dapi_shift():
+    from stlib.demo import sample
+
+    orig = sample.dapi_outlines
+
+    def broken(v, rng, *, shift_px, **kw):
+        return orig(v, rng, shift_px=shift_px * 0.2737, **kw)
+    sample.dapi_outlines = broken
+
+
+@mutant("demo_control_rate_off", ["tests/test_demo.py::test_expression_statistics",
+                                  "tests/test_demo_stats.py::test_windows_hold_over_seeds"],
+        "generator with 1.5x the knob's control probes (the old share < 3 % window passed it)")
+def _controls():
+    import dataclasses
+
+    from stlib.demo import sample
+
+    orig = sample.place_transcripts
+
+    def broken(*args, **kw):
+        args = [dataclasses.replace(a, control_fraction=1.5 * a.control_fraction) if hasattr(a, "control_fraction")
+                else a for a in args]
+        return orig(*args, **kw)
+    sample.place_transcripts = broken
 
 
 # ----------------------------------------------------------------------------- post-processing
@@ -279,6 +342,39 @@ def _align_damped():
         res["dx_px"] *= 0.2
         res["dy_px"] *= 0.2
     align._measure_nodes_batched = broken
+
+
+_CAPTURE = "tests/test_align_demo.py::"
+
+
+@mutant("align_capture_halved", [_CAPTURE + "test_alignment_recovers_up_to_the_capture_range"],
+        "phase correlation that accepts shifts up to an eighth of the window (capture range 12.5 µm)")
+def _align_capture():
+    import numpy as np
+
+    from stlib import align
+
+    orig = align._measure_nodes_batched
+
+    def broken(res, h, mask, hmask, blurred, node_work, counts, win_px, **kw):
+        orig(res, h, mask, hmask, blurred, node_work, counts, win_px, **kw)
+        far = np.hypot(res["dx_px"], res["dy_px"]) > win_px / 8.0 * kw["f"]
+        res["dx_px"][far] = np.nan
+        res["dy_px"][far] = np.nan
+    align._measure_nodes_batched = broken
+
+
+@mutant("align_never_excludes", [_CAPTURE + "test_beyond_the_capture_range_the_region_is_excluded"],
+        "alignment QC that never excludes a region (a failed map is passed on as if it were right)")
+def _align_never_excludes():
+    from stlib import align
+
+    orig = align._tile_table
+
+    def broken(*a, **kw):
+        tiles, _excluded, field_ = orig(*a, **kw)
+        return tiles, [], field_
+    align._tile_table = broken
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -7,7 +7,9 @@ other than the ones :mod:`stlib.align` deconvolves, blurred over a further sixth
 and JPEG-compressed again (tests/independent.py). The alignment starts from the true affine
 map displaced by 15 µm in a random direction (about three times HEST's registration error),
 and must end within a bound of the truth for every sample, and never move a nucleus further
-from its true place than the initial map did unless it excluded the region.
+from its true place than the initial map did unless it excluded the region. The same holds at
+25 µm, the capture range the tile window implies; at 50 µm the regions are excluded (one known
+defect: a few nuclei are not, see the xfail test).
 """
 
 from __future__ import annotations
@@ -59,11 +61,11 @@ def test_stains_used_here_differ_from_the_deconvolved_ones():
         assert angle_deg(h, SKIMAGE_H) > 5 and angle_deg(e, SKIMAGE_E) > 5
 
 
-def test_alignment_from_a_15um_offset_on_every_demo_sample(cohort):
-    rng = np.random.default_rng(0)
-    samples = sorted(p.name for p in (cohort / "truth").iterdir())
-    assert len(samples) == 6
-    for k, sid in enumerate(samples):
+@pytest.fixture(scope="module")
+def prepared(cohort) -> list[tuple]:
+    """Per sample: id, re-stained slide, Xenium nuclei (µm, via HEST's registration), truth map, centroids."""
+    out = []
+    for k, sid in enumerate(sorted(p.name for p in (cohort / "truth").iterdir())):
         s = HestSample(cohort / "hest", sid)
         with s.wsi() as w:
             rgb = w.read_level(0)
@@ -73,14 +75,27 @@ def test_alignment_from_a_15um_offset_on_every_demo_sample(cohort):
         M_hest = fit_hest_registration(tx, sample=sid)
         nuclei_um = Transform(np.linalg.inv(M_hest)).warp_geometries(s.nuclei().geometry.values)
         truth = json.loads((cohort / "truth" / sid / "transform.json").read_text())
-        initial = _offset(truth, OFFSET_UM, rng.uniform(0, 2 * np.pi))
-        res = align_nuclei(slide, nuclei_um, initial, sample=sid, route="hest")
         pts = shapely.get_coordinates(shapely.centroid(nuclei_um))
+        out.append((sid, slide, nuclei_um, truth, pts))
+    return out
+
+
+def _align_from(prepared, offset_um: float):
+    """Per sample: (id, error before, error after (µm), in an excluded region) from ``offset_um`` off the truth."""
+    rng = np.random.default_rng(0)
+    for sid, slide, nuclei_um, truth, pts in prepared:
+        initial = _offset(truth, offset_um, rng.uniform(0, 2 * np.pi))
+        res = align_nuclei(slide, nuclei_um, initial, sample=sid, route="hest")
         before = alignment_error_um(initial, truth, pts)
         after = alignment_error_um(res, truth, pts)
         xy = res.transform.apply_xy(pts)
-        excluded = in_excluded_region(res, xy[:, 0], xy[:, 1])
-        assert np.median(before) > 0.8 * OFFSET_UM, (sid, np.median(before))
+        yield sid, before, after, in_excluded_region(res, xy[:, 0], xy[:, 1])
+
+
+def _recovered(prepared, offset_um: float) -> None:
+    assert len(prepared) == 6
+    for sid, before, after, excluded in _align_from(prepared, offset_um):
+        assert np.median(before) > 0.8 * offset_um, (sid, np.median(before))
         assert excluded.mean() < 0.5, (sid, excluded.mean())
         kept = after[~excluded]
         # the DAPI outlines differ from the H&E nuclei (dapi_shift_um 0.45 µm sd, size, jitter):
@@ -89,3 +104,43 @@ def test_alignment_from_a_15um_offset_on_every_demo_sample(cohort):
         # never worse than the initial map, unless the region is excluded
         worse = (after > before) & ~excluded
         assert not worse.any(), (sid, int(worse.sum()))
+
+
+def test_alignment_from_a_15um_offset_on_every_demo_sample(prepared):
+    _recovered(prepared, OFFSET_UM)
+
+
+#: Capture range. Nothing in the code or the book states one; it follows from the phase
+#: correlation, which accepts a tile's shift only up to a quarter of its window
+#: (``max_shift = win_px / 4`` in :func:`stlib.align._measure_nodes_batched`): 25 µm with the
+#: default 100 µm tiles on slides under 600 µm (larger slides add coarse 200 / 400 µm windows,
+#: i.e. 50 / 100 µm). Measured on this cohort (seed 3, 640 px, angles of rng 0; load ~10):
+#: 5, 15, 25 µm: every sample recovered (median 0.3-0.5 µm, <= 20 % excluded); 35 µm: one sample
+#: of six recovered, the others 94-100 % excluded; 50 µm: none recovered, 96-100 % excluded.
+CAPTURE_UM = 25.0
+BEYOND_UM = 50.0
+
+
+def test_alignment_recovers_up_to_the_capture_range(prepared):
+    """A quarter of the 100 µm tile window: the largest initial error the refinement is built to take."""
+    _recovered(prepared, CAPTURE_UM)
+
+
+def test_beyond_the_capture_range_the_region_is_excluded(prepared):
+    """Twice the capture range: the map is not recovered, and (almost) every nucleus lies in an
+    excluded region, so the label stage drops it instead of training on misplaced masks."""
+    for sid, before, after, excluded in _align_from(prepared, BEYOND_UM):
+        assert np.median(before) > 0.8 * BEYOND_UM, (sid, np.median(before))
+        # not recovered: still beyond the range (if this fails, the range grew: move CAPTURE_UM / BEYOND_UM)
+        assert np.median(after) > 3.0, (sid, np.median(after))
+        assert excluded.mean() >= 0.9, (sid, excluded.mean())
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known defect (issue 15, reported): beyond the capture range a few tiles lock onto a wrong "
+    "phase-correlation peak and are not excluded; 0-4 % of a sample's nuclei stay outside the "
+    "excluded regions 30-80 µm from their true place, and no sample-level flag says the map failed"))
+def test_beyond_the_capture_range_no_nucleus_is_silently_misplaced(prepared):
+    for sid, before, after, excluded in _align_from(prepared, BEYOND_UM):
+        kept = after[~excluded]
+        assert not (kept > 3.0).any(), (sid, int((kept > 3.0).sum()), float(np.max(kept, initial=0)))

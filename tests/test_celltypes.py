@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 from anndata import AnnData
+from independent import fixture_markers, fixture_programmes
 from scipy.stats import rankdata
 
 from stlib.io.panels import load_panel
@@ -34,17 +35,21 @@ def make_sample(mix: dict[str, int], *, seed: int = 0, panel: str = "hMulti", or
                 tumor_strength: float = 1.0, marker_fraction: float = 0.7) -> AnnData:
     """Cells x panel genes of Poisson counts; obs["truth"] holds the fine type.
 
-    Each type's programme uses a random ``marker_fraction`` of its shipped markers (so the scorer
-    does not see exactly the generating genes) plus 3 random private genes. Tumour cells share the
-    epithelial programme and differ from normal epithelium only by the organ tumour signature
-    (x ``tumor_strength``), proliferation and a copy-number block (gains x2, losses x0.4).
+    Each type's programme uses a random ``marker_fraction`` of its fixture markers plus 3 random
+    private genes. The markers and programmes come from outside the labeler
+    (:func:`independent.fixture_markers` / :func:`independent.fixture_programmes`: the panel's
+    own cell-type annotation and literature markers written in tests/independent.py; the labeler's
+    ``stlib/labels/markers`` tables are never read), so a wrong gene or a misnamed type in the
+    labeler's tables makes its accuracy tests fail. Tumour cells share the epithelial programme and
+    differ from normal epithelium only by a breast tumour signature (x ``tumor_strength``),
+    proliferation and a copy-number block (gains x2, losses x0.4). ``organ`` only names the sample.
     """
     rng = np.random.default_rng(seed)
     genes = load_panel(panel)
     g_index = {g: i for i, g in enumerate(genes)}
     n_g = len(genes)
-    markers = ct.load_markers(genes, organ=organ, min_markers=0)
-    progs = ct.load_programs(genes, organ=organ)
+    markers = fixture_markers(panel)
+    progs = fixture_programmes(panel)
     ambient = rng.gamma(0.5, 0.04, n_g)
     prog_rates: dict[str, np.ndarray] = {}
     for t, ms in markers.items():
@@ -98,12 +103,35 @@ def make_sample(mix: dict[str, int], *, seed: int = 0, panel: str = "hMulti", or
     return ad
 
 
+def test_make_sample_markers_come_from_outside_the_labeler():
+    """The fixture's tables are written in tests/independent.py or read from the panel file, never
+    through stlib.labels; and they differ from the labeler's (a third or more of each kind's genes,
+    over all kinds, are genes the labeler does not list for that kind)."""
+    import ast
+    from pathlib import Path
+
+    src = ast.parse((Path(__file__).parent / "independent.py").read_text())
+    imported = {n.module or "" for n in ast.walk(src) if isinstance(n, ast.ImportFrom)} | \
+        {a.name for n in ast.walk(src) if isinstance(n, ast.Import) for a in n.names}
+    assert not [m for m in imported if m.startswith("stlib")], imported
+    genes = load_panel("hMulti")
+    ours = fixture_markers("hMulti")
+    theirs = ct.load_markers(genes, organ="breast", min_markers=0)
+    assert set(ours) == set(MIX_TUMOR) - {"tumor", "dead"}
+    assert all(len(v) >= 5 for v in ours.values()), {k: len(v) for k, v in ours.items()}
+    new = sum(len(set(v) - set(theirs.get(k, []))) for k, v in ours.items())
+    assert new >= sum(len(v) for v in ours.values()) / 3
+    prog = fixture_programmes("hMulti")
+    assert len(prog["tumor_up"]) >= 3 and len(prog["proliferation"]) >= 4 and prog["apoptosis"]
+
+
 @pytest.fixture(scope="module")
 def tumor_clustered() -> AnnData:
     """A breast tumour sample, normalised, scored and clustered once for the module."""
     ad = make_sample(MIX_TUMOR, seed=1)
     ct.qc_filter(ad)
     ct.normalize(ad)
+    # the labeler scores with its own table: that is the method under test (the cells are not from it)
     mk = ct.load_markers(ad, organ="breast")
     ct.rank_score(ad, mk)
     ct.cluster(ad, seed=0, neighbors_method="gauss")
@@ -270,7 +298,7 @@ def test_cluster_writes_slots(tumor_clustered):
 @pytest.mark.parametrize("method", ["hierarchical", "marker", "cluster"])
 def test_assign_fine_types_accuracy(tumor_clustered, method):
     ad = tumor_clustered.copy()
-    mk = ct.load_markers(ad, organ="breast")
+    mk = ct.load_markers(ad, organ="breast")  # the labeler's input, not the expected answer
     ct.assign_fine_types(ad, mk, method=method)
     conf = ad.obs["type_confidence"].to_numpy()
     assert ((conf >= 0) & (conf <= 1)).all()

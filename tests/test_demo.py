@@ -37,6 +37,12 @@ def meta(cohort):
     return json.loads((cohort / "cohort.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def outside_windows(cohort):
+    """Statistics of the cohort outside their windows (derived from the knobs and the sample sizes, tests/windows.py)."""
+    return demo_statistics(cohort)
+
+
 def _sha(p) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
@@ -133,40 +139,24 @@ def test_true_he_xy_and_imperfect_registration(cohort, meta):
         np.testing.assert_allclose(by, y[:500], atol=1e-3)
 
 
-def test_dapi_polygons_missing_extra(cohort, meta):
-    ious, miss, extra, nvis = [], 0, 0, 0
+def test_dapi_polygons_missing_extra(cohort, meta, outside_windows):
+    miss, extra = 0, 0
     for s in meta["samples"]:
         sid = s["sample_id"]
-        tf = json.loads((cohort / "truth" / sid / "transform.json").read_text())
         truth = gpd.read_parquet(cohort / "truth" / sid / "nuclei.parquet").set_index("cell_id")
         seg = gpd.read_parquet(cohort / "hest" / "xenium_seg" / f"{sid}_xenium_nucleus_seg.parquet")
         assert seg.index.name == "cell_id" and len(seg) == truth.has_polygon.sum()
-        # back from HEST's registration to µm, then through the true map
-        Ainv = np.linalg.inv(np.asarray(tf["hest_registration_um_to_he_px"]))
-        polys = []
-        for g in seg.geometry.values:
-            xy = shapely.get_coordinates(g)
-            ux, uy = apply_affine(Ainv, xy[:, 0], xy[:, 1])
-            px, py = true_he_xy(tf, ux, uy)
-            polys.append(shapely.Polygon(np.c_[px, py]))
-        polys = np.array(polys)
-        ids = [str(i) for i in seg.index]
-        tg = truth.loc[ids]
-        vis = tg.visible.to_numpy()
-        a, b = polys[vis], tg.geometry.values[vis]
-        ious.append(shapely.area(shapely.intersection(a, b)) / shapely.area(shapely.union(a, b)))
+        assert set(map(str, seg.index)) == set(truth.index[truth.has_polygon])
         inside = truth.visible & truth.in_xenium_region  # missed by DAPI = inside the region, no polygon
-        nvis += int(inside.sum())
         miss += int((inside & ~truth.has_polygon).sum())
         extra += int((~truth.visible).sum())
-    iou = np.concatenate(ious)
-    assert 0.6 <= np.median(iou) <= 0.9
     assert miss > 0 and extra > 0
+    # DAPI-vs-H&E IoU (median over the cohort; outlines mapped back through the true map) and the
     # missing / extra shares: windows from the knobs and the sample sizes (tests/windows.py)
-    assert not [b for b in demo_statistics(cohort) if "nuclei" in b]
+    assert not [b for b in outside_windows if "nuclei" in b or "DAPI IoU" in b]
 
 
-def test_expression_statistics(cohort, meta):
+def test_expression_statistics(cohort, meta, outside_windows):
     for s in meta["samples"]:
         sid = s["sample_id"]
         tx = pd.read_parquet(cohort / "hest" / "transcripts" / f"{sid}_transcripts.parquet")
@@ -179,19 +169,20 @@ def test_expression_statistics(cohort, meta):
         assert tx.transcript_id.is_unique
         assert (tx.qv < 20).any() and (tx.qv >= 20).any()
         ctrl = tx.feature_name.str.startswith(("NegControlProbe_", "BLANK_"))
-        assert 0 < ctrl.mean() < 0.03
+        assert ctrl.any()  # how many: a window from control_fraction and the sample's transcripts (below)
         assert tx.overlaps_nucleus.isin([0, 1]).all()
         assert set(tx.feature_name[~ctrl]) <= set(load_panel("hMulti"))
         X, truth = _gene_matrix(cohort, sid)
         live = truth.fine_type.ne(DEAD_TYPE).to_numpy()
-        assert 50 <= np.median(X[live].sum(1)) <= 200
         # dying cells lose some RNA at the default dead_signal (0.3: library x 0.775)
         assert np.median(X[~live].sum(1)) < np.median(X[live].sum(1)) if (~live).sum() > 3 else True
         ex = pd.read_parquet(cohort / "truth" / sid / "expression.parquet")
         spill = ex.n_spill.sum() / (ex.n_own + ex.n_spill + ex.n_ambient).sum()
         assert spill >= 0.1
-    # low-qv and in-nucleus shares: windows from the knobs and the sample sizes (tests/windows.py)
-    assert not [b for b in demo_statistics(cohort) if "qv" in b or "in the nucleus" in b]
+    # low-qv and in-nucleus shares, control probes per sample, median transcripts per live cell:
+    # windows from the knobs and the sample sizes (tests/windows.py)
+    assert not [b for b in outside_windows if "qv" in b or "in the nucleus" in b or "control-probe" in b
+                or "transcripts per live cell" in b]
 
 
 def test_class_recoverable_from_expression(cohort, meta):

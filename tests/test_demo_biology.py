@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from windows import library_factor, median_window
 
 import stlib
 from stlib.demo import biology as bio
@@ -240,7 +241,14 @@ def test_simulate_cell_expression_from_classes():
     ex = simulate_cell_expression(xy, types, organ_key="bowel", cancer=True, genes=GENES, cfg=cfg,
                                   cohort_seed=3, sample_key=(3, 0))
     X = cell_count_matrix(ex, n, len(GENES))
-    assert X.shape == (n, len(GENES)) and 40 <= np.median(np.asarray(X.sum(1)).ravel()) <= 250
+    assert X.shape == (n, len(GENES))
+    # median transcripts per cell: within the window of the law the knobs and the types' library
+    # factors state, at n = 300 cells (tests/windows.py; no qv filter here)
+    lam = cfg.tx_per_cell_median * np.array([library_factor({}, "bowel", t) for t in types])
+    r = np.random.default_rng(0)
+    ref = r.poisson(lam[None, :] * np.exp(r.normal(0.0, cfg.library_log_sd, (200, n))))
+    lo, hi = median_window(ref.ravel(), n)
+    assert lo <= np.median(np.asarray(X.sum(1)).ravel()) <= hi, (lo, hi)
     again = simulate_cell_expression(xy, types, organ_key="bowel", cancer=True, genes=GENES, cfg=cfg,
                                      cohort_seed=3, sample_key=(3, 0))
     np.testing.assert_array_equal(ex["gene"], again["gene"])

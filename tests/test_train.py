@@ -497,56 +497,67 @@ def test_overfitting_a_handful_of_tiles_halves_the_loss_and_beats_the_untrained_
     assert after > before + 0.2 and after >= 0.5, (before, after)
 
 
-# BatchNorm is the one layer whose forward pass depends on how a batch is split: on CPU, DDP
-# normalises each rank's half-batch by its own statistics (on CUDA the model is converted to
-# SyncBatchNorm). To compare the data path of DDP (sampler shards, augmentation shards,
-# gradient averaging) with one process, both runs below replace BatchNorm2d by a per-channel
-# affine layer with the same parameters and no batch statistics.
-_AFFINE_BN = '''
-import torch
+def _param_update(state: dict, w0: dict, names: set[str]) -> torch.Tensor:
+    """The change of the learnable parameters (BatchNorm's running statistics left out: they do
+    not enter a training-mode forward pass, and DDP broadcasts rank 0's)."""
+    return torch.cat([(state[k] - w0[k]).flatten().float() for k in sorted(names)])
 
 
-class AffineNorm(torch.nn.Module):
-    """BatchNorm2d's learnable scale and shift without batch statistics."""
-
-    def __init__(self, num_features, *args, **kwargs):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(num_features))
-        self.bias = torch.nn.Parameter(torch.zeros(num_features))
-
-    def forward(self, x):
-        return x * self.weight[:, None, None] + self.bias[:, None, None]
-'''
-_DDP_RUNNER = _AFFINE_BN + '''
-import sys
-
-torch.nn.BatchNorm2d = AffineNorm
-from stlib.train import cli_main  # noqa: E402
-
-sys.exit(cli_main(sys.argv[1:]))
-'''
-
-
-def _update(state: dict, w0: dict) -> torch.Tensor:
-    return torch.cat([(state[k] - w0[k]).flatten().float() for k in w0 if w0[k].dtype.is_floating_point])
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a @ b) / (a.norm() * b.norm()))
 
 
 def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path, monkeypatch):
+    """DDP over two CPU processes (gloo) against one process with the same global batch, with the
+    network's real BatchNorm2d in both.
+
+    BatchNorm is the one layer whose training forward pass depends on how a batch is split. On
+    CUDA the trainer converts it to SyncBatchNorm, which normalises over the global batch; on CPU
+    that is not available (torch 2.13's SyncBatchNorm raises ValueError for a CPU input, so gloo
+    runs cannot use it), and each rank normalises its own share (rank ``r`` takes tiles
+    ``r::2`` of the global batch). So the DDP run, the trainer unmodified, is compared with
+
+    * the same global batch in one process, each rank's share normalised by itself (the same
+      BatchNorm2d forward, called once per share): the data path of DDP (sampler and augmentation
+      shards, gradient averaging) must then match closely; only the batch-level Dice terms of
+      the loss are averaged over ranks instead of computed over the global batch. Measured:
+      cosine 0.98 between the two weight updates, losses within 0.3 %; ranks that train on the
+      same tiles or apply the same augmentation parameters (tests/mutants.py) give 0.40 and 0.16;
+    * the same global batch in one process, plain BatchNorm over all four tiles. Statistics of
+      two tiles instead of four change every activation: the first step's loss (same weights,
+      same tiles) differs by 3 % (measured), so it must agree within 6 %. The weight updates are
+      not compared: AdamW's first steps move each parameter by about ``lr * sign(gradient)``, so
+      the small gradient changes that the statistics cause flip many of them (measured cosine of
+      the two updates: 0.28, no better than the broken runs above give against it, 0.22-0.24).
+      This is a real difference between DDP on CPU and one process, not a tolerance of the test:
+      CPU multi-process runs train with per-rank statistics.
+    """
     from stlib.model.net import build_model
 
-    ns: dict = {}
-    exec(_AFFINE_BN, ns)
-    monkeypatch.setattr(torch.nn, "BatchNorm2d", ns["AffineNorm"])
     run = tmp_path / "run"
     make_store(run / "tiles" / "st", n=12, seed=4)
     # two steps: the second batch and the optimizer state must line up too
     cfg = tiny_config(run, out_dir="models/one", steps=2, batch_size=4, val_every=2, ckpt_every=2, amp=False)
-    one = train(cfg)
+    full = train(cfg)
+    bn_forward = torch.nn.BatchNorm2d.forward
+
+    def per_rank(self, x):  # each of two ranks' shares normalised by its own statistics
+        if not self.training:
+            return bn_forward(self, x)
+        return torch.stack([bn_forward(self, x[r::2]) for r in range(2)], 1).flatten(0, 1)
+    with monkeypatch.context() as mp:
+        mp.setattr(torch.nn.BatchNorm2d, "forward", per_rank)
+        split = train(cfg.replace(out_dir="models/split"))
     torch.manual_seed(cfg.seed)
-    w0 = build_model(cfg).state_dict()
-    runner = tmp_path / "ddp_runner.py"
-    runner.write_text(_DDP_RUNNER)
+    model0 = build_model(cfg)
+    w0 = model0.state_dict()
+    names = {k for k, _ in model0.named_parameters()}
+    assert any("bn" in k for k in names)  # the network does carry BatchNorm parameters
     cfg_path = cfg.replace(out_dir="models/ddp").to_yaml(tmp_path / "ddp.yaml")
+    # the trainer's CLI imported from the package (``-m stlib.train`` would run a second copy of the
+    # module as __main__, which the patches of tests/mutants.py do not reach)
+    runner = tmp_path / "ddp_runner.py"
+    runner.write_text("import sys\nfrom stlib.train import cli_main\nsys.exit(cli_main(sys.argv[1:]))\n")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STLIB_NO_PROGRESS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
@@ -557,11 +568,13 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     assert m["world_size"] == 2 and len(set(m["ddp_param_digests"])) == 1
     ddp = torch.load(run / "models" / "ddp" / "model.pt", weights_only=True)["state_dict"]
     assert set(ddp) == set(w0)
-    u1 = _update(torch.load(one.model_path, weights_only=True)["state_dict"], w0)
-    u2 = _update(ddp, w0)
-    cos = float((u1 @ u2) / (u1.norm() * u2.norm()))
-    # the per-rank losses are averaged, the batch-level Dice terms are not: close, not equal.
-    # Measured: 0.99; ranks that share tiles or augmentations give about 0.8 (tests/mutants.py)
-    assert cos > 0.95, cos
-    for a, b in zip(one.history, m["history"]):
-        assert b["loss"] == pytest.approx(a["loss"], rel=0.03), (a, b)
+    u_ddp = _param_update(ddp, w0, names)
+    u_split = _param_update(torch.load(split.model_path, weights_only=True)["state_dict"], w0, names)
+    u_full = _param_update(torch.load(full.model_path, weights_only=True)["state_dict"], w0, names)
+    c_split = _cos(u_split, u_ddp)
+    print(f"cosine of the weight updates: DDP vs per-rank BN {c_split:.4f}, "
+          f"vs global-batch BN {_cos(u_full, u_ddp):.4f} (not asserted)")
+    assert c_split > 0.95, c_split
+    for a, b in zip(split.history, m["history"]):
+        assert b["loss"] == pytest.approx(a["loss"], rel=0.01), (a, b)
+    assert m["history"][0]["loss"] == pytest.approx(full.history[0]["loss"], rel=0.06)

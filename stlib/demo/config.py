@@ -126,7 +126,8 @@ class DemoConfig:
     cyto_um: float = 3.0
     #: fraction of transcripts with qv < 20
     low_qv_fraction: float = 0.08
-    #: control-probe transcripts (NegControlProbe_*, BLANK_*) per gene transcript
+    #: control-probe transcripts (NegControlProbe_*, BLANK_*) per transcript drawn for a cell (the
+    #: scattered unassigned gene transcripts not counted; a third of the low-qv ones decode as a gene)
     control_fraction: float = 0.01
 
     # -- DAPI segmentation vs H&E nucleus ----------------------------------------------
