@@ -308,7 +308,7 @@ def _warm_up() -> float:
     """Load (or compile) the numba kernels of every stage on tiny inputs; returns seconds."""
     from stlib import _align_kernels as AK
     from stlib.labels.refine import refine_label_maps
-    from stlib.labels.slide_tiles import _zoom_linear
+    from stlib.tiles.slide import _zoom_linear
 
     t0 = time.perf_counter()
     wp, wc, ww, wh = synthetic_nuclei(60, seed=1)
@@ -366,7 +366,7 @@ def _reference_tiles(hest: Path, sid: str, nuc: Any, excluded: Any, *, n_tiles: 
     from stlib.io.hest import HestSample
     from stlib.labels.masks import TileRenderer
     from stlib.labels.refine import refine_label_maps
-    from stlib.labels.slide_tiles import RowBands, read_tile_image, resample_tile
+    from stlib.tiles.slide import RowBands, read_tile_image, resample_tile
 
     s = HestSample(hest, sid)
     scale = s.pixel_size_um / um_per_px
@@ -419,7 +419,7 @@ def bench_derive(work_dir: str | Path | None = None, *, n_nuclei: int = 500_000,
 
     Stages (:mod:`stlib.align`, :mod:`stlib.labels`): alignment (inputs, haematoxylin images,
     tile measurements and fits), the aligned nuclei in H&E px, then the tile store
-    (:func:`stlib.labels.derive.build_tile_stores`: label maps, H&E tiles, mask refinement,
+    (:func:`stlib.tiles.stage.build_tile_stores`: label maps, H&E tiles, mask refinement,
     writing) with ``workers`` threads. The sample (:func:`stlib.bench_slide.make_slide_sample`)
     is generated first, untimed, in a child process, into ``work_dir`` (reused when present)
     or a temporary folder. In the same run the straightforward reference of each stage that has
@@ -439,8 +439,8 @@ def bench_derive(work_dir: str | Path | None = None, *, n_nuclei: int = 500_000,
     from stlib.align import Transform, align_sample, alignment_error_um, transform_nuclei
     from stlib.io.cohort import cohort_table
     from stlib.io.hest import HestSample
-    from stlib.labels.derive import _box, build_tile_stores
-    from stlib.labels.slide_tiles import default_workers
+    from stlib.tiles.stage import _box, build_tile_stores
+    from stlib.tiles.slide import default_workers
     from stlib.utils import read_json
 
     workers = default_workers() if workers is None else int(workers)

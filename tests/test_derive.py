@@ -1,4 +1,4 @@
-"""stlib.labels.derive: properties of labels and tile stores that a wrong implementation breaks.
+"""stlib.labels.derive and stlib.tiles: properties of labels and tile stores that a wrong implementation breaks.
 
 On a tiny generated cohort (six 640-px samples, every organ of the demo, two of them
 held out) the labels are derived end to end (alignment, expression classes, masks) and cut
@@ -30,7 +30,8 @@ from stlib.demo import DemoConfig
 from stlib.io.cohort import cohort_table
 from stlib.io.hest import HestSample
 from stlib.io.tiles import TileStore
-from stlib.labels.derive import assign_splits, build_tile_stores, cellvit_agreement, derive_sample, truth_scores
+from stlib.labels.derive import cellvit_agreement, derive_sample, truth_scores
+from stlib.tiles.stage import assign_splits, build_tile_stores
 
 TILE_PX = 128
 UM_PER_PX = 0.25
