@@ -70,39 +70,55 @@ def _resize_reference(crop: np.ndarray, size_l0: float, tile_px: int) -> np.ndar
 
 
 @numba.njit(cache=True, nogil=True)
+def _linear_taps(n, T):  # pragma: no cover - compiled
+    """For each of ``T`` output px along an axis of ``n`` input px: the two mirrored input
+    indices and their weights (``1 - t``, ``t``) of :func:`_zoom_linear`."""
+    z = n / T
+    a = np.empty(T, np.int64)
+    b = np.empty(T, np.int64)
+    wa = np.empty(T, np.float64)
+    wb = np.empty(T, np.float64)
+    for i in range(T):
+        c = (i + 0.5) * z - 0.5
+        i0 = int(np.floor(c))
+        t = c - i0
+        a[i] = -i0 if i0 < 0 else (2 * (n - 1) - i0 if i0 > n - 1 else i0)
+        i1 = i0 + 1
+        b[i] = -i1 if i1 < 0 else (2 * (n - 1) - i1 if i1 > n - 1 else i1)
+        wa[i] = 1.0 - t
+        wb[i] = t
+    return a, b, wa, wb
+
+
+@numba.njit(cache=True, nogil=True)
 def _zoom_linear(crop, T):  # pragma: no cover - compiled
     """``ndimage.zoom(crop, order=1, mode="mirror", grid_mode=True)`` to (T, T, C) as
     ``skimage.transform.resize`` calls it, then ``rint`` and clip to uint8.
 
     Output pixel centre ``(i + 0.5) * n / T - 0.5`` in input px; the 2 x 2 neighbours summed in
     raster order as ``value * w_row * w_col`` (scipy's order; the channel axis is not resampled).
+    The taps of rows and columns are computed once per call (:func:`_linear_taps`).
     """
     n0, n1, C = crop.shape
     out = np.empty((T, T, C), np.uint8)
-    z0 = n0 / T
-    z1 = n1 / T
+    ya, yb, wya, ty = _linear_taps(n0, T)
+    xa, xb, wxa, tx = _linear_taps(n1, T)
     for i in range(T):
-        cy = (i + 0.5) * z0 - 0.5
-        y0 = int(np.floor(cy))
-        ty = cy - y0
-        ya = -y0 if y0 < 0 else (2 * (n0 - 1) - y0 if y0 > n0 - 1 else y0)
-        y1 = y0 + 1
-        yb = -y1 if y1 < 0 else (2 * (n0 - 1) - y1 if y1 > n0 - 1 else y1)
-        wya = 1.0 - ty
+        ra = crop[ya[i]]
+        rb = crop[yb[i]]
+        wy0 = wya[i]
+        wy1 = ty[i]
         for j in range(T):
-            cx = (j + 0.5) * z1 - 0.5
-            x0 = int(np.floor(cx))
-            tx = cx - x0
-            xa = -x0 if x0 < 0 else (2 * (n1 - 1) - x0 if x0 > n1 - 1 else x0)
-            x1 = x0 + 1
-            xb = -x1 if x1 < 0 else (2 * (n1 - 1) - x1 if x1 > n1 - 1 else x1)
-            wxa = 1.0 - tx
+            ja = xa[j]
+            jb = xb[j]
+            wx0 = wxa[j]
+            wx1 = tx[j]
             for c in range(C):
                 t = 0.0
-                t += np.float64(crop[ya, xa, c]) * wya * wxa
-                t += np.float64(crop[ya, xb, c]) * wya * tx
-                t += np.float64(crop[yb, xa, c]) * ty * wxa
-                t += np.float64(crop[yb, xb, c]) * ty * tx
+                t += np.float64(ra[ja, c]) * wy0 * wx0
+                t += np.float64(ra[jb, c]) * wy0 * wx1
+                t += np.float64(rb[ja, c]) * wy1 * wx0
+                t += np.float64(rb[jb, c]) * wy1 * wx1
                 v = np.rint(t)
                 out[i, j, c] = np.uint8(0.0 if v < 0.0 else (255.0 if v > 255.0 else v))
     return out
