@@ -226,11 +226,17 @@ def label_median(values, labels, n):  # pragma: no cover - compiled
         a, b = cnt[lab], cnt[lab + 1]
         if b == a:
             continue
-        s = np.sort(buf[a:b])
+        seg = buf[a:b]  # this label's values, reordered in place by the selection
         m = b - a
         lo = (m - 1) // 2
         hi = m - 1 - lo
-        med[lab] = np.float32(np.float32(s[lo] + s[hi]) / np.float32(2.0))
+        vhi = _kth(seg, hi)  # the order statistics a sort would give (values only, no sort)
+        vlo = vhi
+        if lo != hi:  # lo = hi - 1: the largest of the hi smallest values, seg[:hi]
+            vlo = seg[0]
+            for t in range(1, hi):
+                vlo = max(vlo, seg[t])
+        med[lab] = np.float32(np.float32(vlo + vhi) / np.float32(2.0))
     return med
 
 
