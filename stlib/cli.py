@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "download": ("stlib.io.download", "cli_main", "download HEST-1k samples / PanNuke folds / MoNuSeg / CoNSeP"),
     "align": ("stlib.align", "cli_main", "align Xenium nuclei to H&E, score and refine (alignment.json)"),
     "labels": ("stlib.labels.derive", "cli_main", "derive masks, cell types and classes for a sample"),
-    "tiles": ("stlib.io.tiles", "cli_main", "inspect a tile store (stlib tiles info PATH)"),
+    "tiles": ("stlib.tiles.stage", "cli_main", "build a run's tile stores or inspect one (stlib tiles build|info)"),
     "train": ("stlib.train", "cli_main", "train the HoVer-Net-style network (--config FILE)"),
     "metrics": ("stlib.metrics", "cli_main", "segmentation/classification metrics of NAME.npz folders"),
     "infer": ("stlib.infer", "cli_main", "run a trained model on a tile or a whole slide"),

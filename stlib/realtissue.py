@@ -9,7 +9,7 @@ segmentation half of the claim against the *real manual* outlines:
    (``labels/{sample}__seg``: class unknown), and for chosen samples the full expression-derived
    classes (:func:`stlib.labels.derive.derive_sample`).
 2. :func:`build_stores` - tile stores of the training samples
-   (:func:`stlib.labels.derive.build_tile_stores`): ``tiles/rt`` = ST-derived masks snapped to
+   (:func:`stlib.tiles.stage.build_tile_stores`): ``tiles/rt`` = ST-derived masks snapped to
    the haematoxylin boundary (:mod:`stlib.labels.refine`), ``tiles/rt_truth`` = the manual masks
    of exactly the same tiles.
 3. :func:`train_pair` - the same network, recipe, budget and seed trained on each store:
@@ -140,10 +140,10 @@ def build_stores(data_dir: str | Path, run_dir: str | Path, table: pd.DataFrame,
     """``tiles/rt`` (ST-derived masks) and ``tiles/rt_truth`` (manual masks) of the same tiles.
 
     ``table`` = cohort rows (``sample``, ``organ``, ``role``) of the samples to cut, normally the
-    training samples. Uses :func:`stlib.labels.derive.build_tile_stores` (idempotent).
+    training samples. Uses :func:`stlib.tiles.stage.build_tile_stores` (idempotent).
     """
     from stlib.io.cohort import hest_dir
-    from stlib.labels.derive import build_tile_stores
+    from stlib.tiles.stage import build_tile_stores
 
     return build_tile_stores(hest_dir(data_dir), table[["sample", "organ", "role"]], run_dir, um_per_px=um_per_px,
                              tile_px=tile_px, truth_dir=Path(data_dir) / "truth", seed=seed, name=STORE,

@@ -287,6 +287,7 @@ def region_check(seeds: Sequence[int], workdir: Any, *, cfg: Any = None, refine_
     from stlib.demo.config import config_for_scale
     from stlib.io import cohort
     from stlib.labels import derive
+    from stlib.tiles.stage import build_tile_stores
     from stlib.utils import progress as _progress
 
     cfg = cfg if cfg is not None else config_for_scale("demo")
@@ -301,7 +302,7 @@ def region_check(seeds: Sequence[int], workdir: Any, *, cfg: Any = None, refine_
             warnings.simplefilter("ignore")
             for sid in table["sample"]:
                 derive.derive_sample(hest, sid, root / "run", truth_dir=data / "truth", neighbors_method="gauss")
-            derive.build_tile_stores(hest, table, root / "run", truth_dir=data / "truth", refine_masks=refine_masks)
+            build_tile_stores(hest, table, root / "run", truth_dir=data / "truth", refine_masks=refine_masks)
         rows.append({"seed": int(s), "xenium_region_fraction": cfg.xenium_region_fraction,
                      **outside_region_background(root / "run", data / "truth")})
         shutil.rmtree(root, ignore_errors=True)

@@ -38,14 +38,14 @@ def mutant(name: str, tests: list[str], what: str):
 @mutant("split_no_guard", ["tests/test_derive.py::test_no_true_nucleus_in_a_train_and_a_val_tile"],
         "spatial split without the guard column (train and val tiles touch)")
 def _split_no_guard():
-    from stlib.labels import derive
+    from stlib.tiles import stage
 
-    orig = derive.assign_splits
+    orig = stage.assign_splits
 
     def broken(meta, **kw):
         kw["guard_tiles"] = 0
         return orig(meta, **kw)
-    derive.assign_splits = broken
+    stage.assign_splits = broken
 
 
 @mutant("split_heldout_trained", ["tests/test_derive.py::test_heldout_organs_only_in_test"],
@@ -66,15 +66,15 @@ def _split_heldout():
 def _split_differs():
     import numpy as np
 
-    from stlib.labels import derive
+    from stlib.tiles import stage
 
-    orig = derive._write_split
+    orig = stage._write_split
 
     def broken(store, split):
         if str(store).endswith("_truth"):
             split = np.random.default_rng(0).permutation(split)
         return orig(store, split)
-    derive._write_split = broken
+    stage._write_split = broken
 
 
 # ----------------------------------------------------------------------------- labels

@@ -51,14 +51,19 @@ def test_gpu_check_without_gpu_refuses_plainly(tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.glob("gpu_*.json"))
 
 
-def test_bench_derive_small_slide(tmp_path):
-    """The whole-slide derivation benchmark on a tiny slide: every stage timed, references run."""
+def test_bench_derive_small_slide(tmp_path, capsys):
+    """The whole-slide derivation benchmark on a tiny slide: every stage timed (wall and CPU, printed),
+    references run."""
     out = tmp_path / "derive.json"
     assert bench.cli_main(["derive", "--work-dir", str(tmp_path / "work"), "--nuclei", "1500", "--side-mm", "0.6",
                            "--ref-tiles", "3", "--ref-crop-mm", "0.3", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["nuclei"] > 1000 and res["seconds"] > 0
     assert set(res["stages"]) == {"alignment", "aligned_nuclei", "tile_store"}
+    assert set(res["stages_cpu_s"]) == set(res["stages"]) and all(v > 0 for v in res["stages_cpu_s"].values())
+    assert {"masks", "tile_images", "mask_refinement", "store_writing"} <= set(res["tile_stages_cpu_s"])
+    printed = capsys.readouterr().out
+    assert all(k in printed for k in res["stages"]) and "cpu s" in printed
     assert {"masks", "tile_images", "mask_refinement", "store_writing", "slide_decoding"} <= set(res["tile_stages_busy_s"])
     assert {"inputs", "haematoxylin_images", "tile_measurements"} <= set(res["alignment_stages"])
     assert res["references"]["tiles"]["identical_tiles"] == res["references"]["tiles"]["tiles"]

@@ -1,4 +1,4 @@
-"""stlib.labels.derive: properties of labels and tile stores that a wrong implementation breaks.
+"""stlib.labels.derive and stlib.tiles: properties of labels and tile stores that a wrong implementation breaks.
 
 On a tiny generated cohort (six 640-px samples, every organ of the demo, two of them
 held out) the labels are derived end to end (alignment, expression classes, masks) and cut
@@ -30,7 +30,8 @@ from stlib.demo import DemoConfig
 from stlib.io.cohort import cohort_table
 from stlib.io.hest import HestSample
 from stlib.io.tiles import TileStore
-from stlib.labels.derive import assign_splits, build_tile_stores, cellvit_agreement, derive_sample, truth_scores
+from stlib.labels.derive import cellvit_agreement, derive_sample, truth_scores
+from stlib.tiles.stage import assign_splits, build_tile_stores
 
 TILE_PX = 128
 UM_PER_PX = 0.25
@@ -146,6 +147,28 @@ def test_both_stores_share_tiles_and_splits(run):
     pd.testing.assert_frame_equal(st.meta[cols].reset_index(drop=True), tr.meta[cols].reset_index(drop=True))
     assert np.array_equal(st.get_batch(np.arange(len(st)), ["image"])["image"],
                           tr.get_batch(np.arange(len(tr)), ["image"])["image"])
+
+
+def test_tiles_cli_rebuilds_the_same_stores(run, cohort, table, capsys):
+    """`stlib tiles build` (the tile stage's CLI) with the parameters of the fixture rebuilds
+    (--force) stores equal array for array and row for row; `stlib tiles info` reads them."""
+    from stlib.tiles.stage import cli_main
+
+    before = {k: (TileStore(p).meta.copy(), {a: np.array(v) for a, v in TileStore(p).arrays.items()})
+              for k, p in run["paths"].items()}
+    argv = ["build", "--hest-dir", str(cohort / "hest"), "--out", str(run["dir"]), "--truth-dir", str(cohort / "truth"),
+            "--tile-px", str(TILE_PX), "--um-per-px", str(UM_PER_PX), "--workers", "2", "--force"]
+    for sid in table["sample"]:
+        argv += ["--sample", sid]
+    assert cli_main(argv) == 0
+    for k, p in run["paths"].items():
+        st = TileStore(p)
+        meta, arrays = before[k]
+        pd.testing.assert_frame_equal(st.meta, meta)
+        for a, v in arrays.items():
+            assert np.array_equal(st.arrays[a], v), (k, a)
+    assert cli_main(["info", str(run["paths"]["st"])]) == 0
+    assert "TileStore(" in capsys.readouterr().out
 
 
 def test_assign_splits_by_whole_samples_when_an_organ_has_several():

@@ -73,10 +73,10 @@ def test_parallel_tile_stores_equal_the_per_tile_reference(demo, run):
     from stlib.io.cohort import cohort_table
     from stlib.io.hest import HestSample
     from stlib.io.tiles import TileStore
-    from stlib.labels.derive import _box, build_tile_stores
+    from stlib.tiles.stage import _box, build_tile_stores
     from stlib.labels.masks import iter_label_tiles
     from stlib.labels.refine import RefineStats, refine_label_maps
-    from stlib.labels.slide_tiles import read_tile_image
+    from stlib.tiles.slide import read_tile_image
     from stlib.metrics import pannuke_bpq
 
     table = cohort_table(demo, samples=list(SAMPLES))

@@ -143,24 +143,24 @@ def test_primary_endpoint_is_glued_at_the_right_unit(smoke):
 
 def test_tile_store_records_mask_refinement_and_rebuilds_on_change(smoke):
     from stlib.io import cohort
-    from stlib.labels import derive
+    from stlib.tiles import stage
 
     root = smoke["root"]
     run, data = root / "runs" / "demo", root / "data" / "demo"
-    ref = derive.refinement_table(run / "tiles" / "st")
+    ref = stage.refinement_table(run / "tiles" / "st")
     assert len(ref) >= 6 and (ref["refined"] > 0).all()
     # on the synthetic cohort the snapped masks are closer to the true nuclei than DAPI outlines
     assert ref["mask_pq_vs_truth_after"].mean() > ref["mask_pq_vs_truth_before"].mean()
     # the same store name with other parameters is rebuilt, not silently reused
     table = cohort.cohort_table(data)
     kw = dict(truth_dir=data / "truth", name="st_keycheck")
-    p = derive.build_tile_stores(cohort.hest_dir(data), table, run, refine_masks=False, **kw)["st"]
+    p = stage.build_tile_stores(cohort.hest_dir(data), table, run, refine_masks=False, **kw)["st"]
     info = json.loads((p / "store.json").read_text())
     assert info["refinement"] is None
     mtime = (p / "store.json").stat().st_mtime_ns
-    derive.build_tile_stores(cohort.hest_dir(data), table, run, refine_masks=False, **kw)
+    stage.build_tile_stores(cohort.hest_dir(data), table, run, refine_masks=False, **kw)
     assert (p / "store.json").stat().st_mtime_ns == mtime  # unchanged parameters: reused
-    derive.build_tile_stores(cohort.hest_dir(data), table, run, refine_masks=True, **kw)
+    stage.build_tile_stores(cohort.hest_dir(data), table, run, refine_masks=True, **kw)
     assert json.loads((p / "store.json").read_text())["refinement"]["per_sample"]
 
 

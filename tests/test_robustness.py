@@ -89,6 +89,7 @@ def region_run(tmp_path_factory):
     from stlib.demo import make_cohort
     from stlib.io import cohort
     from stlib.labels import derive
+    from stlib.tiles.stage import build_tile_stores
 
     root = tmp_path_factory.mktemp("region")
     data = make_cohort(root / "data", seed=7, image_px=512, pannuke_per_fold=0, raw_bundles=0,
@@ -100,7 +101,7 @@ def region_run(tmp_path_factory):
         warnings.simplefilter("ignore")
         for sid in table["sample"]:
             derive.derive_sample(hest, sid, root / "run", truth_dir=data / "truth", neighbors_method="gauss")
-        derive.build_tile_stores(hest, table, root / "run", truth_dir=data / "truth", refine_masks=False)
+        build_tile_stores(hest, table, root / "run", truth_dir=data / "truth", refine_masks=False)
     return root, data, hest, table
 
 
@@ -117,7 +118,7 @@ def test_without_the_region_mask_the_check_fails(region_run, tmp_path):
     """The same tiles built without coverage.parquet (as before issue 12) teach those nuclei as background."""
     import shutil
 
-    from stlib.labels import derive
+    from stlib.tiles.stage import build_tile_stores
 
     root, data, hest, table = region_run
     run2 = tmp_path / "run"
@@ -125,7 +126,7 @@ def test_without_the_region_mask_the_check_fails(region_run, tmp_path):
     shutil.copytree(root / "run" / "alignment", run2 / "alignment")
     for p in (run2 / "labels").glob("*/coverage.parquet"):
         p.unlink()
-    derive.build_tile_stores(hest, table, run2, truth_dir=data / "truth", refine_masks=False)
+    build_tile_stores(hest, table, run2, truth_dir=data / "truth", refine_masks=False)
     res = outside_region_background(run2, data / "truth")
     assert res["n_background_nuclei"] > 10, res
 

@@ -226,11 +226,17 @@ def label_median(values, labels, n):  # pragma: no cover - compiled
         a, b = cnt[lab], cnt[lab + 1]
         if b == a:
             continue
-        s = np.sort(buf[a:b])
+        seg = buf[a:b]  # this label's values, reordered in place by the selection
         m = b - a
         lo = (m - 1) // 2
         hi = m - 1 - lo
-        med[lab] = np.float32(np.float32(s[lo] + s[hi]) / np.float32(2.0))
+        vhi = _kth(seg, hi)  # the order statistics a sort would give (values only, no sort)
+        vlo = vhi
+        if lo != hi:  # lo = hi - 1: the largest of the hi smallest values, seg[:hi]
+            vlo = seg[0]
+            for t in range(1, hi):
+                vlo = max(vlo, seg[t])
+        med[lab] = np.float32(np.float32(vlo + vhi) / np.float32(2.0))
     return med
 
 
@@ -833,14 +839,15 @@ def segment(h, local, near, core, thr, n):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def areas(local, out, n):  # pragma: no cover - compiled
-    """Pixel counts per label 0..n of the ST map and of the refined one."""
-    a0 = np.zeros(n + 1, np.float64)
-    a1 = np.zeros(n + 1, np.float64)
-    for v in local.ravel():
-        a0[v] += 1
-    for v in out.ravel():
-        a1[v] += 1
-    return a0, a1
+    """Pixel counts per label 0..n of the ST map and of the refined one (as float64)."""
+    c0 = np.zeros(n + 1, np.int64)
+    c1 = np.zeros(n + 1, np.int64)
+    H, W = local.shape
+    for i in range(H):
+        for j in range(W):
+            c0[local[i, j]] += 1
+            c1[out[i, j]] += 1
+    return c0.astype(np.float64), c1.astype(np.float64)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -860,3 +867,69 @@ def guarded(local, out, keep_st, drop, ids, not_vis):  # pragma: no cover - comp
             res[i, j] = ids[v]
             nv[i, j] = not_vis[loc]
     return res, nv
+
+
+@numba.njit(cache=True, nogil=True)
+def first_pixels(inst):  # pragma: no cover - compiled
+    """Sorted distinct values of ``inst`` and the flat index of the first pixel (raster order) of
+    each: ``np.unique(inst, return_index=True)``, found from the runs of equal pixels."""
+    flat = inst.ravel()
+    m = flat.size
+    n_runs = 1 if m else 0
+    for p in range(1, m):
+        if flat[p] != flat[p - 1]:
+            n_runs += 1
+    starts = np.empty(n_runs, np.int64)
+    vals = np.empty(n_runs, flat.dtype)
+    r = 0
+    for p in range(m):
+        if p == 0 or flat[p] != flat[p - 1]:
+            starts[r] = p
+            vals[r] = flat[p]
+            r += 1
+    order = np.argsort(vals, kind="mergesort")  # stable: the earliest run of a value comes first
+    n = 0
+    for t in range(n_runs):
+        if t == 0 or vals[order[t]] != vals[order[t - 1]]:
+            n += 1
+    ids = np.empty(n, flat.dtype)
+    pos = np.empty(n, np.int64)
+    n = 0
+    for t in range(n_runs):
+        if t == 0 or vals[order[t]] != vals[order[t - 1]]:
+            ids[n] = vals[order[t]]
+            pos[n] = starts[order[t]]
+            n += 1
+    return ids, pos
+
+
+@numba.njit(cache=True, nogil=True)
+def follow_instances(inst, refined, ign, not_vis, type_map, conf):  # pragma: no cover - compiled
+    """The maps of :func:`stlib.labels.refine.refine_label_maps` after the refinement: instances
+    (``inst`` where ``ign``, else ``refined``), their class and confidence (``type_map`` /
+    ``conf`` at the id's first pixel in ``inst``, :func:`first_pixels`; 0 on background and on
+    not-visible pixels) and ignore (``ign`` or ``not_vis``)."""
+    H, W = inst.shape
+    ids, pos = first_pixels(inst)
+    tf = type_map.ravel()
+    cfl = conf.ravel()
+    new_inst = np.empty((H, W), inst.dtype)
+    new_type = np.zeros((H, W), np.uint8)
+    new_conf = np.zeros((H, W), np.uint8)
+    new_ign = np.empty((H, W), np.uint8)
+    last = -1
+    k = 0
+    for i in range(H):
+        for j in range(W):
+            g = ign[i, j]
+            v = inst[i, j] if g else refined[i, j]
+            new_inst[i, j] = v
+            nv = not_vis[i, j]
+            new_ign[i, j] = 1 if (g or nv) else 0
+            if v > 0 and not nv:
+                if v != last:
+                    k = np.searchsorted(ids, v)
+                    last = v
+                new_type[i, j] = tf[pos[k]]
+                new_conf[i, j] = cfl[pos[k]]
+    return new_inst, new_type, new_ign, new_conf

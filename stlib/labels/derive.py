@@ -8,9 +8,8 @@ class mix, confidence distribution, marker coverage; against the demo truth: cla
 per-class F1 by cell_id, centroid error and mask Dice/PQ of the ST-derived nuclei; against
 HEST's CellViT nuclei where present: PQ and class agreement as a second opinion).
 
-A run: :func:`build_tile_stores` cuts every sample into training tiles at a target µm/px
-(:mod:`stlib.labels.masks`) into one tile store (:mod:`stlib.io.tiles`) with splits by sample
-and organ, and, for the demo cohort, a store of the *true* nuclei on the same tiles.
+The next stage, :mod:`stlib.tiles` (``stlib tiles build``), cuts a run's samples into the
+training tile stores.
 """
 
 from __future__ import annotations
@@ -19,9 +18,7 @@ import argparse
 import json
 import logging
 import math
-import time
 from collections.abc import Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +26,7 @@ import numpy as np
 import pandas as pd
 
 from stlib.constants import CLASS_NAMES, IGNORE, NUCLEUS_CLASSES, TARGET_UM_PER_PX_40X
-from stlib.labels.refine import RefineConfig
-from stlib.utils import InputError, atomic_path, cache_key, progress, read_json, write_json
+from stlib.utils import InputError, atomic_path, cache_key, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -378,233 +374,6 @@ def pooled_truth_scores(run_dir: str | Path, samples: Sequence[str], truth_dir: 
 
 
 # --------------------------------------------------------------------------------------
-# tile stores
-# --------------------------------------------------------------------------------------
-
-def assign_splits(meta: pd.DataFrame, *, heldout_organs: Sequence[str], val_fraction: float = 0.2,
-                  seed: int = 0, guard_tiles: int = 1) -> pd.Series:
-    """Splits by sample and organ; organs with a single training sample get a spatial split.
-
-    Held-out organs -> ``test``. A training organ with >= 2 samples: whole samples go to
-    ``val`` (:func:`stlib.io.tiles.split_by_sample`). A training organ with one sample: the
-    right-most columns of its tiles (about ``val_fraction`` of them) are ``val`` and the
-    ``guard_tiles`` columns before them are dropped (``""``), so no tile or its neighbour
-    crosses the split.
-    """
-    from stlib.io.tiles import split_by_sample
-
-    split = split_by_sample(meta, val_fraction=val_fraction, seed=seed, heldout_organs=heldout_organs)
-    for organ, sub in meta.groupby("organ"):
-        if organ in set(heldout_organs) or sub["sample"].nunique() != 1:
-            continue
-        cols = np.sort(sub["x0"].unique())
-        n_val = max(1, int(round(val_fraction * len(cols))))
-        if len(cols) < n_val + guard_tiles + 1:
-            continue
-        val_cols = set(cols[-n_val:])
-        guard_cols = set(cols[-n_val - guard_tiles:-n_val]) if guard_tiles else set()
-        x = sub["x0"]
-        split.loc[sub.index[x.isin(val_cols).to_numpy()]] = "val"
-        split.loc[sub.index[x.isin(guard_cols).to_numpy()]] = ""
-    return split
-
-
-def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str | Path, *,
-                      um_per_px: float = TARGET_UM_PER_PX_40X, tile_px: int = 256,
-                      truth_dir: str | Path | None = None, seed: int = 0, val_fraction: float = 0.2,
-                      name: str = "st", labels_name: str = "{sample}", refine_masks: bool = True,
-                      refine_config: RefineConfig | None = None, force: bool = False, workers: int | None = None,
-                      timings: dict[str, float] | None = None) -> dict[str, Path]:
-    """Cut every sample into training tiles; write ``{run_dir}/tiles/{name}`` (and ``truth``).
-
-    The ST store's pixels outside the region where Xenium imaged and transcripts fall
-    (``coverage.parquet`` of each sample, :func:`imaged_region`) are ``ignore``: an H&E nucleus
-    there is not background, nobody labelled it.
-
-    Parameters
-    ----------
-    samples
-        Cohort table with ``sample``, ``organ``, ``role`` (``train`` / ``held-out``).
-    truth_dir
-        Demo truth root: also writes ``tiles/{name}_truth`` with the true nuclei and classes on
-        exactly the same tiles (the "manual truth" of the demo evaluation).
-    labels_name
-        Folder of each sample's labels under ``run_dir/labels`` (``{sample}`` is replaced; the
-        labeler ablation uses ``"{sample}__flat"`` etc.).
-    refine_masks
-        Snap the rasterised ST nuclei to their haematoxylin boundary in each tile
-        (:mod:`stlib.labels.refine`); nuclei without H&E contrast become ``ignore``. What it
-        did, per sample, is recorded under ``refinement`` in the store's ``store.json`` (with
-        the mask PQ of the ST masks against the truth before and after, when there is a truth).
-    workers
-        Threads cutting tiles (:func:`stlib.labels.slide_tiles.iter_slide_tiles`; default: the
-        usable CPUs). The tiles and the stores are the same for any number.
-    timings
-        When given, busy seconds per stage are added to it (``stlib bench derive``).
-
-    Returns
-    -------
-    ``{"st": path, "truth": path?}``. Idempotent: stores built with the same parameters from the
-    same labels are kept (``build_key`` in ``store.json``) unless ``force``.
-    """
-    import geopandas as gpd
-
-    from stlib.align import load_alignment
-    from stlib.io.hest import HestSample
-    from stlib.io.tiles import TileStore, TileStoreWriter
-
-    hest_dir, run_dir = Path(hest_dir), Path(run_dir)
-    out = {"st": run_dir / "tiles" / name}
-    if truth_dir is not None:
-        out["truth"] = run_dir / "tiles" / f"{name}_truth"
-    rcfg = (refine_config or RefineConfig()) if refine_masks else None
-    lab_dirs = {sid: run_dir / "labels" / labels_name.format(sample=sid) for sid in samples["sample"]}
-    for sid, d in lab_dirs.items():
-        if not (d / "nuclei.parquet").is_file():
-            raise InputError("labels not derived yet", path=d, sample=sid,
-                             fix="run derive_sample / `stlib labels` for it first")
-    build_key = cache_key({
-        "um_per_px": um_per_px, "tile_px": tile_px, "seed": seed, "val_fraction": val_fraction,
-        "truth": None if truth_dir is None else str(truth_dir), "refine": None if rcfg is None else asdict(rcfg),
-        "samples": samples[["sample", "organ", "role"]].astype(str).to_dict("records"),
-        "labels_name": labels_name, "version": LABELS_VERSION,
-        "with_report": [sid for sid, d in lab_dirs.items() if (d / "label_report.json").is_file()],
-    }, [f for d in lab_dirs.values() for f in (d / "nuclei.parquet", d / "label_report.json") if f.is_file()])
-    if not force and all((p / "store.json").is_file() for p in out.values()) and all(
-            read_json(p / "store.json").get("build_key") == build_key for p in out.values()):
-        return out
-    heldout = sorted(samples.loc[samples["role"] == "held-out", "organ"].unique())
-    writers = {k: TileStoreWriter(p, tile_px=tile_px, um_per_px=um_per_px, source=k, overwrite=True)
-               for k, p in out.items()}
-    refinement: dict[str, Any] = {}
-    try:
-        for row in progress(list(samples.itertuples()), desc="tiles"):
-            nuc = gpd.read_parquet(lab_dirs[row.sample] / "nuclei.parquet")
-            cov_path = lab_dirs[row.sample] / "coverage.parquet"
-            imaged = gpd.read_parquet(cov_path).geometry.values if cov_path.is_file() else None
-            truth = None
-            if "truth" in out:
-                t = gpd.read_parquet(Path(truth_dir) / row.sample / "nuclei.parquet")
-                truth = t[t["visible"].to_numpy(bool)] if "visible" in t.columns else t
-            rep = _sample_tiles(HestSample(hest_dir, row.sample), row.organ, nuc, truth, writers,
-                                load_alignment(run_dir / "alignment" / row.sample / "alignment.json"),
-                                um_per_px=um_per_px, tile_px=tile_px, rcfg=rcfg, workers=workers, timings=timings,
-                                imaged=imaged)
-            if rep is not None:
-                refinement[row.sample] = rep
-        t_close = time.perf_counter()
-        extra = {"build_key": build_key,
-                 "refinement": None if rcfg is None else {"config": asdict(rcfg), "per_sample": refinement}}
-        paths = {k: w.close(extra=extra if k == "st" else {"build_key": build_key}) for k, w in writers.items()}
-    except BaseException:
-        for w in writers.values():
-            w._release()
-        raise
-    # splits are assigned once all tiles are known, identically in both stores
-    meta = TileStore(paths["st"]).meta
-    split = assign_splits(meta, heldout_organs=heldout, val_fraction=val_fraction, seed=seed)
-    for p in paths.values():
-        _write_split(p, split.to_numpy())
-    if timings is not None:
-        timings["store_finish"] = timings.get("store_finish", 0.0) + time.perf_counter() - t_close
-    return paths
-
-
-def _sample_tiles(s, organ: str, nuc, truth, writers: dict[str, Any], res, *, um_per_px: float, tile_px: int,
-                  rcfg: RefineConfig | None, workers: int | None,
-                  timings: dict[str, float] | None, imaged=None) -> dict[str, Any] | None:
-    """Cut one sample into tiles (in parallel) and append them to the writers in grid order.
-
-    ``imaged``: the Xenium-imaged region (level-0 px polygons, :func:`imaged_region`); the ST
-    maps are ``ignore`` outside it.
-
-    Returns the sample's refinement record (None without refinement).
-    """
-    from stlib.labels.masks import TileRenderer
-    from stlib.labels.refine import RefineStats
-    from stlib.labels.slide_tiles import iter_slide_tiles
-
-    excluded = [_box(r) for r in res.excluded_regions] or None
-    score = (res.scores.get("global", {}).get("after") or {}).get("corr")
-    align_score = float(score) if score is not None else float("nan")
-    scale = s.pixel_size_um / um_per_px
-    stats, pq_before, pq_after = RefineStats(), [], []
-    with s.wsi() as wsi:
-        H, W = wsi.shape
-        label_sets = {"st": nuc} if truth is None else {"st": nuc, "truth": truth}
-        renderers = {}
-        t0 = time.perf_counter()
-        for k, g in label_sets.items():
-            conf = g["confidence"].to_numpy(float) if "confidence" in g.columns else 1.0
-            renderers[k] = TileRenderer(g.geometry.values, width=W, height=H, scale=scale, tile_px=tile_px,
-                                        classes=g["class"].to_numpy().astype(np.uint8), confidence=conf,
-                                        ignore_polygons=excluded if k == "st" else None,
-                                        tissue=_imaged_or_none(imaged) if k == "st" else None)
-        if timings is not None:
-            timings["polygon_setup"] = timings.get("polygon_setup", 0.0) + time.perf_counter() - t0
-        for t in iter_slide_tiles(wsi, renderers, size_l0=tile_px / scale, tile_px=tile_px, um_per_px=um_per_px,
-                                  refine_config=rcfg, workers=workers, timings=timings):
-            x0, y0 = t.tile.origin
-            if t.refine is not None:
-                stats = stats + t.refine
-            if t.pq_before is not None:
-                pq_before.append(t.pq_before)
-                pq_after.append(t.pq_after)
-            t_write = time.perf_counter()
-            for k, (inst, typ, ign, cf) in t.maps.items():
-                writers[k].add(image=t.image, inst=inst, type=typ, ignore=ign, conf=cf, n_nuclei=t.n_nuclei[k],
-                               sample=s.id, organ=organ, x0=x0, y0=y0, align_score=align_score,
-                               tile_id=f"{s.id}_{int(round(x0))}_{int(round(y0))}")
-            if timings is not None:
-                timings["store_writing"] = timings.get("store_writing", 0.0) + time.perf_counter() - t_write
-    if rcfg is None:
-        return None
-    rep = stats.to_dict()
-    if pq_before:
-        rep["mask_pq_vs_truth_before"] = float(np.nanmean(pq_before))
-        rep["mask_pq_vs_truth_after"] = float(np.nanmean(pq_after))
-    return rep
-
-
-def refinement_table(store: str | Path) -> pd.DataFrame:
-    """Per-sample record of the mask refinement of a tile store (empty when it was not refined)."""
-    info = read_json(Path(store) / "store.json")
-    ref = info.get("refinement") or {}
-    rows = [{"sample": sid, **d} for sid, d in (ref.get("per_sample") or {}).items()]
-    return pd.DataFrame(rows)
-
-
-def _imaged_or_none(imaged):
-    """Imaged-region polygons for :func:`iter_label_tiles` (``tissue``: outside = ignore).
-
-    An empty region (no molecule at all) makes every pixel ignore; ``None`` (labels derived
-    before the region was recorded) leaves the maps as they are.
-    """
-    import shapely
-
-    if imaged is None:
-        return None
-    if len(imaged) == 0:
-        return np.array([shapely.box(-2.0, -2.0, -1.0, -1.0)], dtype=object)  # nothing imaged
-    return imaged
-
-
-def _box(r: dict[str, float]):
-    import shapely
-
-    return shapely.box(r["x0"], r["y0"], r["x1"], r["y1"])
-
-
-def _write_split(store: Path, split: np.ndarray) -> None:
-    meta = pd.read_parquet(store / "meta.parquet")
-    if len(meta) != len(split):
-        raise InputError(f"meta has {len(meta)} tiles, split {len(split)}", path=store)
-    meta["split"] = split
-    with atomic_path(store / "meta.parquet") as tmp:
-        meta.to_parquet(tmp, index=False)
-
-
-# --------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------
 
@@ -621,11 +390,6 @@ def cli_main(argv: list[str]) -> int:
     ap.add_argument("--dead", choices=["ignore", "proxy"], default="ignore",
                     help="ignore: no cell is called Dead (default, for ST training); proxy: low count + "
                          "apoptosis genes (unvalidated)")
-    ap.add_argument("--tiles", action="store_true", help="also build OUT/tiles/st (all given samples)")
-    ap.add_argument("--tile-px", type=int, default=256)
-    ap.add_argument("--um-per-px", type=float, default=TARGET_UM_PER_PX_40X)
-    ap.add_argument("--no-refine-masks", dest="refine_masks", action="store_false",
-                    help="keep the DAPI outlines as they are (default: snap them to the H&E nucleus)")
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -637,16 +401,8 @@ def cli_main(argv: list[str]) -> int:
         if "truth" in rep:
             line += f"; vs truth accuracy {rep['truth']['class']['accuracy']:.3f}"
         print(line + f" -> {out / 'labels' / sid}")
-    if args.tiles:
-        from stlib.io.cohort import cohort_table
-
-        table = cohort_table(Path(args.hest_dir).parent, samples=args.sample)
-        paths = build_tile_stores(args.hest_dir, table, out, um_per_px=args.um_per_px, tile_px=args.tile_px,
-                                  truth_dir=args.truth_dir, seed=args.seed, refine_masks=args.refine_masks,
-                                  force=args.force)
-        print(f"stlib labels: tile stores {', '.join(str(p) for p in paths.values())}")
     return 0
 
 
-__all__ = ["derive_sample", "imaged_region", "report_table", "pooled_truth_scores", "truth_scores", "cellvit_agreement", "build_tile_stores", "refinement_table", "assign_splits",
+__all__ = ["derive_sample", "imaged_region", "report_table", "pooled_truth_scores", "truth_scores", "cellvit_agreement",
            "cli_main", "LABELS_VERSION"]

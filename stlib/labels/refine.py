@@ -396,7 +396,12 @@ def refine_label_maps(image: np.ndarray, inst: np.ndarray, type_map: np.ndarray,
     work = np.where(ign, 0, inst)
     fn = refine_instances_reference if reference else refine_instances
     refined, not_vis, stats = fn(image, work, um_per_px=um_per_px, config=config)
-    new_inst = np.where(ign, inst, refined).astype(inst.dtype, copy=False)
+    tm, cm = np.asarray(type_map), np.asarray(conf)
+    if not reference and inst.ndim == 2 and refined.dtype == inst.dtype and tm.dtype == cm.dtype == np.uint8:
+        from stlib.labels import _refine_kernels as K
+
+        # the numpy lines below in one compiled pass (the same arrays; tested)
+        return (*K.follow_instances(inst, refined, ign, not_vis, tm, cm), stats)
     # per-instance class and confidence, read from the ST maps (constant over an instance)
     if reference:
         ids, pos = np.unique(inst, return_index=True)
@@ -405,8 +410,9 @@ def refine_label_maps(image: np.ndarray, inst: np.ndarray, type_map: np.ndarray,
         starts = np.flatnonzero(np.concatenate([[True], flat[1:] != flat[:-1]]))
         ids, first = np.unique(flat[starts], return_index=True)
         pos = starts[first]
-    cls = np.asarray(type_map).ravel()[pos]
-    cf = np.asarray(conf).ravel()[pos]
+    cls = tm.ravel()[pos]
+    cf = cm.ravel()[pos]
+    new_inst = np.where(ign, inst, refined).astype(inst.dtype, copy=False)
     k = np.searchsorted(ids, new_inst)
     new_type = np.where(new_inst > 0, cls[k], 0).astype(np.uint8)
     new_conf = np.where(new_inst > 0, cf[k], 0).astype(np.uint8)

@@ -30,7 +30,7 @@ from stlib.utils import InputError
 def _open_store(path: Path) -> Any:
     if not (path / "store.json").is_file():
         raise InputError("tile store not found (no store.json)", path=path,
-                         fix="build it with `stlib labels ... --tiles` or notebook 02 (or check run_dir / "
+                         fix="build it with `stlib tiles build ...` or notebook 02 (or check run_dir / "
                              "stores in the train config)")
     from stlib.io.tiles import TileStore
 

@@ -1,6 +1,7 @@
 """Cut one slide into training tiles in parallel: label maps, the H&E tile, mask refinement.
 
-:func:`stlib.labels.derive.build_tile_stores` writes a whole slide as about 25,000 tiles of
+Steps 1-2 of the tile stage (:mod:`stlib.tiles`): :func:`rasterise` and :func:`refine`, with the
+H&E tile (:func:`resample_tile`) between them. :func:`stlib.tiles.stage.build_tile_stores` writes a whole slide as about 25,000 tiles of
 256 px (10 x 10 mm at 0.25 µm/px). Per tile it needs the label maps of the ST nuclei
 (:class:`stlib.labels.masks.TileRenderer`), the H&E tile resampled to the target µm/px, and
 the mask refinement (:func:`stlib.labels.refine.refine_label_maps`). Here those run for many
@@ -32,7 +33,8 @@ from typing import Any
 import numba
 import numpy as np
 
-__all__ = ["RowBands", "SlideTile", "default_workers", "iter_slide_tiles", "read_tile_image", "resample_tile"]
+__all__ = ["RowBands", "SlideTile", "default_workers", "iter_slide_tiles", "rasterise", "read_tile_image", "refine",
+           "resample_tile"]
 
 
 def default_workers() -> int:
@@ -68,39 +70,55 @@ def _resize_reference(crop: np.ndarray, size_l0: float, tile_px: int) -> np.ndar
 
 
 @numba.njit(cache=True, nogil=True)
+def _linear_taps(n, T):  # pragma: no cover - compiled
+    """For each of ``T`` output px along an axis of ``n`` input px: the two mirrored input
+    indices and their weights (``1 - t``, ``t``) of :func:`_zoom_linear`."""
+    z = n / T
+    a = np.empty(T, np.int64)
+    b = np.empty(T, np.int64)
+    wa = np.empty(T, np.float64)
+    wb = np.empty(T, np.float64)
+    for i in range(T):
+        c = (i + 0.5) * z - 0.5
+        i0 = int(np.floor(c))
+        t = c - i0
+        a[i] = -i0 if i0 < 0 else (2 * (n - 1) - i0 if i0 > n - 1 else i0)
+        i1 = i0 + 1
+        b[i] = -i1 if i1 < 0 else (2 * (n - 1) - i1 if i1 > n - 1 else i1)
+        wa[i] = 1.0 - t
+        wb[i] = t
+    return a, b, wa, wb
+
+
+@numba.njit(cache=True, nogil=True)
 def _zoom_linear(crop, T):  # pragma: no cover - compiled
     """``ndimage.zoom(crop, order=1, mode="mirror", grid_mode=True)`` to (T, T, C) as
     ``skimage.transform.resize`` calls it, then ``rint`` and clip to uint8.
 
     Output pixel centre ``(i + 0.5) * n / T - 0.5`` in input px; the 2 x 2 neighbours summed in
     raster order as ``value * w_row * w_col`` (scipy's order; the channel axis is not resampled).
+    The taps of rows and columns are computed once per call (:func:`_linear_taps`).
     """
     n0, n1, C = crop.shape
     out = np.empty((T, T, C), np.uint8)
-    z0 = n0 / T
-    z1 = n1 / T
+    ya, yb, wya, ty = _linear_taps(n0, T)
+    xa, xb, wxa, tx = _linear_taps(n1, T)
     for i in range(T):
-        cy = (i + 0.5) * z0 - 0.5
-        y0 = int(np.floor(cy))
-        ty = cy - y0
-        ya = -y0 if y0 < 0 else (2 * (n0 - 1) - y0 if y0 > n0 - 1 else y0)
-        y1 = y0 + 1
-        yb = -y1 if y1 < 0 else (2 * (n0 - 1) - y1 if y1 > n0 - 1 else y1)
-        wya = 1.0 - ty
+        ra = crop[ya[i]]
+        rb = crop[yb[i]]
+        wy0 = wya[i]
+        wy1 = ty[i]
         for j in range(T):
-            cx = (j + 0.5) * z1 - 0.5
-            x0 = int(np.floor(cx))
-            tx = cx - x0
-            xa = -x0 if x0 < 0 else (2 * (n1 - 1) - x0 if x0 > n1 - 1 else x0)
-            x1 = x0 + 1
-            xb = -x1 if x1 < 0 else (2 * (n1 - 1) - x1 if x1 > n1 - 1 else x1)
-            wxa = 1.0 - tx
+            ja = xa[j]
+            jb = xb[j]
+            wx0 = wxa[j]
+            wx1 = tx[j]
             for c in range(C):
                 t = 0.0
-                t += np.float64(crop[ya, xa, c]) * wya * wxa
-                t += np.float64(crop[ya, xb, c]) * wya * tx
-                t += np.float64(crop[yb, xa, c]) * ty * wxa
-                t += np.float64(crop[yb, xb, c]) * ty * tx
+                t += np.float64(ra[ja, c]) * wy0 * wx0
+                t += np.float64(ra[jb, c]) * wy0 * wx1
+                t += np.float64(rb[ja, c]) * wy1 * wx0
+                t += np.float64(rb[jb, c]) * wy1 * wx1
                 v = np.rint(t)
                 out[i, j, c] = np.uint8(0.0 if v < 0.0 else (255.0 if v > 255.0 else v))
     return out
@@ -185,34 +203,67 @@ def _count_ids(inst: np.ndarray) -> int:
     return int(v.size - (v[0] == 0 if v.size else 0))
 
 
+def rasterise(renderers: Mapping[str, Any], i: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Step 1: the label maps ``(inst, type, ignore, conf)`` of grid tile ``i`` for every label set
+    (:meth:`stlib.labels.masks.TileRenderer.render`)."""
+    out = {}
+    for k, r in renderers.items():
+        m = r.render(i)
+        out[k] = (m.inst, m.type, m.ignore, m.conf)
+    return out
+
+
+def refine(image: np.ndarray, maps: dict[str, tuple[np.ndarray, ...]], *, um_per_px: float, config: Any,
+           ) -> tuple[dict[str, tuple[np.ndarray, ...]], Any, float | None, float | None]:
+    """Step 2: the ``"st"`` maps snapped to the H&E tile (:func:`stlib.labels.refine.refine_label_maps`).
+
+    Returns the maps (``"st"`` replaced), the :class:`~stlib.labels.refine.RefineStats` and the
+    binary PQ of the ST masks against the ``"truth"`` set before and after (None without truth).
+    """
+    from stlib.labels.refine import refine_label_maps
+
+    maps = dict(maps)
+    raw = maps["st"][0]
+    *st_maps, stats = refine_label_maps(image, *maps["st"], um_per_px=um_per_px, config=config)
+    maps["st"] = tuple(st_maps)
+    before = after = None
+    if "truth" in maps and maps["truth"][0].any():
+        from stlib.metrics import pannuke_bpq
+
+        before = pannuke_bpq(maps["truth"][0], raw)
+        after = pannuke_bpq(maps["truth"][0], maps["st"][0])
+    return maps, stats, before, after
+
+
+class _Clock:
+    """Wall and thread-CPU seconds of the steps of one tile (``seconds`` / ``cpu:`` keys)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._t, self._c = time.perf_counter(), time.thread_time()
+
+    def lap(self, key: str) -> None:
+        t, c = time.perf_counter(), time.thread_time()
+        self.seconds[key] = self.seconds.get(key, 0.0) + t - self._t
+        self.seconds["cpu:" + key] = self.seconds.get("cpu:" + key, 0.0) + c - self._c
+        self._t, self._c = t, c
+
+
 def _tile_work(i: int, crop: np.ndarray, renderers: Mapping[str, Any], size_l0: float, tile_px: int,
                um_per_px: float, refine_config: Any) -> SlideTile:
     """Label maps, H&E tile and refinement of grid tile ``i`` (runs in a worker thread)."""
-    from stlib.labels.refine import refine_label_maps
-
-    sec: dict[str, float] = {}
-    t0 = time.perf_counter()
-    lms = {k: r.render(i) for k, r in renderers.items()}
-    maps = {k: (m.inst, m.type, m.ignore, m.conf) for k, m in lms.items()}
-    t1 = time.perf_counter()
+    clock = _Clock()
+    maps = rasterise(renderers, i)
+    clock.lap("masks")
     img = resample_tile(crop, size_l0, tile_px)
-    t2 = time.perf_counter()
-    sec["masks"], sec["tile_images"] = t1 - t0, t2 - t1
+    clock.lap("tile_images")
     out = SlideTile(tile=next(iter(renderers.values())).tile(i), image=img, maps=maps, n_nuclei={})
     if refine_config is not None and "st" in maps:
-        raw = maps["st"][0]
-        *st_maps, out.refine = refine_label_maps(img, *maps["st"], um_per_px=um_per_px, config=refine_config)
-        maps["st"] = tuple(st_maps)
-        t3 = time.perf_counter()
-        sec["mask_refinement"] = t3 - t2
-        if "truth" in maps and maps["truth"][0].any():
-            from stlib.metrics import pannuke_bpq
-
-            out.pq_before = pannuke_bpq(maps["truth"][0], raw)
-            out.pq_after = pannuke_bpq(maps["truth"][0], maps["st"][0])
-            sec["truth_scores"] = time.perf_counter() - t3
-    out.n_nuclei = {k: _count_ids(m[0]) for k, m in maps.items()}
-    out.seconds = sec
+        out.maps, out.refine, out.pq_before, out.pq_after = refine(img, maps, um_per_px=um_per_px,
+                                                                   config=refine_config)
+        clock.lap("mask_refinement")
+    out.n_nuclei = {k: _count_ids(m[0]) for k, m in out.maps.items()}
+    out.seconds = clock.seconds
     return out
 
 
@@ -236,8 +287,9 @@ def iter_slide_tiles(wsi: Any, renderers: Mapping[str, Any], *, size_l0: float, 
         Threads (default: the usable CPUs).
     timings
         Busy seconds per stage are added to it (``masks``, ``tile_images`` for resampling,
-        ``slide_decoding`` for the band reads, ``mask_refinement``, ``truth_scores``); the worker
-        stages run concurrently, so their sum exceeds the wall time.
+        ``slide_decoding`` for the band reads, ``mask_refinement`` with the truth scores), and
+        the CPU seconds of each under ``cpu:{stage}`` (thread CPU time); the worker stages run
+        concurrently, so their sum exceeds the wall time.
 
     Yields
     ------
@@ -260,10 +312,11 @@ def iter_slide_tiles(wsi: Any, renderers: Mapping[str, Any], *, size_l0: float, 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stlib-tiles") as pool:
         for i in range(n):
             x0, y0 = first.tile(i).origin
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             crop = bands.crop(int(math.floor(x0)), int(math.floor(y0)), side, side)
-            if timings is not None:
+            if timings is not None:  # this thread's CPU (zarr may decode some tiles in its own threads)
                 timings["slide_decoding"] = timings.get("slide_decoding", 0.0) + time.perf_counter() - t0
+                timings["cpu:slide_decoding"] = timings.get("cpu:slide_decoding", 0.0) + time.thread_time() - c0
             pending.append(pool.submit(_tile_work, i, crop, renderers, size_l0, tile_px, um_per_px, refine_config))
             while len(pending) > 4 * workers:
                 yield collect(pending.popleft())
