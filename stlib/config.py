@@ -61,6 +61,12 @@ class DataParams(CommonParams):
     #: a folder with nuclei-monuseg/ and nuclei-consep/ (the shipped subset "realtissue", ../shared/realdata);
     #: "" = the synthetic cohort
     real_tissue_source: str = ""
+    #: fetch the public annotated sets of data_manifest.yaml (``annotated_he``: MoNuSeg, CoNSeP) into
+    #: ``{data_dir}/annotations/<name>``, where chapters 4-5 take them as manual truth (paper profile)
+    fetch_annotations: bool = False
+    #: local copy to take them from instead of the network: a folder holding ``nuclei-monuseg/`` and
+    #: ``nuclei-consep/`` (e.g. ../shared/realdata) or ``monuseg/`` and ``consep/``
+    annotations_mirror: str = ""
 
 
 @dataclass(frozen=True)

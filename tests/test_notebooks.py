@@ -255,3 +255,22 @@ def test_paper_profile_runs_on_a_local_hest_mirror(smoke, tmp_path, monkeypatch)
         assert "cellvit" in rep_json
     text = " ".join(p.read_text() for p in exe.glob("*.ipynb"))
     assert "HEST-1k" in text and FAKE_TOKEN not in text
+
+
+def test_paper_profile_fetches_the_annotated_sets(smoke, realdata, tmp_path, monkeypatch):
+    """Notebook 00 on the paper profile puts the manifest's annotated sets (MoNuSeg, CoNSeP) under
+    {data_dir}/annotations/, where chapters 4-5 read manual truth: here from the local mirror."""
+    root = smoke["root"]
+    mirror = root / "data" / "demo" / "hest"
+    ids = sorted(p.stem for p in (mirror / "wsis").glob("*.tif"))[:1]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    exe = tmp_path / "executed"
+    data = tmp_path / "hest1k"
+    rep = run_profile("paper", root=root, params_dir=REPO / "params", build=False, executed_dir=exe,
+                      only=["00_data"], log=lambda *_: None,
+                      overrides={"data_dir": str(data), "run_dir": str(tmp_path / "runs"), "samples": ids,
+                                 "mirror": str(mirror), "offline": True, "annotations_mirror": str(realdata)})
+    assert rep.executed == ["00_data"]
+    assert sorted(p.name for p in (data / "annotations").iterdir()) == ["consep", "monuseg"]
+    assert len(list((data / "annotations" / "monuseg" / "images").glob("*.tif"))) == 13
+    assert list((data / "annotations" / "consep" / "inst").iterdir())
