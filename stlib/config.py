@@ -161,6 +161,9 @@ class ClsEvalParams(CommonParams):
     #: retrain the network on every label set with the recipe and seeds of 03_training (the ablation)
     retrain: bool = True
     pannuke_test_split: str = "fold3"
+    #: training seeds per retrained label set: the first ones of 03_training's ``n_seeds`` (0 = all);
+    #: the hierarchical arm is scored with the same seeds, so the comparison stays paired by seed
+    ablation_seeds: int = 0
 
 
 @dataclass(frozen=True)
