@@ -208,6 +208,8 @@ class RealTissueParams(CommonParams):
     #: CoNSeP images (in name order) whose nuclei train the classification heads; the rest test them
     n_class_train: int = 4
     n_bootstrap: int = 1000
+    #: also segment the held-out images with the network untrained (a floor); the demo skips it for time
+    score_untrained: bool = True
 
 
 NOTEBOOK_PARAMS: dict[str, type[CommonParams]] = {
