@@ -8,6 +8,7 @@ where the code is. Imports are lazy: ``stlib --help`` starts fast.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 #: command -> (module, function, one-line help)
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stlib: unknown command {cmd!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     mod_name, func_name, _ = COMMANDS[cmd]
+    # before the command's module imports torch: idle OpenMP threads sleep (stlib.run.cpu_thread_env)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     func = getattr(importlib.import_module(mod_name), func_name)
     from stlib.utils import StlibError
 

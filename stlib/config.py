@@ -61,6 +61,12 @@ class DataParams(CommonParams):
     #: a folder with nuclei-monuseg/ and nuclei-consep/ (the shipped subset "realtissue", ../shared/realdata);
     #: "" = the synthetic cohort
     real_tissue_source: str = ""
+    #: fetch the public annotated sets of data_manifest.yaml (``annotated_he``: MoNuSeg, CoNSeP) into
+    #: ``{data_dir}/annotations/<name>``, where chapters 4-5 take them as manual truth (paper profile)
+    fetch_annotations: bool = False
+    #: local copy to take them from instead of the network: a folder holding ``nuclei-monuseg/`` and
+    #: ``nuclei-consep/`` (e.g. ../shared/realdata) or ``monuseg/`` and ``consep/``
+    annotations_mirror: str = ""
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,9 @@ class ClsEvalParams(CommonParams):
     #: retrain the network on every label set with the recipe and seeds of 03_training (the ablation)
     retrain: bool = True
     pannuke_test_split: str = "fold3"
+    #: training seeds per retrained label set: the first ones of 03_training's ``n_seeds`` (0 = all);
+    #: the hierarchical arm is scored with the same seeds, so the comparison stays paired by seed
+    ablation_seeds: int = 0
 
 
 @dataclass(frozen=True)
@@ -199,6 +208,8 @@ class RealTissueParams(CommonParams):
     #: CoNSeP images (in name order) whose nuclei train the classification heads; the rest test them
     n_class_train: int = 4
     n_bootstrap: int = 1000
+    #: also segment the held-out images with the network untrained (a floor); the demo skips it for time
+    score_untrained: bool = True
 
 
 NOTEBOOK_PARAMS: dict[str, type[CommonParams]] = {

@@ -40,7 +40,8 @@ import numpy as np
 import pandas as pd
 
 from stlib.constants import (CONNECTIVE, EPITHELIAL, IGNORE, INFLAMMATORY, UNKNOWN_CLASSES, merge_epithelial)
-from stlib.utils import InputError, atomic_path, progress, read_json, write_json
+from stlib.config import resolve_device
+from stlib.utils import InputError, atomic_path, map_processes, progress, read_json, write_json
 
 log = logging.getLogger("stlib.realtissue")
 
@@ -167,23 +168,25 @@ class RecipeConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def train_pair(run_dir: str | Path, recipe: RecipeConfig) -> dict[str, Any]:
+def train_pair(run_dir: str | Path, recipe: RecipeConfig, *, parallel: bool = True) -> dict[str, Any]:
     """Train ``models/st`` on ``tiles/rt`` and ``models/manual`` on ``tiles/rt_truth``.
 
     Every tile of the training samples is used (``train`` and ``val`` splits: there is no model
     selection, so nothing is held back for it); finished runs are reused (:func:`stlib.train.train`).
+    On a CPU with ``parallel`` the two runs train at the same time in two single-thread processes
+    (:func:`stlib.utils.map_processes`); on a GPU one after the other.
 
     Returns
     -------
     ``{"st": TrainResult, "manual": TrainResult}``.
     """
-    from stlib.train import TrainConfig, train
+    from stlib.train import TrainConfig
 
     import torch
 
     from stlib.train.checkpoint import comparable_config
 
-    out = {}
+    jobs = {}
     for name, store in (("st", f"tiles/{STORE}"), ("manual", f"tiles/{STORE}_truth")):
         cfg = TrainConfig(recipe=name, run_dir=str(run_dir), stores=(store,), out_dir=f"models/{name}",
                           train_splits=("train", "val"), val_splits=("val",), val_max_tiles=4,
@@ -197,8 +200,19 @@ def train_pair(run_dir: str | Path, recipe: RecipeConfig) -> dict[str, Any]:
             old = torch.load(ckpt, map_location="cpu", weights_only=True).get("config", {})
             if comparable_config(old) != comparable_config(cfg.to_dict()):
                 resume = "never"
-        out[name] = train(cfg, resume=resume)
-    return out
+        jobs[name] = (cfg, resume)
+    # on a CPU the two networks train side by side, one process per core (stlib.utils.map_processes)
+    workers = 1 if resolve_device(recipe.device) != "cpu" or not parallel else None
+    done = map_processes(_train_job, list(jobs.values()), workers=workers)
+    return dict(zip(jobs, done))
+
+
+def _train_job(job: tuple[Any, str]) -> Any:
+    """One :func:`stlib.train.train` call (a picklable job of :func:`train_pair`)."""
+    from stlib.train import train
+
+    cfg, resume = job
+    return train(cfg, resume=resume)
 
 
 # ----------------------------------------------------------------------------- scoring

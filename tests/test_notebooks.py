@@ -134,8 +134,12 @@ def test_primary_endpoint_is_glued_at_the_right_unit(smoke):
     assert isinstance(g["n_train_seeds"], int) and g["n_train_seeds"] >= 3
     assert "all tissues" in g["baselines"] and "w/o held-out tissues" in g["baselines"]
     run = smoke["root"] / "runs" / "demo"
-    for name in ("st", "pannuke", "pannuke_noheldout", "st__flat"):
+    for name in ("st", "pannuke", "pannuke_noheldout"):
         assert (run / "models" / f"{name}__seed2" / "model.pt").is_file(), name
+    # the demo's ablation retrains the first `ablation_seeds` (2) of the 3 seeds, as the book says
+    n_abl = yaml.safe_load((REPO / "params" / "demo.yaml").read_text())["05_classification_eval"]["ablation_seeds"]
+    assert (run / "models" / f"st__flat__seed{n_abl - 1}" / "model.pt").is_file()
+    assert not (run / "models" / f"st__flat__seed{n_abl}").exists()
     # the front page shows them (cross-document glue resolved in the built book)
     index = (smoke["root"] / "_build" / "html" / "book" / "intro.html").read_text()
     assert "Results at a glance" in index and g["baselines"].split(";")[0] in index
@@ -255,3 +259,22 @@ def test_paper_profile_runs_on_a_local_hest_mirror(smoke, tmp_path, monkeypatch)
         assert "cellvit" in rep_json
     text = " ".join(p.read_text() for p in exe.glob("*.ipynb"))
     assert "HEST-1k" in text and FAKE_TOKEN not in text
+
+
+def test_paper_profile_fetches_the_annotated_sets(smoke, realdata, tmp_path, monkeypatch):
+    """Notebook 00 on the paper profile puts the manifest's annotated sets (MoNuSeg, CoNSeP) under
+    {data_dir}/annotations/, where chapters 4-5 read manual truth: here from the local mirror."""
+    root = smoke["root"]
+    mirror = root / "data" / "demo" / "hest"
+    ids = sorted(p.stem for p in (mirror / "wsis").glob("*.tif"))[:1]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    exe = tmp_path / "executed"
+    data = tmp_path / "hest1k"
+    rep = run_profile("paper", root=root, params_dir=REPO / "params", build=False, executed_dir=exe,
+                      only=["00_data"], log=lambda *_: None,
+                      overrides={"data_dir": str(data), "run_dir": str(tmp_path / "runs"), "samples": ids,
+                                 "mirror": str(mirror), "offline": True, "annotations_mirror": str(realdata)})
+    assert rep.executed == ["00_data"]
+    assert sorted(p.name for p in (data / "annotations").iterdir()) == ["consep", "monuseg"]
+    assert len(list((data / "annotations" / "monuseg" / "images").glob("*.tif"))) == 13
+    assert list((data / "annotations" / "consep" / "inst").iterdir())

@@ -578,3 +578,34 @@ def test_ddp_two_processes_match_one_process_with_the_same_global_batch(tmp_path
     for a, b in zip(split.history, m["history"]):
         assert b["loss"] == pytest.approx(a["loss"], rel=0.01), (a, b)
     assert m["history"][0]["loss"] == pytest.approx(full.history[0]["loss"], rel=0.06)
+
+
+def test_train_study_in_parallel_processes_matches_one_thread_in_process(tmp_path):
+    """workers=2 (notebook 03 on a CPU): the same runs, seeds and recorded models as training them
+    one after the other in single-thread processes; only where they ran differs."""
+    from stlib.config import TrainParams
+
+    out = {}
+    for workers in (1, 2):
+        run = tmp_path / f"run{workers}"
+        make_store(run / "tiles" / "st")
+        p = TrainParams(run_dir=str(run), steps=2, batch_size=2, val_every=2, val_max_tiles=2, n_seeds=2, recipes=("st",))
+        lines: list[str] = []
+        # one thread in both cases: the thread count may change the last bits of the sums
+        out[workers] = train_study(p, ["st"], log_line=lines.append, workers=workers) if workers > 1 else \
+            _one_thread(train_study, p, ["st"], log_line=lines.append, workers=1)
+        assert [ln.split(":")[0] for ln in lines] == ["st seed 0", "st seed 1"]
+        assert set(read_study_runs(run)[1]["st"]) == {0, 1}
+    for k in (0, 1):
+        a = torch.load(out[1]["st"][k].model_path, weights_only=True)["state_dict"]
+        b = torch.load(out[2]["st"][k].model_path, weights_only=True)["state_dict"]
+        assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def _one_thread(fn, *args, **kwargs):
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(n)

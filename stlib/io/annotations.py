@@ -981,7 +981,8 @@ def read_geojson_annotation(image_path: str | os.PathLike, geojson_path: str | o
 
 # ----------------------------------------------------------------------------- dispatcher
 def detect_layout(path: str | os.PathLike) -> str:
-    """Which reader a folder needs: ``monuseg``, ``consep_patches``, ``consep_mat``, ``pannuke``, ``folder``."""
+    """Which reader a folder needs: ``monuseg``, ``consep_patches``, ``consep_mat``, ``consep_archive``
+    (the official archive unpacked: ``CoNSeP/Train|Test/Images|Labels``), ``pannuke``, ``folder``."""
     p = Path(path)
     if not p.is_dir():
         raise InputError("annotation folder not found", path=p)
@@ -991,9 +992,28 @@ def detect_layout(path: str | os.PathLike) -> str:
         return "consep_patches"
     if (p / "Labels").is_dir() and (p / "Images").is_dir():
         return "consep_mat"
+    if _consep_splits(p):
+        return "consep_archive"
     if any(re.fullmatch(r"[Ff]old[ _]?\d+", c.name) for c in p.iterdir() if c.is_dir()):
         return "pannuke"
     return "folder"
+
+
+def _consep_splits(p: Path) -> list[Path]:
+    """The ``Train`` / ``Test`` folders (with ``Images`` and ``Labels``) of an unpacked CoNSeP archive."""
+    root = p / "CoNSeP" if (p / "CoNSeP").is_dir() else p
+    return [root / s for s in ("Train", "Test") if (root / s / "Labels").is_dir() and (root / s / "Images").is_dir()]
+
+
+def _read_consep_mat_folder(p: Path, *, um_per_px: float | None = None, **kwargs: Any) -> list[AnnotatedImage]:
+    """Every ``Labels/*.mat`` of a CoNSeP split with its image from ``Images/``."""
+    out = []
+    for mat in sorted((p / "Labels").glob("*.mat"), key=lambda q: _natural(q.stem)):
+        img = _find_image(p / "Images", mat.stem)
+        if img is None:
+            raise InputError(f"no image for {mat.name}", path=p / "Images")
+        out.append(read_consep_mat(img, mat, um_per_px=um_per_px, **kwargs))
+    return out
 
 
 def read_annotations(path: str | os.PathLike, *, um_per_px: float | None = None, **kwargs: Any) -> list[AnnotatedImage]:
@@ -1009,13 +1029,9 @@ def read_annotations(path: str | os.PathLike, *, um_per_px: float | None = None,
     if kind == "consep_patches":
         return read_consep_patches(p, um_per_px=um_per_px, **kwargs)
     if kind == "consep_mat":
-        out = []
-        for mat in sorted((p / "Labels").glob("*.mat"), key=lambda q: _natural(q.stem)):
-            img = _find_image(p / "Images", mat.stem)
-            if img is None:
-                raise InputError(f"no image for {mat.name}", path=p / "Images")
-            out.append(read_consep_mat(img, mat, um_per_px=um_per_px, **kwargs))
-        return out
+        return _read_consep_mat_folder(p, um_per_px=um_per_px, **kwargs)
+    if kind == "consep_archive":  # what `stlib download consep` unpacks: every split, in order
+        return [a for split in _consep_splits(p) for a in _read_consep_mat_folder(split, um_per_px=um_per_px, **kwargs)]
     if kind == "pannuke":
         fold = int(kwargs.pop("fold", 1))
         return read_pannuke(p, fold, um_per_px=um_per_px, **kwargs)

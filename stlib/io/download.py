@@ -1,5 +1,6 @@
 """Downloads: HEST-1k samples by id (Hugging Face or a local mirror), plain HTTP files, PanNuke,
-and the real annotated H&E sets MoNuSeg and CoNSeP (:func:`download_monuseg`, :func:`download_consep`).
+and the real annotated H&E sets MoNuSeg and CoNSeP (:func:`download_monuseg`, :func:`download_consep`;
+:func:`download_annotated_sets` fetches every set the manifest lists, from the network or a mirror).
 
 Three entry points, all resumable and idempotent (a finished file is never fetched twice):
 
@@ -34,12 +35,16 @@ from typing import Any
 from stlib.utils import InputError, StlibError, atomic_dir, atomic_path, format_error
 
 __all__ = [
+    "ANNOTATED_SETS",
     "DownloadError",
     "HEST_KINDS",
     "HEST_REPO_ID",
     "HEST_TABLE",
     "PANNUKE_DEFAULT_URLS",
+    "annotated_mirror",
     "cli_main",
+    "download_annotated",
+    "download_annotated_sets",
     "download_consep",
     "download_file",
     "download_hest",
@@ -832,6 +837,109 @@ def _annotated_block(kind: str, manifest: Any) -> dict[str, Any]:
     return dict(block)
 
 
+#: The public annotated sets :func:`download_annotated` knows (blocks of the manifest's ``annotated_he``).
+ANNOTATED_SETS: tuple[str, ...] = ("monuseg", "consep")
+
+
+def _holds_set(folder: Path, name: str) -> bool:
+    """Whether ``folder`` is a copy of the annotated set ``name`` in a layout its downloader takes."""
+    if not folder.is_dir():
+        return False
+    if name == "monuseg":
+        return (folder / "images").is_dir() and (folder / "annotations").is_dir()
+    return ((folder / "images").is_dir() and (folder / "inst").is_dir()) or (folder / "Train").is_dir() \
+        or (folder / "CoNSeP" / "Train").is_dir()
+
+
+def annotated_mirror(mirror: str | os.PathLike, name: str) -> Path:
+    """The folder of a local mirror that holds the annotated set ``name``.
+
+    ``mirror`` is either the set's own copy (``images/`` + ``annotations/`` for MoNuSeg; the
+    CoNSeP patch export or ``CoNSeP/Train|Test``) or a folder of sets that names them
+    ``nuclei-<name>/`` (the layout of ``../shared/realdata``) or ``<name>/``.
+
+    Raises
+    ------
+    InputError
+        When neither ``mirror`` nor one of those sub-folders holds the set.
+    """
+    if name not in ANNOTATED_SETS:
+        raise InputError(f"unknown annotated set {name!r}", fix=f"one of {list(ANNOTATED_SETS)}")
+    root = Path(mirror)
+    if not root.is_dir():
+        raise InputError("mirror folder not found", path=root, fix="point --mirror at a local copy of the set")
+    for cand in (root, root / f"nuclei-{name}", root / name):
+        if _holds_set(cand, name):
+            return cand
+    # a set folder with its sub-folders present but incomplete: its downloader names what is missing
+    return root
+
+
+def download_annotated(name: str, out_dir: str | os.PathLike, *, mirror: str | os.PathLike | None = None,
+                       manifest: Any = None) -> Path:
+    """One public annotated set of the manifest's ``annotated_he`` block into ``out_dir``.
+
+    Parameters
+    ----------
+    name
+        ``monuseg`` or ``consep`` (:data:`ANNOTATED_SETS`).
+    out_dir
+        Folder to fill, conventionally ``{data_dir}/annotations/<name>``: the evaluation
+        chapters read every set found there as manual truth.
+    mirror
+        A local copy to take the files from instead of the network: the set's own folder or a
+        folder of sets (:func:`annotated_mirror`, e.g. ``../shared/realdata``).
+    manifest
+        Where file names, URLs and checksums come from (default: ``data_manifest.yaml``).
+
+    Returns
+    -------
+    Path
+        ``out_dir``.
+    """
+    if name not in ANNOTATED_SETS:
+        raise InputError(f"unknown annotated set {name!r}", fix=f"one of {list(ANNOTATED_SETS)}")
+    src = annotated_mirror(mirror, name) if mirror is not None else None
+    if name == "monuseg":
+        return download_monuseg(out_dir, mirror=src, manifest=manifest)
+    return download_consep(out_dir, mirror=src, manifest=manifest)
+
+
+def download_annotated_sets(out_root: str | os.PathLike, *, names: Iterable[str] | None = None,
+                            mirror: str | os.PathLike | None = None, manifest: Any = None) -> dict[str, Path]:
+    """Every annotated set the manifest lists (or ``names``) into ``out_root/<name>``.
+
+    The paper profile's notebook 00 calls this with ``out_root = {data_dir}/annotations``, so
+    the public manual annotations are the default manual truth of the evaluation chapters.
+    ``mirror`` as in :func:`download_annotated`. Finished files are not fetched again.
+    """
+    if names is None:
+        block = _annotated_block_all(manifest)
+        names = [n for n in block if n in ANNOTATED_SETS]
+    out = Path(out_root)
+    return {n: download_annotated(n, out / n, mirror=mirror, manifest=manifest) for n in names}
+
+
+def _annotated_block_all(manifest: Any) -> dict[str, Any]:
+    """The manifest's ``annotated_he`` block (every set), or stlib's copy of it."""
+    if manifest is None or isinstance(manifest, (str, os.PathLike)):
+        try:
+            from stlib.io.manifest import load_manifest
+
+            manifest = load_manifest(manifest)
+        except (FileNotFoundError, InputError):
+            manifest = None
+    block = None
+    if manifest is not None:
+        block = (manifest.get("annotated_he") if isinstance(manifest, Mapping)
+                 else getattr(manifest, "annotated_he", None))
+    if not block:
+        from stlib.io.manifest import ANNOTATED_HE
+
+        block = ANNOTATED_HE
+    return dict(block)
+
+
 def _copy_verified(src: Path, dest: Path, *, sha256: str | None, size: int | None) -> None:
     """Copy one file atomically, checking size and SHA-256 when known (a mismatch loses nothing)."""
     if not src.is_file():
@@ -988,12 +1096,14 @@ def _parser() -> argparse.ArgumentParser:
     pn.add_argument("--manifest", type=Path, default=None, help="data_manifest.yaml (default: the repository's)")
     mo = sub.add_parser("monuseg", help="MoNuSeg images + XML outlines (checksummed; or --mirror DIR)")
     mo.add_argument("--out", required=True, type=Path, help="folder to fill (images/, annotations/)")
-    mo.add_argument("--mirror", type=Path, help="copy from a local MoNuSeg folder instead (checksums still checked)")
+    mo.add_argument("--mirror", type=Path, help="copy from a local MoNuSeg folder (or a folder holding nuclei-monuseg/) "
+                                                "instead (checksums still checked)")
     mo.add_argument("--names", nargs="+", default=None, help="image names (default: all of the manifest)")
     mo.add_argument("--manifest", type=Path, default=None, help="data_manifest.yaml (default: the repository's)")
     co = sub.add_parser("consep", help="CoNSeP (official archive, or --mirror DIR)")
     co.add_argument("--out", required=True, type=Path, help="folder to create")
-    co.add_argument("--mirror", type=Path, help="a local copy: CoNSeP/Train|Test or the patch export")
+    co.add_argument("--mirror", type=Path, help="a local copy: CoNSeP/Train|Test or the patch export (or a folder "
+                                                "holding nuclei-consep/)")
     co.add_argument("--manifest", type=Path, default=None, help="data_manifest.yaml (default: the repository's)")
     u = sub.add_parser("url", help="one file over HTTP(S), resumable, optionally SHA-256 checked")
     u.add_argument("url")
@@ -1013,9 +1123,10 @@ def cli_main(argv: list[str]) -> int:
     elif args.what == "pannuke":
         out = download_pannuke(args.out, folds=args.folds, manifest=args.manifest)
     elif args.what == "monuseg":
-        out = download_monuseg(args.out, mirror=args.mirror, names=args.names, manifest=args.manifest)
+        mirror = annotated_mirror(args.mirror, "monuseg") if args.mirror else None
+        out = download_monuseg(args.out, mirror=mirror, names=args.names, manifest=args.manifest)
     elif args.what == "consep":
-        out = download_consep(args.out, mirror=args.mirror, manifest=args.manifest)
+        out = download_annotated("consep", args.out, mirror=args.mirror, manifest=args.manifest)
     else:
         out = download_file(args.url, args.out, sha256=args.sha256, retries=args.retries)
     print(out)

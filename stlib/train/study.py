@@ -89,23 +89,28 @@ def train_or_reuse(config: TrainConfig) -> TrainResult:
 STUDY_RUNS_FILE = "models/study_runs.json"
 
 
-def train_study(params: Any, variants: Sequence[str], *, log_line: Any = None) -> dict[str, dict[int, TrainResult]]:
+def train_study(params: Any, variants: Sequence[str], *, log_line: Any = None,
+                workers: int | None = 1) -> dict[str, dict[int, TrainResult]]:
     """Train every run of ``variants`` x ``params.n_seeds`` seeds (finished runs are reused).
 
     Records the runs and the recipe in ``{run_dir}/models/study_runs.json`` (:func:`read_study_runs`),
     so the evaluation chapters find every seed and the ablation retrains with the same recipe.
+    ``workers`` > 1 (or ``None``: one per CPU) trains that many runs at a time in single-thread
+    processes (:func:`stlib.utils.map_processes`; CPU runs of a small network).
     """
+    from stlib.utils import map_processes
+
     params = as_train_params(params)
     n = int(getattr(params, "n_seeds", 1))
     if n < 1:
         raise InputError(f"n_seeds must be >= 1, got {n}")
+    jobs = [(variant, k) for variant in variants for k in range(n)]
+    done = map_processes(train_or_reuse, [variant_config(params, v, seed_index=k) for v, k in jobs], workers=workers)
     results: dict[str, dict[int, TrainResult]] = {}
-    for variant in variants:
-        for k in range(n):
-            res = train_or_reuse(variant_config(params, variant, seed_index=k))
-            results.setdefault(variant, {})[k] = res
-            if log_line is not None:
-                log_line(f"{variant} seed {k}: " + ("reused" if res.skipped else f"{res.steps} steps in {res.wall_s:.0f} s"))
+    for (variant, k), res in zip(jobs, done):
+        results.setdefault(variant, {})[k] = res
+        if log_line is not None:
+            log_line(f"{variant} seed {k}: " + ("reused" if res.skipped else f"{res.steps} steps in {res.wall_s:.0f} s"))
     record_study_runs(params, results)
     return results
 
