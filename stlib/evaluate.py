@@ -642,23 +642,25 @@ def heldout_references(run_dir: str | Path, *, heldout_organs: Sequence[str], he
     """
     from stlib.io.tiles import TileStore
 
-    run = Path(run_dir)
-    test_idx = TileStore(run / "tiles" / "st").indices(split="test")
+    from stlib.layout import RunLayout
+
+    run = RunLayout(run_dir)
+    test_idx = TileStore(run.tiles_dir("st")).indices(split="test")
     refs = []
-    if (run / "tiles" / "st_truth" / "store.json").is_file():
-        refs.append(reference_from_store(run / "tiles" / "st_truth", test_idx, kind="manual",
+    if (run.tiles_dir("st_truth") / "store.json").is_file():
+        refs.append(reference_from_store(run.tiles_dir("st_truth"), test_idx, kind="manual",
                                          domain="post-Xenium H&E", images_key="hest_test",
                                          name="manual truth: demo truth nuclei, held-out slides"))
-    if (run / "tiles" / "pannuke" / "store.json").is_file() and heldout_tissues:
+    if (run.tiles_dir("pannuke") / "store.json").is_file() and heldout_tissues:
         if pannuke_test_split in set(pannuke_trained_on):
             raise ValueError(f"{pannuke_test_split} is a fold a PanNuke network trained on "
                              f"({sorted(set(pannuke_trained_on))}): it cannot be a test fold")
-        refs.append(pannuke_reference(run / "tiles" / "pannuke", split=pannuke_test_split, tissues=heldout_tissues,
+        refs.append(pannuke_reference(run.tiles_dir("pannuke"), split=pannuke_test_split, tissues=heldout_tissues,
                                       organ_of=organ_of_tissue))
     for folder in dict.fromkeys(str(a) for a in annotated):
         refs.append(restrict_reference(manual_truth_folder(folder, um_per_px=um_per_px, organ_of=organ_of_tissue),
                                        heldout_organs))
-    refs.append(reference_from_store(run / "tiles" / "st", test_idx, kind="st-derived", domain="post-Xenium H&E",
+    refs.append(reference_from_store(run.tiles_dir("st"), test_idx, kind="st-derived", domain="post-Xenium H&E",
                                      images_key="hest_test", name="held-out ST-derived labels (secondary)"))
     return refs
 

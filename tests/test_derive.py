@@ -61,7 +61,7 @@ def run(cohort, table, tmp_path_factory) -> dict:
         for sid in table["sample"]:
             # gauss neighbours: the labeler without ~30 s of numba compilation in the test process
             reports[sid] = derive_sample(cohort / "hest", sid, run, truth_dir=cohort / "truth",
-                                         neighbors_method="gauss")
+                                         neighbors_method="gauss", align=True)
     paths = build_tile_stores(cohort / "hest", table, run, truth_dir=cohort / "truth", tile_px=TILE_PX,
                               um_per_px=UM_PER_PX, workers=1)
     return {"dir": run, "reports": reports, "paths": paths}
