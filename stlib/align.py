@@ -1677,10 +1677,9 @@ def truth_comparison(result: AlignmentResult, hest_dir: str | Path, truth_dir: s
     }
 
 
-def cli_main(argv: list[str] | None = None) -> int:
-    """``stlib align``: write ``RUN/alignment/ID/alignment.json`` for one or more samples."""
-    from stlib.config import add_config_arguments, config_from_args, stage_config
-    from stlib.layout import RunLayout
+def cli_parser() -> argparse.ArgumentParser:
+    """The parser of ``stlib align``; its knob options are generated from :class:`AlignConfig`."""
+    from stlib.config import add_config_arguments
 
     p = argparse.ArgumentParser(prog="stlib align", description=__doc__.split("\n\n")[0])
     p.add_argument("--hest-dir", required=True, help="HEST-1k layout root (wsis/, transcripts/, xenium_seg/)")
@@ -1691,7 +1690,15 @@ def cli_main(argv: list[str] | None = None) -> int:
     p.add_argument("--xenium-dir", default=None, help="raw Xenium bundle(s): use the *_he_imagealignment.csv route")
     p.add_argument("--force", action="store_true", help="recompute even when the output is up to date")
     add_config_arguments(p, AlignConfig)
-    args = p.parse_args(argv)
+    return p
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """``stlib align``: write ``RUN/alignment/ID/alignment.json`` for one or more samples."""
+    from stlib.config import config_from_args, stage_config
+    from stlib.layout import RunLayout
+
+    args = cli_parser().parse_args(argv)
     base = stage_config(args.profile, "align") if args.profile else None
     cfg = config_from_args(AlignConfig, args, base=base)
     hest_dir, layout = Path(args.hest_dir), RunLayout(args.run_dir)

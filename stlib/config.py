@@ -696,10 +696,14 @@ def _show(v: Any) -> str:
 
 
 def config_from_args(cls: type, args: argparse.Namespace, base: Any = None) -> Any:
-    """The ``cls`` config of parsed options (:func:`add_config_arguments`) over ``base`` (default: ``cls()``)."""
+    """The ``cls`` config of parsed options (:func:`add_config_arguments`) over ``base`` (default: ``cls()``).
+
+    Only the options of ``cls``'s fields are read: one parser may carry the options of several configs.
+    """
     values: dict[str, Any] = {}
+    mine = {f.name for f in fields(cls)}
     for k, v in vars(args).items():
-        if k.startswith(_DEST):
+        if k.startswith(_DEST) and k[len(_DEST):].split(".")[0] in mine:
             *outer, name = k[len(_DEST):].split(".")
             target = values
             for o in outer:

@@ -482,13 +482,11 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
         if not (d / "nuclei.parquet").is_file():
             raise InputError("labels not derived yet", path=d, sample=sid,
                              fix="run derive_sample / `stlib labels` for it first")
-    build_key = cache_key({
-        "config": {**asdict(cfg), "refinement": None if rcfg is None else asdict(rcfg)},
-        "truth": None if truth_dir is None else str(truth_dir),
-        "samples": samples[["sample", "organ", "role"]].astype(str).to_dict("records"),
-        "labels_name": labels_name, "version": LABELS_VERSION,
-        "with_report": [sid for sid, d in lab_dirs.items() if (d / "label_report.json").is_file()],
-    }, [f for d in lab_dirs.values() for f in (d / "nuclei.parquet", d / "label_report.json") if f.is_file()])
+    build_key = tiles_key(cfg, truth_dir=truth_dir, samples=samples[["sample", "organ", "role"]].astype(str)
+                          .to_dict("records"), labels_name=labels_name,
+                          with_report=[sid for sid, d in lab_dirs.items() if (d / "label_report.json").is_file()],
+                          files=[f for d in lab_dirs.values() for f in (d / "nuclei.parquet", d / "label_report.json")
+                                 if f.is_file()])
     if not force and all((p / "store.json").is_file() for p in out.values()) and all(
             read_json(p / "store.json").get("build_key") == build_key for p in out.values()):
         return out
@@ -527,6 +525,16 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
     if timings is not None:
         timings["store_finish"] = timings.get("store_finish", 0.0) + time.perf_counter() - t_close
     return paths
+
+
+def tiles_key(config: TilesConfig, *, truth_dir: str | Path | None = None, samples: Sequence[dict] = (),
+              labels_name: str = "{sample}", with_report: Sequence[str] = (), files: Sequence[str | Path] = ()) -> str:
+    """The cache key of a run's tile stores (:func:`stlib.utils.cache_key`): the config (its
+    ``refinement`` only with ``refine_masks``), the truth, the samples and their labels' files."""
+    rcfg = asdict(config.refinement) if config.refine_masks else None
+    return cache_key({"config": {**asdict(config), "refinement": rcfg}, "truth": None if truth_dir is None else str(truth_dir),
+                      "samples": list(samples), "labels_name": labels_name, "version": LABELS_VERSION,
+                      "with_report": list(with_report)}, files)
 
 
 def _sample_tiles(s, organ: str, nuc, truth, writers: dict[str, Any], res, *, um_per_px: float, tile_px: int,
@@ -627,9 +635,10 @@ def _write_split(store: Path, split: np.ndarray) -> None:
 # CLI
 # --------------------------------------------------------------------------------------
 
-def cli_main(argv: list[str]) -> int:
-    """``stlib labels --hest-dir DIR --sample ID --run-dir RUN``: cells.parquet, maps, report."""
-    from stlib.config import add_config_arguments, config_from_args, stage_config
+def cli_parser() -> argparse.ArgumentParser:
+    """The parser of ``stlib labels``; its knob options are generated from :class:`LabelsConfig` and
+    :class:`TilesConfig`."""
+    from stlib.config import add_config_arguments
 
     ap = argparse.ArgumentParser(prog="stlib labels", description=__doc__.splitlines()[0])
     ap.add_argument("--hest-dir", required=True, help="HEST layout root")
@@ -646,7 +655,14 @@ def cli_main(argv: list[str]) -> int:
     add_config_arguments(ap, LabelsConfig)
     add_config_arguments(ap, TilesConfig, exclude=("seed",), title="TilesConfig options, with --tiles "
                          "(--seed above seeds the split too)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def cli_main(argv: list[str]) -> int:
+    """``stlib labels --hest-dir DIR --sample ID --run-dir RUN``: cells.parquet, maps, report."""
+    from stlib.config import config_from_args, stage_config
+
+    args = cli_parser().parse_args(argv)
     cfg = config_from_args(LabelsConfig, args, base=stage_config(args.profile, "labels") if args.profile else None)
     tiles_base = stage_config(args.profile, "tiles") if args.profile else TilesConfig()
     tiles_cfg = config_from_args(TilesConfig, args, base=replace(tiles_base, seed=cfg.seed))
@@ -668,5 +684,5 @@ def cli_main(argv: list[str]) -> int:
     return 0
 
 
-__all__ = ["derive_sample", "labels_key", "imaged_region", "report_table", "pooled_truth_scores", "truth_scores", "cellvit_agreement", "build_tile_stores", "refinement_table", "assign_splits",
+__all__ = ["derive_sample", "labels_key", "tiles_key", "imaged_region", "report_table", "pooled_truth_scores", "truth_scores", "cellvit_agreement", "build_tile_stores", "refinement_table", "assign_splits",
            "cli_main", "LABELS_VERSION"]
