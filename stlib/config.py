@@ -246,7 +246,15 @@ class EvalConfig:
 class InferConfig:
     """The knobs of inference on a new image (:func:`stlib.infer.infer_image`)."""
 
-    um_per_px: float = _opt(0.0, "pixel size of the image (µm/px); 0 = read it from the file")
+    um_per_px: float | None = _opt(None, "level-0 pixel size of the input (µm/px); none = read it from the file "
+                                         "(required when the file has none)")
+    tile_px: int | None = _opt(None, "tile size in model px (none: 512, or the model's training tile if larger)")
+    overlap: int = _opt(128, "model px shared by neighbouring tiles; keep it >= 2x the largest nucleus diameter")
+    batch_size: int = _opt(16, "tiles per forward pass")
+    tissue_detection: bool = _opt(True, "skip tiles without tissue")
+    amp: bool = _opt(True, "bf16 autocast on CUDA (false: fp32)")
+    workers: int | None = _opt(None, "post-processing threads (none: CPUs - 1, at most 8)")
+    postproc_processes: bool = _opt(False, "post-process in worker processes instead of threads")
 
 
 @dataclass(frozen=True)
