@@ -708,6 +708,11 @@ def config_from_args(cls: type, args: argparse.Namespace, base: Any = None) -> A
 
     Only the options of ``cls``'s fields are read: one parser may carry the options of several configs.
     """
+    return build_config(cls, given_options(cls, args), source="command line", base=base)
+
+
+def given_options(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The options of ``cls``'s fields given on the command line (a nested config as a nested dict)."""
     values: dict[str, Any] = {}
     mine = {f.name for f in fields(cls)}
     for k, v in vars(args).items():
@@ -717,7 +722,7 @@ def config_from_args(cls: type, args: argparse.Namespace, base: Any = None) -> A
             for o in outer:
                 target = target.setdefault(o, {})
             target[name] = v
-    return build_config(cls, values, source="command line", base=base)
+    return values
 
 
 # =====================================================================================
@@ -774,7 +779,7 @@ __all__ = [
     "SegEvalParams", "ClsEvalParams", "InferParams", "RealTissueParams", "NOTEBOOK_PARAMS", "load_params",
     "make_params", "coerce_value", "read_profile", "params_path", "to_papermill", "resolve_device", "params_from_namespace",
     "AlignConfig", "NeoplasticConfig", "RefineConfig", "LabelsConfig", "TilesConfig", "TrainRecipe", "EvalConfig",
-    "InferConfig", "STAGES", "build_config", "with_options", "add_config_arguments", "config_from_args", "config_part",
+    "InferConfig", "STAGES", "build_config", "with_options", "add_config_arguments", "config_from_args", "given_options", "config_part",
     "stage_config", "stage_configs", "show_config", "notebook_defaults", "parameters_cell_source",
 ]
 

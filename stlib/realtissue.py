@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stlib.config import RealTissueParams
 from stlib.constants import (CONNECTIVE, EPITHELIAL, IGNORE, INFLAMMATORY, UNKNOWN_CLASSES, merge_epithelial)
 from stlib.layout import RunLayout
 from stlib.utils import InputError, atomic_path, cache_key, progress, read_json, write_json
@@ -152,15 +153,19 @@ def build_stores(data_dir: str | Path, run_dir: str | Path, table: pd.DataFrame,
 
 
 # ----------------------------------------------------------------------------- training
+_RT = RealTissueParams()
+
+
 @dataclass(frozen=True)
 class RecipeConfig:
-    """The one recipe both networks share (differences = labels only)."""
+    """The one recipe both networks share (differences = labels only); its defaults are the
+    chapter's parameters (:class:`stlib.config.RealTissueParams`)."""
 
-    steps: int = 150
-    batch_size: int = 8
-    crop_px: int = 128
-    lr: float = 2e-3
-    encoder: str = "small"
+    steps: int = _RT.steps
+    batch_size: int = _RT.batch_size
+    crop_px: int = _RT.crop_px
+    lr: float = _RT.lr
+    encoder: str = _RT.encoder
     aug_hed: float = 0.2
     aug_scale: float = 0.1
     seed: int = 0
