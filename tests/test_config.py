@@ -219,3 +219,45 @@ def test_labels_never_realign_silently(small_cohort, tmp_path):
     assert not (tmp_path / "run").exists()
     rc = main(["labels", "--hest-dir", str(hest_dir(small_cohort)), "--sample", sid, "--run-dir", str(tmp_path / "r")])
     assert rc == 1 and not (tmp_path / "r").exists()
+
+
+def test_train_options_are_the_recipe_and_reach_the_run_config(tmp_path):
+    from stlib.train.cli import cli_parser, config_from_cli
+    from stlib.train.config import TrainConfig
+
+    opts = {o for a in cli_parser()._actions for o in a.option_strings}
+    assert {f"--{f.name.replace('_', '-')}" for f in fields(TrainRecipe) if f.name not in ("recipes", "n_seeds")} <= opts
+    paper = stage_config("paper", "train")
+    cfg = config_from_cli(cli_parser().parse_args(["--profile", "paper"]))
+    assert (cfg.steps, cfg.batch_size, cfg.lr, cfg.encoder) == (paper.steps, paper.batch_size, paper.lr, paper.encoder)
+    cfg = config_from_cli(cli_parser().parse_args(["--profile", "paper", "--steps", "7", "--run-dir", str(tmp_path),
+                                                   "--run", "pannuke", "--seed-index", "1", "--nt-confidence"]))
+    assert cfg.steps == 7 and cfg.run_dir == str(tmp_path) and cfg.seed == paper.seed + 1000
+    assert cfg.out_dir == "models/pannuke__seed1" and cfg.loss.nt_confidence is True
+    path = tmp_path / "c.yaml"
+    TrainConfig(steps=5).to_yaml(path)
+    cfg = config_from_cli(cli_parser().parse_args(["--config", str(path), "--lr", "0.5", "--nt-confidence"]))
+    assert cfg.steps == 5 and cfg.lr == 0.5 and cfg.loss.nt_confidence is True
+
+
+def test_train_config_recipe_defaults_are_the_recipe():
+    """TrainConfig (one run) takes the recipe part of its defaults from TrainRecipe, not from a copy."""
+    from stlib.train.config import TrainConfig
+
+    run, recipe = TrainConfig(), TrainRecipe()
+    shared = [f.name for f in fields(TrainRecipe) if hasattr(run, f.name) and f.name not in ("recipes", "n_seeds")]
+    assert len(shared) >= 10
+    assert {k: getattr(run, k) for k in shared} == {k: getattr(recipe, k) for k in shared}
+
+
+def test_infer_options_are_the_infer_config(tmp_path):
+    from stlib.infer.cli import cli_parser
+
+    p = cli_parser()
+    opts = {o for a in p._actions for o in a.option_strings}
+    assert {f"--{f.name.replace('_', '-')}" for f in fields(config.InferConfig)} <= opts
+    assert {"--no-amp", "--no-tissue-detection", "--run-dir", "--out"} <= opts
+    args = p.parse_args(["--model", "m.pt", "--input", "x.png", "--run-dir", str(tmp_path), "--no-amp",
+                         "--batch-size", "2", "--workers", "0"])
+    cfg = config_from_args(config.InferConfig, args)
+    assert cfg == config.InferConfig(amp=False, batch_size=2, workers=0)
