@@ -700,7 +700,7 @@ def add_config_arguments(parser: argparse.ArgumentParser | Any, cls: type, *, ex
 def _show(v: Any) -> str:
     if isinstance(v, tuple):
         return " ".join(map(str, v)) or "empty"
-    return "none" if v is None else str(v)
+    return "none" if v is None else '""' if v == "" else str(v)
 
 
 def config_from_args(cls: type, args: argparse.Namespace, base: Any = None) -> Any:
