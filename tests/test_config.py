@@ -261,3 +261,28 @@ def test_infer_options_are_the_infer_config(tmp_path):
                          "--batch-size", "2", "--workers", "0"])
     cfg = config_from_args(config.InferConfig, args)
     assert cfg == config.InferConfig(amp=False, batch_size=2, workers=0)
+
+
+def test_align_then_labels_share_the_run_folder(small_cohort, tmp_path, capsys):
+    """`stlib align --run-dir R` writes where `stlib labels --run-dir R` reads; the options reach the outputs."""
+    from stlib.io.cohort import hest_dir
+    from stlib.layout import RunLayout
+    from stlib.utils import read_json
+
+    sid, run = "DEMO_BOWEL_1", RunLayout(tmp_path / "run")
+    common = ["--hest-dir", str(hest_dir(small_cohort)), "--sample", sid, "--run-dir", str(run.root)]
+    assert main(["align", *common, "--profile", "demo", "--tile-um", "80"]) == 0
+    assert read_json(run.alignment_json(sid))["params"]["tile_um"] == 80.0
+    assert main(["labels", *common, "--neighbors-method", "gauss", "--min-confidence", "0.4", "--tiles",
+                 "--tile-px", "128", "--no-refine-masks"]) == 0
+    report = read_json(run.label_report(sid))
+    assert report["params"]["min_confidence"] == 0.4 and report["params"]["neighbors_method"] == "gauss"
+    store = read_json(run.tiles_dir("st") / "store.json")
+    assert store["tile_px"] == 128 and store["refinement"] is None
+    assert f"-> {run.labels_dir(sid)}" in capsys.readouterr().out
+    # unchanged options: the labels are reused (same cache key), a changed one recomputes them
+    mtime = run.cells_parquet(sid).stat().st_mtime_ns
+    assert main(["labels", *common, "--neighbors-method", "gauss", "--min-confidence", "0.4"]) == 0
+    assert run.cells_parquet(sid).stat().st_mtime_ns == mtime
+    assert main(["labels", *common, "--neighbors-method", "gauss", "--min-confidence", "0.5"]) == 0
+    assert read_json(run.label_report(sid))["params"]["min_confidence"] == 0.5
