@@ -39,16 +39,19 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from stlib.config import AlignConfig, with_options
 from stlib.constants import TARGET_UM_PER_PX_40X, XENIUM_PIXEL_SIZE_UM
 from stlib.utils import InputError, cache_key, file_fingerprint, read_json, write_json
 
 __all__ = [
+    "AlignConfig",
     "AlignmentResult",
     "Transform",
     "WorkGrid",
     "affine_from_points",
     "align_nuclei",
     "align_and_save",
+    "alignment_key",
     "align_sample",
     "overlay_crop",
     "alignment_error_um",
@@ -989,34 +992,6 @@ def load_alignment(path: str | Path) -> AlignmentResult:
 # The alignment itself
 # =====================================================================================
 
-@dataclass(frozen=True)
-class AlignConfig:
-    """The knobs of :func:`align_nuclei` (see its parameters), shared by its steps."""
-
-    refine: bool = True
-    tile_um: float = 100.0
-    max_residual_um: float = 3.0
-    work_um_per_px: float = 1.0
-    #: spacing of the displacement grid and of the tile centres (None: ``tile_um / 2``)
-    grid_um: float | None = None
-    min_nuclei: int = 8
-    n_global: int = 3
-    n_local: int = 3
-    min_score_ratio: float = 0.3
-    reference: bool = False
-
-    def params(self) -> dict[str, Any]:
-        """The parameters recorded in ``alignment.json`` (``grid_um`` resolved)."""
-        return {"refine": self.refine, "tile_um": self.tile_um, "max_residual_um": self.max_residual_um,
-                "work_um_per_px": self.work_um_per_px, "grid_um": self.grid, "min_nuclei": self.min_nuclei,
-                "n_global": self.n_global, "n_local": self.n_local, "min_score_ratio": self.min_score_ratio}
-
-    @property
-    def grid(self) -> float:
-        """Grid spacing in µm (``grid_um``, default half a tile)."""
-        return float(self.grid_um) if self.grid_um else self.tile_um / 2.0
-
-
 class _Scene:
     """What every step of :func:`align_nuclei` measures on: the nucleus rings (µm), their
     centroids, the working window of the slide and its haematoxylin images per resolution."""
@@ -1081,12 +1056,8 @@ class _Scene:
 
 
 def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str = "",
-                 route: str = "", refine: bool = True, tile_um: float = 100.0,
-                 max_residual_um: float = 3.0, work_um_per_px: float = 1.0,
-                 grid_um: float | None = None, min_nuclei: int = 8,
-                 n_global: int = 3, n_local: int = 3,
-                 min_score_ratio: float = 0.3, reference: bool = False,
-                 timings: dict[str, float] | None = None) -> AlignmentResult:
+                 route: str = "", config: AlignConfig | None = None,
+                 timings: dict[str, float] | None = None, **options: Any) -> AlignmentResult:
     """Score the registration of nucleus polygons on an H&E slide and refine it.
 
     The steps: :func:`_refine_global` (affine, coarse to fine), :func:`_refine_local`
@@ -1104,26 +1075,12 @@ def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str 
         (3, 3) initial Xenium µm -> H&E level-0 px affine.
     sample, route
         Recorded in the result.
-    refine
-        False: score the initial map only.
-    tile_um
-        Edge of a scoring / phase-correlation tile (µm).
-    max_residual_um
-        Tiles whose residual shift stays above this after refinement are excluded.
-    work_um_per_px
-        Working resolution of the final stages (coarse global stages use 2x and 4x).
-    grid_um
-        Spacing of the displacement grid and of the tile centres (default ``tile_um / 2``).
-    min_nuclei
-        Tiles with fewer nuclei give no shift measurement.
-    n_global, n_local
-        Iterations of the affine and of the local (grid) refinement.
-    min_score_ratio
-        A tile with enough nuclei whose correlation after refinement is below this fraction
-        of the median tile correlation is excluded.
-    reference
-        Measure the tiles one by one with the library calls instead of in batches (the same
-        result to float rounding, many times slower; for tests and benchmarks).
+    config
+        The knobs (:class:`stlib.config.AlignConfig`: ``refine``, ``tile_um``, ``max_residual_um``,
+        ``work_um_per_px``, ``grid_um``, ``min_nuclei``, ``n_global``, ``n_local``,
+        ``min_score_ratio``, ``reference``; what each does is its field's help). Default: its defaults.
+    **options
+        Fields of :class:`AlignConfig` that override ``config`` (``refine=False``, ``tile_um=60``).
     timings
         When given, seconds spent are added to it: ``haematoxylin_images`` (reading and
         deconvolving the slide per working resolution) and ``tile_measurements``.
@@ -1140,11 +1097,9 @@ def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str 
     if geoms.size == 0:
         raise InputError("no nucleus polygons to align", sample=sample or None,
                          fix="check the nucleus segmentation (xenium_seg / nucleus_boundaries) of this sample")
-    if tile_um <= 0 or work_um_per_px <= 0 or max_residual_um <= 0:
+    cfg = with_options(AlignConfig, config, options)
+    if cfg.tile_um <= 0 or cfg.work_um_per_px <= 0 or cfg.max_residual_um <= 0:
         raise ValueError("tile_um, work_um_per_px and max_residual_um must be positive")
-    cfg = AlignConfig(refine=refine, tile_um=tile_um, max_residual_um=max_residual_um, work_um_per_px=work_um_per_px,
-                      grid_um=grid_um, min_nuclei=min_nuclei, n_global=n_global, n_local=n_local,
-                      min_score_ratio=min_score_ratio, reference=reference)
     M0 = _as_affine(initial, "initial")
     scene = _Scene(slide, geoms, M0, cfg, sample=sample, timings=timings)
     T = Transform(M0)
@@ -1153,10 +1108,10 @@ def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str 
     nodes = np.column_stack([GX.ravel(), GY.ravel()])
     before = scene.measure(T, cfg.work_um_per_px, cfg.tile_um, nodes)
     history: list[dict[str, Any]] = []
-    if refine:
+    if cfg.refine:
         T = _refine_global(scene, T, history)
         T = _refine_local(scene, T, gx, gy, nodes, history)
-    after = scene.measure(T, cfg.work_um_per_px, cfg.tile_um, nodes) if refine else before
+    after = scene.measure(T, cfg.work_um_per_px, cfg.tile_um, nodes) if cfg.refine else before
     rough = _rough_nodes(T, after, (len(gy), len(gx)), cfg.max_residual_um * scene.ppu)
     tiles, excluded, field_ = _tile_table(T, nodes, before, after, rough, cfg, scene.ppu)
     scores = {"global": {"before": _score_summary(before, _residual_um(before, scene.ppu)),
@@ -1428,9 +1383,9 @@ def _xenium_inputs(hest_dir: Path, xenium_dir: Path, sample_id: str) -> tuple[An
     return open_wsi(he), M0, nuc.geometry.values, files
 
 
-def align_sample(hest_dir: str | Path, sample_id: str, *, refine: bool = True, tile_um: float = 100.0,
-                 max_residual_um: float = 3.0, xenium_dir: str | Path | None = None,
-                 work_um_per_px: float = 1.0, **kwargs: Any) -> AlignmentResult:
+def align_sample(hest_dir: str | Path, sample_id: str, *, config: AlignConfig | None = None,
+                 xenium_dir: str | Path | None = None, timings: dict[str, float] | None = None,
+                 **options: Any) -> AlignmentResult:
     """Align one sample's Xenium nuclei to its H&E slide (see :func:`align_nuclei`).
 
     Parameters
@@ -1443,8 +1398,10 @@ def align_sample(hest_dir: str | Path, sample_id: str, *, refine: bool = True, t
         When given, the raw-bundle route: ``xenium_dir/{id}/`` (or ``xenium_dir`` itself)
         with ``*_he_imagealignment.csv`` and ``nucleus_boundaries``; otherwise the HEST route
         (registration fitted from the transcripts, nuclei from ``xenium_seg``).
-    refine, tile_um, max_residual_um, work_um_per_px, **kwargs
-        Passed to :func:`align_nuclei`.
+    config, **options
+        The :class:`stlib.config.AlignConfig` and keyword overrides of its fields (:func:`align_nuclei`).
+    timings
+        Seconds spent, per part (:func:`align_nuclei`; ``inputs`` for reading them).
     """
     hest_dir = Path(hest_dir)
     t0 = time.perf_counter()
@@ -1454,11 +1411,10 @@ def align_sample(hest_dir: str | Path, sample_id: str, *, refine: bool = True, t
     else:
         slide, M0, nuclei_um, files = _hest_inputs(hest_dir, sample_id)
         route = "hest"
-    if kwargs.get("timings") is not None:
-        kwargs["timings"]["inputs"] = kwargs["timings"].get("inputs", 0.0) + time.perf_counter() - t0
-    res = align_nuclei(slide, nuclei_um, M0, sample=sample_id, route=route, refine=refine,
-                       tile_um=tile_um, max_residual_um=max_residual_um,
-                       work_um_per_px=work_um_per_px, **kwargs)
+    if timings is not None:
+        timings["inputs"] = timings.get("inputs", 0.0) + time.perf_counter() - t0
+    res = align_nuclei(slide, nuclei_um, M0, sample=sample_id, route=route,
+                       config=with_options(AlignConfig, config, options), timings=timings)
     res.inputs = {"files": [_input_record(p) for p in files]}
     return res
 
@@ -1638,13 +1594,15 @@ def _route_files(hest_dir: Path, sample: str, xenium_dir: str | None) -> list[Pa
     return [p for p in paths if p.exists()]
 
 
-def align_and_save(hest_dir: str | Path, sample_id: str, out_dir: str | Path, *, refine: bool = True,
-                   tile_um: float = 100.0, max_residual_um: float = 3.0, xenium_dir: str | Path | None = None,
-                   work_um_per_px: float = 1.0, force: bool = False) -> tuple[AlignmentResult, bool]:
+def align_and_save(hest_dir: str | Path, sample_id: str, out_dir: str | Path, *, config: AlignConfig | None = None,
+                   xenium_dir: str | Path | None = None, force: bool = False,
+                   **options: Any) -> tuple[AlignmentResult, bool]:
     """Align one sample and write ``out_dir/{sample_id}/alignment.json``, idempotently.
 
-    The output is reused when its inputs (file sizes / mtimes) and parameters are unchanged,
-    unless ``force``.
+    ``out_dir`` is the alignment folder of a run (:attr:`stlib.layout.RunLayout.alignment_root`).
+    ``config`` and keyword ``options`` (fields of :class:`stlib.config.AlignConfig`) are the knobs.
+    The output is reused while its cache key (:func:`stlib.utils.cache_key` of the config, the route
+    and the input files' fingerprints) is unchanged, unless ``force``.
 
     Returns
     -------
@@ -1652,11 +1610,9 @@ def align_and_save(hest_dir: str | Path, sample_id: str, out_dir: str | Path, *,
         ``computed`` is False when an up-to-date alignment.json was reused.
     """
     hest_dir = Path(hest_dir)
-    config = {"version": ALIGN_VERSION, "sample": sample_id, "refine": bool(refine), "tile_um": float(tile_um),
-              "max_residual_um": float(max_residual_um), "work_um_per_px": float(work_um_per_px),
-              "xenium_dir": None if xenium_dir is None else str(Path(xenium_dir).resolve())}
+    cfg = with_options(AlignConfig, config, options)
     out = Path(out_dir) / sample_id / "alignment.json"
-    key = cache_key(config, _route_files(hest_dir, sample_id, None if xenium_dir is None else str(xenium_dir)))
+    key = alignment_key(hest_dir, sample_id, cfg, xenium_dir)
     if out.is_file() and not force:
         try:
             old = json.loads(out.read_text())
@@ -1664,11 +1620,20 @@ def align_and_save(hest_dir: str | Path, sample_id: str, out_dir: str | Path, *,
             old = {}
         if old.get("inputs", {}).get("key") == key:
             return AlignmentResult.from_dict(old), False
-    res = align_sample(hest_dir, sample_id, refine=refine, tile_um=tile_um, max_residual_um=max_residual_um,
-                       xenium_dir=xenium_dir, work_um_per_px=work_um_per_px)
+    res = align_sample(hest_dir, sample_id, config=cfg, xenium_dir=xenium_dir)
     res.inputs["key"] = key
     res.save(out)
     return res, True
+
+
+def alignment_key(hest_dir: str | Path, sample_id: str, config: AlignConfig,
+                  xenium_dir: str | Path | None = None) -> str:
+    """The cache key of one sample's alignment: the config, the route and the input files."""
+    from dataclasses import asdict
+
+    record = {"version": ALIGN_VERSION, "sample": sample_id, "config": asdict(config),
+              "xenium_dir": None if xenium_dir is None else str(Path(xenium_dir).resolve())}
+    return cache_key(record, _route_files(Path(hest_dir), sample_id, None if xenium_dir is None else str(xenium_dir)))
 
 
 def truth_comparison(result: AlignmentResult, hest_dir: str | Path, truth_dir: str | Path, *,
@@ -1712,25 +1677,35 @@ def truth_comparison(result: AlignmentResult, hest_dir: str | Path, truth_dir: s
     }
 
 
-def cli_main(argv: list[str] | None = None) -> int:
-    """``stlib align``: write ``OUT/ID/alignment.json`` for one or more samples."""
+def cli_parser() -> argparse.ArgumentParser:
+    """The parser of ``stlib align``; its knob options are generated from :class:`AlignConfig`."""
+    from stlib.config import add_config_arguments
+
     p = argparse.ArgumentParser(prog="stlib align", description=__doc__.split("\n\n")[0])
     p.add_argument("--hest-dir", required=True, help="HEST-1k layout root (wsis/, transcripts/, xenium_seg/)")
     p.add_argument("--sample", required=True, action="append", help="sample id (repeatable)")
-    p.add_argument("--out", required=True, help="output folder; writes OUT/ID/alignment.json")
+    p.add_argument("--run-dir", required=True, help="run folder; writes RUN/alignment/ID/alignment.json")
+    p.add_argument("--profile", default=None,
+                   help="start from this profile's 01_alignment block (default: the AlignConfig defaults)")
     p.add_argument("--xenium-dir", default=None, help="raw Xenium bundle(s): use the *_he_imagealignment.csv route")
-    p.add_argument("--no-refine", action="store_true", help="score the initial registration only")
-    p.add_argument("--tile-um", type=float, default=100.0)
-    p.add_argument("--max-residual-um", type=float, default=3.0)
-    p.add_argument("--work-um-per-px", type=float, default=1.0)
     p.add_argument("--force", action="store_true", help="recompute even when the output is up to date")
-    args = p.parse_args(argv)
-    hest_dir = Path(args.hest_dir)
+    add_config_arguments(p, AlignConfig)
+    return p
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """``stlib align``: write ``RUN/alignment/ID/alignment.json`` for one or more samples."""
+    from stlib.config import config_from_args, stage_config
+    from stlib.layout import RunLayout
+
+    args = cli_parser().parse_args(argv)
+    base = stage_config(args.profile, "align") if args.profile else None
+    cfg = config_from_args(AlignConfig, args, base=base)
+    hest_dir, layout = Path(args.hest_dir), RunLayout(args.run_dir)
     for sample in args.sample:
-        out = Path(args.out) / sample / "alignment.json"
-        res, computed = align_and_save(hest_dir, sample, args.out, refine=not args.no_refine, tile_um=args.tile_um,
-                                       max_residual_um=args.max_residual_um, xenium_dir=args.xenium_dir,
-                                       work_um_per_px=args.work_um_per_px, force=args.force)
+        out = layout.alignment_json(sample)
+        res, computed = align_and_save(hest_dir, sample, layout.alignment_root, config=cfg,
+                                       xenium_dir=args.xenium_dir, force=args.force)
         if not computed:
             print(f"stlib align: {sample}: up to date ({out}); --force to recompute")
             continue

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from stlib.constants import TARGET_UM_PER_PX_40X
+from stlib.layout import RunLayout
 from stlib.utils import device_name, machine_info, write_json
 
 __all__ = ["cli_main", "machine_info", "synthetic_nuclei", "bench_labels", "bench_tiles", "bench_refine",
@@ -465,7 +466,7 @@ def bench_derive(work_dir: str | Path | None = None, *, n_nuclei: int = 500_000,
 
         t0, c0 = time.perf_counter(), time.process_time()
         res = align_sample(hest, sid, timings=align_t)
-        res.save(run / "alignment" / sid / "alignment.json")
+        res.save(RunLayout(run).alignment_json(sid))
         stages["alignment"], stages_cpu["alignment"] = time.perf_counter() - t0, time.process_time() - c0
 
         t0, c0 = time.perf_counter(), time.process_time()
@@ -475,8 +476,8 @@ def bench_derive(work_dir: str | Path | None = None, *, n_nuclei: int = 500_000,
         nuc = gpd.GeoDataFrame({"cell_id": aligned.index.astype(str),
                                 "class": truth["class"].reindex(aligned.index.astype(str)).to_numpy(np.uint8),
                                 "confidence": np.float32(1.0)}, geometry=aligned.geometry.values)
-        (run / "labels" / sid).mkdir(parents=True, exist_ok=True)
-        nuc.to_parquet(run / "labels" / sid / "nuclei.parquet")
+        RunLayout(run).labels_dir(sid).mkdir(parents=True, exist_ok=True)
+        nuc.to_parquet(RunLayout(run).nuclei_parquet(sid))
         stages["aligned_nuclei"], stages_cpu["aligned_nuclei"] = time.perf_counter() - t0, time.process_time() - c0
 
         t0, c0 = time.perf_counter(), time.process_time()

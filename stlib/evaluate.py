@@ -28,9 +28,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
+from stlib.config import EvalConfig
 from stlib.constants import IGNORE, NUCLEUS_CLASSES, TARGET_UM_PER_PX_40X
 from stlib.metrics import class_scores, label_accuracy_vs_truth  # defined with the other metrics
 from stlib.utils import InputError, atomic_path
+
+#: the statistics' defaults (bootstrap resamples, CI level, permutations, PanNuke test fold): EvalConfig's
+_EVAL = EvalConfig()
 
 
 class CI(NamedTuple):
@@ -42,7 +46,7 @@ class CI(NamedTuple):
     n: int
 
 
-def bootstrap_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = 1000, ci: float = 0.95,
+def bootstrap_ci(values: Sequence[float] | np.ndarray, *, n_boot: int = _EVAL.n_bootstrap, ci: float = _EVAL.ci,
                  seed: int = 0, stat: Callable[[np.ndarray], float] = np.mean) -> CI:
     """Percentile bootstrap CI of ``stat`` over ``values``, each value an independent unit.
 
@@ -128,7 +132,7 @@ def _boot_stratum(rng: np.random.Generator, vals: np.ndarray, codes: np.ndarray,
 
 
 def hierarchical_bootstrap(values: Sequence[float] | np.ndarray, clusters: Sequence | np.ndarray | None = None, *,
-                           strata: Sequence | np.ndarray | None = None, n_boot: int = 1000, ci: float = 0.95,
+                           strata: Sequence | np.ndarray | None = None, n_boot: int = _EVAL.n_bootstrap, ci: float = _EVAL.ci,
                            seed: int = 0, resample_within: bool = True, return_replicates: bool = False
                            ) -> CI | tuple[CI, np.ndarray]:
     """Percentile CI of a pooled mean by a stratified two-stage (hierarchical) bootstrap.
@@ -178,7 +182,7 @@ def hierarchical_bootstrap(values: Sequence[float] | np.ndarray, clusters: Seque
 
 
 def sign_flip_test(differences: Sequence[float] | np.ndarray, clusters: Sequence | np.ndarray | None = None, *,
-                   strata: Sequence | np.ndarray | None = None, n_perm: int = 10000, seed: int = 0) -> float:
+                   strata: Sequence | np.ndarray | None = None, n_perm: int = _EVAL.n_permutations, seed: int = 0) -> float:
     """Two-sided p-value of a paired difference by flipping signs cluster by cluster.
 
     The statistic is the one the CI is about (:func:`pooled_mean` of the paired differences).
@@ -239,7 +243,8 @@ class PairedComparison(NamedTuple):
 
 
 def paired_comparison(a: Sequence[float], b: Sequence[float], *, clusters: Sequence | None = None,
-                      strata: Sequence | None = None, n_boot: int = 1000, n_perm: int = 10000, ci: float = 0.95,
+                      strata: Sequence | None = None, n_boot: int = _EVAL.n_bootstrap,
+                      n_perm: int = _EVAL.n_permutations, ci: float = _EVAL.ci,
                       seed: int = 0) -> PairedComparison:
     """Paired difference ``a - b``: hierarchical bootstrap CI and sign-flip test, same statistic.
 
@@ -279,7 +284,7 @@ def _need(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
 
 
 def summarize(per_image: pd.DataFrame, metrics: Sequence[str], *, group: str = "organ",
-              by: str | None = "model", cluster: str | None = "auto", n_boot: int = 1000, ci: float = 0.95,
+              by: str | None = "model", cluster: str | None = "auto", n_boot: int = _EVAL.n_bootstrap, ci: float = _EVAL.ci,
               seed: int = 0) -> pd.DataFrame:
     """Per-group and pooled value of each metric with a hierarchical bootstrap CI.
 
@@ -328,7 +333,8 @@ def summarize(per_image: pd.DataFrame, metrics: Sequence[str], *, group: str = "
 
 def compare_models(per_image: pd.DataFrame, metrics: Sequence[str], *, model_a: str, model_b: str,
                    group: str = "organ", by: str = "model", image_key: str = "image", cluster: str | None = "auto",
-                   n_boot: int = 1000, n_perm: int = 10000, ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
+                   n_boot: int = _EVAL.n_bootstrap, n_perm: int = _EVAL.n_permutations, ci: float = _EVAL.ci,
+                   seed: int = 0) -> pd.DataFrame:
     """Paired comparison ``model_a - model_b`` per group and pooled, for each metric.
 
     Effect first: ``diff`` (pooled by PanNuke's rule in the ``pooled`` row) with its hierarchical
@@ -624,7 +630,7 @@ def restrict_reference(ref: ReferenceSet, organs: Sequence[str]) -> ReferenceSet
 
 
 def heldout_references(run_dir: str | Path, *, heldout_organs: Sequence[str], heldout_tissues: Sequence[str],
-                       organ_of_tissue: Mapping[str, str], pannuke_test_split: str = "fold3",
+                       organ_of_tissue: Mapping[str, str], pannuke_test_split: str = _EVAL.pannuke_test_split,
                        pannuke_trained_on: Sequence[str] = (), annotated: Sequence[str | Path] = (),
                        um_per_px: float = TARGET_UM_PER_PX_40X) -> list[ReferenceSet]:
     """The references of the evaluation chapters on the held-out organs, with fixed names and order.
@@ -642,23 +648,25 @@ def heldout_references(run_dir: str | Path, *, heldout_organs: Sequence[str], he
     """
     from stlib.io.tiles import TileStore
 
-    run = Path(run_dir)
-    test_idx = TileStore(run / "tiles" / "st").indices(split="test")
+    from stlib.layout import RunLayout
+
+    run = RunLayout(run_dir)
+    test_idx = TileStore(run.tiles_dir("st")).indices(split="test")
     refs = []
-    if (run / "tiles" / "st_truth" / "store.json").is_file():
-        refs.append(reference_from_store(run / "tiles" / "st_truth", test_idx, kind="manual",
+    if (run.tiles_dir("st_truth") / "store.json").is_file():
+        refs.append(reference_from_store(run.tiles_dir("st_truth"), test_idx, kind="manual",
                                          domain="post-Xenium H&E", images_key="hest_test",
                                          name="manual truth: demo truth nuclei, held-out slides"))
-    if (run / "tiles" / "pannuke" / "store.json").is_file() and heldout_tissues:
+    if (run.tiles_dir("pannuke") / "store.json").is_file() and heldout_tissues:
         if pannuke_test_split in set(pannuke_trained_on):
             raise ValueError(f"{pannuke_test_split} is a fold a PanNuke network trained on "
                              f"({sorted(set(pannuke_trained_on))}): it cannot be a test fold")
-        refs.append(pannuke_reference(run / "tiles" / "pannuke", split=pannuke_test_split, tissues=heldout_tissues,
+        refs.append(pannuke_reference(run.tiles_dir("pannuke"), split=pannuke_test_split, tissues=heldout_tissues,
                                       organ_of=organ_of_tissue))
     for folder in dict.fromkeys(str(a) for a in annotated):
         refs.append(restrict_reference(manual_truth_folder(folder, um_per_px=um_per_px, organ_of=organ_of_tissue),
                                        heldout_organs))
-    refs.append(reference_from_store(run / "tiles" / "st", test_idx, kind="st-derived", domain="post-Xenium H&E",
+    refs.append(reference_from_store(run.tiles_dir("st"), test_idx, kind="st-derived", domain="post-Xenium H&E",
                                      images_key="hest_test", name="held-out ST-derived labels (secondary)"))
     return refs
 

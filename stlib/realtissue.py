@@ -39,9 +39,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stlib.config import RealTissueParams, resolve_device
 from stlib.constants import (CONNECTIVE, EPITHELIAL, IGNORE, INFLAMMATORY, UNKNOWN_CLASSES, merge_epithelial)
-from stlib.config import resolve_device
-from stlib.utils import InputError, atomic_path, map_processes, progress, read_json, write_json
+from stlib.layout import RunLayout
+from stlib.utils import InputError, atomic_path, cache_key, map_processes, progress, read_json, write_json
 
 log = logging.getLogger("stlib.realtissue")
 
@@ -69,8 +70,8 @@ def _seg_only_labels(hest: Path, sid: str, run_dir: Path, res: Any) -> Path:
     from stlib.align import transform_nuclei
     from stlib.io.hest import HestSample
 
-    out = run_dir / "labels" / SEG_LABELS.format(sample=sid)
-    key = {"alignment": res.inputs.get("key"), "version": 1}
+    out = RunLayout(run_dir).labels_dir(SEG_LABELS.format(sample=sid))
+    key = cache_key({"alignment": res.inputs.get("key"), "version": 1})
     rep = out / "label_report.json"
     if rep.is_file() and (out / "nuclei.parquet").is_file() and read_json(rep).get("key") == key:
         return out
@@ -120,7 +121,7 @@ def st_labels(data_dir: str | Path, run_dir: str | Path, samples: Sequence[str],
     rows = []
     for sid in progress(list(samples), desc="align + ST labels"):
         t0 = time.perf_counter()
-        res, _ = align_and_save(hest, sid, run_dir / "alignment", refine=refine_alignment)
+        res, _ = align_and_save(hest, sid, RunLayout(run_dir).alignment_root, refine=refine_alignment)
         _seg_only_labels(hest, sid, run_dir, res)
         row = {"sample": sid, "corr before": res.scores["global"]["before"]["corr"],
                "corr after": res.scores["global"]["after"]["corr"]}
@@ -130,7 +131,7 @@ def st_labels(data_dir: str | Path, run_dir: str | Path, samples: Sequence[str],
                         "error after (µm)": tc.get("median_error_um_after")})
         if sid in set(classes_for):
             derive_sample(hest, sid, run_dir, labeler=labeler, seed=seed,
-                          truth_dir=truth if truth.is_dir() else None, refine=refine_alignment)
+                          truth_dir=truth if truth.is_dir() else None)
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
     return pd.DataFrame(rows)
@@ -152,15 +153,19 @@ def build_stores(data_dir: str | Path, run_dir: str | Path, table: pd.DataFrame,
 
 
 # ----------------------------------------------------------------------------- training
+_RT = RealTissueParams()
+
+
 @dataclass(frozen=True)
 class RecipeConfig:
-    """The one recipe both networks share (differences = labels only)."""
+    """The one recipe both networks share (differences = labels only); its defaults are the
+    chapter's parameters (:class:`stlib.config.RealTissueParams`)."""
 
-    steps: int = 150
-    batch_size: int = 8
-    crop_px: int = 128
-    lr: float = 2e-3
-    encoder: str = "small"
+    steps: int = _RT.steps
+    batch_size: int = _RT.batch_size
+    crop_px: int = _RT.crop_px
+    lr: float = _RT.lr
+    encoder: str = _RT.encoder
     aug_hed: float = 0.2
     aug_scale: float = 0.1
     seed: int = 0
@@ -442,7 +447,7 @@ def derived_class_maps(run_dir: str | Path, data_dir: str | Path, sample: str, a
 
     t = gpd.read_parquet(Path(data_dir) / "truth" / sample / "nuclei.parquet")
     t = t[t["visible"].to_numpy(bool)]
-    cells = pd.read_parquet(Path(run_dir) / "labels" / sample / "cells.parquet")
+    cells = pd.read_parquet(RunLayout(run_dir).cells_parquet(sample))
     cls = dict(zip(cells["cell_id"].astype(str), cells["class"].astype(int)))
     lut = np.full(int(ann.inst.max(initial=0)) + 1, IGNORE, np.uint8)
     for sid, cid in zip(t["source_id"].to_numpy(), t["cell_id"].astype(str)):

@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from stlib.constants import CLASS_NAMES, CONNECTIVE, EPITHELIAL, IGNORE, INFLAMMATORY, NEOPLASTIC
+from stlib.layout import RunLayout
 
 __all__ = ["DEV_SEEDS", "SEEN_SEEDS", "EVAL_SEEDS", "KNOB_GRID", "label_cohort", "score_cells", "score_by_sample",
            "robustness_sweep", "acceptance_table", "outside_region_background", "region_check", "cli_main"]
@@ -242,8 +243,8 @@ def outside_region_background(run_dir: Any, truth_dir: Any, *, store: str = "st"
 
     from stlib.io.tiles import TileStore
 
-    st = TileStore(Path(run_dir) / "tiles" / store)
-    tr = TileStore(Path(run_dir) / "tiles" / f"{store}_truth")
+    st = TileStore(RunLayout(run_dir).tiles_dir(store))
+    tr = TileStore(RunLayout(run_dir).tiles_dir(f"{store}_truth"))
     outside_ids: dict[str, np.ndarray] = {}
     for sid in st.meta["sample"].unique():
         t = gpd.read_parquet(Path(truth_dir) / sid / "nuclei.parquet")
@@ -301,7 +302,8 @@ def region_check(seeds: Sequence[int], workdir: Any, *, cfg: Any = None, refine_
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for sid in table["sample"]:
-                derive.derive_sample(hest, sid, root / "run", truth_dir=data / "truth", neighbors_method="gauss")
+                derive.derive_sample(hest, sid, root / "run", truth_dir=data / "truth", neighbors_method="gauss",
+                                     align=True)
             build_tile_stores(hest, table, root / "run", truth_dir=data / "truth", refine_masks=refine_masks)
         rows.append({"seed": int(s), "xenium_region_fraction": cfg.xenium_region_fraction,
                      **outside_region_background(root / "run", data / "truth")})

@@ -324,7 +324,7 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def cli_main(argv: list[str]) -> int:
-    """``stlib run --profile demo|workshop|paper [--only NB ...] [--force] [--no-build] [-p k=v]``."""
+    """``stlib run --profile demo|workshop|paper [--only NB ...] [--force] [--no-build] [-p k=v] [--show-config]``."""
     ap = argparse.ArgumentParser(prog="stlib run", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="demo", help="demo | workshop | paper | path to a params YAML")
     ap.add_argument("--only", nargs="+", help="run only these notebooks (stems, e.g. 02_labels)")
@@ -332,7 +332,14 @@ def cli_main(argv: list[str]) -> int:
     ap.add_argument("--no-build", action="store_true", help="do not build the book")
     ap.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                     help="override a parameter of every notebook (YAML value)")
+    ap.add_argument("--show-config", action="store_true",
+                    help="print the resolved config of every stage (YAML) and exit; runs nothing")
     args = ap.parse_args(argv)
+    if args.show_config:
+        from stlib.config import show_config
+
+        print(show_config(args.profile), end="")
+        return 0
     report = run_profile(args.profile, only=args.only, force=args.force, build=not args.no_build,
                          overrides=_parse_overrides(args.param))
     print(f"executed: {report.executed or '-'}; skipped: {report.skipped or '-'}")

@@ -30,6 +30,7 @@ from stlib.align import (
     xenium_alignment_um_to_he_px,
 )
 from stlib.utils import InputError
+from stlib.layout import RunLayout
 
 
 # ---------------------------------------------------------------------------------------
@@ -350,10 +351,11 @@ def _write_hest(root, sid, sc):
 
 def test_cli_writes_schema_and_is_idempotent(tmp_path, scene, capsys):
     hest = _write_hest(tmp_path, "SYN1", scene)
-    out = tmp_path / "alignment"
-    argv = ["--hest-dir", str(hest), "--sample", "SYN1", "--out", str(out), "--tile-um", "60"]
+    run = tmp_path / "run"
+    argv = ["--hest-dir", str(hest), "--sample", "SYN1", "--run-dir", str(run), "--tile-um", "60"]
     assert align.cli_main(argv) == 0
-    path = out / "SYN1" / "alignment.json"
+    path = RunLayout(run).alignment_json("SYN1")
+    assert path == run / "alignment" / "SYN1" / "alignment.json"
     doc = json.loads(path.read_text())
     for key in ("xenium_um_to_he_px", "initial_um_to_he_px", "local_displacement", "scores",
                 "residual_field", "excluded_regions", "route", "sample"):
@@ -397,8 +399,8 @@ def test_cli_sample_without_nuclei(tmp_path, scene, monkeypatch):
     hest = _write_hest(tmp_path, "EMPTY1", scene)
     monkeypatch.setattr(hest_io.HestSample, "nuclei", lambda self: gpd.GeoDataFrame(geometry=[]))
     with pytest.raises(InputError, match="EMPTY1.*no nucleus polygons"):
-        align.cli_main(["--hest-dir", str(hest), "--sample", "EMPTY1", "--out", str(tmp_path / "o")])
-    assert not (tmp_path / "o" / "EMPTY1" / "alignment.json").exists()
+        align.cli_main(["--hest-dir", str(hest), "--sample", "EMPTY1", "--run-dir", str(tmp_path / "o")])
+    assert not RunLayout(tmp_path / "o").alignment_json("EMPTY1").exists()
 
 
 def test_result_dict_roundtrip(aligned):

@@ -62,7 +62,7 @@ def run(cohort, table, tmp_path_factory) -> dict:
         for sid in table["sample"]:
             # gauss neighbours: the labeler without ~30 s of numba compilation in the test process
             reports[sid] = derive_sample(cohort / "hest", sid, run, truth_dir=cohort / "truth",
-                                         neighbors_method="gauss")
+                                         neighbors_method="gauss", align=True)
     paths = build_tile_stores(cohort / "hest", table, run, truth_dir=cohort / "truth", tile_px=TILE_PX,
                               um_per_px=UM_PER_PX, workers=1)
     return {"dir": run, "reports": reports, "paths": paths}
@@ -156,7 +156,7 @@ def test_tiles_cli_rebuilds_the_same_stores(run, cohort, table, capsys):
 
     before = {k: (TileStore(p).meta.copy(), {a: np.array(v) for a, v in TileStore(p).arrays.items()})
               for k, p in run["paths"].items()}
-    argv = ["build", "--hest-dir", str(cohort / "hest"), "--out", str(run["dir"]), "--truth-dir", str(cohort / "truth"),
+    argv = ["build", "--hest-dir", str(cohort / "hest"), "--run-dir", str(run["dir"]), "--truth-dir", str(cohort / "truth"),
             "--tile-px", str(TILE_PX), "--um-per-px", str(UM_PER_PX), "--workers", "2", "--force"]
     for sid in table["sample"]:
         argv += ["--sample", sid]

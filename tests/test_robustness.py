@@ -100,7 +100,8 @@ def region_run(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for sid in table["sample"]:
-            derive.derive_sample(hest, sid, root / "run", truth_dir=data / "truth", neighbors_method="gauss")
+            derive.derive_sample(hest, sid, root / "run", truth_dir=data / "truth", neighbors_method="gauss",
+                                 align=True)
         build_tile_stores(hest, table, root / "run", truth_dir=data / "truth", refine_masks=False)
     return root, data, hest, table
 

@@ -21,7 +21,7 @@ PKG = REPO / "stlib"
 #: itself at the layer of its last step, since it re-exports them). A module may import its own
 #: layer and the layers above it.
 LAYERS: dict[str, float] = {
-    "stlib": 1, "stlib.constants": 1, "stlib.utils": 1, "stlib.config": 1, "stlib.data": 1, "stlib.data.*": 1,
+    "stlib": 1, "stlib.constants": 1, "stlib.utils": 1, "stlib.config": 1, "stlib.layout": 1, "stlib.data": 1, "stlib.data.*": 1,
     "stlib.io": 2, "stlib.io.*": 2, "stlib.metrics": 2,
     "stlib.demo": 3, "stlib.demo.*": 3,
     "stlib.align": 4, "stlib._align_kernels": 4,

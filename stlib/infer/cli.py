@@ -3,37 +3,41 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from stlib.config import InferConfig, add_config_arguments, config_from_args
 from stlib.infer.slide import infer_image
 from stlib.infer.writers import write_outputs
 
 
-def cli_main(argv: list[str]) -> int:
-    """``stlib infer --model PATH --input IMAGE --out DIR [options]``."""
+def cli_parser() -> argparse.ArgumentParser:
+    """The parser of ``stlib infer``; its knob options are generated from :class:`stlib.config.InferConfig`."""
     p = argparse.ArgumentParser(prog="stlib infer", description="Segment and classify nuclei in an H&E tile or "
                                 "whole slide; writes QuPath GeoJSON, a nuclei CSV, NAME.npz and an overlay PNG.")
     p.add_argument("--model", required=True, help="model.pt written by `stlib train`")
     p.add_argument("--input", required=True, help="PNG/JPEG/TIFF tile or pyramidal WSI")
-    p.add_argument("--out", required=True, help="output folder")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--run-dir", help="run folder: writes RUN/infer/NAME/")
+    out.add_argument("--out", help="output folder (instead of a run folder's infer/NAME/)")
     p.add_argument("--name", default=None, help="output file stem (default: the input's)")
-    p.add_argument("--um-per-px", type=float, default=None,
-                   help="level-0 pixel size of the input in µm (overrides the file; required when it has none)")
+    p.add_argument("--profile", default=None,
+                   help="start from this profile's 06_inference block (default: the InferConfig defaults)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--tile-px", type=int, default=None,
-                   help="tile size in model px (default: 512, or the model's training tile if larger)")
-    p.add_argument("--overlap", type=int, default=128,
-                   help="model px shared by neighbouring tiles; keep it >= 2x the largest nucleus diameter")
-    p.add_argument("--workers", type=int, default=None, help="post-processing threads (default CPUs-1, max 8)")
-    p.add_argument("--postproc-processes", action="store_true",
-                   help="post-process in --workers processes instead of threads (GPU: more CPU cores keep up)")
-    p.add_argument("--no-tissue-detection", action="store_true", help="process every tile")
-    p.add_argument("--no-amp", action="store_true", help="fp32 on CUDA (default bf16 autocast)")
-    args = p.parse_args(argv)
-    res = infer_image(args.model, args.input, um_per_px=args.um_per_px, device=args.device, tile_px=args.tile_px,
-                      overlap=args.overlap, batch_size=args.batch_size, tissue_detection=not args.no_tissue_detection,
-                      amp=not args.no_amp, workers=args.workers, postproc_processes=args.postproc_processes)
-    paths = write_outputs(res, args.out, args.name)
+    add_config_arguments(p, InferConfig)
+    return p
+
+
+def cli_main(argv: list[str]) -> int:
+    """``stlib infer --model PATH --input IMAGE (--run-dir RUN | --out DIR) [options]``."""
+    from stlib.config import stage_config
+    from stlib.layout import RunLayout
+
+    args = cli_parser().parse_args(argv)
+    cfg = config_from_args(InferConfig, args, base=stage_config(args.profile, "infer") if args.profile else None)
+    res = infer_image(args.model, args.input, config=cfg, device=args.device)
+    name = args.name or Path(args.input).stem
+    out = Path(args.out) if args.out else RunLayout(args.run_dir).infer_dir(name)
+    paths = write_outputs(res, out, args.name)
     st = res.stats
     print(f"stlib infer: {len(res)} nuclei in {st['n_tiles_processed']}/{st['n_tiles']} tiles "
           f"({st['wall_s']:.1f}s on {st['device']}); wrote {', '.join(str(v) for v in paths.values())}")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stlib.config import resolve_device
+from stlib.config import InferConfig, resolve_device, with_options
 from stlib.constants import CLASS_NAMES, IGNORE
 from stlib.infer.engine import ModelInfo, Timing, as_model_info, default_workers, prefetch, prepare_model, run_pipeline
 from stlib.model import postproc
@@ -236,12 +236,9 @@ def _open_image(image_or_path: Any, um_per_px: float | None) -> Any:
     return open_wsi(image_or_path, um_per_px=um_per_px)
 
 
-def infer_image(model_or_path: Any, image_or_path: Any, *, um_per_px: float | None = None, device: str = "auto",
-                tile_px: int | None = None, overlap: int = 128, batch_size: int = 16, tissue_detection: bool = True,
-                amp: bool = True, workers: int | None = None, postproc_processes: bool = False,
-                model_um_per_px: float | None = None,
-                max_map_px: int = DEFAULT_MAX_MAP_PX, overlay_px: int = 2048,
-                postproc_kwargs: Mapping[str, Any] | None = None) -> InferenceResult:
+def infer_image(model_or_path: Any, image_or_path: Any, *, config: InferConfig | None = None, device: str = "auto",
+                model_um_per_px: float | None = None, max_map_px: int = DEFAULT_MAX_MAP_PX, overlay_px: int = 2048,
+                postproc_kwargs: Mapping[str, Any] | None = None, **options: Any) -> InferenceResult:
     """Segment and classify the nuclei of an image tile or a whole slide.
 
     Parameters
@@ -251,6 +248,10 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, um_per_px: float | No
         ``model_um_per_px`` unless the module has a ``um_per_px`` attribute).
     image_or_path
         PNG/JPEG/TIFF/pyramidal WSI path, or an ``(H, W, 3)`` uint8 array.
+    config, **options
+        The knobs (:class:`stlib.config.InferConfig`, default its defaults; keyword options override
+        its fields): ``um_per_px``, ``tile_px``, ``overlap``, ``batch_size``, ``tissue_detection``,
+        ``amp``, ``workers``, ``postproc_processes``, described here:
     um_per_px
         Level-0 pixel size of the image (µm); overrides the file's. Required when the file
         does not say it (PNG, JPEG, TIFF without resolution tags) or for arrays.
@@ -293,6 +294,8 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, um_per_px: float | No
         Unreadable image or model, unknown pixel size, model trained on another class set.
     """
     t_start = time.perf_counter()
+    cfg = with_options(InferConfig, config, options)
+    um_per_px, tile_px, overlap, batch_size, workers = cfg.um_per_px, cfg.tile_px, cfg.overlap, cfg.batch_size, cfg.workers
     dev = torch.device(resolve_device(device))
     info = as_model_info(model_or_path, str(dev), model_um_per_px)
     model = prepare_model(info.model, dev)
@@ -302,7 +305,7 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, um_per_px: float | No
 
     wsi = _open_image(image_or_path, um_per_px)
     try:
-        plan = _plan_tiles(wsi, info, T, overlap, overlay_px=overlay_px, tissue_detection=tissue_detection)
+        plan = _plan_tiles(wsi, info, T, overlap, overlay_px=overlay_px, tissue_detection=cfg.tissue_detection)
         origins, grid = plan.origins, plan.grid
         neighbours = [np.nonzero((np.abs(origins[:, 0] - o[0]) < T) & (np.abs(origins[:, 1] - o[1]) < T))[0]
                       for o in origins]
@@ -319,8 +322,8 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, um_per_px: float | No
 
         work = functools.partial(_tile_nuclei, grid=grid, neighbours=neighbours, keep_map=acc.keep_map, pp_kwargs=pp)
         src = prefetch(batches()) if workers > 0 else batches()
-        bar = progress(run_pipeline(model, src, work, dev=dev, amp=amp, workers=workers, timing=timing,
-                                    processes=postproc_processes),
+        bar = progress(run_pipeline(model, src, work, dev=dev, amp=cfg.amp, workers=workers, timing=timing,
+                                    processes=cfg.postproc_processes),
                        desc="infer tiles", total=len(origins))
         for k, res in bar:
             acc.add(res, origins[k], T, grid.s)
@@ -332,7 +335,7 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, um_per_px: float | No
         "n_tiles": int(len(plan.all_origins)), "n_tiles_processed": int(timing.n_tiles),
         "n_tiles_skipped": int(len(plan.all_origins) - len(origins)), "n_nuclei": int(len(acc.polys)),
         "tile_px": T, "overlap": int(overlap), "level": int(grid.level), "scale_level0_per_model_px": grid.s,
-        "device": str(dev), "amp": bool(amp and dev.type == "cuda"), "batch_size": int(batch_size),
+        "device": str(dev), "amp": bool(cfg.amp and dev.type == "cuda"), "batch_size": int(batch_size),
         "workers": workers, "model": info.source, "encoder": info.encoder,
         "net_s": timing.net_s, "postproc_s": timing.postproc_s, "read_s": timing.read_s,
         "wall_s": time.perf_counter() - t_start,

@@ -36,6 +36,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from stlib.config import NeoplasticConfig
 from stlib.constants import CONNECTIVE, DEAD, EPITHELIAL, IGNORE, INFLAMMATORY, NEOPLASTIC
 from stlib.labels.celltypes import (
     UNKNOWN, Key, _counts, _read_yaml, _row_nnz, _row_sums, assign_fine_types, canonical_organ, cluster, load_markers,
@@ -66,10 +67,9 @@ FINE_TO_CLASS: dict[str, int] = {
     "cardiomyocyte": CONNECTIVE,
     "glia": IGNORE, "neuron": IGNORE,
 }
-#: Cell types used as the copy-number reference (assumed diploid).
-REFERENCE_TYPES: tuple[str, ...] = (
-    "t_cell", "b_cell", "plasma", "macrophage", "mast", "fibroblast", "endothelial", "smooth_muscle",
-)
+#: Cell types used as the copy-number reference (assumed diploid): the default of
+#: :attr:`stlib.config.NeoplasticConfig.reference_types`.
+REFERENCE_TYPES: tuple[str, ...] = NeoplasticConfig.reference_types
 #: Cell types the neoplastic step may call neoplastic (the union over lineages).
 CANDIDATE_TYPES: tuple[str, ...] = ("epithelial", "melanocyte", "hepatocyte", "kidney_tubule")
 #: Types a non-neoplastic call applies to (tumour-like lineages that are not the sample's).
@@ -335,43 +335,6 @@ def cycling_cells(adata: AnnData, genes: Sequence[str], *, min_fraction: float =
     tot = _row_sums(x)
     need = min(min_genes, max(1, idx.size // 2))
     return (c >= min_fraction * np.maximum(tot, 1)) & (nd >= need) & (c > 0)
-
-
-@dataclass(frozen=True)
-class NeoplasticConfig:
-    """Options of :func:`neoplastic_step` (see there for what each does)."""
-
-    fine_key: str = Key.FINE_TYPE
-    candidate_types: Sequence[str] | None = None
-    reference_types: Sequence[str] = REFERENCE_TYPES
-    weights: tuple[float, float, float] = (1.0, 0.0, 1.0)
-    use_cnv: bool = True
-    cnv_window: int | None = None
-    cnv_step: int | None = None
-    min_genes_per_arm: int = 20
-    min_positioned_genes: int = 100
-    min_reference_cells: int = 30
-    low: float = 0.4
-    high: float = 0.6
-    min_separation: float = 2.0
-    unimodal: Literal["evidence", "neoplastic", "ambiguous"] = "evidence"
-    min_separation_backed: float = 1.2
-    min_cycling_fraction: float = 0.06
-    min_cycling_ratio: float = 2.5
-    normal_cycling_ratio: float = 1.5
-    unimodal_score: float = 0.75
-    self_train: bool = True
-    self_train_rounds: int = 2
-    refit_confident: float = 0.9
-    min_seed_cells: int = 5
-    smooth_neighbors: int = 15
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.low <= self.high <= 1.0:
-            raise ValueError(f"need 0 <= low <= high <= 1, got low={self.low}, high={self.high}")
-        if self.unimodal not in ("evidence", "neoplastic", "ambiguous"):
-            raise ValueError(f"unimodal must be 'evidence', 'neoplastic' or 'ambiguous', got {self.unimodal!r}")
 
 
 def neoplastic_step(adata: AnnData, *, disease_state: str | None, oncotree_code: str | None = None,

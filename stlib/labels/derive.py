@@ -1,4 +1,4 @@
-"""Label derivation for a sample and the tile stores of a run (``stlib labels``).
+"""Label derivation for a sample (``stlib labels``).
 
 One sample: the aligned Xenium nuclei (:mod:`stlib.align`) get classes from expression
 (:mod:`stlib.labels.classes`) and become ``cells.parquet`` (one row per cell: aligned centroid,
@@ -19,6 +19,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ import numpy as np
 import pandas as pd
 
 from stlib.constants import CLASS_NAMES, IGNORE, NUCLEUS_CLASSES, TARGET_UM_PER_PX_40X
+from stlib.config import AlignConfig, LabelsConfig, with_options
+from stlib.layout import RunLayout
 from stlib.utils import InputError, atomic_path, cache_key, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -36,11 +39,9 @@ LABELS_VERSION = "2"
 _NAME_TO_CLASS = {v.lower(): k for k, v in CLASS_NAMES.items()}
 
 
-def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, labeler: str = "hierarchical",
-                  seed: int = 0, min_counts: int = 10, min_confidence: float = 0.3,
-                  leiden_resolution: float = 1.0, truth_dir: str | Path | None = None,
-                  refine: bool = True, neighbors_method: str = "umap", out_name: str | None = None,
-                  dead: str = "ignore", force: bool = False) -> dict[str, Any]:
+def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, config: LabelsConfig | None = None,
+                  truth_dir: str | Path | None = None, out_name: str | None = None,
+                  align: AlignConfig | bool = False, force: bool = False, **options: Any) -> dict[str, Any]:
     """Derive labels for one sample; write ``{run_dir}/labels/{sample}/`` and return the report.
 
     Parameters
@@ -48,20 +49,27 @@ def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, 
     hest_dir
         HEST layout root of the sample.
     run_dir
-        Run folder; the alignment is read from ``run_dir/alignment/{sample}`` (computed there,
-        refined or not per ``refine``, only when missing).
-    labeler
-        ``hierarchical`` (ours), ``flat`` (w/o Hier), ``marker`` or ``cluster``.
+        Run folder (:class:`stlib.layout.RunLayout`); the alignment is read from
+        ``run_dir/alignment/{sample}/alignment.json`` (written by ``stlib align`` / notebook 01).
+    config
+        The knobs (:class:`stlib.config.LabelsConfig`: ``labeler`` -- ``hierarchical`` (ours),
+        ``flat`` (w/o Hier), ``marker`` or ``cluster`` --, ``seed``, ``min_counts``,
+        ``min_confidence``, ``leiden_resolution``, ``neighbors_method``, ``dead`` and the
+        ``neoplastic`` step's :class:`stlib.config.NeoplasticConfig`). Default: its defaults.
     truth_dir
         Demo truth root (``truth/``); when given the report scores the labels against it.
     out_name
         Sub-folder name under ``labels/`` (default: the sample id; the ablation uses
         ``{sample}__{labeler}``).
-    dead
-        ``"ignore"`` (default: no cell is called Dead; low-count cells are ignore) or ``"proxy"``
-        (the low-count + apoptosis-gene proxy calls Dead), see :func:`stlib.labels.classes.label_cells`.
+    align
+        What to do when the run has no alignment of the sample: ``False`` (default) raises an
+        :class:`InputError` that says how to make it; ``True`` (or an
+        :class:`stlib.config.AlignConfig`) aligns the sample first with that config (the
+        defaults for ``True``), into the same layout path.
     force
         Recompute even if an up-to-date output exists.
+    **options
+        Fields of :class:`LabelsConfig` that override ``config`` (e.g. ``labeler="flat"``).
 
     Returns
     -------
@@ -70,30 +78,32 @@ def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, 
     from stlib.align import align_and_save, load_alignment
     from stlib.io.hest import HestSample
 
-    hest_dir, run_dir = Path(hest_dir), Path(run_dir)
+    cfg = with_options(LabelsConfig, config, options)
+    hest_dir, layout = Path(hest_dir), RunLayout(run_dir)
     s = HestSample(hest_dir, sample_id)
-    out = run_dir / "labels" / (out_name or sample_id)
-    params = {"labeler": labeler, "seed": seed, "min_counts": min_counts, "min_confidence": min_confidence,
-              "leiden_resolution": leiden_resolution, "refine": refine, "neighbors_method": neighbors_method,
-              "truth": None if truth_dir is None else str(truth_dir), "dead": dead, "version": LABELS_VERSION}
-    aligned = run_dir / "alignment" / sample_id / "alignment.json"
+    name = out_name or sample_id
+    aligned = layout.alignment_json(sample_id)
     if aligned.is_file():  # the alignment stage (notebook 01 / `stlib align`) owns its parameters
         res = load_alignment(aligned)
+    elif align is not False:
+        res, _ = align_and_save(hest_dir, sample_id, layout.alignment_root,
+                                config=align if isinstance(align, AlignConfig) else AlignConfig())
     else:
-        res, _ = align_and_save(hest_dir, sample_id, run_dir / "alignment", refine=refine)
+        raise InputError("no alignment of this sample in the run folder", path=aligned, sample=sample_id,
+                         fix=f"run `stlib align --hest-dir {hest_dir} --sample {sample_id} --run-dir {layout.root}` "
+                             "(or notebook 01) first, or pass --align to `stlib labels` (align=True)")
     inputs = [s.path(k) for k in ("transcripts", "xenium_seg", "metadata") if s.has(k)]
-    key = cache_key({"params": params, "alignment": res.inputs.get("key")}, inputs)
-    report_path = out / "label_report.json"
+    key = labels_key(cfg, truth_dir=truth_dir, alignment=res.inputs.get("key"), files=inputs)
+    params = {**asdict(cfg), "truth": None if truth_dir is None else str(truth_dir), "version": LABELS_VERSION}
+    report_path = layout.label_report(name)
     if report_path.is_file() and not force:
         old = read_json(report_path)
-        if old.get("key") == key and (out / "cells.parquet").is_file() and (out / "coverage.parquet").is_file():
+        if old.get("key") == key and layout.cells_parquet(name).is_file() and layout.coverage_parquet(name).is_file():
             return old
 
-    cells, nuclei, adata = _label(s, res, labeler=labeler, seed=seed, min_counts=min_counts,
-                                  min_confidence=min_confidence, leiden_resolution=leiden_resolution,
-                                  neighbors_method=neighbors_method, dead=dead)
+    cells, nuclei, adata = _label(s, res, cfg)
     coverage = imaged_region(s, res)
-    report = _report(s, res, cells, nuclei, adata, labeler=labeler)
+    report = _report(s, res, cells, nuclei, adata, labeler=cfg.labeler)
     report["coverage"] = _coverage_report(s, coverage, nuclei)
     if truth_dir is not None:
         report["truth"] = truth_scores(cells, nuclei, Path(truth_dir) / sample_id, he_um_per_px=s.pixel_size_um)
@@ -102,17 +112,25 @@ def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, 
         report["cellvit"] = cellvit_agreement(nuclei, cv, he_um_per_px=s.pixel_size_um)
     report["key"] = key
     report["params"] = params
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / "cells.parquet") as tmp:
+    layout.labels_dir(name).mkdir(parents=True, exist_ok=True)
+    with atomic_path(layout.cells_parquet(name)) as tmp:
         cells.to_parquet(tmp, index=False)
-    with atomic_path(out / "nuclei.parquet") as tmp:
+    with atomic_path(layout.nuclei_parquet(name)) as tmp:
         nuclei.to_parquet(tmp)
-    with atomic_path(out / "cells.h5ad") as tmp:
+    with atomic_path(layout.cells_h5ad(name)) as tmp:
         _slim(adata).write_h5ad(tmp)
-    with atomic_path(out / "coverage.parquet") as tmp:
+    with atomic_path(layout.coverage_parquet(name)) as tmp:
         coverage.to_parquet(tmp)
     write_json(report_path, report)
     return report
+
+
+def labels_key(config: LabelsConfig, *, truth_dir: str | Path | None = None, alignment: str | None = None,
+               files: Sequence[str | Path] = ()) -> str:
+    """The cache key of one sample's labels (:func:`stlib.utils.cache_key`): the config, the truth
+    folder scored against, the alignment's own key and the input files' fingerprints."""
+    params = {**asdict(config), "truth": None if truth_dir is None else str(truth_dir), "version": LABELS_VERSION}
+    return cache_key({"config": params, "alignment": alignment}, files)
 
 
 def _slim(adata):
@@ -167,8 +185,7 @@ def _coverage_report(s, coverage, nuclei) -> dict[str, Any]:
             "n_parts": int(len(coverage))}
 
 
-def _label(s, res, *, labeler: str, seed: int, min_counts: int, min_confidence: float,
-           leiden_resolution: float, neighbors_method: str, dead: str = "ignore"):
+def _label(s, res, cfg: LabelsConfig):
     """Classes per cell and the aligned nuclei table of one sample."""
     import geopandas as gpd
     import shapely
@@ -180,10 +197,10 @@ def _label(s, res, *, labeler: str, seed: int, min_counts: int, min_confidence: 
     if adata.n_obs == 0:
         raise InputError("no cell has a transcript assigned", path=s.path("transcripts"), sample=s.id,
                          fix="check the transcripts parquet (cell_id / qv columns)")
-    label_cells(adata, method=labeler, organ=s.organ, disease_state=s.disease_state,
-                oncotree_code=s.oncotree_code, seed=seed, min_counts=min_counts,
-                min_confidence=min_confidence, resolution=leiden_resolution, neighbors_method=neighbors_method,
-                dead=dead)
+    label_cells(adata, method=cfg.labeler, organ=s.organ, disease_state=s.disease_state,
+                oncotree_code=s.oncotree_code, seed=cfg.seed, min_counts=cfg.min_counts,
+                min_confidence=cfg.min_confidence, resolution=cfg.leiden_resolution,
+                neighbors_method=cfg.neighbors_method, dead=cfg.dead, neoplastic_kwargs={"config": cfg.neoplastic})
     nuc = s.nuclei()
     nuc = nuc[~nuc.index.duplicated()]
     aligned = transform_nuclei(nuc, res)
@@ -363,7 +380,7 @@ def pooled_truth_scores(run_dir: str | Path, samples: Sequence[str], truth_dir: 
 
     cells, truth = [], []
     for sid in samples:
-        c = pd.read_parquet(Path(run_dir) / "labels" / out_name.format(sample=sid) / "cells.parquet")
+        c = pd.read_parquet(RunLayout(run_dir).cells_parquet(out_name.format(sample=sid)))
         t = gpd.read_parquet(Path(truth_dir) / sid / "nuclei.parquet")
         c["cell_id"] = sid + "/" + c["cell_id"].astype(str)
         t = pd.DataFrame(t.drop(columns="geometry"))
@@ -377,32 +394,42 @@ def pooled_truth_scores(run_dir: str | Path, samples: Sequence[str], truth_dir: 
 # CLI
 # --------------------------------------------------------------------------------------
 
-def cli_main(argv: list[str]) -> int:
-    """``stlib labels --hest-dir DIR --sample ID --out DIR``: cells.parquet, maps, report."""
+def cli_parser() -> argparse.ArgumentParser:
+    """The parser of ``stlib labels``; its knob options are generated from :class:`LabelsConfig`
+    (the tile stores are the next stage: ``stlib tiles build``)."""
+    from stlib.config import add_config_arguments
+
     ap = argparse.ArgumentParser(prog="stlib labels", description=__doc__.splitlines()[0])
     ap.add_argument("--hest-dir", required=True, help="HEST layout root")
     ap.add_argument("--sample", required=True, action="append", help="sample id (repeatable)")
-    ap.add_argument("--out", required=True, help="run folder: OUT/labels/ID/, OUT/alignment/ID/")
-    ap.add_argument("--labeler", default="hierarchical", choices=["hierarchical", "flat", "marker", "cluster"])
+    ap.add_argument("--run-dir", required=True, help="run folder: reads RUN/alignment/ID/, writes RUN/labels/ID/")
+    ap.add_argument("--profile", default=None,
+                    help="start from this profile's 02_labels block (default: the LabelsConfig defaults)")
     ap.add_argument("--truth-dir", help="demo truth root (truth/): score the labels against it")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--min-confidence", type=float, default=0.3)
-    ap.add_argument("--dead", choices=["ignore", "proxy"], default="ignore",
-                    help="ignore: no cell is called Dead (default, for ST training); proxy: low count + "
-                         "apoptosis genes (unvalidated)")
+    ap.add_argument("--align", action="store_true",
+                    help="align a sample whose RUN/alignment/ID/alignment.json is missing (AlignConfig defaults; "
+                         "default: stop and say so)")
     ap.add_argument("--force", action="store_true")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
+    add_config_arguments(ap, LabelsConfig)
+    return ap
+
+
+def cli_main(argv: list[str]) -> int:
+    """``stlib labels --hest-dir DIR --sample ID --run-dir RUN``: cells.parquet, maps, report."""
+    from stlib.config import config_from_args, stage_config
+
+    args = cli_parser().parse_args(argv)
+    cfg = config_from_args(LabelsConfig, args, base=stage_config(args.profile, "labels") if args.profile else None)
+    layout = RunLayout(args.run_dir)
     for sid in args.sample:
-        rep = derive_sample(args.hest_dir, sid, out, labeler=args.labeler, seed=args.seed,
-                            min_confidence=args.min_confidence, truth_dir=args.truth_dir, dead=args.dead,
-                            force=args.force)
+        rep = derive_sample(args.hest_dir, sid, layout.root, config=cfg, truth_dir=args.truth_dir,
+                            align=args.align, force=args.force)
         line = f"stlib labels: {sid}: {rep['n_cells']} cells, classes {rep['class_mix']}"
         if "truth" in rep:
             line += f"; vs truth accuracy {rep['truth']['class']['accuracy']:.3f}"
-        print(line + f" -> {out / 'labels' / sid}")
+        print(line + f" -> {layout.labels_dir(sid)}")
     return 0
 
 
-__all__ = ["derive_sample", "imaged_region", "report_table", "pooled_truth_scores", "truth_scores", "cellvit_agreement",
-           "cli_main", "LABELS_VERSION"]
+__all__ = ["derive_sample", "labels_key", "imaged_region", "report_table", "pooled_truth_scores", "truth_scores",
+           "cellvit_agreement", "cli_main", "LABELS_VERSION"]

@@ -42,58 +42,10 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
+from stlib.config import RefineConfig
+
 __all__ = ["RefineConfig", "RefineStats", "haematoxylin", "refine_instances", "refine_instances_reference",
            "refine_label_maps"]
-
-
-@dataclass(frozen=True)
-class RefineConfig:
-    """Parameters of :func:`refine_instances` (lengths in µm, converted with the tile's µm/px).
-
-    Attributes
-    ----------
-    grow_um
-        How far beyond its ST outline a nucleus may grow (covers the DAPI/H&E offset and the
-        registration residual; the demo's DAPI shift is 0.45 µm per axis plus ~0.3 µm residual).
-    core_um
-        Erosion of the ST mask that gives the core (the part surely inside the nucleus).
-    ring_um
-        Width of the background ring outside the grow zone.
-    smooth_um
-        Gaussian sigma on the haematoxylin channel.
-    edge_fraction
-        Where between background (0) and core (1) haematoxylin the boundary lies (0.5: half
-        contrast, the usual edge definition of a blurred step).
-    min_keep, max_grow
-        Refined/ST area ratios outside which the ST outline is kept.
-    min_rel_contrast, min_contrast_od
-        A nucleus whose core-minus-ring haematoxylin contrast is below ``min_rel_contrast`` of
-        the tile's median nucleus contrast, or below ``min_contrast_od`` (optical density from
-        :func:`haematoxylin`; nuclei on H&E are typically 0.05-0.3 above their surroundings), is
-        taken as not visible in the H&E and set to ``ignore``. The relative test adapts to the
-        stain; the absolute floor catches a lone nucleus, which the relative one cannot judge.
-    """
-
-    grow_um: float = 1.5
-    core_um: float = 0.75
-    ring_um: float = 1.0
-    smooth_um: float = 0.5
-    edge_fraction: float = 0.5
-    min_keep: float = 0.5
-    max_grow: float = 1.8
-    min_rel_contrast: float = 0.25
-    min_contrast_od: float = 0.02
-
-    def __post_init__(self) -> None:
-        for name in ("grow_um", "core_um", "ring_um", "max_grow"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"RefineConfig.{name} must be positive, got {getattr(self, name)}")
-        if not 0 < self.edge_fraction < 1:
-            raise ValueError(f"RefineConfig.edge_fraction must be in (0, 1), got {self.edge_fraction}")
-        if not 0 <= self.min_keep < 1 < self.max_grow:
-            raise ValueError("RefineConfig needs 0 <= min_keep < 1 < max_grow")
-        if min(self.smooth_um, self.min_rel_contrast, self.min_contrast_od) < 0:
-            raise ValueError("RefineConfig.smooth_um, min_rel_contrast and min_contrast_od must be >= 0")
 
 
 @dataclass

@@ -26,15 +26,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from stlib.constants import TARGET_UM_PER_PX_40X
-from stlib.labels.refine import RefineConfig
+from stlib.config import RefineConfig, TilesConfig, with_options
+from stlib.layout import RunLayout
 from stlib.utils import InputError, atomic_path, cache_key, progress, read_json
 
-__all__ = ["TILES_VERSION", "assign_splits", "build_tile_stores", "write_tile", "split_stores",
-           "refinement_table", "cli_main"]
+__all__ = ["TILES_VERSION", "assign_splits", "build_tile_stores", "tiles_key", "write_tile", "split_stores",
+           "refinement_table", "cli_parser", "cli_main"]
 
-#: version of the tile stage; part of a store's ``build_key`` (the value it had as
-#: ``stlib.labels.derive.LABELS_VERSION``, so stores built before the move stay valid)
+#: version of the tile stage; part of a store's ``build_key`` (:func:`tiles_key`; the value it had
+#: as ``stlib.labels.derive.LABELS_VERSION``)
 TILES_VERSION = "2"
 
 
@@ -67,11 +67,9 @@ def assign_splits(meta: pd.DataFrame, *, heldout_organs: Sequence[str], val_frac
 
 
 def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str | Path, *,
-                      um_per_px: float = TARGET_UM_PER_PX_40X, tile_px: int = 256,
-                      truth_dir: str | Path | None = None, seed: int = 0, val_fraction: float = 0.2,
-                      name: str = "st", labels_name: str = "{sample}", refine_masks: bool = True,
-                      refine_config: RefineConfig | None = None, force: bool = False, workers: int | None = None,
-                      timings: dict[str, float] | None = None) -> dict[str, Path]:
+                      config: TilesConfig | None = None, truth_dir: str | Path | None = None,
+                      name: str = "st", labels_name: str = "{sample}", force: bool = False, workers: int | None = None,
+                      timings: dict[str, float] | None = None, **options: Any) -> dict[str, Path]:
     """Cut every sample into training tiles; write ``{run_dir}/tiles/{name}`` (and ``truth``).
 
     The ST store's pixels outside the region where Xenium imaged and transcripts fall
@@ -82,13 +80,20 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
     ----------
     samples
         Cohort table with ``sample``, ``organ``, ``role`` (``train`` / ``held-out``).
+    run_dir
+        Run folder (:class:`stlib.layout.RunLayout`): reads ``labels/{sample}/`` and
+        ``alignment/{sample}/alignment.json``, writes ``tiles/{name}``.
+    config
+        The knobs (:class:`stlib.config.TilesConfig`: ``um_per_px``, ``tile_px``, ``seed`` and
+        ``val_fraction`` of the split, ``refine_masks`` and its ``refinement``); keyword ``options``
+        (its fields) override it. Default: its defaults.
     truth_dir
         Demo truth root: also writes ``tiles/{name}_truth`` with the true nuclei and classes on
         exactly the same tiles (the "manual truth" of the demo evaluation).
     labels_name
         Folder of each sample's labels under ``run_dir/labels`` (``{sample}`` is replaced; the
         labeler ablation uses ``"{sample}__flat"`` etc.).
-    refine_masks
+    refine_masks (config)
         Snap the rasterised ST nuclei to their haematoxylin boundary in each tile
         (:mod:`stlib.labels.refine`); nuclei without H&E contrast become ``ignore``. What it
         did, per sample, is recorded under ``refinement`` in the store's ``store.json`` (with
@@ -110,23 +115,23 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
     from stlib.io.hest import HestSample
     from stlib.io.tiles import TileStoreWriter
 
-    hest_dir, run_dir = Path(hest_dir), Path(run_dir)
-    out = {"st": run_dir / "tiles" / name}
+    cfg = with_options(TilesConfig, config, options)
+    um_per_px, tile_px = cfg.um_per_px, cfg.tile_px
+    hest_dir, layout = Path(hest_dir), RunLayout(run_dir)
+    out = {"st": layout.tiles_dir(name)}
     if truth_dir is not None:
-        out["truth"] = run_dir / "tiles" / f"{name}_truth"
-    rcfg = (refine_config or RefineConfig()) if refine_masks else None
-    lab_dirs = {sid: run_dir / "labels" / labels_name.format(sample=sid) for sid in samples["sample"]}
+        out["truth"] = layout.tiles_dir(f"{name}_truth")
+    rcfg = cfg.refinement if cfg.refine_masks else None
+    lab_dirs = {sid: layout.labels_dir(labels_name.format(sample=sid)) for sid in samples["sample"]}
     for sid, d in lab_dirs.items():
         if not (d / "nuclei.parquet").is_file():
             raise InputError("labels not derived yet", path=d, sample=sid,
                              fix="run derive_sample / `stlib labels` for it first")
-    build_key = cache_key({
-        "um_per_px": um_per_px, "tile_px": tile_px, "seed": seed, "val_fraction": val_fraction,
-        "truth": None if truth_dir is None else str(truth_dir), "refine": None if rcfg is None else asdict(rcfg),
-        "samples": samples[["sample", "organ", "role"]].astype(str).to_dict("records"),
-        "labels_name": labels_name, "version": TILES_VERSION,
-        "with_report": [sid for sid, d in lab_dirs.items() if (d / "label_report.json").is_file()],
-    }, [f for d in lab_dirs.values() for f in (d / "nuclei.parquet", d / "label_report.json") if f.is_file()])
+    build_key = tiles_key(cfg, truth_dir=truth_dir, samples=samples[["sample", "organ", "role"]].astype(str)
+                          .to_dict("records"), labels_name=labels_name,
+                          with_report=[sid for sid, d in lab_dirs.items() if (d / "label_report.json").is_file()],
+                          files=[f for d in lab_dirs.values() for f in (d / "nuclei.parquet", d / "label_report.json")
+                                 if f.is_file()])
     if not force and all((p / "store.json").is_file() for p in out.values()) and all(
             read_json(p / "store.json").get("build_key") == build_key for p in out.values()):
         return out
@@ -144,7 +149,7 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
                 t = gpd.read_parquet(Path(truth_dir) / row.sample / "nuclei.parquet")
                 truth = t[t["visible"].to_numpy(bool)] if "visible" in t.columns else t
             rep = _sample_tiles(HestSample(hest_dir, row.sample), row.organ, nuc, truth, writers,
-                                load_alignment(run_dir / "alignment" / row.sample / "alignment.json"),
+                                load_alignment(layout.alignment_json(row.sample)),
                                 um_per_px=um_per_px, tile_px=tile_px, rcfg=rcfg, workers=workers, timings=timings,
                                 imaged=imaged)
             if rep is not None:
@@ -157,10 +162,21 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
         for w in writers.values():
             w._release()
         raise
-    split_stores(paths, heldout_organs=heldout, val_fraction=val_fraction, seed=seed)
+    split_stores(paths, heldout_organs=heldout, val_fraction=cfg.val_fraction, seed=cfg.seed)
     if timings is not None:
         timings["store_finish"] = timings.get("store_finish", 0.0) + time.perf_counter() - t_close
     return paths
+
+
+def tiles_key(config: TilesConfig, *, truth_dir: str | Path | None = None, samples: Sequence[dict] = (),
+              labels_name: str = "{sample}", with_report: Sequence[str] = (), files: Sequence[str | Path] = ()) -> str:
+    """The cache key of a run's tile stores (:func:`stlib.utils.cache_key`): the config (its
+    ``refinement`` only with ``refine_masks``), the truth, the samples and their labels' files."""
+    rcfg = asdict(config.refinement) if config.refine_masks else None
+    return cache_key({"config": {**asdict(config), "refinement": rcfg},
+                      "truth": None if truth_dir is None else str(truth_dir),
+                      "samples": list(samples), "labels_name": labels_name, "version": TILES_VERSION,
+                      "with_report": list(with_report)}, files)
 
 
 def _sample_tiles(s, organ: str, nuc, truth, writers: dict[str, Any], res, *, um_per_px: float, tile_px: int,
@@ -281,41 +297,47 @@ def _write_split(store: Path, split: np.ndarray) -> None:
         meta.to_parquet(tmp, index=False)
 
 
-
-
 # --------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------
 
-def cli_main(argv: list[str]) -> int:
-    """``stlib tiles build --hest-dir DIR --sample ID --out RUN`` (the tile stores of a run) and
-    ``stlib tiles info PATH`` (a store's tiles per split / organ / sample)."""
+def cli_parser() -> argparse.ArgumentParser:
+    """The parser of ``stlib tiles``; the knob options of ``build`` are generated from
+    :class:`stlib.config.TilesConfig`."""
+    from stlib.config import add_config_arguments
+
     parser = argparse.ArgumentParser(prog="stlib tiles", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("build", help="cut the run's samples into RUN/tiles/st (labels derived first)")
     p.add_argument("--hest-dir", required=True, help="HEST layout root")
     p.add_argument("--sample", required=True, action="append", help="sample id (repeatable)")
-    p.add_argument("--out", required=True, help="run folder: reads OUT/labels/ID/, OUT/alignment/ID/")
-    p.add_argument("--truth-dir", help="demo truth root (truth/): also build OUT/tiles/st_truth")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tile-px", type=int, default=256)
-    p.add_argument("--um-per-px", type=float, default=TARGET_UM_PER_PX_40X)
-    p.add_argument("--no-refine-masks", dest="refine_masks", action="store_false",
-                   help="keep the DAPI outlines as they are (default: snap them to the H&E nucleus)")
+    p.add_argument("--run-dir", required=True, help="run folder: reads RUN/labels/ID/, RUN/alignment/ID/, "
+                                                    "writes RUN/tiles/st")
+    p.add_argument("--profile", default=None,
+                   help="start from this profile's 02_labels block (default: the TilesConfig defaults)")
+    p.add_argument("--truth-dir", help="demo truth root (truth/): also build RUN/tiles/st_truth")
     p.add_argument("--workers", type=int, default=None, help="tile workers (default: usable CPUs)")
     p.add_argument("--force", action="store_true")
+    add_config_arguments(p, TilesConfig)
     p = sub.add_parser("info", help="summary of a tile store")
     p.add_argument("path")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def cli_main(argv: list[str]) -> int:
+    """``stlib tiles build --hest-dir DIR --sample ID --run-dir RUN`` (the tile stores of a run) and
+    ``stlib tiles info PATH`` (a store's tiles per split / organ / sample)."""
+    args = cli_parser().parse_args(argv)
     if args.what == "info":
         from stlib.io.tiles import cli_main as info_main
 
         return info_main(["info", args.path])
+    from stlib.config import config_from_args, stage_config
     from stlib.io.cohort import cohort_table
 
+    cfg = config_from_args(TilesConfig, args, base=stage_config(args.profile, "tiles") if args.profile else None)
     table = cohort_table(Path(args.hest_dir).parent, samples=args.sample)
-    paths = build_tile_stores(args.hest_dir, table, Path(args.out), um_per_px=args.um_per_px, tile_px=args.tile_px,
-                              truth_dir=args.truth_dir, seed=args.seed, refine_masks=args.refine_masks,
-                              workers=args.workers, force=args.force)
+    paths = build_tile_stores(args.hest_dir, table, RunLayout(args.run_dir).root, config=cfg,
+                              truth_dir=args.truth_dir, workers=args.workers, force=args.force)
     print(f"stlib tiles: tile stores {', '.join(str(p) for p in paths.values())}")
     return 0

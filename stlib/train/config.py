@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from stlib.config import TrainParams, coerce_value, make_params
+from stlib.config import TrainParams, TrainRecipe, coerce_value, make_params
 from stlib.constants import CLASS_NAMES, N_TYPES
 from stlib.model.losses import LossWeights
 from stlib.model.net import ENCODERS
@@ -24,9 +24,18 @@ HV_SOURCES = ("device", "masks")
 RESUME_FREE_FIELDS = frozenset({"device", "num_workers", "compile", "log_every", "run_dir"})
 
 
+#: the profile-level part of a run's defaults (encoder, steps, batch, LR schedule, validation, seed, ...)
+#: is :class:`stlib.config.TrainRecipe`'s, the one place a training recipe's default lives
+_RECIPE = TrainRecipe()
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run depends on; saved as ``config.json`` beside the weights.
+
+    Its recipe fields (the ones a profile's ``03_training`` block sets) default to
+    :class:`stlib.config.TrainRecipe`'s values; the rest is fixed per run (stores, splits) or a tested
+    constant of the method (optimizer, loss weights, augmentation, sampling).
 
     Paths (``stores``, ``out_dir``) are relative to ``run_dir`` unless absolute.
     ``batch_size`` is the global batch: under DDP each of the ``W`` ranks takes
@@ -46,19 +55,19 @@ class TrainConfig:
     organs: tuple[str, ...] = ()
     exclude_organs: tuple[str, ...] = ()
     # model
-    encoder: str = "small"
+    encoder: str = _RECIPE.encoder
     n_types: int = N_TYPES
     #: local encoder weight file (never downloaded); "" = random init
-    weights: str = ""
+    weights: str = _RECIPE.weights
     # optimisation
-    steps: int = 300
-    batch_size: int = 8
+    steps: int = _RECIPE.steps
+    batch_size: int = _RECIPE.batch_size
     optimizer: str = "adamw"
-    lr: float = 1e-3
+    lr: float = _RECIPE.lr
     betas: tuple[float, ...] = (0.9, 0.999)
     weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    warmup_steps: int = 0
+    schedule: str = _RECIPE.schedule
+    warmup_steps: int = _RECIPE.warmup_steps
     #: step schedule: milestones as fractions of ``steps``; LR x ``step_gamma`` at each
     step_milestones: tuple[float, ...] = (0.5,)
     step_gamma: float = 0.1
@@ -83,24 +92,24 @@ class TrainConfig:
     aug_blur: float = 0.2
     #: train on random ``crop_px`` x ``crop_px`` crops of the tiles (0 = whole tiles); a CPU
     #: demo trains ~4x faster on 128 px crops of 256 px tiles, validation uses whole tiles
-    crop_px: int = 0
+    crop_px: int = _RECIPE.crop_px
     #: "device" = HV from the augmented instance map with :func:`hv_from_inst`;
     #: "masks" = :func:`stlib.labels.masks.hv_maps` on CPU, then transformed with the tile
     hv_source: str = "device"
     # hardware
     amp: bool = True
     channels_last: bool = True
-    compile: bool = False
+    compile: bool = _RECIPE.compile
     device: str = "auto"
     #: background threads reading batches from the store (0 = read in the training loop)
     num_workers: int = 2
     # bookkeeping
-    val_every: int = 100
+    val_every: int = _RECIPE.val_every
     #: at most this many validation tiles (the first ones of the split, fixed)
-    val_max_tiles: int = 64
+    val_max_tiles: int = _RECIPE.val_max_tiles
     ckpt_every: int = 100
     log_every: int = 10
-    seed: int = 0
+    seed: int = _RECIPE.seed
 
     def __post_init__(self) -> None:
         def bad(msg: str) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from stlib.layout import STUDY_RUNS_FILE, model_subdir  # file (under run_dir) of the study's training runs
 from stlib.train.config import TrainConfig, as_train_params
 from stlib.train.loop import TrainResult, train
 from stlib.utils import InputError, write_json
@@ -45,7 +46,7 @@ def variant_dir(variant: str, seed_index: int = 0) -> str:
     """Output folder (relative to ``run_dir``): ``models/{variant}``, then ``models/{variant}__seed{k}``."""
     if seed_index < 0:
         raise ValueError(f"seed_index must be >= 0, got {seed_index}")
-    return f"models/{variant}" if seed_index == 0 else f"models/{variant}__seed{seed_index}"
+    return model_subdir(variant, seed_index)
 
 
 def variant_config(params: Any, variant: str, *, seed_index: int = 0, **overrides: Any) -> TrainConfig:
@@ -83,10 +84,6 @@ def train_or_reuse(config: TrainConfig) -> TrainResult:
             raise
         log.info("%s: parameters changed since the last run; training starts over", config.out_path())
         return train(config, resume="never")
-
-
-#: file (under ``run_dir``) where notebook 03 records the study's training runs
-STUDY_RUNS_FILE = "models/study_runs.json"
 
 
 def train_study(params: Any, variants: Sequence[str], *, log_line: Any = None,
