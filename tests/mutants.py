@@ -204,8 +204,8 @@ def _low_qv():
     sample.place_transcripts = broken
 
 
-@mutant("demo_missing_rate_off", _STATS, "generator that drops twice the knob's share of DAPI nuclei")
-def _missing():
+def _scale_demo_knob(name: str, factor: float) -> None:
+    """Make the demo generator use ``factor`` times the knob ``name`` of its DemoConfig."""
     import dataclasses
 
     from stlib.demo import sample
@@ -213,23 +213,20 @@ def _missing():
     orig = sample.simulate_sample
 
     def broken(spec, cfg, **kw):
-        return orig(spec, dataclasses.replace(cfg, missing_fraction=2 * cfg.missing_fraction), **kw)
+        return orig(spec, dataclasses.replace(cfg, **{name: factor * getattr(cfg, name)}), **kw)
     sample.simulate_sample = broken
+
+
+@mutant("demo_missing_rate_off", _STATS, "generator that drops twice the knob's share of DAPI nuclei")
+def _missing():
+    _scale_demo_knob("missing_fraction", 2.0)
 
 
 @mutant("demo_library_off", ["tests/test_demo.py::test_expression_statistics",
                                "tests/test_demo_stats.py::test_windows_hold_over_seeds"],
         "generator whose transcripts per cell are 1.4x the knob (the old 50-200 window passed it)")
 def _library():
-    import dataclasses
-
-    from stlib.demo import sample
-
-    orig = sample.simulate_sample
-
-    def broken(spec, cfg, **kw):
-        return orig(spec, dataclasses.replace(cfg, tx_per_cell_median=1.4 * cfg.tx_per_cell_median), **kw)
-    sample.simulate_sample = broken
+    _scale_demo_knob("tx_per_cell_median", 1.4)
 
 
 @mutant("demo_dapi_shift_px_as_um", ["tests/test_demo.py::test_dapi_polygons_missing_extra",
