@@ -160,7 +160,8 @@ def test_stlib_eval_reproduces_the_glued_primary_endpoint(smoke, capsys):
     run = RunLayout(smoke["root"] / "runs" / "demo")
     assert main(["eval", "--run-dir", str(run.root), "--profile", str(smoke["root"] / "params" / "demo.yaml"),
                  "--manifest", str(smoke["root"] / "data_manifest.yaml")]) == 0
-    pooled = pd.read_csv(run.eval_results("segmentation") / "comparison.csv").set_index("organ").loc["pooled"]
+    pooled = pd.read_csv(run.eval_results("segmentation") / "comparison.csv", float_precision="round_trip")\
+        .set_index("organ").loc["pooled"]
     assert [pooled["diff"], pooled["diff_ci_low"], pooled["diff_ci_high"], pooled["p_value"], pooled["n_clusters"]] == \
         [g["primary_diff"], g["primary_ci_low"], g["primary_ci_high"], g["primary_p"], g["primary_n_units"]]
 
