@@ -31,9 +31,13 @@ from typing import Any
 
 import numpy as np
 
-from stlib.constants import TARGET_UM_PER_PX_40X
+from stlib.config import TilesConfig
+from stlib.constants import HEST_XENIUM_UM_PER_PX, TARGET_UM_PER_PX_40X
 from stlib.layout import RunLayout
 from stlib.utils import device_name, machine_info, write_json
+
+#: the tile stage's defaults (tile size, resolution): what the tile benchmarks measure by default
+_TILES = TilesConfig()
 
 __all__ = ["cli_main", "machine_info", "synthetic_nuclei", "bench_labels", "bench_tiles", "bench_refine",
            "bench_derive", "bench_infer_main", "bench_train_main", "synthetic_slide", "ideal_maps"]
@@ -187,7 +191,7 @@ def bench_labels(n_nuclei: int = 500_000, *, tile_px: int = 1024, target_um_per_
     }
 
 
-def bench_tiles(store: str | None = None, *, n_tiles: int = 512, tile_px: int = 256, batch: int = 64,
+def bench_tiles(store: str | None = None, *, n_tiles: int = 512, tile_px: int = _TILES.tile_px, batch: int = 64,
                 n_batches: int = 20, seed: int = 0) -> dict[str, Any]:
     """Random-batch read throughput of a tile store (a synthetic one in a temp folder by default)."""
     from stlib.io.tiles import TileStore, TileStoreWriter, read_throughput
@@ -196,7 +200,7 @@ def bench_tiles(store: str | None = None, *, n_tiles: int = 512, tile_px: int = 
         if store is None:
             rng = np.random.default_rng(seed)
             path = Path(tmp) / "store"
-            with TileStoreWriter(path, tile_px=tile_px, um_per_px=0.25, source="bench-synthetic") as w:
+            with TileStoreWriter(path, tile_px=tile_px, um_per_px=_TILES.um_per_px, source="bench-synthetic") as w:
                 for i in range(n_tiles):
                     w.add(image=rng.integers(0, 256, (tile_px, tile_px, 3), np.uint8),
                           inst=rng.integers(0, 50, (tile_px, tile_px), np.int32),
@@ -211,7 +215,7 @@ def bench_tiles(store: str | None = None, *, n_tiles: int = 512, tile_px: int = 
     return res
 
 
-def bench_refine(store: str | None = None, *, n_tiles: int = 200, tile_px: int = 256, seed: int = 0,
+def bench_refine(store: str | None = None, *, n_tiles: int = 200, tile_px: int = _TILES.tile_px, seed: int = 0,
                  n_reference: int = 50) -> dict[str, Any]:
     """Time :func:`stlib.labels.refine.refine_label_maps` per tile (single thread), and its
     reference form on ``n_reference`` of the same tiles.
@@ -239,7 +243,7 @@ def bench_refine(store: str | None = None, *, n_tiles: int = 200, tile_px: int =
     else:
         from stlib.labels.masks import iter_label_tiles
 
-        um = 0.25
+        um = _TILES.um_per_px
         side = int(np.ceil(np.sqrt(n_tiles)))
         n_nuc = int(side * tile_px * side * tile_px * um**2 / 60)  # ~1 nucleus per 60 µm², dense tissue
         polys, classes, w, h = synthetic_nuclei(n_nuc, seed=seed, target_um_per_px=um, level0_um_per_px=um)
@@ -318,7 +322,7 @@ def _warm_up() -> float:
     for _t, lm in iter_label_tiles(wp, width=ww, height=wh, scale=1.0, tile_px=128, classes=wc):
         img = np.full((128, 128, 3), 220, np.uint8)
         img[lm.inst > 0] = (90, 60, 150)
-        refine_label_maps(img, lm.inst, lm.type, lm.ignore, lm.conf, um_per_px=0.25)
+        refine_label_maps(img, lm.inst, lm.type, lm.ignore, lm.conf, um_per_px=TARGET_UM_PER_PX_40X)
         break
     _zoom_linear(np.zeros((30, 30, 3), np.uint8), 32)
     h = np.random.default_rng(0).random((40, 40)).astype(np.float32)
@@ -413,8 +417,8 @@ def _reference_tiles(hest: Path, sid: str, nuc: Any, excluded: Any, *, n_tiles: 
     return out
 
 
-def bench_derive(work_dir: str | Path | None = None, *, n_nuclei: int = 500_000, um_per_px: float = 0.2737,
-                 side_mm: float = 10.0, tile_px: int = 256, target_um_per_px: float = TARGET_UM_PER_PX_40X, workers: int | None = None,
+def bench_derive(work_dir: str | Path | None = None, *, n_nuclei: int = 500_000, um_per_px: float = HEST_XENIUM_UM_PER_PX,
+                 side_mm: float = 10.0, tile_px: int = _TILES.tile_px, target_um_per_px: float = _TILES.um_per_px, workers: int | None = None,
                  seed: int = 0, ref_tiles: int = 60, ref_crop_mm: float = 1.5, keep: bool = False) -> dict[str, Any]:
     """The label derivation of one slide-sized synthetic sample, timed per stage.
 
@@ -645,7 +649,7 @@ def _infer_parser() -> argparse.ArgumentParser:
     g.add_argument("--encoder", choices=sorted(ENCODERS), default=None,
                    help="random network of this encoder (default: resnet50 on CUDA, small on CPU)")
     p.add_argument("--tiles", type=int, default=None, help="tiles timed (default 512 on CUDA, 16 on CPU)")
-    p.add_argument("--tile-px", type=int, default=256)
+    p.add_argument("--tile-px", type=int, default=_TILES.tile_px)
     p.add_argument("--batch", type=int, default=None, help="default 64 on CUDA, 8 on CPU")
     p.add_argument("--slide-px", type=int, default=None, help="synthetic slide side (default 8192 CUDA, 1024 CPU)")
     p.add_argument("--workers", type=int, default=None)
@@ -680,11 +684,11 @@ def _bench_infer_slide(args: argparse.Namespace, argv: list[str]) -> int:
         info = load_inference_model(args.model, device=str(dev))
     else:
         enc = args.encoder or ("resnet50" if cuda else "small")
-        info = ModelInfo(model=build_model({"encoder": enc}), um_per_px=0.25, tile_px=256,
+        info = ModelInfo(model=build_model({"encoder": enc}), um_per_px=TARGET_UM_PER_PX_40X, tile_px=_TILES.tile_px,
                          source=f"random HoVerNet({enc})", encoder=enc)
     workers = default_workers() if args.workers is None else int(args.workers)
     batch = args.batch or (16 if cuda else 4)
-    T = args.tile_px if args.tile_px != 256 else 512
+    T = args.tile_px if args.tile_px != _TILES.tile_px else 512
     n_nuclei = int(5000 * args.slide_mm ** 2)  # about HEST's density over tissue
     with tempfile.TemporaryDirectory(prefix="stlib-bench-infer-") as td:
         sample = make_slide_sample(Path(td), n_nuclei=n_nuclei, side_mm=args.slide_mm, seed=0)
@@ -693,7 +697,7 @@ def _bench_infer_slide(args: argparse.Namespace, argv: list[str]) -> int:
 
         with open_wsi(path) as w:  # warm-up on a crop (kernel compilation, allocator); not timed
             crop = w.read_region(w.shape[1] // 2, w.shape[0] // 2, T + 64, T + 64)
-        infer_image(info, crop, um_per_px=0.2737, device=str(dev), tile_px=T, batch_size=batch, amp=amp,
+        infer_image(info, crop, um_per_px=HEST_XENIUM_UM_PER_PX, device=str(dev), tile_px=T, batch_size=batch, amp=amp,
                     workers=workers)
         load0 = [round(v, 2) for v in os.getloadavg()]
         cpu0 = time.process_time()
@@ -711,7 +715,7 @@ def _bench_infer_slide(args: argparse.Namespace, argv: list[str]) -> int:
         "device": str(dev), "device_name": device_name(dev), "machine": machine_info(),
         "load_average_1_5_15min_before": load0, "torch_threads": torch.get_num_threads(),
         "model": info.source, "encoder": info.encoder, "precision": "bf16-autocast" if amp else "fp32",
-        "slide": {"side_mm": args.slide_mm, "px": sample["slide_px"], "um_per_px": 0.2737,
+        "slide": {"side_mm": args.slide_mm, "px": sample["slide_px"], "um_per_px": HEST_XENIUM_UM_PER_PX,
                   "nuclei_true": sample["nuclei"], "generator": "stlib.bench_slide.make_slide_sample"},
         "tile_px": T, "overlap": st["overlap"], "batch": batch, "postproc_workers": workers,
         "postproc_pool": "processes" if args.postproc_processes else "threads",
@@ -768,7 +772,7 @@ def bench_infer_main(argv: list[str]) -> int:
         model_desc = args.model
     else:
         enc = args.encoder or ("resnet50" if cuda else "small")
-        info = ModelInfo(model=build_model({"encoder": enc}), um_per_px=0.25, tile_px=T,
+        info = ModelInfo(model=build_model({"encoder": enc}), um_per_px=TARGET_UM_PER_PX_40X, tile_px=T,
                          source=f"random HoVerNet({enc})", encoder=enc)
         model_desc = info.source
     model = prepare_model(info.model, dev)
@@ -805,7 +809,7 @@ def bench_infer_main(argv: list[str]) -> int:
     # whole-slide throughput, end to end from a pyramidal TIFF (read, tissue, net, post-processing)
     with tempfile.TemporaryDirectory() as td:
         s_img, s_inst, _ = synthetic_slide(slide_px, seed=1)
-        path = write_pyramidal_tiff(Path(td) / "slide.tif", s_img, um_per_px=0.25)
+        path = write_pyramidal_tiff(Path(td) / "slide.tif", s_img, um_per_px=TARGET_UM_PER_PX_40X)
         n_slide_true = int(s_inst.max())
         del s_img, s_inst
         res = infer_image(info, path, device=str(dev), tile_px=T, overlap=64, batch_size=batch, amp=amp,
@@ -834,7 +838,7 @@ def bench_infer_main(argv: list[str]) -> int:
         "ratio_postproc_net": round(ideal_s / net_s, 3) if net_s > 0 else None,
         "ratio_postproc_net_on_model_outputs": round(pp_s / net_s, 3) if net_s > 0 else None,
         "nuclei_per_tile_true": round(n_true / n_tiles, 2), "nuclei_per_tile_ideal_postproc": round(n_ideal / n_tiles, 2),
-        "slide_px": [slide_px, slide_px], "slide_um_per_px": 0.25, "slide_tiles": st["n_tiles"],
+        "slide_px": [slide_px, slide_px], "slide_um_per_px": TARGET_UM_PER_PX_40X, "slide_tiles": st["n_tiles"],
         "slide_tiles_processed": st["n_tiles_processed"], "slide_tiles_skipped": st["n_tiles_skipped"],
         "slide_overlap": 64, "workers": workers, "slide_wall_s": round(wall, 3),
         "slide_net_s": round(st["net_s"], 3), "slide_postproc_cpu_s": round(st["postproc_s"], 3),
@@ -1081,7 +1085,7 @@ def cli_main(argv: list[str]) -> int:
     p = sub.add_parser("labels", help="full-slide label maps vs the per-nucleus loop")
     p.add_argument("--nuclei", type=int, default=500_000)
     p.add_argument("--tile-px", type=int, default=1024)
-    p.add_argument("--um-per-px", type=float, default=0.25, help="target resolution (µm/px)")
+    p.add_argument("--um-per-px", type=float, default=_TILES.um_per_px, help="target resolution (µm/px)")
     p.add_argument("--level0-um-per-px", type=float, default=0.2738,
                    help="slide level-0 resolution (HEST Xenium WSIs are about 0.27 µm/px)")
     p.add_argument("--baseline-nuclei", type=int, default=2000)
@@ -1092,24 +1096,24 @@ def cli_main(argv: list[str]) -> int:
     p = sub.add_parser("tiles", help="tile-store read throughput")
     p.add_argument("--store", default=None, help="an existing store (default: a synthetic one)")
     p.add_argument("--n-tiles", type=int, default=512)
-    p.add_argument("--tile-px", type=int, default=256)
+    p.add_argument("--tile-px", type=int, default=_TILES.tile_px)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--n-batches", type=int, default=20)
     p.add_argument("--out", default="benchmarks/tiles.json")
     p = sub.add_parser("refine", help="H&E-guided mask refinement, time per tile")
     p.add_argument("--store", default=None, help="an existing tile store (default: synthetic tiles)")
     p.add_argument("--n-tiles", type=int, default=200)
-    p.add_argument("--tile-px", type=int, default=256)
+    p.add_argument("--tile-px", type=int, default=_TILES.tile_px)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/refine.json")
     p = sub.add_parser("derive", help="label derivation of one slide-sized synthetic sample, per stage")
     p.add_argument("--work-dir", default=None,
                    help="where the sample is generated (and reused by later runs); default: a temporary folder")
     p.add_argument("--nuclei", type=int, default=500_000)
-    p.add_argument("--um-per-px", type=float, default=0.2737, help="level-0 pixel size of the H&E (HEST: ~0.27)")
+    p.add_argument("--um-per-px", type=float, default=HEST_XENIUM_UM_PER_PX, help="level-0 pixel size of the H&E (HEST: ~0.27)")
     p.add_argument("--side-mm", type=float, default=10.0)
-    p.add_argument("--tile-px", type=int, default=256)
-    p.add_argument("--target-um-per-px", type=float, default=0.25)
+    p.add_argument("--tile-px", type=int, default=_TILES.tile_px)
+    p.add_argument("--target-um-per-px", type=float, default=_TILES.um_per_px)
     p.add_argument("--workers", type=int, default=None, help="tile threads (default: usable CPUs)")
     p.add_argument("--ref-tiles", type=int, default=60, help="tiles timed with the reference forms")
     p.add_argument("--ref-crop-mm", type=float, default=1.5, help="slide crop aligned with the reference form")

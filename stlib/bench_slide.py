@@ -34,6 +34,7 @@ from typing import Any
 import numba
 import numpy as np
 
+from stlib.constants import HEST_XENIUM_UM_PER_PX
 from stlib.utils import atomic_path, write_json
 
 __all__ = ["SLIDE_VERSION", "make_slide_sample"]
@@ -182,7 +183,7 @@ def _write_slide(path: Path, side: int, um: float, band_fn: Any, tile: int = 256
                 tw.write(level, subfiletype=1, resolution=(px_per_cm / ds,) * 2, resolutionunit="CENTIMETER", **kw)
 
 
-def make_slide_sample(out: str | Path, *, n_nuclei: int = 500_000, um_per_px: float = 0.2737,
+def make_slide_sample(out: str | Path, *, n_nuclei: int = 500_000, um_per_px: float = HEST_XENIUM_UM_PER_PX,
                       side_mm: float = 10.0, seed: int = 0, sample_id: str = "BENCH_SLIDE",
                       force: bool = False) -> dict[str, Any]:
     """Write a slide-sized synthetic sample under ``out`` (``hest/`` layout + ``truth/``).

@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "labels": ("stlib.labels.derive", "cli_main", "derive masks, cell types and classes for a sample"),
     "tiles": ("stlib.tiles.stage", "cli_main", "build a run's tile stores or inspect one (stlib tiles build|info)"),
     "train": ("stlib.train", "cli_main", "train the HoVer-Net-style network (--config FILE)"),
+    "eval": ("stlib.evaluate", "cli_main",
+             "score trained networks on a run's held-out organs (segmentation + classification, CIs)"),
     "metrics": ("stlib.metrics", "cli_main", "segmentation/classification metrics of NAME.npz folders"),
     "infer": ("stlib.infer", "cli_main", "run a trained model on a tile or a whole slide"),
     "run": ("stlib.run", "cli_main", "execute the notebooks of a profile with papermill and build the book"),

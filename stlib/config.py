@@ -373,10 +373,10 @@ class SegEvalParams(EvalConfig, CommonParams):
 
     #: public manual-annotation sets (MoNuSeg, CoNSeP, Lizard-style folders; npz folders): paths, in
     #: addition to every set found under ``{data_dir}/annotations/`` (where downloads and mirrors go)
-    manual_truth: tuple[str, ...] = ()
-    primary_metric: str = "bpq"
-    primary_model: str = "st"
-    primary_baseline: str = "pannuke_noheldout"
+    manual_truth: tuple[str, ...] = _opt((), "folders of public manual annotations (npz) scored as manual truth")
+    primary_metric: str = _opt("bpq", "metric of the primary endpoint")
+    primary_model: str = _opt("st", "run of the primary endpoint (minuend)")
+    primary_baseline: str = _opt("pannuke_noheldout", "baseline run of the primary endpoint (subtrahend)")
 
     @property
     def eval(self) -> EvalConfig:

@@ -83,6 +83,8 @@ XENIUM_PIXEL_SIZE_UM: Final = 0.2125
 #: PanNuke-like 40x resolution (µm/px) used for training tiles by default.
 TARGET_UM_PER_PX_40X: Final = 0.25
 TARGET_UM_PER_PX_20X: Final = 0.5
+#: Level-0 pixel size of HEST's Xenium H&E WSIs (about 0.2737 µm/px): the demo slides' and the slide benchmarks'.
+HEST_XENIUM_UM_PER_PX: Final = 0.2737
 
 #: Xenium feature names that are not genes (control probes and codewords).
 CONTROL_PREFIXES: Final[tuple[str, ...]] = (

@@ -28,13 +28,16 @@ from typing import Any, NamedTuple
 import numpy as np
 import pandas as pd
 
-from stlib.config import EvalConfig
+from stlib.config import EvalConfig, SegEvalParams
 from stlib.constants import IGNORE, NUCLEUS_CLASSES, TARGET_UM_PER_PX_40X
 from stlib.metrics import class_scores, label_accuracy_vs_truth  # defined with the other metrics
 from stlib.utils import InputError, atomic_path
 
 #: the statistics' defaults (bootstrap resamples, CI level, permutations, PanNuke test fold): EvalConfig's
 _EVAL = EvalConfig()
+#: the primary endpoint (metric, model, baseline): 04_segmentation_eval's parameters
+_SEG = SegEvalParams()
+_PRIMARY = (_SEG.primary_metric, _SEG.primary_model, _SEG.primary_baseline)
 
 
 class CI(NamedTuple):
@@ -941,8 +944,205 @@ def classification_head_eval(model, train_batch: Mapping[str, np.ndarray], train
     return pd.DataFrame(rows), pd.DataFrame(per_image)
 
 
+
+# =====================================================================================
+# The evaluation stage of a run folder: `stlib eval`
+# =====================================================================================
+
+def pannuke_trained_on(runs: Mapping[str, Mapping[int, str | Path]]) -> set[str]:
+    """The PanNuke folds any ``pannuke*`` run of ``runs`` (``{run: {seed: model.pt}}``) trained on,
+    read from the ``config.json`` beside each model: a PanNuke network is never scored on them."""
+    import json
+
+    return {s for v, seeds in runs.items() if v.startswith("pannuke") for m in seeds.values()
+            for s in json.loads((Path(m).parent / "config.json").read_text())["train_splits"]}
+
+
+def annotated_sets(data_dir: str | Path, extra: Sequence[str | Path] = ()) -> list[str]:
+    """The public annotated sets of an evaluation: ``extra`` (e.g. ``manual_truth``), then every folder
+    under ``{data_dir}/annotations/`` (where downloads and mirrors go), in name order."""
+    found = sorted(str(d) for d in (Path(data_dir) / "annotations").glob("*") if d.is_dir())
+    return [*map(str, extra), *found]
+
+
+def study_models(run_dir: str | Path) -> dict[str, dict[int, Path]]:
+    """``{run: {seed index: model.pt}}`` of the study's training runs (the recipe's ``recipes``,
+    from ``models/study_runs.json``, :func:`stlib.train.read_study_runs`)."""
+    from stlib.train import read_study_runs
+
+    recipe, runs = read_study_runs(run_dir)
+    return {v: seeds for v, seeds in runs.items() if v in recipe.recipes}
+
+
+def heldout_organs_of_store(store: str | Path) -> list[str]:
+    """Organs of a tile store's ``test`` split (the held-out organs: :func:`stlib.tiles.assign_splits`)."""
+    from stlib.io.tiles import TileStore
+
+    meta = TileStore(store).meta
+    return sorted(meta.loc[meta["split"] == "test", "organ"].astype(str).unique())
+
+
+def evaluate_run(run_dir: str | Path, models: Mapping[str, Mapping[int, str | Path]] | None = None, *,
+                 config: EvalConfig | None = None, heldout_organs: Sequence[str] | None = None,
+                 manifest: str | Path = "data_manifest.yaml", annotated: Sequence[str | Path] = (),
+                 primary: tuple[str, str, str] | None = _PRIMARY, seed: int = 0,
+                 device: str = "auto", name: str = "segmentation") -> Path:
+    """Segment the held-out references with ``models``, score segmentation and classification, and
+    write the tables to ``eval/{name}/`` of the run folder (the statistics of chapters 4-5).
+
+    Parameters
+    ----------
+    run_dir
+        Run folder (:class:`stlib.layout.RunLayout`): reads ``tiles/st`` (its ``test`` split),
+        ``tiles/st_truth`` and ``tiles/pannuke`` when present; caches scores in ``eval/scores/``.
+    models
+        ``{name: {seed index: model.pt}}``; default: the study's runs (:func:`study_models`).
+    config
+        The statistics (:class:`stlib.config.EvalConfig`); default its defaults.
+    heldout_organs
+        Organs to score; default the organs of ``tiles/st``'s test split.
+    manifest, annotated
+        The manifest (PanNuke tissues of the held-out organs) and public annotated sets (folders).
+    primary
+        ``(metric, model, baseline)`` of the paired comparison on manual truth (``comparison.csv``);
+        skipped when either model is not in ``models``; None: no comparison.
+    seed, device, name
+        Seed of the bootstrap / permutations, where the networks run, and the output folder.
+
+    Returns
+    -------
+    ``eval/{name}/``, written at once (:func:`stlib.utils.atomic_dir`): ``per_seed.parquet`` (one row
+    per model, seed, reference, image), ``per_image.parquet`` (seeds averaged), ``summary.csv``
+    (per organ and pooled, CI over slides/images), ``comparison.csv`` and ``eval.json``.
+    """
+    from stlib.io.manifest import load_manifest
+    from stlib.io.tiles import TileStore
+    from stlib.layout import RunLayout
+    from stlib.utils import atomic_dir, write_json
+
+    cfg = config if config is not None else EvalConfig()
+    run = RunLayout(run_dir)
+    models = study_models(run.root) if models is None else {k: dict(v) for k, v in models.items()}
+    if not models:
+        raise InputError("no model to evaluate", path=run.study_runs, fix="train first or pass --model NAME=PATH")
+    organs = list(heldout_organs) if heldout_organs else heldout_organs_of_store(run.tiles_dir("st"))
+    man = load_manifest(manifest)
+    um = TileStore(run.tiles_dir("st")).um_per_px
+    refs = heldout_references(run.root, heldout_organs=organs, heldout_tissues=man.pannuke_tissues(organs),
+                              organ_of_tissue=man.organ_of_pannuke_tissue(), pannuke_test_split=cfg.pannuke_test_split,
+                              pannuke_trained_on=pannuke_trained_on(models), annotated=annotated, um_per_px=um)
+    per_seed, _ = segment_and_score(models, refs, um_per_px=um, device=device, keep_predictions=False,
+                                    cache_dir=run.eval_scores)
+    metrics = [m for m in ("dice", "aji", "bpq", "mpq", "mpq_no_dead", "type_acc")
+               if m in per_seed and per_seed[m].notna().any()]
+    per_image = seed_average(per_seed, metrics)
+    stats = {"n_boot": cfg.n_bootstrap, "ci": cfg.ci, "seed": seed}
+    summary = pd.concat([summarize(df, metrics, group="organ", by="model", cluster="slide", **stats)
+                         .assign(reference=ref) for ref, df in per_image.groupby("reference", sort=False)],
+                        ignore_index=True)
+    comparison = _primary_comparison(per_image, organs, primary, cfg, seed)
+    with atomic_dir(run.eval_results(name)) as tmp:
+        per_seed.to_parquet(tmp / "per_seed.parquet", index=False)
+        per_image.to_parquet(tmp / "per_image.parquet", index=False)
+        summary.to_csv(tmp / "summary.csv", index=False)
+        comparison.to_csv(tmp / "comparison.csv", index=False)
+        write_json(tmp / "eval.json", {
+            "config": {k: getattr(cfg, k) for k in ("n_bootstrap", "ci", "n_permutations", "pannuke_test_split")},
+            "seed": seed, "heldout_organs": organs, "primary": list(primary) if primary else None,
+            "models": {k: {str(s): str(p) for s, p in v.items()} for k, v in models.items()
+                       if all(isinstance(p, (str, Path)) for p in v.values())},
+            "references": [{"name": r.name, "kind": r.kind, "domain": r.domain, "images": len(r.meta)} for r in refs],
+            "metrics": metrics})
+    return run.eval_results(name)
+
+
+def _primary_comparison(per_image: pd.DataFrame, organs: Sequence[str], primary: tuple[str, str, str] | None,
+                        cfg: EvalConfig, seed: int) -> pd.DataFrame:
+    """``model - baseline`` on ``metric`` against manual truth on ``organs`` (empty when not computable)."""
+    manual = per_image[(per_image["kind"] == "manual") & per_image["organ"].isin(list(organs))]
+    if primary is None or manual.empty or not {primary[1], primary[2]} <= set(manual["model"]):
+        return pd.DataFrame(columns=["organ", "metric", "diff", "diff_ci_low", "diff_ci_high", "p_value"])
+    metric, a, b = primary
+    return compare_models(manual, [metric], model_a=a, model_b=b, group="organ", cluster="slide",
+                          n_boot=cfg.n_bootstrap, n_perm=cfg.n_permutations, ci=cfg.ci, seed=seed)
+
+
+#: the primary endpoint's options of ``stlib eval`` (fields of 04_segmentation_eval's parameters)
+_ENDPOINT = ("manual_truth", "primary_metric", "primary_model", "primary_baseline")
+
+
+def cli_parser() -> Any:
+    """The parser of ``stlib eval``; its options are generated from :class:`stlib.config.EvalConfig` (the
+    statistics) and the primary-endpoint fields of :class:`stlib.config.SegEvalParams`."""
+    import argparse
+    from dataclasses import fields
+
+    from stlib.config import SegEvalParams, add_config_arguments
+
+    p = argparse.ArgumentParser(prog="stlib eval", description="Score trained networks on the held-out organs of a "
+                                "run (manual truth and ST-derived labels): segmentation and classification metrics, "
+                                "per-organ and pooled values with CIs over slides/images, the primary comparison; "
+                                "writes RUN/eval/NAME/.")
+    p.add_argument("--run-dir", required=True, help="run folder (reads tiles/, models/; writes eval/NAME/)")
+    p.add_argument("--model", action="append", default=None, metavar="NAME=PATH",
+                   help="a model.pt to score as NAME (repeat NAME for its seeds); default: the study's runs "
+                        "(models/study_runs.json)")
+    p.add_argument("--data-dir", default=None, help="data folder whose annotations/ sets are manual truth too")
+    p.add_argument("--manifest", default=None, help="data manifest (default: the profile's, else data_manifest.yaml)")
+    p.add_argument("--heldout-organs", nargs="*", default=None,
+                   help="organs to score (default: those of tiles/st's test split)")
+    p.add_argument("--name", default="segmentation", help="output folder under eval/ (default: segmentation)")
+    p.add_argument("--profile", default=None,
+                   help="start from this profile's 04_segmentation_eval block (default: the config defaults)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the bootstrap and permutations (default: 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    add_config_arguments(p, EvalConfig)
+    add_config_arguments(p, SegEvalParams, exclude=[f.name for f in fields(SegEvalParams) if f.name not in _ENDPOINT],
+                         title="primary endpoint (04_segmentation_eval's parameters)")
+    return p
+
+
+def _models_of(specs: Sequence[str]) -> dict[str, dict[int, Path]]:
+    """``NAME=PATH`` options -> ``{name: {seed index: path}}`` (a repeated NAME gives seeds 0, 1, ...)."""
+    out: dict[str, dict[int, Path]] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise InputError(f"--model {spec!r}: expected NAME=PATH", fix="e.g. --model st=runs/demo/models/st/model.pt")
+        if not Path(path).is_file():
+            raise InputError("model file not found", path=path, fix="give the model.pt written by `stlib train`")
+        seeds = out.setdefault(name, {})
+        seeds[len(seeds)] = Path(path)
+    return out
+
+
+def cli_main(argv: list[str]) -> int:
+    """``stlib eval --run-dir RUN [--model NAME=PATH ...] [options]``."""
+    from stlib.config import SegEvalParams, build_config, given_options, load_params, make_params
+
+    args = cli_parser().parse_args(argv)
+    base = (make_params("04_segmentation_eval", load_params(args.profile, "04_segmentation_eval"))
+            if args.profile else SegEvalParams())
+    params = build_config(SegEvalParams, given_options(SegEvalParams, args), source="command line", base=base)
+    data_dir = args.data_dir or (params.data_dir if args.profile else None)
+    out = evaluate_run(args.run_dir, _models_of(args.model) if args.model else None, config=params.eval,
+                       heldout_organs=args.heldout_organs, manifest=args.manifest or params.manifest,
+                       annotated=annotated_sets(data_dir, params.manual_truth) if data_dir else params.manual_truth,
+                       primary=(params.primary_metric, params.primary_model, params.primary_baseline),
+                       seed=params.seed if args.seed is None else args.seed, device=args.device, name=args.name)
+    comp = pd.read_csv(out / "comparison.csv")
+    pooled = comp[comp["organ"] == "pooled"]
+    msg = "" if pooled.empty else (f"; {params.primary_metric} {params.primary_model} - {params.primary_baseline} = "
+                                   f"{pooled['diff'].iloc[0]:+.3f} [{pooled['diff_ci_low'].iloc[0]:+.3f}, "
+                                   f"{pooled['diff_ci_high'].iloc[0]:+.3f}]")
+    print(f"stlib eval: wrote {out}{msg}")
+    return 0
+
+
 __all__ = ["CI", "bootstrap_ci", "hierarchical_bootstrap", "pooled_mean", "sign_flip_test", "holm",
            "PairedComparison", "paired_comparison", "summarize", "compare_models", "seed_average", "seed_spread",
            "class_scores", "label_accuracy_vs_truth", "cell_correct", "score_tiles", "REFERENCE_KINDS", "ReferenceSet",
            "reference_from_store", "pannuke_reference", "manual_truth_folder", "restrict_reference", "heldout_references",
-           "load_instance_folder", "segment_and_score", "nucleus_features", "classification_head_eval"]
+           "load_instance_folder", "segment_and_score", "nucleus_features", "classification_head_eval",
+           "pannuke_trained_on", "annotated_sets", "study_models", "heldout_organs_of_store", "evaluate_run",
+           "cli_parser", "cli_main"]

@@ -95,6 +95,15 @@ class RunLayout:
         """``eval/``: metrics JSON and tables."""
         return self.root / "eval"
 
+    @property
+    def eval_scores(self) -> Path:
+        """``eval/scores/``: cached scores of a model file on a reference set (:func:`stlib.evaluate.segment_and_score`)."""
+        return self.eval_dir / "scores"
+
+    def eval_results(self, name: str) -> Path:
+        """``eval/{name}/``: the tables of one evaluation (``stlib eval --name NAME``)."""
+        return self.eval_dir / name
+
     def infer_dir(self, name: str) -> Path:
         """``infer/{name}/``: the outputs of inference on one image."""
         return self.root / "infer" / name
@@ -122,6 +131,9 @@ RUN_LAYOUT: tuple[tuple[str, str, str], ...] = (
                                             "pannuke_noheldout, st__<labeler>)"),
     ("models/study_runs.json", "study_runs", "the recipe (03_training parameters) and every run's model per seed"),
     ("eval/", "eval_dir", "metrics JSON / tables"),
+    ("eval/scores/", "eval_scores", "cached scores of a model file on a reference set (reused by 04, 05, stlib eval)"),
+    ("eval/{name}/", "eval_results", "one evaluation (stlib eval): per_seed/per_image parquet, summary.csv, "
+                                     "comparison.csv, eval.json"),
     ("infer/{name}/", "infer_dir", "inference outputs of one image (instances, classes, tables)"),
 )
 

@@ -35,7 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 CHANGES = [("    tile_um: float = _opt(100.0,", "    tile_um: float = _opt(80.0,"),
            ("    low: float = _opt(0.4,", "    low: float = _opt(0.35,"),
            ("    grow_um: float = _opt(1.5,", "    grow_um: float = _opt(1.25,"),
-           ("    lr: float = _opt(1e-3,", "    lr: float = _opt(2e-3,")]
+           ("    lr: float = _opt(1e-3,", "    lr: float = _opt(2e-3,"),
+           ("    n_bootstrap: int = _opt(1000,", "    n_bootstrap: int = _opt(900,")]
 
 PROBE = r"""
 import argparse, contextlib, io, json, sys
@@ -61,6 +62,10 @@ print(json.dumps({
     "align_help": "--tile-um X edge of a scoring / phase-correlation tile (µm) (default: 80.0)" in help_of("align"),
     "labels_help": "(default: 0.35)" in help_of("labels"),
     "tiles_help": "(default: 1.25)" in help_of("tiles", "build"),
+    "eval_help": "(slides/images, then tiles) (default: 900)" in help_of("eval"),
+    "eval_cli": config.config_from_args(config.EvalConfig, __import__("stlib.evaluate").evaluate.cli_parser()
+                                        .parse_args(["--run-dir", "r"])).n_bootstrap,
+    "eval_notebooks": [config.notebook_defaults(nb)["n_bootstrap"] for nb in ("04_segmentation_eval", "05_classification_eval")],
     "cli": [a.tile_um, lab.neoplastic.low, til.refinement.grow_um],
     "notebooks": [config.load_params("demo", "01_alignment")["tile_um"],
                   config.load_params("demo", "02_labels")["neoplastic"]["low"],
@@ -97,6 +102,10 @@ def test_a_changed_default_reaches_cli_notebooks_show_config_and_cache_keys(tmp_
     assert before["cli"] == [100.0, 0.4, 1.5] and after["cli"] == [80.0, 0.35, 1.25]
     assert after["align_help"] and after["labels_help"] and after["tiles_help"]
     assert not before["align_help"] and not before["labels_help"] and not before["tiles_help"]
+    assert after["eval_help"] and not before["eval_help"]  # stlib eval: options from EvalConfig
+    assert before["eval_cli"] == 1000 and after["eval_cli"] == 900
+    # the parameters of both evaluation notebooks (a profile's block overrides them)
+    assert before["eval_notebooks"] == [1000, 1000] and after["eval_notebooks"] == [900, 900]
     assert before["notebooks"] == [100.0, 0.4, 1.5, 1e-3] and after["notebooks"] == [80.0, 0.35, 1.25, 2e-3]
     assert before["show_config"] == before["notebooks"] and after["show_config"] == after["notebooks"]
     # every stage's cache key moves with its config's default

@@ -1,9 +1,15 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from stlib import evaluate as ev
 from stlib.constants import IGNORE
+from stlib.utils import InputError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_bootstrap_ci_brackets_mean_and_is_deterministic():
@@ -324,3 +330,91 @@ def test_heldout_references_order_names_and_the_test_fold_guard(tmp_path):
     assert set(refs[1].meta["organ"]) == {"Bowel", "Skin"}  # no Breast tile: not a held-out organ
     with pytest.raises(ValueError, match="trained on"):
         ev.heldout_references(run, pannuke_trained_on=["fold3"], **kw)
+
+
+def _fake_networks(monkeypatch, truth_store):
+    """``load_inference_model`` / ``segment_tiles`` stand-ins: a model file named ``good*`` segments
+    exactly the truth of ``truth_store``, any other finds nothing."""
+    import stlib.infer as infer
+    from stlib.io.tiles import TileStore
+
+    truth = TileStore(truth_store)
+    calls = []
+    monkeypatch.setattr(infer, "load_inference_model", lambda path, device="cpu": type("M", (), {"model": path})())
+
+    def segment(model, images, **kw):
+        calls.append(Path(model).name)
+        out = []
+        for im in images:  # the truth of the tile with these pixels
+            i = next(k for k in range(len(truth)) if np.array_equal(truth[k]["image"], im))
+            inst = truth[i]["inst"] if Path(model).name.startswith("good") else np.zeros_like(truth[i]["inst"])
+            out.append((inst, np.where(inst > 0, truth[i]["type"], 0).astype(np.uint8)))
+        return out
+
+    monkeypatch.setattr(infer, "segment_tiles", segment)
+    return calls
+
+
+def _model_file(path: Path, splits=("fold1", "fold2")) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"weights")
+    (path.parent / "config.json").write_text(json.dumps({"train_splits": list(splits)}))
+    return str(path)
+
+
+def test_stlib_eval_scores_given_models_under_the_run_layout(tmp_path, monkeypatch, capsys):
+    from stlib.cli import main
+    from stlib.layout import RunLayout
+
+    run = RunLayout(tmp_path / "run")
+    _tiny_store(run.tiles_dir("st"), ["Bowel", "Bowel", "Skin"], ["S1", "S1", "S2"])
+    _tiny_store(run.tiles_dir("st_truth"), ["Bowel", "Bowel", "Skin"], ["S1", "S1", "S2"])
+    calls = _fake_networks(monkeypatch, run.tiles_dir("st_truth"))
+    good = _model_file(tmp_path / "m" / "good" / "good.pt")
+    bad = _model_file(tmp_path / "m" / "pannuke_noheldout" / "empty.pt")
+    argv = ["eval", "--run-dir", str(run.root), "--model", f"st={good}", "--model", f"pannuke_noheldout={bad}",
+            "--n-bootstrap", "20", "--n-permutations", "100", "--manifest", str(REPO / "data_manifest.yaml")]
+    assert main(argv) == 0
+    out = run.eval_results("segmentation")
+    assert "bpq st - pannuke_noheldout = +1.000" in capsys.readouterr().out
+    info = json.loads((out / "eval.json").read_text())
+    assert info["heldout_organs"] == ["Bowel", "Skin"] and info["config"]["n_bootstrap"] == 20
+    assert [r["kind"] for r in info["references"]] == ["manual", "st-derived"]
+    per_seed = pd.read_parquet(out / "per_seed.parquet")
+    assert len(per_seed) == 2 * 2 * 3  # models x references x images
+    assert (per_seed.loc[per_seed.model == "st", "bpq"] == 1).all()
+    assert (per_seed.loc[per_seed.model == "pannuke_noheldout", "bpq"] == 0).all()
+    assert {"mpq", "type_acc"} <= set(per_seed)  # classification scored too
+    summary = pd.read_csv(out / "summary.csv")
+    pooled = summary[(summary.organ == "pooled") & (summary.metric == "bpq")]
+    assert set(pooled.model) == {"st", "pannuke_noheldout"} and set(pooled.reference) == set(per_seed.reference)
+    comp = pd.read_csv(out / "comparison.csv").set_index("organ")
+    assert comp.loc["pooled", "diff"] == 1.0 and comp.loc["pooled", "n_clusters"] == 2  # unit: the slide
+    assert sorted(p.name for p in out.iterdir()) == ["comparison.csv", "eval.json", "per_image.parquet",
+                                                      "per_seed.parquet", "summary.csv"]
+    n = len(calls)
+    assert main([*argv, "--name", "again"]) == 0  # a second evaluation reuses the cached scores
+    assert len(calls) == n and not list(run.eval_dir.glob(".*tmp"))
+    pd.testing.assert_frame_equal(pd.read_parquet(run.eval_results("again") / "per_seed.parquet"), per_seed)
+    # a PanNuke network is never scored on a fold it trained on
+    _tiny_store(run.tiles_dir("pannuke"), ["Colon", "Skin"], ["pannuke_fold3"] * 2, split="fold3")
+    trained = _model_file(tmp_path / "m" / "pannuke" / "good.pt", splits=("fold3",))
+    with pytest.raises(ValueError, match="trained on"):
+        main(["eval", "--run-dir", str(run.root), "--model", f"pannuke={trained}",
+              "--manifest", str(REPO / "data_manifest.yaml")])
+
+
+def test_stlib_eval_options_are_generated_from_the_eval_config():
+    from dataclasses import fields
+
+    from stlib.config import EvalConfig, config_from_args
+
+    p = ev.cli_parser()
+    opts = {o for a in p._actions for o in a.option_strings}
+    assert {f"--{f.name.replace('_', '-')}" for f in fields(EvalConfig)} <= opts
+    assert {"--run-dir", "--model", "--primary-metric", "--manual-truth"} <= opts
+    args = p.parse_args(["--run-dir", "r", "--ci", "0.9", "--pannuke-test-split", "fold2"])
+    assert config_from_args(EvalConfig, args) == EvalConfig(ci=0.9, pannuke_test_split="fold2")
+    assert config_from_args(EvalConfig, p.parse_args(["--run-dir", "r"])) == EvalConfig()
+    with pytest.raises(InputError, match="NAME=PATH"):
+        ev._models_of(["just-a-path.pt"])

@@ -59,3 +59,21 @@ def test_no_stage_joins_run_folder_names_by_hand():
             if pat.search(line):
                 bad.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
     assert not bad, "use stlib.layout.RunLayout:\n" + "\n".join(bad)
+
+
+def test_notebooks_take_run_paths_from_the_layout():
+    """No notebook joins a run folder's sub-folders by hand (``Path(run_dir) / "labels"``,
+    ``run / "tiles" / ...``, ``f"{run_dir}/models/..."``): they use :class:`RunLayout`."""
+    import json
+
+    pat = re.compile(r'/ "(alignment|labels|tiles|models|eval|infer)"|Path\((rt_)?run_dir\)'
+                     r'|f"[^"]*\b(alignment|labels|tiles|models|eval|infer)/')
+    bad = []
+    notebooks = sorted((REPO / "notebooks").glob("*.ipynb"))
+    assert len(notebooks) >= 7
+    for nb in notebooks:
+        for cell in json.loads(nb.read_text(encoding="utf-8"))["cells"]:
+            if cell["cell_type"] == "code":
+                bad += [f"{nb.name}: {line.strip()}" for line in "".join(cell["source"]).splitlines() if pat.search(line)]
+    assert not bad, "use stlib.layout.RunLayout:\n" + "\n".join(bad)
+    assert pat.search('x = Path(run_dir) / "labels" / sid') and pat.search('run / "tiles" / "st"')

@@ -145,6 +145,26 @@ def test_primary_endpoint_is_glued_at_the_right_unit(smoke):
     assert "Results at a glance" in index and g["baselines"].split(";")[0] in index
 
 
+
+def test_stlib_eval_reproduces_the_glued_primary_endpoint(smoke, capsys):
+    """``stlib eval`` on the smoke run (same profile, seed and statistics) gives notebook 04's primary
+    endpoint to the last digit: one evaluation, whether from the chapter or the command line."""
+    import ast
+
+    import pandas as pd
+
+    from stlib.cli import main
+    from stlib.layout import RunLayout
+
+    g = {k: ast.literal_eval(v) for k, v in _glued(smoke["root"] / "book" / "executed" / "04_segmentation_eval.ipynb").items()}
+    run = RunLayout(smoke["root"] / "runs" / "demo")
+    assert main(["eval", "--run-dir", str(run.root), "--profile", str(smoke["root"] / "params" / "demo.yaml"),
+                 "--manifest", str(smoke["root"] / "data_manifest.yaml")]) == 0
+    pooled = pd.read_csv(run.eval_results("segmentation") / "comparison.csv", float_precision="round_trip")\
+        .set_index("organ").loc["pooled"]
+    assert [pooled["diff"], pooled["diff_ci_low"], pooled["diff_ci_high"], pooled["p_value"], pooled["n_clusters"]] == \
+        [g["primary_diff"], g["primary_ci_low"], g["primary_ci_high"], g["primary_p"], g["primary_n_units"]]
+
 def test_tile_store_records_mask_refinement_and_rebuilds_on_change(smoke):
     from stlib.io import cohort
     from stlib.tiles import stage

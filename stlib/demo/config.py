@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
+from stlib.constants import HEST_XENIUM_UM_PER_PX, TARGET_UM_PER_PX_40X
 from stlib.utils import InputError
 
 __all__ = ["DemoConfig", "SCALES", "PRESETS", "config_for_scale", "OrganSpec", "ORGANS", "SampleSpec", "cohort_samples",
@@ -45,7 +46,7 @@ class DemoConfig:
     #: level-0 edge of each H&E image (px)
     image_px: int = 1024
     #: level-0 pixel size of the H&E images (µm/px; HEST Xenium WSIs are ~0.2737)
-    um_per_px: float = 0.2737
+    um_per_px: float = HEST_XENIUM_UM_PER_PX
     #: number of samples that also get a raw Xenium bundle under xenium/{id}/
     raw_bundles: int = 1
     #: number of samples whose Xenium cell ids are integers (older XOA / R exports)
@@ -54,7 +55,7 @@ class DemoConfig:
     pannuke_per_fold: int = 40
     #: PanNuke tile edge (px) and resolution (µm/px)
     pannuke_px: int = 256
-    pannuke_um_per_px: float = 0.25
+    pannuke_um_per_px: float = TARGET_UM_PER_PX_40X
     #: Xenium panel whose genes are used
     panel: str = "hMulti"
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from stlib.config import TilesConfig
 from stlib.constants import CLASS_NAMES
 from stlib.utils import InputError, read_json, write_json
 
@@ -376,7 +377,7 @@ class TileStore:
         return out
 
 
-def split_by_sample(meta: pd.DataFrame, *, val_fraction: float = 0.1, seed: int = 0,
+def split_by_sample(meta: pd.DataFrame, *, val_fraction: float = TilesConfig.val_fraction, seed: int = TilesConfig.seed,
                     heldout_organs: Iterable[str] = ()) -> pd.Series:
     """Assign ``train`` / ``val`` / ``test`` by whole samples, so no tile or overlapping neighbour leaks.
 

@@ -36,7 +36,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
-from stlib.config import NeoplasticConfig
+from stlib.config import LabelsConfig, NeoplasticConfig
 from stlib.constants import CONNECTIVE, DEAD, EPITHELIAL, IGNORE, INFLAMMATORY, NEOPLASTIC
 from stlib.labels.celltypes import (
     UNKNOWN, Key, _counts, _read_yaml, _row_nnz, _row_sums, assign_fine_types, canonical_organ, cluster, load_markers,
@@ -735,7 +735,7 @@ def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: 
     return adata if copy else None
 
 
-def to_image_classes(adata: AnnData, *, min_confidence: float = 0.3, fine_key: str = Key.FINE_TYPE,
+def to_image_classes(adata: AnnData, *, min_confidence: float = LabelsConfig.min_confidence, fine_key: str = Key.FINE_TYPE,
                      dead_confidence: float = 0.5, key_added: str = Key.CLASS,
                      copy: bool = False) -> AnnData | None:
     """Image-oriented class per cell from its fine type (:data:`FINE_TO_CLASS`).
@@ -778,13 +778,14 @@ def to_image_classes(adata: AnnData, *, min_confidence: float = 0.3, fine_key: s
     return adata if copy else None
 
 
-def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "marker", "cluster"] = "hierarchical",
+def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "marker", "cluster"] = LabelsConfig.labeler,
                 organ: str | None = None, disease_state: str | None = None,
-                oncotree_code: str | None = None, panel: str | None = None, seed: int = 0,
-                min_counts: int = 10, min_genes: int = 3, min_confidence: float = 0.3,
-                resolution: float = 1.0, n_pcs: int = 30, n_neighbors: int = 15,
-                neighbors_method: Literal["umap", "gauss"] = "umap", min_markers: int = 2,
-                use_cnv: bool = True, dead: Literal["ignore", "proxy", "off"] | bool = "ignore",
+                oncotree_code: str | None = None, panel: str | None = None, seed: int = LabelsConfig.seed,
+                min_counts: int = LabelsConfig.min_counts, min_genes: int = 3,
+                min_confidence: float = LabelsConfig.min_confidence, resolution: float = LabelsConfig.leiden_resolution,
+                n_pcs: int = 30, n_neighbors: int = 15,
+                neighbors_method: Literal["umap", "gauss"] = LabelsConfig.neighbors_method, min_markers: int = 2,
+                use_cnv: bool = NeoplasticConfig.use_cnv, dead: Literal["ignore", "proxy", "off"] | bool = LabelsConfig.dead,
                 markers: Mapping[str, Sequence[str]] | None = None,
                 neoplastic_kwargs: Mapping | None = None, fine_kwargs: Mapping | None = None,
                 copy: bool = False) -> AnnData:

@@ -38,8 +38,8 @@ __all__ = ["TILES_VERSION", "assign_splits", "build_tile_stores", "tiles_key", "
 TILES_VERSION = "2"
 
 
-def assign_splits(meta: pd.DataFrame, *, heldout_organs: Sequence[str], val_fraction: float = 0.2,
-                  seed: int = 0, guard_tiles: int = 1) -> pd.Series:
+def assign_splits(meta: pd.DataFrame, *, heldout_organs: Sequence[str], val_fraction: float = TilesConfig.val_fraction,
+                  seed: int = TilesConfig.seed, guard_tiles: int = 1) -> pd.Series:
     """Splits by sample and organ; organs with a single training sample get a spatial split.
 
     Held-out organs -> ``test``. A training organ with >= 2 samples: whole samples go to
