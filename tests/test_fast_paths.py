@@ -147,7 +147,12 @@ def test_batched_phase_correlation_is_scikit_images():
         fast = K.batched_phase_shift(ref, mov, 20)
         sk = np.array([phase_cross_correlation(ref[k], mov[k], upsample_factor=20, normalization=None)[0]
                        for k in range(m)])
-    np.testing.assert_array_equal(fast, sk)
+    # real-input FFTs (rfft2 / irfft2) round differently from scikit-image's complex fft2 in the
+    # last bits: on a near-tie the upsampled peak may move by one step, so the shifts must agree
+    # to the upsampling precision 1 / upsample_factor px (not bit for bit), and nearly all exactly
+    err = np.abs(fast - sk)
+    assert err.max() <= 1 / 20 + 1e-6, err.max()
+    assert (err.max(axis=1) < 1e-6).mean() >= 0.9
 
 
 def test_full_image_twins_equal_numpy_and_scipy():
