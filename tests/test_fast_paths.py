@@ -235,3 +235,24 @@ def test_roles_outside_cohort_json_come_from_the_manifest_only(demo, tmp_path):
         cohort_table(data, samples=list(SAMPLES), manifest=tmp_path / "absent.yaml")
     # the demo cohort itself needs no manifest (cohort.json has the roles)
     assert len(cohort_table(demo, samples=list(SAMPLES), manifest=tmp_path / "absent.yaml")) == len(SAMPLES)
+
+
+def test_refine_glue_kernels_equal_numpy():
+    """The compiled start of the refinement (ignore mask, local ids) gives numpy's arrays."""
+    from stlib.labels import _refine_kernels as K
+    from stlib.labels.refine import _local_ids
+
+    rng = np.random.default_rng(0)
+    cases = [rng.integers(0, 5, (17, 23)).astype(np.int32), rng.integers(1, 5, (9, 9)).astype(np.int64),
+             np.full((5, 5), 7, np.int32), np.zeros((4, 4), np.int32), rng.integers(0, 3, (1, 30)).astype(np.uint16)]
+    runs = np.repeat(rng.integers(0, 40, 600), rng.integers(1, 30, 600))[:64 * 64].reshape(64, 64).astype(np.int32)
+    cases.append(runs)
+    for a in cases:
+        ids, local, n = K.local_ids(a)
+        ref_ids, ref_local, ref_n = _local_ids(a.astype(np.float64))  # float: the numpy form
+        assert np.array_equal(ids, ref_ids) and np.array_equal(local, ref_local) and n == ref_n
+        assert local.dtype == ref_local.dtype == np.int32
+        ignore = (rng.random(a.shape) < 0.3).astype(np.uint8)
+        ign, work = K.unignored(a, ignore)
+        assert np.array_equal(ign, ignore.astype(bool)) and np.array_equal(work, np.where(ignore.astype(bool), 0, a))
+        assert work.dtype == a.dtype
