@@ -471,3 +471,35 @@ def map_points(xy, A, gx, gy, dxg, dyg, has_grid, x0, y0, f):  # pragma: no cove
         out[k, 0] = (px - x0 + 0.5) / f - 0.5
         out[k, 1] = (py - y0 + 0.5) / f - 0.5
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def neighbour_outliers(dx, dy, ok, thresh):  # pragma: no cover - compiled
+    """``align._neighbour_outliers``: nodes whose shift differs by more than ``thresh`` from the
+    median shift of their reliable 3 x 3 neighbours (at least two), the same medians (the middle
+    value, or the mean of the two middle values, as ``np.median``) and distance."""
+    ny, nx = dx.shape
+    out = np.zeros((ny, nx), np.bool_)
+    bx = np.empty(8)
+    by = np.empty(8)
+    for j in range(ny):
+        for i in range(nx):
+            if not ok[j, i]:
+                continue
+            m = 0
+            for a in range(max(0, j - 1), min(ny, j + 2)):
+                for b in range(max(0, i - 1), min(nx, i + 2)):
+                    if ok[a, b] and not (a == j and b == i):
+                        bx[m] = dx[a, b]
+                        by[m] = dy[a, b]
+                        m += 1
+            if m < 2:
+                continue
+            sx = np.sort(bx[:m])
+            sy = np.sort(by[:m])
+            h = m // 2
+            mx = sx[h] if m % 2 else (sx[h - 1] + sx[h]) / 2.0
+            my = sy[h] if m % 2 else (sy[h - 1] + sy[h]) / 2.0
+            if np.hypot(dx[j, i] - mx, dy[j, i] - my) > thresh:
+                out[j, i] = True
+    return out

@@ -865,8 +865,15 @@ def _smooth_field(vals: np.ndarray, w: np.ndarray, sigma: float) -> tuple[np.nda
     return out, den
 
 
-def _neighbour_outliers(dx: np.ndarray, dy: np.ndarray, ok: np.ndarray, thresh: float) -> np.ndarray:
+def _neighbour_outliers(dx: np.ndarray, dy: np.ndarray, ok: np.ndarray, thresh: float, *,
+                        reference: bool = False) -> np.ndarray:
     """Nodes whose shift differs from the median of their reliable 3x3 neighbours by > thresh."""
+    if not reference:
+        from stlib import _align_kernels as K
+
+        # the loop below, compiled (the same nodes; tests/test_fast_paths.py)
+        return K.neighbour_outliers(np.asarray(dx, np.float64), np.asarray(dy, np.float64),
+                                    np.asarray(ok, np.bool_), float(thresh))
     ny, nx = dx.shape
     out = np.zeros_like(ok)
     for j in range(ny):
@@ -1171,7 +1178,7 @@ def _refine_local(scene: _Scene, T: Transform, gx: np.ndarray, gy: np.ndarray, n
         ry = m["dy_px"].reshape(dxg.shape)
         rel = m["reliability"].reshape(dxg.shape)
         ok = np.isfinite(rx) & (rel > 0.05)
-        out = _neighbour_outliers(rx, ry, ok, thr_px)
+        out = _neighbour_outliers(rx, ry, ok, thr_px, reference=cfg.reference)
         use = ok & ~out
         sx, den = _smooth_field(rx, np.where(use, rel, 0.0), 0.5)
         sy, _ = _smooth_field(ry, np.where(use, rel, 0.0), 0.5)

@@ -256,3 +256,19 @@ def test_refine_glue_kernels_equal_numpy():
         ign, work = K.unignored(a, ignore)
         assert np.array_equal(ign, ignore.astype(bool)) and np.array_equal(work, np.where(ignore.astype(bool), 0, a))
         assert work.dtype == a.dtype
+
+
+def test_neighbour_outliers_kernel_equals_the_loop():
+    import stlib.align as A
+
+    rng = np.random.default_rng(1)
+    for t in range(20):
+        ny, nx = (int(v) for v in rng.integers(1, 30, 2))
+        dx, dy = rng.normal(0, 2, (ny, nx)), rng.normal(0, 2, (ny, nx))
+        if t % 2:  # ties and repeated values
+            dx, dy = np.round(dx), np.round(dy)
+        ok = rng.random((ny, nx)) < 0.8
+        dx[~ok & (rng.random((ny, nx)) < 0.5)] = np.nan
+        for thr in (0.5, 1.0, 3.0):
+            assert np.array_equal(A._neighbour_outliers(dx, dy, ok, thr),
+                                  A._neighbour_outliers(dx, dy, ok, thr, reference=True))
