@@ -255,13 +255,13 @@ def pearson_full(h, mask):  # pragma: no cover - compiled
 # --------------------------------------------------------------------------------------
 
 @numba.njit(cache=True, nogil=True)
-def fill_rings(xy, ring, H, W):  # pragma: no cover - compiled
-    """``align._rasterize_rings``: pixel centres inside the rings (non-zero winding after
-    orienting every ring the same way), with the same crossing arithmetic."""
-    out = np.zeros((H, W), np.bool_)
+def ring_crossings(xy, ring, H, W):  # pragma: no cover - compiled
+    """The first half of :func:`fill_rings`: the signed edge crossings of each pixel row
+    (``(H, W + 1)`` int16, summed along a row they give the winding number)."""
+    acc = np.zeros((H, W + 1), np.int16)
     n = xy.shape[0]
     if n < 2 or H == 0 or W == 0:
-        return out
+        return acc
     n_ring = 0
     for k in range(n):
         n_ring = max(n_ring, ring[k] + 1)
@@ -269,7 +269,6 @@ def fill_rings(xy, ring, H, W):  # pragma: no cover - compiled
     for k in range(n - 1):
         if ring[k + 1] == ring[k]:
             area2[ring[k]] += xy[k, 0] * xy[k + 1, 1] - xy[k + 1, 0] * xy[k, 1]
-    acc = np.zeros((H, W + 1), np.int16)
     for k in range(n - 1):
         if ring[k + 1] != ring[k]:
             continue
@@ -286,12 +285,49 @@ def fill_rings(xy, ring, H, W):  # pragma: no cover - compiled
             xc = x0 + t * (x1 - x0)
             c = int(min(max(np.ceil(xc), 0.0), float(W)))
             acc[r, c] += np.int16(sign)
-    for r in range(H):
+    return acc
+
+
+@numba.njit(cache=True, nogil=True)
+def fill_rows(acc, out, outf, r0, r1):  # pragma: no cover - compiled
+    """The second half of :func:`fill_rings` for rows ``r0:r1``: a pixel is inside where the
+    running winding number is non-zero; ``out`` (bool) and ``outf`` (the same as float32)."""
+    W = out.shape[1]
+    for r in range(r0, r1):
         w = 0
         for c in range(W):
             w += acc[r, c]
-            out[r, c] = abs(w) > 0
+            v = abs(w) > 0
+            out[r, c] = v
+            outf[r, c] = 1.0 if v else 0.0
+
+
+@numba.njit(cache=True, nogil=True)
+def fill_rings(xy, ring, H, W):  # pragma: no cover - compiled
+    """``align._rasterize_rings``: pixel centres inside the rings (non-zero winding after
+    orienting every ring the same way), with the same crossing arithmetic."""
+    out = np.zeros((H, W), np.bool_)
+    if xy.shape[0] < 2 or H == 0 or W == 0:
+        return out
+    outf = np.empty((H, W), np.float32)
+    fill_rows(ring_crossings(xy, ring, H, W), out, outf, 0, H)
     return out
+
+
+def fill_rings_threaded(xy: np.ndarray, ring: np.ndarray, H: int, W: int,
+                        workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fill_rings` and the same mask as float32, the row pass split over ``workers`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = np.zeros((H, W), np.bool_)
+    outf = np.zeros((H, W), np.float32)
+    if xy.shape[0] < 2 or H == 0 or W == 0:
+        return out, outf
+    acc = ring_crossings(xy, ring, H, W)
+    edges = np.linspace(0, H, 4 * max(1, workers) + 1).astype(int)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(lambda k: fill_rows(acc, out, outf, edges[k], edges[k + 1]), range(edges.size - 1)))
+    return out, outf
 
 
 @numba.njit(cache=True, nogil=True)

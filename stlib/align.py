@@ -625,7 +625,17 @@ def haematoxylin_image(slide: SlideLike, grid: WorkGrid, *, chunk: int = 1024, r
             f.result()
     lo, hi = np.percentile(out, [1.0, 99.5]) if out.size else (0.0, 1.0)
     scale = hi - lo if hi > lo else 1.0
-    return np.clip((out - lo) / scale, 0.0, 1.5).astype(np.float32)
+    if reference or H * W < 1 << 20:
+        return np.clip((out - lo) / scale, 0.0, 1.5).astype(np.float32)
+    # the same elementwise expression on bands of rows in threads (numpy releases the GIL)
+    res = np.empty((H, W), np.float32)
+
+    def band(v0: int) -> None:
+        res[v0:v0 + chunk] = np.clip((out[v0:v0 + chunk] - lo) / scale, 0.0, 1.5).astype(np.float32)
+
+    with ThreadPoolExecutor(max_workers=workers or _usable_cpus()) as pool:
+        list(pool.map(band, range(0, H, chunk)))
+    return res
 
 
 # =====================================================================================
@@ -678,6 +688,8 @@ def _measure(level: _Level, T: Transform, xy_rings_um: np.ndarray, ring_id: np.n
     ``reference=True`` measures them one by one with the library calls (same numbers to
     float rounding; for tests and ``stlib bench derive``).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from scipy import ndimage
 
     from stlib import _align_kernels as K
@@ -693,17 +705,21 @@ def _measure(level: _Level, T: Transform, xy_rings_um: np.ndarray, ring_id: np.n
         mask = _rasterize_rings(ring_work, ring_id, grid.shape)
         blurred = ndimage.gaussian_filter(mask.astype(np.float32), blur_px)
         counts = _count_window(cen_work, grid.shape, node_work, win_px)
-    else:  # the same arrays from compiled twins
+    else:  # the same arrays from compiled twins (the threshold mask meanwhile in a side thread)
+        side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stlib-align-side")
+        hmask_f = side.submit(np.greater, level.h, level.otsu)
         H, W = grid.shape
-        mask = K.fill_rings(np.ascontiguousarray(ring_work, dtype=np.float64), ring_id.astype(np.int64), H, W)
-        blurred = K.gaussian_filter32(mask.astype(np.float32), blur_px, workers=_usable_cpus())
+        mask, mask32 = K.fill_rings_threaded(np.ascontiguousarray(ring_work, dtype=np.float64),
+                                             ring_id.astype(np.int64), H, W, workers=_usable_cpus())
+        blurred = K.gaussian_filter32(mask32, blur_px, workers=_usable_cpus())
+        del mask32
         u0 = np.round(node_work[:, 0] - win_px / 2).astype(np.int64)
         v0 = np.round(node_work[:, 1] - win_px / 2).astype(np.int64)
         counts = K.count_in_windows(np.round(cen_work[:, 0]).astype(np.int64), np.round(cen_work[:, 1]).astype(np.int64),
                                     H, W, u0, v0, win_px)
     n = len(nodes_um)
     res = {k: np.full(n, np.nan) for k in ("dx_px", "dy_px", "peak", "corr", "dice")}
-    hmask = level.h > level.otsu
+    hmask = level.h > level.otsu if reference else hmask_f.result()
     res["n_nuclei"] = counts.astype(int)
     measure_nodes = _measure_nodes_reference if reference else _measure_nodes_batched
     measure_nodes(res, level.h, mask, hmask, blurred, node_work, counts, win_px, min_nuclei=min_nuclei,
@@ -713,9 +729,12 @@ def _measure(level: _Level, T: Transform, xy_rings_um: np.ndarray, ring_id: np.n
     res["reliability"] = np.where(np.isfinite(res["peak"]), peak_ok * res["n_nuclei"] / (res["n_nuclei"] + 10.0), 0.0)
     if reference:
         res["global_corr"] = _pearson(level.h, mask) if mask.any() else float("nan")
-    else:
-        res["global_corr"] = float(K.pearson_full(level.h, mask)) if mask.any() else float("nan")
-    res["global_dice"] = _dice(hmask, mask)
+        res["global_dice"] = _dice(hmask, mask)
+        return res
+    with side:  # the two full-image scores side by side
+        corr_f = side.submit(K.pearson_full, level.h, mask)
+        res["global_dice"] = _dice(hmask, mask)
+        res["global_corr"] = float(corr_f.result()) if mask.any() else float("nan")
     return res
 
 

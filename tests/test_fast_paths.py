@@ -272,3 +272,18 @@ def test_neighbour_outliers_kernel_equals_the_loop():
         for thr in (0.5, 1.0, 3.0):
             assert np.array_equal(A._neighbour_outliers(dx, dy, ok, thr),
                                   A._neighbour_outliers(dx, dy, ok, thr, reference=True))
+
+
+def test_haematoxylin_image_threaded_normalisation_equals_reference():
+    """A working image over 1 Mpx is normalised in row bands in threads: the same pixels."""
+    from stlib.align import WorkGrid, haematoxylin_image
+
+    class Slide:
+        level_downsamples = [1.0, 4.0]
+        shape = (2400, 2400)
+
+        def read_region(self, x, y, w, h, level=0):
+            return np.random.default_rng(abs(7 * x + y)).integers(0, 255, (h, w, 3)).astype(np.uint8)
+
+    g = WorkGrid(x0=0.0, y0=0.0, f=2.0, shape=(1100, 1100))
+    assert np.array_equal(haematoxylin_image(Slide(), g), haematoxylin_image(Slide(), g, reference=True))
