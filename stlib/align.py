@@ -1364,10 +1364,15 @@ def _hest_inputs(hest_dir: Path, sample_id: str) -> tuple[Any, np.ndarray, Any, 
     """Slide, initial map, nuclei (µm) and input files of the HEST route."""
     from stlib.io.hest import HestSample
 
+    from concurrent.futures import ThreadPoolExecutor
+
     hs = HestSample(hest_dir, sample_id)
-    tx = hs.transcripts(min_qv=None, genes_only=False, columns=["x_location", "y_location", "he_x", "he_y"])
-    M0 = fit_hest_registration(tx, sample=sample_id)
-    nuc = hs.nuclei()
+    # the polygons are read (parquet, WKB, validity) in a side thread while the registration is fitted
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stlib-align-read") as side:
+        nuc_f = side.submit(hs.nuclei)
+        tx = hs.transcripts(min_qv=None, genes_only=False, columns=["x_location", "y_location", "he_x", "he_y"])
+        M0 = fit_hest_registration(tx, sample=sample_id)
+        nuc = nuc_f.result()
     if nuc is None or len(nuc) == 0:
         raise InputError("no nucleus polygons (xenium_seg is empty)", sample=sample_id,
                          path=hest_dir / "xenium_seg" / f"{sample_id}_xenium_nucleus_seg.parquet",
