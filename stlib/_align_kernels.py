@@ -539,3 +539,25 @@ def neighbour_outliers(dx, dy, ok, thresh):  # pragma: no cover - compiled
             if np.hypot(dx[j, i] - mx, dy[j, i] - my) > thresh:
                 out[j, i] = True
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def apply_transform(xy, A, gx, gy, dxg, dyg, has_grid, out, k0, k1):  # pragma: no cover - compiled
+    """Rows ``k0:k1`` of ``Transform.apply_xy(xy)`` (affine ``A`` plus the bilinear displacement
+    grid) into ``out``: :func:`map_points` without the work grid, the same arithmetic."""
+    for k in range(k0, k1):
+        x = xy[k, 0]
+        y = xy[k, 1]
+        px = A[0, 0] * x + A[0, 1] * y + A[0, 2]
+        py = A[1, 0] * x + A[1, 1] * y + A[1, 2]
+        if has_grid:
+            ix, tx = _axis_pos(gx, x)
+            iy, ty = _axis_pos(gy, y)
+            ix1 = min(ix + 1, gx.size - 1)
+            iy1 = min(iy + 1, gy.size - 1)
+            px = px + (dxg[iy, ix] * (1 - tx) * (1 - ty) + dxg[iy, ix1] * tx * (1 - ty)
+                       + dxg[iy1, ix] * (1 - tx) * ty + dxg[iy1, ix1] * tx * ty)
+            py = py + (dyg[iy, ix] * (1 - tx) * (1 - ty) + dyg[iy, ix1] * tx * (1 - ty)
+                       + dyg[iy1, ix] * (1 - tx) * ty + dyg[iy1, ix1] * tx * ty)
+        out[k, 0] = px
+        out[k, 1] = py

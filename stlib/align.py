@@ -390,11 +390,33 @@ class Transform:
         px, py = self(P[:, 0], P[:, 1])
         return np.column_stack([px, py])
 
-    def warp_geometries(self, geoms: Any) -> np.ndarray:
-        """Map shapely geometries (µm) to H&E px, vertex by vertex (``shapely.transform``)."""
+    def apply_xy_fast(self, xy: Any, *, workers: int | None = None) -> np.ndarray:
+        """:meth:`apply_xy` compiled (:func:`stlib._align_kernels.apply_transform`, the same
+        numbers), the points split over ``workers`` threads (default: the usable CPUs)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from stlib import _align_kernels as K
+
+        P = np.ascontiguousarray(_as_points(xy, "xy"), dtype=np.float64)
+        out = np.empty_like(P)
+        z = np.zeros((1, 1))
+        grid = (self.x_um, self.y_um, self.dx_px, self.dy_px, True) if self.has_grid else (z[0], z[0], z, z, False)
+        n = len(P)
+        cuts = np.linspace(0, n, max(1, min(4 * _usable_cpus(), n // 50_000 + 1)) + 1).astype(np.int64)
+        with ThreadPoolExecutor(max_workers=workers or _usable_cpus()) as pool:
+            list(pool.map(lambda k: K.apply_transform(P, self.affine, *grid, out, cuts[k], cuts[k + 1]),
+                          range(cuts.size - 1)))
+        return out
+
+    def warp_geometries(self, geoms: Any, *, before: Transform | None = None) -> np.ndarray:
+        """Map shapely geometries (µm) to H&E px, vertex by vertex (``shapely.transform``);
+        ``before``: a transform applied to the vertices first (one pass over the coordinates)."""
         import shapely
 
-        return shapely.transform(np.asarray(geoms, dtype=object), self.apply_xy)
+        if before is None:
+            return shapely.transform(np.asarray(geoms, dtype=object), self.apply_xy_fast)
+        return shapely.transform(np.asarray(geoms, dtype=object),
+                                 lambda c: self.apply_xy_fast(before.apply_xy_fast(c)))
 
     # -- building -----------------------------------------------------------------------
     def with_grid(self, x_um: Any, y_um: Any, dx_px: Any, dy_px: Any) -> Transform:
@@ -1490,8 +1512,11 @@ def transform_nuclei(nuclei: Any, result: AlignmentResult | Transform, *, units:
     if units == "he_px":
         if M0 is None:
             raise ValueError("units='he_px' needs the initial affine")
-        geoms = Transform(np.linalg.inv(_as_affine(M0))).warp_geometries(geoms)
-    gdf = gdf.set_geometry(gpd.GeoSeries(T.warp_geometries(geoms), index=gdf.index))
+        # back to µm through the inverse initial affine, then through T, in one pass
+        warped = T.warp_geometries(geoms, before=Transform(np.linalg.inv(_as_affine(M0))))
+    else:
+        warped = T.warp_geometries(geoms)
+    gdf = gdf.set_geometry(gpd.GeoSeries(warped, index=gdf.index))
     return gdf.set_crs(None, allow_override=True)
 
 

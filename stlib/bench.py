@@ -437,6 +437,7 @@ def bench_derive(work_dir: str | Path | None = None, *, n_nuclei: int = 500_000,
     """
     import resource
     import shutil
+    from concurrent.futures import ThreadPoolExecutor
 
     import geopandas as gpd
     import shapely
@@ -477,8 +478,10 @@ def bench_derive(work_dir: str | Path | None = None, *, n_nuclei: int = 500_000,
 
         t0, c0, m0 = time.perf_counter(), time.process_time(), time.thread_time()
         s = HestSample(hest, sid)
-        aligned = transform_nuclei(s.nuclei(), res)
-        truth = gpd.read_parquet(Path(info["truth_dir"]) / sid / "nuclei.parquet").set_index("cell_id")
+        with ThreadPoolExecutor(max_workers=1) as side:  # the classes are read beside the polygons
+            truth_f = side.submit(gpd.read_parquet, Path(info["truth_dir"]) / sid / "nuclei.parquet")
+            aligned = transform_nuclei(s.nuclei(), res)
+            truth = truth_f.result().set_index("cell_id")
         nuc = gpd.GeoDataFrame({"cell_id": aligned.index.astype(str),
                                 "class": truth["class"].reindex(aligned.index.astype(str)).to_numpy(np.uint8),
                                 "confidence": np.float32(1.0)}, geometry=aligned.geometry.values)

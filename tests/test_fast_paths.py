@@ -287,3 +287,24 @@ def test_haematoxylin_image_threaded_normalisation_equals_reference():
 
     g = WorkGrid(x0=0.0, y0=0.0, f=2.0, shape=(1100, 1100))
     assert np.array_equal(haematoxylin_image(Slide(), g), haematoxylin_image(Slide(), g, reference=True))
+
+
+def test_compiled_warp_equals_apply_xy():
+    """``Transform.warp_geometries`` (compiled, threaded) moves every vertex as ``apply_xy``."""
+    import shapely
+
+    import stlib.align as A
+
+    rng = np.random.default_rng(2)
+    T = A.Transform(np.array([[3.6, 0.05, 100.0], [-0.04, 3.7, -50.0], [0, 0, 1]]), np.linspace(-10, 500, 11),
+                    np.linspace(0, 400, 9), rng.normal(0, 3, (9, 11)), rng.normal(0, 3, (9, 11)))
+    pre = A.Transform(np.linalg.inv(T.affine))
+    geoms = shapely.buffer(shapely.points(rng.uniform(-50, 600, (3000, 2))), rng.uniform(1, 5, 3000))
+    for TT in (T, A.Transform(T.affine), A.Transform(T.affine, [5.0], [7.0], [[1.5]], [[-2.0]])):
+        got = TT.warp_geometries(geoms)
+        ref = shapely.transform(geoms, TT.apply_xy)
+        assert np.array_equal(shapely.get_coordinates(got), shapely.get_coordinates(ref))
+        got2 = TT.warp_geometries(geoms, before=pre)
+        ref2 = shapely.transform(shapely.transform(geoms, pre.apply_xy), TT.apply_xy)
+        assert np.array_equal(shapely.get_coordinates(got2), shapely.get_coordinates(ref2))
+    assert TT.warp_geometries(geoms[:0]).size == 0
