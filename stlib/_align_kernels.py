@@ -119,20 +119,24 @@ def gather_windows(arr, u0, v0, n):  # pragma: no cover - compiled
 
 def batched_phase_shift(ref: np.ndarray, mov: np.ndarray, upsample: int, workers: int = 1) -> np.ndarray:
     """``phase_cross_correlation(ref[k], mov[k], upsample_factor=upsample, normalization=None)[0]``
-    for a stack (m, n, n) of float32 windows, computed with scikit-image's own operations (so to
-    the last bit): the FFTs of the stack at once (the same transform per window), the integer
-    peak of the inverse FFT of the cross-power spectrum, then the upsampled-DFT kernels of all
-    windows at once (elementwise, the same formula and precision) and the same complex products
-    for the peak of the 1.5-pixel neighbourhood upsampled ``upsample`` times. Only
-    scikit-image's Python overhead per call is saved.
+    for a stack (m, n, n) of float32 windows, computed with scikit-image's operations except one:
+    the windows are real, so the cross-power spectrum is taken from real-input FFTs (``rfft2``,
+    half the spectrum, about half the work of the complex ``fft2`` scikit-image runs) and the
+    cross-correlation from ``irfft2``; the full spectrum the upsampled DFT needs is the half and
+    its Hermitian mirror. Then, as scikit-image: the integer peak of the cross-correlation, the
+    upsampled-DFT kernels of all windows at once (elementwise, the same formula and precision)
+    and the same complex products for the peak of the 1.5-pixel neighbourhood upsampled
+    ``upsample`` times. The real-input transforms round differently in the last bits, so on a
+    near-tie a peak may move to the neighbouring upsampled position: the shifts agree with
+    scikit-image's to ``1 / upsample`` px (``tests/test_fast_paths.py``).
     """
-    from scipy.fft import fft2, fftfreq, ifft2
+    from scipy.fft import fftfreq, irfft2, rfft2
 
     m, n0, n1 = ref.shape
-    src = fft2(ref, workers=workers)
-    tgt = fft2(mov, workers=workers)
-    prod = src * tgt.conj()
-    cc = np.abs(ifft2(prod, workers=workers)).reshape(m, -1)
+    src = rfft2(ref, workers=workers)
+    tgt = rfft2(mov, workers=workers)
+    half = src * tgt.conj()  # (m, n0, n1 // 2 + 1): the non-negative frequencies of the last axis
+    cc = np.abs(irfft2(half, s=(n0, n1), workers=workers)).reshape(m, -1)
     peak = np.argmax(cc, axis=1)
     shape = np.array([n0, n1])
     shift = np.stack([peak // n1, peak % n1], axis=1).astype(np.float32)
@@ -144,7 +148,14 @@ def batched_phase_shift(ref: np.ndarray, mov: np.ndarray, upsample: int, workers
     ups_size = np.ceil(uf * 1.5)
     dftshift = np.trunc(ups_size / 2.0)
     offset = dftshift - shift * uf  # (m, 2) float32
-    data = prod.conj()
+    # data = conj(cross-power spectrum) over the whole plane: the computed half, and for the
+    # negative frequencies of the last axis the mirror conj(X[-k0, -k1]) of the half (Hermitian)
+    nh = half.shape[2]
+    data = np.empty((m, n0, n1), half.dtype)
+    data[:, :, :nh] = half.conj()
+    # (strided copies: column n1 - k1 for k1 = nh..n1-1, row -k0 mod n0)
+    data[:, 0, nh:] = half[:, 0, n1 - nh:0:-1]
+    data[:, 1:, nh:] = half[:, :0:-1, n1 - nh:0:-1]
     im2pi = 1j * 2 * np.pi
     ar = np.arange(ups_size)
     kern = []
@@ -244,13 +255,13 @@ def pearson_full(h, mask):  # pragma: no cover - compiled
 # --------------------------------------------------------------------------------------
 
 @numba.njit(cache=True, nogil=True)
-def fill_rings(xy, ring, H, W):  # pragma: no cover - compiled
-    """``align._rasterize_rings``: pixel centres inside the rings (non-zero winding after
-    orienting every ring the same way), with the same crossing arithmetic."""
-    out = np.zeros((H, W), np.bool_)
+def ring_crossings(xy, ring, H, W):  # pragma: no cover - compiled
+    """The first half of :func:`fill_rings`: the signed edge crossings of each pixel row
+    (``(H, W + 1)`` int16, summed along a row they give the winding number)."""
+    acc = np.zeros((H, W + 1), np.int16)
     n = xy.shape[0]
     if n < 2 or H == 0 or W == 0:
-        return out
+        return acc
     n_ring = 0
     for k in range(n):
         n_ring = max(n_ring, ring[k] + 1)
@@ -258,7 +269,6 @@ def fill_rings(xy, ring, H, W):  # pragma: no cover - compiled
     for k in range(n - 1):
         if ring[k + 1] == ring[k]:
             area2[ring[k]] += xy[k, 0] * xy[k + 1, 1] - xy[k + 1, 0] * xy[k, 1]
-    acc = np.zeros((H, W + 1), np.int16)
     for k in range(n - 1):
         if ring[k + 1] != ring[k]:
             continue
@@ -275,12 +285,49 @@ def fill_rings(xy, ring, H, W):  # pragma: no cover - compiled
             xc = x0 + t * (x1 - x0)
             c = int(min(max(np.ceil(xc), 0.0), float(W)))
             acc[r, c] += np.int16(sign)
-    for r in range(H):
+    return acc
+
+
+@numba.njit(cache=True, nogil=True)
+def fill_rows(acc, out, outf, r0, r1):  # pragma: no cover - compiled
+    """The second half of :func:`fill_rings` for rows ``r0:r1``: a pixel is inside where the
+    running winding number is non-zero; ``out`` (bool) and ``outf`` (the same as float32)."""
+    W = out.shape[1]
+    for r in range(r0, r1):
         w = 0
         for c in range(W):
             w += acc[r, c]
-            out[r, c] = abs(w) > 0
+            v = abs(w) > 0
+            out[r, c] = v
+            outf[r, c] = 1.0 if v else 0.0
+
+
+@numba.njit(cache=True, nogil=True)
+def fill_rings(xy, ring, H, W):  # pragma: no cover - compiled
+    """``align._rasterize_rings``: pixel centres inside the rings (non-zero winding after
+    orienting every ring the same way), with the same crossing arithmetic."""
+    out = np.zeros((H, W), np.bool_)
+    if xy.shape[0] < 2 or H == 0 or W == 0:
+        return out
+    outf = np.empty((H, W), np.float32)
+    fill_rows(ring_crossings(xy, ring, H, W), out, outf, 0, H)
     return out
+
+
+def fill_rings_threaded(xy: np.ndarray, ring: np.ndarray, H: int, W: int,
+                        workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`fill_rings` and the same mask as float32, the row pass split over ``workers`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = np.zeros((H, W), np.bool_)
+    outf = np.zeros((H, W), np.float32)
+    if xy.shape[0] < 2 or H == 0 or W == 0:
+        return out, outf
+    acc = ring_crossings(xy, ring, H, W)
+    edges = np.linspace(0, H, 4 * max(1, workers) + 1).astype(int)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        list(pool.map(lambda k: fill_rows(acc, out, outf, edges[k], edges[k + 1]), range(edges.size - 1)))
+    return out, outf
 
 
 @numba.njit(cache=True, nogil=True)
@@ -460,3 +507,57 @@ def map_points(xy, A, gx, gy, dxg, dyg, has_grid, x0, y0, f):  # pragma: no cove
         out[k, 0] = (px - x0 + 0.5) / f - 0.5
         out[k, 1] = (py - y0 + 0.5) / f - 0.5
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def neighbour_outliers(dx, dy, ok, thresh):  # pragma: no cover - compiled
+    """``align._neighbour_outliers``: nodes whose shift differs by more than ``thresh`` from the
+    median shift of their reliable 3 x 3 neighbours (at least two), the same medians (the middle
+    value, or the mean of the two middle values, as ``np.median``) and distance."""
+    ny, nx = dx.shape
+    out = np.zeros((ny, nx), np.bool_)
+    bx = np.empty(8)
+    by = np.empty(8)
+    for j in range(ny):
+        for i in range(nx):
+            if not ok[j, i]:
+                continue
+            m = 0
+            for a in range(max(0, j - 1), min(ny, j + 2)):
+                for b in range(max(0, i - 1), min(nx, i + 2)):
+                    if ok[a, b] and not (a == j and b == i):
+                        bx[m] = dx[a, b]
+                        by[m] = dy[a, b]
+                        m += 1
+            if m < 2:
+                continue
+            sx = np.sort(bx[:m])
+            sy = np.sort(by[:m])
+            h = m // 2
+            mx = sx[h] if m % 2 else (sx[h - 1] + sx[h]) / 2.0
+            my = sy[h] if m % 2 else (sy[h - 1] + sy[h]) / 2.0
+            if np.hypot(dx[j, i] - mx, dy[j, i] - my) > thresh:
+                out[j, i] = True
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def apply_transform(xy, A, gx, gy, dxg, dyg, has_grid, out, k0, k1):  # pragma: no cover - compiled
+    """Rows ``k0:k1`` of ``Transform.apply_xy(xy)`` (affine ``A`` plus the bilinear displacement
+    grid) into ``out``: :func:`map_points` without the work grid, the same arithmetic."""
+    for k in range(k0, k1):
+        x = xy[k, 0]
+        y = xy[k, 1]
+        px = A[0, 0] * x + A[0, 1] * y + A[0, 2]
+        py = A[1, 0] * x + A[1, 1] * y + A[1, 2]
+        if has_grid:
+            ix, tx = _axis_pos(gx, x)
+            iy, ty = _axis_pos(gy, y)
+            ix1 = min(ix + 1, gx.size - 1)
+            iy1 = min(iy + 1, gy.size - 1)
+            px = px + (dxg[iy, ix] * (1 - tx) * (1 - ty) + dxg[iy, ix1] * tx * (1 - ty)
+                       + dxg[iy1, ix] * (1 - tx) * ty + dxg[iy1, ix1] * tx * ty)
+            py = py + (dyg[iy, ix] * (1 - tx) * (1 - ty) + dyg[iy, ix1] * tx * (1 - ty)
+                       + dyg[iy1, ix] * (1 - tx) * ty + dyg[iy1, ix1] * tx * ty)
+        out[k, 0] = px
+        out[k, 1] = py

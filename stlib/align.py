@@ -390,11 +390,33 @@ class Transform:
         px, py = self(P[:, 0], P[:, 1])
         return np.column_stack([px, py])
 
-    def warp_geometries(self, geoms: Any) -> np.ndarray:
-        """Map shapely geometries (µm) to H&E px, vertex by vertex (``shapely.transform``)."""
+    def apply_xy_fast(self, xy: Any, *, workers: int | None = None) -> np.ndarray:
+        """:meth:`apply_xy` compiled (:func:`stlib._align_kernels.apply_transform`, the same
+        numbers), the points split over ``workers`` threads (default: the usable CPUs)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from stlib import _align_kernels as K
+
+        P = np.ascontiguousarray(_as_points(xy, "xy"), dtype=np.float64)
+        out = np.empty_like(P)
+        z = np.zeros((1, 1))
+        grid = (self.x_um, self.y_um, self.dx_px, self.dy_px, True) if self.has_grid else (z[0], z[0], z, z, False)
+        n = len(P)
+        cuts = np.linspace(0, n, max(1, min(4 * _usable_cpus(), n // 50_000 + 1)) + 1).astype(np.int64)
+        with ThreadPoolExecutor(max_workers=workers or _usable_cpus()) as pool:
+            list(pool.map(lambda k: K.apply_transform(P, self.affine, *grid, out, cuts[k], cuts[k + 1]),
+                          range(cuts.size - 1)))
+        return out
+
+    def warp_geometries(self, geoms: Any, *, before: Transform | None = None) -> np.ndarray:
+        """Map shapely geometries (µm) to H&E px, vertex by vertex (``shapely.transform``);
+        ``before``: a transform applied to the vertices first (one pass over the coordinates)."""
         import shapely
 
-        return shapely.transform(np.asarray(geoms, dtype=object), self.apply_xy)
+        if before is None:
+            return shapely.transform(np.asarray(geoms, dtype=object), self.apply_xy_fast)
+        return shapely.transform(np.asarray(geoms, dtype=object),
+                                 lambda c: self.apply_xy_fast(before.apply_xy_fast(c)))
 
     # -- building -----------------------------------------------------------------------
     def with_grid(self, x_um: Any, y_um: Any, dx_px: Any, dy_px: Any) -> Transform:
@@ -625,7 +647,17 @@ def haematoxylin_image(slide: SlideLike, grid: WorkGrid, *, chunk: int = 1024, r
             f.result()
     lo, hi = np.percentile(out, [1.0, 99.5]) if out.size else (0.0, 1.0)
     scale = hi - lo if hi > lo else 1.0
-    return np.clip((out - lo) / scale, 0.0, 1.5).astype(np.float32)
+    if reference or H * W < 1 << 20:
+        return np.clip((out - lo) / scale, 0.0, 1.5).astype(np.float32)
+    # the same elementwise expression on bands of rows in threads (numpy releases the GIL)
+    res = np.empty((H, W), np.float32)
+
+    def band(v0: int) -> None:
+        res[v0:v0 + chunk] = np.clip((out[v0:v0 + chunk] - lo) / scale, 0.0, 1.5).astype(np.float32)
+
+    with ThreadPoolExecutor(max_workers=workers or _usable_cpus()) as pool:
+        list(pool.map(band, range(0, H, chunk)))
+    return res
 
 
 # =====================================================================================
@@ -678,6 +710,8 @@ def _measure(level: _Level, T: Transform, xy_rings_um: np.ndarray, ring_id: np.n
     ``reference=True`` measures them one by one with the library calls (same numbers to
     float rounding; for tests and ``stlib bench derive``).
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from scipy import ndimage
 
     from stlib import _align_kernels as K
@@ -693,17 +727,21 @@ def _measure(level: _Level, T: Transform, xy_rings_um: np.ndarray, ring_id: np.n
         mask = _rasterize_rings(ring_work, ring_id, grid.shape)
         blurred = ndimage.gaussian_filter(mask.astype(np.float32), blur_px)
         counts = _count_window(cen_work, grid.shape, node_work, win_px)
-    else:  # the same arrays from compiled twins
+    else:  # the same arrays from compiled twins (the threshold mask meanwhile in a side thread)
+        side = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stlib-align-side")
+        hmask_f = side.submit(np.greater, level.h, level.otsu)
         H, W = grid.shape
-        mask = K.fill_rings(np.ascontiguousarray(ring_work, dtype=np.float64), ring_id.astype(np.int64), H, W)
-        blurred = K.gaussian_filter32(mask.astype(np.float32), blur_px, workers=_usable_cpus())
+        mask, mask32 = K.fill_rings_threaded(np.ascontiguousarray(ring_work, dtype=np.float64),
+                                             ring_id.astype(np.int64), H, W, workers=_usable_cpus())
+        blurred = K.gaussian_filter32(mask32, blur_px, workers=_usable_cpus())
+        del mask32
         u0 = np.round(node_work[:, 0] - win_px / 2).astype(np.int64)
         v0 = np.round(node_work[:, 1] - win_px / 2).astype(np.int64)
         counts = K.count_in_windows(np.round(cen_work[:, 0]).astype(np.int64), np.round(cen_work[:, 1]).astype(np.int64),
                                     H, W, u0, v0, win_px)
     n = len(nodes_um)
     res = {k: np.full(n, np.nan) for k in ("dx_px", "dy_px", "peak", "corr", "dice")}
-    hmask = level.h > level.otsu
+    hmask = level.h > level.otsu if reference else hmask_f.result()
     res["n_nuclei"] = counts.astype(int)
     measure_nodes = _measure_nodes_reference if reference else _measure_nodes_batched
     measure_nodes(res, level.h, mask, hmask, blurred, node_work, counts, win_px, min_nuclei=min_nuclei,
@@ -713,9 +751,12 @@ def _measure(level: _Level, T: Transform, xy_rings_um: np.ndarray, ring_id: np.n
     res["reliability"] = np.where(np.isfinite(res["peak"]), peak_ok * res["n_nuclei"] / (res["n_nuclei"] + 10.0), 0.0)
     if reference:
         res["global_corr"] = _pearson(level.h, mask) if mask.any() else float("nan")
-    else:
-        res["global_corr"] = float(K.pearson_full(level.h, mask)) if mask.any() else float("nan")
-    res["global_dice"] = _dice(hmask, mask)
+        res["global_dice"] = _dice(hmask, mask)
+        return res
+    with side:  # the two full-image scores side by side
+        corr_f = side.submit(K.pearson_full, level.h, mask)
+        res["global_dice"] = _dice(hmask, mask)
+        res["global_corr"] = float(corr_f.result()) if mask.any() else float("nan")
     return res
 
 
@@ -865,8 +906,15 @@ def _smooth_field(vals: np.ndarray, w: np.ndarray, sigma: float) -> tuple[np.nda
     return out, den
 
 
-def _neighbour_outliers(dx: np.ndarray, dy: np.ndarray, ok: np.ndarray, thresh: float) -> np.ndarray:
+def _neighbour_outliers(dx: np.ndarray, dy: np.ndarray, ok: np.ndarray, thresh: float, *,
+                        reference: bool = False) -> np.ndarray:
     """Nodes whose shift differs from the median of their reliable 3x3 neighbours by > thresh."""
+    if not reference:
+        from stlib import _align_kernels as K
+
+        # the loop below, compiled (the same nodes; tests/test_fast_paths.py)
+        return K.neighbour_outliers(np.asarray(dx, np.float64), np.asarray(dy, np.float64),
+                                    np.asarray(ok, np.bool_), float(thresh))
     ny, nx = dx.shape
     out = np.zeros_like(ok)
     for j in range(ny):
@@ -1171,7 +1219,7 @@ def _refine_local(scene: _Scene, T: Transform, gx: np.ndarray, gy: np.ndarray, n
         ry = m["dy_px"].reshape(dxg.shape)
         rel = m["reliability"].reshape(dxg.shape)
         ok = np.isfinite(rx) & (rel > 0.05)
-        out = _neighbour_outliers(rx, ry, ok, thr_px)
+        out = _neighbour_outliers(rx, ry, ok, thr_px, reference=cfg.reference)
         use = ok & ~out
         sx, den = _smooth_field(rx, np.where(use, rel, 0.0), 0.5)
         sy, _ = _smooth_field(ry, np.where(use, rel, 0.0), 0.5)
@@ -1338,10 +1386,15 @@ def _hest_inputs(hest_dir: Path, sample_id: str) -> tuple[Any, np.ndarray, Any, 
     """Slide, initial map, nuclei (µm) and input files of the HEST route."""
     from stlib.io.hest import HestSample
 
+    from concurrent.futures import ThreadPoolExecutor
+
     hs = HestSample(hest_dir, sample_id)
-    tx = hs.transcripts(min_qv=None, genes_only=False, columns=["x_location", "y_location", "he_x", "he_y"])
-    M0 = fit_hest_registration(tx, sample=sample_id)
-    nuc = hs.nuclei()
+    # the polygons are read (parquet, WKB, validity) in a side thread while the registration is fitted
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stlib-align-read") as side:
+        nuc_f = side.submit(hs.nuclei)
+        tx = hs.transcripts(min_qv=None, genes_only=False, columns=["x_location", "y_location", "he_x", "he_y"])
+        M0 = fit_hest_registration(tx, sample=sample_id)
+        nuc = nuc_f.result()
     if nuc is None or len(nuc) == 0:
         raise InputError("no nucleus polygons (xenium_seg is empty)", sample=sample_id,
                          path=hest_dir / "xenium_seg" / f"{sample_id}_xenium_nucleus_seg.parquet",
@@ -1459,8 +1512,11 @@ def transform_nuclei(nuclei: Any, result: AlignmentResult | Transform, *, units:
     if units == "he_px":
         if M0 is None:
             raise ValueError("units='he_px' needs the initial affine")
-        geoms = Transform(np.linalg.inv(_as_affine(M0))).warp_geometries(geoms)
-    gdf = gdf.set_geometry(gpd.GeoSeries(T.warp_geometries(geoms), index=gdf.index))
+        # back to µm through the inverse initial affine, then through T, in one pass
+        warped = T.warp_geometries(geoms, before=Transform(np.linalg.inv(_as_affine(M0))))
+    else:
+        warped = T.warp_geometries(geoms)
+    gdf = gdf.set_geometry(gpd.GeoSeries(warped, index=gdf.index))
     return gdf.set_crs(None, allow_override=True)
 
 

@@ -147,7 +147,12 @@ def test_batched_phase_correlation_is_scikit_images():
         fast = K.batched_phase_shift(ref, mov, 20)
         sk = np.array([phase_cross_correlation(ref[k], mov[k], upsample_factor=20, normalization=None)[0]
                        for k in range(m)])
-    np.testing.assert_array_equal(fast, sk)
+    # real-input FFTs (rfft2 / irfft2) round differently from scikit-image's complex fft2 in the
+    # last bits: on a near-tie the upsampled peak may move by one step, so the shifts must agree
+    # to the upsampling precision 1 / upsample_factor px (not bit for bit), and nearly all exactly
+    err = np.abs(fast - sk)
+    assert err.max() <= 1 / 20 + 1e-6, err.max()
+    assert (err.max(axis=1) < 1e-6).mean() >= 0.9
 
 
 def test_full_image_twins_equal_numpy_and_scipy():
@@ -230,3 +235,76 @@ def test_roles_outside_cohort_json_come_from_the_manifest_only(demo, tmp_path):
         cohort_table(data, samples=list(SAMPLES), manifest=tmp_path / "absent.yaml")
     # the demo cohort itself needs no manifest (cohort.json has the roles)
     assert len(cohort_table(demo, samples=list(SAMPLES), manifest=tmp_path / "absent.yaml")) == len(SAMPLES)
+
+
+def test_refine_glue_kernels_equal_numpy():
+    """The compiled start of the refinement (ignore mask, local ids) gives numpy's arrays."""
+    from stlib.labels import _refine_kernels as K
+    from stlib.labels.refine import _local_ids
+
+    rng = np.random.default_rng(0)
+    cases = [rng.integers(0, 5, (17, 23)).astype(np.int32), rng.integers(1, 5, (9, 9)).astype(np.int64),
+             np.full((5, 5), 7, np.int32), np.zeros((4, 4), np.int32), rng.integers(0, 3, (1, 30)).astype(np.uint16)]
+    runs = np.repeat(rng.integers(0, 40, 600), rng.integers(1, 30, 600))[:64 * 64].reshape(64, 64).astype(np.int32)
+    cases.append(runs)
+    for a in cases:
+        ids, local, n = K.local_ids(a)
+        ref_ids, ref_local, ref_n = _local_ids(a.astype(np.float64))  # float: the numpy form
+        assert np.array_equal(ids, ref_ids) and np.array_equal(local, ref_local) and n == ref_n
+        assert local.dtype == ref_local.dtype == np.int32
+        ignore = (rng.random(a.shape) < 0.3).astype(np.uint8)
+        ign, work = K.unignored(a, ignore)
+        assert np.array_equal(ign, ignore.astype(bool)) and np.array_equal(work, np.where(ignore.astype(bool), 0, a))
+        assert work.dtype == a.dtype
+
+
+def test_neighbour_outliers_kernel_equals_the_loop():
+    import stlib.align as A
+
+    rng = np.random.default_rng(1)
+    for t in range(20):
+        ny, nx = (int(v) for v in rng.integers(1, 30, 2))
+        dx, dy = rng.normal(0, 2, (ny, nx)), rng.normal(0, 2, (ny, nx))
+        if t % 2:  # ties and repeated values
+            dx, dy = np.round(dx), np.round(dy)
+        ok = rng.random((ny, nx)) < 0.8
+        dx[~ok & (rng.random((ny, nx)) < 0.5)] = np.nan
+        for thr in (0.5, 1.0, 3.0):
+            assert np.array_equal(A._neighbour_outliers(dx, dy, ok, thr),
+                                  A._neighbour_outliers(dx, dy, ok, thr, reference=True))
+
+
+def test_haematoxylin_image_threaded_normalisation_equals_reference():
+    """A working image over 1 Mpx is normalised in row bands in threads: the same pixels."""
+    from stlib.align import WorkGrid, haematoxylin_image
+
+    class Slide:
+        level_downsamples = [1.0, 4.0]
+        shape = (2400, 2400)
+
+        def read_region(self, x, y, w, h, level=0):
+            return np.random.default_rng(abs(7 * x + y)).integers(0, 255, (h, w, 3)).astype(np.uint8)
+
+    g = WorkGrid(x0=0.0, y0=0.0, f=2.0, shape=(1100, 1100))
+    assert np.array_equal(haematoxylin_image(Slide(), g), haematoxylin_image(Slide(), g, reference=True))
+
+
+def test_compiled_warp_equals_apply_xy():
+    """``Transform.warp_geometries`` (compiled, threaded) moves every vertex as ``apply_xy``."""
+    import shapely
+
+    import stlib.align as A
+
+    rng = np.random.default_rng(2)
+    T = A.Transform(np.array([[3.6, 0.05, 100.0], [-0.04, 3.7, -50.0], [0, 0, 1]]), np.linspace(-10, 500, 11),
+                    np.linspace(0, 400, 9), rng.normal(0, 3, (9, 11)), rng.normal(0, 3, (9, 11)))
+    pre = A.Transform(np.linalg.inv(T.affine))
+    geoms = shapely.buffer(shapely.points(rng.uniform(-50, 600, (3000, 2))), rng.uniform(1, 5, 3000))
+    for TT in (T, A.Transform(T.affine), A.Transform(T.affine, [5.0], [7.0], [[1.5]], [[-2.0]])):
+        got = TT.warp_geometries(geoms)
+        ref = shapely.transform(geoms, TT.apply_xy)
+        assert np.array_equal(shapely.get_coordinates(got), shapely.get_coordinates(ref))
+        got2 = TT.warp_geometries(geoms, before=pre)
+        ref2 = shapely.transform(shapely.transform(geoms, pre.apply_xy), TT.apply_xy)
+        assert np.array_equal(shapely.get_coordinates(got2), shapely.get_coordinates(ref2))
+    assert TT.warp_geometries(geoms[:0]).size == 0

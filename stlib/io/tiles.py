@@ -227,7 +227,7 @@ class TileStoreWriter:
                "align_score": None if align_score is None or not math.isfinite(align_score) else float(align_score),
                "source": self.source if source is None else str(source)}
         for key, a in arrays.items():
-            self._files[key].write(a.tobytes())
+            self._files[key].write(memoryview(a).cast("B"))  # _check made it C-contiguous: no copy
         # the meta line is written last: a tile counts only once all its arrays are on disk
         for fh in self._files.values():
             fh.flush()

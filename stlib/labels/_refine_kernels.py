@@ -933,3 +933,55 @@ def follow_instances(inst, refined, ign, not_vis, type_map, conf):  # pragma: no
                 new_type[i, j] = tf[pos[k]]
                 new_conf[i, j] = cfl[pos[k]]
     return new_inst, new_type, new_ign, new_conf
+
+
+# --------------------------------------------------------------------------------------
+# the numpy glue at the start of refine_label_maps / refine_instances, fused
+# --------------------------------------------------------------------------------------
+
+@numba.njit(cache=True, nogil=True)
+def unignored(inst, ignore):  # pragma: no cover - compiled
+    """``ign = ignore.astype(bool)`` and ``np.where(ign, 0, inst)``."""
+    H, W = inst.shape
+    ign = np.empty((H, W), np.bool_)
+    work = np.empty((H, W), inst.dtype)
+    for i in range(H):
+        for j in range(W):
+            g = ignore[i, j] != 0
+            ign[i, j] = g
+            work[i, j] = 0 if g else inst[i, j]
+    return ign, work
+
+
+@numba.njit(cache=True, nogil=True)
+def local_ids(inst):  # pragma: no cover - compiled
+    """:func:`stlib.labels.refine._local_ids` (fast form) of a non-empty 2-D map: the sorted
+    distinct values of the runs of equal pixels (``ids``, 0 put first when the tile has no
+    background) and each pixel's index into them (int32)."""
+    H, W = inst.shape
+    flat = inst.ravel()
+    m = flat.size
+    nr = 1
+    for p in range(1, m):
+        if flat[p] != flat[p - 1]:
+            nr += 1
+    starts = np.empty(nr + 1, np.int64)
+    vals = np.empty(nr, flat.dtype)
+    r = 0
+    for p in range(m):
+        if p == 0 or flat[p] != flat[p - 1]:
+            starts[r] = p
+            vals[r] = flat[p]
+            r += 1
+    starts[nr] = m
+    u = np.unique(vals)
+    off = 0 if u[0] == 0 else 1
+    ids = np.zeros(u.size + off, np.int64)
+    for k in range(u.size):
+        ids[k + off] = u[k]
+    local = np.empty(m, np.int32)
+    for r in range(nr):
+        k = np.int32(np.searchsorted(u, vals[r]) + off)
+        for p in range(starts[r], starts[r + 1]):
+            local[p] = k
+    return ids, local.reshape((H, W)), ids.size - 1
