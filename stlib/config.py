@@ -449,6 +449,10 @@ class RealTissueParams(CommonParams):
     n_bootstrap: int = 1000
     #: also segment the held-out images with the network untrained (a floor); the demo skips it for time
     score_untrained: bool = True
+    #: the development budget curve (``python -m stlib.realtissue budget``; shown if present)
+    budget_csv: str = "benchmarks/realtissue_budget.csv"
+    #: the longer recipe chosen on it, scored once on the held-out images (``python -m stlib.realtissue heldout``)
+    heldout_csv: str = "benchmarks/realtissue_heldout.csv"
 
 
 NOTEBOOK_PARAMS: dict[str, type[CommonParams]] = {

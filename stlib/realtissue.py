@@ -47,7 +47,7 @@ from stlib.utils import InputError, atomic_path, cache_key, map_processes, progr
 
 log = logging.getLogger("stlib.realtissue")
 
-__all__ = ["RecipeConfig", "budget_curve", "budget_summary", "st_labels", "build_stores", "train_pair", "score_images", "summary_tables",
+__all__ = ["RecipeConfig", "budget_curve", "budget_summary", "first_above_classical", "image_sets", "st_labels", "build_stores", "train_pair", "score_images", "summary_tables",
            "ratio_ci", "to_resolution", "classification_experiment", "held_out_check", "source_label",
            "MERGED_CLASSES", "load_test_images", "classification_sets", "derived_class_maps", "natural_sorted"]
 
@@ -312,8 +312,11 @@ def budget_curve(data_dir: str | Path, run_dir: str | Path, train_samples: Seque
         per, _ = score_images({"ST-trained": paths["st"], "manual-trained": paths["manual"]}, dev, device=recipe.device)
         frames.append(per[keep].assign(steps=n, snapshot=n != budgets[-1], train_wall_s=round(wall, 1),
                                        loadavg=round(load, 2)))
+    train_organs = ", ".join(sorted(table["organ"].unique()))
         log.info("budget %d: %s", n, per.groupby("model")["bpq"].mean().round(3).to_dict())
-    curve = pd.concat(frames, ignore_index=True)
+    curve = pd.concat(frames, ignore_index=True).assign(train_organs=train_organs,
+                                                         recipe=f"{recipe.encoder} encoder, batch {recipe.batch_size} x "
+                                                                f"{recipe.crop_px} px at {um_per_px} µm/px, lr {recipe.lr}")
     if out is not None:
         with atomic_path(Path(out)) as tmp:
             curve.to_csv(tmp, index=False)
@@ -328,6 +331,17 @@ def budget_summary(curve: pd.DataFrame, metric: str = "bpq") -> pd.DataFrame:
     s = (curve[curve["steps"] > 0].groupby(["steps", "model"], as_index=False)
          .agg(**{metric: (metric, "mean"), "n_images": ("image", "nunique")}))
     return s.assign(classical=base, above_classical=s[metric] > base)
+
+
+def first_above_classical(summary: pd.DataFrame) -> dict[str, int | None]:
+    """Per network of a :func:`budget_summary` table, the smallest budget from which it stays above
+    the classical baseline at every larger budget measured (``None``: not at the largest)."""
+    out: dict[str, int | None] = {}
+    for m, s in summary.sort_values("steps").groupby("model"):
+        above = s["above_classical"].to_numpy(bool)
+        steps = s["steps"].to_numpy()
+        out[str(m)] = next((int(steps[i]) for i in range(len(steps)) if above[i:].all()), None)
+    return out
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -713,9 +727,47 @@ def budget_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def image_sets(per_image: pd.DataFrame) -> np.ndarray:
+    """The chapter's sets of a per-image table: ``CoNSeP colon`` or ``{organ} (MoNuSeg)``."""
+    return np.where(per_image["source"] == "consep", "CoNSeP colon", per_image["organ"] + " (MoNuSeg)")
+
+
+def heldout_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stlib.realtissue heldout``: score a pair of networks on the held-out images.
+
+    Runs ``MODELS/st/model.pt``, ``MODELS/manual/model.pt`` (as ``stlib infer`` does) and the
+    classical Otsu + watershed on every image of the chapter's held-out organs of ``--source``
+    and writes one row per (method, image) to ``--out`` (CSV). Meant to be run once, for a recipe
+    chosen on development data (:func:`budget_curve`).
+    """
+    import argparse
+
+    from stlib.demo.realtissue import load_source_images
+
+    ap = argparse.ArgumentParser(prog="python -m stlib.realtissue heldout", description=heldout_main.__doc__)
+    ap.add_argument("--source", default=_RT.source)
+    ap.add_argument("--models", required=True, help="folder holding st/model.pt and manual/model.pt")
+    ap.add_argument("--heldout-organs", nargs="+", default=list(_RT.heldout_organs))
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(list(argv) if argv is not None else None)
+    models = {"ST-trained": Path(a.models) / "st" / "model.pt", "manual-trained": Path(a.models) / "manual" / "model.pt"}
+    for p in models.values():
+        if not p.is_file():
+            raise InputError("model file not found", path=p, fix="train the pair first (python -m stlib.realtissue budget)")
+    tests = [x for x in load_source_images(a.source) if x.organ in set(a.heldout_organs)]
+    t0 = time.perf_counter()
+    per, _ = score_images({**models, "classical (Otsu + watershed)": "classical"}, tests, device="cpu")
+    per = per.assign(set=image_sets(per), models=str(a.models), score_wall_s=round(time.perf_counter() - t0, 1))
+    with atomic_path(Path(a.out)) as tmp:
+        per.to_csv(tmp, index=False)
+    print(per.groupby(["set", "model"])["bpq"].mean().round(3).to_string())
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover - `python -m stlib.realtissue budget ...`
     import sys
 
-    if sys.argv[1:2] != ["budget"]:
-        sys.exit("usage: python -m stlib.realtissue budget [--help]")
-    sys.exit(budget_main(sys.argv[2:]))
+    commands = {"budget": budget_main, "heldout": heldout_main}
+    if sys.argv[1:2] == [] or sys.argv[1] not in commands:
+        sys.exit("usage: python -m stlib.realtissue {budget,heldout} [--help]")
+    sys.exit(commands[sys.argv[1]](sys.argv[2:]))
