@@ -440,6 +440,9 @@ class RealTissueParams(CommonParams):
     tile_px: int = 256
     refine_masks: bool = True
     encoder: str = "small"
+    #: 150: what `make book` can spend. On the development budget curve (benchmarks/realtissue_budget.csv)
+    #: neither network passes Otsu + watershed at 150; the manual-trained one does from 750, the
+    #: ST-trained one not within 1000 (params/realtissue.yaml trains 1000)
     steps: int = 150
     batch_size: int = 8
     crop_px: int = 128

@@ -312,8 +312,8 @@ def budget_curve(data_dir: str | Path, run_dir: str | Path, train_samples: Seque
         per, _ = score_images({"ST-trained": paths["st"], "manual-trained": paths["manual"]}, dev, device=recipe.device)
         frames.append(per[keep].assign(steps=n, snapshot=n != budgets[-1], train_wall_s=round(wall, 1),
                                        loadavg=round(load, 2)))
-    train_organs = ", ".join(sorted(table["organ"].unique()))
         log.info("budget %d: %s", n, per.groupby("model")["bpq"].mean().round(3).to_dict())
+    train_organs = ", ".join(sorted(table["organ"].unique()))
     curve = pd.concat(frames, ignore_index=True).assign(train_organs=train_organs,
                                                          recipe=f"{recipe.encoder} encoder, batch {recipe.batch_size} x "
                                                                 f"{recipe.crop_px} px at {um_per_px} µm/px, lr {recipe.lr}")
