@@ -171,8 +171,8 @@ def test_budget_curve_keeps_snapshots_equal_to_shorter_runs(trained, tiny):
     assert sorted(curve["steps"].unique()) == [0, 1, 2] and set(curve["image"]) == {"CONSEP_train_1"}
     assert curve.loc[curve.steps == 1, "snapshot"].all() and not curve.loc[curve.steps == 2, "snapshot"].any()
     snap = torch.load(run / "models" / "budget" / "st" / "model_1.pt", map_location="cpu", weights_only=True)
-    one = rt.train_pair(run, rt.RecipeConfig(steps=1, batch_size=2, crop_px=0, device="cpu"), models_dir="models/one",
-                        parallel=False)
+    # the same process layout as the curve's run (one single-thread process per network): bit-identical
+    one = rt.train_pair(run, rt.RecipeConfig(steps=1, batch_size=2, crop_px=0, device="cpu"), models_dir="models/one")
     ref = torch.load(one["st"].model_path, map_location="cpu", weights_only=True)
     assert all(torch.equal(snap["state_dict"][k], ref["state_dict"][k]) for k in ref["state_dict"])
     final = torch.load(run / "models" / "budget" / "st" / "model.pt", map_location="cpu", weights_only=True)
