@@ -440,6 +440,9 @@ class RealTissueParams(CommonParams):
     tile_px: int = 256
     refine_masks: bool = True
     encoder: str = "small"
+    #: 150: what `make book` can spend. On the development budget curve (benchmarks/realtissue_budget.csv)
+    #: neither network passes Otsu + watershed at 150; the manual-trained one does from 750, the
+    #: ST-trained one not within 1000 (params/realtissue.yaml trains 1000)
     steps: int = 150
     batch_size: int = 8
     crop_px: int = 128
@@ -449,6 +452,10 @@ class RealTissueParams(CommonParams):
     n_bootstrap: int = 1000
     #: also segment the held-out images with the network untrained (a floor); the demo skips it for time
     score_untrained: bool = True
+    #: the development budget curve (``python -m stlib.realtissue budget``; shown if present)
+    budget_csv: str = "benchmarks/realtissue_budget.csv"
+    #: the longer recipe chosen on it, scored once on the held-out images (``python -m stlib.realtissue heldout``)
+    heldout_csv: str = "benchmarks/realtissue_heldout.csv"
 
 
 NOTEBOOK_PARAMS: dict[str, type[CommonParams]] = {

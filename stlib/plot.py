@@ -420,7 +420,7 @@ def nhood_enrichment(adata, *, source: str, seed: int = 0, title: str = "") -> p
     return fig
 
 
-__all__ = ["refinement_overlay", "notebook_setup", "source_label", "class_cmap_rgb", "class_legend", "image_grid", "polygons_over_image",
+__all__ = ["budget_curve_plot", "refinement_overlay", "notebook_setup", "source_label", "class_cmap_rgb", "class_legend", "image_grid", "polygons_over_image",
            "training_curves", "metric_ci_plot", "confusion_plot", "alignment_overlay",
            "residual_field", "class_overlay", "tile_labels", "umap_by_class", "marker_dotplot",
            "nhood_enrichment"]
@@ -498,6 +498,36 @@ def outline_panels(image: np.ndarray, panels: Mapping[str, np.ndarray], *, sourc
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
+    _caption(fig, source)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
+
+
+def budget_curve_plot(curve: pd.DataFrame, *, source: str, metric: str = "bpq", title: str = "") -> plt.Figure:
+    """Mean ``metric`` against training steps per network, the classical baseline as a line
+    (a :func:`stlib.realtissue.budget_curve` table: ``steps`` 0 = the baseline; ``snapshot``
+    points drawn hollow), one thin line per development image beside the means."""
+    fig, ax = plt.subplots(figsize=(5.6, 3.6))
+    base = curve[curve["steps"] == 0]
+    nets = curve[curve["steps"] > 0]
+    for k, (m, s) in enumerate(nets.groupby("model", sort=True)):
+        colour = f"C{k}"
+        for _, si in s.groupby("image"):
+            si = si.sort_values("steps")
+            ax.plot(si["steps"], si[metric], color=colour, alpha=0.25, lw=0.8)
+        mean = s.groupby("steps", as_index=False).agg(v=(metric, "mean"), snap=("snapshot", "first")) \
+            if "snapshot" in s.columns else s.groupby("steps", as_index=False).agg(v=(metric, "mean")).assign(snap=False)
+        ax.plot(mean["steps"], mean["v"], color=colour, lw=2, label=str(m))
+        snap = mean["snap"].astype(bool).to_numpy()
+        ax.scatter(mean["steps"][snap], mean["v"][snap], facecolors="white", edgecolors=colour, zorder=3)
+        ax.scatter(mean["steps"][~snap], mean["v"][~snap], color=colour, zorder=3)
+    if len(base):
+        ax.axhline(base[metric].mean(), color="k", ls="--", lw=1.2, label="classical (Otsu + watershed)")
+    ax.set_xlabel("training steps")
+    ax.set_ylabel(f"{metric} (mean over development images)")
+    ax.set_title(title or f"{metric} against the training budget", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     _caption(fig, source)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return fig

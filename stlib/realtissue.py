@@ -30,6 +30,7 @@ segmentation half of the claim against the *real manual* outlines:
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ from stlib.utils import InputError, atomic_path, cache_key, map_processes, progr
 
 log = logging.getLogger("stlib.realtissue")
 
-__all__ = ["RecipeConfig", "st_labels", "build_stores", "train_pair", "score_images", "summary_tables",
+__all__ = ["RecipeConfig", "budget_curve", "budget_summary", "first_above_classical", "image_sets", "st_labels", "build_stores", "train_pair", "score_images", "summary_tables",
            "ratio_ci", "to_resolution", "classification_experiment", "held_out_check", "source_label",
            "MERGED_CLASSES", "load_test_images", "classification_sets", "derived_class_maps", "natural_sorted"]
 
@@ -168,18 +169,24 @@ class RecipeConfig:
     encoder: str = _RT.encoder
     aug_hed: float = 0.2
     aug_scale: float = 0.1
+    #: linear LR warm-up steps (0 = none, the chapter's default)
+    warmup_steps: int = 0
     seed: int = 0
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def train_pair(run_dir: str | Path, recipe: RecipeConfig, *, parallel: bool = True) -> dict[str, Any]:
+def train_pair(run_dir: str | Path, recipe: RecipeConfig, *, parallel: bool = True,
+               models_dir: str = "models", snapshots: Sequence[int] = ()) -> dict[str, Any]:
     """Train ``models/st`` on ``tiles/rt`` and ``models/manual`` on ``tiles/rt_truth``.
 
     Every tile of the training samples is used (``train`` and ``val`` splits: there is no model
     selection, so nothing is held back for it); finished runs are reused (:func:`stlib.train.train`).
     On a CPU with ``parallel`` the two runs train at the same time in two single-thread processes
     (:func:`stlib.utils.map_processes`); on a GPU one after the other.
+
+    ``models_dir`` is the folder of the two runs inside ``run_dir``; ``snapshots``: steps after
+    which the weights are also kept as ``model_{step}.pt`` (:func:`budget_curve`).
 
     Returns
     -------
@@ -193,31 +200,148 @@ def train_pair(run_dir: str | Path, recipe: RecipeConfig, *, parallel: bool = Tr
 
     jobs = {}
     for name, store in (("st", f"tiles/{STORE}"), ("manual", f"tiles/{STORE}_truth")):
-        cfg = TrainConfig(recipe=name, run_dir=str(run_dir), stores=(store,), out_dir=f"models/{name}",
+        cfg = TrainConfig(recipe=name, run_dir=str(run_dir), stores=(store,), out_dir=f"{models_dir}/{name}",
                           train_splits=("train", "val"), val_splits=("val",), val_max_tiles=4,
                           encoder=recipe.encoder, steps=recipe.steps, batch_size=recipe.batch_size,
                           crop_px=recipe.crop_px, lr=recipe.lr, aug_hed=recipe.aug_hed, aug_scale=recipe.aug_scale,
-                          seed=recipe.seed, device=recipe.device, val_every=recipe.steps, ckpt_every=recipe.steps,
-                          num_workers=1, **recipe.extra)
+                          seed=recipe.seed, device=recipe.device, val_every=recipe.steps,
+                          ckpt_every=math.gcd(recipe.steps, *[int(n) for n in snapshots]),
+                          warmup_steps=recipe.warmup_steps, num_workers=1, **recipe.extra)
         ckpt = cfg.out_path() / "checkpoint.pt"
         resume = "auto"
         if ckpt.is_file():  # another profile or parameter set trained here before: start over, don't refuse
             old = torch.load(ckpt, map_location="cpu", weights_only=True).get("config", {})
             if comparable_config(old) != comparable_config(cfg.to_dict()):
                 resume = "never"
-        jobs[name] = (cfg, resume)
+        jobs[name] = (cfg, resume, tuple(sorted(int(n) for n in snapshots if 0 < int(n) < recipe.steps)))
     # on a CPU the two networks train side by side, one process per core (stlib.utils.map_processes)
     workers = 1 if resolve_device(recipe.device) != "cpu" or not parallel else None
     done = map_processes(_train_job, list(jobs.values()), workers=workers)
     return dict(zip(jobs, done))
 
 
-def _train_job(job: tuple[Any, str]) -> Any:
-    """One :func:`stlib.train.train` call (a picklable job of :func:`train_pair`)."""
-    from stlib.train import train
+def _train_job(job: tuple[Any, str, tuple[int, ...]]) -> Any:
+    """One :func:`stlib.train.train` call (a picklable job of :func:`train_pair`), stopping after
+    each snapshot step to keep the weights of its checkpoint as ``model_{step}.pt``."""
+    import torch
 
-    cfg, resume = job
+    from stlib.train import train
+    from stlib.train.loop import TrainingInterrupted
+
+    cfg, resume, snapshots = job
+    out = cfg.out_path()
+    for n in snapshots:
+        snap = out / f"model_{n}.pt"
+        if snap.is_file() and resume == "auto":
+            continue
+        try:  # the run stops right after the checkpoint of step n and resumes from it bit-for-bit
+            train(cfg, resume=resume, interrupt_after=n)
+        except TrainingInterrupted:
+            ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+            if int(ckpt["step"]) == n:
+                keys = ("config", "state_dict", "class_names", "um_per_px", "tile_px", "stlib_version")
+                with atomic_path(snap) as tmp:
+                    torch.save({k: ckpt[k] for k in keys if k in ckpt}, tmp)
+        resume = "auto"
     return train(cfg, resume=resume)
+
+
+# ----------------------------------------------------------------------------- budget curve
+def budget_curve(data_dir: str | Path, run_dir: str | Path, train_samples: Sequence[str],
+                 dev_samples: Sequence[str], *, budgets: Sequence[int] = (150, 300, 500, 750, 1000),
+                 recipe: RecipeConfig | None = None, um_per_px: float = _RT.um_per_px, tile_px: int = _RT.tile_px,
+                 refine_masks: bool = True, seed: int = 0, out: str | Path | None = None) -> pd.DataFrame:
+    """bPQ against the training budget, for ST-derived and manual masks, on development images.
+
+    A *development* split of a real-tissue cohort: both networks train on ``train_samples``
+    (e.g. two training organs) and are scored against the manual outlines of ``dev_samples``
+    (a third training organ), never on the chapter's held-out test images. One pair of runs of
+    ``max(budgets)`` steps is trained (the chapter's recipe, LR schedule over the whole run) and
+    its weights are kept after each smaller budget (``model_{steps}.pt``): those points are
+    snapshots of the long run, whose LR has not yet decayed, so they are a lower bound of what a
+    run of that length alone would reach; the last point is a complete run. The classical
+    Otsu + watershed is scored once on the same images. Finished runs and snapshots are reused
+    (``run_dir/models/budget/{st,manual}``).
+
+    Parameters
+    ----------
+    data_dir, run_dir
+        The cohort (:func:`stlib.demo.realtissue.make_realtissue_cohort`) and a run folder of the study.
+    train_samples, dev_samples
+        Sample ids of the cohort; they must not overlap.
+    budgets
+        Training steps of each point (the largest is the run's length).
+    recipe
+        Everything but ``steps`` (default: the chapter's recipe).
+    out
+        Optional result file (``.csv``), written atomically with one row per (budget, method, image).
+
+    Returns
+    -------
+    One row per (``steps``, ``model``, ``image``): ``organ``, ``bpq``, ``dice``, ``aji``, ``f_d``,
+    ``snapshot`` (True for points before the last), the pair's training wall time
+    ``train_wall_s`` (both networks side by side, the whole run) and the load average when it
+    finished; ``steps`` is 0 for the classical baseline.
+    """
+    from dataclasses import replace
+    import os
+
+    from stlib.io.cohort import cohort_table
+
+    overlap = set(train_samples) & set(dev_samples)
+    if overlap:
+        raise InputError(f"development images are also training images: {sorted(overlap)}",
+                         fix="give disjoint train_samples and dev_samples")
+    budgets = sorted({int(n) for n in budgets})
+    recipe = recipe or RecipeConfig(seed=seed)
+    table = cohort_table(data_dir)
+    table = table[table["sample"].isin(list(train_samples))].assign(role="train")
+    st_labels(data_dir, run_dir, list(train_samples), seed=seed)
+    build_stores(data_dir, run_dir, table, um_per_px=um_per_px, tile_px=tile_px, seed=seed, refine_masks=refine_masks)
+    dev = load_test_images(data_dir, list(dev_samples))
+    keep = ["model", "image", "organ", "bpq", "dice", "aji", "f_d"]
+    frames = [score_images({"classical (Otsu + watershed)": "classical"}, dev)[0][keep].assign(steps=0)]
+    t0 = time.perf_counter()
+    res = train_pair(run_dir, replace(recipe, steps=budgets[-1]), models_dir="models/budget", snapshots=budgets[:-1])
+    wall, load = time.perf_counter() - t0, os.getloadavg()[0]
+    for n in budgets:
+        paths = {k: (r.model_path if n == budgets[-1] else r.out_dir / f"model_{n}.pt") for k, r in res.items()}
+        if not all(Path(p).is_file() for p in paths.values()):
+            log.warning("budget %d: no snapshot (the run was already past it); skipped", n)
+            continue
+        per, _ = score_images({"ST-trained": paths["st"], "manual-trained": paths["manual"]}, dev, device=recipe.device)
+        frames.append(per[keep].assign(steps=n, snapshot=n != budgets[-1], train_wall_s=round(wall, 1),
+                                       loadavg=round(load, 2)))
+        log.info("budget %d: %s", n, per.groupby("model")["bpq"].mean().round(3).to_dict())
+    train_organs = ", ".join(sorted(table["organ"].unique()))
+    curve = pd.concat(frames, ignore_index=True).assign(train_organs=train_organs,
+                                                         recipe=f"{recipe.encoder} encoder, batch {recipe.batch_size} x "
+                                                                f"{recipe.crop_px} px at {um_per_px} µm/px, lr {recipe.lr}")
+    if out is not None:
+        with atomic_path(Path(out)) as tmp:
+            curve.to_csv(tmp, index=False)
+    return curve
+
+
+def budget_summary(curve: pd.DataFrame, metric: str = "bpq") -> pd.DataFrame:
+    """Mean ``metric`` over the development images per (``steps``, ``model``) of a
+    :func:`budget_curve` table, the classical baseline's value beside each budget, and whether the
+    network is above it (``above_classical``)."""
+    base = curve.loc[curve["steps"] == 0, metric].mean()
+    s = (curve[curve["steps"] > 0].groupby(["steps", "model"], as_index=False)
+         .agg(**{metric: (metric, "mean"), "n_images": ("image", "nunique")}))
+    return s.assign(classical=base, above_classical=s[metric] > base)
+
+
+def first_above_classical(summary: pd.DataFrame) -> dict[str, int | None]:
+    """Per network of a :func:`budget_summary` table, the smallest budget from which it stays above
+    the classical baseline at every larger budget measured (``None``: not at the largest)."""
+    out: dict[str, int | None] = {}
+    for m, s in summary.sort_values("steps").groupby("model"):
+        above = s["above_classical"].to_numpy(bool)
+        steps = s["steps"].to_numpy()
+        out[str(m)] = next((int(steps[i]) for i in range(len(steps)) if above[i:].all()), None)
+    return out
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -313,19 +437,43 @@ def summary_tables(per_image: pd.DataFrame, *, metrics: Sequence[str] = ("bpq", 
     return s, (pd.concat(comps, ignore_index=True) if comps else pd.DataFrame())
 
 
-def ratio_ci(a: Sequence[float], b: Sequence[float], *, n_boot: int = 2000, ci: float = 0.95,
-             seed: int = 0) -> tuple[float, float, float]:
-    """Ratio of means ``mean(a) / mean(b)`` of paired per-image values, with a paired bootstrap CI."""
+def ratio_ci(a: Sequence[float], b: Sequence[float], strata: Sequence[Any] | None = None, *, n_boot: int = 2000,
+             ci: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """Ratio ``pooled(a) / pooled(b)`` of paired per-image values, with a paired bootstrap CI.
+
+    ``pooled`` is the chapter's pooling rule (:func:`stlib.evaluate.pooled_mean`): the mean over
+    the images of each stratum (set, e.g. MoNuSeg kidney / CoNSeP), then the mean over strata, so
+    the ratio describes the same pooled values as the chapter's other numbers. The bootstrap
+    resamples images (the independent unit) with replacement within each stratum, the same images
+    for ``a`` and ``b`` (paired); strata are fixed. Without ``strata``: plain means over images.
+
+    Returns
+    -------
+    ``(ratio, ci_low, ci_high)``; NaNs where a value of the pair is missing are dropped.
+    """
+    from stlib.evaluate import pooled_mean
+
     a, b = np.asarray(a, float), np.asarray(b, float)
+    st = np.zeros(a.size, int) if strata is None else np.asarray(pd.factorize(pd.Series(list(strata)))[0])
+    if not a.shape == b.shape == st.shape:
+        raise ValueError(f"a, b and strata must have one value per image, got {a.shape}, {b.shape}, {st.shape}")
     keep = ~(np.isnan(a) | np.isnan(b))
-    a, b = a[keep], b[keep]
-    if not a.size or b.mean() == 0:
+    a, b, st = a[keep], b[keep], st[keep]
+    den = pooled_mean(b, st) if a.size else 0.0
+    if not a.size or den == 0:
         return float("nan"), float("nan"), float("nan")
+    est = pooled_mean(a, st) / den
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, a.size, (n_boot, a.size))
-    r = a[idx].mean(1) / np.maximum(b[idx].mean(1), 1e-12)
+    num_r, den_r = np.zeros(n_boot), np.zeros(n_boot)
+    groups = np.unique(st)
+    for g in groups:  # per stratum: images drawn with replacement (multinomial counts), paired for a and b
+        ga, gb = a[st == g], b[st == g]
+        w = rng.multinomial(ga.size, np.full(ga.size, 1.0 / ga.size), size=n_boot) / ga.size
+        num_r += w @ ga / groups.size
+        den_r += w @ gb / groups.size
+    r = num_r / np.maximum(den_r, 1e-12)
     lo, hi = np.quantile(r, [(1 - ci) / 2, 1 - (1 - ci) / 2])
-    return float(a.mean() / b.mean()), float(lo), float(hi)
+    return float(est), float(lo), float(hi)
 
 
 # ----------------------------------------------------------------------------- classification
@@ -533,3 +681,93 @@ def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, float
     t0 = time.perf_counter()
     r = fn(*args, **kwargs)
     return r, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- command line
+def budget_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stlib.realtissue budget``: the development budget curve into a CSV.
+
+    Builds (or reuses) the real-tissue cohort of ``--source`` in ``--data-dir``, trains on the
+    images of ``--train-organs``, scores on those of ``--dev-organs`` (never the chapter's
+    held-out organs: refused) and writes :func:`budget_curve`'s table to ``--out``.
+    """
+    import argparse
+
+    from stlib.demo.realtissue import load_source_images, make_realtissue_cohort, source_sample_id
+
+    ap = argparse.ArgumentParser(prog="python -m stlib.realtissue budget", description=budget_main.__doc__)
+    ap.add_argument("--source", default=_RT.source)
+    ap.add_argument("--data-dir", default="data/realtissue-dev")
+    ap.add_argument("--run-dir", default="runs/realtissue-dev")
+    ap.add_argument("--train-organs", nargs="+", default=["Breast", "Lung"])
+    ap.add_argument("--dev-organs", nargs="+", default=["Prostate"])
+    ap.add_argument("--budgets", nargs="+", type=int, default=[150, 300, 500, 750, 1000])
+    ap.add_argument("--batch-size", type=int, default=_RT.batch_size)
+    ap.add_argument("--crop-px", type=int, default=_RT.crop_px)
+    ap.add_argument("--lr", type=float, default=_RT.lr)
+    ap.add_argument("--warmup-steps", type=int, default=0)
+    ap.add_argument("--um-per-px", type=float, default=_RT.um_per_px)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/realtissue_budget.csv")
+    a = ap.parse_args(list(argv) if argv is not None else None)
+    held = set(_RT.heldout_organs)
+    if held & set(a.dev_organs) or held & set(a.train_organs):
+        raise InputError(f"the chapter's held-out organs {sorted(held)} are test organs, never development data",
+                         fix="choose train and dev organs among the training organs")
+    imgs = [x for x in load_source_images(a.source) if x.organ in set(a.train_organs) | set(a.dev_organs)]
+    make_realtissue_cohort(a.data_dir, imgs, seed=a.seed, heldout_organs=tuple(a.dev_organs), pannuke=None)
+    sid = {x.name: source_sample_id(x.source, x.name) for x in imgs}
+    train = natural_sorted([sid[x.name] for x in imgs if x.organ in a.train_organs])
+    dev = natural_sorted([sid[x.name] for x in imgs if x.organ in a.dev_organs])
+    recipe = RecipeConfig(batch_size=a.batch_size, crop_px=a.crop_px, lr=a.lr, warmup_steps=a.warmup_steps,
+                          seed=a.seed, device="cpu")
+    curve = budget_curve(a.data_dir, a.run_dir, train, dev, budgets=a.budgets, recipe=recipe, um_per_px=a.um_per_px,
+                         seed=a.seed, out=a.out)
+    print(budget_summary(curve).to_string(index=False))
+    return 0
+
+
+def image_sets(per_image: pd.DataFrame) -> np.ndarray:
+    """The chapter's sets of a per-image table: ``CoNSeP colon`` or ``{organ} (MoNuSeg)``."""
+    return np.where(per_image["source"] == "consep", "CoNSeP colon", per_image["organ"] + " (MoNuSeg)")
+
+
+def heldout_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stlib.realtissue heldout``: score a pair of networks on the held-out images.
+
+    Runs ``MODELS/st/model.pt``, ``MODELS/manual/model.pt`` (as ``stlib infer`` does) and the
+    classical Otsu + watershed on every image of the chapter's held-out organs of ``--source``
+    and writes one row per (method, image) to ``--out`` (CSV). Meant to be run once, for a recipe
+    chosen on development data (:func:`budget_curve`).
+    """
+    import argparse
+
+    from stlib.demo.realtissue import load_source_images
+
+    ap = argparse.ArgumentParser(prog="python -m stlib.realtissue heldout", description=heldout_main.__doc__)
+    ap.add_argument("--source", default=_RT.source)
+    ap.add_argument("--models", required=True, help="folder holding st/model.pt and manual/model.pt")
+    ap.add_argument("--heldout-organs", nargs="+", default=list(_RT.heldout_organs))
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(list(argv) if argv is not None else None)
+    models = {"ST-trained": Path(a.models) / "st" / "model.pt", "manual-trained": Path(a.models) / "manual" / "model.pt"}
+    for p in models.values():
+        if not p.is_file():
+            raise InputError("model file not found", path=p, fix="train the pair first (python -m stlib.realtissue budget)")
+    tests = [x for x in load_source_images(a.source) if x.organ in set(a.heldout_organs)]
+    t0 = time.perf_counter()
+    per, _ = score_images({**models, "classical (Otsu + watershed)": "classical"}, tests, device="cpu")
+    per = per.assign(set=image_sets(per), models=str(a.models), score_wall_s=round(time.perf_counter() - t0, 1))
+    with atomic_path(Path(a.out)) as tmp:
+        per.to_csv(tmp, index=False)
+    print(per.groupby(["set", "model"])["bpq"].mean().round(3).to_string())
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m stlib.realtissue budget ...`
+    import sys
+
+    commands = {"budget": budget_main, "heldout": heldout_main}
+    if sys.argv[1:2] == [] or sys.argv[1] not in commands:
+        sys.exit("usage: python -m stlib.realtissue {budget,heldout} [--help]")
+    sys.exit(commands[sys.argv[1]](sys.argv[2:]))

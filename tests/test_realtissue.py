@@ -154,6 +154,33 @@ def test_retraining_with_another_recipe_replaces_the_model(trained):
     assert again["st"].skipped
 
 
+def test_budget_curve_keeps_snapshots_equal_to_shorter_runs(trained, tiny):
+    """The budget curve's snapshot after step 1 of a 2-step run holds the weights a 1-step run
+    ends with (same seed, sampler and first LR), and every point is scored on the dev images only."""
+    import torch
+
+    from stlib import realtissue as rt
+
+    data, run = tiny["data"], tiny["root"] / "budget"
+    recipe = rt.RecipeConfig(batch_size=2, crop_px=0, device="cpu")
+    with pytest.raises(InputError, match="also training"):
+        rt.budget_curve(data, run, ["MONUSEG_TCGA-A7-A001-01Z"], ["MONUSEG_TCGA-A7-A001-01Z"])
+    train_ids = trained["table"].loc[trained["table"].role == "train", "sample"].tolist()
+    curve = rt.budget_curve(data, run, train_ids, ["CONSEP_train_1"], budgets=(2, 1), recipe=recipe,
+                            um_per_px=0.5, tile_px=64)
+    assert sorted(curve["steps"].unique()) == [0, 1, 2] and set(curve["image"]) == {"CONSEP_train_1"}
+    assert curve.loc[curve.steps == 1, "snapshot"].all() and not curve.loc[curve.steps == 2, "snapshot"].any()
+    snap = torch.load(run / "models" / "budget" / "st" / "model_1.pt", map_location="cpu", weights_only=True)
+    # the same process layout as the curve's run (one single-thread process per network): bit-identical
+    one = rt.train_pair(run, rt.RecipeConfig(steps=1, batch_size=2, crop_px=0, device="cpu"), models_dir="models/one")
+    ref = torch.load(one["st"].model_path, map_location="cpu", weights_only=True)
+    assert all(torch.equal(snap["state_dict"][k], ref["state_dict"][k]) for k in ref["state_dict"])
+    final = torch.load(run / "models" / "budget" / "st" / "model.pt", map_location="cpu", weights_only=True)
+    assert any(not torch.equal(snap["state_dict"][k], final["state_dict"][k]) for k in final["state_dict"])
+    summ = rt.budget_summary(curve)
+    assert set(summ["model"]) == {"ST-trained", "manual-trained"} and (summ["n_images"] == 1).all()
+
+
 def test_scores_through_infer_and_the_cli_check_agree(trained, tiny, tmp_path):
     from stlib import realtissue as rt
 
@@ -179,6 +206,29 @@ def test_ratio_ci():
     r, lo, hi = ratio_ci([0.45, 0.5, 0.55, 0.4], [0.5, 0.5, 0.5, 0.5], n_boot=500)
     assert r == pytest.approx(0.95) and lo <= r <= hi
     assert all(np.isnan(ratio_ci([], [])))
+
+
+def test_ratio_ci_pools_per_set_like_the_other_values():
+    """One set of 1 image and one of 4: the pooled ratio weights the sets equally; the plain mean
+    over images (the old statistic) would not. The bootstrap resamples images within each set."""
+    from stlib.evaluate import pooled_mean
+    from stlib.realtissue import ratio_ci
+
+    a = np.array([0.2, 0.6, 0.6, 0.6, 0.6])
+    b = np.array([0.4, 0.5, 0.5, 0.5, 0.5])
+    sets = ["kidney", "consep", "consep", "consep", "consep"]
+    r, lo, hi = ratio_ci(a, b, sets, n_boot=400)
+    assert r == pytest.approx(pooled_mean(a, sets) / pooled_mean(b, sets)) == pytest.approx(0.4 / 0.45)
+    assert abs(r - a.mean() / b.mean()) > 0.1  # the plain mean over images: 2.6 / 2.4
+    assert lo == pytest.approx(r) and hi == pytest.approx(r)  # no spread within either set: nothing to resample
+    rng = np.random.default_rng(1)
+    a2 = a + rng.normal(0, 0.05, a.size)
+    r2, lo2, hi2 = ratio_ci(a2, b, sets, n_boot=400)
+    assert lo2 < r2 < hi2
+    # resampling within the sets: the 1-image set never changes, so every replicate keeps its pair
+    assert r2 == pytest.approx(pooled_mean(a2, sets) / pooled_mean(b, sets))
+    with pytest.raises(ValueError):
+        ratio_ci(a, b, sets[:3])
 
 
 def test_classification_heads_compare_label_sets(trained, tiny):
