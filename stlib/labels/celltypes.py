@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Key", "FINE_TYPES", "UNKNOWN", "load_markers", "type_allowed", "panel_coverage_table", "load_programs", "marker_coverage",
-    "canonical_organ", "qc_filter", "normalize", "rank_score", "cluster", "annotate_clusters", "assign_fine_types",
+    "canonical_organ", "qc_filter", "normalize", "rank_score", "cluster", "annotate_clusters", "lineage_gate",
+    "assign_fine_types",
     "refine_posteriors",
 ]
 
@@ -573,7 +574,8 @@ def _gene_counts(adata: AnnData) -> Any:
 def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, cluster_key: str = Key.CLUSTER,
                       layer: str = Key.LOGNORM, background_quantile: float = 0.1, min_cluster_cells: int = 10,
                       owned: float = 0.5, min_owned_markers: int = 2, min_ownership: float = 0.3,
-                      min_range: float = 2.0, groups: Mapping[str, Any] | None = None) -> pd.DataFrame:
+                      min_range: float = 2.0, groups: Mapping[str, Any] | None = None,
+                      lineage_gate: Mapping[str, Any] | None = None) -> pd.DataFrame:
     r"""Cell type of each Leiden cluster from how much of each type's marker set it *owns*.
 
     For every gene, the cluster means of the log-normalised expression are put on a 0-1 scale
@@ -592,13 +594,26 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
     marker shared by several clusters of one lineage (the epithelium of a tumour split in five
     clusters) owned by each of them.
 
+    ``lineage_gate`` (:func:`lineage_gate`; ``None`` = no gate) applies the two lineage genes that
+    flow cytometry gates on, CD45 (PTPRC, every leukocyte) and the simple-epithelium genes (EPCAM,
+    E-cadherin, keratins 8/18/19, claudins 4/7), on the same 0-1 scale: an immune type qualifies for
+    (and is nominated by) a cluster only when the cluster expresses a pan-immune gene with
+    :math:`s \ge` ``min_ownership`` where the panel has one (types in ``exempt``, e.g. plasma
+    cells, which lose CD45, are not held to this), and never when the cluster expresses the
+    pan-epithelial genes at full strength (mean :math:`s \ge` ``owned``) more than the pan-immune
+    ones. Tumour cells with partial lineage loss and a few aberrant immune genes (drift) otherwise
+    own two immune markers and are called immune. Stromal types (``stromal_types``: fibroblasts,
+    endothelium, muscle) never go to a cluster with full pan-epithelial expression either.
+
     Returns
     -------
     One row per cluster: ``cluster``, ``n_cells``, ``type`` (``"unknown"`` when no type
     qualifies), ``qualifying`` (comma-joined types with enough ownership and owned markers),
     ``nominated`` (the qualifying types, and the best one when its ownership reaches
     ``min_ownership``), ``ownership``, ``n_owned`` (markers with s >= ``owned``), ``runner_up``,
-    ``runner_up_ownership``, ``owned_markers`` (comma-joined).
+    ``runner_up_ownership``, ``owned_markers`` (comma-joined), ``pan_immune`` and ``pan_epithelial``
+    (mean :math:`s` of the gate's genes on the panel, NaN without them), ``gated`` (comma-joined
+    immune types the lineage gate kept out).
     """
     if cluster_key not in adata.obs:
         raise ValueError(f"obs[{cluster_key!r}] missing: run stlib.labels.celltypes.cluster(adata) first")
@@ -619,9 +634,13 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
     var = pd.Index(adata.var_names)
     idx = {t: var.get_indexer(list(g)) for t, g in markers.items()}
     idx = {t: i[i >= 0] for t, i in idx.items() if (i >= 0).any()}
+    pan_imm, pan_epi, gated_types, exempt, stromal = _lineage_gate_arrays(scaled, var, lineage_gate)
     rows = []
     for c in range(n_cl):
         ev = {t: (float(scaled[c, i].mean()), int((scaled[c, i] >= owned).sum())) for t, i in idx.items()}
+        blocked_t = _gate_blocks(pan_imm[c], pan_epi[c], gated_types, exempt, min_ownership, owned, stromal)
+        if blocked_t:
+            ev = {t: (v if t not in blocked_t else (min(v[0], min_ownership - 1e-9), 0)) for t, v in ev.items()}
         qual = lambda t: ev[t][0] >= min_ownership and ev[t][1] >= min_owned_markers  # noqa: E731
         order = sorted(ev, key=lambda t: (-qual(t), -ev[t][0], -ev[t][1]))
         best = order[0] if order else UNKNOWN
@@ -640,8 +659,69 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
                      "qualifying": ",".join(qualifying), "nominated": ",".join(nominated),
                      "ownership": ev[best][0] if order else 0.0, "n_owned": ev[best][1] if order else 0,
                      "runner_up": second, "runner_up_ownership": ev[second][0] if second else 0.0,
-                     "owned_markers": ",".join(var[idx[best][scaled[c, idx[best]] >= owned]]) if order else ""})
+                     "owned_markers": ",".join(var[idx[best][scaled[c, idx[best]] >= owned]]) if order else "",
+                     "pan_immune": pan_imm[c], "pan_epithelial": pan_epi[c],
+                     "gated": ",".join(t for t in idx if t in blocked_t)})
     return pd.DataFrame(rows)
+
+
+def lineage_gate(types: Sequence[str], type_class: Mapping[str, int], immune_class: int,
+                 stromal_classes: Sequence[int] = ()) -> dict[str, Any]:
+    """The lineage gate of :func:`annotate_clusters` from ``markers/celltypes.yaml: lineage_gate``.
+
+    Parameters
+    ----------
+    types
+        Fine types being scored.
+    type_class
+        Fine type -> image class (``stlib.labels.classes.FINE_TO_CLASS``).
+    immune_class
+        Class id of immune cells (the gated types are the ``types`` of this class).
+    stromal_classes
+        Class ids of the other non-epithelial lineages (connective tissue): their types never go to
+        a cluster with full pan-epithelial expression either.
+
+    Returns
+    -------
+    ``{"pan_immune": [...], "pan_epithelial": [...], "immune_types": [...], "stromal_types": [...],
+    "exempt": [...]}`` (genes not yet filtered to the panel; :func:`annotate_clusters` keeps those in it).
+    """
+    spec = _read_yaml("celltypes.yaml").get("lineage_gate", {})
+    return {"pan_immune": list(spec.get("pan_immune", [])), "pan_epithelial": list(spec.get("pan_epithelial", [])),
+            "immune_types": [t for t in types if type_class.get(t) == immune_class],
+            "stromal_types": [t for t in types if type_class.get(t) in set(stromal_classes)],
+            "exempt": list(spec.get("exempt_from_pan_immune", []))}
+
+
+def _lineage_gate_arrays(scaled: np.ndarray, var: pd.Index, gate: Mapping[str, Any] | None
+                         ) -> tuple[np.ndarray, np.ndarray, set[str], set[str], set[str]]:
+    """Per cluster, mean 0-1 expression of the pan-immune and pan-epithelial genes (NaN: none in panel)."""
+    n_cl = scaled.shape[0]
+    nan = np.full(n_cl, np.nan)
+    if not gate:
+        return nan, nan.copy(), set(), set(), set()
+
+    def mean_of(genes: Sequence[str]) -> np.ndarray:
+        i = var.get_indexer(list(genes))
+        i = i[i >= 0]
+        return scaled[:, i].mean(axis=1) if i.size else np.full(n_cl, np.nan)
+
+    return (mean_of(gate.get("pan_immune", ())), mean_of(gate.get("pan_epithelial", ())),
+            set(gate.get("immune_types", ())), set(gate.get("exempt", ())), set(gate.get("stromal_types", ())))
+
+
+def _gate_blocks(pan_imm: float, pan_epi: float, immune_types: set[str], exempt: set[str],
+                 min_ownership: float, owned: float, stromal_types: set[str] = frozenset()) -> set[str]:
+    """Types a cluster may not take: immune types without pan-immune expression; immune and stromal
+    types where epithelial expression is at full strength (and, for immune types, outweighs CD45)."""
+    out: set[str] = set()
+    if np.isfinite(pan_imm) and pan_imm < min_ownership:
+        out |= immune_types - exempt
+    if np.isfinite(pan_epi) and pan_epi >= owned:
+        out |= set(stromal_types)
+        if not (np.isfinite(pan_imm) and pan_imm >= pan_epi):
+            out |= immune_types
+    return out
 
 
 def refine_posteriors(counts: Any, label: np.ndarray, seed: np.ndarray, n_types: int, *,
@@ -776,11 +856,14 @@ def _rare_seeds(adata: AnnData, markers: Mapping[str, list[str]], types: list[st
         [bool(qual_[c_i][sorted(annotated)].any()) if annotated else False for c_i in range(len(cl_label))]))
     strong = (qc & (margin >= rare_margin) & ~blocked[codes]
               & (det[np.arange(n), best] >= np.minimum(rare_min_detected, n_mk[best])))
+    # the lineage gate holds for seeds too: a cell of a cluster the gate kept from an immune type
+    # (CD45-negative or epithelial) does not seed that type's profile
+    gated = _cluster_type_mask(ann["gated"], types) if "gated" in ann else np.zeros_like(nom)
     rare_seed = np.zeros(n, dtype=bool)
     for t in range(len(types)):
         if t in annotated:
             continue
-        m = strong & (best == t)
+        m = strong & (best == t) & ~gated[codes, t]
         if m.sum() >= rare_min_cells:
             rare_seed |= m
     return rare_seed, nom
@@ -788,13 +871,14 @@ def _rare_seeds(adata: AnnData, markers: Mapping[str, list[str]], types: list[st
 
 def _refine_rounds(counts: Any, label: np.ndarray, seed: np.ndarray, qc: np.ndarray, unexplained: np.ndarray,
                    nom: np.ndarray, codes: np.ndarray, n_types: int, *, refine: int, unknown_posterior: float,
-                   refine_kwargs: Mapping[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
+                   refine_kwargs: Mapping[str, Any] | None,
+                   group: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``refine`` rounds of :func:`refine_posteriors`; returns the final label and its posterior."""
     n = len(label)
     chosen = np.where(label < n_types, 1.0, 0.0)
     for _ in range(refine):
-        post, _has = refine_posteriors(counts, label, seed, n_types + 1, free=label == n_types,
-                                       **dict(refine_kwargs or {}))
+        post, has = refine_posteriors(counts, label, seed, n_types + 1, free=label == n_types,
+                                      **dict(refine_kwargs or {}))
         new_label = post.argmax(axis=1)
         new_chosen = post[np.arange(n), new_label]
         # a cell of a cluster no type explains joins a type only on strong evidence, and
@@ -802,6 +886,15 @@ def _refine_rounds(counts: Any, label: np.ndarray, seed: np.ndarray, qc: np.ndar
         # over-confident, and over the whole panel an unknown population is always
         # "closest" to some profile (tumour cells to a T-cell profile)
         ok_type = nom[codes, np.minimum(new_label, n_types - 1)] & (new_label < n_types)
+        # ... and only when every type it nominates of another class (``group``) has a profile to
+        # compete with: a posterior over the profiled types alone is no evidence against a
+        # nominated type no other cluster taught (keratinocytes nominating epithelium and smooth
+        # muscle, with no epithelial cluster)
+        grp = np.arange(n_types) if group is None else np.asarray(group)
+        missing = nom & ~has[None, :n_types]  # clusters x types
+        lab_ = np.minimum(new_label, n_types - 1)
+        other_class_missing = (missing[codes] & (grp[None, :] != grp[lab_][:, None])).any(axis=1)
+        ok_type &= ~other_class_missing
         stay = unexplained & ((new_chosen < unknown_posterior) | ~ok_type)
         label = np.where(stay, n_types, new_label)
         chosen = np.where(stay, 0.0, new_chosen)
@@ -848,7 +941,10 @@ def _hierarchical_labels(adata: AnnData, markers: Mapping[str, list[str]], types
         label = np.where(rare_seed, best, label)
         seed |= rare_seed
         unexplained = cl_label[codes] == len(types)
+        groups = dict(annotate_kwargs or {}).get("groups")
+        group = None if groups is None else pd.factorize([str(groups.get(t, t)) for t in types])[0]
         label, chosen = _refine_rounds(counts, label, seed, qc, unexplained, nom, codes, len(types),
+                                       group=group,
                                        refine=refine, unknown_posterior=unknown_posterior,
                                        refine_kwargs=refine_kwargs)
         refined = True
