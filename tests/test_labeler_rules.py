@@ -19,7 +19,7 @@ import pytest
 import scipy.sparse as sp
 from anndata import AnnData
 
-from stlib.constants import INFLAMMATORY
+from stlib.constants import CONNECTIVE, INFLAMMATORY
 from stlib.labels import celltypes as ct
 from stlib.labels import classes as cl
 
@@ -85,10 +85,28 @@ def test_lineage_gate_without_cd45_on_the_panel_still_vetoes_epithelial_clusters
     assert np.isnan(a.loc["t_cells", "pan_immune"])
 
 
+def test_lineage_gate_keeps_stromal_types_from_epithelial_clusters():
+    markers = {"epi": ["E1", "E2", "E3", "E4", "E5", "E6"], "smc": ["S1", "S2", "S3", "S4"]}
+    groups = {"epi": 5, "smc": 3}
+    ad = _sample({"smc": {"S1": 7, "S2": 7, "S3": 7, "S4": 7},
+                  "duct": {"EPCAM": 8, "E1": 7, "E2": 7, "E3": 7, "E4": 7},
+                  # acinar-like: full EPCAM, a few epithelial markers, three smooth-muscle genes
+                  "acinar": {"EPCAM": 8, "E1": 5, "E2": 4, "S1": 6, "S2": 6, "S3": 5}})
+    without = ct.annotate_clusters(ad, markers, groups=groups).set_index("cluster")
+    assert "smc" in without.loc["acinar", "qualifying"]
+    gate = {"pan_immune": ["PTPRC"], "pan_epithelial": ["EPCAM"], "immune_types": [], "stromal_types": ["smc"],
+            "exempt": []}
+    a = ct.annotate_clusters(ad, markers, groups=groups, lineage_gate=gate).set_index("cluster")
+    assert "smc" not in a.loc["acinar", "qualifying"] and a.loc["acinar", "type"] != "smc"
+    assert a.loc["smc", "type"] == "smc"  # no epithelial expression: not gated
+
+
 def test_lineage_gate_from_the_yaml_covers_the_immune_types():
-    gate = ct.lineage_gate(["t_cell", "b_cell", "plasma", "epithelial", "fibroblast"], cl.FINE_TO_CLASS, INFLAMMATORY)
+    gate = ct.lineage_gate(["t_cell", "b_cell", "plasma", "epithelial", "fibroblast"], cl.FINE_TO_CLASS, INFLAMMATORY,
+                           (CONNECTIVE,))
     assert "PTPRC" in gate["pan_immune"] and "EPCAM" in gate["pan_epithelial"]
     assert gate["immune_types"] == ["t_cell", "b_cell", "plasma"]
+    assert gate["stromal_types"] == ["fibroblast"]
     assert gate["exempt"] == ["plasma"]
 
 

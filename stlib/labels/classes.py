@@ -965,7 +965,8 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
                    "cluster": "cluster"}[method]
     fk = dict(fine_kwargs or {})
     # clusters that own the markers of two image classes at full strength stay unknown
-    # immune types need pan-immune (CD45) expression and lose to epithelial expression (lineage gate)
+    # lineage gate: immune types need pan-immune (CD45) expression and lose to epithelial expression;
+    # stromal types never take a cluster with full epithelial expression
     ak = {"groups": {t: FINE_TO_CLASS.get(t, IGNORE) for t in mk},
           "lineage_gate": lineage_gate(list(mk), FINE_TO_CLASS, INFLAMMATORY, (CONNECTIVE,)),
           **dict(fk.pop("annotate_kwargs", None) or {})}
