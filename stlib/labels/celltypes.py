@@ -608,7 +608,8 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
     Returns
     -------
     One row per cluster: ``cluster``, ``n_cells``, ``type`` (``"unknown"`` when no type
-    qualifies), ``qualifying`` (comma-joined types with enough ownership and owned markers),
+    qualifies), ``best`` (the type of highest ownership, qualifying ones first, even when ``type``
+    is unknown), ``qualifying`` (comma-joined types with enough ownership and owned markers),
     ``nominated`` (the qualifying types, and the best one when its ownership reaches
     ``min_ownership``), ``ownership``, ``n_owned`` (markers with s >= ``owned``), ``runner_up``,
     ``runner_up_ownership``, ``owned_markers`` (comma-joined), ``pan_immune`` and ``pan_epithelial``
@@ -655,7 +656,7 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
         # where no type reaches min_ownership nominates none (no type the labeler knows explains it)
         strong_best = bool(order) and best not in qualifying and ev[best][0] >= min_ownership
         nominated = [best, *qualifying] if strong_best else qualifying
-        rows.append({"cluster": cats[c], "n_cells": int(size[c]), "type": best if ok else UNKNOWN,
+        rows.append({"cluster": cats[c], "n_cells": int(size[c]), "type": best if ok else UNKNOWN, "best": best,
                      "qualifying": ",".join(qualifying), "nominated": ",".join(nominated),
                      "ownership": ev[best][0] if order else 0.0, "n_owned": ev[best][1] if order else 0,
                      "runner_up": second, "runner_up_ownership": ev[second][0] if second else 0.0,
@@ -872,7 +873,8 @@ def _rare_seeds(adata: AnnData, markers: Mapping[str, list[str]], types: list[st
 def _refine_rounds(counts: Any, label: np.ndarray, seed: np.ndarray, qc: np.ndarray, unexplained: np.ndarray,
                    nom: np.ndarray, codes: np.ndarray, n_types: int, *, refine: int, unknown_posterior: float,
                    refine_kwargs: Mapping[str, Any] | None,
-                   group: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   group: np.ndarray | None = None,
+                   cluster_best: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``refine`` rounds of :func:`refine_posteriors`; returns the final label and its posterior."""
     n = len(label)
     chosen = np.where(label < n_types, 1.0, 0.0)
@@ -886,15 +888,17 @@ def _refine_rounds(counts: Any, label: np.ndarray, seed: np.ndarray, qc: np.ndar
         # over-confident, and over the whole panel an unknown population is always
         # "closest" to some profile (tumour cells to a T-cell profile)
         ok_type = nom[codes, np.minimum(new_label, n_types - 1)] & (new_label < n_types)
-        # ... and only when every type it nominates of another class (``group``) has a profile to
-        # compete with: a posterior over the profiled types alone is no evidence against a
-        # nominated type no other cluster taught (keratinocytes nominating epithelium and smooth
-        # muscle, with no epithelial cluster)
+        # ... and a type other than the one the cluster's markers favour (``cluster_best``) only
+        # when every nominated type of another class (``group``) has a profile to compete with: a
+        # posterior over the profiled types alone is no evidence against a nominated type no other
+        # cluster taught (keratinocytes nominating epithelium and smooth muscle, with no epithelial
+        # cluster, would all join smooth muscle)
         grp = np.arange(n_types) if group is None else np.asarray(group)
         missing = nom & ~has[None, :n_types]  # clusters x types
         lab_ = np.minimum(new_label, n_types - 1)
         other_class_missing = (missing[codes] & (grp[None, :] != grp[lab_][:, None])).any(axis=1)
-        ok_type &= ~other_class_missing
+        favoured = (lab_ == cluster_best[codes]) if cluster_best is not None else np.zeros(n, dtype=bool)
+        ok_type &= ~other_class_missing | favoured
         stay = unexplained & ((new_chosen < unknown_posterior) | ~ok_type)
         label = np.where(stay, n_types, new_label)
         chosen = np.where(stay, 0.0, new_chosen)
@@ -943,8 +947,9 @@ def _hierarchical_labels(adata: AnnData, markers: Mapping[str, list[str]], types
         unexplained = cl_label[codes] == len(types)
         groups = dict(annotate_kwargs or {}).get("groups")
         group = None if groups is None else pd.factorize([str(groups.get(t, t)) for t in types])[0]
+        best_of = np.array([types.index(b) if b in types else -1 for b in ann["best"]], dtype=int)
         label, chosen = _refine_rounds(counts, label, seed, qc, unexplained, nom, codes, len(types),
-                                       group=group,
+                                       group=group, cluster_best=best_of,
                                        refine=refine, unknown_posterior=unknown_posterior,
                                        refine_kwargs=refine_kwargs)
         refined = True
