@@ -192,6 +192,8 @@ class LabelsConfig:
     neighbors_method: str = _opt("umap", "kNN connectivity kernel of the Leiden graph")
     dead: Literal["ignore", "proxy"] = _opt(
         "ignore", "ignore: no cell is called Dead (for ST training); proxy: low count + apoptosis genes (unvalidated)")
+    apoptosis_alpha: float | None = _opt(0.01, "cells with more apoptosis-gene transcripts than their library explains "
+                                               "(one-sided Poisson test, p below this) are ignored; none = off")
     neoplastic: NeoplasticConfig = _sub(NeoplasticConfig, "the hierarchical labeler's neoplastic step "
                                                           "(its seed and use_cnv come from the labels)")
 

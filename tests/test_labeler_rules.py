@@ -1,7 +1,9 @@
 """Rules of the labeler's third freeze (issue 12): each test fails when its rule is removed.
 
-* lineage gate of cluster annotation (immune types need CD45 where the panel has it, and lose to
-  epithelial expression);
+* lineage gate of cluster annotation (immune types need CD45 where the panel has it unless they own
+  enough markers of their own, and lose to epithelial expression; the epithelial lineage names a
+  cluster that lost its markers);
+* a type that dominates a two-class conflict takes the cluster;
 * unexplained clusters join a nominated type only when every nominated type has a profile;
 * not-bimodal candidates judged per cluster (proliferation-free clusters), not as one population;
 * cells with enriched apoptosis transcripts are ignored, not classified.
@@ -108,6 +110,59 @@ def test_lineage_gate_from_the_yaml_covers_the_immune_types():
     assert gate["immune_types"] == ["t_cell", "b_cell", "plasma"]
     assert gate["stromal_types"] == ["fibroblast"]
     assert gate["exempt"] == ["plasma"]
+
+
+def test_immune_type_with_strong_evidence_of_its_own_needs_no_cd45():
+    """Real panels' annotations (10x's hMulti list) often leave PTPRC off T and B cells: an immune type
+    owning ``gate_own_markers`` of its markers passes without CD45; two drifted genes do not."""
+    ad = _sample({
+        "t_cells": {"T1": 6, "T2": 6, "T3": 6, "T4": 6},  # CD45 not measured in them
+        "b_cells": {"PTPRC": 8, "B1": 6, "B2": 6, "B3": 6, "B4": 6},
+        # a CD45-negative, epithelium-negative cluster owning two T-cell genes only (drift)
+        "drift": {"T1": 6, "T2": 6, "X1": 6, "X2": 6},
+        "epithelium": {"EPCAM": 8, "E1": 6, "E2": 6, "E3": 6, "E4": 6, "E5": 6},
+    })
+    a = ct.annotate_clusters(ad, MARKERS, groups=CLASS, lineage_gate=GATE).set_index("cluster")
+    assert a.loc["t_cells", "type"] == "tcell" and a.loc["t_cells", "pan_immune"] < 0.3
+    assert a.loc["drift", "type"] != "tcell" and "tcell" in a.loc["drift", "gated"]
+    strict = ct.annotate_clusters(ad, MARKERS, groups=CLASS, lineage_gate=GATE, gate_own_markers=99).set_index("cluster")
+    assert strict.loc["t_cells", "type"] == ct.UNKNOWN  # the rule removed: the T cells are lost
+
+
+def test_a_dominant_type_wins_a_two_class_conflict():
+    """Keratinocyte-like: six epithelial markers owned and two smooth-muscle genes (myoepithelial cells
+    among them); a cluster that owns four of each stays unknown."""
+    markers = {"epi": ["E1", "E2", "E3", "E4", "E5", "E6"], "smc": ["S1", "S2", "S3", "S4"]}
+    groups = {"epi": 5, "smc": 3}
+    ad = _sample({"smc": {"S1": 7, "S2": 7, "S3": 7, "S4": 7, "M1": 7, "M2": 7, "M3": 7, "M4": 7},
+                  "kera": {"E1": 7, "E2": 7, "E3": 7, "E4": 7, "E5": 7, "E6": 7, "S1": 7, "S2": 7},
+                  "mixed": {"E1": 7, "E2": 7, "E3": 7, "E4": 7, "S1": 7, "S2": 7, "S3": 7, "S4": 7},
+                  "other": {"O1": 7, "O2": 7, "O3": 7, "O4": 7}, "other2": {"P1": 7, "P2": 7, "P3": 7, "P4": 7}})
+    a = ct.annotate_clusters(ad, markers, groups=groups).set_index("cluster")
+    assert "smc" in a.loc["kera", "qualifying"].split(",")  # the conflict is there
+    assert a.loc["kera", "type"] == "epi"
+    assert a.loc["mixed", "type"] == ct.UNKNOWN
+    off = ct.annotate_clusters(ad, markers, groups=groups, dominance=np.inf).set_index("cluster")
+    assert off.loc["kera", "type"] == ct.UNKNOWN  # the rule removed
+
+
+def test_the_epithelial_lineage_names_a_cluster_that_lost_its_markers():
+    """A tumour with full EPCAM that keeps one of six epithelial markers owns too little of the set
+    for ``min_ownership``; the lineage genes say it is epithelial. Without EPCAM it stays unknown."""
+    markers = {"epi": ["E1", "E2", "E3", "E4", "E5", "E6"], "smc": ["S1", "S2", "S3", "S4"]}
+    groups = {"epi": 5, "smc": 3}
+    gate = {"pan_immune": ["PTPRC"], "pan_epithelial": ["EPCAM"], "immune_types": [], "stromal_types": ["smc"],
+            "epithelial_types": ["epi"], "exempt": []}
+    ad = _sample({"smc": {"S1": 7, "S2": 7, "S3": 7, "S4": 7},
+                  "normal": {"EPCAM": 8, "E1": 7, "E2": 7, "E3": 7, "E4": 7, "E5": 7, "E6": 7},
+                  "tumour": {"EPCAM": 8, "E1": 7, "E2": 0.3, "X1": 7, "X2": 7},
+                  "unknown": {"E1": 7, "E2": 0.3, "Y1": 7, "Y2": 7}})
+    without = ct.annotate_clusters(ad, markers, groups=groups).set_index("cluster")
+    assert without.loc["tumour", "type"] == ct.UNKNOWN and without.loc["tumour", "ownership"] < 0.3
+    a = ct.annotate_clusters(ad, markers, groups=groups, lineage_gate=gate).set_index("cluster")
+    assert a.loc["tumour", "type"] == "epi"
+    assert a.loc["unknown", "type"] == ct.UNKNOWN  # no pan-epithelial expression: nothing says epithelial
+    assert a.loc["normal", "type"] == "epi" and a.loc["smc", "type"] == "smc"
 
 
 def _neighbours(ad: AnnData) -> None:

@@ -575,7 +575,8 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
                       layer: str = Key.LOGNORM, background_quantile: float = 0.1, min_cluster_cells: int = 10,
                       owned: float = 0.5, min_owned_markers: int = 2, min_ownership: float = 0.3,
                       min_range: float = 2.0, groups: Mapping[str, Any] | None = None,
-                      lineage_gate: Mapping[str, Any] | None = None) -> pd.DataFrame:
+                      lineage_gate: Mapping[str, Any] | None = None, gate_own_markers: int = 3,
+                      dominance: float = 2.5, lineage_ownership: float = 0.2) -> pd.DataFrame:
     r"""Cell type of each Leiden cluster from how much of each type's marker set it *owns*.
 
     For every gene, the cluster means of the log-normalised expression are put on a 0-1 scale
@@ -602,8 +603,23 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
     cells, which lose CD45, are not held to this), and never when the cluster expresses the
     pan-epithelial genes at full strength (mean :math:`s \ge` ``owned``) more than the pan-immune
     ones. Tumour cells with partial lineage loss and a few aberrant immune genes (drift) otherwise
-    own two immune markers and are called immune. Stromal types (``stromal_types``: fibroblasts,
+    own two immune markers and are called immune. An immune type that owns at least
+    ``gate_own_markers`` of its own markers needs no CD45 (real panels often carry PTPRC where
+    10x's annotation does not list it for T or B cells, and its detection varies); the epithelial
+    veto holds for it all the same. Stromal types (``stromal_types``: fibroblasts,
     endothelium, muscle) never go to a cluster with full pan-epithelial expression either.
+    The gate also speaks *for* a lineage: a cluster with pan-epithelial expression
+    :math:`\ge` ``min_ownership`` where no type of another class qualifies takes its best epithelial
+    type (``epithelial_types``) when that type's ownership reaches ``lineage_ownership`` (half of it
+    with full pan-epithelial expression, :math:`\ge` ``owned``), even below ``min_ownership``: a
+    tumour that lost most of its differentiation markers, or acinar cells on a panel without acinar
+    markers; the lineage genes say what it is. Types the gate blocks rank below every other type.
+
+    ``dominance``: a cluster owning qualifying marker sets of two image classes stays unknown
+    (the markers cannot tell) unless its best type owns at least ``owned`` on average and
+    ``dominance`` times as many markers as every qualifying type of another class (keratinocytes,
+    with eight epidermal markers, owning two or three smooth-muscle genes of the myoepithelial
+    cells among them).
 
     Returns
     -------
@@ -636,25 +652,40 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
     idx = {t: var.get_indexer(list(g)) for t, g in markers.items()}
     idx = {t: i[i >= 0] for t, i in idx.items() if (i >= 0).any()}
     pan_imm, pan_epi, gated_types, exempt, stromal = _lineage_gate_arrays(scaled, var, lineage_gate)
+    epi_types = set((lineage_gate or {}).get("epithelial_types", ()))
+
+    def qualifying_other(ev: Mapping[str, tuple[float, int]], best: str, qual: Any) -> bool:
+        return any(qual(u) for u in ev if u != best and (groups or {}).get(u, u) != (groups or {}).get(best, best))
+
     rows = []
     for c in range(n_cl):
         ev = {t: (float(scaled[c, i].mean()), int((scaled[c, i] >= owned).sum())) for t, i in idx.items()}
-        blocked_t = _gate_blocks(pan_imm[c], pan_epi[c], gated_types, exempt, min_ownership, owned, stromal)
+        strong = {t for t, v in ev.items() if v[1] >= gate_own_markers}
+        blocked_t = _gate_blocks(pan_imm[c], pan_epi[c], gated_types, exempt | strong, min_ownership, owned, stromal)
         if blocked_t:
             ev = {t: (v if t not in blocked_t else (min(v[0], min_ownership - 1e-9), 0)) for t, v in ev.items()}
         qual = lambda t: ev[t][0] >= min_ownership and ev[t][1] >= min_owned_markers  # noqa: E731
-        order = sorted(ev, key=lambda t: (-qual(t), -ev[t][0], -ev[t][1]))
+        order = sorted(ev, key=lambda t: (-qual(t), t in blocked_t, -ev[t][0], -ev[t][1]))
         best = order[0] if order else UNKNOWN
         second = order[1] if len(order) > 1 else None
         ok = bool(order) and qual(best)
-        if ok and groups is not None and any(qual(u) and groups.get(u) != groups.get(best) for u in order[1:]):
+        rivals = [u for u in order[1:] if qual(u) and groups is not None and groups.get(u) != groups.get(best)]
+        if ok and rivals and not (ev[best][0] >= owned and all(ev[best][1] >= dominance * ev[u][1] for u in rivals)):
             ok = False  # markers of two classes at full strength: the markers cannot tell
+        # simple-epithelium expression, nothing of another class qualifying: the lineage names the type
+        epi_best = max((t for t in ev if t in epi_types), key=lambda t: ev[t], default=None)
+        pe = float(pan_epi[c]) if np.isfinite(pan_epi[c]) else 0.0
+        lineage = (not ok and epi_best is not None and pe >= min_ownership and not qualifying_other(ev, epi_best, qual)
+                   and ev[epi_best][0] >= (lineage_ownership / 2 if pe >= owned else lineage_ownership))
+        if lineage:
+            best, ok = epi_best, True
+            second = next((t for t in order if t != best), None)
         # the types the cluster's markers nominate (those qualifying, and the best one): the only
         # types a cluster no type explains may join later (assign_fine_types)
         qualifying = [t for t in order if qual(t)]
         # the best type is nominated when it has the ownership but too few owned markers; a cluster
         # where no type reaches min_ownership nominates none (no type the labeler knows explains it)
-        strong_best = bool(order) and best not in qualifying and ev[best][0] >= min_ownership
+        strong_best = bool(order) and best not in qualifying and (ev[best][0] >= min_ownership or lineage)
         nominated = [best, *qualifying] if strong_best else qualifying
         rows.append({"cluster": cats[c], "n_cells": int(size[c]), "type": best if ok else UNKNOWN, "best": best,
                      "qualifying": ",".join(qualifying), "nominated": ",".join(nominated),
@@ -667,7 +698,7 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
 
 
 def lineage_gate(types: Sequence[str], type_class: Mapping[str, int], immune_class: int,
-                 stromal_classes: Sequence[int] = ()) -> dict[str, Any]:
+                 stromal_classes: Sequence[int] = (), epithelial_class: int | None = None) -> dict[str, Any]:
     """The lineage gate of :func:`annotate_clusters` from ``markers/celltypes.yaml: lineage_gate``.
 
     Parameters
@@ -681,16 +712,21 @@ def lineage_gate(types: Sequence[str], type_class: Mapping[str, int], immune_cla
     stromal_classes
         Class ids of the other non-epithelial lineages (connective tissue): their types never go to
         a cluster with full pan-epithelial expression either.
+    epithelial_class
+        Class id of epithelial cells: its types (except ``not_pan_epithelial`` of the YAML, e.g.
+        melanocytes) may take a cluster on its pan-epithelial expression (``None``: none).
 
     Returns
     -------
     ``{"pan_immune": [...], "pan_epithelial": [...], "immune_types": [...], "stromal_types": [...],
-    "exempt": [...]}`` (genes not yet filtered to the panel; :func:`annotate_clusters` keeps those in it).
+    "epithelial_types": [...], "exempt": [...]}`` (genes not yet filtered to the panel; :func:`annotate_clusters` keeps those in it).
     """
     spec = _read_yaml("celltypes.yaml").get("lineage_gate", {})
     return {"pan_immune": list(spec.get("pan_immune", [])), "pan_epithelial": list(spec.get("pan_epithelial", [])),
             "immune_types": [t for t in types if type_class.get(t) == immune_class],
             "stromal_types": [t for t in types if type_class.get(t) in set(stromal_classes)],
+            "epithelial_types": [t for t in types if epithelial_class is not None and type_class.get(t) == epithelial_class
+                                 and t not in set(spec.get("not_pan_epithelial", []))],
             "exempt": list(spec.get("exempt_from_pan_immune", []))}
 
 
@@ -946,7 +982,7 @@ def _hierarchical_labels(adata: AnnData, markers: Mapping[str, list[str]], types
         seed |= rare_seed
         unexplained = cl_label[codes] == len(types)
         groups = dict(annotate_kwargs or {}).get("groups")
-        group = None if groups is None else pd.factorize([str(groups.get(t, t)) for t in types])[0]
+        group = None if groups is None else pd.factorize(np.array([str(groups.get(t, t)) for t in types]))[0]
         best_of = np.array([types.index(b) if b in types else -1 for b in ann["best"]], dtype=int)
         label, chosen = _refine_rounds(counts, label, seed, qc, unexplained, nom, codes, len(types),
                                        group=group, cluster_best=best_of,

@@ -740,7 +740,7 @@ def _split_candidates(adata: AnnData, fine: np.ndarray, cand: np.ndarray, call: 
 
 def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: float = 0.05,
               min_apoptosis_counts: int = 2, min_apoptosis_fraction: float = 0.1, call_dead: bool = True,
-              apoptosis_alpha: float | None = 0.01,
+              apoptosis_alpha: float | None = LabelsConfig.apoptosis_alpha,
               apoptosis_genes: Sequence[str] | None = None, fine_key: str = Key.FINE_TYPE,
               copy: bool = False) -> AnnData | None:
     """A PROXY for dead / dying cells: low transcript count plus detected apoptosis genes.
@@ -881,6 +881,7 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
                 n_pcs: int = 30, n_neighbors: int = 15,
                 neighbors_method: Literal["umap", "gauss"] = LabelsConfig.neighbors_method, min_markers: int = 2,
                 use_cnv: bool = NeoplasticConfig.use_cnv, dead: Literal["ignore", "proxy", "off"] | bool = LabelsConfig.dead,
+                apoptosis_alpha: float | None = LabelsConfig.apoptosis_alpha,
                 markers: Mapping[str, Sequence[str]] | None = None,
                 neoplastic_kwargs: Mapping | None = None, fine_kwargs: Mapping | None = None,
                 copy: bool = False) -> AnnData:
@@ -919,6 +920,9 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
         ``"ignore"`` (default: Dead is ignore for ST training; low-count cells become unknown, no cell
         is called Dead), ``"proxy"`` (opt-in: :func:`dead_rule`'s low-count + apoptosis-gene proxy
         calls Dead) or ``"off"`` (no low-count rule). ``True`` / ``False`` mean proxy / off.
+    apoptosis_alpha
+        :func:`dead_rule`'s test for apoptosis-enriched cells (ignored; ``None`` = off; default of
+        :attr:`stlib.config.LabelsConfig.apoptosis_alpha`).
     markers
         Replace the shipped marker sets (``{type: genes}``).
     neoplastic_kwargs
@@ -968,7 +972,7 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
     # lineage gate: immune types need pan-immune (CD45) expression and lose to epithelial expression;
     # stromal types never take a cluster with full epithelial expression
     ak = {"groups": {t: FINE_TO_CLASS.get(t, IGNORE) for t in mk},
-          "lineage_gate": lineage_gate(list(mk), FINE_TO_CLASS, INFLAMMATORY, (CONNECTIVE,)),
+          "lineage_gate": lineage_gate(list(mk), FINE_TO_CLASS, INFLAMMATORY, (CONNECTIVE,), EPITHELIAL),
           **dict(fk.pop("annotate_kwargs", None) or {})}
     assign_fine_types(adata, mk, method=fine_method, annotate_kwargs=ak, **fk)
     if method == "hierarchical":
@@ -978,7 +982,7 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
     if dead_mode not in ("ignore", "proxy", "off"):
         raise ValueError(f"dead must be 'ignore', 'proxy' or 'off', got {dead!r}")
     if dead_mode != "off":
-        dead_rule(adata, call_dead=dead_mode == "proxy")
+        dead_rule(adata, call_dead=dead_mode == "proxy", apoptosis_alpha=apoptosis_alpha)
     to_image_classes(adata, min_confidence=min_confidence)
     from stlib.labels.celltypes import marker_coverage
 
