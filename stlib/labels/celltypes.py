@@ -636,18 +636,9 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
         raise ValueError(f"obs[{cluster_key!r}] missing: run stlib.labels.celltypes.cluster(adata) first")
     if layer not in adata.layers:
         raise ValueError(f"layer {layer!r} missing: run stlib.labels.celltypes.normalize(adata) first")
-    cat = pd.Categorical(adata.obs[cluster_key])
-    codes, cats = cat.codes, list(cat.categories)
+    cats, size, scaled = _scaled_cluster_means(adata, cluster_key, layer, background_quantile, min_cluster_cells,
+                                               min_range)
     n_cl = len(cats)
-    x = sp.csr_matrix(adata.layers[layer], dtype=np.float64)
-    onehot = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n_cl, len(codes)))
-    size = np.asarray(onehot.sum(axis=1)).ravel()
-    mean = (onehot @ x).toarray() / np.maximum(size, 1)[:, None]
-    big = size >= min_cluster_cells
-    ref = mean[big] if big.sum() >= 2 else mean
-    bg = np.quantile(ref, background_quantile, axis=0)
-    top = mean[big].max(axis=0) if big.any() else mean.max(axis=0)
-    scaled = np.clip((mean - bg[None, :]) / np.maximum(top - bg, min_range)[None, :], 0.0, 1.0)
     var = pd.Index(adata.var_names)
     idx = {t: var.get_indexer(list(g)) for t, g in markers.items()}
     idx = {t: i[i >= 0] for t, i in idx.items() if (i >= 0).any()}
@@ -695,6 +686,23 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
                      "pan_immune": pan_imm[c], "pan_epithelial": pan_epi[c],
                      "gated": ",".join(t for t in idx if t in blocked_t)})
     return pd.DataFrame(rows)
+
+
+def _scaled_cluster_means(adata: AnnData, cluster_key: str, layer: str, background_quantile: float,
+                          min_cluster_cells: int, min_range: float) -> tuple[list, np.ndarray, np.ndarray]:
+    """Cluster names, sizes and the 0-1 scaled cluster means of :func:`annotate_clusters`."""
+    cat = pd.Categorical(adata.obs[cluster_key])
+    codes, cats = cat.codes, list(cat.categories)
+    n_cl = len(cats)
+    x = sp.csr_matrix(adata.layers[layer], dtype=np.float64)
+    onehot = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(n_cl, len(codes)))
+    size = np.asarray(onehot.sum(axis=1)).ravel()
+    mean = (onehot @ x).toarray() / np.maximum(size, 1)[:, None]
+    big = size >= min_cluster_cells
+    ref = mean[big] if big.sum() >= 2 else mean
+    bg = np.quantile(ref, background_quantile, axis=0)
+    top = mean[big].max(axis=0) if big.any() else mean.max(axis=0)
+    return cats, size, np.clip((mean - bg[None, :]) / np.maximum(top - bg, min_range)[None, :], 0.0, 1.0)
 
 
 def lineage_gate(types: Sequence[str], type_class: Mapping[str, int], immune_class: int,

@@ -873,6 +873,25 @@ def to_image_classes(adata: AnnData, *, min_confidence: float = LabelsConfig.min
     return adata if copy else None
 
 
+def _label_markers(genes: list[str], markers: Mapping[str, Sequence[str]] | None, method: str, organ: str | None,
+                   oncotree_code: str | None, min_markers: int) -> dict[str, list[str]]:
+    """The marker sets :func:`label_cells` scores: the shipped (or given) ones in the panel, plus a
+    "tumor" set (tumour signature + proliferation) for the non-hierarchical methods."""
+    if markers is None:
+        mk = load_markers(genes, organ=organ or canonical_organ(None, oncotree_code), oncotree_code=oncotree_code,
+                          min_markers=min_markers)
+    else:
+        mk = {t: [g for g in v if g in set(genes)] for t, v in markers.items()}
+        mk = {t: v for t, v in mk.items() if v}
+    mk.pop("tumor", None)
+    if method != "hierarchical":
+        prog = load_programs(genes, organ=organ, oncotree_code=oncotree_code)
+        tum = list(dict.fromkeys(prog["tumor_up"] + prog["proliferation"]))
+        if tum:
+            mk = {"tumor": tum, **mk}
+    return mk
+
+
 def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "marker", "cluster"] = LabelsConfig.labeler,
                 organ: str | None = None, disease_state: str | None = None,
                 oncotree_code: str | None = None, panel: str | None = None, seed: int = LabelsConfig.seed,
@@ -949,18 +968,7 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
     genes = [g for g in load_panel(panel) if g in set(adata.var_names)] if panel else list(adata.var_names)
     qc_filter(adata, min_counts=min_counts, min_genes=min_genes)
     normalize(adata)
-    if markers is None:
-        mk = load_markers(genes, organ=organ or canonical_organ(None, oncotree_code), oncotree_code=oncotree_code,
-                          min_markers=min_markers)
-    else:
-        mk = {t: [g for g in v if g in set(genes)] for t, v in markers.items()}
-        mk = {t: v for t, v in mk.items() if v}
-    mk.pop("tumor", None)
-    if method != "hierarchical":
-        prog = load_programs(genes, organ=organ, oncotree_code=oncotree_code)
-        tum = list(dict.fromkeys(prog["tumor_up"] + prog["proliferation"]))
-        if tum:
-            mk = {"tumor": tum, **mk}
+    mk = _label_markers(genes, markers, method, organ, oncotree_code, min_markers)
     rank_score(adata, mk)
     if method != "marker":
         cluster(adata, resolution=resolution, n_pcs=n_pcs, n_neighbors=n_neighbors, seed=seed,
