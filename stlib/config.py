@@ -111,6 +111,9 @@ class NeoplasticConfig:
     min_cycling_ratio: float = _opt(2.5, "candidates' cycling share / the reference's that counts as evidence")
     normal_cycling_ratio: float = _opt(1.5, "cycling ratio at or below which the candidates look normal")
     unimodal_score: float = _opt(0.75, "score of a unimodal population called neoplastic")
+    per_cluster_evidence: bool = _opt(True, "not bimodal: a candidate cluster whose own cycling share disagrees "
+                                            "with the population's takes its own call")
+    min_cluster_candidates: int = _opt(20, "candidates a cluster needs for its own call (per_cluster_evidence)")
     self_train: bool = _opt(True, "train a classifier on the confident cells")
     self_train_rounds: int = _opt(2, "rounds of self-training")
     refit_confident: float = _opt(0.9, "posterior above which a cell trains the classifier")
@@ -189,6 +192,8 @@ class LabelsConfig:
     neighbors_method: str = _opt("umap", "kNN connectivity kernel of the Leiden graph")
     dead: Literal["ignore", "proxy"] = _opt(
         "ignore", "ignore: no cell is called Dead (for ST training); proxy: low count + apoptosis genes (unvalidated)")
+    apoptosis_alpha: float | None = _opt(0.01, "cells with more apoptosis-gene transcripts than their library explains "
+                                               "(one-sided Poisson test, p below this) are ignored; none = off")
     neoplastic: NeoplasticConfig = _sub(NeoplasticConfig, "the hierarchical labeler's neoplastic step "
                                                           "(its seed and use_cnv come from the labels)")
 

@@ -58,6 +58,8 @@ def make_sample(mix: dict[str, int], *, seed: int = 0, panel: str = "hMulti", or
         for g in rng.choice(ms, size=min(k, len(ms)), replace=False):
             r[g_index[g]] = rng.uniform(1.0, 4.0)
         r[rng.choice(n_g, 3, replace=False)] += rng.uniform(0.5, 2.0, 3)
+        if t in ("t_cell", "b_cell", "macrophage", "mast") and "PTPRC" in g_index:
+            r[g_index["PTPRC"]] += 2.5  # every leukocyte but plasma cells expresses CD45 (no rng draw)
         prog_rates[t] = r
     # tumour = epithelial + tumour signature + proliferation + CNV
     tum = prog_rates["epithelial"].copy()

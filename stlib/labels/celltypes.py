@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Key", "FINE_TYPES", "UNKNOWN", "load_markers", "type_allowed", "panel_coverage_table", "load_programs", "marker_coverage",
-    "canonical_organ", "qc_filter", "normalize", "rank_score", "cluster", "annotate_clusters", "assign_fine_types",
+    "canonical_organ", "qc_filter", "normalize", "rank_score", "cluster", "annotate_clusters", "lineage_gate",
+    "assign_fine_types",
     "refine_posteriors",
 ]
 
@@ -573,7 +574,9 @@ def _gene_counts(adata: AnnData) -> Any:
 def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, cluster_key: str = Key.CLUSTER,
                       layer: str = Key.LOGNORM, background_quantile: float = 0.1, min_cluster_cells: int = 10,
                       owned: float = 0.5, min_owned_markers: int = 2, min_ownership: float = 0.3,
-                      min_range: float = 2.0, groups: Mapping[str, Any] | None = None) -> pd.DataFrame:
+                      min_range: float = 2.0, groups: Mapping[str, Any] | None = None,
+                      lineage_gate: Mapping[str, Any] | None = None, gate_own_markers: int = 3,
+                      dominance: float = 2.5, lineage_ownership: float = 0.2) -> pd.DataFrame:
     r"""Cell type of each Leiden cluster from how much of each type's marker set it *owns*.
 
     For every gene, the cluster means of the log-normalised expression are put on a 0-1 scale
@@ -592,18 +595,102 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
     marker shared by several clusters of one lineage (the epithelium of a tumour split in five
     clusters) owned by each of them.
 
+    ``lineage_gate`` (:func:`lineage_gate`; ``None`` = no gate) applies the two lineage genes that
+    flow cytometry gates on, CD45 (PTPRC, every leukocyte) and the simple-epithelium genes (EPCAM,
+    E-cadherin, keratins 8/18/19, claudins 4/7), on the same 0-1 scale: an immune type qualifies for
+    (and is nominated by) a cluster only when the cluster expresses a pan-immune gene with
+    :math:`s \ge` ``min_ownership`` where the panel has one (types in ``exempt``, e.g. plasma
+    cells, which lose CD45, are not held to this), and never when the cluster expresses the
+    pan-epithelial genes at full strength (mean :math:`s \ge` ``owned``) more than the pan-immune
+    ones. Tumour cells with partial lineage loss and a few aberrant immune genes (drift) otherwise
+    own two immune markers and are called immune. An immune type that owns at least
+    ``gate_own_markers`` of its own markers needs no CD45 (real panels often carry PTPRC where
+    10x's annotation does not list it for T or B cells, and its detection varies); the epithelial
+    veto holds for it all the same. Stromal types (``stromal_types``: fibroblasts,
+    endothelium, muscle) never go to a cluster with full pan-epithelial expression either.
+    The gate also speaks *for* a lineage: a cluster with pan-epithelial expression
+    :math:`\ge` ``min_ownership`` where no type of another class qualifies takes its best epithelial
+    type (``epithelial_types``) when that type's ownership reaches ``lineage_ownership`` (half of it
+    with full pan-epithelial expression, :math:`\ge` ``owned``), even below ``min_ownership``: a
+    tumour that lost most of its differentiation markers, or acinar cells on a panel without acinar
+    markers; the lineage genes say what it is. Types the gate blocks rank below every other type.
+
+    ``dominance``: a cluster owning qualifying marker sets of two image classes stays unknown
+    (the markers cannot tell) unless its best type owns at least ``owned`` on average and
+    ``dominance`` times as many markers as every qualifying type of another class (keratinocytes,
+    with eight epidermal markers, owning two or three smooth-muscle genes of the myoepithelial
+    cells among them).
+
     Returns
     -------
     One row per cluster: ``cluster``, ``n_cells``, ``type`` (``"unknown"`` when no type
-    qualifies), ``qualifying`` (comma-joined types with enough ownership and owned markers),
+    qualifies), ``best`` (the type of highest ownership, qualifying ones first, even when ``type``
+    is unknown), ``qualifying`` (comma-joined types with enough ownership and owned markers),
     ``nominated`` (the qualifying types, and the best one when its ownership reaches
     ``min_ownership``), ``ownership``, ``n_owned`` (markers with s >= ``owned``), ``runner_up``,
-    ``runner_up_ownership``, ``owned_markers`` (comma-joined).
+    ``runner_up_ownership``, ``owned_markers`` (comma-joined), ``pan_immune`` and ``pan_epithelial``
+    (mean :math:`s` of the gate's genes on the panel, NaN without them), ``gated`` (comma-joined
+    immune types the lineage gate kept out).
     """
     if cluster_key not in adata.obs:
         raise ValueError(f"obs[{cluster_key!r}] missing: run stlib.labels.celltypes.cluster(adata) first")
     if layer not in adata.layers:
         raise ValueError(f"layer {layer!r} missing: run stlib.labels.celltypes.normalize(adata) first")
+    cats, size, scaled = _scaled_cluster_means(adata, cluster_key, layer, background_quantile, min_cluster_cells,
+                                               min_range)
+    n_cl = len(cats)
+    var = pd.Index(adata.var_names)
+    idx = {t: var.get_indexer(list(g)) for t, g in markers.items()}
+    idx = {t: i[i >= 0] for t, i in idx.items() if (i >= 0).any()}
+    pan_imm, pan_epi, gated_types, exempt, stromal = _lineage_gate_arrays(scaled, var, lineage_gate)
+    epi_types = set((lineage_gate or {}).get("epithelial_types", ()))
+
+    def qualifying_other(ev: Mapping[str, tuple[float, int]], best: str, qual: Any) -> bool:
+        return any(qual(u) for u in ev if u != best and (groups or {}).get(u, u) != (groups or {}).get(best, best))
+
+    rows = []
+    for c in range(n_cl):
+        ev = {t: (float(scaled[c, i].mean()), int((scaled[c, i] >= owned).sum())) for t, i in idx.items()}
+        strong = {t for t, v in ev.items() if v[1] >= gate_own_markers}
+        blocked_t = _gate_blocks(pan_imm[c], pan_epi[c], gated_types, exempt | strong, min_ownership, owned, stromal)
+        if blocked_t:
+            ev = {t: (v if t not in blocked_t else (min(v[0], min_ownership - 1e-9), 0)) for t, v in ev.items()}
+        qual = lambda t: ev[t][0] >= min_ownership and ev[t][1] >= min_owned_markers  # noqa: E731
+        order = sorted(ev, key=lambda t: (-qual(t), t in blocked_t, -ev[t][0], -ev[t][1]))
+        best = order[0] if order else UNKNOWN
+        second = order[1] if len(order) > 1 else None
+        ok = bool(order) and qual(best)
+        rivals = [u for u in order[1:] if qual(u) and groups is not None and groups.get(u) != groups.get(best)]
+        if ok and rivals and not (ev[best][0] >= owned and all(ev[best][1] >= dominance * ev[u][1] for u in rivals)):
+            ok = False  # markers of two classes at full strength: the markers cannot tell
+        # simple-epithelium expression, nothing of another class qualifying: the lineage names the type
+        epi_best = max((t for t in ev if t in epi_types), key=lambda t: ev[t], default=None)
+        pe = float(pan_epi[c]) if np.isfinite(pan_epi[c]) else 0.0
+        lineage = (not ok and epi_best is not None and pe >= min_ownership and not qualifying_other(ev, epi_best, qual)
+                   and ev[epi_best][0] >= (lineage_ownership / 2 if pe >= owned else lineage_ownership))
+        if lineage:
+            best, ok = epi_best, True
+            second = next((t for t in order if t != best), None)
+        # the types the cluster's markers nominate (those qualifying, and the best one): the only
+        # types a cluster no type explains may join later (assign_fine_types)
+        qualifying = [t for t in order if qual(t)]
+        # the best type is nominated when it has the ownership but too few owned markers; a cluster
+        # where no type reaches min_ownership nominates none (no type the labeler knows explains it)
+        strong_best = bool(order) and best not in qualifying and (ev[best][0] >= min_ownership or lineage)
+        nominated = [best, *qualifying] if strong_best else qualifying
+        rows.append({"cluster": cats[c], "n_cells": int(size[c]), "type": best if ok else UNKNOWN, "best": best,
+                     "qualifying": ",".join(qualifying), "nominated": ",".join(nominated),
+                     "ownership": ev[best][0] if order else 0.0, "n_owned": ev[best][1] if order else 0,
+                     "runner_up": second, "runner_up_ownership": ev[second][0] if second else 0.0,
+                     "owned_markers": ",".join(var[idx[best][scaled[c, idx[best]] >= owned]]) if order else "",
+                     "pan_immune": pan_imm[c], "pan_epithelial": pan_epi[c],
+                     "gated": ",".join(t for t in idx if t in blocked_t)})
+    return pd.DataFrame(rows)
+
+
+def _scaled_cluster_means(adata: AnnData, cluster_key: str, layer: str, background_quantile: float,
+                          min_cluster_cells: int, min_range: float) -> tuple[list, np.ndarray, np.ndarray]:
+    """Cluster names, sizes and the 0-1 scaled cluster means of :func:`annotate_clusters`."""
     cat = pd.Categorical(adata.obs[cluster_key])
     codes, cats = cat.codes, list(cat.categories)
     n_cl = len(cats)
@@ -615,33 +702,71 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
     ref = mean[big] if big.sum() >= 2 else mean
     bg = np.quantile(ref, background_quantile, axis=0)
     top = mean[big].max(axis=0) if big.any() else mean.max(axis=0)
-    scaled = np.clip((mean - bg[None, :]) / np.maximum(top - bg, min_range)[None, :], 0.0, 1.0)
-    var = pd.Index(adata.var_names)
-    idx = {t: var.get_indexer(list(g)) for t, g in markers.items()}
-    idx = {t: i[i >= 0] for t, i in idx.items() if (i >= 0).any()}
-    rows = []
-    for c in range(n_cl):
-        ev = {t: (float(scaled[c, i].mean()), int((scaled[c, i] >= owned).sum())) for t, i in idx.items()}
-        qual = lambda t: ev[t][0] >= min_ownership and ev[t][1] >= min_owned_markers  # noqa: E731
-        order = sorted(ev, key=lambda t: (-qual(t), -ev[t][0], -ev[t][1]))
-        best = order[0] if order else UNKNOWN
-        second = order[1] if len(order) > 1 else None
-        ok = bool(order) and qual(best)
-        if ok and groups is not None and any(qual(u) and groups.get(u) != groups.get(best) for u in order[1:]):
-            ok = False  # markers of two classes at full strength: the markers cannot tell
-        # the types the cluster's markers nominate (those qualifying, and the best one): the only
-        # types a cluster no type explains may join later (assign_fine_types)
-        qualifying = [t for t in order if qual(t)]
-        # the best type is nominated when it has the ownership but too few owned markers; a cluster
-        # where no type reaches min_ownership nominates none (no type the labeler knows explains it)
-        strong_best = bool(order) and best not in qualifying and ev[best][0] >= min_ownership
-        nominated = [best, *qualifying] if strong_best else qualifying
-        rows.append({"cluster": cats[c], "n_cells": int(size[c]), "type": best if ok else UNKNOWN,
-                     "qualifying": ",".join(qualifying), "nominated": ",".join(nominated),
-                     "ownership": ev[best][0] if order else 0.0, "n_owned": ev[best][1] if order else 0,
-                     "runner_up": second, "runner_up_ownership": ev[second][0] if second else 0.0,
-                     "owned_markers": ",".join(var[idx[best][scaled[c, idx[best]] >= owned]]) if order else ""})
-    return pd.DataFrame(rows)
+    return cats, size, np.clip((mean - bg[None, :]) / np.maximum(top - bg, min_range)[None, :], 0.0, 1.0)
+
+
+def lineage_gate(types: Sequence[str], type_class: Mapping[str, int], immune_class: int,
+                 stromal_classes: Sequence[int] = (), epithelial_class: int | None = None) -> dict[str, Any]:
+    """The lineage gate of :func:`annotate_clusters` from ``markers/celltypes.yaml: lineage_gate``.
+
+    Parameters
+    ----------
+    types
+        Fine types being scored.
+    type_class
+        Fine type -> image class (``stlib.labels.classes.FINE_TO_CLASS``).
+    immune_class
+        Class id of immune cells (the gated types are the ``types`` of this class).
+    stromal_classes
+        Class ids of the other non-epithelial lineages (connective tissue): their types never go to
+        a cluster with full pan-epithelial expression either.
+    epithelial_class
+        Class id of epithelial cells: its types (except ``not_pan_epithelial`` of the YAML, e.g.
+        melanocytes) may take a cluster on its pan-epithelial expression (``None``: none).
+
+    Returns
+    -------
+    ``{"pan_immune": [...], "pan_epithelial": [...], "immune_types": [...], "stromal_types": [...],
+    "epithelial_types": [...], "exempt": [...]}`` (genes not yet filtered to the panel; :func:`annotate_clusters` keeps those in it).
+    """
+    spec = _read_yaml("celltypes.yaml").get("lineage_gate", {})
+    return {"pan_immune": list(spec.get("pan_immune", [])), "pan_epithelial": list(spec.get("pan_epithelial", [])),
+            "immune_types": [t for t in types if type_class.get(t) == immune_class],
+            "stromal_types": [t for t in types if type_class.get(t) in set(stromal_classes)],
+            "epithelial_types": [t for t in types if epithelial_class is not None and type_class.get(t) == epithelial_class
+                                 and t not in set(spec.get("not_pan_epithelial", []))],
+            "exempt": list(spec.get("exempt_from_pan_immune", []))}
+
+
+def _lineage_gate_arrays(scaled: np.ndarray, var: pd.Index, gate: Mapping[str, Any] | None
+                         ) -> tuple[np.ndarray, np.ndarray, set[str], set[str], set[str]]:
+    """Per cluster, mean 0-1 expression of the pan-immune and pan-epithelial genes (NaN: none in panel)."""
+    n_cl = scaled.shape[0]
+    nan = np.full(n_cl, np.nan)
+    if not gate:
+        return nan, nan.copy(), set(), set(), set()
+
+    def mean_of(genes: Sequence[str]) -> np.ndarray:
+        i = var.get_indexer(list(genes))
+        i = i[i >= 0]
+        return scaled[:, i].mean(axis=1) if i.size else np.full(n_cl, np.nan)
+
+    return (mean_of(gate.get("pan_immune", ())), mean_of(gate.get("pan_epithelial", ())),
+            set(gate.get("immune_types", ())), set(gate.get("exempt", ())), set(gate.get("stromal_types", ())))
+
+
+def _gate_blocks(pan_imm: float, pan_epi: float, immune_types: set[str], exempt: set[str],
+                 min_ownership: float, owned: float, stromal_types: set[str] = frozenset()) -> set[str]:
+    """Types a cluster may not take: immune types without pan-immune expression; immune and stromal
+    types where epithelial expression is at full strength (and, for immune types, outweighs CD45)."""
+    out: set[str] = set()
+    if np.isfinite(pan_imm) and pan_imm < min_ownership:
+        out |= immune_types - exempt
+    if np.isfinite(pan_epi) and pan_epi >= owned:
+        out |= set(stromal_types)
+        if not (np.isfinite(pan_imm) and pan_imm >= pan_epi):
+            out |= immune_types
+    return out
 
 
 def refine_posteriors(counts: Any, label: np.ndarray, seed: np.ndarray, n_types: int, *,
@@ -776,11 +901,14 @@ def _rare_seeds(adata: AnnData, markers: Mapping[str, list[str]], types: list[st
         [bool(qual_[c_i][sorted(annotated)].any()) if annotated else False for c_i in range(len(cl_label))]))
     strong = (qc & (margin >= rare_margin) & ~blocked[codes]
               & (det[np.arange(n), best] >= np.minimum(rare_min_detected, n_mk[best])))
+    # the lineage gate holds for seeds too: a cell of a cluster the gate kept from an immune type
+    # (CD45-negative or epithelial) does not seed that type's profile
+    gated = _cluster_type_mask(ann["gated"], types) if "gated" in ann else np.zeros_like(nom)
     rare_seed = np.zeros(n, dtype=bool)
     for t in range(len(types)):
         if t in annotated:
             continue
-        m = strong & (best == t)
+        m = strong & (best == t) & ~gated[codes, t]
         if m.sum() >= rare_min_cells:
             rare_seed |= m
     return rare_seed, nom
@@ -788,13 +916,15 @@ def _rare_seeds(adata: AnnData, markers: Mapping[str, list[str]], types: list[st
 
 def _refine_rounds(counts: Any, label: np.ndarray, seed: np.ndarray, qc: np.ndarray, unexplained: np.ndarray,
                    nom: np.ndarray, codes: np.ndarray, n_types: int, *, refine: int, unknown_posterior: float,
-                   refine_kwargs: Mapping[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
+                   refine_kwargs: Mapping[str, Any] | None,
+                   group: np.ndarray | None = None,
+                   cluster_best: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``refine`` rounds of :func:`refine_posteriors`; returns the final label and its posterior."""
     n = len(label)
     chosen = np.where(label < n_types, 1.0, 0.0)
     for _ in range(refine):
-        post, _has = refine_posteriors(counts, label, seed, n_types + 1, free=label == n_types,
-                                       **dict(refine_kwargs or {}))
+        post, has = refine_posteriors(counts, label, seed, n_types + 1, free=label == n_types,
+                                      **dict(refine_kwargs or {}))
         new_label = post.argmax(axis=1)
         new_chosen = post[np.arange(n), new_label]
         # a cell of a cluster no type explains joins a type only on strong evidence, and
@@ -802,6 +932,17 @@ def _refine_rounds(counts: Any, label: np.ndarray, seed: np.ndarray, qc: np.ndar
         # over-confident, and over the whole panel an unknown population is always
         # "closest" to some profile (tumour cells to a T-cell profile)
         ok_type = nom[codes, np.minimum(new_label, n_types - 1)] & (new_label < n_types)
+        # ... and a type other than the one the cluster's markers favour (``cluster_best``) only
+        # when every nominated type of another class (``group``) has a profile to compete with: a
+        # posterior over the profiled types alone is no evidence against a nominated type no other
+        # cluster taught (keratinocytes nominating epithelium and smooth muscle, with no epithelial
+        # cluster, would all join smooth muscle)
+        grp = np.arange(n_types) if group is None else np.asarray(group)
+        missing = nom & ~has[None, :n_types]  # clusters x types
+        lab_ = np.minimum(new_label, n_types - 1)
+        other_class_missing = (missing[codes] & (grp[None, :] != grp[lab_][:, None])).any(axis=1)
+        favoured = (lab_ == cluster_best[codes]) if cluster_best is not None else np.zeros(n, dtype=bool)
+        ok_type &= ~other_class_missing | favoured
         stay = unexplained & ((new_chosen < unknown_posterior) | ~ok_type)
         label = np.where(stay, n_types, new_label)
         chosen = np.where(stay, 0.0, new_chosen)
@@ -848,7 +989,11 @@ def _hierarchical_labels(adata: AnnData, markers: Mapping[str, list[str]], types
         label = np.where(rare_seed, best, label)
         seed |= rare_seed
         unexplained = cl_label[codes] == len(types)
+        groups = dict(annotate_kwargs or {}).get("groups")
+        group = None if groups is None else pd.factorize(np.array([str(groups.get(t, t)) for t in types]))[0]
+        best_of = np.array([types.index(b) if b in types else -1 for b in ann["best"]], dtype=int)
         label, chosen = _refine_rounds(counts, label, seed, qc, unexplained, nom, codes, len(types),
+                                       group=group, cluster_best=best_of,
                                        refine=refine, unknown_posterior=unknown_posterior,
                                        refine_kwargs=refine_kwargs)
         refined = True

@@ -15,12 +15,12 @@ decided in a second, sample-aware step (:func:`neoplastic_step`):
 ablations / baselines ("flat" = the paper's "w/o Hier", "marker", "cluster").
 
 **Frozen labeler.** The defaults of this module and of :mod:`stlib.labels.celltypes` (cluster
-annotation, rare-type seeding, posterior thresholds, the neoplastic step's evidence rules) were
-chosen on the development cohorts ``stlib.robustness.DEV_SEEDS`` (seeds 101-120 of the realistic
-demo generator) and on nothing else; the evaluation seeds ``stlib.robustness.EVAL_SEEDS`` were
-not looked at before the labeler was frozen, and ``benchmarks/label_robustness.json`` reports them.
-(The seeds of a first evaluation, ``stlib.robustness.SEEN_SEEDS``, were read when it failed and are
-no longer unseen.)
+annotation, lineage gate, rare-type seeding, posterior thresholds, the neoplastic step's evidence
+rules, the apoptosis test) were chosen on the development cohorts ``stlib.robustness.DEV_SEEDS``
+(seeds 101-120 of the realistic demo generator) and on nothing else; the evaluation seeds
+``stlib.robustness.EVAL_SEEDS`` were not looked at before the labeler was frozen, and
+``benchmarks/label_robustness.json`` reports them. (The seeds of earlier evaluations,
+``stlib.robustness.SEEN_SEEDS``, were read when they showed failures and are no longer unseen.)
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ from anndata import AnnData
 from stlib.config import LabelsConfig, NeoplasticConfig
 from stlib.constants import CONNECTIVE, DEAD, EPITHELIAL, IGNORE, INFLAMMATORY, NEOPLASTIC
 from stlib.labels.celltypes import (
-    UNKNOWN, Key, _counts, _read_yaml, _row_nnz, _row_sums, assign_fine_types, canonical_organ, cluster, load_markers,
-    load_programs, normalize, qc_filter, rank_score,
+    UNKNOWN, Key, _counts, _read_yaml, _row_nnz, _row_sums, assign_fine_types, canonical_organ, cluster, lineage_gate,
+    load_markers, load_programs, normalize, qc_filter, rank_score,
 )
 
 log = logging.getLogger(__name__)
@@ -364,10 +364,18 @@ def neoplastic_step(adata: AnnData, *, disease_state: str | None, oncotree_code:
        trained on the confident cells; its probability is the neoplastic score.
     5. When the scores are **not bimodal** the candidates are one population; ``unimodal`` decides:
        ``"evidence"`` (default) calls it neoplastic (score ``unimodal_score``) only when the
-       population as a whole carries tumour evidence — its share of cycling cells
-       (:func:`cycling_cells`) is at least ``min_cycling_fraction`` and ``min_cycling_ratio`` times
-       that of the reference cells — and ambiguous otherwise; ``"ambiguous"`` always leaves it
-       ambiguous; ``"neoplastic"`` (the old behaviour) always calls it neoplastic.
+       population carries tumour evidence — its share of cycling cells (:func:`cycling_cells`) is
+       at least ``min_cycling_fraction`` and ``min_cycling_ratio`` times that of the reference
+       cells — and ambiguous otherwise. With ``per_cluster_evidence`` (default) a cluster of at
+       least ``min_cluster_candidates`` candidates (Leiden on the candidates' expression PCs without
+       proliferation genes, as in step 4) whose own cycling share disagrees takes its own call: a
+       tumour and the normal epithelium beside it form separate clusters whose scores need not be
+       bimodal (a signature the tumour does not carry), and the tumour's cycling share must not
+       carry the normal cluster with it. In a tumour-like population a cluster with a normal-like
+       share (at most ``normal_cycling_ratio`` times the reference's) is non-neoplastic (score
+       ``1 - unimodal_score``); in a population without tumour evidence a tumour-like cluster is
+       neoplastic. ``"ambiguous"`` always leaves it ambiguous; ``"neoplastic"`` (the old behaviour)
+       always calls it neoplastic.
     6. Score >= ``high`` -> "neoplastic" (fine type becomes "tumor"), <= ``low`` -> "non-neoplastic",
        in between -> "ambiguous" (class 255 later).
 
@@ -600,10 +608,72 @@ def _judge_split(post: np.ndarray, cand: np.ndarray, ev: _CyclingEvidence, info:
     return post
 
 
+def _candidate_clusters(pcs: np.ndarray, cand: np.ndarray, n_neighbors: int, seed: int) -> np.ndarray | None:
+    """Leiden clusters of the candidates in their expression PCs without proliferation genes.
+
+    Not the sample's clusters: those are built on every gene, so cycling and resting cells of one
+    tumour fall in different clusters, and a resting tumour cluster would look normal by its
+    cycling share. Returns one label per cell (``""`` for non-candidates), or None when too few.
+    """
+    if len(pcs) < 3:
+        return None
+    import scanpy as sc
+
+    sub = AnnData(np.zeros((len(pcs), 1), dtype=np.float32))
+    sub.obsm["X_pc"] = pcs
+    sc.pp.neighbors(sub, n_neighbors=max(2, min(max(n_neighbors, 2), len(pcs) - 1)), use_rep="X_pc",
+                    method="gauss", random_state=seed)
+    sc.tl.leiden(sub, resolution=1.0, flavor="igraph", n_iterations=2, directed=False, random_state=seed)
+    out = np.full(len(cand), "", dtype=object)
+    out[np.flatnonzero(cand)] = sub.obs["leiden"].astype(str).to_numpy()
+    return out
+
+
+def _per_cluster_posterior(cand: np.ndarray, clusters: np.ndarray, f_cand: float, ev: _CyclingEvidence, info: dict,
+                           cfg: NeoplasticConfig) -> np.ndarray:
+    """Step 5 per cluster: the population's call, except clusters whose own cycling share disagrees.
+
+    When the candidates as a whole are tumour-like, every cluster is neoplastic except a cluster of at
+    least ``min_cluster_candidates`` cells whose cycling share is normal-like (non-neoplastic: the
+    normal epithelium beside the tumour). Otherwise every cluster is ambiguous except a big enough
+    tumour-like cluster (neoplastic: a tumour among more normal epithelium).
+    """
+    cl = np.asarray(clusters)[cand].astype(str)
+    whole = ev.tumour_like(f_cand)
+    post = np.full(int(cand.sum()), cfg.unimodal_score if whole else 0.5)
+    shares: dict[str, float] = {}
+    changed: list[str] = []
+    ci = np.flatnonzero(cand)
+    for c in pd.unique(cl):
+        m = cl == c
+        if int(m.sum()) < cfg.min_cluster_candidates:
+            continue
+        full = np.zeros(len(cand), bool)
+        full[ci[m]] = True
+        f = float(ev.cyc[full].mean())
+        shares[str(c)] = f
+        if whole and ev.normal_like(f):
+            post[m] = 1.0 - cfg.unimodal_score
+            changed.append(str(c))
+        elif not whole and ev.tumour_like(f):
+            post[m] = cfg.unimodal_score
+            changed.append(str(c))
+    info["cluster_cycling"] = shares
+    what = "neoplastic" if whole else "ambiguous"
+    other = "non-neoplastic (normal-like cycling share)" if whole else "neoplastic (tumour-like cycling share)"
+    info["reason"] = (f"candidates are one population (Ashman's D={info['ashman_d']:.2f}); cycling "
+                      f"{100 * f_cand:.1f}% of candidates vs {100 * ev.f_ref:.1f}% of reference cells; "
+                      f"{what}, except {len(changed)} of {len(shares)} candidate clusters {other}")
+    log.warning("neoplastic_step: %s", info["reason"])
+    return post
+
+
 def _unimodal_posterior(cand: np.ndarray, f_cand: float, ev: _CyclingEvidence, info: dict,
-                        cfg: NeoplasticConfig) -> np.ndarray:
+                        cfg: NeoplasticConfig, clusters: np.ndarray | None = None) -> np.ndarray:
     """Step 5: the candidates are one population; one score for all of them per ``unimodal``."""
     evidence_ok = ev.tumour_like(f_cand)
+    if cfg.unimodal == "evidence" and cfg.per_cluster_evidence and clusters is not None:
+        return _per_cluster_posterior(cand, clusters, f_cand, ev, info, cfg)
     if cfg.unimodal == "neoplastic" or (cfg.unimodal == "evidence" and evidence_ok):
         value = 1.0 if cfg.unimodal == "neoplastic" else cfg.unimodal_score
         what = "neoplastic"
@@ -653,7 +723,8 @@ def _split_candidates(adata: AnnData, fine: np.ndarray, cand: np.ndarray, call: 
     if post is not None:
         post = _judge_split(post, cand, ev, info, cfg)
     if post is None:
-        post = _unimodal_posterior(cand, f_cand, ev, info, cfg)
+        clusters = _candidate_clusters(pcs, cand, cfg.smooth_neighbors, cfg.seed) if cfg.per_cluster_evidence else None
+        post = _unimodal_posterior(cand, f_cand, ev, info, cfg, clusters)
     else:
         info["reason"] = f"2-component mixture, Ashman's D={info['ashman_d']:.2f}"
         if cfg.self_train:
@@ -669,6 +740,7 @@ def _split_candidates(adata: AnnData, fine: np.ndarray, cand: np.ndarray, call: 
 
 def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: float = 0.05,
               min_apoptosis_counts: int = 2, min_apoptosis_fraction: float = 0.1, call_dead: bool = True,
+              apoptosis_alpha: float | None = LabelsConfig.apoptosis_alpha,
               apoptosis_genes: Sequence[str] | None = None, fine_key: str = Key.FINE_TYPE,
               copy: bool = False) -> AnnData | None:
     """A PROXY for dead / dying cells: low transcript count plus detected apoptosis genes.
@@ -682,7 +754,13 @@ def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: 
     * a low-count cell whose apoptosis-proxy genes (``programs.yaml``: BCL2L11, FAS, BAX, BBC3, ...;
       only those in the panel) have ``>= min_apoptosis_counts`` counts and ``>=
       min_apoptosis_fraction`` of its counts becomes fine type ``"dead"``;
-    * every other low-count cell becomes ``"unknown"`` (class 255: segment it, do not classify it).
+    * every other low-count cell becomes ``"unknown"`` (class 255: segment it, do not classify it);
+    * a cell of any library size whose apoptosis-proxy transcripts are more than its library
+      explains (at least ``min_apoptosis_counts``, and a one-sided Poisson test against the sample's
+      rate of those genes per transcript gives p < ``apoptosis_alpha``; ``None`` = off) becomes
+      ``"unknown"`` too: a dying cell keeps most of its origin's expression (a dying tumour cell
+      would otherwise be called Neoplastic), and its class is not what the H&E shows. This also
+      holds with ``call_dead=False``.
 
     ``call_dead=False`` (the default of :func:`label_cells`: Dead is *ignore* for ST training)
     makes every low-count cell ``"unknown"`` and calls no cell dead. Two apoptosis transcripts
@@ -706,15 +784,16 @@ def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: 
     n_counts = (adata.obs[Key.N_COUNTS].to_numpy(float) if Key.N_COUNTS in adata.obs else _row_sums(x))
     thr = float(max_counts) if max_counts is not None else float(np.quantile(n_counts, low_quantile))
     genes = list(apoptosis_genes) if apoptosis_genes is not None else load_programs(adata.var_names)["apoptosis"]
-    if not call_dead:
-        genes = []
     idx = pd.Index(adata.var_names).get_indexer(genes)
     idx = idx[idx >= 0]
     apo = _row_sums(x[:, idx]) if idx.size else np.zeros(adata.n_obs)
     low = n_counts <= thr
     dead = low & (apo >= min_apoptosis_counts) & (apo >= min_apoptosis_fraction * np.maximum(n_counts, 1))
+    if not call_dead:
+        dead[:] = False
+    dying = _apoptosis_enriched(apo, n_counts, min_counts=min_apoptosis_counts, alpha=apoptosis_alpha)
     fine = adata.obs[fine_key].astype(str).to_numpy(object)
-    fine[low] = UNKNOWN
+    fine[low | dying] = UNKNOWN
     fine[dead] = "dead"
     cats = list(adata.obs[fine_key].cat.categories) if hasattr(adata.obs[fine_key], "cat") else []
     cats += [c for c in ("dead", UNKNOWN) if c not in cats]
@@ -722,10 +801,11 @@ def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: 
     adata.obs[fine_key] = pd.Categorical(fine.astype(str), categories=cats)
     if Key.TYPE_CONFIDENCE in adata.obs:
         conf = adata.obs[Key.TYPE_CONFIDENCE].to_numpy(float).copy()
-        conf[low & ~dead] = 0.0
+        conf[(low | dying) & ~dead] = 0.0
         adata.obs[Key.TYPE_CONFIDENCE] = conf
     adata.obs[Key.APOPTOSIS_COUNTS] = apo
     info = {"max_counts": thr, "n_low": int(low.sum()), "n_dead": int(dead.sum()),
+            "n_apoptosis_enriched": int(dying.sum()), "apoptosis_alpha": apoptosis_alpha,
             "apoptosis_genes": [str(g) for g in adata.var_names[idx]], "proxy": bool(call_dead)}
     adata.uns.setdefault(Key.UNS, {})["dead_rule"] = info
     if idx.size == 0:
@@ -733,6 +813,21 @@ def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: 
     log.info("dead_rule (proxy): %d low-count cells (n_counts <= %.1f), %d called dead; wrote obs[%r], "
              "updated obs[%r]", int(low.sum()), thr, int(dead.sum()), Key.APOPTOSIS_COUNTS, fine_key)
     return adata if copy else None
+
+
+def _apoptosis_enriched(apo: np.ndarray, n_counts: np.ndarray, *, min_counts: int, alpha: float | None) -> np.ndarray:
+    """Cells with more apoptosis-gene transcripts than their library explains (one-sided Poisson test).
+
+    The expected count of a cell is its library times the sample's share of apoptosis transcripts
+    over all transcripts (most cells do not die, so the sample rate is the living cells' rate).
+    """
+    if alpha is None or apo.sum() == 0:
+        return np.zeros(len(apo), dtype=bool)
+    from scipy.stats import poisson
+
+    rate = float(apo.sum()) / max(float(n_counts.sum()), 1.0)
+    p = poisson.sf(apo - 1, np.maximum(n_counts, 1.0) * rate)
+    return (apo >= min_counts) & (p < alpha)
 
 
 def to_image_classes(adata: AnnData, *, min_confidence: float = LabelsConfig.min_confidence, fine_key: str = Key.FINE_TYPE,
@@ -778,6 +873,25 @@ def to_image_classes(adata: AnnData, *, min_confidence: float = LabelsConfig.min
     return adata if copy else None
 
 
+def _label_markers(genes: list[str], markers: Mapping[str, Sequence[str]] | None, method: str, organ: str | None,
+                   oncotree_code: str | None, min_markers: int) -> dict[str, list[str]]:
+    """The marker sets :func:`label_cells` scores: the shipped (or given) ones in the panel, plus a
+    "tumor" set (tumour signature + proliferation) for the non-hierarchical methods."""
+    if markers is None:
+        mk = load_markers(genes, organ=organ or canonical_organ(None, oncotree_code), oncotree_code=oncotree_code,
+                          min_markers=min_markers)
+    else:
+        mk = {t: [g for g in v if g in set(genes)] for t, v in markers.items()}
+        mk = {t: v for t, v in mk.items() if v}
+    mk.pop("tumor", None)
+    if method != "hierarchical":
+        prog = load_programs(genes, organ=organ, oncotree_code=oncotree_code)
+        tum = list(dict.fromkeys(prog["tumor_up"] + prog["proliferation"]))
+        if tum:
+            mk = {"tumor": tum, **mk}
+    return mk
+
+
 def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "marker", "cluster"] = LabelsConfig.labeler,
                 organ: str | None = None, disease_state: str | None = None,
                 oncotree_code: str | None = None, panel: str | None = None, seed: int = LabelsConfig.seed,
@@ -786,6 +900,7 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
                 n_pcs: int = 30, n_neighbors: int = 15,
                 neighbors_method: Literal["umap", "gauss"] = LabelsConfig.neighbors_method, min_markers: int = 2,
                 use_cnv: bool = NeoplasticConfig.use_cnv, dead: Literal["ignore", "proxy", "off"] | bool = LabelsConfig.dead,
+                apoptosis_alpha: float | None = LabelsConfig.apoptosis_alpha,
                 markers: Mapping[str, Sequence[str]] | None = None,
                 neoplastic_kwargs: Mapping | None = None, fine_kwargs: Mapping | None = None,
                 copy: bool = False) -> AnnData:
@@ -824,6 +939,9 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
         ``"ignore"`` (default: Dead is ignore for ST training; low-count cells become unknown, no cell
         is called Dead), ``"proxy"`` (opt-in: :func:`dead_rule`'s low-count + apoptosis-gene proxy
         calls Dead) or ``"off"`` (no low-count rule). ``True`` / ``False`` mean proxy / off.
+    apoptosis_alpha
+        :func:`dead_rule`'s test for apoptosis-enriched cells (ignored; ``None`` = off; default of
+        :attr:`stlib.config.LabelsConfig.apoptosis_alpha`).
     markers
         Replace the shipped marker sets (``{type: genes}``).
     neoplastic_kwargs
@@ -850,18 +968,7 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
     genes = [g for g in load_panel(panel) if g in set(adata.var_names)] if panel else list(adata.var_names)
     qc_filter(adata, min_counts=min_counts, min_genes=min_genes)
     normalize(adata)
-    if markers is None:
-        mk = load_markers(genes, organ=organ or canonical_organ(None, oncotree_code), oncotree_code=oncotree_code,
-                          min_markers=min_markers)
-    else:
-        mk = {t: [g for g in v if g in set(genes)] for t, v in markers.items()}
-        mk = {t: v for t, v in mk.items() if v}
-    mk.pop("tumor", None)
-    if method != "hierarchical":
-        prog = load_programs(genes, organ=organ, oncotree_code=oncotree_code)
-        tum = list(dict.fromkeys(prog["tumor_up"] + prog["proliferation"]))
-        if tum:
-            mk = {"tumor": tum, **mk}
+    mk = _label_markers(genes, markers, method, organ, oncotree_code, min_markers)
     rank_score(adata, mk)
     if method != "marker":
         cluster(adata, resolution=resolution, n_pcs=n_pcs, n_neighbors=n_neighbors, seed=seed,
@@ -870,7 +977,11 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
                    "cluster": "cluster"}[method]
     fk = dict(fine_kwargs or {})
     # clusters that own the markers of two image classes at full strength stay unknown
-    ak = {"groups": {t: FINE_TO_CLASS.get(t, IGNORE) for t in mk}, **dict(fk.pop("annotate_kwargs", None) or {})}
+    # lineage gate: immune types need pan-immune (CD45) expression and lose to epithelial expression;
+    # stromal types never take a cluster with full epithelial expression
+    ak = {"groups": {t: FINE_TO_CLASS.get(t, IGNORE) for t in mk},
+          "lineage_gate": lineage_gate(list(mk), FINE_TO_CLASS, INFLAMMATORY, (CONNECTIVE,), EPITHELIAL),
+          **dict(fk.pop("annotate_kwargs", None) or {})}
     assign_fine_types(adata, mk, method=fine_method, annotate_kwargs=ak, **fk)
     if method == "hierarchical":
         neoplastic_step(adata, disease_state=disease_state, oncotree_code=oncotree_code, organ=organ,
@@ -879,7 +990,7 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
     if dead_mode not in ("ignore", "proxy", "off"):
         raise ValueError(f"dead must be 'ignore', 'proxy' or 'off', got {dead!r}")
     if dead_mode != "off":
-        dead_rule(adata, call_dead=dead_mode == "proxy")
+        dead_rule(adata, call_dead=dead_mode == "proxy", apoptosis_alpha=apoptosis_alpha)
     to_image_classes(adata, min_confidence=min_confidence)
     from stlib.labels.celltypes import marker_coverage
 

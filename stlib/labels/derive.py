@@ -200,7 +200,8 @@ def _label(s, res, cfg: LabelsConfig):
     label_cells(adata, method=cfg.labeler, organ=s.organ, disease_state=s.disease_state,
                 oncotree_code=s.oncotree_code, seed=cfg.seed, min_counts=cfg.min_counts,
                 min_confidence=cfg.min_confidence, resolution=cfg.leiden_resolution,
-                neighbors_method=cfg.neighbors_method, dead=cfg.dead, neoplastic_kwargs={"config": cfg.neoplastic})
+                neighbors_method=cfg.neighbors_method, dead=cfg.dead, apoptosis_alpha=cfg.apoptosis_alpha,
+                neoplastic_kwargs={"config": cfg.neoplastic})
     nuc = s.nuclei()
     nuc = nuc[~nuc.index.duplicated()]
     aligned = transform_nuclei(nuc, res)
