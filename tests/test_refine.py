@@ -260,6 +260,40 @@ def test_watershed_ties_between_labels_resolve_as_scikit_image(n_pairs):
     assert bad == 0
 
 
+def test_watershed_on_the_needed_gradient_equals_scikit_image_on_the_full_one():
+    """The refinement computes the Sobel gradient only where the flooding reads it (pixels near a
+    nucleus and their 4-neighbours) and hands the full one to the exact heap when ties force it:
+    the labels are scikit-image's on the full gradient, with plateaus making ties frequent."""
+    from skimage.filters import sobel
+    from skimage.segmentation import watershed
+
+    from stlib.labels import _refine_kernels as K
+
+    rng = np.random.default_rng(5)
+    cross = ndi.generate_binary_structure(2, 1)
+    exact = 0
+    for trial in range(40):
+        H, W = (int(v) for v in rng.integers(12, 48, 2))
+        h = (np.round(rng.random((H, W)) * [2, 4, 20][trial % 3]) / 4).astype(np.float32)
+        lab = _labels(rng, (H, W), 0.03, 3)
+        n = int(lab.max())
+        mk = np.where(ndi.binary_erosion(lab > 0), lab, 0).astype(np.int32)
+        mk[ndi.distance_transform_edt(lab == 0) > 2] = n + 1
+        need = ndi.binary_dilation(mk != n + 1, cross)
+        g = K.sobel_where(h, need)
+        assert np.array_equal(g[need], sobel(h)[need]) and not g[~need].any()
+        out = np.zeros((H + 2, W + 2), np.int32)
+        out[1:-1, 1:-1] = mk
+        inside = np.zeros_like(out, bool)
+        inside[1:-1, 1:-1] = True
+        seed = (out != 0) & ndi.binary_dilation(inside & (out == 0), cross)
+        padded = np.zeros(out.shape, np.float64)
+        padded[1:-1, 1:-1] = g
+        exact += K._sorted_seeds(padded.ravel(), out.ravel(), seed.ravel())[1].size > 2
+        assert np.array_equal(K._watershed(g, mk, h), watershed(sobel(h), mk))
+    assert exact > 0  # the heap path was exercised
+
+
 def test_compiled_refinement_equals_reference_on_rendered_fields():
     rng = np.random.default_rng(11)
     for trial in range(6):

@@ -248,13 +248,21 @@ def label_median(values, labels, n):  # pragma: no cover - compiled
 def sobel_magnitude(img):  # pragma: no cover - compiled
     """``skimage.filters.sobel(img)`` for 2-D float32: two ``ndimage.convolve`` passes (float64
     sums over the non-zero weights in raster order), squared, summed, ``sqrt(.) / sqrt(2)`` in float32."""
+    return sobel_where(img, np.ones(img.shape, np.bool_))
+
+
+@numba.njit(cache=True, nogil=True)
+def sobel_where(img, need):  # pragma: no cover - compiled
+    """:func:`sobel_magnitude` at the pixels where ``need`` is True (the same values), 0 elsewhere."""
     H, W = img.shape
-    out = np.empty((H, W), np.float32)
+    out = np.zeros((H, W), np.float32)
     s2 = np.sqrt(np.float32(2.0))
     for i in range(H):
         im = reflect(i - 1, H)
         ip = reflect(i + 1, H)
         for j in range(W):
+            if not need[i, j]:
+                continue
             jm = reflect(j - 1, W)
             jp = reflect(j + 1, W)
             a = 0.0
@@ -491,6 +499,12 @@ def _flood_buckets(img, out, inside, offs, seeds):  # pragma: no cover - compile
 
 @numba.njit(cache=True, nogil=True)
 def watershed(image, markers):  # pragma: no cover - compiled
+    """``skimage.segmentation.watershed(image, markers)`` for 2-D float32 ``image`` (:func:`_watershed`)."""
+    return _watershed(image, markers, np.empty((0, 0), np.float32))
+
+
+@numba.njit(cache=True, nogil=True)
+def _watershed(image, markers, h_exact):  # pragma: no cover - compiled
     """``skimage.segmentation.watershed(image, markers)`` for 2-D float32 ``image``.
 
     scikit-image floods from all marker pixels with a binary heap ordered by (value, age):
@@ -503,6 +517,11 @@ def watershed(image, markers):  # pragma: no cover - compiled
     own tie order could matter: for one or two tied pairs every order is tried and, if the
     labels agree, taken; otherwise all markers go into one binary heap exactly as in
     scikit-image (:func:`_flood_exact`).
+
+    The bucket queue reads ``image`` only at the seeds and the unlabelled pixels; the binary
+    heap reads it at every marker. When ``h_exact`` is not empty, ``image`` may hold values only
+    at the unlabelled pixels and their 4-neighbours, and the heap path floods
+    ``sobel_magnitude(h_exact)`` instead (the full image).
     """
     H, W = image.shape
     W2 = W + 2
@@ -549,14 +568,28 @@ def watershed(image, markers):  # pragma: no cover - compiled
         if agree:
             out[:] = ref
         else:
-            _flood_exact(img, out, inside, offs, nmark + H * W + 1)
+            _flood_exact(_full_padded(img, h_exact), out, inside, offs, nmark + H * W + 1)
     else:
-        _flood_exact(img, out, inside, offs, nmark + H * W + 1)
+        _flood_exact(_full_padded(img, h_exact), out, inside, offs, nmark + H * W + 1)
     res = np.empty((H, W), np.int32)
     for i in range(H):
         for j in range(W):
             res[i, j] = out[(i + 1) * W2 + j + 1]
     return res
+
+
+@numba.njit(cache=True, nogil=True)
+def _full_padded(img, h_exact):  # pragma: no cover - compiled
+    """The padded flat image of :func:`_watershed`: ``img`` itself, or ``sobel_magnitude(h_exact)``."""
+    if h_exact.size == 0:
+        return img
+    H, W = h_exact.shape
+    g = sobel_magnitude(h_exact)
+    full = np.zeros(img.size, np.float64)
+    for i in range(H):
+        for j in range(W):
+            full[(i + 1) * (W + 2) + j + 1] = g[i, j]
+    return full
 
 
 # --------------------------------------------------------------------------------------
@@ -822,10 +855,21 @@ def segment(h, local, near, core, thr, n):  # pragma: no cover - compiled
     nucleus or its ST label; then :func:`clean_labels`."""
     H, W = h.shape
     markers = np.empty((H, W), np.int32)
+    need = np.zeros((H, W), np.bool_)  # the pixels the flooding reads: near a nucleus, and their 4-neighbours
     for i in range(H):
         for j in range(W):
             markers[i, j] = n + 1 if near[i, j] == 0 else core[i, j]
-    ws = watershed(sobel_magnitude(h), markers)
+            if near[i, j] != 0:
+                need[i, j] = True
+                if i > 0:
+                    need[i - 1, j] = True
+                if i < H - 1:
+                    need[i + 1, j] = True
+                if j > 0:
+                    need[i, j - 1] = True
+                if j < W - 1:
+                    need[i, j + 1] = True
+    ws = _watershed(sobel_where(h, need), markers, h)
     out = np.zeros((H, W), np.int32)
     for i in range(H):
         for j in range(W):

@@ -217,10 +217,14 @@ def refine_instances(image: np.ndarray, inst: np.ndarray, *, um_per_px: float,
     near, ring, outside, core = K.zones(local, interior, n, r, rr, rc)
     fg = K.label_median(h, core, n)
     bg = K.label_median(h, ring, n)
-    tile_bg = K.masked_median(h, outside)
-    if not np.isfinite(tile_bg):
-        tile_bg = float(np.nanmin(fg[1:]))
-    bg = np.where(np.isfinite(bg), bg, tile_bg)
+    missing = ~np.isfinite(bg)
+    # the tile's background median (most of the tile's pixels) is needed only for nuclei without
+    # a ring (bg[0] is never used: thr[0] is set below and contrast[0] is NaN either way)
+    if missing[1:].any():
+        tile_bg = K.masked_median(h, outside)
+        if not np.isfinite(tile_bg):
+            tile_bg = float(np.nanmin(fg[1:]))
+        bg = np.where(missing, tile_bg, bg)
     contrast = fg - bg
     ref_contrast = float(np.nanmedian(contrast[1:]))
     floor = cfg.min_contrast_od
