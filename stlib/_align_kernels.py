@@ -485,6 +485,24 @@ def _axis_pos(g, v):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
+def _transform_point(x, y, A, gx, gy, dxg, dyg, has_grid):  # pragma: no cover - compiled
+    """One point through ``Transform.apply_xy``: affine ``A``, then (``has_grid``) the bilinear
+    displacement grid (axes ``gx``, ``gy``; shifts ``dxg``, ``dyg``), the same arithmetic."""
+    px = A[0, 0] * x + A[0, 1] * y + A[0, 2]
+    py = A[1, 0] * x + A[1, 1] * y + A[1, 2]
+    if has_grid:
+        ix, tx = _axis_pos(gx, x)
+        iy, ty = _axis_pos(gy, y)
+        ix1 = min(ix + 1, gx.size - 1)
+        iy1 = min(iy + 1, gy.size - 1)
+        px = px + (dxg[iy, ix] * (1 - tx) * (1 - ty) + dxg[iy, ix1] * tx * (1 - ty)
+                   + dxg[iy1, ix] * (1 - tx) * ty + dxg[iy1, ix1] * tx * ty)
+        py = py + (dyg[iy, ix] * (1 - tx) * (1 - ty) + dyg[iy, ix1] * tx * (1 - ty)
+                   + dyg[iy1, ix] * (1 - tx) * ty + dyg[iy1, ix1] * tx * ty)
+    return px, py
+
+
+@numba.njit(cache=True, nogil=True)
 def map_points(xy, A, gx, gy, dxg, dyg, has_grid, x0, y0, f):  # pragma: no cover - compiled
     """``grid.xy_to_work(T.apply_xy(xy))`` for a :class:`stlib.align.Transform` (affine
     ``A`` plus the bilinear displacement grid) and a work grid (``x0, y0, f``), same arithmetic."""
@@ -493,17 +511,7 @@ def map_points(xy, A, gx, gy, dxg, dyg, has_grid, x0, y0, f):  # pragma: no cove
     for k in range(n):
         x = xy[k, 0]
         y = xy[k, 1]
-        px = A[0, 0] * x + A[0, 1] * y + A[0, 2]
-        py = A[1, 0] * x + A[1, 1] * y + A[1, 2]
-        if has_grid:
-            ix, tx = _axis_pos(gx, x)
-            iy, ty = _axis_pos(gy, y)
-            ix1 = min(ix + 1, gx.size - 1)
-            iy1 = min(iy + 1, gy.size - 1)
-            px = px + (dxg[iy, ix] * (1 - tx) * (1 - ty) + dxg[iy, ix1] * tx * (1 - ty)
-                       + dxg[iy1, ix] * (1 - tx) * ty + dxg[iy1, ix1] * tx * ty)
-            py = py + (dyg[iy, ix] * (1 - tx) * (1 - ty) + dyg[iy, ix1] * tx * (1 - ty)
-                       + dyg[iy1, ix] * (1 - tx) * ty + dyg[iy1, ix1] * tx * ty)
+        px, py = _transform_point(x, y, A, gx, gy, dxg, dyg, has_grid)
         out[k, 0] = (px - x0 + 0.5) / f - 0.5
         out[k, 1] = (py - y0 + 0.5) / f - 0.5
     return out
@@ -548,16 +556,6 @@ def apply_transform(xy, A, gx, gy, dxg, dyg, has_grid, out, k0, k1):  # pragma: 
     for k in range(k0, k1):
         x = xy[k, 0]
         y = xy[k, 1]
-        px = A[0, 0] * x + A[0, 1] * y + A[0, 2]
-        py = A[1, 0] * x + A[1, 1] * y + A[1, 2]
-        if has_grid:
-            ix, tx = _axis_pos(gx, x)
-            iy, ty = _axis_pos(gy, y)
-            ix1 = min(ix + 1, gx.size - 1)
-            iy1 = min(iy + 1, gy.size - 1)
-            px = px + (dxg[iy, ix] * (1 - tx) * (1 - ty) + dxg[iy, ix1] * tx * (1 - ty)
-                       + dxg[iy1, ix] * (1 - tx) * ty + dxg[iy1, ix1] * tx * ty)
-            py = py + (dyg[iy, ix] * (1 - tx) * (1 - ty) + dyg[iy, ix1] * tx * (1 - ty)
-                       + dyg[iy1, ix] * (1 - tx) * ty + dyg[iy1, ix1] * tx * ty)
+        px, py = _transform_point(x, y, A, gx, gy, dxg, dyg, has_grid)
         out[k, 0] = px
         out[k, 1] = py

@@ -914,16 +914,15 @@ def guarded(local, out, keep_st, drop, ids, not_vis):  # pragma: no cover - comp
 
 
 @numba.njit(cache=True, nogil=True)
-def first_pixels(inst):  # pragma: no cover - compiled
-    """Sorted distinct values of ``inst`` and the flat index of the first pixel (raster order) of
-    each: ``np.unique(inst, return_index=True)``, found from the runs of equal pixels."""
-    flat = inst.ravel()
+def _runs(flat):  # pragma: no cover - compiled
+    """Runs of equal values of a 1-D array: ``starts`` (flat index of each run's first element,
+    plus ``flat.size`` as a last sentinel) and ``vals`` (each run's value)."""
     m = flat.size
     n_runs = 1 if m else 0
     for p in range(1, m):
         if flat[p] != flat[p - 1]:
             n_runs += 1
-    starts = np.empty(n_runs, np.int64)
+    starts = np.empty(n_runs + 1, np.int64)
     vals = np.empty(n_runs, flat.dtype)
     r = 0
     for p in range(m):
@@ -931,6 +930,17 @@ def first_pixels(inst):  # pragma: no cover - compiled
             starts[r] = p
             vals[r] = flat[p]
             r += 1
+    starts[n_runs] = m
+    return starts, vals
+
+
+@numba.njit(cache=True, nogil=True)
+def first_pixels(inst):  # pragma: no cover - compiled
+    """Sorted distinct values of ``inst`` and the flat index of the first pixel (raster order) of
+    each: ``np.unique(inst, return_index=True)``, found from the runs of equal pixels."""
+    flat = inst.ravel()
+    starts, vals = _runs(flat)
+    n_runs = vals.size
     order = np.argsort(vals, kind="mergesort")  # stable: the earliest run of a value comes first
     n = 0
     for t in range(n_runs):
@@ -1005,19 +1015,8 @@ def local_ids(inst):  # pragma: no cover - compiled
     H, W = inst.shape
     flat = inst.ravel()
     m = flat.size
-    nr = 1
-    for p in range(1, m):
-        if flat[p] != flat[p - 1]:
-            nr += 1
-    starts = np.empty(nr + 1, np.int64)
-    vals = np.empty(nr, flat.dtype)
-    r = 0
-    for p in range(m):
-        if p == 0 or flat[p] != flat[p - 1]:
-            starts[r] = p
-            vals[r] = flat[p]
-            r += 1
-    starts[nr] = m
+    starts, vals = _runs(flat)
+    nr = vals.size
     u = np.unique(vals)
     off = 0 if u[0] == 0 else 1
     ids = np.zeros(u.size + off, np.int64)
