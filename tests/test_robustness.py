@@ -11,8 +11,8 @@ import shapely
 
 from stlib.labels.masks import coverage_region
 from stlib.robustness import (
-    DEV_SEEDS, EVAL_SEEDS, KNOB_GRID, SEEN_SEEDS, acceptance_table, outside_region_background, robustness_sweep,
-    score_cells,
+    DEV_SEEDS, EVAL_SEEDS, KNOB_GRID, SEEN_SEEDS, acceptance_table, edge_gap_grid, outside_region_background,
+    robustness_sweep, score_cells,
 )
 
 
@@ -105,6 +105,20 @@ def test_a_region_ending_just_inside_the_image_edge_is_shrunk(tilt_deg):
     # the covered part of the image is kept up to the other borders, where Xenium imaged beyond the image
     assert g.contains(shapely.Point(100, 1)) and g.contains(shapely.Point(199, 50))
     assert g.area > 0.85 * img.area
+
+
+def test_edge_parameters_are_chosen_on_development_seeds_only(tmp_path):
+    from stlib.utils import InputError
+
+    with pytest.raises(InputError, match="not development seeds"):
+        edge_gap_grid([DEV_SEEDS[0], EVAL_SEEDS[0]], tmp_path)
+    # the edge step off reproduces the region before the fix: not shrunk at a strip thinner than a bin
+    rng = np.random.default_rng(2)
+    x, y = rng.uniform(-10, 210, 40000), rng.uniform(-10, 110, 40000)
+    keep = x >= 1.0
+    img = shapely.box(0, 0, 200, 100)
+    assert coverage_region(x[keep], y[keep], extent=img, edge_slope=None).bounds[0] < 5.0
+    assert coverage_region(x[keep], y[keep], extent=img).bounds[0] >= 1.0 + 10.0
 
 
 @pytest.fixture(scope="module")

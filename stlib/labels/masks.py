@@ -1230,7 +1230,7 @@ EDGE_PAD_UM: float = 1.0
 
 def coverage_region(x_um: Any, y_um: Any, *, bin_um: float = 4.0, close_um: float = 16.0,
                     margin_um: float = 10.0, min_count: int = 1, extent: Any = None,
-                    edge_slope: float = EDGE_SLOPE, edge_pad_um: float = EDGE_PAD_UM) -> Any:
+                    edge_slope: float | None = EDGE_SLOPE, edge_pad_um: float = EDGE_PAD_UM) -> Any:
     """The region where Xenium imaged and transcripts fall, shrunk by a safety margin (µm).
 
     The H&E section usually extends beyond the Xenium region, and inside it there are stretches
@@ -1259,7 +1259,8 @@ def coverage_region(x_um: Any, y_um: Any, *, bin_um: float = 4.0, close_um: floa
     extent
         The H&E image (shapely polygon, µm), or None (no image edge).
     edge_slope, edge_pad_um
-        Of :func:`_edge_gaps` (chosen on the development cohorts, see :data:`EDGE_SLOPE`).
+        Of :func:`_edge_gaps` (chosen on the development cohorts, see :data:`EDGE_SLOPE`); ``edge_slope=None``
+        skips that step (the region before the fix, kept for the comparison in :mod:`stlib.robustness`).
 
     Returns
     -------
@@ -1319,7 +1320,7 @@ def coverage_region(x_um: Any, y_um: Any, *, bin_um: float = 4.0, close_um: floa
         for a, b in zip(v[::2], v[1::2]):
             boxes.append(shapely.box(x0 + a * bin_um, y0 + row * bin_um, x0 + b * bin_um, y0 + (row + 1) * bin_um))
     region = shapely.coverage_union_all(np.array(boxes, dtype=object))
-    if extent is not None and np.isfinite(shapely.bounds(extent)[0]):
+    if edge_slope is not None and extent is not None and np.isfinite(shapely.bounds(extent)[0]):
         gaps = _edge_gaps(x, y, extent, depth_um=close_um + margin_um + 2 * bin_um, slope=edge_slope,
                           pad_um=edge_pad_um)
         if not gaps.is_empty:
