@@ -1219,13 +1219,15 @@ def iter_label_tiles(
 
 #: cone slope of :func:`_edge_gaps`: a molecule at depth t (µm, inward from the image edge) bounds the
 #: Xenium region's edge at a distance s along the image edge to depth t + EDGE_SLOPE * |s|. A region
-#: edge (straight over tens of µm) crosses the image edge at the angle between them; the demo's
-#: is up to ~4 degrees (true rotation 3, registration error 1; tan ~ 0.07). Chosen on DEV_SEEDS
-#: 101-120 (stlib.robustness): the largest slope with no true outside nucleus marked background.
+#: edge (straight over tens of µm) crosses the image edge at the angle between them; the demo's is up
+#: to ~4 degrees (true rotation 3, registration error 1; tan ~ 0.07). EDGE_SLOPE and EDGE_PAD_UM were
+#: chosen on DEV_SEEDS 101-108 (``stlib robustness --edge-grid``, benchmarks/label_edge_dev.json) as
+#: the setting that keeps the most labelled nuclei with no true outside-region nucleus overlapping the
+#: region (slopes 0.05 / 0.1 / 0.2 x pads 0 / 0.5 / 1 µm; 0.05 with pad 0 left one)
 EDGE_SLOPE: float = 0.1
-#: how far beyond the image edge (µm) a nucleus centred outside the region may still reach into the
-#: image, plus the affine-only image outline's error (the local warp, ~1 µm); chosen with EDGE_SLOPE
-EDGE_PAD_UM: float = 1.0
+#: how far beyond the image edge (µm) the envelope must reach for the edge to count as covered (room
+#: for nuclei centred just beyond the image and for the affine-only image outline's error)
+EDGE_PAD_UM: float = 0.0
 
 
 def coverage_region(x_um: Any, y_um: Any, *, bin_um: float = 4.0, close_um: float = 16.0,
