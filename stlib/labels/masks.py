@@ -1345,6 +1345,10 @@ def _edge_gaps(x: np.ndarray, y: np.ndarray, extent: Any, *, depth_um: float, sl
     """
     ring = np.asarray(shapely.get_coordinates(shapely.get_exterior_ring(extent)), dtype=np.float64)
     cx, cy = np.asarray(shapely.get_coordinates(shapely.centroid(extent)), dtype=np.float64)[0]
+    core = shapely.buffer(extent, -depth_um)  # molecules deeper than depth_um bound no edge's strip
+    if not core.is_empty:
+        band = ~shapely.contains_xy(core, x, y)
+        x, y = x[band], y[band]
     reach = depth_um / max(slope, 1e-6)
     strips = []
     for (ax, ay), (bx, by) in zip(ring[:-1], ring[1:]):
