@@ -11,8 +11,8 @@ import shapely
 
 from stlib.labels.masks import coverage_region
 from stlib.robustness import (
-    DEV_SEEDS, EVAL_SEEDS, KNOB_GRID, SEEN_SEEDS, acceptance_table, outside_region_background, robustness_sweep,
-    score_cells,
+    DEV_SEEDS, EVAL_SEEDS, KNOB_GRID, SEEN_SEEDS, acceptance_table, edge_gap_grid, outside_region_background,
+    robustness_sweep, score_cells,
 )
 
 
@@ -72,16 +72,53 @@ def test_coverage_region_ignores_what_xenium_did_not_image():
     # shrunk by the margin + up to two bins everywhere, never beyond the molecules
     assert 10.0 <= x0 <= 22.0 and 10.0 <= y0 <= 22.0 and 178.0 <= x1 <= 190.0 and 78.0 <= y1 <= 90.0
     assert g.contains(shapely.Point(100, 45))  # the small gap is closed
-    # where the region meets the image border it is not shrunk
+    # where Xenium imaged beyond the H&E image (molecules past its border) the region is not shrunk there
+    xw, yw = rng.uniform(-10, 210, 60000), rng.uniform(-10, 110, 60000)
     img = shapely.box(0, 0, 200, 100)
-    g2 = coverage_region(x[keep], y[keep], bin_um=4.0, margin_um=10.0, extent=img)
-    assert g2.contains(shapely.Point(2, 50)) and g2.area > 0.95 * img.area
+    g2 = coverage_region(xw, yw, bin_um=4.0, margin_um=10.0, extent=img)
+    assert g2.contains(shapely.Point(1, 50)) and g2.area > 0.95 * img.area
     # a region smaller than the image: shrunk on the inner side only
-    inner = x < 150
-    g3 = coverage_region(x[keep & inner], y[keep & inner], bin_um=4.0, margin_um=10.0, extent=img)
-    assert g3.contains(shapely.Point(2, 50)) and not g3.contains(shapely.Point(140, 50))
+    inner = xw < 150
+    g3 = coverage_region(xw[inner], yw[inner], bin_um=4.0, margin_um=10.0, extent=img)
+    assert g3.contains(shapely.Point(1, 50)) and not g3.contains(shapely.Point(140, 50))
     assert g3.bounds[2] <= 150 - 10.0
     assert coverage_region([], []).is_empty
+
+
+@pytest.mark.parametrize("tilt_deg", [0.0, 2.0])
+def test_a_region_ending_just_inside_the_image_edge_is_shrunk(tilt_deg):
+    """A Xenium region whose edge runs 0-2 µm inside the H&E image edge leaves no empty bin there;
+    main counted the area beyond the image as covered and did not shrink the region, so a nucleus
+    centred in that strip (outside the region) reached ~5 µm into it and was taught as background."""
+    rng = np.random.default_rng(1)
+    x, y = rng.uniform(-10, 210, 80000), rng.uniform(-10, 110, 80000)
+    img = shapely.box(0, 0, 200, 100)
+    slope = np.tan(np.deg2rad(tilt_deg))
+    keep = x >= 1.0 + slope * y  # the region's left edge: 1 µm inside the image at y = 0, tilted by tilt_deg
+    g = coverage_region(x[keep], y[keep], bin_um=4.0, margin_um=10.0, extent=img)
+    outside = shapely.Polygon([(0, 0), (1.0, 0), (1.0 + slope * 100, 100), (0, 100)])  # in the image, not imaged
+    # every nucleus (radius <= 9 µm) centred in the image outside the region stays off the kept region
+    for cy in np.arange(0, 101, 2.0):
+        cx = 0.5 * (1.0 + slope * cy)
+        assert not g.intersects(shapely.Point(cx, cy).buffer(9.0)), (cx, cy)
+    assert g.distance(outside) >= 9.0
+    # the covered part of the image is kept up to the other borders, where Xenium imaged beyond the image
+    assert g.contains(shapely.Point(100, 1)) and g.contains(shapely.Point(199, 50))
+    assert g.area > 0.85 * img.area
+
+
+def test_edge_parameters_are_chosen_on_development_seeds_only(tmp_path):
+    from stlib.utils import InputError
+
+    with pytest.raises(InputError, match="not development seeds"):
+        edge_gap_grid([DEV_SEEDS[0], EVAL_SEEDS[0]], tmp_path)
+    # the edge step off reproduces the region before the fix: not shrunk at a strip thinner than a bin
+    rng = np.random.default_rng(2)
+    x, y = rng.uniform(-10, 210, 40000), rng.uniform(-10, 110, 40000)
+    keep = x >= 1.0
+    img = shapely.box(0, 0, 200, 100)
+    assert coverage_region(x[keep], y[keep], extent=img, edge_slope=None).bounds[0] < 5.0
+    assert coverage_region(x[keep], y[keep], extent=img).bounds[0] >= 1.0 + 10.0
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from stlib.utils import InputError, atomic_path, cache_key, read_json, write_jso
 log = logging.getLogger(__name__)
 
 #: version of the derivation; part of the idempotence key
-LABELS_VERSION = "2"
+LABELS_VERSION = "3"
 #: CellViT / PanNuke class names -> class ids (second-opinion comparison)
 _NAME_TO_CLASS = {v.lower(): k for k, v in CLASS_NAMES.items()}
 
