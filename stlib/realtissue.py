@@ -169,8 +169,13 @@ class RecipeConfig:
     encoder: str = _RT.encoder
     aug_hed: float = 0.2
     aug_scale: float = 0.1
-    #: linear LR warm-up steps (0 = none, the chapter's default)
-    warmup_steps: int = 0
+    #: linear LR warm-up steps
+    warmup_steps: int = _RT.warmup_steps
+    #: post-processing stored in both model files (:func:`stlib.train.checkpoint.write_postproc`), so
+    #: that ``stlib infer`` and the chapter's scoring use them
+    np_thresh: float = _RT.np_thresh
+    marker_thresh: float = _RT.marker_thresh
+    min_size: int = _RT.min_size
     seed: int = 0
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -196,7 +201,7 @@ def train_pair(run_dir: str | Path, recipe: RecipeConfig, *, parallel: bool = Tr
 
     import torch
 
-    from stlib.train.checkpoint import comparable_config
+    from stlib.train.checkpoint import comparable_config, write_postproc
 
     jobs = {}
     for name, store in (("st", f"tiles/{STORE}"), ("manual", f"tiles/{STORE}_truth")):
@@ -216,8 +221,12 @@ def train_pair(run_dir: str | Path, recipe: RecipeConfig, *, parallel: bool = Tr
         jobs[name] = (cfg, resume, tuple(sorted(int(n) for n in snapshots if 0 < int(n) < recipe.steps)))
     # on a CPU the two networks train side by side, one process per core (stlib.utils.map_processes)
     workers = 1 if resolve_device(recipe.device) != "cpu" or not parallel else None
-    done = map_processes(_train_job, list(jobs.values()), workers=workers)
-    return dict(zip(jobs, done))
+    done = dict(zip(jobs, map_processes(_train_job, list(jobs.values()), workers=workers)))
+    pp = {"np_thresh": recipe.np_thresh, "marker_thresh": recipe.marker_thresh, "min_size": recipe.min_size}
+    for r in done.values():  # the recipe's post-processing travels with each model file (and its snapshots)
+        for p in [r.model_path, *sorted(Path(r.out_dir).glob("model_*.pt"))]:
+            write_postproc(p, pp)
+    return done
 
 
 def _train_job(job: tuple[Any, str, tuple[int, ...]]) -> Any:
@@ -316,11 +325,25 @@ def budget_curve(data_dir: str | Path, run_dir: str | Path, train_samples: Seque
     train_organs = ", ".join(sorted(table["organ"].unique()))
     curve = pd.concat(frames, ignore_index=True).assign(train_organs=train_organs,
                                                          recipe=f"{recipe.encoder} encoder, batch {recipe.batch_size} x "
-                                                                f"{recipe.crop_px} px at {um_per_px} µm/px, lr {recipe.lr}")
+                                                                f"{recipe.crop_px} px at {um_per_px} µm/px, lr {recipe.lr}, "
+                                                                f"warm-up {recipe.warmup_steps}, {describe_recipe(recipe)}")
     if out is not None:
         with atomic_path(Path(out)) as tmp:
             curve.to_csv(tmp, index=False)
     return curve
+
+
+def describe_recipe(recipe: RecipeConfig) -> str:
+    """The recipe's post-processing and non-default loss weights, in words (tables and captions)."""
+    from stlib.model.losses import LossWeights
+
+    loss = recipe.extra.get("loss")
+    loss = loss.to_dict() if hasattr(loss, "to_dict") else dict(loss or {})
+    base = LossWeights().to_dict()
+    changed = {k: v for k, v in loss.items() if base.get(k) != v}
+    text = (f"post-processing NP >= {recipe.np_thresh}, marker {recipe.marker_thresh}, "
+            f"min {recipe.min_size} px")
+    return text + (f", loss weights {changed}" if changed else "")
 
 
 def budget_summary(curve: pd.DataFrame, metric: str = "bpq") -> pd.DataFrame:
@@ -381,8 +404,8 @@ def _classical(image: np.ndarray, um_per_px: float) -> np.ndarray:
 
 
 def score_images(methods: Mapping[str, Any], images: Sequence[Any], *, device: str = "auto",
-                 model_um_per_px: float | None = None, keep_predictions: bool = False
-                 ) -> tuple[pd.DataFrame, dict[str, list[np.ndarray]]]:
+                 model_um_per_px: float | None = None, keep_predictions: bool = False,
+                 postproc: Mapping[str, Any] | None = None) -> tuple[pd.DataFrame, dict[str, list[np.ndarray]]]:
     """Score each method on each whole image against its manual instances.
 
     Parameters
@@ -395,6 +418,9 @@ def score_images(methods: Mapping[str, Any], images: Sequence[Any], *, device: s
         :class:`~stlib.io.annotations.AnnotatedImage` list (the truth).
     model_um_per_px
         Resolution of network modules given as objects (paths carry their own).
+    postproc
+        Post-processing of network modules given as objects (model files carry their own,
+        :func:`stlib.train.checkpoint.write_postproc`); default HoVer-Net's.
 
     Returns
     -------
@@ -415,7 +441,8 @@ def score_images(methods: Mapping[str, Any], images: Sequence[Any], *, device: s
             else:
                 res = infer_image(m, a.image, um_per_px=a.um_per_px, device=device, workers=0,
                                   tissue_detection=False, model_um_per_px=None if isinstance(m, (str, Path))
-                                  else model_um_per_px)
+                                  else model_um_per_px,
+                                  postproc_kwargs=None if isinstance(m, (str, Path)) else postproc)
                 inst = res.inst
             r = evaluate_pair(a.inst, inst, um_per_px=a.um_per_px)
             rows.append({"model": name, "image": a.name, "organ": a.organ, "source": a.source,
@@ -705,7 +732,10 @@ def budget_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=_RT.batch_size)
     ap.add_argument("--crop-px", type=int, default=_RT.crop_px)
     ap.add_argument("--lr", type=float, default=_RT.lr)
-    ap.add_argument("--warmup-steps", type=int, default=0)
+    ap.add_argument("--warmup-steps", type=int, default=_RT.warmup_steps)
+    ap.add_argument("--np-thresh", type=float, default=_RT.np_thresh)
+    ap.add_argument("--marker-thresh", type=float, default=_RT.marker_thresh)
+    ap.add_argument("--min-size", type=int, default=_RT.min_size)
     ap.add_argument("--um-per-px", type=float, default=_RT.um_per_px)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/realtissue_budget.csv")
@@ -720,6 +750,7 @@ def budget_main(argv: Sequence[str] | None = None) -> int:
     train = natural_sorted([sid[x.name] for x in imgs if x.organ in a.train_organs])
     dev = natural_sorted([sid[x.name] for x in imgs if x.organ in a.dev_organs])
     recipe = RecipeConfig(batch_size=a.batch_size, crop_px=a.crop_px, lr=a.lr, warmup_steps=a.warmup_steps,
+                          np_thresh=a.np_thresh, marker_thresh=a.marker_thresh, min_size=a.min_size,
                           seed=a.seed, device="cpu")
     curve = budget_curve(a.data_dir, a.run_dir, train, dev, budgets=a.budgets, recipe=recipe, um_per_px=a.um_per_px,
                          seed=a.seed, out=a.out)

@@ -347,3 +347,48 @@ def test_postprocessing_in_processes_gives_the_same_nuclei(seam_case):
     assert res_p.stats["n_nuclei"] == res.stats["n_nuclei"]
     np.testing.assert_array_equal(res_p.nuclei.to_numpy(), res.nuclei.to_numpy())
     np.testing.assert_array_equal(res_p.inst, res.inst)
+
+
+def test_postproc_settings_travel_with_the_model_and_cli_options_win(tmp_path, tiny_model_file, monkeypatch):
+    """A model file's stored thresholds (write_postproc) reach hovernet_postprocess through
+    `stlib infer`; --np-thresh / --marker-thresh / --min-size override them."""
+    import shutil
+
+    from PIL import Image
+
+    from stlib.cli import main
+    from stlib.model import postproc
+    from stlib.train.checkpoint import write_postproc
+
+    model = tmp_path / "model.pt"
+    shutil.copy(tiny_model_file, model)
+    write_postproc(model, {"np_thresh": 0.35, "marker_thresh": 0.65, "min_size": 25})
+    write_postproc(model, {"np_thresh": 0.35, "marker_thresh": 0.65, "min_size": 25})  # idempotent
+    assert torch.load(model, weights_only=True)["postproc"] == {"np_thresh": 0.35, "marker_thresh": 0.65,
+                                                                 "min_size": 25}
+    with pytest.raises(InputError, match="unknown post-processing"):
+        write_postproc(model, {"np_threshold": 0.3})
+    seen: list[dict] = []
+    real = postproc.hovernet_postprocess
+
+    def spy(*args, **kwargs):
+        seen.append(dict(kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(postproc, "hovernet_postprocess", spy)
+    img, _, _ = synthetic_slide(256, seed=2)
+    Image.fromarray(img).save(tmp_path / "he.png")
+    base = ["infer", "--model", str(model), "--input", str(tmp_path / "he.png"), "--um-per-px", "0.25",
+            "--device", "cpu", "--workers", "0"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    assert seen and all(s == {"np_thresh": 0.35, "marker_thresh": 0.65, "min_size": 25} for s in seen)
+    assert json.loads((tmp_path / "a" / "he_summary.json").read_text())["postproc"]["marker_thresh"] == 0.65
+    seen.clear()
+    assert main([*base, "--out", str(tmp_path / "b"), "--np-thresh", "0.6", "--min-size", "5"]) == 0
+    assert seen and all(s == {"np_thresh": 0.6, "marker_thresh": 0.65, "min_size": 5} for s in seen)
+    seen.clear()  # a model without stored settings: HoVer-Net's defaults (no keyword passed)
+    assert main(["infer", "--model", str(tiny_model_file), "--input", str(tmp_path / "he.png"), "--um-per-px",
+                 "0.25", "--device", "cpu", "--workers", "0", "--out", str(tmp_path / "c")]) == 0
+    assert seen and all(s == {} for s in seen)
+    write_postproc(model, {})
+    assert "postproc" not in torch.load(model, weights_only=True)

@@ -154,6 +154,37 @@ def test_retraining_with_another_recipe_replaces_the_model(trained):
     assert again["st"].skipped
 
 
+def test_recipe_postproc_travels_with_both_model_files(trained, tiny):
+    """The recipe's post-processing thresholds are written into both model files (and snapshots), so
+    the chapter's scoring and a user's `stlib infer` apply them; the default recipe's are the chapter's."""
+    import torch
+
+    from stlib import realtissue as rt
+    from stlib.config import RealTissueParams
+    from stlib.infer import load_inference_model
+
+    recipe = rt.RecipeConfig(steps=2, batch_size=2, crop_px=0, device="cpu", np_thresh=0.3, marker_thresh=0.6,
+                             min_size=20)
+    res = rt.train_pair(trained["run"], recipe, models_dir="models/pp", snapshots=(1,))
+    want = {"np_thresh": 0.3, "marker_thresh": 0.6, "min_size": 20}
+    for r in res.values():
+        assert torch.load(r.model_path, weights_only=True)["postproc"] == want
+        assert torch.load(r.out_dir / "model_1.pt", weights_only=True)["postproc"] == want
+        assert load_inference_model(r.model_path).postproc == want
+    p = RealTissueParams()
+    d = rt.RecipeConfig()
+    assert (d.np_thresh, d.marker_thresh, d.min_size, d.warmup_steps, d.lr) == (
+        p.np_thresh, p.marker_thresh, p.min_size, p.warmup_steps, p.lr)
+    tests = rt.load_test_images(tiny["data"], ["CONSEP_train_1"])
+    per, _ = rt.score_images({"a": res["st"].model_path}, tests, device="cpu")
+    from stlib.infer import infer_image
+    from stlib.metrics import evaluate_pair
+
+    own = infer_image(res["st"].model_path, tests[0].image, um_per_px=0.25, device="cpu", workers=0,
+                      tissue_detection=False, postproc_kwargs=want)
+    assert per["bpq"].iloc[0] == pytest.approx(evaluate_pair(tests[0].inst, own.inst, um_per_px=0.25)["bpq"])
+
+
 def test_budget_curve_keeps_snapshots_equal_to_shorter_runs(trained, tiny):
     """The budget curve's snapshot after step 1 of a 2-step run holds the weights a 1-step run
     ends with (same seed, sampler and first LR), and every point is scored on the dev images only."""

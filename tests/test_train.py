@@ -609,3 +609,33 @@ def _one_thread(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     finally:
         torch.set_num_threads(n)
+
+
+def test_lr_schedule_warmup_then_cosine_values():
+    """The LR the optimiser uses at given steps: linear warm-up to the peak, then cosine down to
+    min_lr_ratio x peak at the last step (the real-tissue recipe's schedule)."""
+    import math
+
+    from stlib.train.loop import _lr_lambda
+
+    cfg = TrainConfig(steps=150, warmup_steps=15, lr=0.01, schedule="cosine", min_lr_ratio=0.01)
+    f = _lr_lambda(cfg)
+    assert f(0) == pytest.approx(1 / 15) and f(7) == pytest.approx(8 / 15) and f(14) == pytest.approx(1.0)
+    assert f(15) == pytest.approx(1.0)  # the peak, right after the warm-up
+    mid = 15 + (150 - 15) // 2  # half-way through the cosine part: the mean of peak and floor
+    assert f(mid) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * (mid - 15) / 135)))
+    assert f(150) == pytest.approx(0.01) and f(149) > f(150)
+    assert all(f(i) >= f(i + 1) for i in range(15, 150))
+    # what the optimiser sees: the LambdaLR of a training run on these settings
+    import torch
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
+    seen = []
+    for _ in range(150):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen[0] == pytest.approx(0.01 / 15) and max(seen) == pytest.approx(0.01) and seen[-1] < 0.0002
+    no_warm = _lr_lambda(TrainConfig(steps=150, warmup_steps=0, lr=0.004))
+    assert no_warm(0) == pytest.approx(1.0)

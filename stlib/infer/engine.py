@@ -50,6 +50,9 @@ class ModelInfo:
         The model file, or a description.
     encoder
         Encoder name (``"small"``, ``"resnet50"``) when known.
+    postproc
+        Post-processing settings stored with the model (``np_thresh``, ``marker_thresh``,
+        ``min_size``; :func:`stlib.train.checkpoint.write_postproc`); empty = HoVer-Net's.
     """
 
     model: torch.nn.Module
@@ -58,6 +61,7 @@ class ModelInfo:
     class_names: dict[int, str] = field(default_factory=lambda: dict(CLASS_NAMES))
     source: str = "<in-memory model>"
     encoder: str | None = None
+    postproc: dict[str, Any] = field(default_factory=dict)
 
 
 def load_inference_model(path: str | os.PathLike, *, device: str = "cpu") -> ModelInfo:
@@ -90,7 +94,8 @@ def load_inference_model(path: str | os.PathLike, *, device: str = "cpu") -> Mod
                              "model_um_per_px=")
     names = {int(k): str(v) for k, v in (meta.get("class_names") or CLASS_NAMES).items()}
     return ModelInfo(model=model, um_per_px=float(um), tile_px=int(meta.get("tile_px") or 256),
-                     class_names=names, source=str(path), encoder=config.get("encoder"))
+                     class_names=names, source=str(path), encoder=config.get("encoder"),
+                     postproc=dict(meta.get("postproc") or {}))
 
 
 def as_model_info(model_or_path: Any, device: str, model_um_per_px: float | None) -> ModelInfo:

@@ -236,6 +236,21 @@ def _open_image(image_or_path: Any, um_per_px: float | None) -> Any:
     return open_wsi(image_or_path, um_per_px=um_per_px)
 
 
+def postproc_settings(info: ModelInfo, config: InferConfig, postproc_kwargs: Mapping[str, Any] | None = None
+                      ) -> dict[str, Any]:
+    """Keyword arguments of :func:`stlib.model.postproc.hovernet_postprocess` for one run.
+
+    Later wins: HoVer-Net's defaults (none given), the settings stored in the model file
+    (``info.postproc``), the config's ``np_thresh`` / ``marker_thresh`` / ``min_size`` (``stlib infer``
+    options) when not None, then ``postproc_kwargs``.
+    """
+    pp = dict(info.postproc)
+    pp.update({k: getattr(config, k) for k in ("np_thresh", "marker_thresh", "min_size")
+               if getattr(config, k) is not None})
+    pp.update(postproc_kwargs or {})
+    return pp
+
+
 def infer_image(model_or_path: Any, image_or_path: Any, *, config: InferConfig | None = None, device: str = "auto",
                 model_um_per_px: float | None = None, max_map_px: int = DEFAULT_MAX_MAP_PX, overlay_px: int = 2048,
                 postproc_kwargs: Mapping[str, Any] | None = None, **options: Any) -> InferenceResult:
@@ -281,8 +296,10 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, config: InferConfig |
         Assemble ``inst``/``type`` maps only for images with at most this many level-0 pixels.
     overlay_px
         Longer side of the thumbnail kept for the overlay and tissue detection.
+    np_thresh, marker_thresh, min_size
+        Post-processing thresholds; none = the model file's (:func:`postproc_settings`).
     postproc_kwargs
-        Passed to :func:`stlib.model.postproc.hovernet_postprocess`.
+        Passed to :func:`stlib.model.postproc.hovernet_postprocess` (wins over the above).
 
     Returns
     -------
@@ -300,7 +317,7 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, config: InferConfig |
     info = as_model_info(model_or_path, str(dev), model_um_per_px)
     model = prepare_model(info.model, dev)
     T = _check_tiling(tile_px, info.tile_px, overlap, batch_size)
-    pp = dict(postproc_kwargs or {})
+    pp = postproc_settings(info, cfg, postproc_kwargs)
     workers = default_workers() if workers is None else int(workers)
 
     wsi = _open_image(image_or_path, um_per_px)
@@ -336,7 +353,7 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, config: InferConfig |
         "n_tiles_skipped": int(len(plan.all_origins) - len(origins)), "n_nuclei": int(len(acc.polys)),
         "tile_px": T, "overlap": int(overlap), "level": int(grid.level), "scale_level0_per_model_px": grid.s,
         "device": str(dev), "amp": bool(cfg.amp and dev.type == "cuda"), "batch_size": int(batch_size),
-        "workers": workers, "model": info.source, "encoder": info.encoder,
+        "workers": workers, "model": info.source, "encoder": info.encoder, "postproc": dict(pp),
         "net_s": timing.net_s, "postproc_s": timing.postproc_s, "read_s": timing.read_s,
         "wall_s": time.perf_counter() - t_start,
         "maps": "level-0 input resolution" if acc.keep_map else f"omitted (> {max_map_px} level-0 px)",

@@ -110,6 +110,34 @@ def model_file(model: HoVerNet, config: TrainConfig, data_info: Mapping[str, Any
             "stlib_version": __version__}
 
 
+#: post-processing settings a model file may carry (:func:`write_postproc`)
+POSTPROC_KEYS = ("np_thresh", "marker_thresh", "min_size")
+
+
+def write_postproc(path: str | Path, settings: Mapping[str, float | int]) -> Path:
+    """Store post-processing settings in ``model.pt`` (key ``postproc``), rewriting it atomically.
+
+    ``stlib infer`` (:func:`stlib.infer.load_inference_model`) uses them unless its options say
+    otherwise, so a model travels with the thresholds chosen for it. ``settings``: some of
+    :data:`POSTPROC_KEYS`; an empty mapping removes the key. Idempotent.
+    """
+    path = Path(path)
+    bad = sorted(set(settings) - set(POSTPROC_KEYS))
+    if bad:
+        raise InputError(f"unknown post-processing setting(s) {bad}", fix=f"known: {list(POSTPROC_KEYS)}")
+    doc = torch.load(path, map_location="cpu", weights_only=True)
+    new = {k: (int(v) if k == "min_size" else float(v)) for k, v in settings.items()}
+    if doc.get("postproc", {}) == new or (not new and "postproc" not in doc):
+        return path
+    if new:
+        doc["postproc"] = new
+    else:
+        doc.pop("postproc", None)
+    with atomic_path(path) as tmp:
+        torch.save(doc, tmp)
+    return path
+
+
 def usable_checkpoint(config: TrainConfig, ckpt_path: Path, data_key: str | None,
                       is_main: bool = True) -> dict[str, Any] | None:
     """The checkpoint to resume from: None when absent or written for other tile stores; an
