@@ -141,18 +141,38 @@ class RowBands:
     Requests must move down the slide (rows of tiles in order); bands above the last request
     are dropped. ``crop`` returns what ``wsi.read_region(x, y, w, h, level=0)`` returns
     (255 outside the image).
+
+    With ``prefetch=True`` the bands are decoded in one background thread (every read of the
+    slide happens in that thread, in band order, so the reader need not be thread-safe), and
+    the band below the last one requested is decoded ahead, while the caller works on this
+    one; :meth:`close` (or ``with``) stops that thread. ``decode_cpu`` sums the CPU seconds of
+    the decoding thread (the band reads; without tifffile's / zarr's own threads).
     """
 
-    def __init__(self, wsi: Any, rows: int = 256) -> None:
+    def __init__(self, wsi: Any, rows: int = 256, *, prefetch: bool = False) -> None:
         self.wsi = wsi
         self.rows = int(rows)
         self.H, self.W = wsi.shape
-        self._bands: dict[int, np.ndarray] = {}
+        self._bands: dict[int, Any] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stlib-bands") if prefetch else None
+        self.decode_cpu = 0.0
+
+    def _read(self, b: int) -> np.ndarray:
+        c = time.thread_time()
+        y = b * self.rows
+        band = self.wsi.read_region(0, y, self.W, min(self.rows, self.H - y), level=0)
+        self.decode_cpu += time.thread_time() - c
+        return band
+
+    def _request(self, b: int) -> None:
+        if b not in self._bands and 0 <= b * self.rows < self.H:
+            self._bands[b] = self._pool.submit(self._read, b) if self._pool is not None else self._read(b)
 
     def _band(self, b: int) -> np.ndarray:
-        if b not in self._bands:
-            y = b * self.rows
-            self._bands[b] = self.wsi.read_region(0, y, self.W, min(self.rows, self.H - y), level=0)
+        self._request(b)
+        if self._pool is not None:
+            self._request(b + 1)  # decoded ahead while this band is cut
+            return self._bands[b].result()
         return self._bands[b]
 
     def crop(self, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -169,6 +189,19 @@ class RowBands:
             r0, r1 = max(y0, b * self.rows), min(y1, (b + 1) * self.rows)
             out[r0 - y:r1 - y, x0 - x:x1 - x] = band[r0 - b * self.rows:r1 - b * self.rows, x0:x1]
         return out
+
+    def close(self) -> None:
+        """Stop the decoding thread (waits for a band being read) and drop the bands."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._bands.clear()
+
+    def __enter__(self) -> RowBands:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------------------
@@ -298,7 +331,6 @@ def iter_slide_tiles(wsi: Any, renderers: Mapping[str, Any], *, size_l0: float, 
     first = next(iter(renderers.values()))
     n = len(first)
     workers = default_workers() if workers is None else max(1, int(workers))
-    bands = RowBands(wsi)
     side = int(math.ceil(size_l0))
     pending: deque = deque()
 
@@ -309,12 +341,14 @@ def iter_slide_tiles(wsi: Any, renderers: Mapping[str, Any], *, size_l0: float, 
                 timings[k] = timings.get(k, 0.0) + v
         return res
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stlib-tiles") as pool:
+    # the bands are decoded ahead in their own thread, so the workers need not wait for a band
+    with RowBands(wsi, prefetch=True) as bands, \
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stlib-tiles") as pool:
         for i in range(n):
             x0, y0 = first.tile(i).origin
             t0, c0 = time.perf_counter(), time.thread_time()
             crop = bands.crop(int(math.floor(x0)), int(math.floor(y0)), side, side)
-            if timings is not None:  # this thread's CPU (zarr may decode some tiles in its own threads)
+            if timings is not None:  # waiting for the band and cutting the crop (this thread's CPU)
                 timings["slide_decoding"] = timings.get("slide_decoding", 0.0) + time.perf_counter() - t0
                 timings["cpu:slide_decoding"] = timings.get("cpu:slide_decoding", 0.0) + time.thread_time() - c0
             pending.append(pool.submit(_tile_work, i, crop, renderers, size_l0, tile_px, um_per_px, refine_config))
@@ -322,3 +356,5 @@ def iter_slide_tiles(wsi: Any, renderers: Mapping[str, Any], *, size_l0: float, 
                 yield collect(pending.popleft())
         while pending:
             yield collect(pending.popleft())
+    if timings is not None:  # the decoding thread's CPU (zarr may decode some tiles in its own threads)
+        timings["cpu:slide_decoding"] = timings.get("cpu:slide_decoding", 0.0) + bands.decode_cpu
