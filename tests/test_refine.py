@@ -372,3 +372,29 @@ def test_compiled_decisions_equal_the_numpy_glue():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             assert np.array_equal(K._nanmedian(a), np.nanmedian(a), equal_nan=True)
+
+
+def test_bounded_zones_equal_the_full_feature_transform():
+    """The near / ring / outside zones computed only up to the ring's distance (the leftmost of the
+    columns' nearest pixels at the smallest distance) equal those of the full feature transform,
+    whose nearest pixels are scipy's, on sparse, dense and tie-heavy label maps."""
+    from stlib.labels import _refine_kernels as K
+
+    rng = np.random.default_rng(8)
+    for trial in range(300):
+        H, W = (int(v) for v in rng.integers(3, 70, 2))
+        p = [0.002, 0.02, 0.1, 0.4, 0.9][trial % 5]
+        lab = np.where(rng.random((H, W)) < p, rng.integers(1, 6, (H, W)), 0).astype(np.int32)
+        if not lab.any():
+            continue
+        r, rr = [6.0, 2.5, 1.0, 3.3, 0.5][trial % 5], [4.0, 1.0, 2.2, 7.0][trial % 4]
+        t_near, t_ring = K._sqrt_le(r), K._sqrt_le(r + rr)
+        shift = int(np.ceil(np.log2(W))) if W > 1 else 0
+        full = K._near_ring_full(lab, t_near, t_ring)
+        got = K._near_ring(lab, t_near, t_ring, shift)
+        assert all(np.array_equal(a, b) for a, b in zip(full, got))
+        if trial % 10 == 0:  # and the owner is scipy's nearest labelled pixel
+            d, (iy, ix) = ndi.distance_transform_edt(lab == 0, return_indices=True)
+            own = lab[iy, ix]
+            assert np.array_equal(got[0], np.where(d <= r, own, 0))
+            assert np.array_equal(got[1], np.where((d > r) & (d <= r + rr), own, 0))

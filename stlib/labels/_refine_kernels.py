@@ -192,37 +192,47 @@ def edt_distance(mask):  # pragma: no cover - compiled
 @numba.njit(cache=True, nogil=True)
 def beyond(mask, radius):  # pragma: no cover - compiled
     """``distance_transform_edt(mask) > radius`` without the full transform: a True pixel is kept
-    when no False pixel of the image lies within ``radius`` (rows scanned for their nearest False)."""
+    when no False pixel of the image lies within ``radius``. Per row, the squared column distance
+    to the nearest False pixel of the row; per pixel, the smallest ``hd2[i + dy, j] + dy^2`` over
+    the rows within ``radius`` (a row-wise minimum the compiler vectorises), compared with the
+    largest integer ``d2`` whose float ``sqrt`` is ``<= radius`` (:func:`_sqrt_le`)."""
     H, W = mask.shape
-    hd = np.empty((H, W), np.int64)  # column distance to the nearest False pixel in the row (-1: none)
+    t = _sqrt_le(radius)
+    big = np.int32(t + 1)  # no False pixel in the row (or too far): never within radius
+    hd2 = np.empty((H, W), np.int32)
     for i in range(H):
         last = -1
         for j in range(W):
             if not mask[i, j]:
                 last = j
-            hd[i, j] = j - last if last >= 0 else -1
+            hd2[i, j] = j - last if last >= 0 else -1
         nxt = -1
         for j in range(W - 1, -1, -1):
             if not mask[i, j]:
                 nxt = j
-            if nxt >= 0 and (hd[i, j] < 0 or nxt - j < hd[i, j]):
-                hd[i, j] = nxt - j
-    R = int(np.floor(radius))
+            d = hd2[i, j]
+            if nxt >= 0 and (d < 0 or nxt - j < d):
+                d = nxt - j
+            hd2[i, j] = big if (d < 0 or d * d > t) else d * d
+    R = 0
+    while (R + 1) * (R + 1) <= t:
+        R += 1
     out = np.zeros((H, W), np.bool_)
+    best = np.empty(W, np.int32)
     for i in range(H):
-        for j in range(W):
-            if not mask[i, j]:
+        best[:] = big
+        for dy in range(-R, R + 1):
+            a = i + dy
+            if a < 0 or a >= H:
                 continue
-            keep = True
-            for dy in range(-R, R + 1):
-                a = i + dy
-                if a < 0 or a >= H or hd[a, j] < 0:
-                    continue
-                d2 = float(hd[a, j] * hd[a, j] + dy * dy)
-                if np.sqrt(d2) <= radius:
-                    keep = False
-                    break
-            out[i, j] = keep
+            c = np.int32(dy * dy)
+            row = hd2[a]
+            for j in range(W):
+                v = row[j] + c
+                if v < best[j]:
+                    best[j] = v
+        for j in range(W):
+            out[i, j] = mask[i, j] and best[j] > t
     return out
 
 
@@ -784,19 +794,13 @@ def _sqrt_le(r):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def zones(local, interior, n, r, rr, rc):  # pragma: no cover - compiled
-    """``near`` (owner within ``r``), ``ring`` (owner in ``(r, r + rr]``), ``outside``
-    (farther than ``r``) and ``core`` (labels farther than ``rc`` from their edge; a label
-    without such pixels keeps its whole mask) of :func:`stlib.labels.refine.refine_instances`."""
+def _near_ring_full(local, t_near, t_ring):  # pragma: no cover - compiled
+    """``near``, ``ring`` and ``outside`` of :func:`zones` from the full feature transform."""
     H, W = local.shape
     ftr, ftc = _feature_transform(local != 0)
     near = np.zeros((H, W), np.int32)
     ring = np.zeros((H, W), np.int32)
     outside = np.zeros((H, W), np.bool_)
-    # squared distances are integers: the largest ones with sqrt(d2) <= r (and <= r + rr), found
-    # with the same float sqrt as the reference, decide exactly as comparing sqrt(d2)
-    t_near = _sqrt_le(r)
-    t_ring = _sqrt_le(r + rr)
     for i in range(H):
         for j in range(W):
             dr = ftr[i, j] - i
@@ -808,6 +812,103 @@ def zones(local, interior, n, r, rr, rc):  # pragma: no cover - compiled
             elif d2 <= t_ring:
                 ring[i, j] = o
             outside[i, j] = o == 0 or d2 > t_near
+    return near, ring, outside
+
+
+@numba.njit(cache=True, nogil=True)
+def _near_ring(local, t_near, t_ring, shift):  # pragma: no cover - compiled
+    """:func:`_near_ring_full` computed only up to the squared distance ``t_ring`` (same arrays).
+
+    Which labelled pixel :func:`_feature_transform` (scipy's) picks as the nearest: per column
+    the nearest labelled row (the upper one of two at equal distance), and of the columns' picks
+    at the smallest distance the leftmost (Maurer's lower envelope drops only candidates that are
+    strictly farther everywhere, and its scan stops at the first of equal ones). Only columns
+    within ``sqrt(t_ring)`` can hold a pick that near, so each row takes the minimum over
+    ``2 sqrt(t_ring) + 1`` shifted copies of a key ``(d2 << shift) + column`` (smallest
+    distance, then leftmost column), a loop the compiler vectorises. Beyond ``t_ring`` a pixel is
+    ``outside`` whoever owns it. Tested against :func:`_near_ring_full`.
+    """
+    H, W = local.shape
+    # column pass, row by row: fr = the nearest labelled row in the column (the upper one on a tie)
+    fr = np.empty((H, W), np.int32)
+    for j in range(W):
+        fr[0, j] = 0 if local[0, j] != 0 else -1
+    for i in range(1, H):
+        for j in range(W):
+            fr[i, j] = i if local[i, j] != 0 else fr[i - 1, j]
+    below = np.full(W, -1, np.int32)
+    for i in range(H - 1, -1, -1):
+        for j in range(W):
+            if local[i, j] != 0:
+                below[j] = i
+            u = fr[i, j]
+            d = below[j]
+            fr[i, j] = u if (u >= 0 and (d < 0 or i - u <= d - i)) else d
+    R = 0
+    while (R + 1) * (R + 1) <= t_ring:
+        R += 1
+    far = np.int32((t_ring + 1) << shift)  # any key >= far is beyond t_ring
+    mask = (1 << shift) - 1
+    near = np.zeros((H, W), np.int32)
+    ring = np.zeros((H, W), np.int32)
+    outside = np.ones((H, W), np.bool_)
+    key = np.empty(W, np.int32)
+    best = np.empty(W, np.int32)
+    for i in range(H):
+        some = False
+        for j in range(W):
+            f = fr[i, j]
+            d2 = (f - i) * (f - i)
+            if f >= 0 and d2 <= t_ring:
+                key[j] = np.int32((d2 << shift) + j)
+                some = True
+            else:
+                key[j] = far
+        if not some:
+            continue
+        best[:] = far
+        for dj in range(-R, R + 1):
+            lo = max(0, -dj)
+            hi = min(W, W - dj)
+            c = np.int32((dj * dj) << shift)
+            b = best[lo:hi]  # slices: indices the compiler knows are in range, so the loop vectorises
+            k = key[lo + dj:hi + dj]
+            for t in range(hi - lo):
+                v = k[t] + c
+                if v < b[t]:
+                    b[t] = v
+        for j in range(W):
+            v = best[j]
+            d2 = v >> shift
+            if d2 > t_ring:
+                continue
+            col = v & mask
+            o = local[fr[i, col], col]
+            if d2 <= t_near:
+                near[i, j] = o
+                outside[i, j] = o == 0
+            else:
+                ring[i, j] = o
+    return near, ring, outside
+
+
+@numba.njit(cache=True, nogil=True)
+def zones(local, interior, n, r, rr, rc):  # pragma: no cover - compiled
+    """``near`` (owner within ``r``), ``ring`` (owner in ``(r, r + rr]``), ``outside``
+    (farther than ``r``) and ``core`` (labels farther than ``rc`` from their edge; a label
+    without such pixels keeps its whole mask) of :func:`stlib.labels.refine.refine_instances`."""
+    H, W = local.shape
+    # squared distances are integers: the largest ones with sqrt(d2) <= r (and <= r + rr), found
+    # with the same float sqrt as the reference, decide exactly as comparing sqrt(d2)
+    t_near = _sqrt_le(r)
+    t_ring = _sqrt_le(r + rr)
+    shift = 0
+    while (1 << shift) < W:
+        shift += 1
+    if ((2 * t_ring + 2) << shift) < 2 ** 30:
+        near, ring, outside = _near_ring(local, t_near, t_ring, shift)
+    else:  # pragma: no cover - zones wider than any tile: the full feature transform
+        near, ring, outside = _near_ring_full(local, t_near, t_ring)
     deep = beyond(interior, rc)
     core = np.zeros((H, W), np.int32)
     has_core = np.zeros(n + 1, np.bool_)
