@@ -448,23 +448,29 @@ def _float_keys(vals):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def _radix_order(key):  # pragma: no cover - compiled
-    """Stable ascending order of uint32 keys: an LSD radix sort, three 11-bit passes."""
+    """Stable ascending order of uint32 keys: an LSD radix sort, three 11-bit passes (the keys
+    are moved with their positions, so every pass reads sequentially)."""
     m = key.size
-    order = np.arange(m)
-    tmp = np.empty(m, np.int64)
+    k1 = key.copy()
+    i1 = np.arange(m).astype(np.int32)
+    k2 = np.empty(m, np.uint32)
+    i2 = np.empty(m, np.int32)
     cnt = np.empty(2049, np.int64)
     for shift in (0, 11, 22):
         cnt[:] = 0
         for i in range(m):
-            cnt[((key[order[i]] >> shift) & 0x7FF) + 1] += 1
+            cnt[((k1[i] >> shift) & 0x7FF) + 1] += 1
         for d in range(2048):
             cnt[d + 1] += cnt[d]
         for i in range(m):
-            d = (key[order[i]] >> shift) & 0x7FF
-            tmp[cnt[d]] = order[i]
-            cnt[d] += 1
-        order, tmp = tmp, order
-    return order
+            d = (k1[i] >> shift) & 0x7FF
+            c = cnt[d]
+            k2[c] = k1[i]
+            i2[c] = i1[i]
+            cnt[d] = c + 1
+        k1, k2 = k2, k1
+        i1, i2 = i2, i1
+    return i1.astype(np.int64)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -496,21 +502,31 @@ def _flood_buckets(img, out, inside, offs, seeds):  # pragma: no cover - compile
     bucket; within a bucket the seeds (age 0) come first and then the pixels in push (= age)
     order, which is the (value, age) order of the heap."""
     size = out.size
-    free = np.flatnonzero(inside & (out == 0))
-    cand = np.concatenate((seeds, free))
+    nfree = 0
+    for p in range(size):
+        if inside[p] and out[p] == 0:
+            nfree += 1
+    cand = np.empty(seeds.size + nfree, np.int64)  # the seeds, then the unlabelled pixels
+    cand[:seeds.size] = seeds
+    k = seeds.size
+    for p in range(size):
+        if inside[p] and out[p] == 0:
+            cand[k] = p
+            k += 1
     vals = np.empty(cand.size, np.float32)
     for i in range(cand.size):
         v = np.float32(img[cand[i]])
         vals[i] = v if v != 0 else np.float32(0.0)  # -0.0 and 0.0 compare equal: one key
     rk, nb = _dense_ranks(vals)
-    rank = np.zeros(size, np.int64)
+    rank = np.empty(size, np.int32)  # read only at the candidates
     for i in range(cand.size):
         rank[cand[i]] = rk[i]
-    head = np.full(nb, -1, np.int64)
-    tail = np.full(nb, -1, np.int64)
-    nxt = np.full(size, -1, np.int64)
+    head = np.full(nb, -1, np.int32)
+    tail = np.empty(nb, np.int32)  # read only where head is set
+    nxt = np.empty(size, np.int32)  # set when a pixel is queued
     for p in seeds:  # sorted by value: appended in that order
         b = rank[p]
+        nxt[p] = -1
         if head[b] < 0:
             head[b] = p
         else:
