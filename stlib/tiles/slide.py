@@ -103,11 +103,19 @@ def _zoom_linear(crop, T):  # pragma: no cover - compiled
     out = np.empty((T, T, C), np.uint8)
     ya, yb, wya, ty = _linear_taps(n0, T)
     xa, xb, wxa, tx = _linear_taps(n1, T)
+    # value * w_row is the first product of each term: computed once per input pixel of the two
+    # rows, then * w_col per output pixel (the same products, summed in the same order)
+    ra = np.empty((n1, C), np.float64)
+    rb = np.empty((n1, C), np.float64)
     for i in range(T):
-        ra = crop[ya[i]]
-        rb = crop[yb[i]]
+        ca = crop[ya[i]]
+        cb = crop[yb[i]]
         wy0 = wya[i]
         wy1 = ty[i]
+        for j in range(n1):
+            for c in range(C):
+                ra[j, c] = np.float64(ca[j, c]) * wy0
+                rb[j, c] = np.float64(cb[j, c]) * wy1
         for j in range(T):
             ja = xa[j]
             jb = xb[j]
@@ -115,10 +123,10 @@ def _zoom_linear(crop, T):  # pragma: no cover - compiled
             wx1 = tx[j]
             for c in range(C):
                 t = 0.0
-                t += np.float64(ra[ja, c]) * wy0 * wx0
-                t += np.float64(ra[jb, c]) * wy0 * wx1
-                t += np.float64(rb[ja, c]) * wy1 * wx0
-                t += np.float64(rb[jb, c]) * wy1 * wx1
+                t += ra[ja, c] * wx0
+                t += ra[jb, c] * wx1
+                t += rb[ja, c] * wx0
+                t += rb[jb, c] * wx1
                 v = np.rint(t)
                 out[i, j, c] = np.uint8(0.0 if v < 0.0 else (255.0 if v > 255.0 else v))
     return out
