@@ -238,10 +238,34 @@ class SlideTile:
 
 def _count_ids(inst: np.ndarray) -> int:
     """Distinct non-zero ids (``np.unique(inst[inst > 0]).size``, from the runs of equal pixels)."""
+    if inst.ndim == 2 and inst.size and inst.dtype.kind in "iu":
+        return int(_count_runs_ids(np.ascontiguousarray(inst).ravel()))  # the lines below, compiled
     flat = inst.ravel()
     starts = np.flatnonzero(np.concatenate([[True], flat[1:] != flat[:-1]]))
     v = np.unique(flat[starts])
     return int(v.size - (v[0] == 0 if v.size else 0))
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_runs_ids(flat):  # pragma: no cover - compiled
+    """Distinct values of a non-empty 1-D integer array, less one when the smallest is 0 (the
+    numpy lines of :func:`_count_ids`), from its runs of equal values."""
+    nr = 1
+    for p in range(1, flat.size):
+        nr += flat[p] != flat[p - 1]
+    vals = np.empty(nr, flat.dtype)
+    vals[0] = flat[0]
+    r = 1
+    for p in range(1, flat.size):
+        if flat[p] != flat[p - 1]:
+            vals[r] = flat[p]
+            r += 1
+    vals.sort()
+    k = 0
+    for t in range(nr):
+        if t == 0 or vals[t] != vals[t - 1]:
+            k += 1
+    return k - (1 if vals[0] == 0 else 0)
 
 
 def rasterise(renderers: Mapping[str, Any], i: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
