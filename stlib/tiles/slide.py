@@ -6,10 +6,13 @@ H&E tile (:func:`resample_tile`) between them. :func:`stlib.tiles.stage.build_ti
 (:class:`stlib.labels.masks.TileRenderer`), the H&E tile resampled to the target µm/px, and
 the mask refinement (:func:`stlib.labels.refine.refine_label_maps`). Here those run for many
 tiles at once in a thread pool (the compiled kernels release the GIL), while the calling
-thread decodes the slide band by band and writes finished tiles in grid order:
+thread cuts each tile's crop from the decoded bands and hands out finished tiles in grid order
+(:func:`stlib.tiles.stage.build_tile_stores` writes them in a thread of its own):
 
 * the slide is read in full-width bands of TIFF-tile height (:class:`RowBands`), so every
-  compressed tile of the pyramid is decoded once, not once per overlapping training tile;
+  compressed tile of the pyramid is decoded once, not once per overlapping training tile; the
+  bands are decoded in a background thread, the next one while the current one is cut, so the
+  workers do not wait for a band;
 * the tile is resampled by :func:`resample_tile`, a compiled twin of the
   ``skimage.transform.resize(order=1)`` call of :func:`read_tile_image` (bit-identical
   output, tested), 20x faster;
@@ -352,9 +355,11 @@ def iter_slide_tiles(wsi: Any, renderers: Mapping[str, Any], *, size_l0: float, 
         Threads (default: the usable CPUs).
     timings
         Busy seconds per stage are added to it (``masks``, ``tile_images`` for resampling,
-        ``slide_decoding`` for the band reads, ``mask_refinement`` with the truth scores), and
-        the CPU seconds of each under ``cpu:{stage}`` (thread CPU time); the worker stages run
-        concurrently, so their sum exceeds the wall time.
+        ``slide_decoding`` for the band reads: the calling thread's wait for a band and cutting
+        of the crops, with the CPU of the decoding thread under its ``cpu:`` key;
+        ``mask_refinement`` with the truth scores), and the CPU seconds of each under
+        ``cpu:{stage}`` (thread CPU time); the worker stages run concurrently, so their sum
+        exceeds the wall time.
 
     Yields
     ------
