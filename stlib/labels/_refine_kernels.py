@@ -55,23 +55,26 @@ def haematoxylin_smoothed(rgb, lut, hcol, w):  # pragma: no cover - compiled
         for j in range(W):
             acc[j] = np.float64(h[i, j]) * wr
         for q in range(r, 0, -1):
-            a = reflect(i - q, H)
-            b = reflect(i + q, H)
+            up = h[reflect(i - q, H)]
+            down = h[reflect(i + q, H)]
             wq = w[r - q]
             for j in range(W):
-                acc[j] += (np.float64(h[a, j]) + np.float64(h[b, j])) * wq
+                acc[j] += (np.float64(up[j]) + np.float64(down[j])) * wq
         for j in range(W):
             tmp[i, j] = np.float32(acc[j])
     buf = np.empty(W + 2 * r, np.float64)
     for i in range(H):  # axis 1: the reflected row padded once, then one tap at a time along it
         for k in range(W + 2 * r):
             buf[k] = tmp[i, reflect(k - r, W)]
+        mid = buf[r:r + W]  # slices, so that the compiler knows the indices are in range and vectorises
         for j in range(W):
-            acc[j] = buf[j + r] * wr
+            acc[j] = mid[j] * wr
         for q in range(r, 0, -1):
             wq = w[r - q]
+            left = buf[r - q:r - q + W]
+            right = buf[r + q:r + q + W]
             for j in range(W):
-                acc[j] += (buf[j + r - q] + buf[j + r + q]) * wq
+                acc[j] += (left[j] + right[j]) * wq
         for j in range(W):
             h[i, j] = np.float32(acc[j])
     return h
