@@ -529,7 +529,7 @@ def bench_derive(work_dir: str | Path | None = None, *, n_nuclei: int = 500_000,
     # an estimate of each stage's wall time on an idle machine with `workers` cores, from CPU times
     # (load-independent): the calling thread's CPU plus the rest shared by the cores. It assumes the
     # calling thread does not work while the worker threads do (so for the tile store, whose calling
-    # thread decodes and writes while the workers refine, it is an upper estimate)
+    # thread cuts crops while the workers refine, it is an upper estimate)
     out["stages_idle_wall_estimate_s"] = {
         k: round(stages_main[k] + (stages_cpu[k] - stages_main[k]) / max(workers, 1), 1) for k in stages_cpu}
     out["idle_wall_estimate_s"] = round(sum(out["stages_idle_wall_estimate_s"].values()), 1)
@@ -552,9 +552,12 @@ def _derive_result(info: dict[str, Any], seconds: float, stages: dict[str, float
         "tile_stages_cpu_s": {k[4:]: round(v, 2) for k, v in tile_t.items() if k.startswith("cpu:")},
         "tile_stages_note": ("busy seconds summed over the threads of the tile stage: masks, tile_images "
                              "(resampling), mask_refinement run in worker threads at the same time, so they add up to "
-                             "about workers x the tile_store wall time; slide_decoding (band reads), store_writing, "
-                             "polygon_setup and store_finish run in the calling thread. tile_stages_cpu_s: the CPU "
-                             "seconds of the same steps (thread CPU time; slide_decoding without the decoding done in "
+                             "about workers x the tile_store wall time; slide_decoding (the calling thread waiting for a "
+                             "band and cutting the crops; the bands are decoded ahead in a thread of their own), "
+                             "polygon_setup and store_finish run in the calling thread, store_writing in a writer "
+                             "thread. tile_stages_cpu_s: the CPU "
+                             "seconds of the same steps (thread CPU time; slide_decoding with the band thread's CPU, "
+                             "without the decoding done in "
                              "tifffile's / zarr's own threads)"),
         "goal": "under 180 s on 2 cores for about 500k nuclei (issue 14)",
         "workers": int(workers), "process_cpu_s": round(cpu_s, 1),

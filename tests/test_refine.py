@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from independent import MACENKO_E, MACENKO_H
@@ -315,3 +317,84 @@ def test_compiled_refinement_equals_reference_on_rendered_fields():
         for x, y in zip(a[:4], b[:4]):
             assert x.dtype == y.dtype and np.array_equal(x, y)
         assert a[4] == b[4]
+
+
+def test_compiled_decisions_equal_the_numpy_glue():
+    """The per-nucleus decisions of refine_instances, compiled (thresholds, guards), against the
+    numpy lines of refine_instances_reference, with labels lacking a ring and an empty outside."""
+    from stlib.labels import _refine_kernels as K
+    from stlib.labels.refine import _guards, _label_median
+
+    cfg = RefineConfig()
+    rng = np.random.default_rng(4)
+    for trial in range(40):
+        H, W = (int(v) for v in rng.integers(10, 40, 2))
+        n = int(rng.integers(1, 8))
+        h = rng.random((H, W)).astype(np.float32)
+        if trial % 4 == 0:
+            h = (np.round(h * 3) / 3).astype(np.float32)  # ties in the medians
+        core = np.where(rng.random((H, W)) < 0.3, rng.integers(1, n + 1, (H, W)), 0).astype(np.int32)
+        ring = np.where(rng.random((H, W)) < [0.3, 0.02, 0.0][trial % 3], rng.integers(1, n + 1, (H, W)), 0)
+        ring = ring.astype(np.int32)
+        outside = rng.random((H, W)) < (0.0 if trial % 5 == 0 else 0.5)
+        # the numpy lines of refine_instances_reference
+        fg = _label_median(h, core, n)
+        bg = _label_median(h, ring, n)
+        outs = h[outside]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # all-NaN slices
+            tile_bg = float(np.median(outs)) if outs.size else float(np.nanmin(fg[1:]))
+            bg = np.where(np.isfinite(bg), bg, tile_bg)
+            contrast = fg - bg
+            ref_contrast = float(np.nanmedian(contrast[1:]))
+        floor = cfg.min_contrast_od
+        if np.isfinite(ref_contrast) and ref_contrast > 0:
+            floor = max(floor, cfg.min_rel_contrast * ref_contrast)
+        not_vis = ~(contrast >= floor)
+        not_vis[0] = False
+        thr = bg + cfg.edge_fraction * contrast
+        thr[0] = np.inf
+        thr_k, nv_k = K.thresholds(h, core, ring, outside, n, cfg.edge_fraction, cfg.min_rel_contrast,
+                                   cfg.min_contrast_od)
+        assert np.array_equal(thr_k, thr, equal_nan=True) and np.array_equal(nv_k, not_vis)
+        local = np.where(rng.random((H, W)) < 0.6, rng.integers(0, n + 1, (H, W)), 0).astype(np.int32)
+        out = np.where(rng.random((H, W)) < 0.5, local, rng.integers(0, n + 1, (H, W))).astype(np.int32)
+        nv = rng.random(n + 1) < 0.2
+        nv[0] = False
+        a0 = np.bincount(local.ravel(), minlength=n + 1).astype(float)
+        a1 = np.bincount(out.ravel(), minlength=n + 1).astype(float)
+        keep_st, drop, stats = _guards(a0, a1, nv, cfg)
+        k_keep, k_drop, st = K.guards(local, out, nv, n, cfg.min_keep, cfg.max_grow)
+        assert np.array_equal(k_keep, keep_st) and np.array_equal(k_drop, drop)
+        assert RefineStats(*(int(v) for v in st)) == stats
+    for x in ([np.nan], [1.0, np.nan, 3.0], [2.0, 1.0, np.nan, 5.0, 4.0], [0.1, 0.2]):
+        a = np.array(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert np.array_equal(K._nanmedian(a), np.nanmedian(a), equal_nan=True)
+
+
+def test_bounded_zones_equal_the_full_feature_transform():
+    """The near / ring / outside zones computed only up to the ring's distance (the leftmost of the
+    columns' nearest pixels at the smallest distance) equal those of the full feature transform,
+    whose nearest pixels are scipy's, on sparse, dense and tie-heavy label maps."""
+    from stlib.labels import _refine_kernels as K
+
+    rng = np.random.default_rng(8)
+    for trial in range(300):
+        H, W = (int(v) for v in rng.integers(3, 70, 2))
+        p = [0.002, 0.02, 0.1, 0.4, 0.9][trial % 5]
+        lab = np.where(rng.random((H, W)) < p, rng.integers(1, 6, (H, W)), 0).astype(np.int32)
+        if not lab.any():
+            continue
+        r, rr = [6.0, 2.5, 1.0, 3.3, 0.5][trial % 5], [4.0, 1.0, 2.2, 7.0][trial % 4]
+        t_near, t_ring = K._sqrt_le(r), K._sqrt_le(r + rr)
+        shift = int(np.ceil(np.log2(W))) if W > 1 else 0
+        full = K._near_ring_full(lab, t_near, t_ring)
+        got = K._near_ring(lab, t_near, t_ring, shift)
+        assert all(np.array_equal(a, b) for a, b in zip(full, got))
+        if trial % 10 == 0:  # and the owner is scipy's nearest labelled pixel
+            d, (iy, ix) = ndi.distance_transform_edt(lab == 0, return_indices=True)
+            own = lab[iy, ix]
+            assert np.array_equal(got[0], np.where(d <= r, own, 0))
+            assert np.array_equal(got[1], np.where((d > r) & (d <= r + rr), own, 0))

@@ -215,35 +215,12 @@ def refine_instances(image: np.ndarray, inst: np.ndarray, *, um_per_px: float,
     rr = max(1.0, cfg.ring_um / um_per_px)
     h = K.haematoxylin_smoothed(np.ascontiguousarray(img), lut, hcol, w)
     near, ring, outside, core = K.zones(local, interior, n, r, rr, rc)
-    fg = K.label_median(h, core, n)
-    bg = K.label_median(h, ring, n)
-    missing = ~np.isfinite(bg)
-    # the tile's background median (most of the tile's pixels) is needed only for nuclei without
-    # a ring (bg[0] is never used: thr[0] is set below and contrast[0] is NaN either way)
-    if missing[1:].any():
-        tile_bg = K.masked_median(h, outside)
-        if not np.isfinite(tile_bg):
-            tile_bg = float(np.nanmin(fg[1:]))
-        bg = np.where(missing, tile_bg, bg)
-    contrast = fg - bg
-    ref_contrast = float(np.nanmedian(contrast[1:]))
-    floor = cfg.min_contrast_od
-    if np.isfinite(ref_contrast) and ref_contrast > 0:
-        floor = max(floor, cfg.min_rel_contrast * ref_contrast)
-    not_vis = ~(contrast >= floor)
-    not_vis[0] = False
-    thr = bg + cfg.edge_fraction * contrast
-    thr[0] = np.inf
+    # the medians, contrasts, visibility and thresholds of refine_instances_reference, compiled
+    thr, not_vis = K.thresholds(h, core, ring, outside, n, float(cfg.edge_fraction), float(cfg.min_rel_contrast),
+                                float(cfg.min_contrast_od))
     out = K.segment(h, local, near, core, thr, n)
-    a0, a1 = K.areas(local, out, n)
-    keep_st = ((a1 < cfg.min_keep * a0) | (a1 > cfg.max_grow * a0)) & ~not_vis
-    keep_st[0] = False
-    drop = keep_st | not_vis
-    refined_ids = ~drop
-    refined_ids[0] = False
-    stats = RefineStats(n=n, refined=int(refined_ids.sum()), kept_st=int(keep_st.sum()),
-                        not_visible=int(not_vis.sum()), area_st=int(a0[refined_ids].sum()),
-                        area_refined=int(a1[refined_ids].sum()))
+    keep_st, drop, st = K.guards(local, out, not_vis, n, float(cfg.min_keep), float(cfg.max_grow))  # _guards, compiled
+    stats = RefineStats(*(int(v) for v in st))
     res, not_visible = K.guarded(local, out, keep_st, drop, ids.astype(inst.dtype, copy=False), not_vis)
     return res, not_visible, stats
 

@@ -6,10 +6,13 @@ H&E tile (:func:`resample_tile`) between them. :func:`stlib.tiles.stage.build_ti
 (:class:`stlib.labels.masks.TileRenderer`), the H&E tile resampled to the target µm/px, and
 the mask refinement (:func:`stlib.labels.refine.refine_label_maps`). Here those run for many
 tiles at once in a thread pool (the compiled kernels release the GIL), while the calling
-thread decodes the slide band by band and writes finished tiles in grid order:
+thread cuts each tile's crop from the decoded bands and hands out finished tiles in grid order
+(:func:`stlib.tiles.stage.build_tile_stores` writes them in a thread of its own):
 
 * the slide is read in full-width bands of TIFF-tile height (:class:`RowBands`), so every
-  compressed tile of the pyramid is decoded once, not once per overlapping training tile;
+  compressed tile of the pyramid is decoded once, not once per overlapping training tile; the
+  bands are decoded in a background thread, the next one while the current one is cut, so the
+  workers do not wait for a band;
 * the tile is resampled by :func:`resample_tile`, a compiled twin of the
   ``skimage.transform.resize(order=1)`` call of :func:`read_tile_image` (bit-identical
   output, tested), 20x faster;
@@ -103,11 +106,19 @@ def _zoom_linear(crop, T):  # pragma: no cover - compiled
     out = np.empty((T, T, C), np.uint8)
     ya, yb, wya, ty = _linear_taps(n0, T)
     xa, xb, wxa, tx = _linear_taps(n1, T)
+    # value * w_row is the first product of each term: computed once per input pixel of the two
+    # rows, then * w_col per output pixel (the same products, summed in the same order)
+    ra = np.empty((n1, C), np.float64)
+    rb = np.empty((n1, C), np.float64)
     for i in range(T):
-        ra = crop[ya[i]]
-        rb = crop[yb[i]]
+        ca = crop[ya[i]]
+        cb = crop[yb[i]]
         wy0 = wya[i]
         wy1 = ty[i]
+        for j in range(n1):
+            for c in range(C):
+                ra[j, c] = np.float64(ca[j, c]) * wy0
+                rb[j, c] = np.float64(cb[j, c]) * wy1
         for j in range(T):
             ja = xa[j]
             jb = xb[j]
@@ -115,10 +126,10 @@ def _zoom_linear(crop, T):  # pragma: no cover - compiled
             wx1 = tx[j]
             for c in range(C):
                 t = 0.0
-                t += np.float64(ra[ja, c]) * wy0 * wx0
-                t += np.float64(ra[jb, c]) * wy0 * wx1
-                t += np.float64(rb[ja, c]) * wy1 * wx0
-                t += np.float64(rb[jb, c]) * wy1 * wx1
+                t += ra[ja, c] * wx0
+                t += ra[jb, c] * wx1
+                t += rb[ja, c] * wx0
+                t += rb[jb, c] * wx1
                 v = np.rint(t)
                 out[i, j, c] = np.uint8(0.0 if v < 0.0 else (255.0 if v > 255.0 else v))
     return out
@@ -141,18 +152,38 @@ class RowBands:
     Requests must move down the slide (rows of tiles in order); bands above the last request
     are dropped. ``crop`` returns what ``wsi.read_region(x, y, w, h, level=0)`` returns
     (255 outside the image).
+
+    With ``prefetch=True`` the bands are decoded in one background thread (every read of the
+    slide happens in that thread, in band order, so the reader need not be thread-safe), and
+    the band below the last one requested is decoded ahead, while the caller works on this
+    one; :meth:`close` (or ``with``) stops that thread. ``decode_cpu`` sums the CPU seconds of
+    the decoding thread (the band reads; without tifffile's / zarr's own threads).
     """
 
-    def __init__(self, wsi: Any, rows: int = 256) -> None:
+    def __init__(self, wsi: Any, rows: int = 256, *, prefetch: bool = False) -> None:
         self.wsi = wsi
         self.rows = int(rows)
         self.H, self.W = wsi.shape
-        self._bands: dict[int, np.ndarray] = {}
+        self._bands: dict[int, Any] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stlib-bands") if prefetch else None
+        self.decode_cpu = 0.0
+
+    def _read(self, b: int) -> np.ndarray:
+        c = time.thread_time()
+        y = b * self.rows
+        band = self.wsi.read_region(0, y, self.W, min(self.rows, self.H - y), level=0)
+        self.decode_cpu += time.thread_time() - c
+        return band
+
+    def _request(self, b: int) -> None:
+        if b not in self._bands and 0 <= b * self.rows < self.H:
+            self._bands[b] = self._pool.submit(self._read, b) if self._pool is not None else self._read(b)
 
     def _band(self, b: int) -> np.ndarray:
-        if b not in self._bands:
-            y = b * self.rows
-            self._bands[b] = self.wsi.read_region(0, y, self.W, min(self.rows, self.H - y), level=0)
+        self._request(b)
+        if self._pool is not None:
+            self._request(b + 1)  # decoded ahead while this band is cut
+            return self._bands[b].result()
         return self._bands[b]
 
     def crop(self, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -169,6 +200,19 @@ class RowBands:
             r0, r1 = max(y0, b * self.rows), min(y1, (b + 1) * self.rows)
             out[r0 - y:r1 - y, x0 - x:x1 - x] = band[r0 - b * self.rows:r1 - b * self.rows, x0:x1]
         return out
+
+    def close(self) -> None:
+        """Stop the decoding thread (waits for a band being read) and drop the bands."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        self._bands.clear()
+
+    def __enter__(self) -> RowBands:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 # --------------------------------------------------------------------------------------
@@ -197,10 +241,34 @@ class SlideTile:
 
 def _count_ids(inst: np.ndarray) -> int:
     """Distinct non-zero ids (``np.unique(inst[inst > 0]).size``, from the runs of equal pixels)."""
+    if inst.ndim == 2 and inst.size and inst.dtype.kind in "iu":
+        return int(_count_runs_ids(np.ascontiguousarray(inst).ravel()))  # the lines below, compiled
     flat = inst.ravel()
     starts = np.flatnonzero(np.concatenate([[True], flat[1:] != flat[:-1]]))
     v = np.unique(flat[starts])
     return int(v.size - (v[0] == 0 if v.size else 0))
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_runs_ids(flat):  # pragma: no cover - compiled
+    """Distinct values of a non-empty 1-D integer array, less one when the smallest is 0 (the
+    numpy lines of :func:`_count_ids`), from its runs of equal values."""
+    nr = 1
+    for p in range(1, flat.size):
+        nr += flat[p] != flat[p - 1]
+    vals = np.empty(nr, flat.dtype)
+    vals[0] = flat[0]
+    r = 1
+    for p in range(1, flat.size):
+        if flat[p] != flat[p - 1]:
+            vals[r] = flat[p]
+            r += 1
+    vals.sort()
+    k = 0
+    for t in range(nr):
+        if t == 0 or vals[t] != vals[t - 1]:
+            k += 1
+    return k - (1 if vals[0] == 0 else 0)
 
 
 def rasterise(renderers: Mapping[str, Any], i: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
@@ -287,9 +355,11 @@ def iter_slide_tiles(wsi: Any, renderers: Mapping[str, Any], *, size_l0: float, 
         Threads (default: the usable CPUs).
     timings
         Busy seconds per stage are added to it (``masks``, ``tile_images`` for resampling,
-        ``slide_decoding`` for the band reads, ``mask_refinement`` with the truth scores), and
-        the CPU seconds of each under ``cpu:{stage}`` (thread CPU time); the worker stages run
-        concurrently, so their sum exceeds the wall time.
+        ``slide_decoding`` for the band reads: the calling thread's wait for a band and cutting
+        of the crops, with the CPU of the decoding thread under its ``cpu:`` key;
+        ``mask_refinement`` with the truth scores), and the CPU seconds of each under
+        ``cpu:{stage}`` (thread CPU time); the worker stages run concurrently, so their sum
+        exceeds the wall time.
 
     Yields
     ------
@@ -298,7 +368,6 @@ def iter_slide_tiles(wsi: Any, renderers: Mapping[str, Any], *, size_l0: float, 
     first = next(iter(renderers.values()))
     n = len(first)
     workers = default_workers() if workers is None else max(1, int(workers))
-    bands = RowBands(wsi)
     side = int(math.ceil(size_l0))
     pending: deque = deque()
 
@@ -309,12 +378,14 @@ def iter_slide_tiles(wsi: Any, renderers: Mapping[str, Any], *, size_l0: float, 
                 timings[k] = timings.get(k, 0.0) + v
         return res
 
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stlib-tiles") as pool:
+    # the bands are decoded ahead in their own thread, so the workers need not wait for a band
+    with RowBands(wsi, prefetch=True) as bands, \
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stlib-tiles") as pool:
         for i in range(n):
             x0, y0 = first.tile(i).origin
             t0, c0 = time.perf_counter(), time.thread_time()
             crop = bands.crop(int(math.floor(x0)), int(math.floor(y0)), side, side)
-            if timings is not None:  # this thread's CPU (zarr may decode some tiles in its own threads)
+            if timings is not None:  # waiting for the band and cutting the crop (this thread's CPU)
                 timings["slide_decoding"] = timings.get("slide_decoding", 0.0) + time.perf_counter() - t0
                 timings["cpu:slide_decoding"] = timings.get("cpu:slide_decoding", 0.0) + time.thread_time() - c0
             pending.append(pool.submit(_tile_work, i, crop, renderers, size_l0, tile_px, um_per_px, refine_config))
@@ -322,3 +393,5 @@ def iter_slide_tiles(wsi: Any, renderers: Mapping[str, Any], *, size_l0: float, 
                 yield collect(pending.popleft())
         while pending:
             yield collect(pending.popleft())
+    if timings is not None:  # the decoding thread's CPU (zarr may decode some tiles in its own threads)
+        timings["cpu:slide_decoding"] = timings.get("cpu:slide_decoding", 0.0) + bands.decode_cpu

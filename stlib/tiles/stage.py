@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -211,18 +212,20 @@ def _sample_tiles(s, organ: str, nuc, truth, writers: dict[str, Any], res, *, um
                                         tissue=_imaged_or_none(imaged) if k == "st" else None)
         if timings is not None:
             timings["polygon_setup"] = timings.get("polygon_setup", 0.0) + time.perf_counter() - t0
-        for t in iter_slide_tiles(wsi, renderers, size_l0=tile_px / scale, tile_px=tile_px, um_per_px=um_per_px,
-                                  refine_config=rcfg, workers=workers, timings=timings):
-            if t.refine is not None:
-                stats = stats + t.refine
-            if t.pq_before is not None:
-                pq_before.append(t.pq_before)
-                pq_after.append(t.pq_after)
-            t_write, c_write = time.perf_counter(), time.thread_time()
-            write_tile(writers, t, sample=s.id, organ=organ, align_score=align_score)
-            if timings is not None:
-                timings["store_writing"] = timings.get("store_writing", 0.0) + time.perf_counter() - t_write
-                timings["cpu:store_writing"] = timings.get("cpu:store_writing", 0.0) + time.thread_time() - c_write
+        # the tiles are written in their own thread (in grid order), so that this thread keeps the
+        # workers fed while the arrays go to disk
+        with _TileWriter(writers, sample=s.id, organ=organ, align_score=align_score) as tw:
+            for t in iter_slide_tiles(wsi, renderers, size_l0=tile_px / scale, tile_px=tile_px, um_per_px=um_per_px,
+                                      refine_config=rcfg, workers=workers, timings=timings):
+                if t.refine is not None:
+                    stats = stats + t.refine
+                if t.pq_before is not None:
+                    pq_before.append(t.pq_before)
+                    pq_after.append(t.pq_after)
+                tw.submit(t)
+        if timings is not None:
+            timings["store_writing"] = timings.get("store_writing", 0.0) + tw.seconds
+            timings["cpu:store_writing"] = timings.get("cpu:store_writing", 0.0) + tw.cpu_seconds
     if rcfg is None:
         return None
     rep = stats.to_dict()
@@ -230,6 +233,55 @@ def _sample_tiles(s, organ: str, nuc, truth, writers: dict[str, Any], res, *, um
         rep["mask_pq_vs_truth_before"] = float(np.nanmean(pq_before))
         rep["mask_pq_vs_truth_after"] = float(np.nanmean(pq_after))
     return rep
+
+
+class _TileWriter:
+    """:func:`write_tile` of finished tiles in one background thread, in the order submitted.
+
+    At most ``depth`` tiles wait; :meth:`submit` blocks beyond that and raises the error of a
+    failed write (after which no further tile is written, so the partial store stays resumable).
+    Leaving the ``with`` block waits for the queued writes. ``seconds`` / ``cpu_seconds``: wall
+    and CPU time of the writes in that thread.
+    """
+
+    def __init__(self, writers: dict[str, Any], *, depth: int = 8, **row: Any) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.writers, self.row, self.depth = writers, row, int(depth)
+        self.seconds = self.cpu_seconds = 0.0
+        self._failed = False
+        self._pending: deque = deque()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stlib-write")
+
+    def _write(self, tile: Any) -> None:
+        if self._failed:
+            return
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            write_tile(self.writers, tile, **self.row)
+        except BaseException:
+            self._failed = True
+            raise
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self.cpu_seconds += time.thread_time() - c0
+
+    def submit(self, tile: Any) -> None:
+        self._pending.append(self._pool.submit(self._write, tile))
+        while len(self._pending) > self.depth:
+            self._pending.popleft().result()
+
+    def __enter__(self) -> _TileWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                while self._pending:
+                    self._pending.popleft().result()
+        finally:
+            self._failed = self._failed or exc_type is not None
+            self._pool.shutdown(wait=True)
 
 
 def refinement_table(store: str | Path) -> pd.DataFrame:
