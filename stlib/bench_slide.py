@@ -221,6 +221,9 @@ def make_slide_sample(out: str | Path, *, n_nuclei: int = 500_000, um_per_px: fl
     if not force and info_path.is_file():
         info = json.loads(info_path.read_text())
         if info.get("params") == params:
+            # the folders are where the sample is now, not where it was written (a moved or
+            # linked work folder keeps working)
+            info.update(hest_dir=str(out / "hest"), truth_dir=str(out / "truth"))
             return info
     t_start = time.perf_counter()
     rng = np.random.default_rng(seed)

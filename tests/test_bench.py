@@ -70,3 +70,16 @@ def test_bench_derive_small_slide(tmp_path, capsys):
     assert res["alignment_check"]["median_error_um_aligned"] < res["alignment_check"]["median_error_um_initial"]
     assert res["tile_store"]["tiles"] > 0 and res["load_average_1_5_15min_before"]
     assert not (tmp_path / "work" / "run").exists()  # the tile store is removed unless --keep
+
+
+def test_slide_sample_found_again_after_its_folder_moved(tmp_path):
+    """The cached sample is reused from wherever its folder now is (no stale absolute paths)."""
+    from stlib.bench_slide import make_slide_sample
+
+    first = make_slide_sample(tmp_path / "a", n_nuclei=200, side_mm=0.25)
+    (tmp_path / "a").rename(tmp_path / "b")
+    again = make_slide_sample(tmp_path / "b", n_nuclei=200, side_mm=0.25)
+    assert again["seconds"] == first["seconds"]  # not regenerated
+    assert again["hest_dir"] == str(tmp_path / "b" / "hest")
+    assert again["truth_dir"] == str(tmp_path / "b" / "truth")
+    assert (tmp_path / "b" / "hest" / "wsis" / "BENCH_SLIDE.tif").is_file()
