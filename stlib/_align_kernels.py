@@ -22,6 +22,7 @@ import numba
 import numpy as np
 
 __all__ = ["hed_h", "hed_lut", "window_stats", "gather_windows", "batched_phase_shift", "shifted_peak", "pearson_full",
+           "prep_windows", "shifted_peak_at",
            "fill_rings", "count_in_windows", "gaussian_weights", "gaussian_filter32", "map_linear_nearest", "map_points"]
 
 
@@ -119,18 +120,25 @@ def gather_windows(arr, u0, v0, n):  # pragma: no cover - compiled
 
 def batched_phase_shift(ref: np.ndarray, mov: np.ndarray, upsample: int, workers: int = 1) -> np.ndarray:
     """``phase_cross_correlation(ref[k], mov[k], upsample_factor=upsample, normalization=None)[0]``
-    for a stack (m, n, n) of float32 windows, computed with scikit-image's operations except one:
-    the windows are real, so the cross-power spectrum is taken from real-input FFTs (``rfft2``,
+    for a stack (m, n, n) of float32 windows, computed with scikit-image's steps on the half
+    spectrum of real input.
+
+    The windows are real, so the cross-power spectrum is taken from real-input FFTs (``rfft2``,
     half the spectrum, about half the work of the complex ``fft2`` scikit-image runs) and the
-    cross-correlation from ``irfft2``; the full spectrum the upsampled DFT needs is the half and
-    its Hermitian mirror. Then, as scikit-image: the integer peak of the cross-correlation, the
-    upsampled-DFT kernels of all windows at once (elementwise, the same formula and precision)
-    and the same complex products for the peak of the 1.5-pixel neighbourhood upsampled
-    ``upsample`` times. The real-input transforms round differently in the last bits, so on a
-    near-tie a peak may move to the neighbouring upsampled position: the shifts agree with
-    scikit-image's to ``1 / upsample`` px (``tests/test_fast_paths.py``).
+    cross-correlation from ``irfft2``. Then, as scikit-image: the integer peak of the
+    cross-correlation and the upsampled DFT (the same kernels, same formula and precision) of
+    the 1.5-pixel neighbourhood upsampled ``upsample`` times, whose largest modulus gives the
+    sub-pixel shift. The upsampled DFT runs on the half spectrum too: scikit-image's product
+    over the whole plane, ``sum_k0,k1 K0[p, k0] K1[q, k1] D[k0, k1]``, pairs each negative
+    frequency of the last axis with its Hermitian mirror ``D[-k0, -k1] = conj(D[k0, k1])``,
+    where ``K[p, -k] = conj(K[p, k])`` except on the Nyquist row / column (``n`` even), which
+    is added exactly. That is the same sum in another order, about half the complex products
+    (written out in :func:`_half_spectrum_dft`). The transforms and the order of the sums round
+    differently in the last bits, so on a near-tie a peak may move to the neighbouring
+    upsampled position: the shifts agree with scikit-image's to ``1 / upsample`` px, nearly
+    all exactly (``tests/test_fast_paths.py``).
     """
-    from scipy.fft import fftfreq, irfft2, rfft2
+    from scipy.fft import irfft2, rfft2
 
     m, n0, n1 = ref.shape
     src = rfft2(ref, workers=workers)
@@ -148,31 +156,91 @@ def batched_phase_shift(ref: np.ndarray, mov: np.ndarray, upsample: int, workers
     ups_size = np.ceil(uf * 1.5)
     dftshift = np.trunc(ups_size / 2.0)
     offset = dftshift - shift * uf  # (m, 2) float32
-    # data = conj(cross-power spectrum) over the whole plane: the computed half, and for the
-    # negative frequencies of the last axis the mirror conj(X[-k0, -k1]) of the half (Hermitian)
-    nh = half.shape[2]
-    data = np.empty((m, n0, n1), half.dtype)
-    data[:, :, :nh] = half.conj()
-    # (strided copies: column n1 - k1 for k1 = nh..n1-1, row -k0 mod n0)
-    data[:, 0, nh:] = half[:, 0, n1 - nh:0:-1]
-    data[:, 1:, nh:] = half[:, :0:-1, n1 - nh:0:-1]
-    im2pi = 1j * 2 * np.pi
-    ar = np.arange(ups_size)
-    kern = []
-    for ax, nn in ((1, n1), (0, n0)):  # _upsampled_dft: the last axis first
-        # a kernel depends on the window only through its offset, which takes a few values
-        # (integer shifts): computed once per value, with the same expression
-        vals, inv = np.unique(offset[:, ax], return_inverse=True)
-        k = (ar[None, :] - vals[:, None])[:, :, None] * fftfreq(nn, uf)[None, None, :]
-        kern.append(np.exp(-im2pi * k).astype(data.dtype, copy=False)[inv.ravel()])
+    S = _half_spectrum_dft(half.conj(), offset, int(ups_size), uf, n1)
     ups = int(ups_size)
-    # tensordot(kernel, data, axes=(1, -1)) per window is dot(kernel, data.T): the same BLAS
-    # product as a stacked matmul with transposed views (bit-identical, checked in the tests)
-    d = np.matmul(kern[0], data.transpose(0, 2, 1))
-    d = np.matmul(kern[1], d.transpose(0, 2, 1))
-    best = np.argmax(np.abs(d.conj()).reshape(m, -1), axis=1)
+    best = np.argmax(np.abs(S).reshape(m, -1), axis=1)
     mx = np.stack([best // ups, best % ups], axis=1).astype(np.float32) - dftshift
     return shift + mx / uf
+
+
+def _half_spectrum_dft(D: np.ndarray, offset: np.ndarray, ups: int, uf: np.ndarray, n1: int) -> np.ndarray:
+    """scikit-image's ``_upsampled_dft`` of each whole-plane spectrum given by its half ``D``
+    (m, n0, n1 // 2 + 1) (the conjugate cross-power spectrum of real windows), region
+    ``ups`` x ``ups`` at ``offset`` (m, 2), upsampling ``uf``: (m, ups, ups) complex.
+
+    With ``E = K0 @ D`` (the first axis, over the half) and ``K[p, -k] = conj(K[p, k])``:
+    ``S = 2 Re(E[:, 1:M+1] @ K1[:, 1:M+1].T) + E[:, 0] K1[:, 0] (+ E[:, n1/2] K1[:, n1/2])``
+    plus, for ``n0`` even, the Nyquist row's share ``2i Im(K0[p, n0/2]) conj(U[q])`` with
+    ``U = K1[:, 1:M+1] @ D[n0/2, 1:M+1]``; ``M`` = the columns that have a mirror.
+    """
+    from scipy.fft import fftfreq
+
+    m, n0, _ = D.shape
+    im2pi = 1j * 2 * np.pi
+    ar = np.arange(ups)
+    kern = []
+    for ax, nn in ((0, n0), (1, n1)):
+        # a kernel depends on the window only through its offset, which takes a few values
+        # (integer shifts): computed once per value, with scikit-image's expression
+        vals, inv = np.unique(offset[:, ax], return_inverse=True)
+        k = (ar[None, :] - vals[:, None])[:, :, None] * fftfreq(nn, uf)[None, None, :]
+        kern.append(np.exp(-im2pi * k).astype(D.dtype, copy=False)[inv.ravel()])
+    K0, K1 = kern  # (m, ups, n0), (m, ups, n1)
+    E = np.matmul(K0, D)  # (m, ups, nh): E[p, k1] = sum_k0 K0[p, k0] D[k0, k1]
+    M = (n1 - 1) // 2  # columns 1..M of the half pair with the negative frequencies n1 - k1
+    T = np.matmul(E[:, :, 1:M + 1], K1[:, :, 1:M + 1].transpose(0, 2, 1))
+    S = 2 * T.real + E[:, :, :1] * K1[:, None, :, 0]
+    if n1 % 2 == 0:  # the Nyquist column is its own mirror
+        S = S + E[:, :, n1 // 2:n1 // 2 + 1] * K1[:, None, :, n1 // 2]
+    if n0 % 2 == 0:  # the Nyquist row: K0[p, -n0/2] is K0[p, n0/2] itself, not its conjugate
+        c = 2j * K0[:, :, n0 // 2].imag
+        U = np.matmul(K1[:, :, 1:M + 1], D[:, n0 // 2, 1:M + 1, None])[:, :, 0]
+        S = S + c[:, :, None] * U.conj()[:, None, :]
+    return S
+
+
+@numba.njit(cache=True, nogil=True)
+def prep_windows(h, b, u0, v0, n, hann):  # pragma: no cover - compiled
+    """The inputs of the phase correlation of each window: the zero-padded ``n x n`` windows
+    of ``h`` and ``b`` at (u0, v0), minus their means, times ``hann`` (float32, as
+    ``(w - w.mean()) * hann`` with the mean summed in float64), and whether both are non-zero."""
+    H, W = h.shape
+    m = u0.size
+    ref = np.zeros((m, n, n), np.float32)
+    mov = np.zeros((m, n, n), np.float32)
+    ok = np.zeros(m, np.bool_)
+    for k in range(m):
+        i0, i1 = max(0, v0[k]), min(H, v0[k] + n)
+        j0, j1 = max(0, u0[k]), min(W, u0[k] + n)
+        sa = 0.0
+        sb = 0.0
+        for i in range(i0, i1):
+            for j in range(j0, j1):
+                sa += h[i, j]
+                sb += b[i, j]
+        ma = np.float32(sa / (n * n))
+        mb = np.float32(sb / (n * n))
+        # outside the image the window is 0: (0 - mean) * hann
+        for i in range(n):
+            for j in range(n):
+                ref[k, i, j] = (np.float32(0.0) - ma) * hann[i, j]
+                mov[k, i, j] = (np.float32(0.0) - mb) * hann[i, j]
+        for i in range(i0, i1):
+            wi = i - v0[k]
+            for j in range(j0, j1):
+                wj = j - u0[k]
+                ref[k, wi, wj] = (h[i, j] - ma) * hann[wi, wj]
+                mov[k, wi, wj] = (b[i, j] - mb) * hann[wi, wj]
+        nza = False
+        nzb = False
+        for i in range(n):
+            for j in range(n):
+                nza = nza or ref[k, i, j] != 0
+                nzb = nzb or mov[k, i, j] != 0
+            if nza and nzb:
+                break
+        ok[k] = nza and nzb
+    return ref, mov, ok
 
 
 @numba.njit(cache=True, nogil=True)
@@ -221,6 +289,71 @@ def shifted_peak(h_win, b_win, dv, du):  # pragma: no cover - compiled
         d = np.sqrt(saa * sbb)
         out[k] = sab / d if d > 0 else np.nan
     return out, valid
+
+
+@numba.njit(cache=True, nogil=True)
+def shifted_peak_at(h, b, u0, v0, n, dv, du):  # pragma: no cover - compiled
+    """:func:`shifted_peak` of the zero-padded ``n x n`` windows at (u0, v0) of the images ``h``
+    and ``b`` themselves (no gathered copies). The bilinear weights of a shift are the same for
+    every pixel of a window, so they are computed once per window, and the correlation is summed
+    in one pass (float64): equal to :func:`shifted_peak` to float rounding (tests)."""
+    H, W = h.shape
+    m = u0.size
+    out = np.full(m, np.nan)
+    valid = np.zeros(m, np.bool_)
+    for k in range(m):
+        e = int(np.ceil(max(abs(du[k]), abs(dv[k])))) + 1
+        if n - 2 * e < 8:
+            continue
+        valid[k] = True
+        # sample position of window pixel (i, j): (i - dv, j - du) = (i + oy + fy, j + ox + fx)
+        oy = int(np.floor(-dv[k]))
+        ox = int(np.floor(-du[k]))
+        fy = -dv[k] - oy
+        fx = -du[k] - ox
+        w00, w01 = (1 - fy) * (1 - fx), (1 - fy) * fx
+        w10, w11 = fy * (1 - fx), fy * fx
+        # rows / columns of the image read (interior e..n-e plus the bilinear neighbour)
+        r0, r1 = v0[k] + e + min(oy, 0), v0[k] + n - e + max(oy + 1, 0)
+        c0, c1 = u0[k] + e + min(ox, 0), u0[k] + n - e + max(ox + 1, 0)
+        inside = r0 >= 0 and c0 >= 0 and r1 <= H and c1 <= W
+        sa = 0.0
+        sb = 0.0
+        saa = 0.0
+        sbb = 0.0
+        sab = 0.0
+        for i in range(e, n - e):
+            y = v0[k] + i
+            for j in range(e, n - e):
+                x = u0[k] + j
+                if inside:
+                    a = np.float64(h[y, x])
+                    v = (w00 * b[y + oy, x + ox] + w01 * b[y + oy, x + ox + 1]
+                         + w10 * b[y + oy + 1, x + ox] + w11 * b[y + oy + 1, x + ox + 1])
+                else:
+                    a = np.float64(_padded(h, y, x))
+                    v = (w00 * _padded(b, y + oy, x + ox) + w01 * _padded(b, y + oy, x + ox + 1)
+                         + w10 * _padded(b, y + oy + 1, x + ox) + w11 * _padded(b, y + oy + 1, x + ox + 1))
+                sa += a
+                sb += v
+                saa += a * a
+                sbb += v * v
+                sab += a * v
+        cnt = (n - 2 * e) * (n - 2 * e)
+        vaa = saa - sa * sa / cnt
+        vbb = sbb - sb * sb / cnt
+        vab = sab - sa * sb / cnt
+        d = np.sqrt(vaa * vbb) if vaa > 0 and vbb > 0 else 0.0
+        out[k] = vab / d if d > 0 else np.nan
+    return out, valid
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _padded(img, y, x):  # pragma: no cover - compiled
+    """``img[y, x]``, 0 outside the image (a zero-padded window's pixel)."""
+    if 0 <= y < img.shape[0] and 0 <= x < img.shape[1]:
+        return img[y, x]
+    return np.float32(0.0)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -559,3 +692,115 @@ def apply_transform(xy, A, gx, gy, dxg, dyg, has_grid, out, k0, k1):  # pragma: 
         px, py = _transform_point(x, y, A, gx, gy, dxg, dyg, has_grid)
         out[k, 0] = px
         out[k, 1] = py
+
+
+# --------------------------------------------------------------------------------------
+# order statistics and histograms of a whole working image, split over threads
+# --------------------------------------------------------------------------------------
+
+@numba.njit(cache=True, nogil=True)
+def _bin_counts(a, mn, scale, nb):  # pragma: no cover - compiled
+    """Counts of ``a`` (1-D) in ``nb`` equal bins from ``mn`` (``bin = int((v - mn) * scale)``,
+    clipped; monotone in ``v``) and the number of NaNs."""
+    counts = np.zeros(nb, np.int64)
+    nan = 0
+    for k in range(a.size):
+        v = a[k]
+        if v != v:
+            nan += 1
+            continue
+        b = int((np.float64(v) - mn) * scale)
+        counts[min(max(b, 0), nb - 1)] += 1
+    return counts, nan
+
+
+@numba.njit(cache=True, nogil=True)
+def _bin_values(a, mn, scale, nb, want):  # pragma: no cover - compiled
+    """The values of ``a`` whose bin (as :func:`_bin_counts`) is marked in ``want``."""
+    n = 0
+    for k in range(a.size):
+        b = min(max(int((np.float64(a[k]) - mn) * scale), 0), nb - 1)
+        if want[b]:
+            n += 1
+    out = np.empty(n, a.dtype)
+    n = 0
+    for k in range(a.size):
+        b = min(max(int((np.float64(a[k]) - mn) * scale), 0), nb - 1)
+        if want[b]:
+            out[n] = a[k]
+            n += 1
+    return out
+
+
+def percentile_threaded(a: np.ndarray, q: Sequence[float], workers: int = 1, nbins: int = 1 << 16) -> np.ndarray:
+    """``np.percentile(a, q)`` (method "linear", the same float64 numbers) of a large float
+    array, the selection split over ``workers`` threads.
+
+    The order statistics numpy interpolates between are found exactly by selection through a
+    histogram: counts in ``nbins`` value bins (a monotone binning, so the k-th smallest value
+    lies in the bin where the cumulative count passes k), then a partition of the few values
+    in the bins that hold the wanted ranks. The interpolation is numpy's ``_lerp``, written out
+    with the same operations. NaNs or quantiles at the ends fall back to ``np.percentile``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    flat = np.ascontiguousarray(a).reshape(-1)
+    N = flat.size
+    quantiles = np.true_divide(np.asanyarray(q, dtype=float), 100)
+    virtual = (N - 1) * quantiles
+    if N < 2 or np.any(virtual < 0) or np.any(virtual >= N - 1) or flat.dtype.kind != "f":
+        return np.percentile(a, q)
+    parts = np.array_split(flat, max(1, 2 * workers))
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        mins = list(pool.map(np.min, parts))
+        maxs = list(pool.map(np.max, parts))
+        mn, mx = float(min(mins)), float(max(maxs))
+        if not (np.isfinite(mn) and np.isfinite(mx)):
+            return np.percentile(a, q)
+        scale = (nbins - 1) / (mx - mn) if mx > mn else 0.0
+        res = list(pool.map(lambda p: _bin_counts(p, mn, scale, nbins), parts))
+        if sum(r[1] for r in res):
+            return np.percentile(a, q)
+        cum = np.cumsum(sum(r[0] for r in res))
+        prev = np.floor(virtual).astype(np.intp)
+        ranks = np.unique(np.concatenate([prev, prev + 1]))
+        bins = np.searchsorted(cum, ranks, side="right")  # bin of the rank-th smallest value
+        want = np.zeros(nbins, np.bool_)
+        want[bins] = True
+        chunks = list(pool.map(lambda p: _bin_values(p, mn, scale, nbins, want), parts))
+    vals = np.concatenate(chunks)
+    # the values of the wanted bins, in bin order, start at rank cum[bin] - count[bin] each
+    vb = np.minimum((np.maximum(vals.astype(np.float64) - mn, 0) * scale).astype(np.int64), nbins - 1) \
+        if scale else np.zeros(vals.size, np.int64)
+    got = {}
+    for r, b in zip(ranks, bins):
+        inbin = vals[vb == b]
+        start = int(cum[b - 1]) if b > 0 else 0
+        got[int(r)] = np.partition(inbin, r - start)[r - start]
+    lo = np.array([got[int(r)] for r in prev], dtype=flat.dtype)
+    hi = np.array([got[int(r) + 1] for r in prev], dtype=flat.dtype)
+    gamma = np.asanyarray(virtual - prev)
+    diff = hi - lo
+    out = np.add(lo, diff * gamma)
+    np.subtract(hi, diff * (1 - gamma), out=out, where=gamma >= 0.5, casting="unsafe", dtype=type(out.dtype))
+    return out
+
+
+def otsu_threaded(img: np.ndarray, workers: int = 1) -> float:
+    """``skimage.filters.threshold_otsu(img)`` (256 bins over the image's range) with the
+    histogram counted over ``workers`` threads: ``np.histogram`` of row blocks with the
+    image's own range gives every pixel the same bin, and the summed counts are handed to
+    scikit-image's ``threshold_otsu(hist=...)``. The image must not be constant."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from skimage.filters import threshold_otsu
+
+    flat = np.ascontiguousarray(img).reshape(-1)
+    parts = np.array_split(flat, max(1, 4 * workers))
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        mn = min(pool.map(np.min, parts))
+        mx = max(pool.map(np.max, parts))
+        hists = list(pool.map(lambda p: np.histogram(p, bins=256, range=(mn, mx)), parts))
+    counts = sum(h[0] for h in hists)
+    edges = hists[0][1]
+    return float(threshold_otsu(hist=(counts, (edges[:-1] + edges[1:]) / 2.0)))

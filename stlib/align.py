@@ -461,6 +461,16 @@ def _ring_coords(geoms: Any) -> tuple[np.ndarray, np.ndarray]:
     return xy, idx
 
 
+@dataclass(frozen=True)
+class _Rings:
+    """Exterior-ring vertices of nucleus polygons (``_ring_coords``' arrays) already in Xenium
+    µm: what :func:`align_nuclei` measures with, handed over by :func:`align_sample`'s HEST
+    route without making warped polygons first."""
+
+    xy: np.ndarray
+    ring: np.ndarray
+
+
 def _rasterize_rings(xy: np.ndarray, ring: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Fill closed rings given as vertices (pixel-centre coordinates, x = column, y = row).
 
@@ -645,7 +655,12 @@ def haematoxylin_image(slide: SlideLike, grid: WorkGrid, *, chunk: int = 1024, r
                     futures.pop(0).result()
         for f in futures:
             f.result()
-    lo, hi = np.percentile(out, [1.0, 99.5]) if out.size else (0.0, 1.0)
+    if not out.size:
+        lo, hi = 0.0, 1.0
+    elif reference:
+        lo, hi = np.percentile(out, [1.0, 99.5])
+    else:  # the same two numbers, the selection split over threads
+        lo, hi = K.percentile_threaded(out, [1.0, 99.5], workers=workers or _usable_cpus())
     scale = hi - lo if hi > lo else 1.0
     if reference or H * W < 1 << 20:
         return np.clip((out - lo) / scale, 0.0, 1.5).astype(np.float32)
@@ -837,19 +852,18 @@ def _measure_nodes_batched(res: dict[str, np.ndarray], h: np.ndarray, mask: np.n
     todo = np.flatnonzero(counts >= min_nuclei)
 
     def one(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        h_w = K.gather_windows(h, u0[idx], v0[idx], win_px)
-        b_w = K.gather_windows(blurred, u0[idx], v0[idx], win_px)
-        ref = (h_w - h_w.mean(axis=(1, 2), keepdims=True)) * hann
-        mov = (b_w - b_w.mean(axis=(1, 2), keepdims=True)) * hann
-        ok = ref.any(axis=(1, 2)) & mov.any(axis=(1, 2))
-        idx, h_w, b_w, ref, mov = idx[ok], h_w[ok], b_w[ok], ref[ok], mov[ok]
+        # one compiled pass per window: zero-padded crop, minus its mean, times the Hann window
+        ref, mov, ok = K.prep_windows(h, blurred, u0[idx], v0[idx], win_px, hann)
+        if not ok.all():
+            idx, ref, mov = idx[ok], ref[ok], mov[ok]
         if not idx.size:
             return idx, np.zeros(0), np.zeros(0), np.zeros(0)
         shift = K.batched_phase_shift(ref, mov, upsample).astype(np.float64)
         dv, du = shift[:, 0], shift[:, 1]
         near = np.hypot(du, dv) <= max_shift
-        peak, keep = K.shifted_peak(h_w[near], b_w[near], dv[near], du[near])
-        return idx[near][keep], peak[keep], du[near][keep], dv[near][keep]
+        sel, dv, du = idx[near], dv[near], du[near]
+        peak, keep = K.shifted_peak_at(h, blurred, u0[sel], v0[sel], win_px, dv, du)
+        return sel[keep], peak[keep], du[keep], dv[keep]
 
     chunks = [todo[s:s + batch] for s in range(0, todo.size, batch)]
     with ThreadPoolExecutor(max_workers=_usable_cpus(), thread_name_prefix="stlib-align") as pool:
@@ -1044,13 +1058,13 @@ class _Scene:
     """What every step of :func:`align_nuclei` measures on: the nucleus rings (µm), their
     centroids, the working window of the slide and its haematoxylin images per resolution."""
 
-    def __init__(self, slide: SlideLike, geoms: np.ndarray, M0: np.ndarray, cfg: AlignConfig, *,
+    def __init__(self, slide: SlideLike, geoms: np.ndarray | _Rings, M0: np.ndarray, cfg: AlignConfig, *,
                  sample: str, timings: dict[str, float] | None) -> None:
         self.slide, self.cfg, self.timings = slide, cfg, timings
         self.ppu = px_per_um(M0)
         if not self.ppu > 0:
             raise InputError("initial map is singular", sample=sample or None, fix="check the registration input")
-        self.xy_um, self.ring_id = _ring_coords(geoms)
+        self.xy_um, self.ring_id = (geoms.xy, geoms.ring) if isinstance(geoms, _Rings) else _ring_coords(geoms)
         # per-polygon centroid from vertices of its exterior ring
         cnt = np.bincount(self.ring_id)
         centroids = np.column_stack([np.bincount(self.ring_id, self.xy_um[:, 0]),
@@ -1084,13 +1098,20 @@ class _Scene:
         if um_px not in self.levels:
             from skimage.filters import threshold_otsu
 
+            from stlib import _align_kernels as K
+
             bx0, by0, bx1, by1 = self.box
             with _timed(self.timings, "haematoxylin_images"):
                 f = um_px * self.ppu
                 shp = (max(1, int((by1 - by0) / f)), max(1, int((bx1 - bx0) / f)))
                 g = WorkGrid(x0=float(bx0), y0=float(by0), f=f, shape=shp)
                 h = haematoxylin_image(self.slide, g, reference=self.cfg.reference)
-                thr = float(threshold_otsu(h)) if np.ptp(h) > 0 else 0.5
+                if not np.ptp(h) > 0:
+                    thr = 0.5
+                elif self.cfg.reference:
+                    thr = float(threshold_otsu(h))
+                else:  # the same threshold, the histogram counted over threads
+                    thr = K.otsu_threaded(h, workers=_usable_cpus())
                 self.levels[um_px] = _Level(g, h, thr)
         return self.levels[um_px]
 
@@ -1139,10 +1160,15 @@ def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str 
     """
     import shapely
 
-    geoms = np.asarray(getattr(nuclei_um, "values", nuclei_um), dtype=object).ravel()
-    if geoms.size:
-        geoms = geoms[~(shapely.is_missing(geoms) | shapely.is_empty(geoms))]
-    if geoms.size == 0:
+    if isinstance(nuclei_um, _Rings):  # align_sample's HEST route: the ring vertices in µm
+        geoms = nuclei_um
+        empty = nuclei_um.ring.size == 0
+    else:
+        geoms = np.asarray(getattr(nuclei_um, "values", nuclei_um), dtype=object).ravel()
+        if geoms.size:
+            geoms = geoms[~(shapely.is_missing(geoms) | shapely.is_empty(geoms))]
+        empty = geoms.size == 0
+    if empty:
         raise InputError("no nucleus polygons to align", sample=sample or None,
                          fix="check the nucleus segmentation (xenium_seg / nucleus_boundaries) of this sample")
     cfg = with_options(AlignConfig, config, options)
@@ -1382,25 +1408,47 @@ def _find_alignment_csv(bundle: Path, sample_id: str) -> Path:
     return hits[0]
 
 
-def _hest_inputs(hest_dir: Path, sample_id: str) -> tuple[Any, np.ndarray, Any, list[Path]]:
-    """Slide, initial map, nuclei (µm) and input files of the HEST route."""
-    from stlib.io.hest import HestSample
+def _hest_inputs(hest_dir: Path, sample_id: str, *, rings: bool = False) -> tuple[Any, np.ndarray, Any, list[Path]]:
+    """Slide, initial map, nuclei (µm) and input files of the HEST route.
 
+    With ``rings=True`` the nuclei come as :class:`_Rings` (what :func:`align_nuclei` measures
+    with): the exterior-ring vertices are taken from the H&E px polygons in the reading thread,
+    while the registration is fitted, and mapped to µm as one array; the same numbers as the
+    rings of the warped polygons (a point map commutes with taking the rings).
+    """
     from concurrent.futures import ThreadPoolExecutor
 
+    import shapely
+
+    from stlib.io.hest import HestSample
+
     hs = HestSample(hest_dir, sample_id)
+
+    def read() -> tuple[Any, Any]:
+        nuc = hs.nuclei()
+        if not rings or nuc is None or len(nuc) == 0:
+            return nuc, None
+        g = nuc.geometry.values
+        g = np.asarray(g, dtype=object)[~(shapely.is_missing(g) | shapely.is_empty(g))]
+        return nuc, _ring_coords(g)
+
     # the polygons are read (parquet, WKB, validity) in a side thread while the registration is fitted
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stlib-align-read") as side:
-        nuc_f = side.submit(hs.nuclei)
+        nuc_f = side.submit(read)
         tx = hs.transcripts(min_qv=None, genes_only=False, columns=["x_location", "y_location", "he_x", "he_y"])
         M0 = fit_hest_registration(tx, sample=sample_id)
-        nuc = nuc_f.result()
+        del tx
+        nuc, ring_px = nuc_f.result()
     if nuc is None or len(nuc) == 0:
         raise InputError("no nucleus polygons (xenium_seg is empty)", sample=sample_id,
                          path=hest_dir / "xenium_seg" / f"{sample_id}_xenium_nucleus_seg.parquet",
                          fix="download the sample's xenium_seg or pass --xenium-dir with nucleus_boundaries")
     inv = np.linalg.inv(M0)
-    nuclei_um = Transform(inv).warp_geometries(nuc.geometry.values)
+    if rings:
+        xy_px, ring_id = ring_px
+        nuclei_um: Any = _Rings(Transform(inv).apply_xy_fast(xy_px) if len(xy_px) else xy_px, ring_id)
+    else:
+        nuclei_um = Transform(inv).warp_geometries(nuc.geometry.values)
     files = [p for p in (hest_dir / "wsis" / f"{sample_id}.tif",
                          hest_dir / "transcripts" / f"{sample_id}_transcripts.parquet",
                          hest_dir / "xenium_seg" / f"{sample_id}_xenium_nucleus_seg.parquet") if p.exists()]
@@ -1462,7 +1510,7 @@ def align_sample(hest_dir: str | Path, sample_id: str, *, config: AlignConfig | 
         slide, M0, nuclei_um, files = _xenium_inputs(hest_dir, Path(xenium_dir), sample_id)
         route = "xenium-csv"
     else:
-        slide, M0, nuclei_um, files = _hest_inputs(hest_dir, sample_id)
+        slide, M0, nuclei_um, files = _hest_inputs(hest_dir, sample_id, rings=True)
         route = "hest"
     if timings is not None:
         timings["inputs"] = timings.get("inputs", 0.0) + time.perf_counter() - t0
