@@ -56,7 +56,12 @@ def hed_h(rgb, lut, hcol):  # pragma: no cover - compiled
 def window_stats(h, mask, hmask, u0, v0, n, counts):  # pragma: no cover - compiled
     """Pearson correlation of ``h`` with ``mask`` and Dice of ``hmask`` with ``mask`` in the
     zero-padded ``n x n`` window at each (u0, v0); NaN where ``counts == 0`` (as
-    ``align._pearson`` / ``align._dice`` on the windows)."""
+    ``align._pearson`` / ``align._dice`` on the windows).
+
+    One pass per window: the sums of ``h``, ``h^2``, ``mask``, ``h * mask`` (float64), from
+    which the centred sums follow (``sum (a - ma)^2 = sum a^2 - (sum a)^2 / N``, the padding
+    counted as zeros); equal to the two-pass form to float rounding. A centred sum of squares
+    under 1e-12 of its raw sum counts as zero (a constant window: no correlation)."""
     H, W = h.shape
     m = u0.size
     corr = np.full(m, np.nan)
@@ -66,40 +71,31 @@ def window_stats(h, mask, hmask, u0, v0, n, counts):  # pragma: no cover - compi
         if counts[k] == 0:
             continue
         sa = 0.0
-        sb = 0.0
+        saa = 0.0
+        sab = 0.0
         inter = 0
         sm = 0
         shm = 0
         for i in range(max(0, v0[k]), min(H, v0[k] + n)):
             for j in range(max(0, u0[k]), min(W, u0[k] + n)):
-                sa += h[i, j]
+                a = np.float64(h[i, j])
+                sa += a
+                saa += a * a
                 if mask[i, j]:
-                    sb += 1.0
+                    sab += a
                     sm += 1
                     if hmask[i, j]:
                         inter += 1
                 if hmask[i, j]:
                     shm += 1
-        ma = sa / N
-        mb = sb / N
-        saa = 0.0
-        sbb = 0.0
-        sab = 0.0
-        inside = 0
-        for i in range(max(0, v0[k]), min(H, v0[k] + n)):
-            for j in range(max(0, u0[k]), min(W, u0[k] + n)):
-                a = h[i, j] - ma
-                b = (1.0 if mask[i, j] else 0.0) - mb
-                saa += a * a
-                sbb += b * b
-                sab += a * b
-                inside += 1
-        out = N - inside  # zero padding: a = -ma, b = -mb
-        saa += out * ma * ma
-        sbb += out * mb * mb
-        sab += out * ma * mb
-        d = np.sqrt(saa * sbb)
-        corr[k] = sab / d if d > 0 else np.nan
+        sb = float(sm)
+        vaa = saa - sa * sa / N
+        vbb = sb - sb * sb / N
+        vab = sab - sa * sb / N
+        if vaa <= 1e-12 * saa:
+            vaa = 0.0
+        d = np.sqrt(vaa * vbb)
+        corr[k] = vab / d if d > 0 else np.nan
         s = sm + shm
         dice[k] = 2.0 * inter / s if s else np.nan
     return corr, dice
@@ -359,28 +355,48 @@ def _padded(img, y, x):  # pragma: no cover - compiled
 @numba.njit(cache=True, nogil=True)
 def pearson_full(h, mask):  # pragma: no cover - compiled
     """Pearson correlation of a float image with a boolean mask (``align._pearson``)."""
-    H, W = h.shape
-    N = float(H * W)
+    sums = global_sums(h, mask, mask, 0, h.shape[0])
+    return pearson_from_sums(sums, float(h.size))
+
+
+@numba.njit(cache=True, nogil=True)
+def global_sums(h, mask, hmask, r0, r1):  # pragma: no cover - compiled
+    """Rows ``r0:r1``: sums of ``h``, ``h^2``, ``mask``, ``h * mask`` (float64) and the counts
+    of ``hmask`` and ``hmask & mask`` (the global Pearson correlation and Dice, one pass)."""
+    W = h.shape[1]
+    out = np.zeros(6)
     sa = 0.0
-    sb = 0.0
-    for i in range(H):
-        for j in range(W):
-            sa += h[i, j]
-            sb += 1.0 if mask[i, j] else 0.0
-    ma = sa / N
-    mb = sb / N
     saa = 0.0
-    sbb = 0.0
     sab = 0.0
-    for i in range(H):
+    sm = 0
+    shm = 0
+    inter = 0
+    for i in range(r0, r1):
         for j in range(W):
-            a = h[i, j] - ma
-            b = (1.0 if mask[i, j] else 0.0) - mb
+            a = np.float64(h[i, j])
+            sa += a
             saa += a * a
-            sbb += b * b
-            sab += a * b
-    d = np.sqrt(saa * sbb)
-    return sab / d if d > 0 else np.nan
+            if mask[i, j]:
+                sab += a
+                sm += 1
+                if hmask[i, j]:
+                    inter += 1
+            if hmask[i, j]:
+                shm += 1
+    out[0], out[1], out[2], out[3], out[4], out[5] = sa, saa, sm, sab, shm, inter
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def pearson_from_sums(s, N):  # pragma: no cover - compiled
+    """The Pearson correlation of :func:`global_sums`' totals over ``N`` pixels."""
+    vaa = s[1] - s[0] * s[0] / N
+    vbb = s[2] - s[2] * s[2] / N
+    vab = s[3] - s[0] * s[2] / N
+    if vaa <= 1e-12 * s[1]:
+        vaa = 0.0
+    d = np.sqrt(vaa * vbb)
+    return vab / d if d > 0 else np.nan
 
 
 # --------------------------------------------------------------------------------------
