@@ -7,13 +7,17 @@ spacing has 40,000 nodes, each a Pearson correlation, a Dice and a sub-pixel pha
 correlation (:func:`skimage.registration.phase_cross_correlation`) on 100 x 100 px windows,
 and the alignment measures the grid seven times. Per-node library calls cost about 1 ms of
 Python overhead each, so a slide took over ten minutes. Here the window statistics run as one
-compiled pass, the phase correlations of many windows at once with scikit-image's own
-operations (batched FFTs, the same upsampled-DFT kernels and products: the same shifts to the
-last bit), and the full-image steps (ring filling, window counts, Gaussian blur, bilinear
-resampling, colour deconvolution, point mapping) as compiled twins of the numpy / scipy code
-that give the same arrays. :func:`stlib.align._measure` keeps the per-node form as the
-reference (``reference=True``); ``tests/test_fast_paths.py`` checks that both align the demo
-cohort the same way (same shifts and exclusions; scores equal to float rounding).
+compiled pass, the windows of a batch are cut, centred and Hann-weighted in one compiled pass
+(:func:`prep_windows`), their phase correlations run at once with scikit-image's operations
+(batched real-input FFTs, the same upsampled-DFT kernels and products: the same shifts to the
+upsampling step, nearly all to the last bit), the shifted
+peak correlation reads the images in place (:func:`shifted_peak_at`), and the full-image steps
+(ring filling, window counts, Gaussian blur, bilinear resampling, colour deconvolution, point
+mapping, percentiles, Otsu's histogram) run as compiled or threaded twins of the numpy / scipy /
+scikit-image code that give the same arrays. :func:`stlib.align._measure` keeps the per-node
+form as the reference (``reference=True``); ``tests/test_fast_paths.py`` checks that both align
+the demo cohort the same way (same shifts and exclusions; scores equal to float rounding) and
+each kernel against its library form.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numba
 import numpy as np
 
 __all__ = ["hed_h", "hed_lut", "window_stats", "gather_windows", "batched_phase_shift", "shifted_peak", "pearson_full",
-           "prep_windows", "shifted_peak_at",
+           "prep_windows", "shifted_peak_at", "global_sums", "pearson_from_sums", "percentile_threaded", "otsu_threaded",
            "fill_rings", "count_in_windows", "gaussian_weights", "gaussian_filter32", "map_linear_nearest", "map_points"]
 
 
@@ -116,25 +120,18 @@ def gather_windows(arr, u0, v0, n):  # pragma: no cover - compiled
 
 def batched_phase_shift(ref: np.ndarray, mov: np.ndarray, upsample: int, workers: int = 1) -> np.ndarray:
     """``phase_cross_correlation(ref[k], mov[k], upsample_factor=upsample, normalization=None)[0]``
-    for a stack (m, n, n) of float32 windows, computed with scikit-image's steps on the half
-    spectrum of real input.
-
-    The windows are real, so the cross-power spectrum is taken from real-input FFTs (``rfft2``,
+    for a stack (m, n, n) of float32 windows, computed with scikit-image's operations except one:
+    the windows are real, so the cross-power spectrum is taken from real-input FFTs (``rfft2``,
     half the spectrum, about half the work of the complex ``fft2`` scikit-image runs) and the
-    cross-correlation from ``irfft2``. Then, as scikit-image: the integer peak of the
-    cross-correlation and the upsampled DFT (the same kernels, same formula and precision) of
-    the 1.5-pixel neighbourhood upsampled ``upsample`` times, whose largest modulus gives the
-    sub-pixel shift. The upsampled DFT runs on the half spectrum too: scikit-image's product
-    over the whole plane, ``sum_k0,k1 K0[p, k0] K1[q, k1] D[k0, k1]``, pairs each negative
-    frequency of the last axis with its Hermitian mirror ``D[-k0, -k1] = conj(D[k0, k1])``,
-    where ``K[p, -k] = conj(K[p, k])`` except on the Nyquist row / column (``n`` even), which
-    is added exactly. That is the same sum in another order, about half the complex products
-    (written out in :func:`_half_spectrum_dft`). The transforms and the order of the sums round
-    differently in the last bits, so on a near-tie a peak may move to the neighbouring
-    upsampled position: the shifts agree with scikit-image's to ``1 / upsample`` px, nearly
-    all exactly (``tests/test_fast_paths.py``).
+    cross-correlation from ``irfft2``; the full spectrum the upsampled DFT needs is the half and
+    its Hermitian mirror. Then, as scikit-image: the integer peak of the cross-correlation, the
+    upsampled-DFT kernels of all windows at once (elementwise, the same formula and precision)
+    and the same complex products for the peak of the 1.5-pixel neighbourhood upsampled
+    ``upsample`` times. The real-input transforms round differently in the last bits, so on a
+    near-tie a peak may move to the neighbouring upsampled position: the shifts agree with
+    scikit-image's to ``1 / upsample`` px (``tests/test_fast_paths.py``).
     """
-    from scipy.fft import irfft2, rfft2
+    from scipy.fft import fftfreq, irfft2, rfft2
 
     m, n0, n1 = ref.shape
     src = rfft2(ref, workers=workers)
@@ -152,47 +149,31 @@ def batched_phase_shift(ref: np.ndarray, mov: np.ndarray, upsample: int, workers
     ups_size = np.ceil(uf * 1.5)
     dftshift = np.trunc(ups_size / 2.0)
     offset = dftshift - shift * uf  # (m, 2) float32
-    S = _half_spectrum_dft(half.conj(), offset, int(ups_size), uf, n1)
-    ups = int(ups_size)
-    best = np.argmax(np.abs(S).reshape(m, -1), axis=1)
-    mx = np.stack([best // ups, best % ups], axis=1).astype(np.float32) - dftshift
-    return shift + mx / uf
-
-
-def _half_spectrum_dft(D: np.ndarray, offset: np.ndarray, ups: int, uf: np.ndarray, n1: int) -> np.ndarray:
-    """scikit-image's ``_upsampled_dft`` of each whole-plane spectrum given by its half ``D``
-    (m, n0, n1 // 2 + 1) (the conjugate cross-power spectrum of real windows), region
-    ``ups`` x ``ups`` at ``offset`` (m, 2), upsampling ``uf``: (m, ups, ups) complex.
-
-    With ``E = K0 @ D`` (the first axis, over the half) and ``K[p, -k] = conj(K[p, k])``:
-    ``S = 2 Re(E[:, 1:M+1] @ K1[:, 1:M+1].T) + E[:, 0] K1[:, 0] (+ E[:, n1/2] K1[:, n1/2])``
-    plus, for ``n0`` even, the Nyquist row's share ``2i Im(K0[p, n0/2]) conj(U[q])`` with
-    ``U = K1[:, 1:M+1] @ D[n0/2, 1:M+1]``; ``M`` = the columns that have a mirror.
-    """
-    from scipy.fft import fftfreq
-
-    m, n0, _ = D.shape
+    # data = conj(cross-power spectrum) over the whole plane: the computed half, and for the
+    # negative frequencies of the last axis the mirror conj(X[-k0, -k1]) of the half (Hermitian)
+    nh = half.shape[2]
+    data = np.empty((m, n0, n1), half.dtype)
+    data[:, :, :nh] = half.conj()
+    # (strided copies: column n1 - k1 for k1 = nh..n1-1, row -k0 mod n0)
+    data[:, 0, nh:] = half[:, 0, n1 - nh:0:-1]
+    data[:, 1:, nh:] = half[:, :0:-1, n1 - nh:0:-1]
     im2pi = 1j * 2 * np.pi
-    ar = np.arange(ups)
+    ar = np.arange(ups_size)
     kern = []
-    for ax, nn in ((0, n0), (1, n1)):
+    for ax, nn in ((1, n1), (0, n0)):  # _upsampled_dft: the last axis first
         # a kernel depends on the window only through its offset, which takes a few values
-        # (integer shifts): computed once per value, with scikit-image's expression
+        # (integer shifts): computed once per value, with the same expression
         vals, inv = np.unique(offset[:, ax], return_inverse=True)
         k = (ar[None, :] - vals[:, None])[:, :, None] * fftfreq(nn, uf)[None, None, :]
-        kern.append(np.exp(-im2pi * k).astype(D.dtype, copy=False)[inv.ravel()])
-    K0, K1 = kern  # (m, ups, n0), (m, ups, n1)
-    E = np.matmul(K0, D)  # (m, ups, nh): E[p, k1] = sum_k0 K0[p, k0] D[k0, k1]
-    M = (n1 - 1) // 2  # columns 1..M of the half pair with the negative frequencies n1 - k1
-    T = np.matmul(E[:, :, 1:M + 1], K1[:, :, 1:M + 1].transpose(0, 2, 1))
-    S = 2 * T.real + E[:, :, :1] * K1[:, None, :, 0]
-    if n1 % 2 == 0:  # the Nyquist column is its own mirror
-        S = S + E[:, :, n1 // 2:n1 // 2 + 1] * K1[:, None, :, n1 // 2]
-    if n0 % 2 == 0:  # the Nyquist row: K0[p, -n0/2] is K0[p, n0/2] itself, not its conjugate
-        c = 2j * K0[:, :, n0 // 2].imag
-        U = np.matmul(K1[:, :, 1:M + 1], D[:, n0 // 2, 1:M + 1, None])[:, :, 0]
-        S = S + c[:, :, None] * U.conj()[:, None, :]
-    return S
+        kern.append(np.exp(-im2pi * k).astype(data.dtype, copy=False)[inv.ravel()])
+    ups = int(ups_size)
+    # tensordot(kernel, data, axes=(1, -1)) per window is dot(kernel, data.T): the same BLAS
+    # product as a stacked matmul with transposed views (bit-identical, checked in the tests)
+    d = np.matmul(kern[0], data.transpose(0, 2, 1))
+    d = np.matmul(kern[1], d.transpose(0, 2, 1))
+    best = np.argmax(np.abs(d.conj()).reshape(m, -1), axis=1)
+    mx = np.stack([best // ups, best % ups], axis=1).astype(np.float32) - dftshift
+    return shift + mx / uf
 
 
 @numba.njit(cache=True, nogil=True)
@@ -655,15 +636,20 @@ def _transform_point(x, y, A, gx, gy, dxg, dyg, has_grid):  # pragma: no cover -
 def map_points(xy, A, gx, gy, dxg, dyg, has_grid, x0, y0, f):  # pragma: no cover - compiled
     """``grid.xy_to_work(T.apply_xy(xy))`` for a :class:`stlib.align.Transform` (affine
     ``A`` plus the bilinear displacement grid) and a work grid (``x0, y0, f``), same arithmetic."""
-    n = xy.shape[0]
-    out = np.empty((n, 2))
-    for k in range(n):
+    out = np.empty((xy.shape[0], 2))
+    map_points_rows(xy, A, gx, gy, dxg, dyg, has_grid, x0, y0, f, out, 0, xy.shape[0])
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def map_points_rows(xy, A, gx, gy, dxg, dyg, has_grid, x0, y0, f, out, k0, k1):  # pragma: no cover - compiled
+    """Rows ``k0:k1`` of :func:`map_points` into ``out``."""
+    for k in range(k0, k1):
         x = xy[k, 0]
         y = xy[k, 1]
         px, py = _transform_point(x, y, A, gx, gy, dxg, dyg, has_grid)
         out[k, 0] = (px - x0 + 0.5) / f - 0.5
         out[k, 1] = (py - y0 + 0.5) / f - 0.5
-    return out
 
 
 @numba.njit(cache=True, nogil=True)

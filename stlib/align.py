@@ -792,11 +792,12 @@ def _map_points(T: Transform, grid: WorkGrid, xy: np.ndarray) -> np.ndarray:
     xy = np.ascontiguousarray(xy, dtype=np.float64).reshape(-1, 2)
     z = np.zeros((1, 1))
     args = (T.affine, T.x_um, T.y_um, T.dx_px, T.dy_px, True) if T.has_grid else (T.affine, z[0], z[0], z, z, False)
-    parts = np.array_split(np.arange(len(xy)), max(1, min(4 * _usable_cpus(), len(xy) // 100_000 + 1)))
-    with ThreadPoolExecutor(max_workers=_usable_cpus()) as pool:
-        outs = list(pool.map(lambda p: K.map_points(xy[p[0]:p[-1] + 1] if p.size else xy[:0], *args,
-                                                    grid.x0, grid.y0, grid.f), parts))
-    return np.concatenate(outs) if outs else np.zeros((0, 2))
+    out = np.empty((len(xy), 2))
+    cuts = np.linspace(0, len(xy), max(1, min(4 * _usable_cpus(), len(xy) // 100_000 + 1)) + 1).astype(np.int64)
+    with ThreadPoolExecutor(max_workers=_usable_cpus()) as pool:  # rows written in place
+        list(pool.map(lambda k: K.map_points_rows(xy, *args, grid.x0, grid.y0, grid.f, out, cuts[k], cuts[k + 1]),
+                      range(cuts.size - 1)))
+    return out
 
 
 def _measure_nodes_reference(res: dict[str, np.ndarray], h: np.ndarray, mask: np.ndarray, hmask: np.ndarray,
