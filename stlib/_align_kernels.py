@@ -7,13 +7,17 @@ spacing has 40,000 nodes, each a Pearson correlation, a Dice and a sub-pixel pha
 correlation (:func:`skimage.registration.phase_cross_correlation`) on 100 x 100 px windows,
 and the alignment measures the grid seven times. Per-node library calls cost about 1 ms of
 Python overhead each, so a slide took over ten minutes. Here the window statistics run as one
-compiled pass, the phase correlations of many windows at once with scikit-image's own
-operations (batched FFTs, the same upsampled-DFT kernels and products: the same shifts to the
-last bit), and the full-image steps (ring filling, window counts, Gaussian blur, bilinear
-resampling, colour deconvolution, point mapping) as compiled twins of the numpy / scipy code
-that give the same arrays. :func:`stlib.align._measure` keeps the per-node form as the
-reference (``reference=True``); ``tests/test_fast_paths.py`` checks that both align the demo
-cohort the same way (same shifts and exclusions; scores equal to float rounding).
+compiled pass, the windows of a batch are cut, centred and Hann-weighted in one compiled pass
+(:func:`prep_windows`), their phase correlations run at once with scikit-image's operations
+(batched real-input FFTs, the same upsampled-DFT kernels and products: the same shifts to the
+upsampling step, nearly all to the last bit), the shifted
+peak correlation reads the images in place (:func:`shifted_peak_at`), and the full-image steps
+(ring filling, window counts, Gaussian blur, bilinear resampling, colour deconvolution, point
+mapping, percentiles, Otsu's histogram) run as compiled or threaded twins of the numpy / scipy /
+scikit-image code that give the same arrays. :func:`stlib.align._measure` keeps the per-node
+form as the reference (``reference=True``); ``tests/test_fast_paths.py`` checks that both align
+the demo cohort the same way (same shifts and exclusions; scores equal to float rounding) and
+each kernel against its library form.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numba
 import numpy as np
 
 __all__ = ["hed_h", "hed_lut", "window_stats", "gather_windows", "batched_phase_shift", "shifted_peak", "pearson_full",
+           "prep_windows", "shifted_peak_at", "global_sums", "pearson_from_sums", "percentile_threaded", "otsu_threaded",
            "fill_rings", "count_in_windows", "gaussian_weights", "gaussian_filter32", "map_linear_nearest", "map_points"]
 
 
@@ -55,7 +60,12 @@ def hed_h(rgb, lut, hcol):  # pragma: no cover - compiled
 def window_stats(h, mask, hmask, u0, v0, n, counts):  # pragma: no cover - compiled
     """Pearson correlation of ``h`` with ``mask`` and Dice of ``hmask`` with ``mask`` in the
     zero-padded ``n x n`` window at each (u0, v0); NaN where ``counts == 0`` (as
-    ``align._pearson`` / ``align._dice`` on the windows)."""
+    ``align._pearson`` / ``align._dice`` on the windows).
+
+    One pass per window: the sums of ``h``, ``h^2``, ``mask``, ``h * mask`` (float64), from
+    which the centred sums follow (``sum (a - ma)^2 = sum a^2 - (sum a)^2 / N``, the padding
+    counted as zeros); equal to the two-pass form to float rounding. A centred sum of squares
+    under 1e-12 of its raw sum counts as zero (a constant window: no correlation)."""
     H, W = h.shape
     m = u0.size
     corr = np.full(m, np.nan)
@@ -65,40 +75,31 @@ def window_stats(h, mask, hmask, u0, v0, n, counts):  # pragma: no cover - compi
         if counts[k] == 0:
             continue
         sa = 0.0
-        sb = 0.0
+        saa = 0.0
+        sab = 0.0
         inter = 0
         sm = 0
         shm = 0
         for i in range(max(0, v0[k]), min(H, v0[k] + n)):
             for j in range(max(0, u0[k]), min(W, u0[k] + n)):
-                sa += h[i, j]
+                a = np.float64(h[i, j])
+                sa += a
+                saa += a * a
                 if mask[i, j]:
-                    sb += 1.0
+                    sab += a
                     sm += 1
                     if hmask[i, j]:
                         inter += 1
                 if hmask[i, j]:
                     shm += 1
-        ma = sa / N
-        mb = sb / N
-        saa = 0.0
-        sbb = 0.0
-        sab = 0.0
-        inside = 0
-        for i in range(max(0, v0[k]), min(H, v0[k] + n)):
-            for j in range(max(0, u0[k]), min(W, u0[k] + n)):
-                a = h[i, j] - ma
-                b = (1.0 if mask[i, j] else 0.0) - mb
-                saa += a * a
-                sbb += b * b
-                sab += a * b
-                inside += 1
-        out = N - inside  # zero padding: a = -ma, b = -mb
-        saa += out * ma * ma
-        sbb += out * mb * mb
-        sab += out * ma * mb
-        d = np.sqrt(saa * sbb)
-        corr[k] = sab / d if d > 0 else np.nan
+        sb = float(sm)
+        vaa = saa - sa * sa / N
+        vbb = sb - sb * sb / N
+        vab = sab - sa * sb / N
+        if vaa <= 1e-12 * saa:
+            vaa = 0.0
+        d = np.sqrt(vaa * vbb)
+        corr[k] = vab / d if d > 0 else np.nan
         s = sm + shm
         dice[k] = 2.0 * inter / s if s else np.nan
     return corr, dice
@@ -176,6 +177,50 @@ def batched_phase_shift(ref: np.ndarray, mov: np.ndarray, upsample: int, workers
 
 
 @numba.njit(cache=True, nogil=True)
+def prep_windows(h, b, u0, v0, n, hann):  # pragma: no cover - compiled
+    """The inputs of the phase correlation of each window: the zero-padded ``n x n`` windows
+    of ``h`` and ``b`` at (u0, v0), minus their means, times ``hann`` (float32, as
+    ``(w - w.mean()) * hann`` with the mean summed in float64), and whether both are non-zero."""
+    H, W = h.shape
+    m = u0.size
+    ref = np.zeros((m, n, n), np.float32)
+    mov = np.zeros((m, n, n), np.float32)
+    ok = np.zeros(m, np.bool_)
+    for k in range(m):
+        i0, i1 = max(0, v0[k]), min(H, v0[k] + n)
+        j0, j1 = max(0, u0[k]), min(W, u0[k] + n)
+        sa = 0.0
+        sb = 0.0
+        for i in range(i0, i1):
+            for j in range(j0, j1):
+                sa += h[i, j]
+                sb += b[i, j]
+        ma = np.float32(sa / (n * n))
+        mb = np.float32(sb / (n * n))
+        # outside the image the window is 0: (0 - mean) * hann
+        for i in range(n):
+            for j in range(n):
+                ref[k, i, j] = (np.float32(0.0) - ma) * hann[i, j]
+                mov[k, i, j] = (np.float32(0.0) - mb) * hann[i, j]
+        for i in range(i0, i1):
+            wi = i - v0[k]
+            for j in range(j0, j1):
+                wj = j - u0[k]
+                ref[k, wi, wj] = (h[i, j] - ma) * hann[wi, wj]
+                mov[k, wi, wj] = (b[i, j] - mb) * hann[wi, wj]
+        nza = False
+        nzb = False
+        for i in range(n):
+            for j in range(n):
+                nza = nza or ref[k, i, j] != 0
+                nzb = nzb or mov[k, i, j] != 0
+            if nza and nzb:
+                break
+        ok[k] = nza and nzb
+    return ref, mov, ok
+
+
+@numba.njit(cache=True, nogil=True)
 def shifted_peak(h_win, b_win, dv, du):  # pragma: no cover - compiled
     """Pearson correlation, over the interior ``[e:-e]`` (``e = ceil(max |shift|) + 1``), of each
     ``h`` window with its ``b`` window moved by (dv, du) (bilinear, as ``ndimage.shift``
@@ -224,30 +269,115 @@ def shifted_peak(h_win, b_win, dv, du):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
+def shifted_peak_at(h, b, u0, v0, n, dv, du):  # pragma: no cover - compiled
+    """:func:`shifted_peak` of the zero-padded ``n x n`` windows at (u0, v0) of the images ``h``
+    and ``b`` themselves (no gathered copies). The bilinear weights of a shift are the same for
+    every pixel of a window, so they are computed once per window, and the correlation is summed
+    in one pass (float64): equal to :func:`shifted_peak` to float rounding (tests)."""
+    H, W = h.shape
+    m = u0.size
+    out = np.full(m, np.nan)
+    valid = np.zeros(m, np.bool_)
+    for k in range(m):
+        e = int(np.ceil(max(abs(du[k]), abs(dv[k])))) + 1
+        if n - 2 * e < 8:
+            continue
+        valid[k] = True
+        # sample position of window pixel (i, j): (i - dv, j - du) = (i + oy + fy, j + ox + fx)
+        oy = int(np.floor(-dv[k]))
+        ox = int(np.floor(-du[k]))
+        fy = -dv[k] - oy
+        fx = -du[k] - ox
+        w00, w01 = (1 - fy) * (1 - fx), (1 - fy) * fx
+        w10, w11 = fy * (1 - fx), fy * fx
+        # rows / columns of the image read (interior e..n-e plus the bilinear neighbour)
+        r0, r1 = v0[k] + e + min(oy, 0), v0[k] + n - e + max(oy + 1, 0)
+        c0, c1 = u0[k] + e + min(ox, 0), u0[k] + n - e + max(ox + 1, 0)
+        inside = r0 >= 0 and c0 >= 0 and r1 <= H and c1 <= W
+        sa = 0.0
+        sb = 0.0
+        saa = 0.0
+        sbb = 0.0
+        sab = 0.0
+        for i in range(e, n - e):
+            y = v0[k] + i
+            for j in range(e, n - e):
+                x = u0[k] + j
+                if inside:
+                    a = np.float64(h[y, x])
+                    v = (w00 * b[y + oy, x + ox] + w01 * b[y + oy, x + ox + 1]
+                         + w10 * b[y + oy + 1, x + ox] + w11 * b[y + oy + 1, x + ox + 1])
+                else:
+                    a = np.float64(_padded(h, y, x))
+                    v = (w00 * _padded(b, y + oy, x + ox) + w01 * _padded(b, y + oy, x + ox + 1)
+                         + w10 * _padded(b, y + oy + 1, x + ox) + w11 * _padded(b, y + oy + 1, x + ox + 1))
+                sa += a
+                sb += v
+                saa += a * a
+                sbb += v * v
+                sab += a * v
+        cnt = (n - 2 * e) * (n - 2 * e)
+        vaa = saa - sa * sa / cnt
+        vbb = sbb - sb * sb / cnt
+        vab = sab - sa * sb / cnt
+        d = np.sqrt(vaa * vbb) if vaa > 0 and vbb > 0 else 0.0
+        out[k] = vab / d if d > 0 else np.nan
+    return out, valid
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _padded(img, y, x):  # pragma: no cover - compiled
+    """``img[y, x]``, 0 outside the image (a zero-padded window's pixel)."""
+    if 0 <= y < img.shape[0] and 0 <= x < img.shape[1]:
+        return img[y, x]
+    return np.float32(0.0)
+
+
+@numba.njit(cache=True, nogil=True)
 def pearson_full(h, mask):  # pragma: no cover - compiled
     """Pearson correlation of a float image with a boolean mask (``align._pearson``)."""
-    H, W = h.shape
-    N = float(H * W)
+    sums = global_sums(h, mask, mask, 0, h.shape[0])
+    return pearson_from_sums(sums, float(h.size))
+
+
+@numba.njit(cache=True, nogil=True)
+def global_sums(h, mask, hmask, r0, r1):  # pragma: no cover - compiled
+    """Rows ``r0:r1``: sums of ``h``, ``h^2``, ``mask``, ``h * mask`` (float64) and the counts
+    of ``hmask`` and ``hmask & mask`` (the global Pearson correlation and Dice, one pass)."""
+    W = h.shape[1]
+    out = np.zeros(6)
     sa = 0.0
-    sb = 0.0
-    for i in range(H):
-        for j in range(W):
-            sa += h[i, j]
-            sb += 1.0 if mask[i, j] else 0.0
-    ma = sa / N
-    mb = sb / N
     saa = 0.0
-    sbb = 0.0
     sab = 0.0
-    for i in range(H):
+    sm = 0
+    shm = 0
+    inter = 0
+    for i in range(r0, r1):
         for j in range(W):
-            a = h[i, j] - ma
-            b = (1.0 if mask[i, j] else 0.0) - mb
+            a = np.float64(h[i, j])
+            sa += a
             saa += a * a
-            sbb += b * b
-            sab += a * b
-    d = np.sqrt(saa * sbb)
-    return sab / d if d > 0 else np.nan
+            if mask[i, j]:
+                sab += a
+                sm += 1
+                if hmask[i, j]:
+                    inter += 1
+            if hmask[i, j]:
+                shm += 1
+    out[0], out[1], out[2], out[3], out[4], out[5] = sa, saa, sm, sab, shm, inter
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def pearson_from_sums(s, N):  # pragma: no cover - compiled
+    """The Pearson correlation of :func:`global_sums`' totals over ``N`` pixels."""
+    vaa = s[1] - s[0] * s[0] / N
+    vbb = s[2] - s[2] * s[2] / N
+    vab = s[3] - s[0] * s[2] / N
+    if vaa <= 1e-12 * s[1]:
+        vaa = 0.0
+    d = np.sqrt(vaa * vbb)
+    return vab / d if d > 0 else np.nan
 
 
 # --------------------------------------------------------------------------------------
@@ -506,15 +636,20 @@ def _transform_point(x, y, A, gx, gy, dxg, dyg, has_grid):  # pragma: no cover -
 def map_points(xy, A, gx, gy, dxg, dyg, has_grid, x0, y0, f):  # pragma: no cover - compiled
     """``grid.xy_to_work(T.apply_xy(xy))`` for a :class:`stlib.align.Transform` (affine
     ``A`` plus the bilinear displacement grid) and a work grid (``x0, y0, f``), same arithmetic."""
-    n = xy.shape[0]
-    out = np.empty((n, 2))
-    for k in range(n):
+    out = np.empty((xy.shape[0], 2))
+    map_points_rows(xy, A, gx, gy, dxg, dyg, has_grid, x0, y0, f, out, 0, xy.shape[0])
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def map_points_rows(xy, A, gx, gy, dxg, dyg, has_grid, x0, y0, f, out, k0, k1):  # pragma: no cover - compiled
+    """Rows ``k0:k1`` of :func:`map_points` into ``out``."""
+    for k in range(k0, k1):
         x = xy[k, 0]
         y = xy[k, 1]
         px, py = _transform_point(x, y, A, gx, gy, dxg, dyg, has_grid)
         out[k, 0] = (px - x0 + 0.5) / f - 0.5
         out[k, 1] = (py - y0 + 0.5) / f - 0.5
-    return out
 
 
 @numba.njit(cache=True, nogil=True)
@@ -559,3 +694,115 @@ def apply_transform(xy, A, gx, gy, dxg, dyg, has_grid, out, k0, k1):  # pragma: 
         px, py = _transform_point(x, y, A, gx, gy, dxg, dyg, has_grid)
         out[k, 0] = px
         out[k, 1] = py
+
+
+# --------------------------------------------------------------------------------------
+# order statistics and histograms of a whole working image, split over threads
+# --------------------------------------------------------------------------------------
+
+@numba.njit(cache=True, nogil=True)
+def _bin_counts(a, mn, scale, nb):  # pragma: no cover - compiled
+    """Counts of ``a`` (1-D) in ``nb`` equal bins from ``mn`` (``bin = int((v - mn) * scale)``,
+    clipped; monotone in ``v``) and the number of NaNs."""
+    counts = np.zeros(nb, np.int64)
+    nan = 0
+    for k in range(a.size):
+        v = a[k]
+        if v != v:
+            nan += 1
+            continue
+        b = int((np.float64(v) - mn) * scale)
+        counts[min(max(b, 0), nb - 1)] += 1
+    return counts, nan
+
+
+@numba.njit(cache=True, nogil=True)
+def _bin_values(a, mn, scale, nb, want):  # pragma: no cover - compiled
+    """The values of ``a`` whose bin (as :func:`_bin_counts`) is marked in ``want``."""
+    n = 0
+    for k in range(a.size):
+        b = min(max(int((np.float64(a[k]) - mn) * scale), 0), nb - 1)
+        if want[b]:
+            n += 1
+    out = np.empty(n, a.dtype)
+    n = 0
+    for k in range(a.size):
+        b = min(max(int((np.float64(a[k]) - mn) * scale), 0), nb - 1)
+        if want[b]:
+            out[n] = a[k]
+            n += 1
+    return out
+
+
+def percentile_threaded(a: np.ndarray, q: Sequence[float], workers: int = 1, nbins: int = 1 << 16) -> np.ndarray:
+    """``np.percentile(a, q)`` (method "linear", the same float64 numbers) of a large float
+    array, the selection split over ``workers`` threads.
+
+    The order statistics numpy interpolates between are found exactly by selection through a
+    histogram: counts in ``nbins`` value bins (a monotone binning, so the k-th smallest value
+    lies in the bin where the cumulative count passes k), then a partition of the few values
+    in the bins that hold the wanted ranks. The interpolation is numpy's ``_lerp``, written out
+    with the same operations. NaNs or quantiles at the ends fall back to ``np.percentile``.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    flat = np.ascontiguousarray(a).reshape(-1)
+    N = flat.size
+    quantiles = np.true_divide(np.asanyarray(q, dtype=float), 100)
+    virtual = (N - 1) * quantiles
+    if N < 2 or np.any(virtual < 0) or np.any(virtual >= N - 1) or flat.dtype.kind != "f":
+        return np.percentile(a, q)
+    parts = np.array_split(flat, max(1, 2 * workers))
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        mins = list(pool.map(np.min, parts))
+        maxs = list(pool.map(np.max, parts))
+        mn, mx = float(min(mins)), float(max(maxs))
+        if not (np.isfinite(mn) and np.isfinite(mx)):
+            return np.percentile(a, q)
+        scale = (nbins - 1) / (mx - mn) if mx > mn else 0.0
+        res = list(pool.map(lambda p: _bin_counts(p, mn, scale, nbins), parts))
+        if sum(r[1] for r in res):
+            return np.percentile(a, q)
+        cum = np.cumsum(sum(r[0] for r in res))
+        prev = np.floor(virtual).astype(np.intp)
+        ranks = np.unique(np.concatenate([prev, prev + 1]))
+        bins = np.searchsorted(cum, ranks, side="right")  # bin of the rank-th smallest value
+        want = np.zeros(nbins, np.bool_)
+        want[bins] = True
+        chunks = list(pool.map(lambda p: _bin_values(p, mn, scale, nbins, want), parts))
+    vals = np.concatenate(chunks)
+    # the values of the wanted bins, in bin order, start at rank cum[bin] - count[bin] each
+    vb = np.minimum((np.maximum(vals.astype(np.float64) - mn, 0) * scale).astype(np.int64), nbins - 1) \
+        if scale else np.zeros(vals.size, np.int64)
+    got = {}
+    for r, b in zip(ranks, bins):
+        inbin = vals[vb == b]
+        start = int(cum[b - 1]) if b > 0 else 0
+        got[int(r)] = np.partition(inbin, r - start)[r - start]
+    lo = np.array([got[int(r)] for r in prev], dtype=flat.dtype)
+    hi = np.array([got[int(r) + 1] for r in prev], dtype=flat.dtype)
+    gamma = np.asanyarray(virtual - prev)
+    diff = hi - lo
+    out = np.add(lo, diff * gamma)
+    np.subtract(hi, diff * (1 - gamma), out=out, where=gamma >= 0.5, casting="unsafe", dtype=type(out.dtype))
+    return out
+
+
+def otsu_threaded(img: np.ndarray, workers: int = 1) -> float:
+    """``skimage.filters.threshold_otsu(img)`` (256 bins over the image's range) with the
+    histogram counted over ``workers`` threads: ``np.histogram`` of row blocks with the
+    image's own range gives every pixel the same bin, and the summed counts are handed to
+    scikit-image's ``threshold_otsu(hist=...)``. The image must not be constant."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from skimage.filters import threshold_otsu
+
+    flat = np.ascontiguousarray(img).reshape(-1)
+    parts = np.array_split(flat, max(1, 4 * workers))
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        mn = min(pool.map(np.min, parts))
+        mx = max(pool.map(np.max, parts))
+        hists = list(pool.map(lambda p: np.histogram(p, bins=256, range=(mn, mx)), parts))
+    counts = sum(h[0] for h in hists)
+    edges = hists[0][1]
+    return float(threshold_otsu(hist=(counts, (edges[:-1] + edges[1:]) / 2.0)))

@@ -461,6 +461,16 @@ def _ring_coords(geoms: Any) -> tuple[np.ndarray, np.ndarray]:
     return xy, idx
 
 
+@dataclass(frozen=True)
+class _Rings:
+    """Exterior-ring vertices of nucleus polygons (``_ring_coords``' arrays) already in Xenium
+    µm: what :func:`align_nuclei` measures with, handed over by :func:`align_sample`'s HEST
+    route without making warped polygons first."""
+
+    xy: np.ndarray
+    ring: np.ndarray
+
+
 def _rasterize_rings(xy: np.ndarray, ring: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Fill closed rings given as vertices (pixel-centre coordinates, x = column, y = row).
 
@@ -645,7 +655,12 @@ def haematoxylin_image(slide: SlideLike, grid: WorkGrid, *, chunk: int = 1024, r
                     futures.pop(0).result()
         for f in futures:
             f.result()
-    lo, hi = np.percentile(out, [1.0, 99.5]) if out.size else (0.0, 1.0)
+    if not out.size:
+        lo, hi = 0.0, 1.0
+    elif reference:
+        lo, hi = np.percentile(out, [1.0, 99.5])
+    else:  # the same two numbers, the selection split over threads
+        lo, hi = K.percentile_threaded(out, [1.0, 99.5], workers=workers or _usable_cpus())
     scale = hi - lo if hi > lo else 1.0
     if reference or H * W < 1 << 20:
         return np.clip((out - lo) / scale, 0.0, 1.5).astype(np.float32)
@@ -741,7 +756,11 @@ def _measure(level: _Level, T: Transform, xy_rings_um: np.ndarray, ring_id: np.n
                                     H, W, u0, v0, win_px)
     n = len(nodes_um)
     res = {k: np.full(n, np.nan) for k in ("dx_px", "dy_px", "peak", "corr", "dice")}
-    hmask = level.h > level.otsu if reference else hmask_f.result()
+    if reference:
+        hmask = level.h > level.otsu
+    else:
+        hmask = hmask_f.result()
+        side.shutdown()
     res["n_nuclei"] = counts.astype(int)
     measure_nodes = _measure_nodes_reference if reference else _measure_nodes_batched
     measure_nodes(res, level.h, mask, hmask, blurred, node_work, counts, win_px, min_nuclei=min_nuclei,
@@ -753,10 +772,14 @@ def _measure(level: _Level, T: Transform, xy_rings_um: np.ndarray, ring_id: np.n
         res["global_corr"] = _pearson(level.h, mask) if mask.any() else float("nan")
         res["global_dice"] = _dice(hmask, mask)
         return res
-    with side:  # the two full-image scores side by side
-        corr_f = side.submit(K.pearson_full, level.h, mask)
-        res["global_dice"] = _dice(hmask, mask)
-        res["global_corr"] = float(corr_f.result()) if mask.any() else float("nan")
+    # the two full-image scores from one pass of sums over row bands in threads
+    H = mask.shape[0]
+    edges = np.linspace(0, H, 4 * _usable_cpus() + 1).astype(int)
+    with ThreadPoolExecutor(max_workers=_usable_cpus()) as pool:
+        tot = sum(pool.map(lambda k: K.global_sums(level.h, mask, hmask, edges[k], edges[k + 1]), range(edges.size - 1)))
+    sm, shm, inter = int(tot[2]), int(tot[4]), int(tot[5])
+    res["global_dice"] = float(2 * inter / (sm + shm)) if sm + shm else float("nan")
+    res["global_corr"] = float(K.pearson_from_sums(tot, float(mask.size))) if sm else float("nan")
     return res
 
 
@@ -769,11 +792,12 @@ def _map_points(T: Transform, grid: WorkGrid, xy: np.ndarray) -> np.ndarray:
     xy = np.ascontiguousarray(xy, dtype=np.float64).reshape(-1, 2)
     z = np.zeros((1, 1))
     args = (T.affine, T.x_um, T.y_um, T.dx_px, T.dy_px, True) if T.has_grid else (T.affine, z[0], z[0], z, z, False)
-    parts = np.array_split(np.arange(len(xy)), max(1, min(4 * _usable_cpus(), len(xy) // 100_000 + 1)))
-    with ThreadPoolExecutor(max_workers=_usable_cpus()) as pool:
-        outs = list(pool.map(lambda p: K.map_points(xy[p[0]:p[-1] + 1] if p.size else xy[:0], *args,
-                                                    grid.x0, grid.y0, grid.f), parts))
-    return np.concatenate(outs) if outs else np.zeros((0, 2))
+    out = np.empty((len(xy), 2))
+    cuts = np.linspace(0, len(xy), max(1, min(4 * _usable_cpus(), len(xy) // 100_000 + 1)) + 1).astype(np.int64)
+    with ThreadPoolExecutor(max_workers=_usable_cpus()) as pool:  # rows written in place
+        list(pool.map(lambda k: K.map_points_rows(xy, *args, grid.x0, grid.y0, grid.f, out, cuts[k], cuts[k + 1]),
+                      range(cuts.size - 1)))
+    return out
 
 
 def _measure_nodes_reference(res: dict[str, np.ndarray], h: np.ndarray, mask: np.ndarray, hmask: np.ndarray,
@@ -837,19 +861,18 @@ def _measure_nodes_batched(res: dict[str, np.ndarray], h: np.ndarray, mask: np.n
     todo = np.flatnonzero(counts >= min_nuclei)
 
     def one(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        h_w = K.gather_windows(h, u0[idx], v0[idx], win_px)
-        b_w = K.gather_windows(blurred, u0[idx], v0[idx], win_px)
-        ref = (h_w - h_w.mean(axis=(1, 2), keepdims=True)) * hann
-        mov = (b_w - b_w.mean(axis=(1, 2), keepdims=True)) * hann
-        ok = ref.any(axis=(1, 2)) & mov.any(axis=(1, 2))
-        idx, h_w, b_w, ref, mov = idx[ok], h_w[ok], b_w[ok], ref[ok], mov[ok]
+        # one compiled pass per window: zero-padded crop, minus its mean, times the Hann window
+        ref, mov, ok = K.prep_windows(h, blurred, u0[idx], v0[idx], win_px, hann)
+        if not ok.all():
+            idx, ref, mov = idx[ok], ref[ok], mov[ok]
         if not idx.size:
             return idx, np.zeros(0), np.zeros(0), np.zeros(0)
         shift = K.batched_phase_shift(ref, mov, upsample).astype(np.float64)
         dv, du = shift[:, 0], shift[:, 1]
         near = np.hypot(du, dv) <= max_shift
-        peak, keep = K.shifted_peak(h_w[near], b_w[near], dv[near], du[near])
-        return idx[near][keep], peak[keep], du[near][keep], dv[near][keep]
+        sel, dv, du = idx[near], dv[near], du[near]
+        peak, keep = K.shifted_peak_at(h, blurred, u0[sel], v0[sel], win_px, dv, du)
+        return sel[keep], peak[keep], du[keep], dv[keep]
 
     chunks = [todo[s:s + batch] for s in range(0, todo.size, batch)]
     with ThreadPoolExecutor(max_workers=_usable_cpus(), thread_name_prefix="stlib-align") as pool:
@@ -1044,13 +1067,13 @@ class _Scene:
     """What every step of :func:`align_nuclei` measures on: the nucleus rings (µm), their
     centroids, the working window of the slide and its haematoxylin images per resolution."""
 
-    def __init__(self, slide: SlideLike, geoms: np.ndarray, M0: np.ndarray, cfg: AlignConfig, *,
+    def __init__(self, slide: SlideLike, geoms: np.ndarray | _Rings, M0: np.ndarray, cfg: AlignConfig, *,
                  sample: str, timings: dict[str, float] | None) -> None:
         self.slide, self.cfg, self.timings = slide, cfg, timings
         self.ppu = px_per_um(M0)
         if not self.ppu > 0:
             raise InputError("initial map is singular", sample=sample or None, fix="check the registration input")
-        self.xy_um, self.ring_id = _ring_coords(geoms)
+        self.xy_um, self.ring_id = (geoms.xy, geoms.ring) if isinstance(geoms, _Rings) else _ring_coords(geoms)
         # per-polygon centroid from vertices of its exterior ring
         cnt = np.bincount(self.ring_id)
         centroids = np.column_stack([np.bincount(self.ring_id, self.xy_um[:, 0]),
@@ -1084,13 +1107,20 @@ class _Scene:
         if um_px not in self.levels:
             from skimage.filters import threshold_otsu
 
+            from stlib import _align_kernels as K
+
             bx0, by0, bx1, by1 = self.box
             with _timed(self.timings, "haematoxylin_images"):
                 f = um_px * self.ppu
                 shp = (max(1, int((by1 - by0) / f)), max(1, int((bx1 - bx0) / f)))
                 g = WorkGrid(x0=float(bx0), y0=float(by0), f=f, shape=shp)
                 h = haematoxylin_image(self.slide, g, reference=self.cfg.reference)
-                thr = float(threshold_otsu(h)) if np.ptp(h) > 0 else 0.5
+                if not np.ptp(h) > 0:
+                    thr = 0.5
+                elif self.cfg.reference:
+                    thr = float(threshold_otsu(h))
+                else:  # the same threshold, the histogram counted over threads
+                    thr = K.otsu_threaded(h, workers=_usable_cpus())
                 self.levels[um_px] = _Level(g, h, thr)
         return self.levels[um_px]
 
@@ -1139,16 +1169,23 @@ def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str 
     """
     import shapely
 
-    geoms = np.asarray(getattr(nuclei_um, "values", nuclei_um), dtype=object).ravel()
-    if geoms.size:
-        geoms = geoms[~(shapely.is_missing(geoms) | shapely.is_empty(geoms))]
-    if geoms.size == 0:
+    if isinstance(nuclei_um, _Rings):  # align_sample's HEST route: the ring vertices in µm
+        geoms = nuclei_um
+        empty = nuclei_um.ring.size == 0
+    else:
+        geoms = np.asarray(getattr(nuclei_um, "values", nuclei_um), dtype=object).ravel()
+        if geoms.size:
+            geoms = geoms[~(shapely.is_missing(geoms) | shapely.is_empty(geoms))]
+        empty = geoms.size == 0
+    if empty:
         raise InputError("no nucleus polygons to align", sample=sample or None,
                          fix="check the nucleus segmentation (xenium_seg / nucleus_boundaries) of this sample")
     cfg = with_options(AlignConfig, config, options)
     if cfg.tile_um <= 0 or cfg.work_um_per_px <= 0 or cfg.max_residual_um <= 0:
         raise ValueError("tile_um, work_um_per_px and max_residual_um must be positive")
     M0 = _as_affine(initial, "initial")
+    if not cfg.reference:
+        _keep_freed_memory()
     scene = _Scene(slide, geoms, M0, cfg, sample=sample, timings=timings)
     T = Transform(M0)
     gx, gy = _node_grid(scene.lo_um, scene.hi_um, cfg.grid)
@@ -1335,6 +1372,37 @@ def _timed(timings: dict[str, float] | None, key: str) -> Any:
     return run()
 
 
+_MALLOC_SET = False
+
+
+def _keep_freed_memory() -> None:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the
+    system (once per process; a no-op elsewhere).
+
+    A measurement allocates and frees the same large arrays again and again (0.1-0.4 GB
+    working images, a few MB per window batch in each worker thread). With glibc's default,
+    adaptive thresholds many of them are mapped fresh from the system each time and every page
+    faults in again: on the slide-sized sample a fifth of the alignment's CPU time was system
+    time (page faults), 0.2 s of 15 s per measurement with these settings. Process-wide:
+    memory freed later is kept for reuse too (the peak is unchanged; the resident size stays
+    near it).
+    """
+    global _MALLOC_SET
+    if _MALLOC_SET:
+        return
+    _MALLOC_SET = True
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        # M_MMAP_THRESHOLD (-3): serve requests up to 1 GiB from the heap; M_TRIM_THRESHOLD (-1),
+        # M_TOP_PAD (-2): keep freed heap memory, grow the heap in large steps
+        for param, value in ((-3, 1 << 30), (-1, (1 << 31) - 1), (-2, 256 << 20)):
+            libc.mallopt(ctypes.c_int(param), ctypes.c_int(value))
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
 def _single_thread_blas() -> Any:
     """One BLAS thread for the many tiny matrix products of the sub-pixel DFT.
 
@@ -1382,25 +1450,47 @@ def _find_alignment_csv(bundle: Path, sample_id: str) -> Path:
     return hits[0]
 
 
-def _hest_inputs(hest_dir: Path, sample_id: str) -> tuple[Any, np.ndarray, Any, list[Path]]:
-    """Slide, initial map, nuclei (µm) and input files of the HEST route."""
-    from stlib.io.hest import HestSample
+def _hest_inputs(hest_dir: Path, sample_id: str, *, rings: bool = False) -> tuple[Any, np.ndarray, Any, list[Path]]:
+    """Slide, initial map, nuclei (µm) and input files of the HEST route.
 
+    With ``rings=True`` the nuclei come as :class:`_Rings` (what :func:`align_nuclei` measures
+    with): the exterior-ring vertices are taken from the H&E px polygons in the reading thread,
+    while the registration is fitted, and mapped to µm as one array; the same numbers as the
+    rings of the warped polygons (a point map commutes with taking the rings).
+    """
     from concurrent.futures import ThreadPoolExecutor
 
+    import shapely
+
+    from stlib.io.hest import HestSample
+
     hs = HestSample(hest_dir, sample_id)
+
+    def read() -> tuple[Any, Any]:
+        nuc = hs.nuclei()
+        if not rings or nuc is None or len(nuc) == 0:
+            return nuc, None
+        g = nuc.geometry.values
+        g = np.asarray(g, dtype=object)[~(shapely.is_missing(g) | shapely.is_empty(g))]
+        return nuc, _ring_coords(g)
+
     # the polygons are read (parquet, WKB, validity) in a side thread while the registration is fitted
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="stlib-align-read") as side:
-        nuc_f = side.submit(hs.nuclei)
+        nuc_f = side.submit(read)
         tx = hs.transcripts(min_qv=None, genes_only=False, columns=["x_location", "y_location", "he_x", "he_y"])
         M0 = fit_hest_registration(tx, sample=sample_id)
-        nuc = nuc_f.result()
+        del tx
+        nuc, ring_px = nuc_f.result()
     if nuc is None or len(nuc) == 0:
         raise InputError("no nucleus polygons (xenium_seg is empty)", sample=sample_id,
                          path=hest_dir / "xenium_seg" / f"{sample_id}_xenium_nucleus_seg.parquet",
                          fix="download the sample's xenium_seg or pass --xenium-dir with nucleus_boundaries")
     inv = np.linalg.inv(M0)
-    nuclei_um = Transform(inv).warp_geometries(nuc.geometry.values)
+    if rings:
+        xy_px, ring_id = ring_px
+        nuclei_um: Any = _Rings(Transform(inv).apply_xy_fast(xy_px) if len(xy_px) else xy_px, ring_id)
+    else:
+        nuclei_um = Transform(inv).warp_geometries(nuc.geometry.values)
     files = [p for p in (hest_dir / "wsis" / f"{sample_id}.tif",
                          hest_dir / "transcripts" / f"{sample_id}_transcripts.parquet",
                          hest_dir / "xenium_seg" / f"{sample_id}_xenium_nucleus_seg.parquet") if p.exists()]
@@ -1462,7 +1552,7 @@ def align_sample(hest_dir: str | Path, sample_id: str, *, config: AlignConfig | 
         slide, M0, nuclei_um, files = _xenium_inputs(hest_dir, Path(xenium_dir), sample_id)
         route = "xenium-csv"
     else:
-        slide, M0, nuclei_um, files = _hest_inputs(hest_dir, sample_id)
+        slide, M0, nuclei_um, files = _hest_inputs(hest_dir, sample_id, rings=True)
         route = "hest"
     if timings is not None:
         timings["inputs"] = timings.get("inputs", 0.0) + time.perf_counter() - t0

@@ -332,6 +332,11 @@ def _warm_up() -> float:
     w = AK.gather_windows(h, z, z, 16)
     AK.shifted_peak(w, w, np.zeros(2), np.zeros(2))
     AK.pearson_full(h, m)
+    AK.global_sums(h, m, m, 0, 40)
+    hann = np.ones((16, 16), np.float32)
+    AK.prep_windows(h, h, z, z, 16, hann)
+    AK.shifted_peak_at(h, h, z, z, 16, np.zeros(2), np.zeros(2))
+    AK.percentile_threaded(h, [1.0, 99.5])
     lut, hcol = AK.hed_lut()
     AK.hed_h(np.zeros((4, 4, 3), np.uint8), lut, hcol)
     return time.perf_counter() - t0

@@ -308,3 +308,128 @@ def test_compiled_warp_equals_apply_xy():
         ref2 = shapely.transform(shapely.transform(geoms, pre.apply_xy), TT.apply_xy)
         assert np.array_equal(shapely.get_coordinates(got2), shapely.get_coordinates(ref2))
     assert TT.warp_geometries(geoms[:0]).size == 0
+
+
+# --- the fused per-window kernels of the alignment (issue 14, session 5) ---------------------
+
+def _windows_case(seed: int = 0):
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    h = ndimage.gaussian_filter(rng.random((180, 150)), 2).astype(np.float32)
+    mask = ndimage.gaussian_filter(rng.random((180, 150)), 3) > 0.5
+    hmask = h > np.median(h)
+    n = 40
+    # interior windows, windows over every edge and corner, and one wholly outside
+    u0 = np.concatenate([rng.integers(0, 110, 30), [-10, 130, -39, 140, 20, 60, -60]]).astype(np.int64)
+    v0 = np.concatenate([rng.integers(0, 140, 30), [-10, 160, 170, -20, -39, 175, 300]]).astype(np.int64)
+    return rng, h, mask, hmask, n, u0, v0
+
+
+def test_window_kernels_equal_their_numpy_forms():
+    """One-pass window scores, the compiled window preparation and the shifted-peak read
+    straight from the images give the library / numpy forms (to float rounding)."""
+    import stlib.align as A
+    from stlib import _align_kernels as K
+
+    rng, h, mask, hmask, n, u0, v0 = _windows_case()
+    blurred = mask.astype(np.float32)
+    counts = np.ones(u0.size, np.int64)
+    counts[3] = 0
+    corr, dice = K.window_stats(h, mask, hmask, u0, v0, n, counts)
+    hann = np.outer(np.hanning(n), np.hanning(n)).astype(np.float32)
+    ref, mov, ok = K.prep_windows(h, blurred, u0, v0, n, hann)
+    h_w, b_w = K.gather_windows(h, u0, v0, n), K.gather_windows(blurred, u0, v0, n)
+    for k in range(u0.size):
+        ht, mt, hmt = (A._window(a, u0[k] + n / 2, v0[k] + n / 2, n)[0] for a in (h, mask, hmask))
+        if counts[k] == 0:
+            assert np.isnan(corr[k]) and np.isnan(dice[k])
+        else:
+            assert corr[k] == pytest.approx(A._pearson(ht, mt), rel=1e-9, abs=1e-12, nan_ok=True)
+            assert dice[k] == pytest.approx(A._dice(hmt, mt), rel=1e-12, nan_ok=True)
+        r = ((h_w[k] - h_w[k].mean(dtype=np.float64)) * hann).astype(np.float32)
+        m = ((b_w[k] - b_w[k].mean(dtype=np.float64)) * hann).astype(np.float32)
+        assert np.allclose(ref[k], r, atol=1e-6) and np.allclose(mov[k], m, atol=1e-6)
+        assert ok[k] == (bool(r.any()) and bool(m.any()))
+    assert not ok[-1]  # the window outside the image is all zero
+    dv, du = rng.uniform(-4, 4, u0.size), rng.uniform(-4, 4, u0.size)
+    dv[0], du[0] = 0.0, 2.0  # whole-pixel shifts
+    dv[1], du[1] = 16.5, 0.0  # interior under 8 px: no peak
+    p_ref, v_ref = K.shifted_peak(h_w, b_w, dv, du)
+    p_new, v_new = K.shifted_peak_at(h, blurred, u0, v0, n, dv, du)
+    assert np.array_equal(v_ref, v_new) and not v_new[1]
+    assert np.allclose(p_new, p_ref, rtol=1e-9, atol=1e-12, equal_nan=True)
+    # the global scores from one pass of sums
+    tot = K.global_sums(h, mask, hmask, 0, h.shape[0])
+    assert K.pearson_from_sums(tot, float(h.size)) == pytest.approx(A._pearson(h, mask), rel=1e-9)
+    assert 2 * tot[5] / (tot[2] + tot[4]) == A._dice(hmask, mask)
+
+
+@pytest.mark.parametrize("n", [63, 64])
+def test_batched_phase_shift_on_odd_and_even_windows(n):
+    """The batched phase correlation (the Hermitian mirror of the real-input half spectrum, for
+    odd and even sizes) finds scikit-image's shifts."""
+    from scipy import ndimage
+    from skimage.registration import phase_cross_correlation
+    from threadpoolctl import threadpool_limits
+
+    from stlib import _align_kernels as K
+
+    rng = np.random.default_rng(n)
+    m = 30
+    base = ndimage.gaussian_filter(rng.random((m, n + 30, n + 30)).astype(np.float32), (0, 1.5, 1.5))
+    shifts = rng.uniform(-5, 5, (m, 2))
+    ref = base[:, 15:15 + n, 15:15 + n]
+    mov = np.stack([ndimage.shift(base[k], shifts[k], order=1)[15:15 + n, 15:15 + n] for k in range(m)])
+    hann = np.outer(np.hanning(n), np.hanning(n)).astype(np.float32)
+    ref = ((ref - ref.mean((1, 2), keepdims=True)) * hann).astype(np.float32)
+    mov = ((mov - mov.mean((1, 2), keepdims=True)) * hann).astype(np.float32)
+    with threadpool_limits(limits=1, user_api="blas"):
+        fast = K.batched_phase_shift(ref, mov, 20)
+    sk = np.array([phase_cross_correlation(ref[k], mov[k], upsample_factor=20, normalization=None)[0]
+                   for k in range(m)])
+    err = np.abs(fast - sk)
+    assert err.max() <= 1 / 20 + 1e-6, err.max()
+    assert (err.max(axis=1) < 1e-6).mean() >= 0.9
+
+
+def test_threaded_percentile_and_otsu_are_numpy_and_scikit_images():
+    from skimage.filters import threshold_otsu
+
+    from stlib import _align_kernels as K
+
+    rng = np.random.default_rng(5)
+    for t in range(24):
+        n = int(rng.integers(2, 50_000))
+        a = rng.random(n).astype(np.float32)
+        if t % 4 == 1:
+            a = np.round(a * 20).astype(np.float32) / 20  # ties
+        elif t % 4 == 2:
+            a[: n // 2] = 0  # a heavy bin (haematoxylin background)
+        elif t % 4 == 3:
+            a = (rng.standard_normal(n) ** 3).astype(np.float32)
+        for q in ([1.0, 99.5], [50.0], [0.0, 100.0]):
+            want = np.percentile(a, q)
+            got = K.percentile_threaded(a.reshape(1, -1) if t % 2 else a, q, workers=2, nbins=int(rng.choice([4, 65536])))
+            assert np.array_equal(got, want) and got.dtype == want.dtype
+        if np.ptp(a) > 0:
+            assert K.otsu_threaded(a, workers=2) == float(threshold_otsu(a))
+    a = rng.random(1000).astype(np.float32)
+    a[7] = np.nan  # falls back to numpy
+    assert np.array_equal(K.percentile_threaded(a, [1.0, 99.5], workers=2), np.percentile(a, [1.0, 99.5]), equal_nan=True)
+
+
+def test_hest_route_rings_are_the_warped_polygons_rings(demo):
+    """align_sample's HEST route hands align_nuclei the ring vertices mapped as one array: the
+    same numbers as the rings of the warped polygons, and the same alignment."""
+    import stlib.align as A
+
+    sid = SAMPLES[0]
+    _, M0, geoms, _ = A._hest_inputs(demo / "hest", sid)
+    slide, M1, rings, _ = A._hest_inputs(demo / "hest", sid, rings=True)
+    xy, rid = A._ring_coords(np.asarray(geoms, dtype=object))
+    assert np.array_equal(M0, M1) and np.array_equal(rings.xy, xy) and np.array_equal(rings.ring, rid)
+    with slide:
+        a = A.align_nuclei(slide, geoms, M0, sample=sid).to_dict()
+        b = A.align_nuclei(slide, rings, M0, sample=sid).to_dict()
+    assert a == b
