@@ -139,18 +139,22 @@ def st_labels(data_dir: str | Path, run_dir: str | Path, samples: Sequence[str],
 
 
 def build_stores(data_dir: str | Path, run_dir: str | Path, table: pd.DataFrame, *, um_per_px: float = 0.5,
-                 tile_px: int = 256, seed: int = 0, refine_masks: bool = True) -> dict[str, Path]:
+                 tile_px: int = 256, seed: int = 0, refine_masks: bool = True,
+                 refinement: Any = None) -> dict[str, Path]:
     """``tiles/rt`` (ST-derived masks) and ``tiles/rt_truth`` (manual masks) of the same tiles.
 
     ``table`` = cohort rows (``sample``, ``organ``, ``role``) of the samples to cut, normally the
-    training samples. Uses :func:`stlib.tiles.stage.build_tile_stores` (idempotent).
+    training samples. Uses :func:`stlib.tiles.stage.build_tile_stores` (idempotent), with the main
+    study's ST label path; ``refinement`` (:class:`stlib.config.RefineConfig`, default: its
+    defaults) sets the mask refinement, e.g. ``unmatched_ignore``.
     """
     from stlib.io.cohort import hest_dir
     from stlib.tiles.stage import build_tile_stores
 
     return build_tile_stores(hest_dir(data_dir), table[["sample", "organ", "role"]], run_dir, um_per_px=um_per_px,
                              tile_px=tile_px, truth_dir=Path(data_dir) / "truth", seed=seed, name=STORE,
-                             labels_name=SEG_LABELS, refine_masks=refine_masks)
+                             labels_name=SEG_LABELS, refine_masks=refine_masks,
+                             **({} if refinement is None else {"refinement": refinement}))
 
 
 # ----------------------------------------------------------------------------- training

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from stlib import bench
 
 
@@ -70,3 +72,22 @@ def test_bench_derive_small_slide(tmp_path, capsys):
     assert res["alignment_check"]["median_error_um_aligned"] < res["alignment_check"]["median_error_um_initial"]
     assert res["tile_store"]["tiles"] > 0 and res["load_average_1_5_15min_before"]
     assert not (tmp_path / "work" / "run").exists()  # the tile store is removed unless --keep
+
+
+def test_label_agreement_counts_true_nuclei_by_their_st_label():
+    from stlib.bench import label_agreement
+
+    truth = np.zeros((20, 30), np.int32)
+    truth[2:6, 2:6] = 5   # covered by an ST nucleus
+    truth[2:6, 12:16] = 9  # ignored in the ST maps
+    truth[2:6, 22:26] = 2  # background in the ST maps (missed)
+    truth[12:16, 2:6] = 7  # ignored in the truth itself: not counted
+    t_ign = (truth == 7).astype(np.uint8)
+    inst = np.zeros_like(truth)
+    inst[2:6, 2:5] = 1  # 3 of 4 columns
+    ign = np.zeros_like(truth, np.uint8)
+    ign[1:7, 11:17] = 1  # the second nucleus and a rim of 20 background pixels
+    c = label_agreement(inst, ign, truth, t_ign)
+    assert (c["matched"], c["ignored"], c["background"]) == (1, 1, 1)
+    assert c["nucleus_px"] == 48 and c["nucleus_px_bg"] == 4 + 16
+    assert c["bg_px"] == 600 - 64 and c["bg_px_ignored"] == 20
