@@ -1441,7 +1441,8 @@ def unmatched_demo_check(seeds: Sequence[int], workdir: str | Path, *, config: A
     ``unmatched_ignore`` off and on (``config``, default: :class:`~stlib.config.RefineConfig` with it on).
     Per seed: the share of tile pixels newly ignored, the share of those that are true background,
     the true nuclei without an ST nucleus whose pixels it ignores, and, for the true nuclei that
-    the ST layer covers, how many lose pixels to it and ST-nucleus pixels newly ignored (0 by construction).
+    the ST layer covers, how many have (uncovered) pixels newly ignored and the ST-nucleus pixels newly
+    ignored (0 by construction); and :func:`label_agreement`'s matched / ignored / background nuclei off and on.
     The demo's H&E is synthetic (rendered nuclei on a smooth stain), so this checks the mechanics,
     not how real tissue looks.
     """
@@ -1493,12 +1494,19 @@ def unmatched_demo_check(seeds: Sequence[int], workdir: str | Path, *, config: A
             c["covered_hit"] += int(np.isin(hit, covered).sum())
             c["uncovered"] += true_ids.size - covered.size
             c["uncovered_hit"] += int((~np.isin(hit, covered)).sum())
+            for k, r in (("off", r0), ("on", r1)):
+                for cat, v in label_agreement(r[0], r[2], b["inst"], b["ignore"]).items():
+                    c[f"{cat}_{k}"] = c.get(f"{cat}_{k}", 0) + v
         rows.append({"seed": int(s), "tiles": len(st), "newly_ignored_px_fraction": round(c["new_px"] / c["px"], 5),
                      "newly_ignored_true_bg_fraction": round(c["new_px_true_bg"] / c["new_px"], 4) if c["new_px"] else None,
                      "true_nuclei_without_st_nucleus": c["uncovered"],
                      "of_which_newly_ignored": c["uncovered_hit"],
                      "true_nuclei_covered_by_st": c["covered"],
                      "covered_with_pixels_newly_ignored": c["covered_hit"],
-                     "st_nucleus_px_newly_ignored": c["st_px_new"]})
+                     "st_nucleus_px_newly_ignored": c["st_px_new"],
+                     **{f"true_nuclei_{cat}_{k}": c[f"{cat}_{k}"] for k in ("off", "on")
+                        for cat in ("matched", "ignored", "background")},
+                     **{f"true_nucleus_px_background_{k}": round(c[f"nucleus_px_bg_{k}"] / c[f"nucleus_px_{k}"], 4)
+                        for k in ("off", "on")}})
         shutil.rmtree(root, ignore_errors=True)
     return rows
