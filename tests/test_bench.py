@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from stlib import bench
 
@@ -91,3 +92,36 @@ def test_label_agreement_counts_true_nuclei_by_their_st_label():
     assert (c["matched"], c["ignored"], c["background"]) == (1, 1, 1)
     assert c["nucleus_px"] == 48 and c["nucleus_px_bg"] == 4 + 16
     assert c["bg_px"] == 600 - 64 and c["bg_px_ignored"] == 20
+
+
+def test_unmatched_label_quality_on_small_stores(tmp_path):
+    """Two 128-px tiles, one nucleus of three missed by the ST layer: off it is background, on ignored."""
+    from test_refine import _unmatched_tile
+
+    from stlib.config import RefineConfig
+    from stlib.io.tiles import TileStoreWriter
+    from stlib.utils import InputError
+
+    true, img, st = _unmatched_tile()
+    paths = {}
+    for name, inst in (("st", st), ("truth", true)):
+        with TileStoreWriter(tmp_path / name, tile_px=128, um_per_px=0.25, source=name) as w:
+            for k in range(2):
+                w.add(image=img, inst=inst, sample="S1", organ="Breast", x0=128.0 * k, y0=0.0,
+                      type=(inst > 0).astype(np.uint8) * 2)
+        paths[name] = w.close(extra={"refinement": None})
+    configs = {"off": RefineConfig(), "on": RefineConfig(unmatched_ignore=True)}
+    rows, timing = bench.unmatched_label_quality(paths["st"], paths["truth"], configs, repeats=1)
+    off, on = rows
+    assert (off["config"], on["config"]) == ("off", "on") and off["n_true"] == on["n_true"] == 6  # 3 per tile
+    assert off["background"] == pytest.approx(1 / 3, abs=1e-4) and on["background"] == 0
+    assert on["ignored"] == pytest.approx(1 / 3, abs=1e-4) and on["matched"] == off["matched"]
+    assert on["n_blobs"] == 2 and on["blob_precision"] == 1.0 and off["n_blobs"] == 0
+    assert on["true_bg_px_ignored"] < 0.02 and off["true_bg_px_ignored"] == 0
+    assert timing["tiles"] == 2 and timing["cpu_ms_per_tile_on"] > 0
+    refined = tmp_path / "refined"
+    with TileStoreWriter(refined, tile_px=128, um_per_px=0.25, source="st") as w:
+        w.add(image=img, inst=st, sample="S1", organ="Breast", x0=0.0, y0=0.0)
+    w.close(extra={"refinement": {"per_sample": {}}})
+    with pytest.raises(InputError, match="already refined"):
+        bench.unmatched_label_quality(refined, paths["truth"], configs)
