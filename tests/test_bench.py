@@ -105,10 +105,10 @@ def test_unmatched_label_quality_on_small_stores(tmp_path):
     true, img, st = _unmatched_tile()
     paths = {}
     for name, inst in (("st", st), ("truth", true)):
-        with TileStoreWriter(tmp_path / name, tile_px=128, um_per_px=0.25, source=name) as w:
-            for k in range(2):
-                w.add(image=img, inst=inst, sample="S1", organ="Breast", x0=128.0 * k, y0=0.0,
-                      type=(inst > 0).astype(np.uint8) * 2)
+        w = TileStoreWriter(tmp_path / name, tile_px=128, um_per_px=0.25, source=name)
+        for k in range(2):
+            w.add(image=img, inst=inst, sample="S1", organ="Breast", x0=128.0 * k, y0=0.0,
+                  type=(inst > 0).astype(np.uint8) * 2)
         paths[name] = w.close(extra={"refinement": None})
     configs = {"off": RefineConfig(), "on": RefineConfig(unmatched_ignore=True)}
     rows, timing = bench.unmatched_label_quality(paths["st"], paths["truth"], configs, repeats=1)
@@ -120,8 +120,9 @@ def test_unmatched_label_quality_on_small_stores(tmp_path):
     assert on["true_bg_px_ignored"] < 0.02 and off["true_bg_px_ignored"] == 0
     assert timing["tiles"] == 2 and timing["cpu_ms_per_tile_on"] > 0
     refined = tmp_path / "refined"
-    with TileStoreWriter(refined, tile_px=128, um_per_px=0.25, source="st") as w:
-        w.add(image=img, inst=st, sample="S1", organ="Breast", x0=0.0, y0=0.0)
+    w = TileStoreWriter(refined, tile_px=128, um_per_px=0.25, source="st")
+    for k in range(2):
+        w.add(image=img, inst=st, sample="S1", organ="Breast", x0=128.0 * k, y0=0.0)
     w.close(extra={"refinement": {"per_sample": {}}})
     with pytest.raises(InputError, match="already refined"):
         bench.unmatched_label_quality(refined, paths["truth"], configs)
