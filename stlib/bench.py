@@ -1413,8 +1413,9 @@ def bench_unmatched_main(argv: list[str]) -> int:
                 "per 256-px tile with unmatched_ignore off and on (first 'on' config)"}
     if a.train_steps > 0:
         res["training"] = unmatched_training(a.data_dir, a.train_run_dir, steps=a.train_steps)
-        res["training_note"] = ("ST network only (the chapter's recipe: small encoder, batch 8 x 128 px at 0.25 µm/px, "
-                                "lr 0.004, cosine), trained on Breast + Lung, scored on the 2 Prostate images")
+        res["training_note"] = ("ST network only (the chapter's recipe: small encoder, batch 8 x 128 px at "
+                                "0.25 µm/px, lr 0.004, cosine), trained on Breast + Lung, scored on the 2 Prostate "
+                                "images")
     if a.demo_seeds:
         from stlib.robustness import DEV_SEEDS
 
@@ -1498,7 +1499,8 @@ def unmatched_demo_check(seeds: Sequence[int], workdir: str | Path, *, config: A
                 for cat, v in label_agreement(r[0], r[2], b["inst"], b["ignore"]).items():
                     c[f"{cat}_{k}"] = c.get(f"{cat}_{k}", 0) + v
         rows.append({"seed": int(s), "tiles": len(st), "newly_ignored_px_fraction": round(c["new_px"] / c["px"], 5),
-                     "newly_ignored_true_bg_fraction": round(c["new_px_true_bg"] / c["new_px"], 4) if c["new_px"] else None,
+                     "newly_ignored_true_bg_fraction": (round(c["new_px_true_bg"] / c["new_px"], 4)
+                                                        if c["new_px"] else None),
                      "true_nuclei_without_st_nucleus": c["uncovered"],
                      "of_which_newly_ignored": c["uncovered_hit"],
                      "true_nuclei_covered_by_st": c["covered"],

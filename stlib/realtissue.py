@@ -254,7 +254,8 @@ def _train_job(job: tuple[Any, str, tuple[int, ...]]) -> Any:
 def budget_curve(data_dir: str | Path, run_dir: str | Path, train_samples: Sequence[str],
                  dev_samples: Sequence[str], *, budgets: Sequence[int] = (150, 300, 500, 750, 1000),
                  recipe: RecipeConfig | None = None, um_per_px: float = _RT.um_per_px, tile_px: int = _RT.tile_px,
-                 refine_masks: bool = True, seed: int = 0, out: str | Path | None = None) -> pd.DataFrame:
+                 refine_masks: bool = True, seed: int = 0, out: str | Path | None = None,
+                 refinement: Any = None) -> pd.DataFrame:
     """bPQ against the training budget, for ST-derived and manual masks, on development images.
 
     A *development* split of a real-tissue cohort: both networks train on ``train_samples``
@@ -279,6 +280,8 @@ def budget_curve(data_dir: str | Path, run_dir: str | Path, train_samples: Seque
         Everything but ``steps`` (default: the chapter's recipe).
     out
         Optional result file (``.csv``), written atomically with one row per (budget, method, image).
+    refinement
+        :class:`stlib.config.RefineConfig` of the ST masks (default: its defaults), see :func:`build_stores`.
 
     Returns
     -------
@@ -301,7 +304,8 @@ def budget_curve(data_dir: str | Path, run_dir: str | Path, train_samples: Seque
     table = cohort_table(data_dir)
     table = table[table["sample"].isin(list(train_samples))].assign(role="train")
     st_labels(data_dir, run_dir, list(train_samples), seed=seed)
-    build_stores(data_dir, run_dir, table, um_per_px=um_per_px, tile_px=tile_px, seed=seed, refine_masks=refine_masks)
+    build_stores(data_dir, run_dir, table, um_per_px=um_per_px, tile_px=tile_px, seed=seed, refine_masks=refine_masks,
+                 refinement=refinement)
     dev = load_test_images(data_dir, list(dev_samples))
     keep = ["model", "image", "organ", "bpq", "dice", "aji", "f_d"]
     frames = [score_images({"classical (Otsu + watershed)": "classical"}, dev)[0][keep].assign(steps=0)]
@@ -713,6 +717,8 @@ def budget_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--um-per-px", type=float, default=_RT.um_per_px)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/realtissue_budget.csv")
+    ap.add_argument("--unmatched-ignore", action=argparse.BooleanOptionalAction, default=None,
+                    help="H&E nuclei without an ST nucleus: ignore (RefineConfig.unmatched_ignore; default: its default)")
     a = ap.parse_args(list(argv) if argv is not None else None)
     held = set(_RT.heldout_organs)
     if held & set(a.dev_organs) or held & set(a.train_organs):
@@ -725,8 +731,11 @@ def budget_main(argv: Sequence[str] | None = None) -> int:
     dev = natural_sorted([sid[x.name] for x in imgs if x.organ in a.dev_organs])
     recipe = RecipeConfig(batch_size=a.batch_size, crop_px=a.crop_px, lr=a.lr, warmup_steps=a.warmup_steps,
                           seed=a.seed, device="cpu")
+    from stlib.config import RefineConfig
+
+    refinement = None if a.unmatched_ignore is None else RefineConfig(unmatched_ignore=a.unmatched_ignore)
     curve = budget_curve(a.data_dir, a.run_dir, train, dev, budgets=a.budgets, recipe=recipe, um_per_px=a.um_per_px,
-                         seed=a.seed, out=a.out)
+                         seed=a.seed, out=a.out, refinement=refinement)
     print(budget_summary(curve).to_string(index=False))
     return 0
 
