@@ -177,7 +177,7 @@ class RefineConfig:
     #: off by default (benchmarks/unmatched_ignore.json, `stlib bench unmatched`; real-tissue development
     #: split, never the held-out organs). On, the real nuclei labelled background in the ST training maps
     #: fall from 7.2 / 7.9 % to 2.5 / 3.5 % (Breast / Lung) while another 4.7 / 5.5 % of the true
-    #: background is ignored, at +1.4 ms CPU per 256-px tile. The ST network trained on Breast + Lung
+    #: background is ignored, at +1.2 ms CPU per 256-px tile (+16 %). The ST network trained on Breast + Lung
     #: (500 steps, one seed) gains detection F1 on both Prostate images (0.340 -> 0.493, 0.458 -> 0.687)
     #: and AJI (0.184 -> 0.261, 0.293 -> 0.385) but not bPQ, the chapter's endpoint (0.133 -> 0.111,
     #: 0.254 -> 0.259): it finds more nuclei, and more of its nuclei stay below IoU 0.5.
