@@ -13,6 +13,8 @@ Sub-commands
 ``infer``   :func:`bench_infer_main`: network vs post-processing per tile, whole-slide throughput
             (``--slide``: a whole synthetic slide of :mod:`stlib.bench_slide`).
 ``gpu-check``  :mod:`stlib.gpu_check` (``make gpu-check``; ``--dry-run`` on a CPU).
+``unmatched``  :func:`bench_unmatched_main`: ``RefineConfig.unmatched_ignore`` on the real-tissue
+            development split (label quality, ms per tile, optionally the ST network off / on).
 
 Every result records the machine, the date and the exact command; nothing is hard-coded.
 """
@@ -26,6 +28,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -1147,7 +1150,11 @@ def cli_main(argv: list[str]) -> int:
     sub.add_parser("infer", help="network vs post-processing per tile, whole-slide throughput", add_help=False)
     sub.add_parser("gpu-check", help="the GPU measurements in one run (stlib.gpu_check; --dry-run on a CPU)",
                    add_help=False)
+    sub.add_parser("unmatched", help="H&E nuclei without an ST nucleus as ignore: real-tissue dev numbers",
+                   add_help=False)
     args, rest = parser.parse_known_args(argv)
+    if args.what == "unmatched":
+        return bench_unmatched_main(rest)
     if args.what == "infer":
         return bench_infer_main(rest)
     if args.what == "train":
@@ -1201,3 +1208,315 @@ def _stage_table(res: dict[str, Any]) -> str:
                  f"   load before/after {res.get('load_average_1_5_15min_before')} / "
                  f"{res.get('load_average_1_5_15min_after')}")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+# H&E nuclei without an ST nucleus: ignore instead of background (issue 10)
+# --------------------------------------------------------------------------------------
+
+#: the real-tissue development split of ``bench unmatched``: train organs, development organ
+_UNMATCHED_TRAIN, _UNMATCHED_DEV = ("Breast", "Lung"), ("Prostate",)
+
+
+def label_agreement(inst: np.ndarray, ignore: np.ndarray, truth_inst: np.ndarray, truth_ignore: np.ndarray,
+                    ) -> dict[str, int]:
+    """How one tile's ST training maps label the true nuclei and the true background.
+
+    Each true nucleus (not ignored in the truth) is ``matched`` / ``ignored`` / ``background``
+    by where most of its pixels are in the ST maps (in an ST nucleus, ``ignore``, neither).
+    Pixel counts: ``nucleus_px`` / ``nucleus_px_bg`` (true nucleus pixels, and those labelled
+    background), ``bg_px`` / ``bg_px_ignored`` (true background, and that ignored).
+    """
+    cat = np.where(inst > 0, 0, np.where(np.asarray(ignore) > 0, 1, 2))
+    valid = (truth_inst > 0) & (truth_ignore == 0)
+    _, t = np.unique(truth_inst[valid], return_inverse=True)
+    cnt = np.zeros((int(t.max()) + 1 if t.size else 0, 3), np.int64)
+    np.add.at(cnt, (t, cat[valid]), 1)
+    kind = np.bincount(cnt.argmax(1), minlength=3) if len(cnt) else np.zeros(3, np.int64)
+    tb = (truth_inst == 0) & (truth_ignore == 0)
+    return {"matched": int(kind[0]), "ignored": int(kind[1]), "background": int(kind[2]),
+            "nucleus_px": int(valid.sum()), "nucleus_px_bg": int((valid & (cat == 2)).sum()),
+            "bg_px": int(tb.sum()), "bg_px_ignored": int((tb & (cat == 1)).sum())}
+
+
+def _dev_raw_stores(data_dir: str, run_dir: str, seed: int = 0) -> tuple[Path, Path]:
+    """The development cohort (MoNuSeg Breast, Lung, Prostate of the shipped subset) with its
+    ST labels and *unrefined* ST / manual tile stores of all its images (``stlib.realtissue``)."""
+    from stlib.demo.realtissue import load_source_images, make_realtissue_cohort
+    from stlib.io.cohort import cohort_table
+    from stlib.realtissue import build_stores, natural_sorted, st_labels
+
+    organs = set(_UNMATCHED_TRAIN) | set(_UNMATCHED_DEV)
+    imgs = [x for x in load_source_images("realtissue") if x.organ in organs]
+    make_realtissue_cohort(data_dir, imgs, seed=seed, heldout_organs=_UNMATCHED_DEV, pannuke=None)
+    table = cohort_table(data_dir)
+    table = table[table["organ"].isin(organs)].assign(role="train")
+    st_labels(data_dir, run_dir, natural_sorted(table["sample"]), seed=seed)
+    p = build_stores(data_dir, run_dir, table, um_per_px=TARGET_UM_PER_PX_40X, tile_px=_TILES.tile_px, seed=seed,
+                     refine_masks=False)
+    return p["st"], p["truth"]
+
+
+def unmatched_label_quality(st_store: str | Path, truth_store: str | Path, configs: dict[str, Any], *,
+                            repeats: int = 3) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Refine an unrefined ST store's tiles with each :class:`~stlib.config.RefineConfig` of
+    ``configs`` and count, per organ, how the result labels the truth (:func:`label_agreement`),
+    plus the new ignore blobs (``n_blobs``, and ``blob_precision``: the share of them with at
+    least 25 % true-nucleus pixels). Also times :func:`~stlib.labels.refine.refine_label_maps`
+    per tile, one thread, with ``unmatched_ignore`` off and on alternately (``repeats`` passes)."""
+    from dataclasses import replace
+
+    from scipy import ndimage as ndi
+
+    from stlib.io.tiles import TileStore
+    from stlib.labels.refine import refine_label_maps
+    from stlib.utils import InputError
+
+    st, tr = TileStore(st_store), TileStore(truth_store)
+    if st.info.get("refinement") is not None:
+        raise InputError("the ST store is already refined", path=st.path, fix="build it with refine_masks=False")
+    if not np.array_equal(st.meta[["sample", "x0", "y0"]].to_numpy(), tr.meta[["sample", "x0", "y0"]].to_numpy()):
+        raise InputError("the ST and truth stores hold different tiles", path=tr.path, fix="build them together")
+    um = st.um_per_px
+    rows = []
+    for name, cfg in configs.items():
+        agg: dict[str, dict[str, int]] = {}
+        for i in range(len(st)):
+            a, b = st[i], tr[i]
+            inst, _, ign, _, _ = refine_label_maps(a["image"], a["inst"], a["type"], a["ignore"], a["conf"],
+                                                   um_per_px=um, config=cfg)
+            g = agg.setdefault(str(st.meta["organ"][i]), {"n_blobs": 0, "blobs_on_nuclei": 0, "new_px": 0,
+                                                           "new_px_true_bg": 0})
+            for k, v in label_agreement(inst, ign, b["inst"], b["ignore"]).items():
+                g[k] = g.get(k, 0) + v
+            if cfg.unmatched_ignore:
+                base = refine_label_maps(a["image"], a["inst"], a["type"], a["ignore"], a["conf"], um_per_px=um,
+                                         config=replace(cfg, unmatched_ignore=False))[2]
+                new = (ign > 0) & (base == 0)
+                lab, n = ndi.label(new)
+                if n:
+                    on_nuc = ndi.mean((b["inst"] > 0) & (b["ignore"] == 0), lab, np.arange(1, n + 1))
+                    g["n_blobs"] += n
+                    g["blobs_on_nuclei"] += int((on_nuc >= 0.25).sum())
+                g["new_px"] += int(new.sum())
+                g["new_px_true_bg"] += int((new & (b["inst"] == 0) & (b["ignore"] == 0)).sum())
+        for organ, g in sorted(agg.items()):
+            n_true = g["matched"] + g["ignored"] + g["background"]
+            rows.append({"config": name, "organ": organ, "n_true": n_true,
+                         **{k: round(g[k] / n_true, 4) for k in ("matched", "ignored", "background")},
+                         "true_nucleus_px_background": round(g["nucleus_px_bg"] / g["nucleus_px"], 4),
+                         "true_bg_px_ignored": round(g["bg_px_ignored"] / g["bg_px"], 4),
+                         "new_ignored_px": g["new_px"],
+                         "new_ignored_px_true_bg": round(g["new_px_true_bg"] / g["new_px"], 4) if g["new_px"] else None,
+                         "n_blobs": g["n_blobs"],
+                         "blob_precision": round(g["blobs_on_nuclei"] / g["n_blobs"], 4) if g["n_blobs"] else None})
+    timing = _time_unmatched(st, um, next(c for c in configs.values() if c.unmatched_ignore), repeats)
+    return rows, timing
+
+
+def _time_unmatched(st: Any, um: float, cfg: Any, repeats: int) -> dict[str, Any]:
+    """Thread-CPU ms per tile of ``refine_label_maps`` with ``cfg`` and with its ``unmatched_ignore``
+    off, alternating tile by tile so that both see the same load."""
+    from dataclasses import replace
+
+    from stlib.labels.refine import refine_label_maps
+
+    off = replace(cfg, unmatched_ignore=False)
+    tiles = [st[i] for i in range(len(st))]
+    keys = ("image", "inst", "type", "ignore", "conf")
+    for c in (off, cfg):
+        refine_label_maps(*(tiles[0][k] for k in keys), um_per_px=um, config=c)  # warm-up
+    cpu = {"off": 0.0, "on": 0.0}
+    for _ in range(repeats):
+        for t in tiles:
+            for name, c in (("off", off), ("on", cfg)):
+                c0 = time.thread_time()
+                refine_label_maps(*(t[k] for k in keys), um_per_px=um, config=c)
+                cpu[name] += time.thread_time() - c0
+    n = repeats * len(tiles)
+    return {"tiles": len(tiles), "repeats": repeats, "tile_px": int(st.tile_px),
+            "cpu_ms_per_tile_off": round(1e3 * cpu["off"] / n, 3), "cpu_ms_per_tile_on": round(1e3 * cpu["on"] / n, 3),
+            "added_cpu_ms_per_tile": round(1e3 * (cpu["on"] - cpu["off"]) / n, 3),
+            "loadavg": [round(v, 2) for v in os.getloadavg()]}
+
+
+def unmatched_training(data_dir: str, run_root: str, *, steps: int, seed: int = 0) -> list[dict[str, Any]]:
+    """The real-tissue chapter's ST-trained network with ``unmatched_ignore`` off and on: trained
+    on the development split's train organs (the chapter's recipe, ``steps`` steps, one thread),
+    scored against the manual outlines of the development organ's images (bPQ, Dice, AJI,
+    detection F1 per image). Runs live in ``{run_root}-off`` / ``{run_root}-on``; finished ones are reused."""
+    import torch
+
+    from stlib.config import RefineConfig
+    from stlib.io.cohort import cohort_table
+    from stlib.realtissue import (STORE, RecipeConfig, build_stores, load_test_images, natural_sorted, score_images,
+                                  st_labels)
+    from stlib.train import TrainConfig, train
+
+    torch.set_num_threads(1)
+    table = cohort_table(data_dir)
+    train_s = natural_sorted(table.loc[table["organ"].isin(_UNMATCHED_TRAIN), "sample"])
+    dev = load_test_images(data_dir, natural_sorted(table.loc[table["organ"].isin(_UNMATCHED_DEV), "sample"]))
+    r = RecipeConfig(seed=seed, device="cpu")
+    rows = []
+    for variant in ("off", "on"):
+        run = f"{run_root}-{variant}"
+        st_labels(data_dir, run, train_s, seed=seed)
+        build_stores(data_dir, run, table[table["sample"].isin(train_s)].assign(role="train"),
+                     um_per_px=TARGET_UM_PER_PX_40X, tile_px=_TILES.tile_px, seed=seed,
+                     refinement=RefineConfig(unmatched_ignore=variant == "on"))
+        cfg = TrainConfig(recipe="st", run_dir=run, stores=(f"tiles/{STORE}",), out_dir="models/dev/st",
+                          train_splits=("train", "val"), val_splits=("val",), val_max_tiles=4, encoder=r.encoder,
+                          steps=steps, batch_size=r.batch_size, crop_px=r.crop_px, lr=r.lr, aug_hed=r.aug_hed,
+                          aug_scale=r.aug_scale, seed=r.seed, device="cpu", val_every=steps, ckpt_every=100,
+                          warmup_steps=r.warmup_steps, num_workers=1)
+        res = train(cfg, resume="auto")
+        per, _ = score_images({f"ST, unmatched_ignore {variant}": res.model_path}, dev, device="cpu")
+        for row in per.to_dict("records"):
+            rows.append({"unmatched_ignore": variant, "image": row["image"], "organ": row["organ"], "steps": steps,
+                         **{k: round(float(row[k]), 4) for k in ("bpq", "dice", "aji", "f_d")}})
+    return rows
+
+
+def bench_unmatched_main(argv: list[str]) -> int:
+    """``stlib bench unmatched``: label quality, cost and (``--train-steps``) training effect of
+    ``RefineConfig.unmatched_ignore`` on the real-tissue development split, into one JSON.
+
+    Builds (or reuses) the development cohort of the shipped MoNuSeg subset (Breast, Lung, Prostate;
+    never the chapter's held-out organs) and its unrefined tile stores, then sweeps the step's
+    thresholds over all its tiles (:func:`unmatched_label_quality`), and with ``--train-steps N``
+    trains the ST network off and on (:func:`unmatched_training`; Breast + Lung, scored on Prostate).
+    """
+    from stlib.config import RefineConfig
+
+    p = argparse.ArgumentParser(prog="stlib bench unmatched", description=bench_unmatched_main.__doc__)
+    p.add_argument("--data-dir", default="data/realtissue-dev")
+    p.add_argument("--run-dir", default="runs/realtissue-dev-raw", help="run folder of the unrefined stores")
+    p.add_argument("--edge-fractions", type=float, nargs="+", default=[0.4, 0.5, 0.6])
+    p.add_argument("--min-um2", type=float, nargs="+", default=[8.0, 15.0])
+    p.add_argument("--max-um2", type=float, nargs="+", default=[150.0, 400.0])
+    p.add_argument("--repeats", type=int, default=3, help="timing passes over the tiles")
+    p.add_argument("--train-steps", type=int, default=0, help="also train the ST network off / on (0: no)")
+    p.add_argument("--train-run-dir", default="runs/realtissue-dev", help="training runs: {this}-off, {this}-on")
+    p.add_argument("--demo-seeds", type=int, nargs="*", default=[],
+                   help="also check the step on demo cohorts of these development seeds (stlib.robustness.DEV_SEEDS)")
+    p.add_argument("--demo-workdir", default=None, help="where the demo cohorts are written (default: a temp folder)")
+    p.add_argument("--out", default="benchmarks/unmatched_ignore.json")
+    a = p.parse_args(argv)
+    st, truth = _dev_raw_stores(a.data_dir, a.run_dir)
+    configs = {"off": RefineConfig(unmatched_ignore=False)}
+    for f in a.edge_fractions:
+        for lo in a.min_um2:
+            for hi in a.max_um2:
+                configs[f"on: edge {f}, {lo}-{hi} µm²"] = RefineConfig(
+                    unmatched_ignore=True, unmatched_edge_fraction=f, unmatched_min_um2=lo, unmatched_max_um2=hi)
+    rows, timing = unmatched_label_quality(st, truth, configs, repeats=a.repeats)
+    res: dict[str, Any] = {
+        "benchmark": "unmatched", "label_quality": rows, "timing": timing,
+        "data": "MoNuSeg Breast (4 images), Lung (3), Prostate (2) of the shipped subset: real H&E and manual "
+                "nuclei, simulated Xenium layer (stlib.demo.realtissue, seed 0); the chapter's held-out organs "
+                "(Kidney, Bowel / CoNSeP) are not used",
+        "what": "label_quality: each true nucleus is matched / ignored / background by where most of its pixels "
+                "are in the refined ST maps, per organ and RefineConfig; timing: refine_label_maps thread-CPU ms "
+                "per 256-px tile with unmatched_ignore off and on (first 'on' config)"}
+    if a.train_steps > 0:
+        res["training"] = unmatched_training(a.data_dir, a.train_run_dir, steps=a.train_steps)
+        res["training_note"] = ("ST network only (the chapter's recipe: small encoder, batch 8 x 128 px at "
+                                "0.25 µm/px, lr 0.004, cosine), trained on Breast + Lung, scored on the 2 Prostate "
+                                "images")
+    if a.demo_seeds:
+        from stlib.robustness import DEV_SEEDS
+
+        if not set(a.demo_seeds) <= set(DEV_SEEDS):
+            p.error(f"--demo-seeds must be development seeds ({DEV_SEEDS[0]}-{DEV_SEEDS[-1]})")
+        with tempfile.TemporaryDirectory(dir=a.demo_workdir) as tmp:
+            res["demo"] = unmatched_demo_check(a.demo_seeds, tmp)
+        res["demo_note"] = ("demo cohorts (synthetic H&E: rendered nuclei on a smooth stain), per seed, counts per "
+                            "tile (a nucleus on two tiles counts twice); shows the mechanics (what is newly ignored, "
+                            "that ST nuclei are never), not how the step behaves on real tissue")
+    res["machine"] = machine_info()
+    res["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    res["command"] = "stlib bench unmatched " + " ".join(argv)
+    write_json(a.out, res)
+    print(f"added_cpu_ms_per_tile={timing['added_cpu_ms_per_tile']} -> {a.out}")
+    return 0
+
+
+def unmatched_demo_check(seeds: Sequence[int], workdir: str | Path, *, config: Any = None) -> list[dict[str, Any]]:
+    """``unmatched_ignore`` on written demo cohorts (development seeds): what it newly ignores.
+
+    For each seed: the demo cohort (realistic demo scale), every sample aligned and labelled, its
+    unrefined ST store and the truth on the same tiles; then each tile is refined with
+    ``unmatched_ignore`` off and on (``config``, default: :class:`~stlib.config.RefineConfig` with it on).
+    Per seed: the share of tile pixels newly ignored, the share of those that are true background,
+    the true nuclei without an ST nucleus whose pixels it ignores, and, for the true nuclei that
+    the ST layer covers, how many have (uncovered) pixels newly ignored and the ST-nucleus pixels newly
+    ignored (0 by construction); and :func:`label_agreement`'s matched / ignored / background nuclei off and on.
+    The demo's H&E is synthetic (rendered nuclei on a smooth stain), so this checks the mechanics,
+    not how real tissue looks.
+    """
+    import dataclasses as _dc
+    import shutil
+    import warnings
+
+    from stlib.config import RefineConfig
+    from stlib.demo import make_cohort
+    from stlib.demo.config import config_for_scale
+    from stlib.io import cohort
+    from stlib.io.tiles import TileStore
+    from stlib.labels import derive
+    from stlib.labels.refine import refine_label_maps
+    from stlib.tiles.stage import build_tile_stores
+
+    on = config or RefineConfig(unmatched_ignore=True)
+    off = _dc.replace(on, unmatched_ignore=False)
+    dcfg = _dc.replace(config_for_scale("demo"), pannuke_per_fold=0, raw_bundles=0)
+    rows = []
+    for s in seeds:
+        root = Path(workdir) / f"seed{s}"
+        data = make_cohort(root / "data", seed=int(s), config=dcfg)
+        hest, table = cohort.hest_dir(data), cohort.cohort_table(data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for sid in table["sample"]:
+                derive.derive_sample(hest, sid, root / "run", truth_dir=data / "truth", neighbors_method="gauss",
+                                     align=True)
+            p = build_tile_stores(hest, table, root / "run", truth_dir=data / "truth", refine_masks=False)
+        st, tr = TileStore(p["st"]), TileStore(p["truth"])
+        c = dict.fromkeys(("px", "new_px", "new_px_true_bg", "st_px_new", "uncovered", "uncovered_hit", "covered",
+                           "covered_hit"), 0)
+        for i in range(len(st)):
+            a, b = st[i], tr[i]
+            args = (a["image"], a["inst"], a["type"], a["ignore"], a["conf"])
+            r0 = refine_label_maps(*args, um_per_px=st.um_per_px, config=off)
+            r1 = refine_label_maps(*args, um_per_px=st.um_per_px, config=on)
+            new = (r1[2] > 0) & (r0[2] == 0)
+            t = b["inst"] * (b["ignore"] == 0)
+            covered = np.unique(t[(t > 0) & (r0[0] > 0)])
+            true_ids = np.unique(t[t > 0])
+            hit = np.unique(t[new & (t > 0)])
+            c["px"] += t.size
+            c["new_px"] += int(new.sum())
+            c["new_px_true_bg"] += int((new & (b["inst"] == 0)).sum())
+            c["st_px_new"] += int((new & (r0[0] > 0)).sum())
+            c["covered"] += covered.size
+            c["covered_hit"] += int(np.isin(hit, covered).sum())
+            c["uncovered"] += true_ids.size - covered.size
+            c["uncovered_hit"] += int((~np.isin(hit, covered)).sum())
+            for k, r in (("off", r0), ("on", r1)):
+                for cat, v in label_agreement(r[0], r[2], b["inst"], b["ignore"]).items():
+                    c[f"{cat}_{k}"] = c.get(f"{cat}_{k}", 0) + v
+        rows.append({"seed": int(s), "tiles": len(st), "newly_ignored_px_fraction": round(c["new_px"] / c["px"], 5),
+                     "newly_ignored_true_bg_fraction": (round(c["new_px_true_bg"] / c["new_px"], 4)
+                                                        if c["new_px"] else None),
+                     "true_nuclei_without_st_nucleus": c["uncovered"],
+                     "of_which_newly_ignored": c["uncovered_hit"],
+                     "true_nuclei_covered_by_st": c["covered"],
+                     "covered_with_pixels_newly_ignored": c["covered_hit"],
+                     "st_nucleus_px_newly_ignored": c["st_px_new"],
+                     **{f"true_nuclei_{cat}_{k}": c[f"{cat}_{k}"] for k in ("off", "on")
+                        for cat in ("matched", "ignored", "background")},
+                     **{f"true_nucleus_px_background_{k}": round(c[f"nucleus_px_bg_{k}"] / c[f"nucleus_px_{k}"], 4)
+                        for k in ("off", "on")}})
+        shutil.rmtree(root, ignore_errors=True)
+    return rows

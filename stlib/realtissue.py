@@ -139,18 +139,22 @@ def st_labels(data_dir: str | Path, run_dir: str | Path, samples: Sequence[str],
 
 
 def build_stores(data_dir: str | Path, run_dir: str | Path, table: pd.DataFrame, *, um_per_px: float = 0.5,
-                 tile_px: int = 256, seed: int = 0, refine_masks: bool = True) -> dict[str, Path]:
+                 tile_px: int = 256, seed: int = 0, refine_masks: bool = True,
+                 refinement: Any = None) -> dict[str, Path]:
     """``tiles/rt`` (ST-derived masks) and ``tiles/rt_truth`` (manual masks) of the same tiles.
 
     ``table`` = cohort rows (``sample``, ``organ``, ``role``) of the samples to cut, normally the
-    training samples. Uses :func:`stlib.tiles.stage.build_tile_stores` (idempotent).
+    training samples. Uses :func:`stlib.tiles.stage.build_tile_stores` (idempotent), with the main
+    study's ST label path; ``refinement`` (:class:`stlib.config.RefineConfig`, default: its
+    defaults) sets the mask refinement, e.g. ``unmatched_ignore``.
     """
     from stlib.io.cohort import hest_dir
     from stlib.tiles.stage import build_tile_stores
 
     return build_tile_stores(hest_dir(data_dir), table[["sample", "organ", "role"]], run_dir, um_per_px=um_per_px,
                              tile_px=tile_px, truth_dir=Path(data_dir) / "truth", seed=seed, name=STORE,
-                             labels_name=SEG_LABELS, refine_masks=refine_masks)
+                             labels_name=SEG_LABELS, refine_masks=refine_masks,
+                             **({} if refinement is None else {"refinement": refinement}))
 
 
 # ----------------------------------------------------------------------------- training
@@ -259,7 +263,8 @@ def _train_job(job: tuple[Any, str, tuple[int, ...]]) -> Any:
 def budget_curve(data_dir: str | Path, run_dir: str | Path, train_samples: Sequence[str],
                  dev_samples: Sequence[str], *, budgets: Sequence[int] = (150, 300, 500, 750, 1000),
                  recipe: RecipeConfig | None = None, um_per_px: float = _RT.um_per_px, tile_px: int = _RT.tile_px,
-                 refine_masks: bool = True, seed: int = 0, out: str | Path | None = None) -> pd.DataFrame:
+                 refine_masks: bool = True, seed: int = 0, out: str | Path | None = None,
+                 refinement: Any = None) -> pd.DataFrame:
     """bPQ against the training budget, for ST-derived and manual masks, on development images.
 
     A *development* split of a real-tissue cohort: both networks train on ``train_samples``
@@ -284,6 +289,8 @@ def budget_curve(data_dir: str | Path, run_dir: str | Path, train_samples: Seque
         Everything but ``steps`` (default: the chapter's recipe).
     out
         Optional result file (``.csv``), written atomically with one row per (budget, method, image).
+    refinement
+        :class:`stlib.config.RefineConfig` of the ST masks (default: its defaults), see :func:`build_stores`.
 
     Returns
     -------
@@ -306,7 +313,8 @@ def budget_curve(data_dir: str | Path, run_dir: str | Path, train_samples: Seque
     table = cohort_table(data_dir)
     table = table[table["sample"].isin(list(train_samples))].assign(role="train")
     st_labels(data_dir, run_dir, list(train_samples), seed=seed)
-    build_stores(data_dir, run_dir, table, um_per_px=um_per_px, tile_px=tile_px, seed=seed, refine_masks=refine_masks)
+    build_stores(data_dir, run_dir, table, um_per_px=um_per_px, tile_px=tile_px, seed=seed, refine_masks=refine_masks,
+                 refinement=refinement)
     dev = load_test_images(data_dir, list(dev_samples))
     keep = ["model", "image", "organ", "bpq", "dice", "aji", "f_d"]
     frames = [score_images({"classical (Otsu + watershed)": "classical"}, dev)[0][keep].assign(steps=0)]
@@ -739,6 +747,8 @@ def budget_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--um-per-px", type=float, default=_RT.um_per_px)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/realtissue_budget.csv")
+    ap.add_argument("--unmatched-ignore", action=argparse.BooleanOptionalAction, default=None,
+                    help="H&E nuclei without an ST nucleus: ignore (RefineConfig.unmatched_ignore; default: its default)")
     a = ap.parse_args(list(argv) if argv is not None else None)
     held = set(_RT.heldout_organs)
     if held & set(a.dev_organs) or held & set(a.train_organs):
@@ -752,8 +762,11 @@ def budget_main(argv: Sequence[str] | None = None) -> int:
     recipe = RecipeConfig(batch_size=a.batch_size, crop_px=a.crop_px, lr=a.lr, warmup_steps=a.warmup_steps,
                           np_thresh=a.np_thresh, marker_thresh=a.marker_thresh, min_size=a.min_size,
                           seed=a.seed, device="cpu")
+    from stlib.config import RefineConfig
+
+    refinement = None if a.unmatched_ignore is None else RefineConfig(unmatched_ignore=a.unmatched_ignore)
     curve = budget_curve(a.data_dir, a.run_dir, train, dev, budgets=a.budgets, recipe=recipe, um_per_px=a.um_per_px,
-                         seed=a.seed, out=a.out)
+                         seed=a.seed, out=a.out, refinement=refinement)
     print(budget_summary(curve).to_string(index=False))
     return 0
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pytest
+
 from stlib import bench
 
 
@@ -83,3 +86,56 @@ def test_slide_sample_found_again_after_its_folder_moved(tmp_path):
     assert again["hest_dir"] == str(tmp_path / "b" / "hest")
     assert again["truth_dir"] == str(tmp_path / "b" / "truth")
     assert (tmp_path / "b" / "hest" / "wsis" / "BENCH_SLIDE.tif").is_file()
+
+
+def test_label_agreement_counts_true_nuclei_by_their_st_label():
+    from stlib.bench import label_agreement
+
+    truth = np.zeros((20, 30), np.int32)
+    truth[2:6, 2:6] = 5   # covered by an ST nucleus
+    truth[2:6, 12:16] = 9  # ignored in the ST maps
+    truth[2:6, 22:26] = 2  # background in the ST maps (missed)
+    truth[12:16, 2:6] = 7  # ignored in the truth itself: not counted
+    t_ign = (truth == 7).astype(np.uint8)
+    inst = np.zeros_like(truth)
+    inst[2:6, 2:5] = 1  # 3 of 4 columns
+    ign = np.zeros_like(truth, np.uint8)
+    ign[1:7, 11:17] = 1  # the second nucleus and a rim of 20 background pixels
+    c = label_agreement(inst, ign, truth, t_ign)
+    assert (c["matched"], c["ignored"], c["background"]) == (1, 1, 1)
+    assert c["nucleus_px"] == 48 and c["nucleus_px_bg"] == 4 + 16
+    assert c["bg_px"] == 600 - 64 and c["bg_px_ignored"] == 20
+
+
+def test_unmatched_label_quality_on_small_stores(tmp_path):
+    """Two 128-px tiles, one nucleus of three missed by the ST layer: off it is background, on ignored."""
+    from test_refine import _unmatched_tile
+
+    from stlib.config import RefineConfig
+    from stlib.io.tiles import TileStoreWriter
+    from stlib.utils import InputError
+
+    true, img, st = _unmatched_tile()
+    paths = {}
+    for name, inst in (("st", st), ("truth", true)):
+        w = TileStoreWriter(tmp_path / name, tile_px=128, um_per_px=0.25, source=name)
+        for k in range(2):
+            w.add(image=img, inst=inst, sample="S1", organ="Breast", x0=128.0 * k, y0=0.0,
+                  type=(inst > 0).astype(np.uint8) * 2)
+        paths[name] = w.close(extra={"refinement": None})
+    configs = {"off": RefineConfig(), "on": RefineConfig(unmatched_ignore=True)}
+    rows, timing = bench.unmatched_label_quality(paths["st"], paths["truth"], configs, repeats=1)
+    off, on = rows
+    assert (off["config"], on["config"]) == ("off", "on") and off["n_true"] == on["n_true"] == 6  # 3 per tile
+    assert off["background"] == pytest.approx(1 / 3, abs=1e-4) and on["background"] == 0
+    assert on["ignored"] == pytest.approx(1 / 3, abs=1e-4) and on["matched"] == off["matched"]
+    assert on["n_blobs"] == 2 and on["blob_precision"] == 1.0 and off["n_blobs"] == 0
+    assert on["true_bg_px_ignored"] < 0.02 and off["true_bg_px_ignored"] == 0
+    assert timing["tiles"] == 2 and timing["cpu_ms_per_tile_on"] > 0
+    refined = tmp_path / "refined"
+    w = TileStoreWriter(refined, tile_px=128, um_per_px=0.25, source="st")
+    for k in range(2):
+        w.add(image=img, inst=st, sample="S1", organ="Breast", x0=128.0 * k, y0=0.0)
+    w.close(extra={"refinement": {"per_sample": {}}})
+    with pytest.raises(InputError, match="already refined"):
+        bench.unmatched_label_quality(refined, paths["truth"], configs)

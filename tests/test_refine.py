@@ -398,3 +398,86 @@ def test_bounded_zones_equal_the_full_feature_transform():
             own = lab[iy, ix]
             assert np.array_equal(got[0], np.where(d <= r, own, 0))
             assert np.array_equal(got[1], np.where((d > r) & (d <= r + rr), own, 0))
+
+
+# --------------------------------------------------------------------------------------
+# H&E nuclei without an ST nucleus become ignore (unmatched_ignore)
+# --------------------------------------------------------------------------------------
+
+def _unmatched_tile():
+    """Three true nuclei: two with an ST nucleus (one of them small: the ST layer covers it), one
+    the DAPI layer missed (a dark blob with no ST nucleus), plus a small dark speck."""
+    true = _ellipses((128, 128), [(30, 30), (95, 35), (60, 95)], [(11, 9), (10, 8), (12, 10)])
+    speck = _ellipses((128, 128), [(110, 110)], [(4, 4)])  # ~3 µm²: below the blob area range
+    true_all = np.where(speck > 0, 4, true)
+    img = _render(true_all, h_level=0.7, seed=5)
+    st = np.where(np.isin(true, [1, 2]), true * 10, 0).astype(np.int32)  # nucleus 3 missed by the ST layer
+    return true, img, st
+
+
+def test_unmatched_nucleus_becomes_ignore_and_st_nuclei_are_unchanged():
+    true, img, st = _unmatched_tile()
+    typ = np.where(st > 0, 2, 0).astype(np.uint8)
+    conf = np.where(st > 0, 150, 0).astype(np.uint8)
+    ign = np.zeros(st.shape, np.uint8)
+    off = refine_label_maps(img, st, typ, ign, conf, um_per_px=UM, config=RefineConfig(unmatched_ignore=False))
+    on = refine_label_maps(img, st, typ, ign, conf, um_per_px=UM, config=RefineConfig(unmatched_ignore=True))
+    missed = true == 3
+    assert not off[2][missed].any()  # off: the missed nucleus is taught as background
+    assert on[2][missed].mean() > 0.9 and (on[0][missed] == 0).all()  # on: ignored, not a nucleus
+    # nuclei the ST layer covers keep their instance, class and confidence; their pixels are not ignored
+    for k in range(4):
+        assert np.array_equal(on[k][~missed & (on[2] == 0)], off[k][~missed & (on[2] == 0)])
+    assert np.array_equal(on[0], off[0]) and np.array_equal(on[1], off[1]) and np.array_equal(on[3], off[3])
+    assert not on[2][on[0] > 0].any()
+    # true background stays background: only pixels at the missed nucleus's blurred edge are newly ignored
+    newly = (on[2] > 0) & (off[2] == 0)
+    assert (ndi.binary_dilation(missed, iterations=3) | ~newly).all()
+    assert not newly[true_bg_far(true)].any()
+    assert on[4].unmatched == 1 and on[4].unmatched_px == int(newly.sum()) and off[4].unmatched == 0
+    # the compiled path equals the reference with the step on
+    ref = refine_label_maps(img, st, typ, ign, conf, um_per_px=UM, config=RefineConfig(unmatched_ignore=True),
+                            reference=True)
+    for x, y in zip(on[:4], ref[:4]):
+        assert np.array_equal(x, y)
+    assert on[4] == ref[4]
+
+
+def true_bg_far(true: np.ndarray) -> np.ndarray:
+    """True background farther than 3 px from any nucleus."""
+    return ~ndi.binary_dilation(true > 0, iterations=3)
+
+
+def test_unmatched_nuclei_rules():
+    from stlib.labels.refine import tile_haematoxylin, unmatched_nuclei
+
+    true, img, st = _unmatched_tile()
+    h = tile_haematoxylin(img, um_per_px=UM)
+    assert np.array_equal(h, tile_haematoxylin(img, um_per_px=UM, reference=True))
+    ign = np.zeros(st.shape, bool)
+    mask, n = unmatched_nuclei(h, st, ign, um_per_px=UM)
+    assert n == 1 and mask[true == 3].mean() > 0.9 and not mask[st > 0].any()
+    # a blob that overlaps an ST nucleus is that nucleus, not an unmatched one
+    st_over = st.copy()
+    st_over[(true == 3) & (np.arange(128)[None, :] < 60)] = 77  # an ST nucleus on half of it
+    mask, n = unmatched_nuclei(h, st_over, ign, um_per_px=UM)
+    assert n == 1 and not mask[st_over > 0].any()  # only its uncovered half (still nucleus-sized) is ignored
+    st_cover = np.where(true == 3, 77, st)
+    assert unmatched_nuclei(h, st_cover, ign, um_per_px=UM)[1] == 0
+    # already-ignored pixels are not candidates; the area range bounds the blobs
+    assert unmatched_nuclei(h, st, true == 3, um_per_px=UM)[1] == 0
+    few = RefineConfig(unmatched_min_um2=1.0, unmatched_max_um2=5.0)  # the missed nucleus is ~24 µm²
+    assert not unmatched_nuclei(h, st, ign, um_per_px=UM, config=few)[0][true == 3].any()
+    small = RefineConfig(unmatched_min_um2=0.1)
+    assert unmatched_nuclei(h, st, ign, um_per_px=UM, config=small)[1] == 2  # now the speck too
+    # no ST nucleus in the tile: no nucleus level to compare with, nothing is ignored
+    assert unmatched_nuclei(h, np.zeros_like(st), ign, um_per_px=UM)[1] == 0
+    # an empty tile (flat stain) has no blob
+    flat = tile_haematoxylin(np.full((128, 128, 3), 200, np.uint8), um_per_px=UM)
+    assert unmatched_nuclei(flat, st, ign, um_per_px=UM)[1] == 0
+    with pytest.raises(ValueError, match="same"):
+        unmatched_nuclei(h[:10], st, ign, um_per_px=UM)
+    with pytest.raises(ValueError, match="unmatched_edge_fraction"):
+        RefineConfig(unmatched_edge_fraction=0.0)
+    with pytest.raises(ValueError, match="unmatched_min_um2"):
+        RefineConfig(unmatched_min_um2=10.0, unmatched_max_um2=5.0)

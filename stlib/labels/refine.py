@@ -23,7 +23,10 @@ boundary of *its own* nucleus in the H&E tile, keeping the ST identity and class
    times its ST area keeps its ST outline (the image disagrees too much to trust the snap); a
    nucleus with no haematoxylin contrast at all (below ``min_rel_contrast`` of the tile's
    median nucleus contrast, or below an absolute floor) is a DAPI nucleus not seen in the H&E (another plane, a fold) and
-   becomes ``ignore``: it is neither taught as a nucleus nor as background.
+   becomes ``ignore``: it is neither taught as a nucleus nor as background;
+6. optionally (``unmatched_ignore``), the reverse case: an H&E nucleus without an ST nucleus (one
+   the DAPI layer missed) becomes ``ignore`` rather than background (:func:`unmatched_nuclei`,
+   on the same haematoxylin image).
 
 The watershed, the colour deconvolution and the label statistics come from scikit-image and
 scipy; what is written here is only the per-nucleus composition, which no library offers
@@ -45,7 +48,7 @@ from scipy import ndimage as ndi
 from stlib.config import RefineConfig
 
 __all__ = ["RefineConfig", "RefineStats", "haematoxylin", "refine_instances", "refine_instances_reference",
-           "refine_label_maps"]
+           "refine_label_maps", "tile_haematoxylin", "unmatched_nuclei"]
 
 
 @dataclass
@@ -54,7 +57,9 @@ class RefineStats:
 
     ``n``: nuclei seen; ``refined``: outline moved to the H&E boundary; ``kept_st``: guard kept
     the ST outline; ``not_visible``: no H&E contrast, set to ignore; ``area_st`` /
-    ``area_refined``: pixel areas of the refined nuclei before and after.
+    ``area_refined``: pixel areas of the refined nuclei before and after; ``unmatched`` /
+    ``unmatched_px``: H&E nuclei without an ST nucleus set to ignore (:func:`unmatched_nuclei`)
+    and their pixels.
     """
 
     n: int = 0
@@ -63,11 +68,14 @@ class RefineStats:
     not_visible: int = 0
     area_st: int = 0
     area_refined: int = 0
+    unmatched: int = 0
+    unmatched_px: int = 0
 
     def __add__(self, other: RefineStats) -> RefineStats:
         return RefineStats(self.n + other.n, self.refined + other.refined, self.kept_st + other.kept_st,
                            self.not_visible + other.not_visible, self.area_st + other.area_st,
-                           self.area_refined + other.area_refined)
+                           self.area_refined + other.area_refined, self.unmatched + other.unmatched,
+                           self.unmatched_px + other.unmatched_px)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -161,7 +169,7 @@ def _kernel_constants(smooth_px: float) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def refine_instances(image: np.ndarray, inst: np.ndarray, *, um_per_px: float,
-                     config: RefineConfig | None = None,
+                     config: RefineConfig | None = None, h: np.ndarray | None = None,
                      ) -> tuple[np.ndarray, np.ndarray, RefineStats]:
     """Snap the instances ``inst`` to the haematoxylin boundaries of ``image``.
 
@@ -180,6 +188,9 @@ def refine_instances(image: np.ndarray, inst: np.ndarray, *, um_per_px: float,
         Resolution of the tile.
     config
         :class:`RefineConfig` (defaults when omitted).
+    h
+        The tile's smoothed haematoxylin (:func:`tile_haematoxylin`) when the caller already has
+        it (:func:`refine_label_maps` with ``unmatched_ignore``); computed here otherwise.
 
     Returns
     -------
@@ -213,7 +224,8 @@ def refine_instances(image: np.ndarray, inst: np.ndarray, *, um_per_px: float,
     r = max(1.0, cfg.grow_um / um_per_px)
     rc = max(1.0, cfg.core_um / um_per_px)
     rr = max(1.0, cfg.ring_um / um_per_px)
-    h = K.haematoxylin_smoothed(np.ascontiguousarray(img), lut, hcol, w)
+    if h is None:
+        h = K.haematoxylin_smoothed(np.ascontiguousarray(img), lut, hcol, w)
     near, ring, outside, core = K.zones(local, interior, n, r, rr, rc)
     # the medians, contrasts, visibility and thresholds of refine_instances_reference, compiled
     thr, not_vis = K.thresholds(h, core, ring, outside, n, float(cfg.edge_fraction), float(cfg.min_rel_contrast),
@@ -324,11 +336,14 @@ def refine_label_maps(image: np.ndarray, inst: np.ndarray, type_map: np.ndarray,
     """:func:`refine_instances` on a tile's label maps; class and confidence follow the instance.
 
     ``ignore`` pixels are never changed (an excluded region stays excluded and its nuclei are
-    left as rasterised); nuclei not visible in the H&E are added to ``ignore``. Returns
+    left as rasterised); nuclei not visible in the H&E are added to ``ignore``, and with
+    ``config.unmatched_ignore`` so are H&E nuclei that no ST nucleus covers
+    (:func:`unmatched_nuclei`, on the haematoxylin image the refinement computes anyway). Returns
     ``(inst, type, ignore, conf, stats)`` as new arrays. ``reference=True`` runs
     :func:`refine_instances_reference` instead (same result, slower; for tests and benchmarks).
     """
     inst = np.asarray(inst)
+    cfg = config or RefineConfig()
     if not reference and inst.ndim == 2 and np.shape(ignore) == inst.shape:
         from stlib.labels import _refine_kernels as K
 
@@ -336,14 +351,21 @@ def refine_label_maps(image: np.ndarray, inst: np.ndarray, type_map: np.ndarray,
     else:
         ign = np.asarray(ignore).astype(bool)
         work = np.where(ign, 0, inst)
-    fn = refine_instances_reference if reference else refine_instances
-    refined, not_vis, stats = fn(image, work, um_per_px=um_per_px, config=config)
+    # the haematoxylin of the unmatched-nuclei step is the refinement's own (computed once here);
+    # without an ST nucleus in the tile that step has no nucleus level to compare with, so none
+    h = tile_haematoxylin(image, um_per_px=um_per_px, config=cfg, reference=reference) \
+        if cfg.unmatched_ignore and work.any() else None
+    if reference:
+        refined, not_vis, stats = refine_instances_reference(image, work, um_per_px=um_per_px, config=config)
+    else:
+        refined, not_vis, stats = refine_instances(image, work, um_per_px=um_per_px, config=config, h=h)
     tm, cm = np.asarray(type_map), np.asarray(conf)
     if not reference and inst.ndim == 2 and refined.dtype == inst.dtype and tm.dtype == cm.dtype == np.uint8:
         from stlib.labels import _refine_kernels as K
 
         # the numpy lines below in one compiled pass (the same arrays; tested)
-        return (*K.follow_instances(inst, refined, ign, not_vis, tm, cm), stats)
+        maps = K.follow_instances(inst, refined, ign, not_vis, tm, cm)
+        return (*maps, _ignore_unmatched(h, maps[0], maps[2], stats, um_per_px, cfg))
     # per-instance class and confidence, read from the ST maps (constant over an instance)
     if reference:
         ids, pos = np.unique(inst, return_index=True)
@@ -361,4 +383,114 @@ def refine_label_maps(image: np.ndarray, inst: np.ndarray, type_map: np.ndarray,
     new_ignore = (ign | not_vis).astype(np.uint8)
     new_type[not_vis] = 0
     new_conf[not_vis] = 0
+    stats = _ignore_unmatched(h, new_inst, new_ignore, stats, um_per_px, cfg)
     return new_inst, new_type, new_ignore, new_conf, stats
+
+
+# --------------------------------------------------------------------------------------
+# H&E nuclei without an ST nucleus: ignore, not background
+# --------------------------------------------------------------------------------------
+
+def tile_haematoxylin(image: np.ndarray, *, um_per_px: float, config: RefineConfig | None = None,
+                      reference: bool = False) -> np.ndarray:
+    """The smoothed haematoxylin of a tile exactly as :func:`refine_instances` computes it.
+
+    float32 (H, W): the compiled colour deconvolution and Gaussian of the refinement for an RGB
+    uint8 tile, :func:`haematoxylin` (scikit-image / scipy, the same values) otherwise or with
+    ``reference``. Sigma: ``config.smooth_um`` in pixels.
+    """
+    cfg = config or RefineConfig()
+    if not um_per_px > 0:
+        raise ValueError(f"um_per_px must be positive, got {um_per_px}")
+    img = np.asarray(image)
+    smooth_px = float(cfg.smooth_um / um_per_px)
+    if reference or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        return haematoxylin(img, smooth_px=smooth_px).astype(np.float32, copy=False)
+    from stlib.labels import _refine_kernels as K
+
+    lut, hcol, w = _kernel_constants(smooth_px)
+    return K.haematoxylin_smoothed(np.ascontiguousarray(img), lut, hcol, w)
+
+
+def unmatched_nuclei(h: np.ndarray, inst: np.ndarray, ignore: np.ndarray, *, um_per_px: float,
+                     config: RefineConfig | None = None) -> tuple[np.ndarray, int]:
+    """H&E nuclei that no ST nucleus covers: dark, nucleus-sized haematoxylin blobs off the ST masks.
+
+    A nucleus the Xenium DAPI segmentation missed (out of the section plane, too faint, merged
+    away) is still a nucleus in the H&E. Left as background in the ST-derived training maps, it
+    teaches the network to miss nuclei; set to ``ignore`` it teaches nothing either way. Only the
+    H&E is used (on real data it is all there is):
+
+    1. the tile's nucleus level is the median haematoxylin over its ST nucleus pixels and its
+       background level the median over its other, not-ignored pixels (sampled once per µm);
+    2. candidates are pixels above ``background + unmatched_edge_fraction * (nucleus - background)``
+       that are neither in an ST nucleus nor ``ignore`` (the half-contrast edge of the refinement,
+       measured on the tile's typical nucleus instead of each nucleus);
+    3. a connected candidate blob (4-connectivity) of ``unmatched_min_um2`` to
+       ``unmatched_max_um2`` µm² is an unmatched nucleus. Smaller blobs are noise or the rim of an
+       ST nucleus, larger ones stroma or clumps that are not judged.
+
+    A blob is never part of an ST nucleus (those pixels are excluded in step 2), so nuclei that the
+    ST layer covers keep their labels. The connected components come from :func:`scipy.ndimage.label`.
+
+    Parameters
+    ----------
+    h
+        (H, W) haematoxylin optical density of the tile (:func:`tile_haematoxylin`).
+    inst
+        (H, W) ST instance ids after refinement (0 = background).
+    ignore
+        (H, W) bool / 0-1, pixels already ignored.
+    um_per_px
+        Resolution of the tile.
+    config
+        :class:`RefineConfig` (its ``unmatched_*`` fields; defaults when omitted).
+
+    Returns
+    -------
+    mask
+        (H, W) bool, the unmatched nuclei's pixels (all False in a tile without ST nucleus or
+        without haematoxylin contrast: there is no nucleus level to compare with).
+    n
+        The number of unmatched nuclei.
+    """
+    cfg = config or RefineConfig()
+    if not um_per_px > 0:
+        raise ValueError(f"um_per_px must be positive, got {um_per_px}")
+    h, inst = np.asarray(h), np.asarray(inst)
+    ign = np.asarray(ignore).astype(bool, copy=False)
+    if not h.shape == inst.shape == ign.shape or inst.ndim != 2:
+        raise ValueError(f"h {h.shape}, inst {inst.shape} and ignore {ign.shape} must be the same (H, W)")
+    none = np.zeros(inst.shape, bool)
+    nuc = inst > 0
+    free = ~nuc & ~ign
+    if not nuc.any() or not free.any():
+        return none, 0
+    step = max(1, int(round(1.0 / um_per_px)))
+    sample = h[::step, ::step][free[::step, ::step]]
+    if sample.size == 0:
+        sample = h[free]
+    fg, bg = float(np.median(h[nuc])), float(np.median(sample))
+    if not fg > bg:
+        return none, 0
+    cand = free & (h > bg + cfg.unmatched_edge_fraction * (fg - bg))
+    lab, n = ndi.label(cand)
+    if n == 0:
+        return none, 0
+    area = np.bincount(lab.ravel(), minlength=n + 1) * (um_per_px * um_per_px)
+    ok = (area >= cfg.unmatched_min_um2) & (area <= cfg.unmatched_max_um2)
+    ok[0] = False
+    return ok[lab], int(ok.sum())
+
+
+def _ignore_unmatched(h: np.ndarray | None, inst: np.ndarray, ignore: np.ndarray, stats: RefineStats,
+                      um_per_px: float, cfg: RefineConfig) -> RefineStats:
+    """Set the :func:`unmatched_nuclei` of a refined tile to ignore (in place, ``ignore`` is the
+    new uint8 map; its type and confidence are 0 there already) and count them in the stats."""
+    if h is None:
+        return stats
+    mask, n = unmatched_nuclei(h, inst, ignore, um_per_px=um_per_px, config=cfg)
+    if n:
+        ignore[mask] = 1
+        stats = stats + RefineStats(unmatched=n, unmatched_px=int(mask.sum()))
+    return stats
