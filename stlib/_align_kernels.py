@@ -25,7 +25,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["hed_h", "hed_lut", "window_stats", "gather_windows", "batched_phase_shift", "shifted_peak", "pearson_full",
+__all__ = ["hed_h", "hed_lut", "window_stats", "gather_windows", "batched_phase_shift", "pearson_full",
            "prep_windows", "shifted_peak_at", "global_sums", "pearson_from_sums", "percentile_threaded", "otsu_threaded",
            "fill_rings", "count_in_windows", "gaussian_weights", "gaussian_filter32", "map_linear_nearest", "map_points"]
 
@@ -62,10 +62,9 @@ def window_stats(h, mask, hmask, u0, v0, n, counts):  # pragma: no cover - compi
     zero-padded ``n x n`` window at each (u0, v0); NaN where ``counts == 0`` (as
     ``align._pearson`` / ``align._dice`` on the windows).
 
-    One pass per window: the sums of ``h``, ``h^2``, ``mask``, ``h * mask`` (float64), from
-    which the centred sums follow (``sum (a - ma)^2 = sum a^2 - (sum a)^2 / N``, the padding
-    counted as zeros); equal to the two-pass form to float rounding. A centred sum of squares
-    under 1e-12 of its raw sum counts as zero (a constant window: no correlation)."""
+    One pass per window (:func:`rect_sums`): the sums of ``h``, ``h^2``, ``mask``, ``h * mask``
+    (float64), from which the centred sums follow (``sum (a - ma)^2 = sum a^2 - (sum a)^2 / N``,
+    the padding counted as zeros); equal to the two-pass form to float rounding."""
     H, W = h.shape
     m = u0.size
     corr = np.full(m, np.nan)
@@ -74,34 +73,10 @@ def window_stats(h, mask, hmask, u0, v0, n, counts):  # pragma: no cover - compi
     for k in range(m):
         if counts[k] == 0:
             continue
-        sa = 0.0
-        saa = 0.0
-        sab = 0.0
-        inter = 0
-        sm = 0
-        shm = 0
-        for i in range(max(0, v0[k]), min(H, v0[k] + n)):
-            for j in range(max(0, u0[k]), min(W, u0[k] + n)):
-                a = np.float64(h[i, j])
-                sa += a
-                saa += a * a
-                if mask[i, j]:
-                    sab += a
-                    sm += 1
-                    if hmask[i, j]:
-                        inter += 1
-                if hmask[i, j]:
-                    shm += 1
-        sb = float(sm)
-        vaa = saa - sa * sa / N
-        vbb = sb - sb * sb / N
-        vab = sab - sa * sb / N
-        if vaa <= 1e-12 * saa:
-            vaa = 0.0
-        d = np.sqrt(vaa * vbb)
-        corr[k] = vab / d if d > 0 else np.nan
-        s = sm + shm
-        dice[k] = 2.0 * inter / s if s else np.nan
+        s = rect_sums(h, mask, hmask, max(0, v0[k]), min(H, v0[k] + n), max(0, u0[k]), min(W, u0[k] + n))
+        corr[k] = pearson_from_sums(s, N)
+        t = s[2] + s[4]
+        dice[k] = 2.0 * s[5] / t if t else np.nan
     return corr, dice
 
 
@@ -221,59 +196,14 @@ def prep_windows(h, b, u0, v0, n, hann):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def shifted_peak(h_win, b_win, dv, du):  # pragma: no cover - compiled
-    """Pearson correlation, over the interior ``[e:-e]`` (``e = ceil(max |shift|) + 1``), of each
-    ``h`` window with its ``b`` window moved by (dv, du) (bilinear, as ``ndimage.shift``
-    order 1); ``valid`` is False where the interior is under 8 px (no peak measured)."""
-    m, n, _ = h_win.shape
-    out = np.full(m, np.nan)
-    valid = np.zeros(m, np.bool_)
-    for k in range(m):
-        e = int(np.ceil(max(abs(du[k]), abs(dv[k])))) + 1
-        if n - 2 * e < 8:
-            continue
-        valid[k] = True
-        cnt = 0
-        sa = 0.0
-        sb = 0.0
-        buf = np.empty((n - 2 * e, n - 2 * e))
-        for i in range(e, n - e):
-            y = i - dv[k]
-            y0 = int(np.floor(y))
-            fy = y - y0
-            for j in range(e, n - e):
-                x = j - du[k]
-                x0 = int(np.floor(x))
-                fx = x - x0
-                v = ((1 - fy) * (1 - fx) * b_win[k, y0, x0] + (1 - fy) * fx * b_win[k, y0, x0 + 1]
-                     + fy * (1 - fx) * b_win[k, y0 + 1, x0] + fy * fx * b_win[k, y0 + 1, x0 + 1])
-                buf[i - e, j - e] = v
-                sa += h_win[k, i, j]
-                sb += v
-                cnt += 1
-        ma = sa / cnt
-        mb = sb / cnt
-        saa = 0.0
-        sbb = 0.0
-        sab = 0.0
-        for i in range(e, n - e):
-            for j in range(e, n - e):
-                a = h_win[k, i, j] - ma
-                b = buf[i - e, j - e] - mb
-                saa += a * a
-                sbb += b * b
-                sab += a * b
-        d = np.sqrt(saa * sbb)
-        out[k] = sab / d if d > 0 else np.nan
-    return out, valid
-
-
-@numba.njit(cache=True, nogil=True)
 def shifted_peak_at(h, b, u0, v0, n, dv, du):  # pragma: no cover - compiled
-    """:func:`shifted_peak` of the zero-padded ``n x n`` windows at (u0, v0) of the images ``h``
-    and ``b`` themselves (no gathered copies). The bilinear weights of a shift are the same for
-    every pixel of a window, so they are computed once per window, and the correlation is summed
-    in one pass (float64): equal to :func:`shifted_peak` to float rounding (tests)."""
+    """Pearson correlation, over the interior ``[e:-e]`` (``e = ceil(max |shift|) + 1``), of each
+    zero-padded ``n x n`` window of ``h`` at (u0, v0) with the same window of ``b`` moved by
+    (dv, du) (bilinear, as ``ndimage.shift`` order 1); ``valid`` is False where the interior is
+    under 8 px (no peak measured). Read from the images themselves (no gathered copies); the
+    bilinear weights of a shift are the same for every pixel of a window, so they are computed
+    once per window, and the correlation is summed in one pass (float64). Equal to the reference
+    path's ``ndimage.shift`` + ``_pearson`` to float rounding (tests)."""
     H, W = h.shape
     m = u0.size
     out = np.full(m, np.nan)
@@ -342,9 +272,15 @@ def pearson_full(h, mask):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def global_sums(h, mask, hmask, r0, r1):  # pragma: no cover - compiled
-    """Rows ``r0:r1``: sums of ``h``, ``h^2``, ``mask``, ``h * mask`` (float64) and the counts
-    of ``hmask`` and ``hmask & mask`` (the global Pearson correlation and Dice, one pass)."""
-    W = h.shape[1]
+    """Rows ``r0:r1``: :func:`rect_sums` over the whole width (the global Pearson correlation
+    and Dice, one pass)."""
+    return rect_sums(h, mask, hmask, r0, r1, 0, h.shape[1])
+
+
+@numba.njit(cache=True, nogil=True)
+def rect_sums(h, mask, hmask, i0, i1, j0, j1):  # pragma: no cover - compiled
+    """Over rows ``i0:i1`` and columns ``j0:j1``: sums of ``h``, ``h^2``, ``mask``, ``h * mask``
+    (float64) and the counts of ``hmask`` and ``hmask & mask``."""
     out = np.zeros(6)
     sa = 0.0
     saa = 0.0
@@ -352,8 +288,8 @@ def global_sums(h, mask, hmask, r0, r1):  # pragma: no cover - compiled
     sm = 0
     shm = 0
     inter = 0
-    for i in range(r0, r1):
-        for j in range(W):
+    for i in range(i0, i1):
+        for j in range(j0, j1):
             a = np.float64(h[i, j])
             sa += a
             saa += a * a
@@ -370,7 +306,9 @@ def global_sums(h, mask, hmask, r0, r1):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, nogil=True)
 def pearson_from_sums(s, N):  # pragma: no cover - compiled
-    """The Pearson correlation of :func:`global_sums`' totals over ``N`` pixels."""
+    """The Pearson correlation of :func:`rect_sums`' totals over ``N`` pixels (the padding counted
+    as zeros). A centred sum of squares under 1e-12 of its raw sum counts as zero (a constant
+    image: no correlation)."""
     vaa = s[1] - s[0] * s[0] / N
     vbb = s[2] - s[2] * s[2] / N
     vab = s[3] - s[0] * s[2] / N

@@ -332,8 +332,6 @@ def _warm_up() -> float:
     m = h > 0.5
     z = np.zeros(2, np.int64)
     AK.window_stats(h, m, m, z, z, 16, np.ones(2, np.int64))
-    w = AK.gather_windows(h, z, z, 16)
-    AK.shifted_peak(w, w, np.zeros(2), np.zeros(2))
     AK.pearson_full(h, m)
     AK.global_sums(h, m, m, 0, 40)
     hann = np.ones((16, 16), np.float32)

@@ -323,7 +323,7 @@ def test_compiled_decisions_equal_the_numpy_glue():
     """The per-nucleus decisions of refine_instances, compiled (thresholds, guards), against the
     numpy lines of refine_instances_reference, with labels lacking a ring and an empty outside."""
     from stlib.labels import _refine_kernels as K
-    from stlib.labels.refine import _guards, _label_median
+    from stlib.labels.refine import _guards, _thresholds_numpy
 
     cfg = RefineConfig()
     rng = np.random.default_rng(4)
@@ -337,23 +337,9 @@ def test_compiled_decisions_equal_the_numpy_glue():
         ring = np.where(rng.random((H, W)) < [0.3, 0.02, 0.0][trial % 3], rng.integers(1, n + 1, (H, W)), 0)
         ring = ring.astype(np.int32)
         outside = rng.random((H, W)) < (0.0 if trial % 5 == 0 else 0.5)
-        # the numpy lines of refine_instances_reference
-        fg = _label_median(h, core, n)
-        bg = _label_median(h, ring, n)
-        outs = h[outside]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # all-NaN slices
-            tile_bg = float(np.median(outs)) if outs.size else float(np.nanmin(fg[1:]))
-            bg = np.where(np.isfinite(bg), bg, tile_bg)
-            contrast = fg - bg
-            ref_contrast = float(np.nanmedian(contrast[1:]))
-        floor = cfg.min_contrast_od
-        if np.isfinite(ref_contrast) and ref_contrast > 0:
-            floor = max(floor, cfg.min_rel_contrast * ref_contrast)
-        not_vis = ~(contrast >= floor)
-        not_vis[0] = False
-        thr = bg + cfg.edge_fraction * contrast
-        thr[0] = np.inf
+            thr, not_vis = _thresholds_numpy(h, core, ring, outside, n, cfg)  # refine_instances_reference's
         thr_k, nv_k = K.thresholds(h, core, ring, outside, n, cfg.edge_fraction, cfg.min_rel_contrast,
                                    cfg.min_contrast_od)
         assert np.array_equal(thr_k, thr, equal_nan=True) and np.array_equal(nv_k, not_vis)

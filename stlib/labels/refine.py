@@ -285,21 +285,7 @@ def refine_instances_reference(image: np.ndarray, inst: np.ndarray, *, um_per_px
     thin = (local > 0) & ~has_core[local]
     core[thin] = local[thin]  # nuclei thinner than the erosion: their whole mask is the core
 
-    fg = _label_median(h, core, n)
-    bg = _label_median(h, ring, n)
-    outside = h[(owner == 0) | (dist > r)]
-    tile_bg = float(np.median(outside)) if outside.size else float(np.nanmin(fg[1:]))
-    bg = np.where(np.isfinite(bg), bg, tile_bg)
-    contrast = fg - bg
-    ref_contrast = float(np.nanmedian(contrast[1:]))
-    floor = cfg.min_contrast_od
-    if np.isfinite(ref_contrast) and ref_contrast > 0:
-        floor = max(floor, cfg.min_rel_contrast * ref_contrast)
-    not_vis = ~(contrast >= floor)
-    not_vis[0] = False
-
-    thr = bg + cfg.edge_fraction * contrast
-    thr[0] = np.inf
+    thr, not_vis = _thresholds_numpy(h, core, ring, (owner == 0) | (dist > r), n, cfg)
     above = h > thr[near]
 
     from skimage.filters import sobel
@@ -314,6 +300,31 @@ def refine_instances_reference(image: np.ndarray, inst: np.ndarray, *, um_per_px
     out = _clean(out, core)
 
     return _finish(ids, local, out, not_vis, cfg, inst.dtype)
+
+
+def _thresholds_numpy(h: np.ndarray, core: np.ndarray, ring: np.ndarray, outside: np.ndarray, n: int,
+                      cfg: RefineConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Per-nucleus edge threshold and "not visible" flag (numpy form; ``K.thresholds`` compiles it).
+
+    The nucleus level is the median haematoxylin of its core, the background that of its ring (the
+    tile's ``outside`` pixels where a nucleus has no ring); a nucleus whose contrast is below the
+    floor (absolute, or relative to the tile's median contrast) is not visible.
+    """
+    fg = _label_median(h, core, n)
+    bg = _label_median(h, ring, n)
+    outs = h[outside]
+    tile_bg = float(np.median(outs)) if outs.size else float(np.nanmin(fg[1:]))
+    bg = np.where(np.isfinite(bg), bg, tile_bg)
+    contrast = fg - bg
+    ref_contrast = float(np.nanmedian(contrast[1:]))
+    floor = cfg.min_contrast_od
+    if np.isfinite(ref_contrast) and ref_contrast > 0:
+        floor = max(floor, cfg.min_rel_contrast * ref_contrast)
+    not_vis = ~(contrast >= floor)
+    not_vis[0] = False
+    thr = bg + cfg.edge_fraction * contrast
+    thr[0] = np.inf
+    return thr, not_vis
 
 
 def _finish(ids: np.ndarray, local: np.ndarray, out: np.ndarray, not_vis: np.ndarray, cfg: RefineConfig,
