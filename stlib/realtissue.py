@@ -41,7 +41,8 @@ import numpy as np
 import pandas as pd
 
 from stlib.config import RealTissueParams, resolve_device
-from stlib.constants import (CONNECTIVE, EPITHELIAL, IGNORE, INFLAMMATORY, UNKNOWN_CLASSES, merge_epithelial)
+from stlib.constants import (CONNECTIVE, EPITHELIAL, IGNORE, INFLAMMATORY, TARGET_UM_PER_PX_40X, UNKNOWN_CLASSES,
+                             merge_epithelial)
 from stlib.layout import RunLayout
 from stlib.utils import InputError, atomic_path, cache_key, map_processes, progress, read_json, write_json
 
@@ -138,7 +139,7 @@ def st_labels(data_dir: str | Path, run_dir: str | Path, samples: Sequence[str],
     return pd.DataFrame(rows)
 
 
-def build_stores(data_dir: str | Path, run_dir: str | Path, table: pd.DataFrame, *, um_per_px: float = 0.5,
+def build_stores(data_dir: str | Path, run_dir: str | Path, table: pd.DataFrame, *, um_per_px: float = TARGET_UM_PER_PX_40X,
                  tile_px: int = 256, seed: int = 0, refine_masks: bool = True,
                  refinement: Any = None) -> dict[str, Path]:
     """``tiles/rt`` (ST-derived masks) and ``tiles/rt_truth`` (manual masks) of the same tiles.
