@@ -261,3 +261,18 @@ def test_tile_writer_thread_keeps_order_and_stops_after_a_failed_write():
             for i in range(40):
                 tw.submit(tile(i))
     assert w.got == [float(i) for i in range(5)]
+
+
+def test_count_ids_is_numpys_distinct_nonzero_count():
+    """The compiled id count of a tile (its runs of equal pixels) equals np.unique's, with and
+    without background, for the integer dtypes of the label maps."""
+    from stlib.tiles.slide import _count_ids
+
+    rng = np.random.default_rng(3)
+    for t in range(30):
+        H, W = (int(v) for v in rng.integers(1, 40, 2))
+        dtype = (np.int32, np.uint16, np.int64)[t % 3]
+        inst = np.repeat(rng.integers(0 if t % 2 else 1, 9, (H, (W + 2) // 3)), 3, axis=1)[:, :W].astype(dtype)
+        want = np.unique(inst[inst > 0]).size
+        assert _count_ids(inst) == want
+    assert _count_ids(np.zeros((4, 4), np.int32)) == 0

@@ -36,6 +36,8 @@ from typing import Any
 import numba
 import numpy as np
 
+from stlib.labels._refine_kernels import _runs
+
 __all__ = ["RowBands", "SlideTile", "default_workers", "iter_slide_tiles", "rasterise", "read_tile_image", "refine",
            "resample_tile"]
 
@@ -252,20 +254,11 @@ def _count_ids(inst: np.ndarray) -> int:
 @numba.njit(cache=True, nogil=True)
 def _count_runs_ids(flat):  # pragma: no cover - compiled
     """Distinct values of a non-empty 1-D integer array, less one when the smallest is 0 (the
-    numpy lines of :func:`_count_ids`), from its runs of equal values."""
-    nr = 1
-    for p in range(1, flat.size):
-        nr += flat[p] != flat[p - 1]
-    vals = np.empty(nr, flat.dtype)
-    vals[0] = flat[0]
-    r = 1
-    for p in range(1, flat.size):
-        if flat[p] != flat[p - 1]:
-            vals[r] = flat[p]
-            r += 1
-    vals.sort()
+    numpy lines of :func:`_count_ids`), from its runs of equal values (the refinement's run
+    finder, :func:`stlib.labels._refine_kernels._runs`)."""
+    vals = np.sort(_runs(flat)[1])
     k = 0
-    for t in range(nr):
+    for t in range(vals.size):
         if t == 0 or vals[t] != vals[t - 1]:
             k += 1
     return k - (1 if vals[0] == 0 else 0)
