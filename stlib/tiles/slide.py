@@ -16,7 +16,10 @@ thread cuts each tile's crop from the decoded bands and hands out finished tiles
 * the tile is resampled by :func:`resample_tile`, a compiled twin of the
   ``skimage.transform.resize(order=1)`` call of :func:`read_tile_image` (bit-identical
   output, tested), 20x faster;
-* at most ``4 x workers`` tiles are in flight, so memory stays bounded whatever the slide.
+* at most ``4 x workers`` tiles are in flight, so memory stays bounded whatever the slide;
+* the label maps are rendered without the HV maps (the store does not hold them), and freed
+  per-tile arrays stay with the process for the next tile (:func:`keep_freed_memory`) instead
+  of being faulted in again from the kernel.
 
 Each stage's busy time is added to a ``timings`` dict when one is given
 (``stlib bench derive`` reports them).
