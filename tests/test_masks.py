@@ -252,3 +252,18 @@ def test_iter_tiles_threads_same_result():
     assert [t for t, _ in one] == [t for t, _ in two]
     for (_, a), (_, b) in zip(one, two):
         assert np.array_equal(a.inst, b.inst) and np.array_equal(a.hv, b.hv)
+
+
+def test_render_without_hv_gives_the_same_maps():
+    """``TileRenderer.render(hv=False)`` (the tile stage, which stores no HV maps) skips only the HV
+    maps: instances, classes, ignore and confidence are those of the full render."""
+    rng = np.random.default_rng(11)
+    polys = [_random_star(rng, x, y, 7) for x, y in rng.uniform(0, 150, (120, 2))]
+    r = M.TileRenderer(polys, width=150, height=150, scale=1.3, tile_px=64, classes=rng.integers(1, 6, 120),
+                       confidence=rng.uniform(0, 1, 120), ignore_polygons=[shapely.box(20, 20, 40, 35)])
+    for i in range(len(r)):
+        a, b = r.render(i), r.render(i, hv=False)
+        assert b.hv is None and a.hv.shape == (2, 64, 64)
+        for k in ("inst", "type", "ignore", "conf", "ids", "clipped_ids"):
+            assert np.array_equal(getattr(a, k), getattr(b, k)), k
+        assert a.n_tiny == b.n_tiny

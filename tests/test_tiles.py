@@ -276,3 +276,19 @@ def test_count_ids_is_numpys_distinct_nonzero_count():
         want = np.unique(inst[inst > 0]).size
         assert _count_ids(inst) == want
     assert _count_ids(np.zeros((4, 4), np.int32)) == 0
+
+
+def test_keep_freed_memory_is_set_once_and_changes_no_result():
+    """The malloc setting of the tile stage takes effect on glibc (a no-op elsewhere), is idempotent,
+    and the compiled tile steps give the same arrays after it."""
+    import platform
+
+    from stlib.tiles.slide import keep_freed_memory, resample_tile
+
+    crop = np.random.default_rng(0).integers(0, 256, (60, 60, 3), dtype=np.uint8)
+    before = resample_tile(crop, 60.0, 64)
+    on = keep_freed_memory()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert on
+    assert keep_freed_memory() == on
+    assert np.array_equal(resample_tile(crop, 60.0, 64), before)

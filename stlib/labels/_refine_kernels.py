@@ -391,7 +391,8 @@ def _pop(hv, ha, hi, n):  # pragma: no cover - compiled
 @numba.njit(cache=True, nogil=True)
 def _sorted_seeds(img, out, seed):  # pragma: no cover - compiled
     """Seed markers by value (raster order among equal values) and the groups of equal value
-    holding more than one label ("mixed ties"): positions of their first member and sizes."""
+    holding more than one label ("mixed ties"): positions of their first member and sizes
+    (:func:`_watershed` finds the same groups from its ranks; the tests count tie cases with this)."""
     idx = np.flatnonzero(seed)
     vals = np.empty(idx.size, np.float32)
     for i in range(idx.size):
@@ -498,36 +499,146 @@ def _dense_ranks(vals):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _flood_buckets(img, out, inside, offs, seeds):  # pragma: no cover - compiled
-    """The flooding of :func:`watershed` with a bucket queue: the pushed values are
-    ``max(own, parent's)``, never below the value being popped (a monotone queue), and all of
-    them are values of seeds or unlabelled pixels. Ranked once, each distinct value gets a FIFO
-    bucket; within a bucket the seeds (age 0) come first and then the pixels in push (= age)
-    order, which is the (value, age) order of the heap."""
-    size = out.size
-    nfree = 0
-    for p in range(size):
-        if inside[p] and out[p] == 0:
-            nfree += 1
-    cand = np.empty(seeds.size + nfree, np.int64)  # the seeds, then the unlabelled pixels
-    cand[:seeds.size] = seeds
-    k = seeds.size
-    for p in range(size):
-        if inside[p] and out[p] == 0:
-            cand[k] = p
-            k += 1
-    vals = np.empty(cand.size, np.float32)
-    for i in range(cand.size):
-        v = np.float32(img[cand[i]])
-        vals[i] = v if v != 0 else np.float32(0.0)  # -0.0 and 0.0 compare equal: one key
-    rk, nb = _dense_ranks(vals)
+def watershed(image, markers):  # pragma: no cover - compiled
+    """``skimage.segmentation.watershed(image, markers)`` for 2-D float32 ``image`` (:func:`_watershed`)."""
+    return _watershed(image, markers, np.empty((0, 0), np.float32))
+
+
+@numba.njit(cache=True, nogil=True)
+def _watershed(image, markers, h_exact):  # pragma: no cover - compiled
+    """``skimage.segmentation.watershed(image, markers)`` for 2-D float32 ``image`` and
+    non-negative ``markers``.
+
+    scikit-image floods from all marker pixels with a binary heap ordered by (value, age):
+    markers enter in raster order with age 0, a pixel is labelled when it is pushed, with the
+    larger of its own value and its parent's and the next age, 4-neighbours in the order up,
+    left, right, down. Here, markers without an unlabelled neighbour (they never push a pixel)
+    are left out and the queue is a bucket queue (:func:`_flood_ranked`): the seeds enter their
+    buckets in raster order, which within a bucket (one value) is the heap's order. Every key is
+    distinct except ties between markers of one label, whose order cannot change a label, so
+    the labels are scikit-image's. When markers of different labels tie in value the heap's
+    own tie order could matter: for one or two tied pairs both orders of each pair are tried
+    and, if the labels agree, taken; otherwise all markers go into one binary heap exactly as in
+    scikit-image (:func:`_flood_exact`).
+
+    The bucket queue reads ``image`` only at the seeds and the unlabelled pixels; the binary
+    heap reads it at every marker. When ``h_exact`` is not empty, ``image`` may hold values only
+    at the unlabelled pixels and their 4-neighbours, and the heap path floods
+    ``sobel_magnitude(h_exact)`` instead (the full image).
+    """
+    H, W = image.shape
+    W2 = W + 2
+    size = (H + 2) * W2
+    out = np.full(size, -1, np.int32)  # -1: a frame around the image that is never flooded
+    for i in range(H):
+        for j in range(W):
+            out[(i + 1) * W2 + j + 1] = markers[i, j]
+    offs = np.array([-W2, -1, 1, W2])
+    # one raster pass: the seeds (markers with an unlabelled 4-neighbour) and the unlabelled
+    # pixels, with their values (-0.0 as 0.0: they compare equal, one key)
+    cand = np.empty(H * W, np.int64)
+    vals = np.empty(H * W, np.float32)
+    seed = np.empty(H * W, np.bool_)
+    m = 0
+    nmark = 0
+    for i in range(H):
+        base = (i + 1) * W2 + 1
+        for j in range(W):
+            p = base + j
+            o = out[p]
+            if o != 0:
+                nmark += 1
+                if not (out[p - W2] == 0 or out[p - 1] == 0 or out[p + 1] == 0 or out[p + W2] == 0):
+                    continue
+            v = np.float32(image[i, j])
+            cand[m] = p
+            vals[m] = v if v != 0 else np.float32(0.0)
+            seed[m] = o != 0
+            m += 1
+    rk, nb = _dense_ranks(vals[:m])
     rank = np.empty(size, np.int32)  # read only at the candidates
-    for i in range(cand.size):
-        rank[cand[i]] = rk[i]
+    nseed = 0
+    for k in range(m):
+        rank[cand[k]] = rk[k]
+        nseed += seed[k]
+    seeds = np.empty(nseed, np.int64)  # raster order
+    # per value: its seeds, the first two of them and whether they hold more than one label
+    cnt = np.zeros(nb, np.int64)
+    first = np.empty(nb, np.int64)
+    second = np.empty(nb, np.int64)
+    mixed = np.zeros(nb, np.bool_)
+    t = 0
+    for k in range(m):
+        if seed[k]:
+            p = cand[k]
+            b = rk[k]
+            if cnt[b] == 0:
+                first[b] = t
+            else:
+                if cnt[b] == 1:
+                    second[b] = t
+                if out[p] != out[seeds[first[b]]]:
+                    mixed[b] = True
+            cnt[b] += 1
+            seeds[t] = p
+            t += 1
+    groups = 0
+    pairs = True
+    for b in range(nb):
+        if mixed[b]:
+            groups += 1
+            pairs = pairs and cnt[b] == 2
+    if groups == 0:
+        _flood_ranked(out, offs, rank, nb, seeds)
+    elif groups <= 2 and pairs:
+        # one or two tied pairs: the heap pops each pair in one of its two orders; when every
+        # combination gives the same labels, that is the heap's result too
+        ga = np.empty(groups, np.int64)
+        gb = np.empty(groups, np.int64)
+        g = 0
+        for b in range(nb):
+            if mixed[b]:
+                ga[g] = first[b]
+                gb[g] = second[b]
+                g += 1
+        ref = out.copy()
+        _flood_ranked(ref, offs, rank, nb, seeds)
+        agree = True
+        for combo in range(1, 1 << groups):
+            sw = seeds.copy()
+            for g in range(groups):
+                if combo >> g & 1:
+                    sw[ga[g]], sw[gb[g]] = sw[gb[g]], sw[ga[g]]
+            alt = out.copy()
+            _flood_ranked(alt, offs, rank, nb, sw)
+            if not np.array_equal(alt, ref):
+                agree = False
+                break
+        if agree:
+            out[:] = ref
+        else:
+            _heap_path(image, h_exact, out, offs, nmark + H * W + 1)
+    else:
+        _heap_path(image, h_exact, out, offs, nmark + H * W + 1)
+    res = np.empty((H, W), np.int32)
+    for i in range(H):
+        for j in range(W):
+            res[i, j] = out[(i + 1) * W2 + j + 1]
+    return res
+
+
+@numba.njit(cache=True, nogil=True)
+def _flood_ranked(out, offs, rank, nb, seeds):  # pragma: no cover - compiled
+    """The bucket-queue flooding of :func:`_watershed`: the pushed values are ``max(own,
+    parent's)``, never below the value being popped (a monotone queue), and all of them are
+    values of seeds or unlabelled pixels, ranked once (``rank``, ``nb`` distinct values); each
+    rank is a FIFO bucket. Within a bucket the seeds (age 0, in the order given) come first and
+    then the pixels in push (= age) order, which is the (value, age) order of the heap.
+    ``out`` is the framed label image (frame -1, unlabelled 0), flooded in place."""
     head = np.full(nb, -1, np.int32)
     tail = np.empty(nb, np.int32)  # read only where head is set
-    nxt = np.empty(size, np.int32)  # set when a pixel is queued
-    for p in seeds:  # sorted by value: appended in that order
+    nxt = np.empty(out.size, np.int32)  # set when a pixel is queued
+    for p in seeds:
         b = rank[p]
         nxt[p] = -1
         if head[b] < 0:
@@ -544,7 +655,7 @@ def _flood_buckets(img, out, inside, offs, seeds):  # pragma: no cover - compile
         head[cur] = nxt[p]
         for k in range(4):
             q = p + offs[k]
-            if not inside[q] or out[q] != 0:
+            if out[q] != 0:  # labelled, or the frame
                 continue
             out[q] = out[p]
             b = rank[q] if rank[q] > cur else cur  # at least the parent's cost
@@ -557,84 +668,22 @@ def _flood_buckets(img, out, inside, offs, seeds):  # pragma: no cover - compile
 
 
 @numba.njit(cache=True, nogil=True)
-def watershed(image, markers):  # pragma: no cover - compiled
-    """``skimage.segmentation.watershed(image, markers)`` for 2-D float32 ``image`` (:func:`_watershed`)."""
-    return _watershed(image, markers, np.empty((0, 0), np.float32))
-
-
-@numba.njit(cache=True, nogil=True)
-def _watershed(image, markers, h_exact):  # pragma: no cover - compiled
-    """``skimage.segmentation.watershed(image, markers)`` for 2-D float32 ``image``.
-
-    scikit-image floods from all marker pixels with a binary heap ordered by (value, age):
-    markers enter in raster order with age 0, a pixel is labelled when it is pushed, with the
-    larger of its own value and its parent's and the next age, 4-neighbours in the order up,
-    left, right, down. Here, markers without an unlabelled neighbour (they never push a pixel)
-    are left out and the queue is a bucket queue (:func:`_flood_buckets`). Every key is
-    distinct except ties between markers of one label, whose order cannot change a label, so
-    the labels are scikit-image's. When markers of different labels tie in value the heap's
-    own tie order could matter: for one or two tied pairs every order is tried and, if the
-    labels agree, taken; otherwise all markers go into one binary heap exactly as in
-    scikit-image (:func:`_flood_exact`).
-
-    The bucket queue reads ``image`` only at the seeds and the unlabelled pixels; the binary
-    heap reads it at every marker. When ``h_exact`` is not empty, ``image`` may hold values only
-    at the unlabelled pixels and their 4-neighbours, and the heap path floods
-    ``sobel_magnitude(h_exact)`` instead (the full image).
-    """
+def _heap_path(image, h_exact, out, offs, cap):  # pragma: no cover - compiled
+    """:func:`_flood_exact` on the framed label image ``out`` of :func:`_watershed` (in place):
+    the frame as 0 outside ``inside``, the padded flat image from ``image`` or ``h_exact``."""
     H, W = image.shape
     W2 = W + 2
-    size = (H + 2) * W2
-    img = np.zeros(size, np.float64)
-    out = np.zeros(size, np.int32)
-    inside = np.zeros(size, np.bool_)
+    img = np.zeros(out.size, np.float64)
+    inside = np.zeros(out.size, np.bool_)
     for i in range(H):
         for j in range(W):
             p = (i + 1) * W2 + j + 1
             img[p] = image[i, j]
-            out[p] = markers[i, j]
             inside[p] = True
-    offs = np.array([-W2, -1, 1, W2])
-    seed = np.zeros(size, np.bool_)
-    nmark = 0
-    for p in range(size):
-        if out[p] != 0:
-            nmark += 1
-            for k in range(4):
-                q = p + offs[k]
-                if inside[q] and out[q] == 0:
-                    seed[p] = True
-                    break
-    seeds, starts, sizes = _sorted_seeds(img, out, seed)
-    if starts.size == 0:
-        _flood_buckets(img, out, inside, offs, seeds)
-    elif starts.size <= 2 and np.all(sizes == 2):
-        # one or two tied pairs: the heap pops each pair in one of its two orders; when every
-        # combination gives the same labels, that is the heap's result too
-        ref = out.copy()
-        _flood_buckets(img, ref, inside, offs, seeds)
-        agree = True
-        for combo in range(1, 1 << starts.size):
-            sw = seeds.copy()
-            for g in range(starts.size):
-                if combo >> g & 1:
-                    sw[starts[g]], sw[starts[g] + 1] = sw[starts[g] + 1], sw[starts[g]]
-            alt = out.copy()
-            _flood_buckets(img, alt, inside, offs, sw)
-            if not np.array_equal(alt, ref):
-                agree = False
-                break
-        if agree:
-            out[:] = ref
-        else:
-            _flood_exact(_full_padded(img, h_exact), out, inside, offs, nmark + H * W + 1)
-    else:
-        _flood_exact(_full_padded(img, h_exact), out, inside, offs, nmark + H * W + 1)
-    res = np.empty((H, W), np.int32)
-    for i in range(H):
-        for j in range(W):
-            res[i, j] = out[(i + 1) * W2 + j + 1]
-    return res
+    for p in range(out.size):
+        if not inside[p]:
+            out[p] = 0
+    _flood_exact(_full_padded(img, h_exact), out, inside, offs, cap)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -298,8 +298,9 @@ def _fill_polygons(xy, voff, edge_ok, bbox, polys, vals, ox, oy, scale,
 
 
 @numba.njit(cache=True, nogil=True)
-def _finish_dense(local, n, ids, cls, cf, inst, typ, conf, hv, count):  # pragma: no cover
-    """From a compact label image (0 = background, 1..n) write inst/type/conf and HV maps.
+def _finish_dense(local, n, ids, cls, cf, inst, typ, conf, hv, count, with_hv=True):  # pragma: no cover
+    """From a compact label image (0 = background, 1..n) write inst/type/conf and HV maps
+    (``hv`` is not touched when ``with_hv`` is False: callers that store no HV maps skip them).
 
     Works on horizontal runs of equal labels, row by row (streaming, cache-friendly; nuclei
     are runs of ~20-40 px, so per-pixel work is a compare and a few vectorisable stores).
@@ -369,8 +370,10 @@ def _finish_dense(local, n, ids, cls, cf, inst, typ, conf, hv, count):  # pragma
                     inst[r, j] = 0
                     typ[r, j] = 0
                     conf[r, j] = 0
-                    hv[0, r, j] = 0.0
-                    hv[1, r, j] = 0.0
+                if with_hv:
+                    for j in range(c, e):
+                        hv[0, r, j] = 0.0
+                        hv[1, r, j] = 0.0
             else:
                 iv = ids[k - 1]
                 tv = cls[k - 1]
@@ -385,10 +388,12 @@ def _finish_dense(local, n, ids, cls, cf, inst, typ, conf, hv, count):  # pragma
                     inst[r, j] = iv
                     typ[r, j] = tv
                     conf[r, j] = fv
-                    hv[1, r, j] = hy
-                    dx = j - x0
-                    hx = dx * (an if dx < 0.0 else ap)
-                    hv[0, r, j] = min(max(hx, -1.0), 1.0)
+                if with_hv:
+                    for j in range(c, e):
+                        hv[1, r, j] = hy
+                        dx = j - x0
+                        hx = dx * (an if dx < 0.0 else ap)
+                        hv[0, r, j] = min(max(hx, -1.0), 1.0)
             c = e
 
 
@@ -734,7 +739,8 @@ class LabelMaps:
     type
         (H, W) uint8 classes (0 background, 1..5, 255 = nucleus of unknown class).
     hv
-        (2, H, W) float32 HoVer-Net horizontal (x) and vertical (y) maps in [-1, 1].
+        (2, H, W) float32 HoVer-Net horizontal (x) and vertical (y) maps in [-1, 1] (None when
+        rendered with ``hv=False``).
     ignore
         (H, W) uint8, 1 = pixel counts for no loss (outside tissue / imaged region, excluded
         regions, nuclei too small to be instances).
@@ -750,7 +756,7 @@ class LabelMaps:
 
     inst: np.ndarray
     type: np.ndarray
-    hv: np.ndarray
+    hv: np.ndarray | None
     ignore: np.ndarray
     conf: np.ndarray
     ids: np.ndarray
@@ -766,8 +772,9 @@ class LabelMaps:
 def _render(ps: PolygonSet, cand: np.ndarray, tiny_cand: np.ndarray, ox: float, oy: float,
             scale: float, shape: tuple[int, int], win: _Window, *,
             ignore_sets: Sequence[tuple[PolygonSet, np.ndarray]] = (),
-            tissue: np.ndarray | None = None) -> LabelMaps:
+            tissue: np.ndarray | None = None, hv: bool = True) -> LabelMaps:
     h, w = shape
+    with_hv = hv
     local = np.zeros(shape, np.int32)
     n = cand.size
     if n:
@@ -777,9 +784,9 @@ def _render(ps: PolygonSet, cand: np.ndarray, tiny_cand: np.ndarray, ox: float, 
     inst = np.empty(shape, np.int32)
     typ = np.empty(shape, np.uint8)
     conf = np.empty(shape, np.uint8)
-    hv = np.empty((2, h, w), np.float32)
+    hv = np.empty((2, h, w) if with_hv else (2, 0, 0), np.float32)
     count = np.zeros(n, np.int64)
-    _finish_dense(local, n, ps.ids[cand], ps.classes[cand], ps.conf[cand], inst, typ, conf, hv, count)
+    _finish_dense(local, n, ps.ids[cand], ps.classes[cand], ps.conf[cand], inst, typ, conf, hv, count, with_hv)
     if n:
         pb = _pixel_bounds(ps, cand, ox, oy, scale)
         present = count > 0
@@ -805,7 +812,7 @@ def _render(ps: PolygonSet, cand: np.ndarray, tiny_cand: np.ndarray, ox: float, 
             ignore |= _fill_mask(iset, icand, ox, oy, scale, shape)
     if tissue is not None:
         ignore |= (~tissue.astype(bool)).astype(np.uint8)
-    return LabelMaps(inst=inst, type=typ, hv=hv, ignore=ignore, conf=conf, ids=ids,
+    return LabelMaps(inst=inst, type=typ, hv=hv if with_hv else None, ignore=ignore, conf=conf, ids=ids,
                      clipped_ids=clipped, n_tiny=int(tiny_cand.size))
 
 
@@ -1109,8 +1116,9 @@ class TileRenderer:
         x, y = (int(v) for v in self.grid[i])
         return Tile(i, x, y, (x / self.scale, y / self.scale))
 
-    def render(self, i: int) -> LabelMaps | None:
-        """Label maps of tile ``i`` (None for an empty tile when ``skip_empty``)."""
+    def render(self, i: int, *, hv: bool = True) -> LabelMaps | None:
+        """Label maps of tile ``i`` (None for an empty tile when ``skip_empty``); ``hv=False``
+        skips the HV maps (``LabelMaps.hv`` is None), for callers that do not store them."""
         x, y = self.grid[i]
         ox, oy = float(x), float(y)
         st_main, en_main = self._main
@@ -1128,7 +1136,7 @@ class TileRenderer:
             s, st, en = self._extra[1]
             tissue_arr = _fill_mask(s, en[st[i]:st[i + 1]], ox, oy, self.scale, self.shape).astype(bool)
         lm = _render(self.ps, cand, en_tiny[st_tiny[i]:st_tiny[i + 1]], ox, oy, self.scale, self.shape, win,
-                     ignore_sets=ignore_sets, tissue=tissue_arr)
+                     ignore_sets=ignore_sets, tissue=tissue_arr, hv=hv)
         if self.skip_empty and lm.n_nuclei == 0:
             return None
         return lm
