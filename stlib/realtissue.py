@@ -772,7 +772,8 @@ def budget_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def label_quality(st_store: str | Path, truth_store: str | Path, *, classical: bool = True) -> pd.DataFrame:
+def label_quality(st_store: str | Path, truth_store: str | Path, *, classical: bool = True,
+                  refinements: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """The ST-derived training masks scored as if they were a prediction, against the manual ones.
 
     ``st_store`` and ``truth_store`` are the two stores of :func:`build_stores` (the same tiles).
@@ -785,6 +786,11 @@ def label_quality(st_store: str | Path, truth_store: str | Path, *, classical: b
     This says whether a network trained on the ST masks can beat Otsu + watershed at all, and
     which label error dominates.
 
+    ``refinements`` (name -> :class:`stlib.config.RefineConfig`) needs an *unrefined* ST store
+    (``build_stores(..., refine_masks=False)``): each tile's ST maps are then also refined with
+    each config (:func:`stlib.labels.refine.refine_label_maps`) and scored as method
+    ``"ST refined: {name}"``, so refinement settings can be compared without training.
+
     Returns
     -------
     One row per (``method``, ``sample``) plus one per method for all images pooled
@@ -794,9 +800,13 @@ def label_quality(st_store: str | Path, truth_store: str | Path, *, classical: b
     from stlib.io.tiles import TileStore
     from stlib.metrics import ERROR_FIELDS, error_summary, segmentation_errors
 
+    from stlib.labels.refine import refine_label_maps
+
     st, tr = TileStore(st_store), TileStore(truth_store)
     if not np.array_equal(st.meta[["sample", "x0", "y0"]].to_numpy(), tr.meta[["sample", "x0", "y0"]].to_numpy()):
         raise InputError("the ST and truth stores hold different tiles", path=tr.path, fix="build them together")
+    if refinements and st.info.get("refinement") is not None:
+        raise InputError("the ST store is already refined", path=st.path, fix="build it with refine_masks=False")
     um = float(st.um_per_px)
     sums: dict[tuple[str, str], dict[str, float]] = {}
     organ = dict(zip(st.meta["sample"].astype(str), st.meta["organ"].astype(str)))
@@ -807,6 +817,10 @@ def label_quality(st_store: str | Path, truth_store: str | Path, *, classical: b
         preds = {"ST-derived masks": (np.where(keep, a["inst"], 0), (np.asarray(a["ignore"]) > 0) & keep)}
         if classical:
             preds["classical (Otsu + watershed)"] = (np.where(keep, _classical(np.asarray(a["image"]), um), 0), None)
+        for rname, cfg in (refinements or {}).items():
+            ri, _, rig, _, _ = refine_label_maps(a["image"], a["inst"], a["type"], a["ignore"], a["conf"], um_per_px=um,
+                                                 config=cfg)
+            preds[f"ST refined: {rname}"] = (np.where(keep, ri, 0), (np.asarray(rig) > 0) & keep)
         for name, (inst, ign) in preds.items():
             acc = sums.setdefault((name, str(st.meta["sample"][i])), {k: 0.0 for k in (*ERROR_FIELDS, "n_tiles",
                                                                                        "ignored_px", "px")})
@@ -851,6 +865,9 @@ def labels_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--um-per-px", type=float, default=_RT.um_per_px)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/realtissue_label_quality.csv")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also score refinement settings (RefineConfig variants) on unrefined stores built in "
+                         "RUN_DIR-raw; their rows go to OUT with the suffix _sweep.csv")
     a = ap.parse_args(list(argv) if argv is not None else None)
     held = set(_RT.heldout_organs)
     if held & (set(a.train_organs) | set(a.dev_organs)):
@@ -878,7 +895,27 @@ def labels_main(argv: Sequence[str] | None = None) -> int:
     cols = ["method", "bpq", "dq", "sq", "dice", "fn_missed", "fn_ignored", "fn_merged", "fn_split", "fn_outline",
             "fp_extra", "fp_split", "fp_merged", "fp_outline", "matched_area_ratio"]
     print(q[q["sample"] == "all"][cols].round(3).to_string(index=False))
+    if a.sweep:
+        raw = f"{a.run_dir}-raw"
+        st_labels(a.data_dir, raw, train, seed=a.seed)
+        rp = build_stores(a.data_dir, raw, table, um_per_px=a.um_per_px, seed=a.seed, refine_masks=False)
+        sw = label_quality(rp["st"], rp["truth"], classical=False, refinements=_refine_grid())
+        with atomic_path(out.with_name(out.stem + "_sweep.csv")) as tmp:
+            sw.to_csv(tmp, index=False)
+        print(sw[sw["sample"] == "all"][cols].round(3).to_string(index=False))
     return 0
+
+
+def _refine_grid() -> dict[str, Any]:
+    """The refinement settings ``labels --sweep`` scores: the default and one knob changed at a time."""
+    from stlib.config import RefineConfig
+
+    grid = {"default": RefineConfig()}
+    for k, vals in {"edge_fraction": (0.35, 0.4, 0.6), "grow_um": (1.0, 2.5), "smooth_um": (0.25, 1.0),
+                    "core_um": (0.5,), "min_rel_contrast": (0.0, 0.1), "unmatched_ignore": (True,)}.items():
+        for v in vals:
+            grid[f"{k}={v}"] = RefineConfig(**{k: v})
+    return grid
 
 
 def image_sets(per_image: pd.DataFrame) -> np.ndarray:
