@@ -49,7 +49,7 @@ __all__ = [
     "pannuke_summary", "pair_coordinates", "radius_px",
     "detection_f1", "type_f1", "centroids", "instance_types", "remap_label", "evaluate_pair",
     "aggregate", "evaluate_folder", "DEFINITIONS", "CLASSES_NO_DEAD", "cli_main", "class_scores",
-    "label_accuracy_vs_truth",
+    "label_accuracy_vs_truth", "segmentation_errors", "error_summary", "ERROR_FIELDS",
 ]
 
 #: The four classes scored by ``mpq_no_dead``: ST labels leave Dead out by default (no expression
@@ -1011,3 +1011,113 @@ def cli_main(argv: list[str]) -> int:
     print(f"stlib metrics: {len(records)} images -> {args.json} (dice {agg['dice']:.4f}, pq {agg['pq']:.4f}"
           + (f", mPQ {agg['mpq']:.4f}" if "mpq" in agg else "") + ")")
     return 0
+
+
+# ----------------------------------------------------------------------------- error decomposition
+#: the count fields of :func:`segmentation_errors` (summable over tiles / images)
+ERROR_FIELDS: tuple[str, ...] = (
+    "n_true", "n_pred", "tp", "fp", "fn", "sum_iou", "true_px", "pred_px", "inter_px",
+    "matched_true_px", "matched_pred_px", "fn_missed", "fn_ignored", "fn_merged", "fn_split", "fn_outline",
+    "fp_extra", "fp_split", "fp_merged", "fp_outline")
+
+
+def segmentation_errors(true_inst: Any, pred_inst: Any, *, pred_ignore: Any = None,
+                        match_iou: float = 0.5) -> dict[str, int | float]:
+    """Binary PQ counts of a prediction and *why* each unmatched nucleus is unmatched.
+
+    Pairs are true / predicted nuclei with IoU > ``match_iou`` (unique for 0.5, as in PQ). Every
+    unmatched true nucleus is one of
+
+    * ``fn_ignored``: at least half of its pixels are ``pred_ignore`` (e.g. ignore pixels of a
+      training map: neither nucleus nor background);
+    * ``fn_missed``: at least half of its pixels are predicted background;
+    * ``fn_merged``: it lies (half or more of it) in a predicted nucleus that holds half or more of
+      at least one *other* true nucleus as well;
+    * ``fn_split``: half or more of each of at least two predicted nuclei lie in it;
+    * ``fn_outline``: otherwise (one predicted nucleus covers it, with the wrong outline);
+
+    and every unmatched predicted nucleus one of ``fp_extra`` (at least half of it on true
+    background), ``fp_split`` (half or more of it in a true nucleus that holds half or more of at
+    least one other predicted nucleus too), ``fp_merged`` (it holds half or more of each of at least
+    two true nuclei) or ``fp_outline``. Also the pixel counts of Dice
+    (``true_px``, ``pred_px``, ``inter_px``) and the areas of the matched pairs
+    (``matched_true_px``, ``matched_pred_px``: their ratio says whether matched outlines are too
+    large or too small). All values are counts or sums, so they add over tiles and images;
+    :func:`error_summary` turns a sum into bPQ, DQ, SQ, Dice and the bPQ each error costs.
+    """
+    t = _as_label_array(true_inst, "true_inst")
+    p = _as_label_array(pred_inst, "pred_inst")
+    if t.ndim != 2 or t.shape != p.shape:
+        raise ValueError(f"true_inst {t.shape} and pred_inst {p.shape} must be 2-D of the same shape")
+    ign = np.zeros(t.shape, bool) if pred_ignore is None else np.asarray(pred_ignore).astype(bool)
+    if ign.shape != t.shape:
+        raise ValueError(f"pred_ignore {ign.shape} must have the shape of the maps {t.shape}")
+    p = np.where(ign, 0, p)
+    ov = _overlaps(t, p)
+    nt, npr = ov.true_ids.size, ov.pred_ids.size
+    ti = _dense_index(t)[1]
+    t_ign = np.bincount(ti[ign.ravel()], minlength=nt + 1)[1:]
+    match = ov.iou > match_iou
+    mt, mp = np.zeros(nt, bool), np.zeros(npr, bool)
+    mt[ov.rows[match]] = True
+    mp[ov.cols[match]] = True
+    # share of each true nucleus inside each predicted one (and the reverse)
+    t_half = ov.inter >= 0.5 * ov.true_area[ov.rows]
+    p_half = ov.inter >= 0.5 * ov.pred_area[ov.cols]
+    t_cov = np.bincount(ov.rows, weights=ov.inter, minlength=nt)
+    p_cov = np.bincount(ov.cols, weights=ov.inter, minlength=npr)
+    holds_t = np.bincount(ov.cols[t_half], minlength=npr)  # true nuclei half-inside each prediction
+    holds_p = np.bincount(ov.rows[p_half], minlength=nt)  # predictions half-inside each true nucleus
+    in_merger = np.zeros(nt, bool)
+    in_merger[ov.rows[t_half & (holds_t[ov.cols] >= 2)]] = True
+    in_split = np.zeros(npr, bool)
+    in_split[ov.cols[p_half & (holds_p[ov.rows] >= 2)]] = True
+    fn = ~mt
+    ignored = fn & (t_ign >= 0.5 * ov.true_area)
+    missed = fn & ~ignored & (ov.true_area - t_cov - t_ign >= 0.5 * ov.true_area)
+    merged = fn & ~ignored & ~missed & in_merger
+    fn_split = fn & ~ignored & ~missed & ~merged & (holds_p >= 2)
+    fp = ~mp
+    extra = fp & (ov.pred_area - p_cov >= 0.5 * ov.pred_area)
+    split = fp & ~extra & in_split
+    fp_merged = fp & ~extra & ~split & (holds_t >= 2)
+    return {"n_true": int(nt), "n_pred": int(npr), "tp": int(match.sum()), "fp": int(fp.sum()), "fn": int(fn.sum()),
+            "sum_iou": float(ov.iou[match].sum()), "true_px": int(ov.true_area.sum()),
+            "pred_px": int(ov.pred_area.sum()), "inter_px": int(ov.inter.sum()),
+            "matched_true_px": int(ov.true_area[ov.rows[match]].sum()),
+            "matched_pred_px": int(ov.pred_area[ov.cols[match]].sum()),
+            "fn_missed": int(missed.sum()), "fn_ignored": int(ignored.sum()), "fn_merged": int(merged.sum()),
+            "fn_split": int(fn_split.sum()), "fn_outline": int((fn & ~ignored & ~missed & ~merged & ~fn_split).sum()),
+            "fp_extra": int(extra.sum()), "fp_split": int(split.sum()), "fp_merged": int(fp_merged.sum()),
+            "fp_outline": int((fp & ~extra & ~split & ~fp_merged).sum())}
+
+
+def error_summary(counts: Mapping[str, float]) -> dict[str, float]:
+    """bPQ, DQ, SQ, Dice and the error split of summed :func:`segmentation_errors` counts.
+
+    ``gain_<error>`` is how much bPQ would rise if the nuclei of that error were not errors at all
+    (an unmatched true nucleus removed from FN, an unmatched prediction from FP; SQ unchanged);
+    ``gain_outline_all`` counts both outline kinds and ``gain_sq`` is the rise if every matched pair
+    had IoU 1. The largest gain is the error that costs the most.
+    """
+    c = {k: float(counts.get(k, 0)) for k in ERROR_FIELDS}
+    tp, fp, fn = c["tp"], c["fp"], c["fn"]
+    sq = c["sum_iou"] / tp if tp else float("nan")
+
+    def pq(fp_: float, fn_: float, s: float = sq) -> float:
+        d = tp + 0.5 * fp_ + 0.5 * fn_
+        return tp / d * s if d and tp else 0.0
+
+    base = pq(fp, fn)
+    out = {"bpq": base, "dq": tp / (tp + 0.5 * fp + 0.5 * fn) if tp + fp + fn else float("nan"), "sq": sq,
+           "dice": _safe_div(2 * c["inter_px"], c["true_px"] + c["pred_px"], empty=1.0),
+           "matched_area_ratio": _safe_div(c["matched_pred_px"], c["matched_true_px"], empty=float("nan"))}
+    out.update({k: c[k] for k in ("n_true", "n_pred", "tp", "fp", "fn", "fn_missed", "fn_ignored", "fn_merged",
+                                   "fn_split", "fn_outline", "fp_extra", "fp_split", "fp_merged", "fp_outline")})
+    out.update({"gain_missed": pq(fp, fn - c["fn_missed"]) - base,
+                "gain_ignored": pq(fp, fn - c["fn_ignored"]) - base,
+                "gain_merged_split": pq(fp - c["fp_split"] - c["fp_merged"], fn - c["fn_merged"] - c["fn_split"]) - base,
+                "gain_extra": pq(fp - c["fp_extra"], fn) - base,
+                "gain_outline_all": pq(fp - c["fp_outline"], fn - c["fn_outline"]) - base,
+                "gain_sq": pq(fp, fn, 1.0) - base})
+    return out

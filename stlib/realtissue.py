@@ -49,7 +49,7 @@ from stlib.utils import InputError, atomic_path, cache_key, map_processes, progr
 log = logging.getLogger("stlib.realtissue")
 
 __all__ = ["RecipeConfig", "budget_curve", "budget_summary", "first_above_classical", "image_sets", "st_labels", "build_stores", "train_pair", "score_images", "summary_tables",
-           "ratio_ci", "to_resolution", "classification_experiment", "held_out_check", "source_label",
+           "ratio_ci", "to_resolution", "label_quality", "classification_experiment", "held_out_check", "source_label",
            "MERGED_CLASSES", "load_test_images", "classification_sets", "derived_class_maps", "natural_sorted"]
 
 #: classes a merged-epithelial truth (CoNSeP) can score: Inflammatory, Connective, Epithelial (any)
@@ -772,6 +772,152 @@ def budget_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def label_quality(st_store: str | Path, truth_store: str | Path, *, classical: bool = True,
+                  refinements: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """The ST-derived training masks scored as if they were a prediction, against the manual ones.
+
+    ``st_store`` and ``truth_store`` are the two stores of :func:`build_stores` (the same tiles).
+    Per tile, the ST nuclei (``ignore`` pixels of the ST map count as neither nucleus nor
+    background) are scored against the manual nuclei (the truth's own ``ignore`` pixels removed
+    from both) with :func:`stlib.metrics.segmentation_errors`; with ``classical`` the classical
+    Otsu + watershed on the same tile is scored the same way. Counts are summed per image (a
+    nucleus cut by a tile border counts once per tile) and summarised with
+    :func:`stlib.metrics.error_summary`: bPQ, DQ, SQ, Dice, each error kind and the bPQ it costs.
+    This says whether a network trained on the ST masks can beat Otsu + watershed at all, and
+    which label error dominates.
+
+    ``refinements`` (name -> :class:`stlib.config.RefineConfig`) needs an *unrefined* ST store
+    (``build_stores(..., refine_masks=False)``): each tile's ST maps are then also refined with
+    each config (:func:`stlib.labels.refine.refine_label_maps`) and scored as method
+    ``"ST refined: {name}"``, so refinement settings can be compared without training.
+
+    Returns
+    -------
+    One row per (``method``, ``sample``) plus one per method for all images pooled
+    (``sample == "all"``), with ``organ``, ``n_tiles`` and ``ignored_px_share`` (the share of tile
+    pixels ``ignore`` in the method's map).
+    """
+    from stlib.io.tiles import TileStore
+    from stlib.metrics import ERROR_FIELDS, error_summary, segmentation_errors
+
+    from stlib.labels.refine import refine_label_maps
+
+    st, tr = TileStore(st_store), TileStore(truth_store)
+    if not np.array_equal(st.meta[["sample", "x0", "y0"]].to_numpy(), tr.meta[["sample", "x0", "y0"]].to_numpy()):
+        raise InputError("the ST and truth stores hold different tiles", path=tr.path, fix="build them together")
+    if refinements and st.info.get("refinement") is not None:
+        raise InputError("the ST store is already refined", path=st.path, fix="build it with refine_masks=False")
+    um = float(st.um_per_px)
+    sums: dict[tuple[str, str], dict[str, float]] = {}
+    organ = dict(zip(st.meta["sample"].astype(str), st.meta["organ"].astype(str)))
+    for i in progress(range(len(st)), desc="label quality"):
+        a, b = st[i], tr[i]
+        keep = np.asarray(b["ignore"]) == 0
+        truth = np.where(keep, b["inst"], 0)
+        preds = {"ST-derived masks": (np.where(keep, a["inst"], 0), (np.asarray(a["ignore"]) > 0) & keep)}
+        if classical:
+            preds["classical (Otsu + watershed)"] = (np.where(keep, _classical(np.asarray(a["image"]), um), 0), None)
+        for rname, cfg in (refinements or {}).items():
+            ri, _, rig, _, _ = refine_label_maps(a["image"], a["inst"], a["type"], a["ignore"], a["conf"], um_per_px=um,
+                                                 config=cfg)
+            preds[f"ST refined: {rname}"] = (np.where(keep, ri, 0), (np.asarray(rig) > 0) & keep)
+        for name, (inst, ign) in preds.items():
+            acc = sums.setdefault((name, str(st.meta["sample"][i])), {k: 0.0 for k in (*ERROR_FIELDS, "n_tiles",
+                                                                                       "ignored_px", "px")})
+            for k, v in segmentation_errors(truth, inst, pred_ignore=ign).items():
+                acc[k] += v
+            acc["n_tiles"] += 1
+            acc["ignored_px"] += 0 if ign is None else int(ign.sum())
+            acc["px"] += truth.size
+    rows = []
+    for method in dict.fromkeys(m for m, _ in sums):
+        per = {s: c for (m, s), c in sums.items() if m == method}
+        pooled = {k: sum(c[k] for c in per.values()) for k in next(iter(per.values()))}
+        for s, c in [*sorted(per.items()), ("all", pooled)]:
+            rows.append({"method": method, "sample": s, "organ": organ.get(s, ", ".join(sorted(set(organ.values())))),
+                         "n_tiles": int(c["n_tiles"]), "ignored_px_share": c["ignored_px"] / max(c["px"], 1),
+                         **error_summary(c)})
+    return pd.DataFrame(rows)
+
+
+def labels_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stlib.realtissue labels``: how good the ST-derived training masks are.
+
+    Builds (or reuses) the development cohort of ``--source`` (``--train-organs``; the chapter's
+    held-out organs are refused), its ST labels and refined tile stores as :func:`budget_curve`
+    does, and writes :func:`label_quality`'s table (ST masks and Otsu + watershed against the
+    manual masks of the same training tiles) to ``--out`` (CSV) and a JSON beside it with the
+    command and the machine.
+    """
+    import argparse
+    import datetime as _dt
+    import sys
+
+    from stlib.demo.realtissue import load_source_images, make_realtissue_cohort, source_sample_id
+    from stlib.io.cohort import cohort_table
+
+    ap = argparse.ArgumentParser(prog="python -m stlib.realtissue labels", description=labels_main.__doc__)
+    ap.add_argument("--source", default=_RT.source)
+    ap.add_argument("--data-dir", default="data/realtissue-dev")
+    ap.add_argument("--run-dir", default="runs/realtissue-dev")
+    ap.add_argument("--train-organs", nargs="+", default=["Breast", "Lung"])
+    ap.add_argument("--dev-organs", nargs="+", default=["Prostate"], help="cohort roles only; not scored here")
+    ap.add_argument("--um-per-px", type=float, default=_RT.um_per_px)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="benchmarks/realtissue_label_quality.csv")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also score refinement settings (RefineConfig variants) on unrefined stores built in "
+                         "RUN_DIR-raw; their rows go to OUT with the suffix _sweep.csv")
+    a = ap.parse_args(list(argv) if argv is not None else None)
+    held = set(_RT.heldout_organs)
+    if held & (set(a.train_organs) | set(a.dev_organs)):
+        raise InputError(f"the chapter's held-out organs {sorted(held)} are test organs, never development data",
+                         fix="choose organs among the training organs")
+    imgs = [x for x in load_source_images(a.source) if x.organ in set(a.train_organs) | set(a.dev_organs)]
+    make_realtissue_cohort(a.data_dir, imgs, seed=a.seed, heldout_organs=tuple(a.dev_organs), pannuke=None)
+    train = natural_sorted([source_sample_id(x.source, x.name) for x in imgs if x.organ in a.train_organs])
+    table = cohort_table(a.data_dir)
+    table = table[table["sample"].isin(train)].assign(role="train")
+    st_labels(a.data_dir, a.run_dir, train, seed=a.seed)
+    paths = build_stores(a.data_dir, a.run_dir, table, um_per_px=a.um_per_px, seed=a.seed)
+    t0 = time.process_time()
+    q = label_quality(paths["st"], paths["truth"])
+    out = Path(a.out)
+    with atomic_path(out) as tmp:
+        q.to_csv(tmp, index=False)
+    from stlib.utils import machine_info
+
+    write_json(out.with_suffix(".json"), {
+        "command": "python -m stlib.realtissue labels " + " ".join(sys.argv[2:] if argv is None else argv),
+        "data": f"{source_label()}; training images of {', '.join(a.train_organs)} (development split)",
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "cpu_s": round(time.process_time() - t0, 1),
+        "machine": machine_info(), "pooled": q[q["sample"] == "all"].to_dict(orient="records")})
+    cols = ["method", "bpq", "dq", "sq", "dice", "fn_missed", "fn_ignored", "fn_merged", "fn_split", "fn_outline",
+            "fp_extra", "fp_split", "fp_merged", "fp_outline", "matched_area_ratio"]
+    print(q[q["sample"] == "all"][cols].round(3).to_string(index=False))
+    if a.sweep:
+        raw = f"{a.run_dir}-raw"
+        st_labels(a.data_dir, raw, train, seed=a.seed)
+        rp = build_stores(a.data_dir, raw, table, um_per_px=a.um_per_px, seed=a.seed, refine_masks=False)
+        sw = label_quality(rp["st"], rp["truth"], classical=False, refinements=_refine_grid())
+        with atomic_path(out.with_name(out.stem + "_sweep.csv")) as tmp:
+            sw.to_csv(tmp, index=False)
+        print(sw[sw["sample"] == "all"][cols].round(3).to_string(index=False))
+    return 0
+
+
+def _refine_grid() -> dict[str, Any]:
+    """The refinement settings ``labels --sweep`` scores: the default and one knob changed at a time."""
+    from stlib.config import RefineConfig
+
+    grid = {"default": RefineConfig()}
+    for k, vals in {"edge_fraction": (0.35, 0.4, 0.6), "grow_um": (1.0, 2.5), "smooth_um": (0.25, 1.0),
+                    "core_um": (0.5,), "min_rel_contrast": (0.0, 0.1), "unmatched_ignore": (True,)}.items():
+        for v in vals:
+            grid[f"{k}={v}"] = RefineConfig(**{k: v})
+    return grid
+
+
 def image_sets(per_image: pd.DataFrame) -> np.ndarray:
     """The chapter's sets of a per-image table: ``CoNSeP colon`` or ``{organ} (MoNuSeg)``."""
     return np.where(per_image["source"] == "consep", "CoNSeP colon", per_image["organ"] + " (MoNuSeg)")
@@ -812,7 +958,7 @@ def heldout_main(argv: Sequence[str] | None = None) -> int:
 if __name__ == "__main__":  # pragma: no cover - `python -m stlib.realtissue budget ...`
     import sys
 
-    commands = {"budget": budget_main, "heldout": heldout_main}
+    commands = {"budget": budget_main, "heldout": heldout_main, "labels": labels_main}
     if sys.argv[1:2] == [] or sys.argv[1] not in commands:
-        sys.exit("usage: python -m stlib.realtissue {budget,heldout} [--help]")
+        sys.exit("usage: python -m stlib.realtissue {budget,heldout,labels} [--help]")
     sys.exit(commands[sys.argv[1]](sys.argv[2:]))

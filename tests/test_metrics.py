@@ -412,3 +412,41 @@ def test_mpq_without_dead():
     assert agg["mpq_no_dead"] == pytest.approx(1.0) and agg["mpq"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="classes"):
         pannuke_mpq(inst, typ, inst, pred_typ, classes=(9,))
+
+
+def test_segmentation_errors_split_every_unmatched_nucleus():
+    from stlib.metrics import error_summary, evaluate_pair, segmentation_errors
+
+    t = np.zeros((40, 60), np.int32)
+    p = np.zeros_like(t)
+    t[2:10, 2:10] = 1
+    p[2:10, 2:10] = 1  # matched, IoU 1
+    t[2:10, 20:28], t[2:10, 29:37] = 2, 3
+    p[2:10, 20:37] = 2  # one prediction over two true nuclei: merged (2 fn) and fp_merged
+    t[20:30, 20:30] = 5  # missed
+    p[20:30, 40:50] = 4  # extra
+    t[32:40, 40:56] = 6
+    p[32:40, 40:47], p[32:40, 48:56] = 5, 6  # two predictions in one true nucleus: split (2 fp) and fn_split
+    t[32:40, 2:10] = 7
+    ign = np.zeros(t.shape, bool)
+    ign[32:40, 2:10] = True  # ignored in the prediction's map
+    t[20:30, 2:10] = 8
+    p[21:29, 3:9] = 7  # one prediction inside, IoU 48/80 = 0.6: matched
+    t[12:18, 40:50] = 9
+    p[12:18, 42:56] = 8  # IoU 48/96 = 0.5, not above, no other nucleus: outline (fn and fp)
+    e = segmentation_errors(t, p, pred_ignore=ign)
+    assert (e["tp"], e["fp"], e["fn"]) == (2, 5, 6)
+    assert e["fn_missed"] == 1 and e["fn_ignored"] == 1 and e["fn_merged"] == 2 and e["fn_split"] == 1
+    assert e["fn_outline"] == 1
+    assert e["fp_extra"] == 1 and e["fp_split"] == 2 and e["fp_merged"] == 1 and e["fp_outline"] == 1
+    assert e["matched_true_px"] == 64 + 80 and e["matched_pred_px"] == 64 + 48
+    s = error_summary(e)
+    assert s["bpq"] == pytest.approx(evaluate_pair(t, np.where(ign, 0, p))["bpq"])
+    assert s["sq"] == pytest.approx((1 + 0.6) / 2)
+    # each gain is the bPQ with that error's nuclei no longer counted as errors
+    assert s["gain_missed"] == pytest.approx(2 / (2 + 2.5 + 2.5) * s["sq"] - s["bpq"])
+    assert s["gain_merged_split"] == pytest.approx(2 / (2 + 1 + 1.5) * s["sq"] - s["bpq"])
+    assert s["gain_sq"] == pytest.approx(s["bpq"] / s["sq"] - s["bpq"])
+    # summed counts of two tiles give the pooled summary
+    both = {k: 2 * v for k, v in e.items()}
+    assert error_summary(both)["bpq"] == pytest.approx(s["bpq"])

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from stlib.constants import CLASS_NAMES, IGNORE
-from stlib.model.losses import LossWeights, hovernet_loss, hv_gradients, sobel_kernels
+from stlib.model.losses import LossWeights, boundary_band, hovernet_loss, hv_gradients, sobel_kernels
 from stlib.model.net import (HoVerNet, NetConfig, build_model, count_params, load_model, model_flops,
                              to_input)
 from stlib.utils import InputError
@@ -222,6 +222,38 @@ def test_confidence_weighting_of_nt():
         assert torch.equal(t_half[k], plain[k])
     with pytest.raises(ValueError, match="conf"):
         hovernet_loss(out, inst=inst, hv=hv, type_map=typ, weights=w)
+
+
+def test_boundary_band_marks_pixels_near_a_label_change():
+    inst = torch.zeros(1, 9, 9, dtype=torch.long)
+    inst[0, 2:7, 2:5] = 1
+    inst[0, 2:7, 5:7] = 2
+    band = boundary_band(inst, 1)[0]
+    # by hand: a pixel is in the band when its 3x3 window (clipped at the map's edge) holds two labels
+    expect = torch.zeros(9, 9, dtype=torch.bool)
+    for y in range(9):
+        for x in range(9):
+            win = inst[0, max(0, y - 1):y + 2, max(0, x - 1):x + 2]
+            expect[y, x] = bool((win != win[0, 0]).any())
+    assert torch.equal(band, expect)
+    assert not band[0, 0] and band[1, 1] and band[4, 4] and band[4, 5] and not band[4, 3]
+    assert not boundary_band(inst, 0).any()
+    assert not boundary_band(torch.ones(1, 5, 5, dtype=torch.long), 2).any()  # the map's edge is no boundary
+
+
+def test_boundary_ignore_is_the_band_as_ignore_for_np_hv_only():
+    inst, typ, hv, conf = _targets()
+    out = _outputs()
+    _, plain = hovernet_loss(out, inst=inst, hv=hv, type_map=typ)
+    _, banded = hovernet_loss(out, inst=inst, hv=hv, type_map=typ, weights=LossWeights(boundary_ignore_px=1))
+    _, as_ignore = hovernet_loss(out, inst=inst, hv=hv, type_map=typ, ignore=boundary_band(inst, 1).to(torch.uint8))
+    for k in ("np_ce", "np_dice", "hv_mse", "hv_msge"):
+        assert torch.allclose(banded[k], as_ignore[k]), k
+        assert not torch.allclose(banded[k], plain[k]), k
+    for k in ("nt_ce", "nt_dice"):  # NT keeps every pixel
+        assert torch.equal(banded[k], plain[k]), k
+    with pytest.raises(ValueError, match="boundary_ignore_px"):
+        LossWeights(boundary_ignore_px=-1)
 
 
 def test_gradients_flow_through_the_model(small):

@@ -145,6 +145,33 @@ def test_two_stores_of_the_same_tiles_and_two_models(trained):
     assert cfg["stores"] == ["tiles/rt_truth"] and cfg["recipe"] == "manual"
 
 
+def test_label_quality_scores_the_training_masks_against_the_manual_ones(trained):
+    from stlib import realtissue as rt
+    from stlib.config import RefineConfig
+    from stlib.io.tiles import TileStore
+    from stlib.metrics import error_summary, segmentation_errors
+
+    st, truth = trained["stores"]["st"], trained["stores"]["truth"]
+    same = rt.label_quality(truth, truth, classical=False)
+    assert (same["bpq"] == 1).all() and (same["fn"] == 0).all() and (same["fp"] == 0).all()
+    q = rt.label_quality(st, truth)
+    assert set(q["method"]) == {"ST-derived masks", "classical (Otsu + watershed)"}
+    pooled = q[(q["sample"] == "all") & (q["method"] == "ST-derived masks")].iloc[0]
+    # the pooled row is the per-tile counts summed, by hand
+    a, b = TileStore(st), TileStore(truth)
+    tot: dict[str, float] = {}
+    for i in range(len(a)):
+        keep = b[i]["ignore"] == 0
+        e = segmentation_errors(np.where(keep, b[i]["inst"], 0), np.where(keep, a[i]["inst"], 0),
+                                pred_ignore=(a[i]["ignore"] > 0) & keep)
+        for k, v in e.items():
+            tot[k] = tot.get(k, 0) + v
+    assert pooled["bpq"] == pytest.approx(error_summary(tot)["bpq"]) and 0 < pooled["bpq"] < 1
+    assert pooled["n_tiles"] == len(a)
+    with pytest.raises(InputError, match="already refined"):  # refinements need the unrefined ST masks
+        rt.label_quality(st, truth, refinements={"default": RefineConfig()})
+
+
 def test_retraining_with_another_recipe_replaces_the_model(trained):
     from stlib import realtissue as rt
 

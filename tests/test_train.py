@@ -94,8 +94,9 @@ def test_config_round_trip_yaml_and_overrides(tmp_path):
     assert again == cfg
     path = cfg.to_yaml(tmp_path / "c.yaml")
     c2 = TrainConfig.from_yaml(path, overrides=["steps=20", "loss.nt_ce=0.5", "loss.nt_confidence=true",
-                                                "train_splits=[fold1, fold2]"])
+                                                "train_splits=[fold1, fold2]", "loss.boundary_ignore_px=2"])
     assert c2.steps == 20 and c2.loss.nt_ce == 0.5 and c2.loss.nt_confidence and c2.loss.np_ce == 1.0
+    assert c2.loss.boundary_ignore_px == 2.0 and TrainConfig().loss.boundary_ignore_px == 0  # off by default
     assert c2.train_splits == ("fold1", "fold2")
     with pytest.raises(InputError, match="unknown train config key"):
         TrainConfig.from_dict({"stepz": 3})

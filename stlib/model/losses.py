@@ -19,6 +19,11 @@ Which pixels count:
   confidence (``conf`` in [0, 1]); background pixels keep weight 1. The NT cross-entropy is
   then a weighted mean, ``sum(w * ce) / sum(w)``. The paper trains on hard labels; this
   option lets uncertain ST labels count less.
+* With ``weights.boundary_ignore_px = r > 0``, every pixel within ``r`` pixels (a square window)
+  of an instance boundary (nucleus/background or nucleus/nucleus) counts for no NP or HV term:
+  the outline of an ST-derived nucleus (DAPI outline, registration residual, refinement) is
+  uncertain by about that much, so the network is taught only where the label is sure. The NT
+  terms are unchanged. Off (0) by default.
 
 Dice follows HoVer-Net: ``1 - 2 sum(p t) / (sum(p) + sum(t))`` per channel, pooled over
 the batch, **summed** over channels (eps = 1e-3 in numerator and denominator).
@@ -49,6 +54,16 @@ class LossWeights:
     nt_dice: float = 1.0
     #: weight NT pixels by the label confidence (conf / 255 in the tile store)
     nt_confidence: bool = False
+    #: half-width (px) of a band around every instance boundary left out of the NP and HV terms
+    #: (outline uncertainty of ST-derived masks); 0 = off (the default). Tried on the real-tissue
+    #: development split only (ST network, chapter 07's 150-step recipe, train MoNuSeg Breast + Lung,
+    #: score its 2 Prostate images; benchmarks/realtissue_label_options.csv): 2 px (0.5 µm at 0.25
+    #: µm/px) gave mean bPQ 0.163 / 0.188 (seeds 0 / 1) against 0.222 / 0.196 without, so it stays off
+    boundary_ignore_px: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.boundary_ignore_px >= 0:
+            raise ValueError(f"LossWeights.boundary_ignore_px must be >= 0, got {self.boundary_ignore_px}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict."""
@@ -79,6 +94,21 @@ def hv_gradients(hv: torch.Tensor) -> torch.Tensor:
     gh = F.conv2d(hv[:, :1], kx[None, None], padding=2)
     gv = F.conv2d(hv[:, 1:2], ky[None, None], padding=2)
     return torch.cat([gh, gv], dim=1)
+
+
+def boundary_band(inst: torch.Tensor, radius: int) -> torch.Tensor:
+    """``(B, H, W)`` bool: pixels whose ``(2 radius + 1)`` square window holds more than one label.
+
+    That is, pixels within ``radius`` of a boundary between two instances or an instance and the
+    background (computed as max-pool != min-pool; the map's own edge is no boundary).
+    """
+    if radius <= 0:
+        return torch.zeros(inst.shape, dtype=torch.bool, device=inst.device)
+    x = inst.float()[:, None]
+    k = 2 * int(radius) + 1
+    hi = F.max_pool2d(x, k, stride=1, padding=int(radius))
+    lo = -F.max_pool2d(-x, k, stride=1, padding=int(radius))
+    return (hi != lo)[:, 0]
 
 
 def _dice(prob: torch.Tensor, onehot: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -135,6 +165,10 @@ def hovernet_loss(outputs: dict[str, torch.Tensor], *, inst: torch.Tensor, hv: t
         valid = (ignore == 0).float()[:, None]
     fg = (inst > 0).long()
     hv_t = hv.float()
+    valid_nt = valid
+    r = int(round(weights.boundary_ignore_px))
+    if r > 0:  # the uncertain outline band counts for no NP / HV term (NT keeps ``valid_nt``)
+        valid = valid * (~boundary_band(inst, r)).float()[:, None]
 
     # NP
     ce = F.cross_entropy(np_logits, fg, reduction="none")[:, None]
@@ -144,7 +178,7 @@ def hovernet_loss(outputs: dict[str, torch.Tensor], *, inst: torch.Tensor, hv: t
 
     # HV
     hv_mse = _wmean((hv_pred - hv_t).pow(2), valid.expand(-1, 2, -1, -1))
-    if ignore is None:
+    if ignore is None and r <= 0:
         valid_grad = valid
     else:  # a pixel's 5x5 window must not touch an ignored pixel
         valid_grad = 1.0 - F.max_pool2d(1.0 - valid, kernel_size=5, stride=1, padding=2)
@@ -157,7 +191,7 @@ def hovernet_loss(outputs: dict[str, torch.Tensor], *, inst: torch.Tensor, hv: t
     if bool(((t < 0) | ((t >= c) & known)).any()):
         raise ValueError(f"type_map has ids outside 0..{c - 1} (and {EPITHELIAL_ANY}, {IGNORE})")
     t_safe = torch.where(known, t, torch.zeros_like(t))
-    w_nt = valid * known[:, None].float()
+    w_nt = valid_nt * known[:, None].float()
     if weights.nt_confidence:
         if conf is None:
             raise ValueError("weights.nt_confidence is set but no conf was given")
@@ -174,4 +208,4 @@ def hovernet_loss(outputs: dict[str, torch.Tensor], *, inst: torch.Tensor, hv: t
     return total, {k: v.detach() for k, v in terms.items()}
 
 
-__all__ = ["LossWeights", "hovernet_loss", "hv_gradients", "sobel_kernels"]
+__all__ = ["LossWeights", "boundary_band", "hovernet_loss", "hv_gradients", "sobel_kernels"]
