@@ -332,7 +332,7 @@ def _tile_work(i: int, crop: np.ndarray, renderers: Mapping[str, Any], size_l0: 
 def unknown_background_ignored(renderers: Mapping[str, Any], i: int,
                                maps: dict[str, tuple[np.ndarray, ...]]) -> dict[str, tuple[np.ndarray, ...]]:
     """The ``"st"`` maps with every pixel that no nucleus covers and whose background is not known
-    (:meth:`stlib.labels.masks.TileRenderer.unknown_background`: near the area Xenium did not image)
+    (:meth:`stlib.labels.masks.TileRenderer.unknown_background`: near the Xenium region's edge)
     set to ``ignore``; after the refinement, so that neither a rasterised nor a refined outline leaves
     background there. Unchanged without such an area."""
     r = renderers.get("st")

@@ -75,7 +75,8 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
 
     The ST store's pixels outside the region where Xenium imaged and transcripts fall
     (``coverage.parquet`` of each sample, :func:`stlib.labels.derive.imaged_region`) are ``ignore``: an H&E nucleus
-    there is not background, nobody labelled it.
+    there is not background, nobody labelled it. So are those within ``region_border_um`` of the region's
+    edge that no ST nucleus covers (an unlabelled nucleus from outside can reach that far in).
 
     Parameters
     ----------
@@ -186,8 +187,8 @@ def _sample_tiles(s, organ: str, nuc, truth, writers: dict[str, Any], res, *, um
     """Cut one sample into tiles (in parallel) and append them to the writers in grid order.
 
     ``imaged``: the Xenium-imaged region (level-0 px polygons, :func:`stlib.labels.derive.imaged_region`); the ST
-    maps are ``ignore`` outside it, and within ``region_border_um`` of the area it does not cover every
-    pixel but those of ST nuclei (:func:`stlib.labels.masks.known_background_region`).
+    maps are ``ignore`` outside it, and within ``region_border_um`` of its edge (the image edge included)
+    every pixel but those of ST nuclei is too (:func:`stlib.labels.masks.known_background_region`).
 
     Returns the sample's refinement record (None without refinement).
     """
