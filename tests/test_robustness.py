@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import shapely
 
-from stlib.labels.masks import coverage_region
+from stlib.labels.masks import coverage_region, known_background_region
 from stlib.robustness import (
     DEV_SEEDS, EVAL_SEEDS, KNOB_GRID, SEEN_SEEDS, acceptance_table, edge_gap_grid, outside_region_background,
     robustness_sweep, score_cells,
@@ -237,3 +237,18 @@ def test_an_unlabelled_nucleus_reaching_into_the_region_is_ignore_not_background
     far = shapely.box(150, 150, 250, 190)  # background away from the region's edge stays background
     assert count(after, far)[0] == count(before, far)[0] == 100 * 40
     assert known_background_region(region, W, H, 0.0) is None and known_background_region(None, W, H, 8) is None
+
+
+def test_region_border_is_chosen_on_development_seeds_only(tmp_path):
+    from stlib.robustness import region_border_grid
+    from stlib.utils import InputError
+
+    with pytest.raises(InputError, match="not development seeds"):
+        region_border_grid([EVAL_SEEDS[0]], tmp_path)
+    # the known-background region is the imaged region within the image, shrunk by the border
+    region = [shapely.box(-50, 20, 300, 400)]
+    known = known_background_region(region, 400, 400, 10.0)
+    k = shapely.union_all(known)
+    assert k.symmetric_difference(shapely.box(10, 30, 290, 390)).area < 1e-6
+    none = known_background_region([shapely.box(0, 0, 15, 15)], 400, 400, 10.0)  # nothing left: all unknown
+    assert len(none) == 1 and none[0].bounds[2] < 0
