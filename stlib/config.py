@@ -233,6 +233,14 @@ class TilesConfig:
     val_fraction: float = _opt(0.2, "share of each training sample's tile columns that validate")
     refine_masks: bool = _opt(True, "snap the ST nuclei to their haematoxylin boundary (stlib.labels.refine)")
     refinement: RefineConfig = _sub(RefineConfig, "the mask refinement (with refine_masks)")
+    #: a nucleus centred just outside the Xenium region (no ST outline) reaches into it by its largest
+    #: semi-axis plus the alignment error; within this distance of the region's edge (the image edge
+    #: included) only ST nuclei teach and every other pixel is ignore, not background
+    #: (stlib.labels.masks.known_background_region). 10 µm: the 99th percentile of the true nuclei's
+    #: largest semi-axis on the development cohorts, rounded up (`stlib robustness --border-grid`,
+    #: benchmarks/label_border_dev.json); 0 = off (the tiles before issue 12's last fix)
+    region_border_um: float = _opt(10.0, "within this distance (µm) of the Xenium region's edge, pixels outside "
+                                         "ST nuclei are ignore, not background (0 = off)")
 
 
 @dataclass(frozen=True)

@@ -34,14 +34,15 @@ from stlib.layout import RunLayout
 
 __all__ = ["DEV_SEEDS", "SEEN_SEEDS", "EVAL_SEEDS", "KNOB_GRID", "label_cohort", "score_cells", "score_by_sample",
            "robustness_sweep", "acceptance_table", "outside_region_background", "region_check", "edge_gap_grid",
-           "cli_main"]
+           "region_border_grid", "cli_main"]
 
 #: cohort seeds on which the labeler's parameters were chosen (and nothing else); the labeler was
 #: frozen before any evaluation seed was labelled. 101-106: the first freeze; 107-120 were added
 #: when the first evaluation showed failures (the second freeze); the third freeze (lineage gate,
 #: per-cluster tumour evidence, apoptosis-enriched cells ignored) and the fourth (CD45 waived for
 #: types with strong evidence of their own, epithelial lineage naming a cluster, dominant type
-#: winning a two-class conflict) were chosen on 101-120 again
+#: winning a two-class conflict) were chosen on 101-120 again; so were the tiles' region_border_um
+#: (tile check on 101-118, the failure reproduced on 117; :func:`region_border_grid` on 104-118)
 DEV_SEEDS: tuple[int, ...] = tuple(range(101, 121))
 #: evaluation seeds of earlier benchmarks whose results were read and led to a new freeze, so they
 #: are no longer unseen: never report them as an evaluation again. 1000-1019: the first freeze's
@@ -49,13 +50,14 @@ DEV_SEEDS: tuple[int, ...] = tuple(range(101, 121))
 #: third freeze's (17 of 20 passed; 5007, 5008 and 5011 ignored more than 30 % of their cells);
 #: 6000-6019: the fourth freeze's (20 of 20 passed the cell checks, but training tiles at the H&E
 #: image edge marked true nuclei outside the Xenium region as background, fixed in
-#: :func:`stlib.labels.masks.coverage_region`)
+#: :func:`stlib.labels.masks.coverage_region`); 7000-7019: the fourth freeze with that fix (20 of 20
+#: passed the cell checks; 3 training tiles still taught an outside-region nucleus as background)
 SEEN_SEEDS: tuple[int, ...] = (tuple(range(1000, 1020)) + tuple(range(2000, 2020)) + tuple(range(5000, 5020))
-                               + tuple(range(6000, 6020)))
+                               + tuple(range(6000, 6020)) + tuple(range(7000, 7020)))
 #: evaluation seeds of the committed benchmark (fourth freeze of the cell labeler, with the image-edge
-#: coverage fix, whose two parameters were chosen on DEV_SEEDS; never used to choose a parameter,
-#: never labelled before the freeze)
-EVAL_SEEDS: tuple[int, ...] = tuple(range(7000, 7020))
+#: coverage fix and the region-border fix of the training tiles, chosen on development seeds; never
+#: used to choose a parameter, never labelled before the freeze)
+EVAL_SEEDS: tuple[int, ...] = tuple(range(8000, 8020))
 #: knob values of the robustness curves (the default of each knob is among them)
 KNOB_GRID: dict[str, tuple[float, ...]] = {
     "marker_overlap": (0.3, 0.45, 0.6, 0.8, 1.0),
@@ -236,7 +238,8 @@ def acceptance_table(seeds: Sequence[int], *, cfg: Any = None, label_kwargs: Map
     return pd.DataFrame([{"seed": s, **sc} for s, sc in zip(seeds, scores)])
 
 
-def outside_region_background(run_dir: Any, truth_dir: Any, *, store: str = "st") -> dict[str, int]:
+def outside_region_background(run_dir: Any, truth_dir: Any, *, store: str = "st",
+                              details: bool = False) -> dict[str, Any]:
     """Check the training tiles: no true nucleus outside the Xenium region may be background.
 
     The ST tile store and the truth store built on the same tiles (``build_tile_stores`` with
@@ -247,7 +250,9 @@ def outside_region_background(run_dir: Any, truth_dir: Any, *, store: str = "st"
     Returns
     -------
     ``n_outside_nuclei`` (true nuclei outside the region reaching some tile), ``n_background_nuclei``
-    (those with at least one background pixel in an ST tile) and ``n_background_pixels``.
+    (those with at least one background pixel in an ST tile) and ``n_background_pixels``; with
+    ``details``, also ``background_nuclei``: ``"{sample}:{truth row}"`` of each such nucleus (the row
+    of the visible truth nuclei, as :func:`diagnose_background` reads them).
     """
     from pathlib import Path
 
@@ -280,17 +285,26 @@ def outside_region_background(run_dir: Any, truth_dir: Any, *, store: str = "st"
         if viol.any():
             n_px += int(viol.sum())
             bad.update((sid, int(k)) for k in np.unique(b["inst"][viol]))
-    return {"n_outside_nuclei": len(seen), "n_background_nuclei": len(bad), "n_background_pixels": n_px}
+    out: dict[str, Any] = {"n_outside_nuclei": len(seen), "n_background_nuclei": len(bad), "n_background_pixels": n_px}
+    if details:
+        out["background_nuclei"] = [f"{sid}:{k - 1}" for sid, k in sorted(bad)]
+    return out
 
 
 def region_check(seeds: Sequence[int], workdir: Any, *, cfg: Any = None, refine_masks: bool = True,
-                 progress: bool = True) -> pd.DataFrame:
+                 progress: bool = True, keep: str = "none", labeler: str = "hierarchical") -> pd.DataFrame:
     """The whole label pipeline on written cohorts, then :func:`outside_region_background`.
 
     For each seed: write the cohort (``cfg``, default the realistic demo scale), align and label
     every sample (:func:`stlib.labels.derive.derive_sample`), build the tile stores with the truth on
     the same tiles, and count true nuclei outside the Xenium region that a training tile marks as
-    background. One row per seed.
+    background. One row per seed (with ``background_nuclei``, see :func:`outside_region_background`).
+
+    ``keep``: which cohorts stay under ``workdir/seed{s}`` afterwards (``"none"``, ``"failing"``: those
+    with a background nucleus, to diagnose them, or ``"all"``). ``labeler``: of
+    :class:`stlib.config.LabelsConfig`; the check does not depend on it (the ST instance, ignore and
+    refinement maps are drawn from the nucleus outlines, the alignment and the Xenium region, never
+    from a class), so ``"marker"`` gives the same counts about three times faster.
     """
     import dataclasses as _dc
     import shutil
@@ -315,11 +329,13 @@ def region_check(seeds: Sequence[int], workdir: Any, *, cfg: Any = None, refine_
             warnings.simplefilter("ignore")
             for sid in table["sample"]:
                 derive.derive_sample(hest, sid, root / "run", truth_dir=data / "truth", neighbors_method="gauss",
-                                     align=True)
+                                     align=True, labeler=labeler)
             build_tile_stores(hest, table, root / "run", truth_dir=data / "truth", refine_masks=refine_masks)
-        rows.append({"seed": int(s), "xenium_region_fraction": cfg.xenium_region_fraction,
-                     **outside_region_background(root / "run", data / "truth")})
-        shutil.rmtree(root, ignore_errors=True)
+        row = {"seed": int(s), "xenium_region_fraction": cfg.xenium_region_fraction,
+               **outside_region_background(root / "run", data / "truth", details=True)}
+        rows.append(row)
+        if keep == "none" or (keep == "failing" and row["n_background_nuclei"] == 0):
+            shutil.rmtree(root, ignore_errors=True)
     return pd.DataFrame(rows)
 
 
@@ -395,6 +411,113 @@ def edge_gap_grid(seeds: Sequence[int], workdir: Any, *, slopes: Sequence[float]
     return pd.DataFrame(rows)
 
 
+def region_border_grid(seeds: Sequence[int], workdir: Any, *,
+                       borders_um: Sequence[float] = (0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0),
+                       cfg: Any = None, progress: bool = True) -> pd.DataFrame:
+    """Choose the tiles' ``region_border_um`` (:func:`stlib.labels.masks.known_background_region`) on
+    development cohorts.
+
+    For each seed (development seeds only): the cohort under ``workdir/seed{s}`` (written and aligned
+    when its ``run/labels/{sample}/coverage.parquet`` is missing, else reused, e.g. as
+    :func:`region_check` keeps it), and for every border width:
+
+    * ``n_bad``: true visible nuclei outside the Xenium region that overlap the region where background
+      is still taught (more than half a level-0 px^2; the geometric counterpart of
+      :func:`outside_region_background`);
+    * ``min_gap_um``: the smallest distance from such a nucleus to that region (negative: the depth
+      of the deepest overlap), i.e. the safety left;
+    * ``lost``: the share of the region (within the image) whose background is no longer taught (what
+      the border costs; ST nuclei there keep their labels).
+
+    Also ``semi_axis_p99_um`` / ``semi_axis_max_um``: the largest centroid-to-outline distance of the
+    visible true nuclei (how far a nucleus centred at the region's edge reaches in). One row per
+    (seed, sample, border).
+    """
+    import json
+    from pathlib import Path
+
+    import geopandas as gpd
+    import shapely
+
+    from stlib.labels.masks import known_background_region
+    from stlib.utils import InputError
+    from stlib.utils import progress as _progress
+
+    bad_seeds = sorted(set(int(s) for s in seeds) - set(DEV_SEEDS))
+    if bad_seeds:
+        raise InputError(f"seeds {bad_seeds} are not development seeds", fix=f"choose parameters on {DEV_SEEDS}")
+    rows = []
+    for seed in (_progress(list(seeds), desc="border grid") if progress else seeds):
+        root = Path(workdir) / f"seed{seed}"
+        _ensure_regions(root, int(seed), cfg)
+        meta = json.loads((root / "data" / "cohort.json").read_text())
+        for st in meta["samples"]:
+            sid = st["sample_id"]
+            H, W = st["shape"]
+            um = float(st["um_per_px"])
+            t = gpd.read_parquet(root / "data" / "truth" / sid / "nuclei.parquet")
+            t = t[t["visible"].to_numpy(bool)]
+            g_out = t.geometry.values[~t["in_xenium_region"].to_numpy(bool)]
+            cen = shapely.centroid(t.geometry.values)
+            reach = np.array([np.hypot(*(shapely.get_coordinates(g) - shapely.get_coordinates(c)).T).max()
+                              for g, c in zip(t.geometry.values, cen)]) * um
+            region = gpd.read_parquet(RunLayout(root / "run").coverage_parquet(sid)).geometry.values
+            R = shapely.intersection(shapely.union_all(region), shapely.box(0, 0, W, H))
+            for b in borders_um:
+                known = known_background_region(region, W, H, b / um)
+                K = R if known is None else shapely.union_all(known)
+                gap = shapely.distance(g_out, K)
+                over = shapely.area(shapely.intersection(g_out, K))
+                for j in np.flatnonzero(gap == 0):  # depth of an overlap: its farthest point inside
+                    q = shapely.get_coordinates(shapely.intersection(g_out[j], K))
+                    gap[j] = -float(shapely.distance(shapely.points(q), K.boundary).max()) if len(q) else 0.0
+                rows.append({"seed": int(seed), "sample": sid, "border_um": float(b), "n_out": int(len(g_out)),
+                             "n_bad": int(np.sum(over > 0.5)),
+                             "min_gap_um": float(gap.min() * um) if len(gap) else float("nan"),
+                             "lost": float(1.0 - K.area / R.area) if R.area > 0 else float("nan"),
+                             "semi_axis_p99_um": float(np.quantile(reach, 0.99)),
+                             "semi_axis_max_um": float(reach.max())})
+    return pd.DataFrame(rows)
+
+
+def _ensure_regions(root: Any, seed: int, cfg: Any = None) -> None:
+    """Write the cohort ``root/data`` and each sample's alignment and Xenium region
+    (``root/run/labels/{sample}/coverage.parquet``, as :func:`stlib.labels.derive.derive_sample` writes
+    it) unless they are there."""
+    import json
+
+    from stlib.align import align_and_save, load_alignment
+    from stlib.config import AlignConfig
+    from stlib.demo import make_cohort
+    from stlib.demo.config import config_for_scale
+    from stlib.io import cohort
+    from stlib.io.hest import HestSample
+    from stlib.labels import derive
+    from stlib.utils import atomic_path
+
+    layout = RunLayout(root / "run")
+    data = root / "data"
+    if (data / "cohort.json").is_file():
+        sids = [s["sample_id"] for s in json.loads((data / "cohort.json").read_text())["samples"]]
+        if all(layout.coverage_parquet(sid).is_file() for sid in sids):
+            return
+    cfg = cfg if cfg is not None else config_for_scale("demo")
+    cfg = dataclasses.replace(cfg, pannuke_per_fold=0, raw_bundles=0)
+    data = make_cohort(data, seed=int(seed), config=cfg)
+    hest = cohort.hest_dir(data)
+    for sid in cohort.cohort_table(data)["sample"]:
+        if layout.coverage_parquet(sid).is_file():
+            continue
+        if not layout.alignment_json(sid).is_file():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                align_and_save(hest, sid, layout.alignment_root, config=AlignConfig())
+        reg = derive.imaged_region(HestSample(hest, sid), load_alignment(layout.alignment_json(sid)))
+        layout.labels_dir(sid).mkdir(parents=True, exist_ok=True)
+        with atomic_path(layout.coverage_parquet(sid)) as tmp:
+            reg.to_parquet(tmp)
+
+
 def _summary(df: pd.DataFrame, cols: Sequence[str]) -> dict[str, dict[str, float]]:
     return {c: {"min": float(df[c].min()), "median": float(df[c].median()), "max": float(df[c].max())}
             for c in cols if c in df.columns}
@@ -432,6 +555,39 @@ def _edge_grid_cli(args: Any, argv: list[str]) -> int:
     return 0
 
 
+def _border_grid_cli(args: Any, argv: list[str]) -> int:
+    """``stlib robustness --border-grid SEEDS``: :func:`region_border_grid`, summed over samples per width."""
+    import tempfile
+
+    from stlib.config import TilesConfig
+    from stlib.utils import machine_info, write_json
+
+    t0 = time.time()
+    if args.workdir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = region_border_grid(args.border_grid, tmp)
+    else:
+        rows = region_border_grid(args.border_grid, args.workdir)
+    per_seed = rows.groupby(["border_um", "seed"]).agg(n_bad=("n_bad", "sum"), min_gap_um=("min_gap_um", "min"))
+    tot = rows.groupby("border_um").agg(n_out=("n_out", "sum"), n_bad=("n_bad", "sum"),
+                                        min_gap_um=("min_gap_um", "min"), lost=("lost", "mean")).reset_index()
+    tot["seeds_failing"] = per_seed.groupby("border_um")["n_bad"].apply(lambda v: int(np.sum(v > 0))).to_numpy()
+    res = {"command": "stlib robustness " + " ".join(argv),
+           "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 1),
+           "machine": machine_info(), "seeds": list(args.border_grid),
+           "what": "the tiles' region_border_um on development cohorts: true nuclei outside the Xenium region "
+                   "overlapping the region where background is still taught (n_bad), the smallest distance of "
+                   "any of them to it (min_gap_um, negative = depth of an overlap), share of the region whose "
+                   "background is no longer taught (lost); the nuclei's largest semi-axis (semi_axis_*_um)",
+           "chosen": {"region_border_um": TilesConfig().region_border_um},
+           "semi_axis_um": {"p99_max_over_samples": float(rows["semi_axis_p99_um"].max()),
+                            "max": float(rows["semi_axis_max_um"].max())},
+           "totals": tot.to_dict(orient="records"), "rows": rows.to_dict(orient="records")}
+    write_json(args.out, res)
+    print(tot.to_string(index=False))
+    return 0
+
+
 def cli_main(argv: list[str]) -> int:
     """``stlib robustness [--seeds ...] [--sweep-seeds ...] [--out benchmarks/label_robustness.json]``."""
     from stlib.utils import machine_info
@@ -455,9 +611,18 @@ def cli_main(argv: list[str]) -> int:
     ap.add_argument("--edge-grid", type=int, nargs="*", default=None, metavar="DEV_SEED",
                     help="only the choice of coverage_region's image-edge parameters on these development seeds "
                          "(edge_gap_grid; cohorts kept under --workdir)")
+    ap.add_argument("--border-grid", type=int, nargs="*", default=None, metavar="DEV_SEED",
+                    help="only the choice of the tiles' region_border_um on these development seeds "
+                         "(region_border_grid; cohorts kept under --workdir)")
+    ap.add_argument("--labeler", default="hierarchical",
+                    help="labeler of --region-only (the tile check does not depend on it; marker is faster)")
+    ap.add_argument("--keep", choices=["none", "failing", "all"], default="none",
+                    help="cohorts of --region-only kept under --workdir (failing: those with a background nucleus)")
     args = ap.parse_args(argv)
     if args.edge_grid is not None:
         return _edge_grid_cli(args, argv)
+    if args.border_grid is not None:
+        return _border_grid_cli(args, argv)
     bad = sorted(set(args.seeds) & set(DEV_SEEDS)) + sorted(set(args.sweep_seeds) & set(DEV_SEEDS))
     if bad:
         from stlib.utils import InputError
@@ -471,8 +636,11 @@ def cli_main(argv: list[str]) -> int:
     if args.region_only:
         import tempfile
 
-        with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-            reg = region_check(args.seeds, tmp)
+        if args.keep != "none" and args.workdir is not None:
+            reg = region_check(args.seeds, args.workdir, keep=args.keep, labeler=args.labeler)
+        else:
+            with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+                reg = region_check(args.seeds, tmp, labeler=args.labeler)
         res = {"command": "stlib robustness " + " ".join(argv),
                "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 1),
                "machine": machine_info(), "what": "true nuclei outside the Xenium region that a training tile marks "

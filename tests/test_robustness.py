@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import shapely
 
-from stlib.labels.masks import coverage_region
+from stlib.labels.masks import coverage_region, known_background_region
 from stlib.robustness import (
     DEV_SEEDS, EVAL_SEEDS, KNOB_GRID, SEEN_SEEDS, acceptance_table, edge_gap_grid, outside_region_background,
     robustness_sweep, score_cells,
@@ -192,3 +192,63 @@ def test_robustness_curves_figure():
                        "accuracy": [0.8, 0.82, 0.85, 0.86], "f1_Neoplastic": [0.7, 0.72, 0.9, 0.88]})
     fig = plot.robustness_curves(df, source="SYNTHETIC test", metrics=("accuracy", "f1_Neoplastic"))
     assert len(fig.axes) >= 1 and any("SYNTHETIC" in t.get_text() for t in fig.texts)
+
+
+def test_an_unlabelled_nucleus_reaching_into_the_region_is_ignore_not_background():
+    """Issue 12's last tile check. A nucleus centred just beyond the H&E image edge (and outside the Xenium
+    region, so without an ST outline) where the region runs up to the image edge, and one centred just
+    outside the region's inner edge, reach into the region; main taught their visible part as background.
+    With the default ``region_border_um`` those pixels are ignore, while ST nuclei in the same strip keep
+    their labels and background away from the region's edge stays background."""
+    from stlib.config import TilesConfig
+    from stlib.labels.masks import TileRenderer, known_background_region
+    from stlib.tiles.slide import _tile_work
+
+    um, W, H = 0.25, 400, 400  # level-0 px = tile px
+    border_px = TilesConfig().region_border_um / um
+    assert border_px >= 24  # the default covers a nucleus of 6 µm semi-axis
+    region = [shapely.box(0, 0, 300, 400)]  # imaged: up to the image's left, top and bottom edges
+    st = [shapely.Point(100, 200).buffer(20), shapely.Point(12, 100).buffer(16)]  # ST nuclei, one near the edge
+    out = [shapely.Point(-4, 300).buffer(24), shapely.Point(310, 100).buffer(24)]  # no ST outline
+
+    def tiles(known):
+        r = TileRenderer(st, width=W, height=H, scale=1.0, tile_px=200, tissue=region, known_background=known,
+                         classes=[1, 2])
+        return [(r.tile(i), _tile_work(i, np.zeros((200, 200, 3), np.uint8), {"st": r}, 200.0, 200, um, None))
+                for i in range(len(r))]
+
+    def count(result, geom):
+        n_bg = n_lab = 0
+        for t, res in result:
+            inst, _, ign, _ = res.maps["st"]
+            yy, xx = np.mgrid[0:200, 0:200]
+            m = shapely.contains_xy(geom, xx + 0.5 + t.origin[0], yy + 0.5 + t.origin[1])
+            n_bg += int((m & (inst == 0) & (ign == 0)).sum())
+            n_lab += int((m & (inst > 0)).sum())
+        return n_bg, n_lab
+
+    before = tiles(None)  # main: no strip
+    after = tiles(known_background_region(region, W, H, border_px))
+    for g in out:
+        assert count(before, g)[0] > 50  # taught as background before
+        assert count(after, g)[0] == 0
+    for g in st:  # ST nuclei keep every labelled pixel
+        assert count(after, g)[1] == count(before, g)[1] > 0
+    far = shapely.box(150, 150, 250, 190)  # background away from the region's edge stays background
+    assert count(after, far)[0] == count(before, far)[0] == 100 * 40
+    assert known_background_region(region, W, H, 0.0) is None and known_background_region(None, W, H, 8) is None
+
+
+def test_region_border_is_chosen_on_development_seeds_only(tmp_path):
+    from stlib.robustness import region_border_grid
+    from stlib.utils import InputError
+
+    with pytest.raises(InputError, match="not development seeds"):
+        region_border_grid([EVAL_SEEDS[0]], tmp_path)
+    # the known-background region is the imaged region within the image, shrunk by the border
+    region = [shapely.box(-50, 20, 300, 400)]
+    known = known_background_region(region, 400, 400, 10.0)
+    k = shapely.union_all(known)
+    assert k.symmetric_difference(shapely.box(10, 30, 290, 390)).area < 1e-6
+    none = known_background_region([shapely.box(0, 0, 15, 15)], 400, 400, 10.0)  # nothing left: all unknown
+    assert len(none) == 1 and none[0].bounds[2] < 0

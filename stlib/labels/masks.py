@@ -77,6 +77,7 @@ __all__ = [
     "TileRenderer",
     "iter_label_tiles",
     "coverage_region",
+    "known_background_region",
 ]
 
 #: Default smallest nucleus area (output px^2 at the target scale) that becomes an instance.
@@ -1081,7 +1082,7 @@ class TileRenderer:
                  confidence: Sequence[float] | np.ndarray | float | None = None,
                  ids: Sequence[int] | np.ndarray | None = None, ignore_polygons: Any = None, tissue: Any = None,
                  overlap_rule: OverlapRule = "smaller_wins", min_area_px: float = MIN_AREA_PX,
-                 skip_empty: bool = False) -> None:
+                 skip_empty: bool = False, known_background: Any = None) -> None:
         if not (np.isfinite(scale) and scale > 0):
             raise ValueError(f"scale: must be positive, got {scale}")
         self.region = (0.0, 0.0, float(width), float(height))
@@ -1106,6 +1107,12 @@ class TileRenderer:
             s = geoms if isinstance(geoms, PolygonSet) else prepare_polygons(
                 np.atleast_1d(np.asarray(geoms, dtype=object)))
             self._extra.append((s, *_bucket(s, np.arange(len(s)), scale, stride, tile_px, nx, ny)))
+        # where background is known (:func:`known_background_region`); None: everywhere
+        self._known = None
+        if known_background is not None:
+            s = known_background if isinstance(known_background, PolygonSet) else prepare_polygons(
+                np.atleast_1d(np.asarray(known_background, dtype=object)))
+            self._known = (s, *_bucket(s, np.arange(len(s)), scale, stride, tile_px, nx, ny))
         self.shape = (int(tile_px), int(tile_px))
 
     def __len__(self) -> int:
@@ -1115,6 +1122,15 @@ class TileRenderer:
         """Grid position ``i`` as a :class:`Tile` (target px and level-0 origin)."""
         x, y = (int(v) for v in self.grid[i])
         return Tile(i, x, y, (x / self.scale, y / self.scale))
+
+    def unknown_background(self, i: int) -> np.ndarray | None:
+        """(H, W) bool of tile ``i``: pixels outside ``known_background`` (None without it), where a
+        pixel that no nucleus covers is not known to be background (callers make it ``ignore``)."""
+        if self._known is None:
+            return None
+        x, y = self.grid[i]
+        s, st, en = self._known
+        return ~_fill_mask(s, en[st[i]:st[i + 1]], float(x), float(y), self.scale, self.shape).astype(bool)
 
     def render(self, i: int, *, hv: bool = True) -> LabelMaps | None:
         """Label maps of tile ``i`` (None for an empty tile when ``skip_empty``); ``hv=False``
@@ -1396,3 +1412,42 @@ def _edge_gaps(x: np.ndarray, y: np.ndarray, extent: Any, *, depth_um: float, sl
             t_ = np.r_[-pad_um, -pad_um, tj[-1], tj[::-1], tj[0]]
             strips.append(shapely.Polygon(np.stack([ax + s_ * ux + t_ * nx, ay + s_ * uy + t_ * ny], 1)))
     return shapely.union_all(np.array(strips, dtype=object)) if strips else shapely.Polygon()
+
+
+def known_background_region(region: Any, width: float, height: float, border: float) -> np.ndarray | None:
+    """Where a pixel that no ST nucleus covers is known to be background: the imaged region (within the
+    image) shrunk by ``border`` (level-0 px).
+
+    The Xenium region (:func:`coverage_region`, mapped to the H&E) keeps a margin from the area Xenium
+    did not image, but a nucleus that has no ST outline because its centre lies outside the region
+    still reaches into it by up to its largest semi-axis: where the region's edge lies just beyond the
+    H&E image edge (the region then runs up to the image edge), a nucleus centred beyond both is cut
+    by the image edge and its visible part lies in the region; elsewhere the margin may be eaten by
+    the alignment error. The part inside was taught as background. Within ``border`` of the region's
+    edge (the image edge included: nobody knows what lies beyond it) only ST nuclei teach (they were
+    imaged, so they keep their labels); every other pixel there is not known and becomes ``ignore``
+    (:meth:`TileRenderer.unknown_background`).
+
+    Parameters
+    ----------
+    region
+        The imaged region's polygons (level-0 px; ``coverage.parquet``), or None (no region known).
+    width, height
+        The H&E image (level-0 px).
+    border
+        Width of the strip (level-0 px); <= 0 turns the step off.
+
+    Returns
+    -------
+    Object array of polygons (level-0 px), or None (step off, or no region known: nothing changes).
+    """
+    if region is None or not border > 0:
+        return None
+    geoms = np.atleast_1d(np.asarray(region, dtype=object))
+    R = shapely.union_all(geoms) if len(geoms) else shapely.Polygon()
+    R = shapely.intersection(R, shapely.box(0.0, 0.0, float(width), float(height)))
+    known = shapely.buffer(R, -float(border), quad_segs=8) if not R.is_empty else R
+    parts = shapely.get_parts(known) if not known.is_empty else np.array([], object)
+    if len(parts) == 0:  # nothing known: a region point far outside every tile
+        return np.array([shapely.box(-2.0, -2.0, -1.0, -1.0)], dtype=object)
+    return np.asarray(parts, dtype=object)

@@ -42,7 +42,7 @@ import numpy as np
 from stlib.labels._refine_kernels import _runs
 
 __all__ = ["RowBands", "SlideTile", "default_workers", "iter_slide_tiles", "keep_freed_memory", "rasterise",
-           "read_tile_image", "refine", "resample_tile"]
+           "read_tile_image", "refine", "resample_tile", "unknown_background_ignored"]
 
 
 def default_workers() -> int:
@@ -380,9 +380,26 @@ def _tile_work(i: int, crop: np.ndarray, renderers: Mapping[str, Any], size_l0: 
         out.maps, out.refine, out.pq_before, out.pq_after = refine(img, maps, um_per_px=um_per_px,
                                                                    config=refine_config)
         clock.lap("mask_refinement")
+    out.maps = unknown_background_ignored(renderers, i, out.maps)
     out.n_nuclei = {k: _count_ids(m[0]) for k, m in out.maps.items()}
     out.seconds = clock.seconds
     return out
+
+
+def unknown_background_ignored(renderers: Mapping[str, Any], i: int,
+                               maps: dict[str, tuple[np.ndarray, ...]]) -> dict[str, tuple[np.ndarray, ...]]:
+    """The ``"st"`` maps with every pixel that no nucleus covers and whose background is not known
+    (:meth:`stlib.labels.masks.TileRenderer.unknown_background`: near the Xenium region's edge)
+    set to ``ignore``; after the refinement, so that neither a rasterised nor a refined outline leaves
+    background there. Unchanged without such an area."""
+    r = renderers.get("st")
+    unknown = r.unknown_background(i) if r is not None and hasattr(r, "unknown_background") else None
+    if unknown is None or "st" not in maps:
+        return maps
+    inst, typ, ign, cf = maps["st"]
+    new_ign = np.asarray(ign).copy()
+    new_ign[unknown & (inst == 0)] = 1
+    return {**maps, "st": (inst, typ, new_ign, cf)}
 
 
 def iter_slide_tiles(wsi: Any, renderers: Mapping[str, Any], *, size_l0: float, tile_px: int, um_per_px: float,

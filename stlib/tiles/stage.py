@@ -75,7 +75,8 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
 
     The ST store's pixels outside the region where Xenium imaged and transcripts fall
     (``coverage.parquet`` of each sample, :func:`stlib.labels.derive.imaged_region`) are ``ignore``: an H&E nucleus
-    there is not background, nobody labelled it.
+    there is not background, nobody labelled it. So are those within ``region_border_um`` of the region's
+    edge that no ST nucleus covers (an unlabelled nucleus from outside can reach that far in).
 
     Parameters
     ----------
@@ -152,7 +153,7 @@ def build_tile_stores(hest_dir: str | Path, samples: pd.DataFrame, run_dir: str 
             rep = _sample_tiles(HestSample(hest_dir, row.sample), row.organ, nuc, truth, writers,
                                 load_alignment(layout.alignment_json(row.sample)),
                                 um_per_px=um_per_px, tile_px=tile_px, rcfg=rcfg, workers=workers, timings=timings,
-                                imaged=imaged)
+                                imaged=imaged, region_border_um=cfg.region_border_um)
             if rep is not None:
                 refinement[row.sample] = rep
         t_close = time.perf_counter()
@@ -182,15 +183,16 @@ def tiles_key(config: TilesConfig, *, truth_dir: str | Path | None = None, sampl
 
 def _sample_tiles(s, organ: str, nuc, truth, writers: dict[str, Any], res, *, um_per_px: float, tile_px: int,
                   rcfg: RefineConfig | None, workers: int | None,
-                  timings: dict[str, float] | None, imaged=None) -> dict[str, Any] | None:
+                  timings: dict[str, float] | None, imaged=None, region_border_um: float = 0.0) -> dict[str, Any] | None:
     """Cut one sample into tiles (in parallel) and append them to the writers in grid order.
 
     ``imaged``: the Xenium-imaged region (level-0 px polygons, :func:`stlib.labels.derive.imaged_region`); the ST
-    maps are ``ignore`` outside it.
+    maps are ``ignore`` outside it, and within ``region_border_um`` of its edge (the image edge included)
+    every pixel but those of ST nuclei is too (:func:`stlib.labels.masks.known_background_region`).
 
     Returns the sample's refinement record (None without refinement).
     """
-    from stlib.labels.masks import TileRenderer
+    from stlib.labels.masks import TileRenderer, known_background_region
     from stlib.labels.refine import RefineStats
     from stlib.tiles.slide import iter_slide_tiles
 
@@ -204,12 +206,15 @@ def _sample_tiles(s, organ: str, nuc, truth, writers: dict[str, Any], res, *, um
         label_sets = {"st": nuc} if truth is None else {"st": nuc, "truth": truth}
         renderers = {}
         t0 = time.perf_counter()
+        known = known_background_region(imaged, W, H, region_border_um / s.pixel_size_um) \
+            if imaged is not None and len(imaged) else None
         for k, g in label_sets.items():
             conf = g["confidence"].to_numpy(float) if "confidence" in g.columns else 1.0
             renderers[k] = TileRenderer(g.geometry.values, width=W, height=H, scale=scale, tile_px=tile_px,
                                         classes=g["class"].to_numpy().astype(np.uint8), confidence=conf,
                                         ignore_polygons=excluded if k == "st" else None,
-                                        tissue=_imaged_or_none(imaged) if k == "st" else None)
+                                        tissue=_imaged_or_none(imaged) if k == "st" else None,
+                                        known_background=known if k == "st" else None)
         if timings is not None:
             timings["polygon_setup"] = timings.get("polygon_setup", 0.0) + time.perf_counter() - t0
         # the tiles are written in their own thread (in grid order), so that this thread keeps the
