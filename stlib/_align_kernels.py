@@ -440,26 +440,10 @@ def fill_rings_threaded(xy: np.ndarray, ring: np.ndarray, H: int, W: int,
     outf = np.zeros((H, W), np.float32)
     if xy.shape[0] < 2 or H == 0 or W == 0:
         return out, outf
-    # the crossings of the rings split at ring boundaries into one part per thread, each part
-    # into its own counts, then added: the same integers (int16 sums wrap the same way in any
-    # order), so the same mask
-    starts = np.flatnonzero(ring[1:] != ring[:-1]) + 1  # where a ring begins
-    want = (np.arange(1, max(1, workers)) * xy.shape[0]) // max(1, workers)
-    cuts = starts[np.minimum(np.searchsorted(starts, want), starts.size - 1)] if starts.size else []
-    bounds = [0, *sorted({int(c) for c in cuts}), xy.shape[0]]
-    parts = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    acc = ring_crossings(xy, ring, H, W)
     edges = np.linspace(0, H, 4 * max(1, workers) + 1).astype(int)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        accs = list(pool.map(lambda p: ring_crossings(xy[p[0]:p[1]], ring[p[0]:p[1]], H, W), parts))
-        acc = accs[0]
-
-        def rows(k: int) -> None:
-            r0, r1 = edges[k], edges[k + 1]
-            for other in accs[1:]:
-                np.add(acc[r0:r1], other[r0:r1], out=acc[r0:r1])
-            fill_rows(acc, out, outf, r0, r1)
-
-        list(pool.map(rows, range(edges.size - 1)))
+        list(pool.map(lambda k: fill_rows(acc, out, outf, edges[k], edges[k + 1]), range(edges.size - 1)))
     return out, outf
 
 

@@ -449,8 +449,8 @@ def test_phase_correlation_pieces_equal_their_numpy_forms():
 
 
 def test_threaded_ring_filling_equals_one_pass():
-    """The ring crossings counted in parts (split at ring boundaries) and added give the mask
-    of the single pass, for overlapping rings, several thread counts and unequal rings."""
+    """The row pass split over threads gives the mask of the single pass (bool and float32),
+    for overlapping rings, several thread counts and unequal rings."""
     from stlib import _align_kernels as K
 
     rng = np.random.default_rng(4)
@@ -516,3 +516,17 @@ def test_polygon_reading_shortcuts_keep_ids_and_repairs(tmp_path):
     assert len(got) == n - 1 and got.index[0] == "c0" and "c" + str(n - 3) not in got.index
     assert shapely.is_valid(got.geometry.values).all() and got.geometry.values[7].geom_type == "MultiPolygon"
     assert shapely.equals(got.geometry.values[8:100], geoms[8:100]).all()
+
+
+def test_threaded_tile_decoding_reads_the_same_pixels(demo):
+    """``open_wsi(decode_workers=2)`` (the alignment's slide: JPEG tiles decoded in threads)
+    reads the same pixels as the default reader, on every level and across the border."""
+    from stlib.io.wsi import open_wsi
+
+    p = demo / "hest" / "wsis" / f"{SAMPLES[0]}.tif"
+    with open_wsi(p) as a, open_wsi(p, decode_workers=2) as b:
+        assert a.level_count > 1
+        for lv in range(a.level_count):
+            H, W = a.level_shapes[lv]
+            assert np.array_equal(a.read_region(-7, 5, W + 11, H - 3, level=lv),
+                                  b.read_region(-7, 5, W + 11, H - 3, level=lv))
