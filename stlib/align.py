@@ -1535,8 +1535,8 @@ def _hest_inputs(hest_dir: Path, sample_id: str, *, rings: bool = False) -> tupl
     files = [p for p in (hest_dir / "wsis" / f"{sample_id}.tif",
                          hest_dir / "transcripts" / f"{sample_id}_transcripts.parquet",
                          hest_dir / "xenium_seg" / f"{sample_id}_xenium_nucleus_seg.parquet") if p.exists()]
-    # the haematoxylin images read whole levels region by region: their JPEG tiles are decoded
-    # in threads (one after the other by default on two CPUs, the longest step of those images)
+    # the haematoxylin images read whole pyramid levels region by region: their JPEG tiles are
+    # decoded in threads (tifffile decodes them one after the other by default on two CPUs)
     return hs.wsi(decode_workers=_usable_cpus()), M0, nuclei_um, files
 
 
