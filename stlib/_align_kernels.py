@@ -126,21 +126,14 @@ def batched_phase_shift(ref: np.ndarray, mov: np.ndarray, upsample: int, workers
     offset = dftshift - shift * uf  # (m, 2) float32
     # data = conj(cross-power spectrum) over the whole plane: the computed half, and for the
     # negative frequencies of the last axis the mirror conj(X[-k0, -k1]) of the half (Hermitian)
-    nh = half.shape[2]
-    data = np.empty((m, n0, n1), half.dtype)
-    data[:, :, :nh] = half.conj()
-    # (strided copies: column n1 - k1 for k1 = nh..n1-1, row -k0 mod n0)
-    data[:, 0, nh:] = half[:, 0, n1 - nh:0:-1]
-    data[:, 1:, nh:] = half[:, :0:-1, n1 - nh:0:-1]
-    im2pi = 1j * 2 * np.pi
+    data = hermitian_full(half, n1)
     ar = np.arange(ups_size)
     kern = []
     for ax, nn in ((1, n1), (0, n0)):  # _upsampled_dft: the last axis first
         # a kernel depends on the window only through its offset, which takes a few values
         # (integer shifts): computed once per value, with the same expression
         vals, inv = np.unique(offset[:, ax], return_inverse=True)
-        k = (ar[None, :] - vals[:, None])[:, :, None] * fftfreq(nn, uf)[None, None, :]
-        kern.append(np.exp(-im2pi * k).astype(data.dtype, copy=False)[inv.ravel()])
+        kern.append(_dft_kernels(vals, ar, nn, uf, data.dtype)[inv.ravel()])
     ups = int(ups_size)
     # tensordot(kernel, data, axes=(1, -1)) per window is dot(kernel, data.T): the same BLAS
     # product as a stacked matmul with transposed views (bit-identical, checked in the tests)
@@ -149,6 +142,62 @@ def batched_phase_shift(ref: np.ndarray, mov: np.ndarray, upsample: int, workers
     best = np.argmax(np.abs(d.conj()).reshape(m, -1), axis=1)
     mx = np.stack([best // ups, best % ups], axis=1).astype(np.float32) - dftshift
     return shift + mx / uf
+
+
+# upsampled-DFT kernels by (offset, size, upsampling, dtype): the same few offsets recur in every
+# batch of every measurement of a slide (a kernel is 30 x n complex exponentials, computed in
+# complex128; with many distinct offsets in a batch that was up to a third of its time)
+_DFT_KERNELS: dict[tuple[float, int, float, int, str], np.ndarray] = {}
+_DFT_KERNELS_MAX = 2048  # about 50 MB of 100-px kernels
+
+
+def _dft_kernels(vals: np.ndarray, ar: np.ndarray, nn: int, uf: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``exp(-2j pi (ar - v) fftfreq(nn, uf))`` (scikit-image's ``_upsampled_dft`` kernel) as
+    ``dtype`` for each offset value ``v`` of ``vals``, shape (vals.size, ar.size, nn); each
+    value's kernel computed once per process with the same elementwise expression (the same
+    numbers as computing it in a batch)."""
+    from scipy.fft import fftfreq
+
+    dt = np.dtype(dtype)
+    keys = [(float(v), int(nn), float(uf), int(ar.size), dt.str) for v in vals]
+    out = np.empty((vals.size, ar.size, nn), dt)
+    miss = []
+    for i, key in enumerate(keys):
+        hit = _DFT_KERNELS.get(key)
+        if hit is None:
+            miss.append(i)
+        else:
+            out[i] = hit
+    if miss:
+        vm = vals[miss]
+        k = (ar[None, :] - vm[:, None])[:, :, None] * fftfreq(nn, uf)[None, None, :]
+        im2pi = 1j * 2 * np.pi
+        new = np.exp(-im2pi * k).astype(dt, copy=False)
+        if len(_DFT_KERNELS) + len(miss) > _DFT_KERNELS_MAX:
+            _DFT_KERNELS.clear()
+        for j, i in enumerate(miss):
+            out[i] = new[j]
+            _DFT_KERNELS[keys[i]] = out[i].copy()
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def hermitian_full(half, n1):  # pragma: no cover - compiled
+    """The whole (m, n0, n1) plane ``conj(X)`` of real-input spectra ``X`` given as their
+    non-negative last-axis half (m, n0, n1 // 2 + 1): the half conjugated, and the negative
+    frequencies from the Hermitian mirror ``conj(X[-k0, -k1]) = X[k0, k1]``, i.e. column
+    ``n1 - k1`` of row ``-k0 mod n0`` of the half taken as it is. Element copies and sign
+    flips only (exact); one pass instead of numpy's three strided copies."""
+    m, n0, nh = half.shape
+    data = np.empty((m, n0, n1), half.dtype)
+    for k in range(m):
+        for i in range(n0):
+            si = (n0 - i) % n0
+            for j in range(nh):
+                data[k, i, j] = np.conj(half[k, i, j])
+            for j in range(nh, n1):
+                data[k, i, j] = half[k, si, n1 - j]
+    return data
 
 
 @numba.njit(cache=True, nogil=True)

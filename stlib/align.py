@@ -454,8 +454,12 @@ def _ring_coords(geoms: Any) -> tuple[np.ndarray, np.ndarray]:
     g = np.asarray(geoms, dtype=object).ravel()
     if g.size == 0:
         return np.zeros((0, 2)), np.zeros(0, dtype=int)
-    parts = shapely.get_parts(g)
+    # (Multi)polygons -> polygons; an array of Polygons (a segmentation) is its own parts
+    parts = g if bool((shapely.get_type_id(g) == 3).all()) else shapely.get_parts(g)
     parts = parts[~shapely.is_empty(parts)]
+    if not shapely.get_num_interior_rings(parts).any():
+        # no holes: a polygon's coordinates are its exterior ring's (no ring objects made)
+        return shapely.get_coordinates(parts, return_index=True)
     rings = shapely.get_exterior_ring(parts)
     xy, idx = shapely.get_coordinates(rings, return_index=True)
     return xy, idx
@@ -1028,8 +1032,12 @@ class AlignmentResult:
                    params=d.get("params", {}), inputs=d.get("inputs", {}))
 
     def save(self, path: str | Path) -> Path:
-        """Write alignment.json atomically."""
-        return write_json(path, self.to_dict())
+        """Write alignment.json atomically.
+
+        Without indentation: a slide's file holds tens of thousands of tile rows, and only the
+        unindented form is written by the json module's compiled encoder (under half the time).
+        """
+        return write_json(path, self.to_dict(), indent=None)
 
 
 def _jsonable(o: Any) -> Any:
@@ -1084,6 +1092,7 @@ class _Scene:
         self.extent_um = float(max(self.hi_um - self.lo_um))
         self.box = self._window(M0, sample)
         self.levels: dict[float, _Level] = {}
+        self._pending: dict[float, Any] = {}  # levels being computed in the background (futures)
 
     def _window(self, M0: np.ndarray, sample: str) -> tuple[float, float, float, float]:
         """Working raster: the nuclei's bounding box under the initial map plus a margin (H&E px)."""
@@ -1105,24 +1114,46 @@ class _Scene:
     def level_at(self, um_px: float) -> _Level:
         """Haematoxylin image (and its Otsu threshold) of the window at ``um_px`` µm/px, cached."""
         if um_px not in self.levels:
-            from skimage.filters import threshold_otsu
-
-            from stlib import _align_kernels as K
-
-            bx0, by0, bx1, by1 = self.box
-            with _timed(self.timings, "haematoxylin_images"):
-                f = um_px * self.ppu
-                shp = (max(1, int((by1 - by0) / f)), max(1, int((bx1 - bx0) / f)))
-                g = WorkGrid(x0=float(bx0), y0=float(by0), f=f, shape=shp)
-                h = haematoxylin_image(self.slide, g, reference=self.cfg.reference)
-                if not np.ptp(h) > 0:
-                    thr = 0.5
-                elif self.cfg.reference:
-                    thr = float(threshold_otsu(h))
-                else:  # the same threshold, the histogram counted over threads
-                    thr = K.otsu_threaded(h, workers=_usable_cpus())
-                self.levels[um_px] = _Level(g, h, thr)
+            fut = self._pending.pop(um_px, None)
+            self.levels[um_px] = fut.result() if fut is not None else self._level(um_px)
         return self.levels[um_px]
+
+    def prefetch(self, um_pxs: Sequence[float]) -> None:
+        """Start computing the haematoxylin images at ``um_pxs`` in a background thread, one
+        after the other (the same images :meth:`level_at` would compute; it waits for them).
+
+        The first measurement leaves the CPUs partly idle (its serial steps, the ends of its
+        thread pools); the coarse levels the affine refinement needs next are computed there.
+        Not in the reference mode (one step after the other).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        todo = [u for u in dict.fromkeys(um_pxs) if u not in self.levels and u not in self._pending]
+        if self.cfg.reference or not todo:
+            return
+        ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stlib-align-levels")
+        for u in todo:
+            self._pending[u] = ex.submit(self._level, u)
+        ex.shutdown(wait=False)
+
+    def _level(self, um_px: float) -> _Level:
+        from skimage.filters import threshold_otsu
+
+        from stlib import _align_kernels as K
+
+        bx0, by0, bx1, by1 = self.box
+        with _timed(self.timings, "haematoxylin_images"):
+            f = um_px * self.ppu
+            shp = (max(1, int((by1 - by0) / f)), max(1, int((bx1 - bx0) / f)))
+            g = WorkGrid(x0=float(bx0), y0=float(by0), f=f, shape=shp)
+            h = haematoxylin_image(self.slide, g, reference=self.cfg.reference)
+            if not np.ptp(h) > 0:
+                thr = 0.5
+            elif self.cfg.reference:
+                thr = float(threshold_otsu(h))
+            else:  # the same threshold, the histogram counted over threads
+                thr = K.otsu_threaded(h, workers=_usable_cpus())
+            return _Level(g, h, thr)
 
     def measure(self, T: Transform, um_px: float, win_um: float, nodes: np.ndarray) -> dict[str, np.ndarray]:
         """Correlation, Dice and residual shift of the windows centred on ``nodes`` (µm) under ``T``."""
@@ -1191,6 +1222,9 @@ def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str 
     gx, gy = _node_grid(scene.lo_um, scene.hi_um, cfg.grid)
     GX, GY = np.meshgrid(gx, gy)
     nodes = np.column_stack([GX.ravel(), GY.ravel()])
+    if cfg.refine:  # the working level first, the affine refinement's coarser ones meanwhile
+        scene.level_at(cfg.work_um_per_px)
+        scene.prefetch([u for u, _ in _global_schedule(scene)])
     before = scene.measure(T, cfg.work_um_per_px, cfg.tile_um, nodes)
     history: list[dict[str, Any]] = []
     if cfg.refine:
@@ -1207,13 +1241,20 @@ def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str 
                            params=cfg.params())
 
 
+def _global_schedule(scene: _Scene) -> list[tuple[float, float]]:
+    """(µm/px, window µm) of each stage of :func:`_refine_global`: 4x and 2x coarser where the
+    nuclei span at least three windows, then the working resolution."""
+    cfg = scene.cfg
+    schedule = [(cfg.work_um_per_px * k, cfg.tile_um * k) for k in (4, 2) if scene.extent_um >= 3 * cfg.tile_um * k]
+    schedule += [(cfg.work_um_per_px, cfg.tile_um)] * max(1, cfg.n_global - len(schedule))
+    return schedule[:max(cfg.n_global, len(schedule))]
+
+
 def _refine_global(scene: _Scene, T: Transform, history: list[dict[str, Any]]) -> Transform:
     """Affine refinement, coarse to fine: each stage fits an affine (or, with too few or too
     clustered windows, a weighted-median translation) to the windows' phase-correlation shifts."""
     cfg, ppu = scene.cfg, scene.ppu
-    schedule = [(cfg.work_um_per_px * k, cfg.tile_um * k) for k in (4, 2) if scene.extent_um >= 3 * cfg.tile_um * k]
-    schedule += [(cfg.work_um_per_px, cfg.tile_um)] * max(1, cfg.n_global - len(schedule))
-    for um_px, win_um in schedule[:max(cfg.n_global, len(schedule))]:
+    for um_px, win_um in _global_schedule(scene):
         ngx, ngy = _node_grid(scene.lo_um, scene.hi_um, win_um / 2.0)
         NX, NY = np.meshgrid(ngx, ngy)
         gnodes = np.column_stack([NX.ravel(), NY.ravel()])
@@ -1494,7 +1535,9 @@ def _hest_inputs(hest_dir: Path, sample_id: str, *, rings: bool = False) -> tupl
     files = [p for p in (hest_dir / "wsis" / f"{sample_id}.tif",
                          hest_dir / "transcripts" / f"{sample_id}_transcripts.parquet",
                          hest_dir / "xenium_seg" / f"{sample_id}_xenium_nucleus_seg.parquet") if p.exists()]
-    return hs.wsi(), M0, nuclei_um, files
+    # the haematoxylin images read whole pyramid levels region by region: their JPEG tiles are
+    # decoded in threads (tifffile decodes them one after the other by default on two CPUs)
+    return hs.wsi(decode_workers=_usable_cpus()), M0, nuclei_um, files
 
 
 def _xenium_inputs(hest_dir: Path, xenium_dir: Path, sample_id: str) -> tuple[Any, np.ndarray, Any, list[Path]]:

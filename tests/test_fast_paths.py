@@ -417,3 +417,116 @@ def test_hest_route_rings_are_the_warped_polygons_rings(demo):
         a = A.align_nuclei(slide, geoms, M0, sample=sid).to_dict()
         b = A.align_nuclei(slide, rings, M0, sample=sid).to_dict()
     assert a == b
+
+
+# --- alignment stage speed (issue 14, session 6): the same numbers, fewer passes ---------------
+
+def test_phase_correlation_pieces_equal_their_numpy_forms():
+    """The Hermitian mirror in one compiled pass equals numpy's strided copies, and the cached
+    upsampled-DFT kernels equal the batch expression, bit for bit (odd and even sizes)."""
+    from scipy.fft import fftfreq, rfft2
+
+    from stlib import _align_kernels as K
+
+    rng = np.random.default_rng(11)
+    for n0, n1 in ((100, 100), (63, 63), (64, 50), (7, 8)):
+        half = rfft2(rng.random((5, n0, n1)).astype(np.float32))
+        nh = half.shape[2]
+        want = np.empty((5, n0, n1), half.dtype)
+        want[:, :, :nh] = half.conj()
+        want[:, 0, nh:] = half[:, 0, n1 - nh:0:-1]
+        want[:, 1:, nh:] = half[:, :0:-1, n1 - nh:0:-1]
+        assert np.array_equal(K.hermitian_full(half, n1).view(np.float32), want.view(np.float32))
+        uf = np.array(20, dtype=np.float32)
+        ar = np.arange(np.ceil(uf * 1.5))
+        for _ in range(3):  # offsets as batched_phase_shift makes them, some seen before
+            shift = np.round(rng.integers(-n1 // 2, n1 // 2 + 1, 40).astype(np.float32) * uf) / uf
+            vals = np.unique(np.trunc(np.ceil(uf * 1.5) / 2.0) - shift * uf)
+            k = (ar[None, :] - vals[:, None])[:, :, None] * fftfreq(n1, uf)[None, None, :]
+            ref = np.exp(-(1j * 2 * np.pi) * k).astype(np.complex64, copy=False)
+            got = K._dft_kernels(vals, ar, n1, uf, np.complex64)
+            assert np.array_equal(got.view(np.float32), ref.view(np.float32))
+
+
+def test_threaded_ring_filling_equals_one_pass():
+    """The row pass split over threads gives the mask of the single pass (bool and float32),
+    for overlapping rings, several thread counts and unequal rings."""
+    from stlib import _align_kernels as K
+
+    rng = np.random.default_rng(4)
+    for t in range(20):
+        H, W = (int(v) for v in rng.integers(20, 160, 2))
+        n = int(rng.integers(1, 60))
+        sizes = rng.integers(4, 30, n)
+        xs, ys = [], []
+        for s in sizes:
+            th = np.linspace(0, 2 * np.pi, s)
+            cx, cy, r = rng.uniform(-10, W + 10), rng.uniform(-10, H + 10), rng.uniform(3, 40)
+            xs.append(cx + r * np.cos(th) * rng.choice([-1, 1]))
+            ys.append(cy + r * np.sin(th))
+        xy = np.ascontiguousarray(np.stack([np.concatenate(xs), np.concatenate(ys)], 1))
+        ring = np.repeat(np.arange(n), sizes).astype(np.int64)
+        want = K.fill_rings(xy, ring, H, W)
+        for workers in (1, 2, 3, 5):
+            got, gotf = K.fill_rings_threaded(xy, ring, H, W, workers=workers)
+            assert np.array_equal(got, want) and np.array_equal(gotf, want.astype(np.float32))
+
+
+def test_ring_coords_shortcut_equals_exterior_rings():
+    """Polygons without holes give their coordinates directly; with (multi)polygons, holes and
+    empties the exterior rings are taken as before: the same vertices and ring indices."""
+    import shapely
+    from shapely.geometry import MultiPolygon, Polygon
+
+    import stlib.align as A
+
+    def rings(geoms):
+        parts = shapely.get_parts(np.asarray(geoms, dtype=object))
+        parts = parts[~shapely.is_empty(parts)]
+        return shapely.get_coordinates(shapely.get_exterior_ring(parts), return_index=True)
+
+    sq = Polygon([(0, 0), (1, 0), (1, 1), (0, 1)])
+    holed = Polygon([(0, 0), (4, 0), (4, 4), (0, 4)], [[(1, 1), (2, 1), (2, 2), (1, 2)]])
+    multi = MultiPolygon([sq, Polygon([(5, 5), (6, 5), (6, 6)])])
+    for geoms in ([sq, sq], [sq, Polygon(), sq], [sq, holed], [multi, sq, Polygon()], [Polygon()], [multi]):
+        xy, idx = A._ring_coords(geoms)
+        wxy, widx = rings(geoms)
+        assert np.array_equal(xy, wxy) and np.array_equal(idx, widx) and idx.dtype == widx.dtype
+
+
+def test_polygon_reading_shortcuts_keep_ids_and_repairs(tmp_path):
+    """Cell ids stored as a string index and the validity checked in blocks over threads give
+    the same table as before: ids as str, invalid polygons repaired, missing ones dropped."""
+    import geopandas as gpd
+    import pandas as pd
+    import shapely
+
+    from stlib.io.hest import read_polygons_parquet
+    from stlib.io.xenium import normalise_cell_ids
+
+    assert normalise_cell_ids(np.array(["a", "UNASSIGNED", "b"], dtype=object)).tolist() == ["a", "UNASSIGNED", "b"]
+    assert normalise_cell_ids(np.array(["a", None], dtype=object)).tolist() == ["a", "UNASSIGNED"]
+    n = 120_000  # more than one validity block
+    geoms = shapely.buffer(shapely.points(np.arange(n) % 300 * 10.0, np.arange(n) // 300 * 10.0), 3.0, quad_segs=2)
+    bowtie = shapely.Polygon([(0, 0), (2, 2), (2, 0), (0, 2)])
+    geoms[7], geoms[n - 3] = bowtie, None
+    gdf = gpd.GeoDataFrame(geometry=geoms, index=pd.Index([f"c{i}" for i in range(n)], name="cell_id"))
+    gdf.to_parquet(tmp_path / "seg.parquet")
+    got = read_polygons_parquet(tmp_path / "seg.parquet")
+    assert len(got) == n - 1 and got.index[0] == "c0" and "c" + str(n - 3) not in got.index
+    assert shapely.is_valid(got.geometry.values).all() and got.geometry.values[7].geom_type == "MultiPolygon"
+    assert shapely.equals(got.geometry.values[8:100], geoms[8:100]).all()
+
+
+def test_threaded_tile_decoding_reads_the_same_pixels(demo):
+    """``open_wsi(decode_workers=2)`` (the alignment's slide: JPEG tiles decoded in threads)
+    reads the same pixels as the default reader, on every level and across the border."""
+    from stlib.io.wsi import open_wsi
+
+    p = demo / "hest" / "wsis" / f"{SAMPLES[0]}.tif"
+    with open_wsi(p) as a, open_wsi(p, decode_workers=2) as b:
+        assert a.level_count > 1
+        for lv in range(a.level_count):
+            H, W = a.level_shapes[lv]
+            assert np.array_equal(a.read_region(-7, 5, W + 11, H - 3, level=lv),
+                                  b.read_region(-7, 5, W + 11, H - 3, level=lv))

@@ -262,11 +262,12 @@ class HestSample:
         return str(v).strip()
 
     # -- data ----------------------------------------------------------------------------
-    def wsi(self) -> Wsi:
-        """Open the whole-slide image (level 0 µm/px from the metadata)."""
+    def wsi(self, *, decode_workers: int | None = None) -> Wsi:
+        """Open the whole-slide image (level 0 µm/px from the metadata; ``decode_workers``:
+        :func:`stlib.io.wsi.open_wsi`)."""
         from stlib.io.wsi import open_wsi
 
-        return open_wsi(self._require("wsi"), um_per_px=self.pixel_size_um)
+        return open_wsi(self._require("wsi"), um_per_px=self.pixel_size_um, decode_workers=decode_workers)
 
     def transcripts(self, *, min_qv: float | None = MIN_QV, genes_only: bool = True,
                     columns: Sequence[str] | None = None, drop_unassigned: bool = False,

@@ -263,7 +263,7 @@ def _check_complete(tif: Any, pages: list[Any], path: Path) -> None:
                              path=path, fix="download or copy the file again")
 
 
-def open_wsi(path: str | os.PathLike, *, um_per_px: float | None = None) -> Wsi:
+def open_wsi(path: str | os.PathLike, *, um_per_px: float | None = None, decode_workers: int | None = None) -> Wsi:
     """Open a slide for lazy reading.
 
     Parameters
@@ -272,6 +272,10 @@ def open_wsi(path: str | os.PathLike, *, um_per_px: float | None = None) -> Wsi:
         Pyramidal/tiled TIFF (incl. OME-TIFF, SVS-like), plain TIFF, or a small PNG/JPEG.
     um_per_px
         Level-0 pixel size in µm; overrides what the file says (needed for PNG/JPEG).
+    decode_workers
+        Tiled TIFFs: decode the compressed tiles of one region read in threads (tifffile's
+        zarr store ``maxworkers``; the same pixels). Default: tifffile's choice, which on
+        fewer than three CPUs decodes one tile after the other.
 
     Returns
     -------
@@ -317,7 +321,7 @@ def open_wsi(path: str | os.PathLike, *, um_per_px: float | None = None) -> Wsi:
             shapes.append((shp["Y"], shp["X"]))
         import zarr
 
-        store = series.aszarr()
+        store = series.aszarr(maxworkers=decode_workers) if decode_workers else series.aszarr()
         z = zarr.open(store, mode="r")
         if len(levels_s) > 1:
             arrays = [z[str(i)] for i in range(len(levels_s))]

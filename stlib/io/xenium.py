@@ -153,6 +153,8 @@ def normalise_cell_ids(values: Any, *, path: str | os.PathLike | None = None,
                 typ = pa.binary()
             elif isinstance(first, (int, np.integer)):
                 a = pd.array(a, dtype="Int64")
+            elif pd.api.types.infer_dtype(a, skipna=False) == "string":
+                typ = pa.string()  # all str already (a pandas index read from parquet): no per-value pass
             else:
                 a = np.array([None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v)
                               for v in a], dtype=object)
@@ -388,10 +390,22 @@ def counts_from_transcripts(transcripts: pd.DataFrame, *, cell_ids: Sequence[str
 # --------------------------------------------------------------------------------------------
 def make_valid_polygons(geoms: np.ndarray) -> np.ndarray:
     """Repair invalid polygons, keeping only their polygonal part (a (Multi)Polygon or None)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import shapely
 
+    from stlib.utils import usable_cpus
+
     geoms = np.asarray(geoms, dtype=object)
-    bad = ~shapely.is_valid(geoms) & ~shapely.is_missing(geoms)
+    # shapely's predicates release the GIL: the validity of a slide's polygons is checked in
+    # blocks over the usable CPUs (the same booleans)
+    blocks = np.array_split(geoms, max(1, min(usable_cpus(), len(geoms) // 50_000)))
+    if len(blocks) > 1:
+        with ThreadPoolExecutor(max_workers=len(blocks)) as pool:
+            valid = np.concatenate(list(pool.map(shapely.is_valid, blocks)))
+    else:
+        valid = shapely.is_valid(geoms)
+    bad = ~valid & ~shapely.is_missing(geoms)
     if not bad.any():
         return geoms
     out = geoms.copy()
