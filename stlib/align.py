@@ -41,7 +41,7 @@ import numpy as np
 
 from stlib.config import AlignConfig, with_options
 from stlib.constants import TARGET_UM_PER_PX_40X, XENIUM_PIXEL_SIZE_UM
-from stlib.utils import InputError, cache_key, file_fingerprint, read_json, write_json
+from stlib.utils import InputError, cache_key, file_fingerprint, keep_freed_memory, read_json, write_json
 
 __all__ = [
     "AlignConfig",
@@ -1413,35 +1413,16 @@ def _timed(timings: dict[str, float] | None, key: str) -> Any:
     return run()
 
 
-_MALLOC_SET = False
-
-
 def _keep_freed_memory() -> None:
-    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the
-    system (once per process; a no-op elsewhere).
+    """Keep the alignment's freed memory for reuse (:func:`stlib.utils.keep_freed_memory`).
 
-    A measurement allocates and frees the same large arrays again and again (0.1-0.4 GB
-    working images, a few MB per window batch in each worker thread). With glibc's default,
-    adaptive thresholds many of them are mapped fresh from the system each time and every page
-    faults in again: on the slide-sized sample a fifth of the alignment's CPU time was system
-    time (page faults), 0.2 s of 15 s per measurement with these settings. Process-wide:
-    memory freed later is kept for reuse too (the peak is unchanged; the resident size stays
-    near it).
+    A measurement allocates and frees the same large arrays again and again (0.1-0.4 GB working
+    images, a few MB per window batch in each worker thread); with glibc's adaptive thresholds a
+    fifth of the alignment's CPU time on the slide-sized sample was page faults (0.2 s of 15 s
+    per measurement with these settings): requests up to 1 GiB come from the heap, freed heap
+    memory is kept and the heap grows in 256 MiB steps.
     """
-    global _MALLOC_SET
-    if _MALLOC_SET:
-        return
-    _MALLOC_SET = True
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        # M_MMAP_THRESHOLD (-3): serve requests up to 1 GiB from the heap; M_TRIM_THRESHOLD (-1),
-        # M_TOP_PAD (-2): keep freed heap memory, grow the heap in large steps
-        for param, value in ((-3, 1 << 30), (-1, (1 << 31) - 1), (-2, 256 << 20)):
-            libc.mallopt(ctypes.c_int(param), ctypes.c_int(value))
-    except (OSError, AttributeError):  # pragma: no cover - not glibc
-        pass
+    keep_freed_memory(mmap_threshold=1 << 30, trim_threshold=(1 << 31) - 1, top_pad=256 << 20)
 
 
 def _single_thread_blas() -> Any:
