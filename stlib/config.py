@@ -300,6 +300,13 @@ class InferConfig:
     marker_thresh: float | None = _opt(None, "watershed marker threshold on the HV edge map (none: the model "
                                              "file's, else 0.4)")
     min_size: int | None = _opt(None, "smallest blob / marker kept, in model px (none: the model file's, else 10)")
+    postproc_mode: Literal["hv", "distance", "blend"] | None = _opt(
+        None, "watershed markers from the HV maps (hv, HoVer-Net's), from the distance transform of the nucleus "
+              "mask (distance) or both (blend) (none: the model file's, else hv)")
+    marker_h: float | None = _opt(None, "distance / blend modes: h-maxima height of the markers, model px (none: "
+                                        "the model file's, else 2)")
+    hv_weight: float | None = _opt(None, "blend mode: weight of the HV edge map on the distance (none: the model "
+                                         "file's, else 0.5)")
 
 
 @dataclass(frozen=True)
