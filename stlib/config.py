@@ -520,6 +520,12 @@ class RealTissueParams(CommonParams):
     np_thresh: float = 0.2
     marker_thresh: float = 0.5
     min_size: int = 100
+    #: where the watershed markers come from (:func:`stlib.model.postproc.hovernet_postprocess`): "hv"
+    #: (HoVer-Net's HV edge map, ``marker_thresh``), "distance" (h-maxima of height ``marker_h`` px of the
+    #: NP mask's distance transform) or "blend" (that distance times 1 - ``hv_weight`` x the HV edge map)
+    postproc_mode: str = "hv"
+    marker_h: float = 2.0
+    hv_weight: float = 0.5
     #: CoNSeP images (in name order) whose nuclei train the classification heads; the rest test them
     n_class_train: int = 4
     n_bootstrap: int = 1000

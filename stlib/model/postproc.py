@@ -20,6 +20,13 @@ The recipe is HoVer-Net's (Graham et al., Med. Image Anal. 58, 2019; ``vqdang/ho
    background wins and another class occurs, the most frequent other class;
    ``type_prob`` = mean over the nucleus of the probability of the chosen class.
 
+Marker modes (``mode``): the steps above are ``"hv"``. ``"distance"`` replaces steps 2-4 by the
+marker logic of the classical baseline (:mod:`stlib.model.baseline`) on the network's mask: the
+blob's holes are filled, markers are the h-maxima (height ``marker_h`` px) of its smoothed
+distance transform, and the watershed floods the negated distance; the HV maps are unused, which
+suits a network trained too briefly for them to mark borders. ``"blend"`` multiplies that distance
+by ``1 - hv_weight * Sm`` first, so HV edges deepen the necks between touching nuclei.
+
 Whole-slide images are processed in overlapping tiles; :func:`remove_seam_duplicates`
 keeps each nucleus once (rule in its docstring) and :func:`stitch_tiles` assembles the
 global maps. Per-nucleus statistics are vectorised (``np.bincount`` /
