@@ -337,3 +337,17 @@ def test_mode_arguments_checked():
     with pytest.raises(ValueError, match="hv_weight"):
         P.hovernet_postprocess(z, hv, mode="blend", hv_weight=1.5)
     assert P.hovernet_postprocess(z, hv, mode="distance")[0].max() == 0
+
+
+def test_h_maxima_by_object_equals_the_whole_image_h_maxima():
+    from skimage.morphology import h_maxima
+    import scipy.ndimage as ndi
+
+    rng = np.random.default_rng(3)
+    truth = random_disks(rng, (120, 140), 25, rmin=4, rmax=10, min_gap=0.0)
+    blob = truth > 0
+    blob[60:63, 10:130] = True  # a bar joining several disks into one object
+    dist = ndi.gaussian_filter(ndi.distance_transform_edt(blob), 1.0) * blob
+    dist += rng.uniform(0, 0.3, dist.shape) * blob  # plateaus broken, many shallow maxima
+    for h in (0.2, 1.0, 2.5):
+        np.testing.assert_array_equal(P._h_maxima_by_object(dist, h), (h_maxima(dist, h) > 0) & blob)

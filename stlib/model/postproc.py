@@ -120,6 +120,25 @@ def _keep_unmarked(inst: np.ndarray, blob: np.ndarray, min_size: int) -> np.ndar
     return np.where(lost > 0, lost + inst.max(), inst).astype(np.int32)
 
 
+def _h_maxima_by_object(image: np.ndarray, h: float) -> np.ndarray:
+    """``skimage.morphology.h_maxima(image, h) > 0`` of a non-negative image that is 0 outside
+    its objects, computed per 8-connected object in its bounding box (plus one pixel of 0):
+    the same result, as objects never interact through 0-valued pixels (h > 0), at a fraction
+    of the cost (the grey reconstruction does not sweep the background)."""
+    from skimage.morphology import h_maxima
+
+    out = np.zeros(image.shape, bool)
+    lab, _ = ndi.label(image > 0, structure=np.ones((3, 3), bool))
+    for i, sl in enumerate(ndi.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+        mine = lab[sl] == i
+        sub = np.where(mine, image[sl], 0.0)
+        out[sl] |= (h_maxima(sub, h) > 0) & mine
+    return out
+
+
 def _distance_instances(np_prob: np.ndarray, hv: np.ndarray, *, np_thresh: float, min_size: int,
                         sobel_ksize: int, marker_h: float, hv_weight: float, keep_unmarked: bool) -> np.ndarray:
     """Modes ``"distance"`` and ``"blend"``: the NP blob split by a watershed of its distance transform.
@@ -131,7 +150,6 @@ def _distance_instances(np_prob: np.ndarray, hv: np.ndarray, *, np_thresh: float
     ("blend") multiplies the distance by ``1 - hv_weight * Sm`` (HoVer-Net's edge map), so HV
     edges between touching nuclei deepen the neck.
     """
-    from skimage.morphology import h_maxima
     from skimage.segmentation import watershed
 
     blob_lab, _ = ndi.label(np_prob >= np_thresh)
@@ -141,7 +159,7 @@ def _distance_instances(np_prob: np.ndarray, hv: np.ndarray, *, np_thresh: float
     dist = ndi.gaussian_filter(ndi.distance_transform_edt(blob), 1.0) * blob
     if hv_weight > 0:
         dist = dist * (1.0 - hv_weight * _edge_map(hv, blob, sobel_ksize))
-    markers, _ = ndi.label(h_maxima(dist, marker_h) & blob, structure=np.ones((3, 3), bool))
+    markers, _ = ndi.label(_h_maxima_by_object(dist, marker_h), structure=np.ones((3, 3), bool))
     inst = watershed(-dist, markers=markers, mask=blob).astype(np.int32)
     inst = _remove_small(inst, min_size)
     if keep_unmarked:
