@@ -48,7 +48,7 @@ from stlib.utils import InputError, atomic_path, cache_key, map_processes, progr
 
 log = logging.getLogger("stlib.realtissue")
 
-__all__ = ["RecipeConfig", "budget_curve", "budget_summary", "first_above_classical", "image_sets", "st_labels", "build_stores", "train_pair", "score_images", "summary_tables",
+__all__ = ["RecipeConfig", "postproc_of", "budget_curve", "budget_summary", "first_above_classical", "image_sets", "st_labels", "build_stores", "train_pair", "score_images", "summary_tables",
            "ratio_ci", "to_resolution", "label_quality", "classification_experiment", "held_out_check", "source_label",
            "MERGED_CLASSES", "load_test_images", "classification_sets", "derived_class_maps", "natural_sorted"]
 
@@ -181,6 +181,10 @@ class RecipeConfig:
     np_thresh: float = _RT.np_thresh
     marker_thresh: float = _RT.marker_thresh
     min_size: int = _RT.min_size
+    #: marker mode of the post-processing and its constants (:func:`stlib.model.postproc.hovernet_postprocess`)
+    postproc_mode: str = _RT.postproc_mode
+    marker_h: float = _RT.marker_h
+    hv_weight: float = _RT.hv_weight
     seed: int = 0
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -227,11 +231,24 @@ def train_pair(run_dir: str | Path, recipe: RecipeConfig, *, parallel: bool = Tr
     # on a CPU the two networks train side by side, one process per core (stlib.utils.map_processes)
     workers = 1 if resolve_device(recipe.device) != "cpu" or not parallel else None
     done = dict(zip(jobs, map_processes(_train_job, list(jobs.values()), workers=workers)))
-    pp = {"np_thresh": recipe.np_thresh, "marker_thresh": recipe.marker_thresh, "min_size": recipe.min_size}
+    pp = postproc_of(recipe)
     for r in done.values():  # the recipe's post-processing travels with each model file (and its snapshots)
         for p in [r.model_path, *sorted(Path(r.out_dir).glob("model_*.pt"))]:
             write_postproc(p, pp)
     return done
+
+
+def postproc_of(recipe: RecipeConfig) -> dict[str, Any]:
+    """The post-processing settings of a recipe as stored in its model files (and passed to
+    :func:`score_images` for network objects): the keys its marker mode uses."""
+    pp: dict[str, Any] = {"np_thresh": recipe.np_thresh, "min_size": recipe.min_size, "mode": recipe.postproc_mode}
+    if recipe.postproc_mode == "hv":
+        pp["marker_thresh"] = recipe.marker_thresh
+    else:
+        pp["marker_h"] = recipe.marker_h
+    if recipe.postproc_mode == "blend":
+        pp["hv_weight"] = recipe.hv_weight
+    return pp
 
 
 def _train_job(job: tuple[Any, str, tuple[int, ...]]) -> Any:
@@ -350,8 +367,13 @@ def describe_recipe(recipe: RecipeConfig) -> str:
     loss = loss.to_dict() if hasattr(loss, "to_dict") else dict(loss or {})
     base = LossWeights().to_dict()
     changed = {k: v for k, v in loss.items() if base.get(k) != v}
-    text = (f"post-processing NP >= {recipe.np_thresh}, marker {recipe.marker_thresh}, "
-            f"min {recipe.min_size} px")
+    if recipe.postproc_mode == "hv":
+        text = (f"post-processing NP >= {recipe.np_thresh}, marker {recipe.marker_thresh}, "
+                f"min {recipe.min_size} px")
+    else:
+        text = (f"post-processing NP >= {recipe.np_thresh}, {recipe.postproc_mode} markers (h-maxima "
+                f"{recipe.marker_h} px" + (f", HV weight {recipe.hv_weight}" if recipe.postproc_mode == "blend" else "")
+                + f"), min {recipe.min_size} px")
     return text + (f", loss weights {changed}" if changed else "")
 
 
@@ -745,6 +767,9 @@ def budget_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--np-thresh", type=float, default=_RT.np_thresh)
     ap.add_argument("--marker-thresh", type=float, default=_RT.marker_thresh)
     ap.add_argument("--min-size", type=int, default=_RT.min_size)
+    ap.add_argument("--postproc-mode", choices=["hv", "distance", "blend"], default=_RT.postproc_mode)
+    ap.add_argument("--marker-h", type=float, default=_RT.marker_h)
+    ap.add_argument("--hv-weight", type=float, default=_RT.hv_weight)
     ap.add_argument("--um-per-px", type=float, default=_RT.um_per_px)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/realtissue_budget.csv")
@@ -762,6 +787,7 @@ def budget_main(argv: Sequence[str] | None = None) -> int:
     dev = natural_sorted([sid[x.name] for x in imgs if x.organ in a.dev_organs])
     recipe = RecipeConfig(batch_size=a.batch_size, crop_px=a.crop_px, lr=a.lr, warmup_steps=a.warmup_steps,
                           np_thresh=a.np_thresh, marker_thresh=a.marker_thresh, min_size=a.min_size,
+                          postproc_mode=a.postproc_mode, marker_h=a.marker_h, hv_weight=a.hv_weight,
                           seed=a.seed, device="cpu")
     from stlib.config import RefineConfig
 

@@ -390,5 +390,18 @@ def test_postproc_settings_travel_with_the_model_and_cli_options_win(tmp_path, t
     assert main(["infer", "--model", str(tiny_model_file), "--input", str(tmp_path / "he.png"), "--um-per-px",
                  "0.25", "--device", "cpu", "--workers", "0", "--out", str(tmp_path / "c")]) == 0
     assert seen and all(s == {} for s in seen)
+    # the marker mode travels the same way, and --postproc-mode / --marker-h / --hv-weight override it
+    write_postproc(model, {"np_thresh": 0.35, "min_size": 25, "mode": "distance", "marker_h": 1.5})
+    assert torch.load(model, weights_only=True)["postproc"]["mode"] == "distance"
+    with pytest.raises(InputError, match="unknown post-processing mode"):
+        write_postproc(model, {"mode": "otsu"})
+    seen.clear()
+    assert main([*base, "--out", str(tmp_path / "d")]) == 0
+    assert seen and all(s == {"np_thresh": 0.35, "min_size": 25, "mode": "distance", "marker_h": 1.5} for s in seen)
+    seen.clear()
+    assert main([*base, "--out", str(tmp_path / "e"), "--postproc-mode", "blend", "--hv-weight", "0.7",
+                 "--marker-h", "3"]) == 0
+    assert seen and all(s == {"np_thresh": 0.35, "min_size": 25, "mode": "blend", "marker_h": 3.0, "hv_weight": 0.7}
+                        for s in seen)
     write_postproc(model, {})
     assert "postproc" not in torch.load(model, weights_only=True)

@@ -286,3 +286,26 @@ def test_loss_rejects_bad_shapes_and_classes():
     bad[0, 0, 0] = 9
     with pytest.raises(ValueError, match="outside"):
         hovernet_loss(out, inst=inst, hv=hv, type_map=bad)
+
+
+def test_small_gn_encoder_has_no_batch_statistics(tmp_path):
+    """The "small-gn" network: the small one with GroupNorm, so a tile's output in training mode
+    does not depend on the other tiles of its batch (BatchNorm's does), same parameter count order."""
+    torch.manual_seed(0)
+    gn, bn = HoVerNet(encoder="small-gn"), HoVerNet(encoder="small")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in gn.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in gn.modules())
+    assert abs(count_params(gn) - count_params(bn)) / count_params(bn) < 0.01
+    x = torch.rand(3, 3, 64, 64)
+    for net, independent in ((gn, True), (bn, False)):
+        net.train()
+        alone, batched = net(x[:1])["np"], net(x)["np"][:1]
+        assert torch.allclose(alone, batched, atol=1e-5) is independent
+    # the encoder name travels through the model file like any other
+    path = tmp_path / "model.pt"
+    torch.save({"config": {"encoder": "small-gn"}, "state_dict": gn.state_dict(), "class_names": dict(CLASS_NAMES)},
+               path)
+    loaded, cfg = load_model(path)
+    assert cfg["encoder"] == "small-gn" and any(isinstance(m, torch.nn.GroupNorm) for m in loaded.modules())
+    gn.eval()
+    assert torch.allclose(loaded(x)["hv"], gn(x)["hv"])

@@ -285,3 +285,69 @@ def test_noisy_blurred_maps_agree_with_the_hovernet_procedure(blur, noise):
         # the default (keep blobs without a marker) never scores below the reference mode
         default, _, _ = P.hovernet_postprocess(np_prob, hv)
         assert pq(truth, default).pq >= r_ours.pq - 1e-9
+
+
+# --------------------------------------------------------------------------- marker modes
+@pytest.mark.parametrize("mode", ["distance", "blend"])
+def test_distance_modes_split_touching_nuclei_without_hv(mode):
+    """Two overlapping disks form one NP blob; with flat (useless) HV maps the HoVer-Net mode
+    keeps one nucleus, the distance-transform modes find the neck and split it."""
+    import scipy.ndimage as ndi
+
+    truth = disks((48, 64), [(24, 24), (24, 38)], [9, 9])
+    assert ndi.label(truth > 0)[1] == 1
+    flat = np.zeros((2, *truth.shape))
+    inst_hv, _, _ = P.hovernet_postprocess((truth > 0).astype(float), flat, min_size=10)
+    assert inst_hv.max() == 1
+    inst, _, nuclei = P.hovernet_postprocess((truth > 0).astype(float), flat, mode=mode, marker_h=1.0, min_size=10)
+    assert len(nuclei) == 2
+    r = pq(truth, inst)
+    assert r.tp == 2 and r.sq > 0.85
+
+
+def test_distance_mode_marker_height_merges_shallow_necks():
+    """A neck shallower than marker_h is not a split: h-maxima of the distance transform."""
+    truth = disks((48, 70), [(24, 24), (24, 44)], [10, 10])  # deep neck
+    blob = (truth > 0).astype(float)
+    flat = np.zeros((2, *truth.shape))
+    low = P.hovernet_postprocess(blob, flat, mode="distance", marker_h=1.0, min_size=10)[0]
+    high = P.hovernet_postprocess(blob, flat, mode="distance", marker_h=20.0, min_size=10)[0]
+    assert low.max() == 2 and high.max() == 1  # a 20 px dip cannot exist in a 10 px radius disk
+
+
+def test_blend_mode_follows_hv_edges():
+    """The blend mode splits along the HV edge where the distance transform has no neck: a
+    rectangle of two square nuclei side by side (no neck) is split only with the HV term."""
+    truth = np.zeros((40, 72), np.int32)
+    truth[8:32, 8:36], truth[8:32, 36:64] = 1, 2
+    blob = (truth > 0).astype(float)
+    hv = hv_from_inst(truth)
+    dist_only = P.hovernet_postprocess(blob, hv, mode="distance", marker_h=1.0, min_size=10)[0]
+    blended = P.hovernet_postprocess(blob, hv, mode="blend", marker_h=1.0, hv_weight=1.0, min_size=10)[0]
+    assert dist_only.max() == 1
+    assert blended.max() == 2 and pq(truth, blended).tp == 2
+
+
+def test_mode_arguments_checked():
+    z, hv = np.zeros((16, 16)), np.zeros((2, 16, 16))
+    with pytest.raises(ValueError, match="mode"):
+        P.hovernet_postprocess(z, hv, mode="otsu")
+    with pytest.raises(ValueError, match="marker_h"):
+        P.hovernet_postprocess(z, hv, mode="distance", marker_h=0)
+    with pytest.raises(ValueError, match="hv_weight"):
+        P.hovernet_postprocess(z, hv, mode="blend", hv_weight=1.5)
+    assert P.hovernet_postprocess(z, hv, mode="distance")[0].max() == 0
+
+
+def test_h_maxima_by_object_equals_the_whole_image_h_maxima():
+    from skimage.morphology import h_maxima
+    import scipy.ndimage as ndi
+
+    rng = np.random.default_rng(3)
+    truth = random_disks(rng, (120, 140), 25, rmin=4, rmax=10, min_gap=0.0)
+    blob = truth > 0
+    blob[60:63, 10:130] = True  # a bar joining several disks into one object
+    dist = ndi.gaussian_filter(ndi.distance_transform_edt(blob), 1.0) * blob
+    dist += rng.uniform(0, 0.3, dist.shape) * blob  # plateaus broken, many shallow maxima
+    for h in (0.2, 1.0, 2.5):
+        np.testing.assert_array_equal(P._h_maxima_by_object(dist, h), (h_maxima(dist, h) > 0) & blob)

@@ -191,17 +191,25 @@ def test_recipe_postproc_travels_with_both_model_files(trained, tiny):
     from stlib.infer import load_inference_model
 
     recipe = rt.RecipeConfig(steps=2, batch_size=2, crop_px=0, device="cpu", np_thresh=0.3, marker_thresh=0.6,
-                             min_size=20)
+                             min_size=20, postproc_mode="hv")
     res = rt.train_pair(trained["run"], recipe, models_dir="models/pp", snapshots=(1,))
-    want = {"np_thresh": 0.3, "marker_thresh": 0.6, "min_size": 20}
+    want = {"np_thresh": 0.3, "marker_thresh": 0.6, "min_size": 20, "mode": "hv"}
+    assert rt.postproc_of(recipe) == want
+    # the other marker modes store their own constants only (and the description names them)
+    dist = rt.RecipeConfig(postproc_mode="distance", marker_h=1.5, np_thresh=0.3, min_size=20)
+    assert rt.postproc_of(dist) == {"np_thresh": 0.3, "min_size": 20, "mode": "distance", "marker_h": 1.5}
+    assert "distance markers (h-maxima 1.5 px)" in rt.describe_recipe(dist)
+    blend = rt.RecipeConfig(postproc_mode="blend", marker_h=2.0, hv_weight=0.7)
+    assert rt.postproc_of(blend)["hv_weight"] == 0.7 and "HV weight 0.7" in rt.describe_recipe(blend)
     for r in res.values():
         assert torch.load(r.model_path, weights_only=True)["postproc"] == want
         assert torch.load(r.out_dir / "model_1.pt", weights_only=True)["postproc"] == want
         assert load_inference_model(r.model_path).postproc == want
     p = RealTissueParams()
     d = rt.RecipeConfig()
-    assert (d.np_thresh, d.marker_thresh, d.min_size, d.warmup_steps, d.lr) == (
-        p.np_thresh, p.marker_thresh, p.min_size, p.warmup_steps, p.lr)
+    assert (d.np_thresh, d.marker_thresh, d.min_size, d.warmup_steps, d.lr, d.postproc_mode, d.marker_h,
+            d.hv_weight) == (p.np_thresh, p.marker_thresh, p.min_size, p.warmup_steps, p.lr, p.postproc_mode,
+                             p.marker_h, p.hv_weight)
     tests = rt.load_test_images(tiny["data"], ["CONSEP_train_1"])
     per, _ = rt.score_images({"a": res["st"].model_path}, tests, device="cpu")
     from stlib.infer import infer_image

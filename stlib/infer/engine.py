@@ -52,7 +52,8 @@ class ModelInfo:
         Encoder name (``"small"``, ``"resnet50"``) when known.
     postproc
         Post-processing settings stored with the model (``np_thresh``, ``marker_thresh``,
-        ``min_size``; :func:`stlib.train.checkpoint.write_postproc`); empty = HoVer-Net's.
+        ``min_size``, ``mode``, ``marker_h``, ``hv_weight``; :func:`stlib.train.checkpoint.write_postproc`);
+        empty = HoVer-Net's.
     """
 
     model: torch.nn.Module

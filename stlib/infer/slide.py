@@ -241,12 +241,15 @@ def postproc_settings(info: ModelInfo, config: InferConfig, postproc_kwargs: Map
     """Keyword arguments of :func:`stlib.model.postproc.hovernet_postprocess` for one run.
 
     Later wins: HoVer-Net's defaults (none given), the settings stored in the model file
-    (``info.postproc``), the config's ``np_thresh`` / ``marker_thresh`` / ``min_size`` (``stlib infer``
-    options) when not None, then ``postproc_kwargs``.
+    (``info.postproc``), the config's ``np_thresh`` / ``marker_thresh`` / ``min_size`` / ``marker_h`` /
+    ``hv_weight`` / ``postproc_mode`` (``stlib infer`` options; the last is the ``mode`` argument) when not
+    None, then ``postproc_kwargs``.
     """
     pp = dict(info.postproc)
-    pp.update({k: getattr(config, k) for k in ("np_thresh", "marker_thresh", "min_size")
+    pp.update({k: getattr(config, k) for k in ("np_thresh", "marker_thresh", "min_size", "marker_h", "hv_weight")
                if getattr(config, k) is not None})
+    if config.postproc_mode is not None:
+        pp["mode"] = config.postproc_mode
     pp.update(postproc_kwargs or {})
     return pp
 
@@ -296,8 +299,8 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, config: InferConfig |
         Assemble ``inst``/``type`` maps only for images with at most this many level-0 pixels.
     overlay_px
         Longer side of the thumbnail kept for the overlay and tissue detection.
-    np_thresh, marker_thresh, min_size
-        Post-processing thresholds; none = the model file's (:func:`postproc_settings`).
+    np_thresh, marker_thresh, min_size, postproc_mode, marker_h, hv_weight
+        Post-processing settings; none = the model file's (:func:`postproc_settings`).
     postproc_kwargs
         Passed to :func:`stlib.model.postproc.hovernet_postprocess` (wins over the above).
 

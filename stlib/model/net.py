@@ -60,7 +60,20 @@ ENCODERS: dict[str, dict[str, Any]] = {
                  "decoder": (256, 128, 64, 32, 32), "full": 32},
     "small": {"layers": (1, 1, 1, 1), "width": 8, "stem": 16,
               "decoder": (48, 32, 16, 16, 8), "full": 8},
+    # the small network with GroupNorm (4 groups) instead of BatchNorm: no batch statistics, so the
+    # same function in training and inference (BatchNorm's running means lag behind after few steps)
+    "small-gn": {"layers": (1, 1, 1, 1), "width": 8, "stem": 16,
+                 "decoder": (48, 32, 16, 16, 8), "full": 8, "norm": "group"},
 }
+#: groups of the GroupNorm layers of encoders with ``"norm": "group"``
+GN_GROUPS = 4
+
+
+def _norm(channels: int, kind: str = "batch") -> nn.Module:
+    """The normalisation layer of an encoder spec: BatchNorm (default) or GroupNorm."""
+    if kind == "group":
+        return nn.GroupNorm(GN_GROUPS if channels % GN_GROUPS == 0 else 1, channels)
+    return nn.BatchNorm2d(channels)
 #: The input side must be a multiple of this (the encoder's output stride).
 STRIDE = 32
 
@@ -96,8 +109,8 @@ class NetConfig:
         return asdict(self)
 
 
-def _conv_bn(cin: int, cout: int, k: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(cout)]
+def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, norm: str = "batch") -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False), _norm(cout, norm)]
 
 
 class Bottleneck(nn.Module):
@@ -111,24 +124,26 @@ class Bottleneck(nn.Module):
         Bottleneck width; the block outputs ``4 * mid`` channels.
     stride
         Spatial stride of the 3x3 convolution (and of the projection shortcut).
+    norm
+        ``"batch"`` or ``"group"`` (:func:`_norm`).
     """
 
     expansion = 4
 
-    def __init__(self, cin: int, mid: int, stride: int = 1) -> None:
+    def __init__(self, cin: int, mid: int, stride: int = 1, norm: str = "batch") -> None:
         super().__init__()
         cout = mid * self.expansion
         self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(mid)
+        self.bn1 = _norm(mid, norm)
         self.conv2 = nn.Conv2d(mid, mid, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(mid)
+        self.bn2 = _norm(mid, norm)
         self.conv3 = nn.Conv2d(mid, cout, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(cout)
+        self.bn3 = _norm(cout, norm)
         self.relu = nn.ReLU(inplace=True)
         self.downsample: nn.Module | None = None
         if stride != 1 or cin != cout:
             self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),
-                                            nn.BatchNorm2d(cout))
+                                            _norm(cout, norm))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         y = self.relu(self.bn1(self.conv1(x)))
@@ -144,10 +159,10 @@ class ResNetEncoder(nn.Module):
     ``forward`` returns the features at 1/2 (stem), 1/4, 1/8, 1/16 and 1/32 of the input.
     """
 
-    def __init__(self, layers: tuple[int, ...], width: int, stem: int) -> None:
+    def __init__(self, layers: tuple[int, ...], width: int, stem: int, norm: str = "batch") -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, stem, 7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(stem)
+        self.bn1 = _norm(stem, norm)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         cin = stem
@@ -156,7 +171,7 @@ class ResNetEncoder(nn.Module):
             mid = width * 2**i
             blocks = []
             for j in range(n):
-                blocks.append(Bottleneck(cin, mid, stride=(1 if i == 0 or j > 0 else 2)))
+                blocks.append(Bottleneck(cin, mid, stride=(1 if i == 0 or j > 0 else 2), norm=norm))
                 cin = mid * Bottleneck.expansion
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             self.channels.append(cin)
@@ -173,15 +188,16 @@ class ResNetEncoder(nn.Module):
 class _Decoder(nn.Module):
     """U-Net-like decoder branch from the 1/32 feature back to full resolution."""
 
-    def __init__(self, enc_ch: list[int], full_ch: int, widths: tuple[int, ...], out_ch: int) -> None:
+    def __init__(self, enc_ch: list[int], full_ch: int, widths: tuple[int, ...], out_ch: int,
+                 norm: str = "batch") -> None:
         super().__init__()
-        self.bottom = nn.Sequential(*_conv_bn(enc_ch[4], widths[0], 1), nn.ReLU(inplace=True))
+        self.bottom = nn.Sequential(*_conv_bn(enc_ch[4], widths[0], 1, norm=norm), nn.ReLU(inplace=True))
         skips = [enc_ch[3], enc_ch[2], enc_ch[1], enc_ch[0], full_ch]
         stages = []
         prev = widths[0]
         for skip, w in zip(skips, widths):
-            stages.append(nn.Sequential(*_conv_bn(prev + skip, w, 3), nn.ReLU(inplace=True),
-                                        *_conv_bn(w, w, 3), nn.ReLU(inplace=True)))
+            stages.append(nn.Sequential(*_conv_bn(prev + skip, w, 3, norm=norm), nn.ReLU(inplace=True),
+                                        *_conv_bn(w, w, 3, norm=norm), nn.ReLU(inplace=True)))
             prev = w
         self.stages = nn.ModuleList(stages)
         self.head = nn.Conv2d(prev, out_ch, 1)
@@ -219,14 +235,15 @@ class HoVerNet(nn.Module):
         self.net_config = NetConfig(encoder=encoder, n_types=int(n_types),
                                     pretrained_path=str(pretrained_path or ""))
         spec = ENCODERS[encoder]
-        self.encoder = ResNetEncoder(spec["layers"], spec["width"], spec["stem"])
+        norm = spec.get("norm", "batch")
+        self.encoder = ResNetEncoder(spec["layers"], spec["width"], spec["stem"], norm=norm)
         full = spec["full"]
-        self.full = nn.Sequential(*_conv_bn(3, full, 3), nn.ReLU(inplace=True))
+        self.full = nn.Sequential(*_conv_bn(3, full, 3, norm=norm), nn.ReLU(inplace=True))
         enc_ch = self.encoder.channels
         self.decoders = nn.ModuleDict({
-            "np": _Decoder(enc_ch, full, spec["decoder"], 2),
-            "hv": _Decoder(enc_ch, full, spec["decoder"], 2),
-            "nt": _Decoder(enc_ch, full, spec["decoder"], int(n_types)),
+            "np": _Decoder(enc_ch, full, spec["decoder"], 2, norm=norm),
+            "hv": _Decoder(enc_ch, full, spec["decoder"], 2, norm=norm),
+            "nt": _Decoder(enc_ch, full, spec["decoder"], int(n_types), norm=norm),
         })
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -247,7 +264,7 @@ class HoVerNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         for m in self.encoder.modules():  # residual branches start near identity

@@ -20,6 +20,13 @@ The recipe is HoVer-Net's (Graham et al., Med. Image Anal. 58, 2019; ``vqdang/ho
    background wins and another class occurs, the most frequent other class;
    ``type_prob`` = mean over the nucleus of the probability of the chosen class.
 
+Marker modes (``mode``): the steps above are ``"hv"``. ``"distance"`` replaces steps 2-4 by the
+marker logic of the classical baseline (:mod:`stlib.model.baseline`) on the network's mask: the
+blob's holes are filled, markers are the h-maxima (height ``marker_h`` px) of its smoothed
+distance transform, and the watershed floods the negated distance; the HV maps are unused, which
+suits a network trained too briefly for them to mark borders. ``"blend"`` multiplies that distance
+by ``1 - hv_weight * Sm`` first, so HV edges deepen the necks between touching nuclei.
+
 Whole-slide images are processed in overlapping tiles; :func:`remove_seam_duplicates`
 keeps each nucleus once (rule in its docstring) and :func:`stitch_tiles` assembles the
 global maps. Per-nucleus statistics are vectorised (``np.bincount`` /
@@ -37,8 +44,11 @@ from scipy import ndimage as ndi
 
 __all__ = [
     "sobel_kernels", "hovernet_postprocess", "nuclei_table", "tile_origins",
-    "remove_seam_duplicates", "stitch_tiles", "hovernet_postprocess_tiled",
+    "remove_seam_duplicates", "stitch_tiles", "hovernet_postprocess_tiled", "POSTPROC_MODES",
 ]
+
+#: how :func:`hovernet_postprocess` finds its watershed markers (its ``mode``)
+POSTPROC_MODES = ("hv", "distance", "blend")
 
 #: OpenCV's 5x5 MORPH_ELLIPSE structuring element (used for the marker opening).
 ELLIPSE_5x5 = np.array(
@@ -91,6 +101,72 @@ def _relabel(labels: np.ndarray) -> tuple[np.ndarray, int]:
     return lut[labels], int(ids.size)
 
 
+def _edge_map(hv: np.ndarray, blob: np.ndarray, sobel_ksize: int) -> np.ndarray:
+    """HoVer-Net's ``Sm`` (step 2 of the module docstring): close to 1 where the HV maps fall
+    sharply (between touching nuclei), 0 outside the blob."""
+    h, v = _minmax(hv[0].astype(np.float64)), _minmax(hv[1].astype(np.float64))
+    smooth, deriv = sobel_kernels(sobel_ksize)
+    dh = ndi.correlate1d(ndi.correlate1d(h, deriv, axis=1, mode="mirror"), smooth, axis=0, mode="mirror")
+    dv = ndi.correlate1d(ndi.correlate1d(v, deriv, axis=0, mode="mirror"), smooth, axis=1, mode="mirror")
+    sm = np.maximum(1.0 - _minmax(dh), 1.0 - _minmax(dv))
+    return np.where(blob, sm, 0.0)
+
+
+def _keep_unmarked(inst: np.ndarray, blob: np.ndarray, min_size: int) -> np.ndarray:
+    """A blob without any marker (flat or noisy HV, e.g. early in training) becomes one nucleus,
+    not background: the reference drops it, which turns a good NP map into PQ 0."""
+    lost, _ = ndi.label(blob & (inst == 0))
+    lost = _remove_small(lost, min_size)
+    return np.where(lost > 0, lost + inst.max(), inst).astype(np.int32)
+
+
+def _h_maxima_by_object(image: np.ndarray, h: float) -> np.ndarray:
+    """``skimage.morphology.h_maxima(image, h) > 0`` of a non-negative image that is 0 outside
+    its objects, computed per 8-connected object in its bounding box (plus one pixel of 0):
+    the same result, as objects never interact through 0-valued pixels (h > 0), at a fraction
+    of the cost (the grey reconstruction does not sweep the background)."""
+    from skimage.morphology import h_maxima
+
+    out = np.zeros(image.shape, bool)
+    lab, _ = ndi.label(image > 0, structure=np.ones((3, 3), bool))
+    for i, sl in enumerate(ndi.find_objects(lab), start=1):
+        if sl is None:
+            continue
+        sl = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in sl)
+        mine = lab[sl] == i
+        sub = np.where(mine, image[sl], 0.0)
+        out[sl] |= (h_maxima(sub, h) > 0) & mine
+    return out
+
+
+def _distance_instances(np_prob: np.ndarray, hv: np.ndarray, *, np_thresh: float, min_size: int,
+                        sobel_ksize: int, marker_h: float, hv_weight: float, keep_unmarked: bool) -> np.ndarray:
+    """Modes ``"distance"`` and ``"blend"``: the NP blob split by a watershed of its distance transform.
+
+    The same marker logic as the classical baseline (:mod:`stlib.model.baseline`), on the network's
+    nucleus mask instead of an Otsu mask: markers are the h-maxima (height ``marker_h`` px) of the
+    distance to the blob's border, smoothed by a Gaussian of sigma 1 px, so a neck splits two nuclei
+    only where both sides are at least ``marker_h`` px "higher" than the neck. ``hv_weight`` > 0
+    ("blend") multiplies the distance by ``1 - hv_weight * Sm`` (HoVer-Net's edge map), so HV
+    edges between touching nuclei deepen the neck.
+    """
+    from skimage.segmentation import watershed
+
+    blob_lab, _ = ndi.label(np_prob >= np_thresh)
+    blob = ndi.binary_fill_holes(_remove_small(blob_lab, min_size) > 0)
+    if not blob.any():
+        return np.zeros(np_prob.shape, np.int32)
+    dist = ndi.gaussian_filter(ndi.distance_transform_edt(blob), 1.0) * blob
+    if hv_weight > 0:
+        dist = dist * (1.0 - hv_weight * _edge_map(hv, blob, sobel_ksize))
+    markers, _ = ndi.label(_h_maxima_by_object(dist, marker_h), structure=np.ones((3, 3), bool))
+    inst = watershed(-dist, markers=markers, mask=blob).astype(np.int32)
+    inst = _remove_small(inst, min_size)
+    if keep_unmarked:
+        inst = _keep_unmarked(inst, blob, min_size)
+    return _relabel(inst)[0]
+
+
 def _instances(np_prob: np.ndarray, hv: np.ndarray, *, np_thresh: float, min_size: int,
                sobel_ksize: int, marker_thresh: float, keep_unmarked: bool = True) -> np.ndarray:
     from skimage.segmentation import watershed
@@ -99,12 +175,7 @@ def _instances(np_prob: np.ndarray, hv: np.ndarray, *, np_thresh: float, min_siz
     blob = _remove_small(blob_lab, min_size) > 0
     if not blob.any():
         return np.zeros(np_prob.shape, np.int32)
-    h, v = _minmax(hv[0].astype(np.float64)), _minmax(hv[1].astype(np.float64))
-    smooth, deriv = sobel_kernels(sobel_ksize)
-    dh = ndi.correlate1d(ndi.correlate1d(h, deriv, axis=1, mode="mirror"), smooth, axis=0, mode="mirror")
-    dv = ndi.correlate1d(ndi.correlate1d(v, deriv, axis=0, mode="mirror"), smooth, axis=1, mode="mirror")
-    sm = np.maximum(1.0 - _minmax(dh), 1.0 - _minmax(dv))
-    sm = np.where(blob, sm, 0.0)
+    sm = _edge_map(hv, blob, sobel_ksize)
     blur = np.array([0.25, 0.5, 0.25])  # OpenCV's 3x3 Gaussian with sigma 0
     energy = (1.0 - sm) * blob
     energy = -ndi.correlate1d(ndi.correlate1d(energy, blur, axis=0, mode="mirror"), blur, axis=1, mode="mirror")
@@ -117,11 +188,7 @@ def _instances(np_prob: np.ndarray, hv: np.ndarray, *, np_thresh: float, min_siz
     markers = _remove_small(markers, min_size)
     inst = watershed(energy, markers=markers, mask=blob).astype(np.int32)
     if keep_unmarked:
-        # A blob without any marker (flat or noisy HV, e.g. early in training) is one nucleus,
-        # not background: the reference drops it, which turns a good NP map into PQ 0.
-        lost, _ = ndi.label(blob & (inst == 0))
-        lost = _remove_small(lost, min_size)
-        inst = np.where(lost > 0, lost + inst.max(), inst).astype(np.int32)
+        inst = _keep_unmarked(inst, blob, min_size)
     return _relabel(inst)[0]
 
 
@@ -160,7 +227,8 @@ def nuclei_table(inst: np.ndarray, type_map: np.ndarray | None = None,
 
 def hovernet_postprocess(np_prob: Any, hv: Any, tp_prob: Any = None, *, np_thresh: float = 0.5,
                          min_size: int = 10, sobel_ksize: int = 21, marker_thresh: float = 0.4,
-                         keep_unmarked: bool = True,
+                         keep_unmarked: bool = True, mode: str = "hv", marker_h: float = 2.0,
+                         hv_weight: float = 0.5,
                          ) -> tuple[np.ndarray, np.ndarray, dict[int, dict[str, Any]]]:
     """Instances, classes and a nucleus table from HoVer-Net outputs of one tile.
 
@@ -177,6 +245,14 @@ def hovernet_postprocess(np_prob: Any, hv: Any, tp_prob: Any = None, *, np_thres
     keep_unmarked
         Keep a blob that receives no watershed marker as one nucleus (default). HoVer-Net's
         reference leaves it background; ``False`` reproduces that.
+    mode
+        Where the watershed markers come from (:data:`POSTPROC_MODES`): ``"hv"`` HoVer-Net's
+        (the HV edge map, ``marker_thresh``); ``"distance"`` the h-maxima (height ``marker_h``
+        px) of the distance transform of the NP blob, the marker logic of the classical baseline
+        on the network's mask (HV maps unused); ``"blend"`` that distance multiplied by
+        ``1 - hv_weight * Sm`` (HV edges deepen the necks between nuclei).
+    marker_h, hv_weight
+        Constants of the ``"distance"`` / ``"blend"`` modes (model px; weight in [0, 1]).
 
     Returns
     -------
@@ -201,8 +277,20 @@ def hovernet_postprocess(np_prob: Any, hv: Any, tp_prob: Any = None, *, np_thres
         raise ValueError(f"np_thresh must be in (0, 1), got {np_thresh!r}")
     if not 0 < marker_thresh < 1:
         raise ValueError(f"marker_thresh must be in (0, 1), got {marker_thresh!r}")
-    inst = _instances(np_prob, hv, np_thresh=np_thresh, min_size=int(min_size),
-                      sobel_ksize=int(sobel_ksize), marker_thresh=marker_thresh, keep_unmarked=keep_unmarked)
+    if mode not in POSTPROC_MODES:
+        raise ValueError(f"mode must be one of {POSTPROC_MODES}, got {mode!r}")
+    if mode == "hv":
+        inst = _instances(np_prob, hv, np_thresh=np_thresh, min_size=int(min_size),
+                          sobel_ksize=int(sobel_ksize), marker_thresh=marker_thresh, keep_unmarked=keep_unmarked)
+    else:
+        if not marker_h > 0:
+            raise ValueError(f"marker_h must be > 0, got {marker_h!r}")
+        if not 0 <= hv_weight <= 1:
+            raise ValueError(f"hv_weight must be in [0, 1], got {hv_weight!r}")
+        inst = _distance_instances(np_prob, hv, np_thresh=np_thresh, min_size=int(min_size),
+                                   sobel_ksize=int(sobel_ksize), marker_h=float(marker_h),
+                                   hv_weight=float(hv_weight) if mode == "blend" else 0.0,
+                                   keep_unmarked=keep_unmarked)
     n = int(inst.max())
     if tp_prob is None or n == 0:
         types = np.zeros(n + 1, np.int64)

@@ -110,8 +110,9 @@ def model_file(model: HoVerNet, config: TrainConfig, data_info: Mapping[str, Any
             "stlib_version": __version__}
 
 
-#: post-processing settings a model file may carry (:func:`write_postproc`)
-POSTPROC_KEYS = ("np_thresh", "marker_thresh", "min_size")
+#: post-processing settings a model file may carry (:func:`write_postproc`); ``mode``, ``marker_h`` and
+#: ``hv_weight`` choose and tune the marker mode of :func:`stlib.model.postproc.hovernet_postprocess`
+POSTPROC_KEYS = ("np_thresh", "marker_thresh", "min_size", "mode", "marker_h", "hv_weight")
 
 
 def write_postproc(path: str | Path, settings: Mapping[str, float | int]) -> Path:
@@ -126,7 +127,11 @@ def write_postproc(path: str | Path, settings: Mapping[str, float | int]) -> Pat
     if bad:
         raise InputError(f"unknown post-processing setting(s) {bad}", fix=f"known: {list(POSTPROC_KEYS)}")
     doc = torch.load(path, map_location="cpu", weights_only=True)
-    new = {k: (int(v) if k == "min_size" else float(v)) for k, v in settings.items()}
+    from stlib.model.postproc import POSTPROC_MODES
+
+    if "mode" in settings and settings["mode"] not in POSTPROC_MODES:
+        raise InputError(f"unknown post-processing mode {settings['mode']!r}", fix=f"known: {list(POSTPROC_MODES)}")
+    new = {k: (int(v) if k == "min_size" else str(v) if k == "mode" else float(v)) for k, v in settings.items()}
     if doc.get("postproc", {}) == new or (not new and "postproc" not in doc):
         return path
     if new:
