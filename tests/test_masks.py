@@ -267,3 +267,27 @@ def test_render_without_hv_gives_the_same_maps():
         for k in ("inst", "type", "ignore", "conf", "ids", "clipped_ids"):
             assert np.array_equal(getattr(a, k), getattr(b, k)), k
         assert a.n_tiny == b.n_tiny
+
+
+def test_unknown_background_fast_path_equals_the_fill_on_every_tile():
+    """Tiles wholly inside the known region skip the polygon fill (``unknown_background`` -> None);
+    on every tile of a grid crossed by a wavy, holed region the answer equals the full fill."""
+    import shapely
+
+    from stlib.labels.masks import TileRenderer, _fill_mask
+
+    t = np.linspace(0, 2 * np.pi, 400, endpoint=False)
+    r = 700 + 60 * np.sin(7 * t)
+    outer = shapely.Polygon(np.column_stack([900 + r * np.cos(t), 850 + r * np.sin(t)]))
+    region = outer.difference(shapely.Point(900, 850).buffer(150))
+    nuc = shapely.Point(400, 400).buffer(8)
+    for scale in (1.0, 0.8):
+        rend = TileRenderer([nuc], width=1900.0, height=1800.0, scale=scale, tile_px=64,
+                            known_background=np.array([region], dtype=object))
+        assert 0 < rend._known_inside.sum() < len(rend)
+        s, st, en = rend._known
+        for i in range(len(rend)):
+            x, y = rend.grid[i]
+            full = ~_fill_mask(s, en[st[i]:st[i + 1]], float(x), float(y), rend.scale, rend.shape).astype(bool)
+            fast = rend.unknown_background(i)
+            assert np.array_equal(np.zeros(rend.shape, bool) if fast is None else fast, full), (scale, i)

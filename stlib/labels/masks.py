@@ -1113,6 +1113,17 @@ class TileRenderer:
             s = known_background if isinstance(known_background, PolygonSet) else prepare_polygons(
                 np.atleast_1d(np.asarray(known_background, dtype=object)))
             self._known = (s, *_bucket(s, np.arange(len(s)), scale, stride, tile_px, nx, ny))
+            # tiles whose whole area lies inside the known region: one vectorised shapely test here
+            # instead of a fill of the region's polygon, with all its vertices, in every tile (most
+            # tiles of a slide are far from the region's edge); same maps
+            self._known_inside = np.zeros(len(grid), bool)
+            if not isinstance(known_background, PolygonSet):
+                known_all = shapely.union_all(np.atleast_1d(np.asarray(known_background, dtype=object)))
+                shapely.prepare(known_all)
+                x0, y0 = grid[:, 0] - 1.0, grid[:, 1] - 1.0  # one target px beyond the tile
+                x1, y1 = grid[:, 0] + tile_px + 1.0, grid[:, 1] + tile_px + 1.0
+                boxes = shapely.box(x0 / self.scale, y0 / self.scale, x1 / self.scale, y1 / self.scale)
+                self._known_inside[:] = shapely.contains_properly(known_all, boxes)
         self.shape = (int(tile_px), int(tile_px))
 
     def __len__(self) -> int:
@@ -1126,7 +1137,7 @@ class TileRenderer:
     def unknown_background(self, i: int) -> np.ndarray | None:
         """(H, W) bool of tile ``i``: pixels outside ``known_background`` (None without it), where a
         pixel that no nucleus covers is not known to be background (callers make it ``ignore``)."""
-        if self._known is None:
+        if self._known is None or self._known_inside[i]:
             return None
         x, y = self.grid[i]
         s, st, en = self._known
