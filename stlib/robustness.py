@@ -523,19 +523,23 @@ def _summary(df: pd.DataFrame, cols: Sequence[str]) -> dict[str, dict[str, float
             for c in cols if c in df.columns}
 
 
-def _edge_grid_cli(args: Any, argv: list[str]) -> int:
-    """``stlib robustness --edge-grid SEEDS``: :func:`edge_gap_grid`, summed over samples per setting."""
+def _grid_in_workdir(grid: Any, seeds: Sequence[int], workdir: Any) -> pd.DataFrame:
+    """``grid(seeds, folder)`` in ``workdir``, or in a temporary folder deleted afterwards (None)."""
     import tempfile
 
+    if workdir is not None:
+        return grid(seeds, workdir)
+    with tempfile.TemporaryDirectory() as tmp:
+        return grid(seeds, tmp)
+
+
+def _edge_grid_cli(args: Any, argv: list[str]) -> int:
+    """``stlib robustness --edge-grid SEEDS``: :func:`edge_gap_grid`, summed over samples per setting."""
     from stlib.labels.masks import EDGE_PAD_UM, EDGE_SLOPE
     from stlib.utils import machine_info, write_json
 
     t0 = time.time()
-    if args.workdir is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            rows = edge_gap_grid(args.edge_grid, tmp)
-    else:
-        rows = edge_gap_grid(args.edge_grid, args.workdir)
+    rows = _grid_in_workdir(edge_gap_grid, args.edge_grid, args.workdir)
     key = rows.assign(slope=rows["slope"].fillna(-1.0), pad_um=rows["pad_um"].fillna(-1.0))
     per_seed = key.groupby(["slope", "pad_um", "seed"])[["n_out", "n_bad", "n_in", "n_in_kept"]].sum().reset_index()
     tot = per_seed.groupby(["slope", "pad_um"]).agg(
@@ -557,17 +561,11 @@ def _edge_grid_cli(args: Any, argv: list[str]) -> int:
 
 def _border_grid_cli(args: Any, argv: list[str]) -> int:
     """``stlib robustness --border-grid SEEDS``: :func:`region_border_grid`, summed over samples per width."""
-    import tempfile
-
     from stlib.config import TilesConfig
     from stlib.utils import machine_info, write_json
 
     t0 = time.time()
-    if args.workdir is None:
-        with tempfile.TemporaryDirectory() as tmp:
-            rows = region_border_grid(args.border_grid, tmp)
-    else:
-        rows = region_border_grid(args.border_grid, args.workdir)
+    rows = _grid_in_workdir(region_border_grid, args.border_grid, args.workdir)
     per_seed = rows.groupby(["border_um", "seed"]).agg(n_bad=("n_bad", "sum"), min_gap_um=("min_gap_um", "min"))
     tot = rows.groupby("border_um").agg(n_out=("n_out", "sum"), n_bad=("n_bad", "sum"),
                                         min_gap_um=("min_gap_um", "min"), lost=("lost", "mean")).reset_index()

@@ -627,6 +627,17 @@ def _watershed(image, markers, h_exact):  # pragma: no cover - compiled
     return res
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _enqueue(head, tail, nxt, b, p):  # pragma: no cover - compiled
+    """Append pixel ``p`` to FIFO bucket ``b`` of :func:`_flood_ranked`'s linked-list queue."""
+    nxt[p] = -1
+    if head[b] < 0:
+        head[b] = p
+    else:
+        nxt[tail[b]] = p
+    tail[b] = p
+
+
 @numba.njit(cache=True, nogil=True)
 def _flood_ranked(out, offs, rank, nb, seeds):  # pragma: no cover - compiled
     """The bucket-queue flooding of :func:`_watershed`: the pushed values are ``max(own,
@@ -639,13 +650,7 @@ def _flood_ranked(out, offs, rank, nb, seeds):  # pragma: no cover - compiled
     tail = np.empty(nb, np.int32)  # read only where head is set
     nxt = np.empty(out.size, np.int32)  # set when a pixel is queued
     for p in seeds:
-        b = rank[p]
-        nxt[p] = -1
-        if head[b] < 0:
-            head[b] = p
-        else:
-            nxt[tail[b]] = p
-        tail[b] = p
+        _enqueue(head, tail, nxt, rank[p], p)
     cur = 0
     while cur < nb:
         p = head[cur]
@@ -658,13 +663,7 @@ def _flood_ranked(out, offs, rank, nb, seeds):  # pragma: no cover - compiled
             if out[q] != 0:  # labelled, or the frame
                 continue
             out[q] = out[p]
-            b = rank[q] if rank[q] > cur else cur  # at least the parent's cost
-            nxt[q] = -1
-            if head[b] < 0:
-                head[b] = q
-            else:
-                nxt[tail[b]] = q
-            tail[b] = q
+            _enqueue(head, tail, nxt, rank[q] if rank[q] > cur else cur, q)  # at least the parent's cost
 
 
 @numba.njit(cache=True, nogil=True)
