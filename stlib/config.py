@@ -510,8 +510,8 @@ class RealTissueParams(CommonParams):
     lr: float = 0.01
     warmup_steps: int = 15
     #: post-processing of both networks (stored in their model files, used by ``stlib infer``): markers from
-    #: the distance transform of the nucleus mask ("distance": h-maxima of height ``marker_h`` px, the classical
-    #: baseline's marker logic on the network's mask), nucleus probability >= 0.1, blobs and nuclei >= 300 px
+    #: the distance transform of the nucleus mask ("distance": h-maxima of height ``marker_h`` px; the classical
+    #: baseline also floods the distance, from local maxima a minimum distance apart), nucleus probability >= 0.1, blobs and nuclei >= 300 px
     #: (19 µm² at 0.25 µm/px, below a lymphocyte). Chosen on the development split only (train MoNuSeg
     #: Breast + Lung, score its 2 Prostate images; 150-step pairs of this recipe, training seeds 0 and 1;
     #: benchmarks/realtissue_recipe.csv rows s6_*, scripts in benchmarks/realtissue_recipe/session6): mean bPQ

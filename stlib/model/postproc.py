@@ -20,9 +20,9 @@ The recipe is HoVer-Net's (Graham et al., Med. Image Anal. 58, 2019; ``vqdang/ho
    background wins and another class occurs, the most frequent other class;
    ``type_prob`` = mean over the nucleus of the probability of the chosen class.
 
-Marker modes (``mode``): the steps above are ``"hv"``. ``"distance"`` replaces steps 2-4 by the
-marker logic of the classical baseline (:mod:`stlib.model.baseline`) on the network's mask: the
-blob's holes are filled, markers are the h-maxima (height ``marker_h`` px) of its smoothed
+Marker modes (``mode``): the steps above are ``"hv"``. ``"distance"`` replaces steps 2-4 by a
+distance-transform watershed of the network's mask, as the classical baseline
+(:mod:`stlib.model.baseline`) does on its Otsu mask but with other markers: the blob's holes are filled, markers are the h-maxima (height ``marker_h`` px) of its smoothed
 distance transform, and the watershed floods the negated distance; the HV maps are unused, which
 suits a network trained too briefly for them to mark borders. ``"blend"`` multiplies that distance
 by ``1 - hv_weight * Sm`` first, so HV edges deepen the necks between touching nuclei.
@@ -143,8 +143,9 @@ def _distance_instances(np_prob: np.ndarray, hv: np.ndarray, *, np_thresh: float
                         sobel_ksize: int, marker_h: float, hv_weight: float, keep_unmarked: bool) -> np.ndarray:
     """Modes ``"distance"`` and ``"blend"``: the NP blob split by a watershed of its distance transform.
 
-    The same marker logic as the classical baseline (:mod:`stlib.model.baseline`), on the network's
-    nucleus mask instead of an Otsu mask: markers are the h-maxima (height ``marker_h`` px) of the
+    A distance-transform watershed as in the classical baseline (:mod:`stlib.model.baseline`), on the
+    network's nucleus mask instead of an Otsu mask, with other markers (the baseline takes the
+    distance's local maxima a minimum distance apart): markers are the h-maxima (height ``marker_h`` px) of the
     distance to the blob's border, smoothed by a Gaussian of sigma 1 px, so a neck splits two nuclei
     only where both sides are at least ``marker_h`` px "higher" than the neck. ``hv_weight`` > 0
     ("blend") multiplies the distance by ``1 - hv_weight * Sm`` (HoVer-Net's edge map), so HV
@@ -248,8 +249,8 @@ def hovernet_postprocess(np_prob: Any, hv: Any, tp_prob: Any = None, *, np_thres
     mode
         Where the watershed markers come from (:data:`POSTPROC_MODES`): ``"hv"`` HoVer-Net's
         (the HV edge map, ``marker_thresh``); ``"distance"`` the h-maxima (height ``marker_h``
-        px) of the distance transform of the NP blob, the marker logic of the classical baseline
-        on the network's mask (HV maps unused); ``"blend"`` that distance multiplied by
+        px) of the distance transform of the NP blob, a distance watershed like the classical
+        baseline's on the network's mask (HV maps unused); ``"blend"`` that distance multiplied by
         ``1 - hv_weight * Sm`` (HV edges deepen the necks between nuclei).
     marker_h, hv_weight
         Constants of the ``"distance"`` / ``"blend"`` modes (model px; weight in [0, 1]).
