@@ -7,7 +7,7 @@ with the AlignConfig defaults, scored against the demo truth and judged by
 
     python benchmarks/align_failure_flag/cohorts.py --seeds 9100-9117 --csv benchmarks/align_failure_flag/dev.csv
 
-``--work`` (default ``runs/align_failure_flag``, or $STLIB_BENCH_WORK/align_failure_flag) holds the
+``--work`` (default ``$STLIB_BENCH_WORK/align_failure_flag``, ``runs/bench/align_failure_flag`` without it) holds the
 generated cohorts; they are deleted after use unless ``--keep``.
 """
 
@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", required=True, type=seeds_arg, help="e.g. 9100-9117")
     ap.add_argument("--csv", required=True, help="output CSV (one row per sample)")
-    ap.add_argument("--work", default=str(Path(os.environ.get("STLIB_BENCH_WORK", "runs")) / "align_failure_flag"),
-                    help="folder for the generated cohorts (default runs/align_failure_flag or $STLIB_BENCH_WORK/...)")
+    ap.add_argument("--work", default=str(Path(os.environ.get("STLIB_BENCH_WORK", "runs/bench")) / "align_failure_flag"),
+                    help="folder for the generated cohorts (default $STLIB_BENCH_WORK/align_failure_flag, else runs/bench/...)")
     ap.add_argument("--offset", type=int, default=0, help="start at this index of SETTINGS")
     ap.add_argument("--keep", action="store_true", help="keep the generated cohorts")
     a = ap.parse_args(argv)
