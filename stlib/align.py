@@ -31,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from stlib.utils import InputError, cache_key, file_fingerprint, keep_freed_memo
 
 __all__ = [
     "AlignConfig",
+    "AlignmentFailedError",
     "AlignmentResult",
     "Transform",
     "WorkGrid",
@@ -55,7 +57,10 @@ __all__ = [
     "align_sample",
     "overlay_crop",
     "alignment_error_um",
+    "alignment_evidence",
+    "alignment_verdict",
     "apply_affine",
+    "check_alignment",
     "cli_main",
     "compose",
     "fit_hest_registration",
@@ -989,6 +994,9 @@ class AlignmentResult:
         H&E level-0 pixel size implied by the initial map.
     params, inputs
         Parameters used and the fingerprint of the inputs (idempotence key).
+    verdict
+        The sample-level verdict (:func:`alignment_verdict`): ``status`` (``"ok"`` / ``"failed"``),
+        ``reasons``, ``evidence`` and the ``thresholds`` it was judged with.
     """
 
     sample: str
@@ -1001,6 +1009,14 @@ class AlignmentResult:
     he_um_per_px: float = float("nan")
     params: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, Any] = field(default_factory=dict)
+    verdict: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        """``"ok"`` or ``"failed"``: the sample-level verdict (judged from the scores if not stored)."""
+        if not self.verdict:
+            self.verdict = alignment_verdict(self)
+        return str(self.verdict["status"])
 
     def to_dict(self) -> dict[str, Any]:
         """The alignment.json document."""
@@ -1008,6 +1024,8 @@ class AlignmentResult:
         return {
             "sample": self.sample,
             "route": self.route,
+            "status": self.status,
+            "verdict": _jsonable(self.verdict),
             "xenium_um_to_he_px": t["xenium_um_to_he_px"],
             "local_displacement": t["local_displacement"],
             "initial_um_to_he_px": np.asarray(self.initial).tolist(),
@@ -1029,7 +1047,7 @@ class AlignmentResult:
                    scores=d.get("scores", {}), residual_field=d.get("residual_field", {}),
                    excluded_regions=d.get("excluded_regions", []),
                    he_um_per_px=float(d.get("he_um_per_px", float("nan"))),
-                   params=d.get("params", {}), inputs=d.get("inputs", {}))
+                   params=d.get("params", {}), inputs=d.get("inputs", {}), verdict=d.get("verdict") or {})
 
     def save(self, path: str | Path) -> Path:
         """Write alignment.json atomically.
@@ -1038,6 +1056,108 @@ class AlignmentResult:
         unindented form is written by the json module's compiled encoder (under half the time).
         """
         return write_json(path, self.to_dict(), indent=None)
+
+
+def alignment_evidence(result: AlignmentResult) -> dict[str, Any]:
+    """The sample-level quality signals of an alignment, from its scores alone.
+
+    ``corr_before`` / ``corr_after``: global Pearson correlation of the haematoxylin channel with
+    the nucleus mask under the initial / refined map; ``excluded_fraction``: share of the nuclei of
+    the measured tiles (at least ``min_nuclei``) that lie in excluded tiles (tiles overlap: a
+    nucleus counts once per tile); ``median_residual_um``: median tile residual after refinement;
+    ``moved_um``: median distance between the initial and the refined map at the tile centres;
+    ``n_tiles``: measured tiles.
+    """
+    g = result.scores.get("global", {})
+    tiles = result.scores.get("tiles", [])
+    min_nuclei = int(result.params.get("min_nuclei", AlignConfig().min_nuclei))
+    n = np.array([t["n_nuclei"] for t in tiles], float)
+    exc = np.array([bool(t["excluded"]) for t in tiles])
+    meas = n >= min_nuclei
+    tot = float(n[meas].sum())
+    moved = None
+    if tiles:
+        xy_um = np.array([[t["x_um"], t["y_um"]] for t in tiles], float)
+        xy_px = np.array([[t["x_px"], t["y_px"]] for t in tiles], float)
+        d = np.hypot(*(xy_px - apply_affine(result.initial, xy_um)).T) * float(result.he_um_per_px)
+        moved = float(np.median(d[meas])) if meas.any() and np.isfinite(d[meas]).any() else None
+
+    def num(v: Any) -> float | None:
+        return None if v is None or not math.isfinite(float(v)) else float(v)
+
+    return {"corr_before": num((g.get("before") or {}).get("corr")),
+            "corr_after": num((g.get("after") or {}).get("corr")),
+            "excluded_fraction": float(n[meas & exc].sum() / tot) if tot > 0 else None,
+            "median_residual_um": num((g.get("after") or {}).get("median_residual_um")),
+            "moved_um": moved, "n_tiles": int(meas.sum())}
+
+
+def alignment_verdict(result: AlignmentResult, *, config: AlignConfig | None = None) -> dict[str, Any]:
+    """Did the alignment of this sample fail as a whole?
+
+    A map that the refinement could not recover (an initial error beyond the capture range, a
+    wrong slide, a mirrored image) leaves tiles that lock onto wrong phase-correlation peaks;
+    most are excluded, but a few are not. The sample is therefore judged as a whole:
+    ``"failed"`` when its global correlation after refinement is below ``fail_min_corr`` or when
+    its excluded tiles hold more than ``fail_max_excluded`` of the measured nuclei (see
+    :func:`alignment_evidence`), or when no tile could be measured. The thresholds
+    (:class:`stlib.config.AlignConfig`) were chosen on development cohorts of the demo generator
+    (benchmarks/align_failure_flag/README.md). The label stage does not use the nuclei of a failed
+    sample (:func:`stlib.labels.derive.derive_sample`).
+
+    Parameters
+    ----------
+    result
+        The alignment.
+    config
+        Its thresholds; default: the ones recorded in ``result.params``, else the defaults.
+
+    Returns
+    -------
+    dict
+        ``status`` (``"ok"`` / ``"failed"``), ``reasons`` (list of str), ``evidence``
+        (:func:`alignment_evidence`) and ``thresholds``.
+    """
+    d = AlignConfig()
+    if config is None:
+        min_corr = float(result.params.get("fail_min_corr", d.fail_min_corr))
+        max_exc = float(result.params.get("fail_max_excluded", d.fail_max_excluded))
+    else:
+        min_corr, max_exc = float(config.fail_min_corr), float(config.fail_max_excluded)
+    ev = alignment_evidence(result)
+    reasons = []
+    if ev["n_tiles"] == 0 or ev["corr_after"] is None:
+        reasons.append("no tile could be measured")
+    if ev["corr_after"] is not None and ev["corr_after"] < min_corr:
+        reasons.append(f"global correlation after refinement {ev['corr_after']:.2f} < {min_corr:.2f}")
+    if ev["excluded_fraction"] is not None and ev["excluded_fraction"] > max_exc:
+        reasons.append(f"{100 * ev['excluded_fraction']:.0f} % of the measured nuclei in excluded tiles "
+                       f"> {100 * max_exc:.0f} %")
+    return {"status": "failed" if reasons else "ok", "reasons": reasons, "evidence": ev,
+            "thresholds": {"fail_min_corr": min_corr, "fail_max_excluded": max_exc}}
+
+
+class AlignmentFailedError(InputError):
+    """A stage was asked to use the nuclei of a sample whose alignment failed (:func:`alignment_verdict`)."""
+
+
+def check_alignment(result: AlignmentResult, *, path: str | Path | None = None, accept_failed: bool = False,
+                    hest_dir: str | Path | None = None) -> None:
+    """Raise :class:`AlignmentFailedError` (naming the sample, the evidence and the fixes) when the
+    alignment of ``result.sample`` failed, unless ``accept_failed``."""
+    if accept_failed or result.status != "failed":
+        return
+    tile = float(result.params.get("tile_um", AlignConfig().tile_um))
+    hest = hest_dir if hest_dir is not None else "HEST_DIR"
+    raise AlignmentFailedError(
+        "its alignment failed (" + "; ".join(result.verdict.get("reasons", [])) + "): its nuclei would land "
+        "beside their H&E nuclei, so its labels are not derived",
+        path=path, sample=result.sample,
+        fix=f"re-align it with a larger capture range (`stlib align --hest-dir {hest} --sample {result.sample} "
+            f"--run-dir RUN --force --tile-um {2 * tile:g}`: the refinement corrects initial errors up to about a "
+            f"quarter of a tile), or from landmarks placed by hand (an *_he_imagealignment.csv with keypoints, "
+            f"`stlib align --xenium-dir`), or leave the sample out; to use its nuclei anyway pass "
+            f"--accept-failed-alignment (derive_sample(..., accept_failed_alignment=True))")
 
 
 def _jsonable(o: Any) -> Any:
@@ -1236,9 +1356,11 @@ def align_nuclei(slide: SlideLike, nuclei_um: Any, initial: Any, *, sample: str 
     scores = {"global": {"before": _score_summary(before, _residual_um(before, scene.ppu)),
                          "after": _score_summary(after, _residual_um(after, scene.ppu))},
               "tiles": tiles, "history": history}
-    return AlignmentResult(sample=sample, route=route, initial=M0, transform=T, scores=scores,
-                           residual_field=field_, excluded_regions=excluded, he_um_per_px=1.0 / scene.ppu,
-                           params=cfg.params())
+    res = AlignmentResult(sample=sample, route=route, initial=M0, transform=T, scores=scores,
+                          residual_field=field_, excluded_regions=excluded, he_um_per_px=1.0 / scene.ppu,
+                          params=cfg.params())
+    res.verdict = alignment_verdict(res, config=cfg)
+    return res
 
 
 def _global_schedule(scene: _Scene) -> list[tuple[float, float]]:
@@ -1886,5 +2008,8 @@ def cli_main(argv: list[str] | None = None) -> int:
         print(f"stlib align: {sample}: corr {fmt(g['before']['corr'])} -> {fmt(g['after']['corr'])}, "
               f"median tile residual {fmt(g['before']['median_residual_um'])} -> "
               f"{fmt(g['after']['median_residual_um'])} um, "
-              f"{len(res.excluded_regions)} excluded region(s) -> {out}")
+              f"{len(res.excluded_regions)} excluded region(s), status {res.status} -> {out}")
+        if res.status == "failed":
+            print(f"stlib align: {sample}: FAILED: " + "; ".join(res.verdict["reasons"])
+                  + "; `stlib labels` will not use its nuclei (see its message for the fixes)", file=sys.stderr)
     return 0

@@ -70,12 +70,19 @@ class AlignConfig:
     min_score_ratio: float = _opt(0.3, "tiles whose correlation after refinement is below this fraction of the "
                                        "median tile correlation are excluded")
     reference: bool = _opt(False, "measure tiles one by one with the library calls (same result, slow; tests)")
+    #: the sample-level verdict (stlib.align.alignment_verdict); chosen on development seeds,
+    #: benchmarks/align_failure_flag/README.md
+    fail_min_corr: float = _opt(0.30, "a sample whose global correlation after refinement is below this "
+                                      "is flagged failed")
+    fail_max_excluded: float = _opt(0.50, "a sample whose excluded tiles hold more than this share of the "
+                                          "measured tiles' nuclei is flagged failed")
 
     def params(self) -> dict[str, Any]:
         """The parameters recorded in ``alignment.json`` (``grid_um`` resolved)."""
         return {"refine": self.refine, "tile_um": self.tile_um, "max_residual_um": self.max_residual_um,
                 "work_um_per_px": self.work_um_per_px, "grid_um": self.grid, "min_nuclei": self.min_nuclei,
-                "n_global": self.n_global, "n_local": self.n_local, "min_score_ratio": self.min_score_ratio}
+                "n_global": self.n_global, "n_local": self.n_local, "min_score_ratio": self.min_score_ratio,
+                "fail_min_corr": self.fail_min_corr, "fail_max_excluded": self.fail_max_excluded}
 
     @property
     def grid(self) -> float:

@@ -374,6 +374,32 @@ def _align_never_excludes():
     align._tile_table = broken
 
 
+@mutant("align_verdict_never_fails",
+        [_CAPTURE + "test_beyond_the_capture_range_no_nucleus_is_silently_misplaced",
+         "tests/test_align_verdict.py::test_labels_refuse_a_failed_sample_and_say_how_to_fix_it"],
+        "no sample-level verdict: every alignment is judged ok (the issue-15 defect)")
+def _align_verdict_never_fails():
+    from stlib import align
+
+    orig = align.alignment_verdict
+
+    def broken(*a, **kw):
+        return {**orig(*a, **kw), "status": "ok", "reasons": []}
+    align.alignment_verdict = broken
+
+
+@mutant("labels_ignore_verdict", ["tests/test_align_verdict.py::test_labels_refuse_a_failed_sample_and_say_how_to_fix_it"],
+        "the label stage uses the nuclei of a sample whose alignment failed")
+def _labels_ignore_verdict():
+    from stlib import align
+
+    orig = align.check_alignment
+
+    def broken(result, **kw):
+        return orig(result, **{**kw, "accept_failed": True})
+    align.check_alignment = broken
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 _EV = "tests/test_evaluate_props.py::"

@@ -1,10 +1,11 @@
 """Dev cohort (Breast+Lung train, Prostate dev) + refined ST / manual stores of the training images."""
+from scratch import WORK  # $STLIB_BENCH_WORK/realtissue_label_options (default runs/bench/...)
 import sys
 from stlib.demo.realtissue import load_source_images, make_realtissue_cohort, source_sample_id
 from stlib.io.cohort import cohort_table
 from stlib.realtissue import build_stores, natural_sorted, st_labels
 from stlib.constants import TARGET_UM_PER_PX_40X
-D, R = "/tmp/i10g/data", "/tmp/i10g/run"
+D, R = WORK / "data", WORK / "run"
 imgs = [x for x in load_source_images("realtissue") if x.organ in {"Breast", "Lung", "Prostate"}]
 make_realtissue_cohort(D, imgs, seed=0, heldout_organs=("Prostate",), pannuke=None)
 sid = {x.name: source_sample_id(x.source, x.name) for x in imgs}

@@ -1,11 +1,12 @@
 """results.jsonl of exp.py -> benchmarks/realtissue_label_options.csv (one row per run and dev image)."""
+from scratch import WORK  # $STLIB_BENCH_WORK/realtissue_label_options (default runs/bench/...)
 import json
 import sys
 
 import pandas as pd
 
 rows = []
-for line in open(sys.argv[1] if len(sys.argv) > 1 else "/tmp/i10g/results.jsonl"):
+for line in open(sys.argv[1] if len(sys.argv) > 1 else WORK / "results.jsonl"):
     r = json.loads(line)
     e = r.get("errors_pooled", {})
     for p in r["per_image"]:

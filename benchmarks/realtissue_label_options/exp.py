@@ -1,5 +1,6 @@
 """ST-only (or manual) training on the dev split (Breast+Lung) with an option, scored on Prostate.
 usage: exp.py NAME STORE SEED [loss_key=val ...]"""
+from scratch import WORK  # $STLIB_BENCH_WORK/realtissue_label_options (default runs/bench/...)
 import json, math, os, sys, time, resource
 from dataclasses import replace
 from pathlib import Path
@@ -11,7 +12,7 @@ name, store, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 loss = {}
 for kv in sys.argv[4:]:
     k, v = kv.split("="); loss[k] = float(v)
-R = "/tmp/i10g/run"; D = "/tmp/i10g/data"
+R = str(WORK / "run"); D = str(WORK / "data")
 rc = RecipeConfig(device="cpu", seed=seed, steps=int(os.environ.get("STEPS", RecipeConfig().steps)))
 cfg = TrainConfig(recipe="manual" if "truth" in store else "st", run_dir=R, stores=(store,), out_dir=f"exp/{name}_s{seed}_{rc.steps}",
                   train_splits=("train", "val"), val_splits=("val",), val_max_tiles=4, encoder=rc.encoder, steps=rc.steps,
@@ -35,6 +36,6 @@ rec = {"name": name, "steps": rc.steps, "store": store, "seed": seed, "loss": lo
        "loadavg": os.getloadavg()[0],
        "per_image": per[["image", "bpq", "dq", "sq", "dice", "aji", "f_d"]].to_dict(orient="records"),
        "bpq": float(per["bpq"].mean()), "errors_pooled": error_summary(tot)}
-with open("/tmp/i10g/results.jsonl", "a") as fh:
+with open(WORK / "results.jsonl", "a") as fh:
     fh.write(json.dumps(rec) + "\n")
 print(json.dumps(rec))

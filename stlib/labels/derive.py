@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -41,7 +42,8 @@ _NAME_TO_CLASS = {v.lower(): k for k, v in CLASS_NAMES.items()}
 
 def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, config: LabelsConfig | None = None,
                   truth_dir: str | Path | None = None, out_name: str | None = None,
-                  align: AlignConfig | bool = False, force: bool = False, **options: Any) -> dict[str, Any]:
+                  align: AlignConfig | bool = False, force: bool = False, accept_failed_alignment: bool = False,
+                  **options: Any) -> dict[str, Any]:
     """Derive labels for one sample; write ``{run_dir}/labels/{sample}/`` and return the report.
 
     Parameters
@@ -68,6 +70,11 @@ def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, 
         defaults for ``True``), into the same layout path.
     force
         Recompute even if an up-to-date output exists.
+    accept_failed_alignment
+        Derive labels even when the alignment's sample-level verdict is ``"failed"``
+        (:func:`stlib.align.alignment_verdict`). By default such a sample raises
+        :class:`stlib.align.AlignmentFailedError` (an :class:`InputError` naming the sample, the
+        evidence and the fixes) and nothing is written: its nuclei would sit beside their H&E nuclei.
     **options
         Fields of :class:`LabelsConfig` that override ``config`` (e.g. ``labeler="flat"``).
 
@@ -75,7 +82,7 @@ def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, 
     -------
     The label report (also written as ``label_report.json``).
     """
-    from stlib.align import align_and_save, load_alignment
+    from stlib.align import align_and_save, check_alignment, load_alignment
     from stlib.io.hest import HestSample
 
     cfg = with_options(LabelsConfig, config, options)
@@ -92,6 +99,7 @@ def derive_sample(hest_dir: str | Path, sample_id: str, run_dir: str | Path, *, 
         raise InputError("no alignment of this sample in the run folder", path=aligned, sample=sample_id,
                          fix=f"run `stlib align --hest-dir {hest_dir} --sample {sample_id} --run-dir {layout.root}` "
                              "(or notebook 01) first, or pass --align to `stlib labels` (align=True)")
+    check_alignment(res, path=aligned, accept_failed=accept_failed_alignment, hest_dir=hest_dir)
     inputs = [s.path(k) for k in ("transcripts", "xenium_seg", "metadata") if s.has(k)]
     key = labels_key(cfg, truth_dir=truth_dir, alignment=res.inputs.get("key"), files=inputs)
     params = {**asdict(cfg), "truth": None if truth_dir is None else str(truth_dir), "version": LABELS_VERSION}
@@ -261,7 +269,7 @@ def _report(s, res, cells: pd.DataFrame, nuclei, adata, *, labeler: str) -> dict
         "oncotree_code": s.oncotree_code, "labeler": labeler,
         "n_cells": int(len(cells)), "n_nuclei": int(len(nuclei)),
         "density_per_mm2": float(len(nuclei) / (area_um2 / 1e6)) if area_um2 and area_um2 > 0 else None,
-        "alignment": {"route": res.route, "score_before": g.get("before"), "score_after": g.get("after"),
+        "alignment": {"route": res.route, "status": res.status, "score_before": g.get("before"), "score_after": g.get("after"),
                       "n_excluded_regions": len(res.excluded_regions)},
         "class_mix": mix,
         "class_fraction": {k: v / max(1, len(cells)) for k, v in mix.items()},
@@ -411,6 +419,9 @@ def cli_parser() -> argparse.ArgumentParser:
                     help="align a sample whose RUN/alignment/ID/alignment.json is missing (AlignConfig defaults; "
                          "default: stop and say so)")
     ap.add_argument("--force", action="store_true")
+    ap.add_argument("--accept-failed-alignment", action="store_true",
+                    help="derive labels also for samples whose alignment was judged failed (default: skip them, "
+                         "say why and exit 1)")
     add_config_arguments(ap, LabelsConfig)
     return ap
 
@@ -421,14 +432,27 @@ def cli_main(argv: list[str]) -> int:
 
     args = cli_parser().parse_args(argv)
     cfg = config_from_args(LabelsConfig, args, base=stage_config(args.profile, "labels") if args.profile else None)
+    from stlib.align import AlignmentFailedError
+
     layout = RunLayout(args.run_dir)
+    failed = []
     for sid in args.sample:
-        rep = derive_sample(args.hest_dir, sid, layout.root, config=cfg, truth_dir=args.truth_dir,
-                            align=args.align, force=args.force)
+        try:
+            rep = derive_sample(args.hest_dir, sid, layout.root, config=cfg, truth_dir=args.truth_dir,
+                                align=args.align, force=args.force,
+                                accept_failed_alignment=args.accept_failed_alignment)
+        except AlignmentFailedError as e:  # the other samples go on; the run says so and exits 1
+            print(f"stlib labels: skipped: {e}", file=sys.stderr)
+            failed.append(sid)
+            continue
         line = f"stlib labels: {sid}: {rep['n_cells']} cells, classes {rep['class_mix']}"
         if "truth" in rep:
             line += f"; vs truth accuracy {rep['truth']['class']['accuracy']:.3f}"
         print(line + f" -> {layout.labels_dir(sid)}")
+    if failed:
+        print(f"stlib labels: no labels for {len(failed)} sample(s) whose alignment failed: {', '.join(failed)}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numba
 import numpy as np
@@ -42,7 +42,7 @@ import numpy as np
 from stlib.labels._refine_kernels import _runs
 from stlib.utils import keep_freed_memory as _keep_freed_memory
 
-__all__ = ["RowBands", "SlideTile", "default_workers", "iter_slide_tiles", "keep_freed_memory", "rasterise",
+__all__ = ["RowBands", "SlideTile", "TileLabels", "default_workers", "iter_slide_tiles", "keep_freed_memory", "rasterise",
            "read_tile_image", "refine", "resample_tile", "unknown_background_ignored"]
 
 
@@ -296,7 +296,7 @@ def _count_runs_ids(flat):  # pragma: no cover - compiled
     return k - (1 if vals[0] == 0 else 0)
 
 
-def rasterise(renderers: Mapping[str, Any], i: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+def rasterise(renderers: Mapping[str, TileLabels], i: int) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
     """Step 1: the label maps ``(inst, type, ignore, conf)`` of grid tile ``i`` for every label set
     (:meth:`stlib.labels.masks.TileRenderer.render`; without the HV maps, which the tile store does
     not hold: the training loader derives them from ``inst``)."""
@@ -343,7 +343,20 @@ class _Clock:
         self._t, self._c = t, c
 
 
-def _tile_work(i: int, crop: np.ndarray, renderers: Mapping[str, Any], size_l0: float, tile_px: int,
+class TileLabels(Protocol):
+    """What the steps here need of a label set's renderer (:class:`stlib.labels.masks.TileRenderer`)."""
+
+    def tile(self, i: int) -> Any:
+        """Grid position ``i`` (a :class:`stlib.labels.masks.Tile`)."""
+
+    def render(self, i: int, *, hv: bool = True) -> Any:
+        """The label maps of tile ``i`` (``inst``, ``type``, ``ignore``, ``conf``)."""
+
+    def unknown_background(self, i: int) -> np.ndarray | None:
+        """Pixels of tile ``i`` whose background is not known, or None where all of it is."""
+
+
+def _tile_work(i: int, crop: np.ndarray, renderers: Mapping[str, TileLabels], size_l0: float, tile_px: int,
                um_per_px: float, refine_config: Any) -> SlideTile:
     """Label maps, H&E tile and refinement of grid tile ``i`` (runs in a worker thread)."""
     clock = _Clock()
@@ -362,14 +375,14 @@ def _tile_work(i: int, crop: np.ndarray, renderers: Mapping[str, Any], size_l0: 
     return out
 
 
-def unknown_background_ignored(renderers: Mapping[str, Any], i: int,
+def unknown_background_ignored(renderers: Mapping[str, TileLabels], i: int,
                                maps: dict[str, tuple[np.ndarray, ...]]) -> dict[str, tuple[np.ndarray, ...]]:
     """The ``"st"`` maps with every pixel that no nucleus covers and whose background is not known
     (:meth:`stlib.labels.masks.TileRenderer.unknown_background`: near the Xenium region's edge)
     set to ``ignore``; after the refinement, so that neither a rasterised nor a refined outline leaves
     background there. Unchanged without such an area."""
     r = renderers.get("st")
-    unknown = r.unknown_background(i) if r is not None and hasattr(r, "unknown_background") else None
+    unknown = r.unknown_background(i) if r is not None else None
     if unknown is None or "st" not in maps:
         return maps
     inst, typ, ign, cf = maps["st"]
@@ -378,7 +391,7 @@ def unknown_background_ignored(renderers: Mapping[str, Any], i: int,
     return {**maps, "st": (inst, typ, new_ign, cf)}
 
 
-def iter_slide_tiles(wsi: Any, renderers: Mapping[str, Any], *, size_l0: float, tile_px: int, um_per_px: float,
+def iter_slide_tiles(wsi: Any, renderers: Mapping[str, TileLabels], *, size_l0: float, tile_px: int, um_per_px: float,
                      refine_config: Any = None, workers: int | None = None,
                      timings: dict[str, float] | None = None) -> Iterator[SlideTile]:
     """Every tile of the renderers' grid, finished, in grid order.

@@ -1,5 +1,6 @@
 """Append the session-6 development rows (post-processing marker modes, flips at inference) to
 benchmarks/realtissue_recipe.csv. Inputs: the sweep CSVs of sweep.py and the train logs' JSON lines."""
+from scratch import WORK  # $STLIB_BENCH_WORK/realtissue_recipe_session6 (default runs/bench/...)
 import json, sys, glob, re
 import numpy as np, pandas as pd
 
@@ -10,7 +11,7 @@ for col, val in (("postproc_mode", "hv"), ("marker_h", np.nan), ("hv_weight", np
         old[col] = val
 old = old[~old["name"].astype(str).str.startswith("s6_")]
 meta = {}
-for log in glob.glob("/tmp/i10h/train_*.log"):
+for log in glob.glob(str(WORK / "train_*.log")):
     for line in open(log, errors="replace"):
         if line.startswith("{"):
             d = json.loads(line)

@@ -1,16 +1,17 @@
 """Cache NP/HV maps of dev images for a model (whole image at model resolution, reflect-padded)."""
+from scratch import WORK  # $STLIB_BENCH_WORK/realtissue_recipe_session6 (default runs/bench/...)
 import sys, pickle
 from pathlib import Path
 import numpy as np, torch
 from stlib import realtissue as rt
 from stlib.infer.engine import load_inference_model, predict_tiles
 
-D = "/tmp/i10h/data"
+D = str(WORK / "data")
 DEV = ["MONUSEG_CH-5767", "MONUSEG_G9-6362"]
 
 
 def dev_images():
-    p = Path("/tmp/i10h/dev_images.pkl")
+    p = WORK / "dev_images.pkl"
     if p.is_file():
         return pickle.load(open(p, "rb"))
     imgs = [rt.to_resolution(a, 0.25) for a in rt.load_test_images(D, DEV)]

@@ -2,7 +2,7 @@
 import sys
 from pathlib import Path
 import numpy as np, torch
-sys.path.insert(0, "/tmp/i10h")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cache.py, scratch.py
 from cache import dev_images
 from stlib.infer.engine import load_inference_model, predict_tiles
 

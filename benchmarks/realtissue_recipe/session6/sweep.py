@@ -2,7 +2,7 @@
 import sys, itertools, json, os
 from pathlib import Path
 import numpy as np, pandas as pd
-sys.path.insert(0, "/tmp/i10h")
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # cache.py, scratch.py
 from cache import dev_images
 from stlib.model.postproc import hovernet_postprocess
 from stlib.metrics import evaluate_pair

@@ -1,4 +1,5 @@
 """Dev split: train MoNuSeg Breast+Lung pair (150 steps, chapter recipe), cache models per seed/variant."""
+from scratch import WORK  # $STLIB_BENCH_WORK/realtissue_recipe_session6 (default runs/bench/...)
 import sys, time, os, json, resource
 from dataclasses import replace
 from pathlib import Path
@@ -7,7 +8,7 @@ from stlib import realtissue as rt
 from stlib.demo.realtissue import load_source_images, make_realtissue_cohort, source_sample_id
 from stlib.io.cohort import cohort_table
 
-D, R = "/tmp/i10h/data", "/tmp/i10h/run"
+D, R = str(WORK / "data"), str(WORK / "run")
 def main():
     name = sys.argv[1]
     seed = int(sys.argv[2])
