@@ -850,9 +850,7 @@ def bench_infer_main(argv: list[str]) -> int:
                     "note": "process CPU-seconds / wall-seconds over the run; well below the usable "
                             "cores means the machine was shared and timings are pessimistic"},
         "model": model_desc, "encoder": info.encoder, "batch": batch,
-        "precision": "bf16-autocast" if amp else "fp32",
-        "channels_last": bool(model.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last))
-        if hasattr(model, "encoder") else cuda, "tile_px": T,
+        "precision": "bf16-autocast" if amp else "fp32", "channels_last": cuda, "tile_px": T,
         "tiles_timed": n_tiles,
         "net_ms_per_tile": round(1e3 * net_s / n_tiles, 3),
         "net_includes": "host->device copy of uint8 tiles, forward, softmax, device->host copy",

@@ -128,28 +128,6 @@ def test_predict_tiles_shapes_and_batching():
         predict_tiles(model, imgs.astype(np.float32), device="cpu")
 
 
-def test_cpu_channels_last_inference_matches_the_default_layout(monkeypatch):
-    """On the CPU the network runs in channels_last (engine.CPU_CHANNELS_LAST, ~2x faster there): the
-    weights are converted, the outputs come back as C-contiguous arrays, and they equal the default
-    layout's up to float32 summation order; switched off, the model goes back to the default layout."""
-    from stlib.infer import engine
-    from stlib.model.net import build_model
-
-    torch.manual_seed(0)
-    model = build_model({"encoder": "small"})
-    imgs = np.random.default_rng(1).integers(0, 256, (2, 96, 96, 3), dtype=np.uint8)
-    monkeypatch.setattr(engine, "CPU_CHANNELS_LAST", True)
-    fast = predict_tiles(model, imgs, device="cpu", batch_size=2)
-    w = model.encoder.conv1.weight
-    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
-    assert all(v.flags["C_CONTIGUOUS"] for v in fast.values())
-    monkeypatch.setattr(engine, "CPU_CHANNELS_LAST", False)
-    plain = predict_tiles(model, imgs, device="cpu", batch_size=2)
-    assert model.encoder.conv1.weight.is_contiguous()
-    for k in plain:
-        np.testing.assert_allclose(fast[k], plain[k], rtol=0, atol=1e-5)
-
-
 def test_segment_tiles_oracle_and_workers():
     img, inst, classes = synthetic_slide(256, seed=1, background_fraction=0.0)
     tiles = np.stack([img[:128, :128], img[128:, 128:]])

@@ -19,7 +19,7 @@ Pipeline of :func:`infer_image`
    so a tile without background keeps all its tissue; near-black pixels excluded); tiles
    whose footprint holds no tissue are skipped.
 5. **Tiles** - overlapping ``tile_px`` tiles in model pixels (``overlap`` px shared);
-   the network runs in batches (bf16 autocast + channels_last on CUDA, fp32 channels_last on CPU) while
+   the network runs in batches (bf16 autocast + channels_last on CUDA, fp32 on CPU) while
    a thread pool (or, with ``postproc_processes=True``, a process pool: on a GPU the network
    outruns what GIL-bound threads can post-process) post-processes the previous batches
    (:func:`stlib.model.postproc.hovernet_postprocess`).

@@ -2,7 +2,7 @@
 
 :func:`load_inference_model` reads ``model.pt`` and its training resolution; :func:`predict_tiles`
 runs the network on a stack of tiles; :func:`run_pipeline` predicts batches (bf16 autocast +
-channels_last on CUDA, fp32 channels_last on CPU) while a thread pool (or, with ``processes=True``, a process
+channels_last on CUDA, fp32 on CPU) while a thread pool (or, with ``processes=True``, a process
 pool: on a GPU the network outruns what GIL-bound threads can post-process) post-processes the
 previous ones; :func:`segment_tiles` applies it to independent tiles. Slides (tiling, resolution,
 stitching) are :mod:`stlib.infer.slide`.
@@ -119,25 +119,12 @@ def as_model_info(model_or_path: Any, device: str, model_um_per_px: float | None
     return info
 
 
-#: run the network in channels_last memory layout on the CPU too (on CUDA always). On the CPU this
-#: halves the network's time: the demo's small network on 9 tiles of 512 px (one 1000 px real-tissue
-#: image), 2 threads, under load ~8 on the 2-core build machine: 7.6-8.1 s CPU in the default layout,
-#: 4.0-4.2 s in channels_last (benchmarks/realtissue_time.json). oneDNN then sums in another order:
-#: outputs differ by < 3e-6 (float32 logits), and chapter 07's held-out instance maps and scores were
-#: unchanged (the same check: benchmarks/realtissue_time.json, "inference_channels_last").
-CPU_CHANNELS_LAST = True
-
-
-def _channels_last(dev: torch.device) -> bool:
-    return dev.type == "cuda" or (dev.type == "cpu" and CPU_CHANNELS_LAST)
-
-
 def prepare_model(model: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
-    """``model`` in eval mode on ``dev`` (channels_last on CUDA and, :data:`CPU_CHANNELS_LAST`, the CPU),
-    ready for :func:`forward`."""
+    """``model`` in eval mode on ``dev`` (channels_last on CUDA), ready for :func:`forward`."""
     model.eval()
     model.to(dev)
-    model.to(memory_format=torch.channels_last if _channels_last(dev) else torch.contiguous_format)
+    if dev.type == "cuda":
+        model.to(memory_format=torch.channels_last)
     return model
 
 
@@ -148,14 +135,13 @@ def forward(model: torch.nn.Module, images: np.ndarray, dev: torch.device, amp: 
         if dev.type == "cuda":
             x = x.pin_memory().to(dev, non_blocking=True)
         x = to_input(x)  # uint8 travels, the float conversion happens on the device
-        if _channels_last(dev):
+        if dev.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bool(amp and dev.type == "cuda")):
             out = model(x)
-        # back to the default layout (C-contiguous numpy arrays for the post-processing)
-        np_prob = torch.softmax(out["np"].float(), dim=1)[:, 1].contiguous()
-        hv = out["hv"].float().contiguous()
-        tp = torch.softmax(out["nt"].float(), dim=1).contiguous()
+        np_prob = torch.softmax(out["np"].float(), dim=1)[:, 1]
+        hv = out["hv"].float()
+        tp = torch.softmax(out["nt"].float(), dim=1)
         return {"np_prob": np_prob.cpu().numpy(), "hv": hv.cpu().numpy(), "tp_prob": tp.cpu().numpy()}
 
 
