@@ -103,7 +103,7 @@ class TrainConfig:
     amp: bool = True
     channels_last: bool = True
     #: channels_last on the CPU too (``channels_last`` alone acts on CUDA only). The demo's small
-    #: network, batch 8 x 128 px crops, one thread: ~30% less CPU per step (benchmarks/realtissue_time.json).
+    #: network, batch 8 x 128 px crops, one thread: 25% less CPU per step (benchmarks/realtissue_time.json).
     #: oneDNN then sums in another order, so the weights differ from a default-layout run in the last
     #: bits after one step and, after many steps, as much as a rerun on another machine would: off by
     #: default, so existing results stay bit-for-bit reproducible.
