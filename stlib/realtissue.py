@@ -459,11 +459,14 @@ def score_images(methods: Mapping[str, Any], images: Sequence[Any], *, device: s
     ``source``, ``n_true`` and the metrics of :func:`stlib.metrics.evaluate_pair` (``dice``, ``aji``,
     ``pq``, ``bpq``, ``f_d``, ...); predictions per method when ``keep_predictions``.
     """
-    from stlib.infer import infer_image
+    from stlib.infer import infer_image, load_inference_model
     from stlib.metrics import evaluate_pair
 
     rows, preds = [], {}
     for name, m in methods.items():
+        from_file = isinstance(m, (str, Path)) and not (isinstance(m, str) and m == "classical")
+        if from_file:  # read the model file once, not once per image (the same weights and settings)
+            m = load_inference_model(m, device=device)
         for a in progress(list(images), desc=f"score {name}"):
             if isinstance(m, str) and m == "classical":
                 inst = _classical(a.image, a.um_per_px)
@@ -471,9 +474,8 @@ def score_images(methods: Mapping[str, Any], images: Sequence[Any], *, device: s
                 inst = m(a.image, a.um_per_px)
             else:
                 res = infer_image(m, a.image, um_per_px=a.um_per_px, device=device, workers=0,
-                                  tissue_detection=False, model_um_per_px=None if isinstance(m, (str, Path))
-                                  else model_um_per_px,
-                                  postproc_kwargs=None if isinstance(m, (str, Path)) else postproc)
+                                  tissue_detection=False, model_um_per_px=None if from_file else model_um_per_px,
+                                  postproc_kwargs=None if from_file else postproc)
                 inst = res.inst
             r = evaluate_pair(a.inst, inst, um_per_px=a.um_per_px)
             rows.append({"model": name, "image": a.name, "organ": a.organ, "source": a.source,

@@ -247,14 +247,22 @@ def test_budget_curve_keeps_snapshots_equal_to_shorter_runs(trained, tiny):
     assert set(summ["model"]) == {"ST-trained", "manual-trained"} and (summ["n_images"] == 1).all()
 
 
-def test_scores_through_infer_and_the_cli_check_agree(trained, tiny, tmp_path):
+def test_scores_through_infer_and_the_cli_check_agree(trained, tiny, tmp_path, monkeypatch):
+    """score_images reads each model file once (not once per image) and scores exactly as the
+    CLI check, which loads the file for every image."""
+    from stlib import infer
     from stlib import realtissue as rt
 
     run = trained["run"]
     tests = rt.load_test_images(tiny["data"], ["CONSEP_train_1", "CONSEP_train_2"])
     assert tests[0].type is not None and tests[0].n_nuclei == tiny["images"][2].n_nuclei
     methods = {"ST-trained": run / "models" / "st" / "model.pt", "classical": "classical"}
+    loads = []
+    real_load = infer.load_inference_model
+    monkeypatch.setattr(infer, "load_inference_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     per_image, preds = rt.score_images(methods, tests, device="cpu", keep_predictions=True)
+    monkeypatch.undo()
+    assert len(loads) == 1
     assert len(per_image) == 4 and {"bpq", "dice", "aji", "f_d"} <= set(per_image.columns)
     assert per_image.loc[per_image.model == "classical", "bpq"].min() > 0.3  # dark ellipses on pink
     check = rt.held_out_check({"ST-trained": run / "models" / "st" / "model.pt"}, tests, tmp_path / "check")

@@ -371,6 +371,31 @@ def test_resume_after_kill_is_exact(run_dir):
     assert again.resumed_from is None and again.final["loss"] == ref.final["loss"]
 
 
+def test_channels_last_cpu_option_trains_resumes_exactly_and_old_checkpoints_still_compare(run_dir):
+    """``channels_last_cpu``: the network trains in channels_last on the CPU (the same computation as
+    the default layout up to float32 summation order: close losses), resumes bit-exactly; a
+    checkpoint config written before the field existed compares as the default (off), not as on."""
+    from stlib.train.checkpoint import comparable_config
+    from stlib.train.data import training_data
+    from stlib.train.loop import DistInfo, _Run
+
+    cfg = tiny_config(run_dir, out_dir="models/cl", channels_last_cpu=True)
+    run = _Run.build(cfg, torch.device("cpu"), DistInfo(), training_data(cfg)[3], None, run_dir)
+    assert run.model.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    plain = train(tiny_config(run_dir, out_dir="models/cl-off"))
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, interrupt_after=4)
+    res = train(cfg)
+    full = train(cfg.replace(out_dir="models/cl-full"))
+    a = torch.load(run_dir / "models" / "cl" / "model.pt", weights_only=True)["state_dict"]
+    b = torch.load(run_dir / "models" / "cl-full" / "model.pt", weights_only=True)["state_dict"]
+    assert res.resumed_from == 3 and all(torch.equal(a[k], b[k]) for k in a)
+    np.testing.assert_allclose([r["loss"] for r in full.history], [r["loss"] for r in plain.history], rtol=1e-2)
+    old = {k: v for k, v in tiny_config(run_dir).to_dict().items() if k != "channels_last_cpu"}
+    assert comparable_config(old) == comparable_config(tiny_config(run_dir).to_dict())
+    assert comparable_config(old) != comparable_config(tiny_config(run_dir, channels_last_cpu=True).to_dict())
+
+
 def test_rebuilt_store_is_trained_again_not_skipped_or_resumed(tmp_path):
     run = tmp_path / "run"
     make_store(run / "tiles" / "st", seed=1)

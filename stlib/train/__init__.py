@@ -14,7 +14,8 @@ module each:
   HED stain jitter, Gaussian blur); HV targets are computed from the augmented instance map,
   so they always agree with the pixels;
 * :mod:`stlib.train.loop` - :func:`train`: bf16 autocast + channels_last on CUDA, the same code
-  in fp32 on CPU; optional ``torch.compile``; gradient clipping; cosine or step LR schedule;
+  in fp32 on CPU (in channels_last there with ``channels_last_cpu``); optional ``torch.compile``;
+  gradient clipping; cosine or step LR schedule;
   validates every ``val_every`` steps on the held-out tiles (``val`` split) of the training
   organs: losses, NP Dice, binary PQ (post-processing + :mod:`stlib.metrics`);
 * :mod:`stlib.train.checkpoint` - writes ``checkpoint.pt`` atomically every ``ckpt_every`` steps

@@ -21,7 +21,7 @@ import torch
 
 from stlib.constants import CLASS_NAMES
 from stlib.model.net import HoVerNet
-from stlib.train.config import RESUME_FREE_FIELDS, TrainConfig
+from stlib.train.config import ADDED_FIELD_DEFAULTS, RESUME_FREE_FIELDS, TrainConfig
 from stlib.train.data import BalancedSampler
 from stlib.utils import InputError, atomic_path, write_json
 
@@ -87,8 +87,9 @@ def stores_key(stores: Sequence[Path]) -> str | None:
 
 
 def comparable_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """A config dict without :data:`~stlib.train.config.RESUME_FREE_FIELDS` (what must match to resume)."""
-    return {k: v for k, v in cfg.items() if k not in RESUME_FREE_FIELDS}
+    """A config dict without :data:`~stlib.train.config.RESUME_FREE_FIELDS` (what must match to resume);
+    fields it lacks that were added later (:data:`~stlib.train.config.ADDED_FIELD_DEFAULTS`) at their defaults."""
+    return {k: v for k, v in {**ADDED_FIELD_DEFAULTS, **cfg}.items() if k not in RESUME_FREE_FIELDS}
 
 
 def write_metrics(out: Path, history: list[dict[str, Any]], extra: Mapping[str, Any]) -> None:

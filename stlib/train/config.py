@@ -22,6 +22,9 @@ OPTIMIZERS = ("adamw", "adam")
 HV_SOURCES = ("device", "masks")
 #: config fields that may change between a run and its resumption (they do not change the result)
 RESUME_FREE_FIELDS = frozenset({"device", "num_workers", "compile", "log_every", "run_dir"})
+#: fields added after checkpoints were written: a saved config without one compares at this value
+#: (:func:`stlib.train.checkpoint.comparable_config`), so older runs still resume or are skipped
+ADDED_FIELD_DEFAULTS: dict[str, object] = {"channels_last_cpu": False}
 
 
 #: the profile-level part of a run's defaults (encoder, steps, batch, LR schedule, validation, seed, ...)
@@ -99,6 +102,12 @@ class TrainConfig:
     # hardware
     amp: bool = True
     channels_last: bool = True
+    #: channels_last on the CPU too (``channels_last`` alone acts on CUDA only). The demo's small
+    #: network, batch 8 x 128 px crops, one thread: 25% less CPU per step (benchmarks/realtissue_time.json).
+    #: oneDNN then sums in another order, so the weights differ from a default-layout run in the last
+    #: bits after one step and, after many steps, as much as a rerun on another machine would: off by
+    #: default, so existing results stay bit-for-bit reproducible.
+    channels_last_cpu: bool = False
     compile: bool = _RECIPE.compile
     device: str = "auto"
     #: background threads reading batches from the store (0 = read in the training loop)

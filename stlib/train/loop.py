@@ -1,7 +1,8 @@
 """The training loop: :func:`train` (one entry point for a laptop CPU, one GPU and ``torchrun``
 DDP), the optimiser step, validation and the run's schedule.
 
-* bf16 autocast + channels_last on CUDA, the same code in fp32 on CPU; optional
+* bf16 autocast + channels_last on CUDA, the same code in fp32 on CPU (channels_last there with
+  ``channels_last_cpu``); optional
   ``torch.compile``; gradient clipping; cosine, step or constant LR schedule with warm-up;
 * each step augments on the device (:mod:`stlib.train.augment`) and computes HV targets from
   the augmented instance map (:func:`stlib.train.data.hv_from_inst`);
@@ -183,7 +184,7 @@ def _validate(model: HoVerNet, data: TileData, val_idx: np.ndarray, device: torc
 
 
 def _use_cl(config: TrainConfig, device: torch.device) -> bool:
-    return config.channels_last and device.type == "cuda"
+    return config.channels_last and (device.type == "cuda" or (device.type == "cpu" and config.channels_last_cpu))
 
 
 def train(config: TrainConfig, *, resume: str = "auto", interrupt_after: int | None = None) -> TrainResult:
