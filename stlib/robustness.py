@@ -109,7 +109,8 @@ def label_cohort(cfg: Any = None, seed: int = 0, *, samples: Sequence[str] | Non
     Returns
     -------
     One row per Xenium cell: ``sample``, ``organ``, ``disease_state``, ``cell_id``, ``true_class``,
-    ``true_type`` (generator type), ``pred_class``, ``pred_type``, ``confidence``.
+    ``true_type`` (generator type), ``pred_class``, ``pred_type``, ``confidence``, ``ignore_reason``
+    (:class:`stlib.labels.classes.IgnoreReason`, ``""`` for labelled cells), ``n_counts``.
     """
     from stlib.demo.config import ORGANS, cohort_samples, config_for_scale
     from stlib.demo.sample import simulate_sample
@@ -139,6 +140,8 @@ def label_cohort(cfg: Any = None, seed: int = 0, *, samples: Sequence[str] | Non
             "pred_class": ad.obs["class"].to_numpy().astype(int),
             "pred_type": ad.obs["fine_type"].astype(str).to_numpy(),
             "confidence": ad.obs["confidence"].to_numpy(float),
+            "ignore_reason": ad.obs["ignore_reason"].astype(str).to_numpy(),
+            "n_counts": ad.obs["n_counts"].to_numpy(float),
         }))
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 

@@ -61,6 +61,7 @@ class Key:
     CNV_SCORE = "cnv_score"  #: obs: inferred copy-number signal per cell (infercnvpy projection)
     CLASS = "class"  #: obs: image-oriented class id (stlib.constants), 255 = ignore
     CONFIDENCE = "confidence"  #: obs: confidence of class in [0, 1]
+    IGNORE_REASON = "ignore_reason"  #: obs: why a cell got class 255 ("" when it has a class)
     UNS = "stlib_labels"  #: uns: parameters, coverage and counts of the labelling run
 
 

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "FINE_TO_CLASS", "REFERENCE_TYPES", "CANDIDATE_TYPES", "Lineage", "is_tumor_sample", "load_gene_positions",
     "tumor_lineage", "lineage_table", "cnv_support", "cycling_cells", "NeoplasticConfig", "neoplastic_step", "dead_rule", "to_image_classes",
-    "label_cells",
+    "IgnoreReason", "label_cells",
 ]
 
 #: Fine type -> image class id (stlib.constants). Types not listed (and "unknown") -> IGNORE.
@@ -892,6 +892,20 @@ def _label_markers(genes: list[str], markers: Mapping[str, Sequence[str]] | None
     return mk
 
 
+class IgnoreReason:
+    """Values of ``obs["ignore_reason"]`` written by :func:`label_cells` (the first stage that left a
+    cell without a class; ``""`` for cells with a class)."""
+
+    QC = "qc"  #: fewer transcripts / genes than the QC minimum (:func:`~stlib.labels.celltypes.qc_filter`)
+    NO_TYPE = "no_type"  #: no fine type explains it (unknown / other outcome of the fine-type step)
+    NEOPLASTIC_AMBIGUOUS = "neoplastic_ambiguous"  #: the neoplastic step could not decide (or no lineage)
+    LOW_COUNT = "low_count"  #: in the sample's low-count tail (:func:`dead_rule`)
+    APOPTOSIS = "apoptosis"  #: apoptosis-enriched, a dying cell (:func:`dead_rule`)
+    NO_IMAGE_CLASS = "no_image_class"  #: a fine type without an image class (glia, neuron)
+    LOW_CONFIDENCE = "low_confidence"  #: class confidence below ``min_confidence``
+    ALL: tuple[str, ...] = (QC, NO_TYPE, NEOPLASTIC_AMBIGUOUS, LOW_COUNT, APOPTOSIS, NO_IMAGE_CLASS, LOW_CONFIDENCE)
+
+
 def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "marker", "cluster"] = LabelsConfig.labeler,
                 organ: str | None = None, disease_state: str | None = None,
                 oncotree_code: str | None = None, panel: str | None = None, seed: int = LabelsConfig.seed,
@@ -957,6 +971,7 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
     The AnnData with ``obs["qc_pass"]``, ``obs["score_*"]``, ``obs["leiden"]`` (not for "marker"),
     ``obs["fine_type"]``, ``obs["type_confidence"]``, ``obs["neoplastic_score"]``,
     ``obs["cnv_score"]`` (hierarchical), ``obs["class"]``, ``obs["confidence"]``,
+    ``obs["ignore_reason"]`` (:class:`IgnoreReason`, ``""`` for cells with a class),
     ``layers["counts"]``, ``layers["lognorm"]`` and ``uns["stlib_labels"]`` (parameters, marker
     coverage, class counts).
     """
@@ -983,15 +998,35 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
           "lineage_gate": lineage_gate(list(mk), FINE_TO_CLASS, INFLAMMATORY, (CONNECTIVE,), EPITHELIAL),
           **dict(fk.pop("annotate_kwargs", None) or {})}
     assign_fine_types(adata, mk, method=fine_method, annotate_kwargs=ak, **fk)
+    # why a cell ends up ignored: the first stage that takes its class away
+    reason = np.full(adata.n_obs, "", dtype=object)
+    fine0 = adata.obs[Key.FINE_TYPE].astype(str).to_numpy()
+    qc_ok = adata.obs[Key.QC_PASS].to_numpy(bool)
+    reason[(fine0 == UNKNOWN) & ~qc_ok] = IgnoreReason.QC
+    reason[(fine0 == UNKNOWN) & qc_ok] = IgnoreReason.NO_TYPE
     if method == "hierarchical":
         neoplastic_step(adata, disease_state=disease_state, oncotree_code=oncotree_code, organ=organ,
                         use_cnv=use_cnv, seed=seed, **dict(neoplastic_kwargs or {}))
+        amb = adata.obs[Key.NEOPLASTIC_CALL].astype(str).to_numpy() == "ambiguous"
+        reason[amb & (reason == "")] = IgnoreReason.NEOPLASTIC_AMBIGUOUS
     dead_mode = {True: "proxy", False: "off"}.get(dead, dead) if isinstance(dead, bool) else dead
     if dead_mode not in ("ignore", "proxy", "off"):
         raise ValueError(f"dead must be 'ignore', 'proxy' or 'off', got {dead!r}")
     if dead_mode != "off":
+        before = adata.obs[Key.FINE_TYPE].astype(str).to_numpy()
         dead_rule(adata, call_dead=dead_mode == "proxy", apoptosis_alpha=apoptosis_alpha)
+        now_unknown = (adata.obs[Key.FINE_TYPE].astype(str).to_numpy() == UNKNOWN) & (before != UNKNOWN)
+        low = adata.obs[Key.N_COUNTS].to_numpy(float) <= adata.uns[Key.UNS]["dead_rule"]["max_counts"]
+        reason[now_unknown & low & (reason == "")] = IgnoreReason.LOW_COUNT
+        reason[now_unknown & ~low & (reason == "")] = IgnoreReason.APOPTOSIS
     to_image_classes(adata, min_confidence=min_confidence)
+    cls = adata.obs[Key.CLASS].to_numpy()
+    fine1 = adata.obs[Key.FINE_TYPE].astype(str).to_numpy()
+    no_class = np.array([FINE_TO_CLASS.get(f, IGNORE) == IGNORE for f in fine1])
+    reason[(cls == IGNORE) & no_class & (reason == "")] = IgnoreReason.NO_IMAGE_CLASS
+    reason[(cls == IGNORE) & (reason == "")] = IgnoreReason.LOW_CONFIDENCE
+    reason[cls != IGNORE] = ""
+    adata.obs[Key.IGNORE_REASON] = pd.Categorical(reason.astype(str), categories=["", *IgnoreReason.ALL])
     from stlib.labels.celltypes import marker_coverage
 
     cov = marker_coverage(genes, organ=organ, markers=None)
