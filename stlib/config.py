@@ -226,6 +226,10 @@ class LabelsConfig:
         "ignore", "ignore: no cell is called Dead (for ST training); proxy: low count + apoptosis genes (unvalidated)")
     apoptosis_alpha: float | None = _opt(0.01, "cells with more apoptosis-gene transcripts than their library explains "
                                                "(one-sided Poisson test, p below this) are ignored; none = off")
+    #: the fifth freeze (issue 12) dropped the fixed 5 % low-count tail of the ignore mode: chosen on
+    #: development cohorts, where those cells were labelled nearly as well as the rest
+    low_count_quantile: float | None = _opt(None, "cells in this low tail of the sample's transcript counts are ignored "
+                                                  "(dead_rule; none = only the min_counts QC)")
     neoplastic: NeoplasticConfig = _sub(NeoplasticConfig, "the hierarchical labeler's neoplastic step "
                                                           "(its seed and use_cnv come from the labels)")
 

@@ -577,7 +577,8 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
                       owned: float = 0.5, min_owned_markers: int = 2, min_ownership: float = 0.3,
                       min_range: float = 2.0, groups: Mapping[str, Any] | None = None,
                       lineage_gate: Mapping[str, Any] | None = None, gate_own_markers: int = 3,
-                      dominance: float = 2.5, lineage_ownership: float = 0.2) -> pd.DataFrame:
+                      dominance: float = 2.5, lineage_ownership: float = 0.2,
+                      rival_home: float | None = 0.75) -> pd.DataFrame:
     r"""Cell type of each Leiden cluster from how much of each type's marker set it *owns*.
 
     For every gene, the cluster means of the log-normalised expression are put on a 0-1 scale
@@ -616,6 +617,13 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
     tumour that lost most of its differentiation markers, or acinar cells on a panel without acinar
     markers; the lineage genes say what it is. Types the gate blocks rank below every other type.
 
+    ``rival_home``: a qualifying type of another class is no rival when the sample has a cluster
+    it takes without a conflict (its home) and it owns at most ``rival_home`` times its home
+    ownership here: its markers are then shared with this cluster's type (the specific markers of
+    one type expressed, at lower strength, by another, e.g. the smooth-muscle genes of keratinocytes
+    beside the smooth-muscle cells themselves), not a second population inside it. ``None`` = off
+    (the fourth freeze). 0.75 was chosen on the development cohorts (issue 12's fifth freeze).
+
     ``dominance``: a cluster owning qualifying marker sets of two image classes stays unknown
     (the markers cannot tell) unless its best type owns at least ``owned`` on average and
     ``dominance`` times as many markers as every qualifying type of another class (keratinocytes,
@@ -649,19 +657,34 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
     def qualifying_other(ev: Mapping[str, tuple[float, int]], best: str, qual: Any) -> bool:
         return any(qual(u) for u in ev if u != best and (groups or {}).get(u, u) != (groups or {}).get(best, best))
 
-    rows = []
-    for c in range(n_cl):
+    def evidence(c: int) -> tuple[dict[str, tuple[float, int]], set[str], list[str], list[str]]:
+        """Ownership and owned markers per type, gated types, types by rank, rivals of another class."""
         ev = {t: (float(scaled[c, i].mean()), int((scaled[c, i] >= owned).sum())) for t, i in idx.items()}
         strong = {t for t, v in ev.items() if v[1] >= gate_own_markers}
         blocked_t = _gate_blocks(pan_imm[c], pan_epi[c], gated_types, exempt | strong, min_ownership, owned, stromal)
         if blocked_t:
             ev = {t: (v if t not in blocked_t else (min(v[0], min_ownership - 1e-9), 0)) for t, v in ev.items()}
+        q = lambda t: ev[t][0] >= min_ownership and ev[t][1] >= min_owned_markers  # noqa: E731
+        order = sorted(ev, key=lambda t: (-q(t), t in blocked_t, -ev[t][0], -ev[t][1]))
+        rivals = ([u for u in order[1:] if q(u) and groups is not None and groups.get(u) != groups.get(order[0])]
+                  if order else [])
+        return ev, blocked_t, order, rivals
+
+    per_cluster = [evidence(c) for c in range(n_cl)]
+    # a type's home: the highest ownership of a cluster that it takes without a rival of another class
+    home: dict[str, float] = {}
+    for ev, _, order, rivals in per_cluster:
+        if order and not rivals and ev[order[0]][0] >= min_ownership and ev[order[0]][1] >= min_owned_markers:
+            home[order[0]] = max(home.get(order[0], -np.inf), ev[order[0]][0])
+    rows = []
+    for c in range(n_cl):
+        ev, blocked_t, order, rivals = per_cluster[c]
         qual = lambda t: ev[t][0] >= min_ownership and ev[t][1] >= min_owned_markers  # noqa: E731
-        order = sorted(ev, key=lambda t: (-qual(t), t in blocked_t, -ev[t][0], -ev[t][1]))
         best = order[0] if order else UNKNOWN
         second = order[1] if len(order) > 1 else None
         ok = bool(order) and qual(best)
-        rivals = [u for u in order[1:] if qual(u) and groups is not None and groups.get(u) != groups.get(best)]
+        if rival_home is not None:  # a rival that owns another cluster clearly more is that cluster's type
+            rivals = [u for u in rivals if not ev[u][0] <= rival_home * home.get(u, -np.inf)]
         if ok and rivals and not (ev[best][0] >= owned and all(ev[best][1] >= dominance * ev[u][1] for u in rivals)):
             ok = False  # markers of two classes at full strength: the markers cannot tell
         # simple-epithelium expression, nothing of another class qualifying: the lineage names the type
