@@ -340,3 +340,33 @@ def test_ignore_reason_names_the_stage_that_left_a_cell_without_a_class():
     assert ((r == "") == (cls != 255)).all()  # every ignored cell has a reason, no labelled one has
     assert set(r) - {""} <= set(cl.IgnoreReason.ALL)
     assert (r[ad.obs["n_counts"].to_numpy() < 10] == "qc").all()
+
+
+def test_low_count_cells_lose_their_class_only_as_outliers_or_with_the_proxy_signal():
+    """Ignore mode, low_counts="outlier": of the 5 % low-count tail only the cells with the Dead proxy's
+    apoptosis transcripts lose their type, plus the sample's low-count outliers (a fixed quantile
+    would drop 5 % of every sample); "all" keeps the fourth freeze's whole tail."""
+    rng = np.random.default_rng(1)
+    n = 1000
+    n_counts = np.round(120 * np.exp(rng.normal(0, 0.45, n)))
+    n_counts[:10] = 12  # too little RNA for the sample: far below its depth
+    genes = ["BCL2L11", "FAS", "G0"]
+    x = np.zeros((n, 3), np.float32)
+    x[:, 2] = n_counts
+    tail = np.argsort(n_counts)[10:50]  # low-count cells, not outliers
+    x[tail[:5], 0] = 8  # ... five with the proxy's apoptosis transcripts (>= 10 % of their counts)
+    x[tail[:5], 2] -= 8
+    ad = AnnData(sp.csr_matrix(x), var=pd.DataFrame(index=genes))
+    ad.obs_names = [f"c{i}" for i in range(n)]
+    ad.obs["n_counts"] = x.sum(axis=1)
+    out = cl.low_count_outliers(ad.obs["n_counts"].to_numpy(), cl.LOW_COUNT_MADS)
+    assert out[:10].all() and out[10:].sum() <= 2
+    modes = {}
+    for name, kw in {"outlier": {"ignore_low": False, "low_mads": cl.LOW_COUNT_MADS}, "all": {}}.items():
+        b = ad.copy()
+        b.obs["fine_type"] = pd.Categorical(["epithelial"] * n)
+        cl.dead_rule(b, call_dead=False, apoptosis_alpha=None, **kw)
+        modes[name] = b.obs["fine_type"].astype(str).to_numpy() == ct.UNKNOWN
+    assert modes["outlier"][:10].all() and modes["outlier"][tail[:5]].all()
+    assert not modes["outlier"][tail[5:]].any()  # the tail's other cells keep their type
+    assert modes["all"][tail].all() and modes["all"].sum() >= 0.05 * n

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "FINE_TO_CLASS", "REFERENCE_TYPES", "CANDIDATE_TYPES", "Lineage", "is_tumor_sample", "load_gene_positions",
     "tumor_lineage", "lineage_table", "cnv_support", "cycling_cells", "NeoplasticConfig", "neoplastic_step", "dead_rule", "to_image_classes",
-    "IgnoreReason", "label_cells",
+    "IgnoreReason", "LOW_COUNT_MADS", "low_count_outliers", "label_cells",
 ]
 
 #: Fine type -> image class id (stlib.constants). Types not listed (and "unknown") -> IGNORE.
@@ -738,15 +738,11 @@ def _split_candidates(adata: AnnData, fine: np.ndarray, cand: np.ndarray, call: 
     log.info("neoplastic_step: %s; calls %s", info["reason"], pd.Series(c).value_counts().to_dict())
 
 
-#: low-count tail of the Dead proxy (dead="proxy"): the 5 % of a sample's cells with the fewest transcripts
-_DEAD_LOW_QUANTILE = 0.05
-
-
-def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: float | None = _DEAD_LOW_QUANTILE,
+def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: float | None = 0.05,
               min_apoptosis_counts: int = 2, min_apoptosis_fraction: float = 0.1, call_dead: bool = True,
               apoptosis_alpha: float | None = LabelsConfig.apoptosis_alpha,
               apoptosis_genes: Sequence[str] | None = None, fine_key: str = Key.FINE_TYPE,
-              copy: bool = False) -> AnnData | None:
+              ignore_low: bool = True, low_mads: float | None = None, copy: bool = False) -> AnnData | None:
     """A PROXY for dead / dying cells: low transcript count plus detected apoptosis genes.
 
     Expression cannot really see dead cells (pyknotic nuclei have little RNA and Xenium panels
@@ -767,7 +763,9 @@ def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: 
       holds with ``call_dead=False``.
 
     ``call_dead=False`` (the default of :func:`label_cells`: Dead is *ignore* for ST training)
-    makes every low-count cell ``"unknown"`` and calls no cell dead. Two apoptosis transcripts
+    calls no cell dead: the cells the proxy would call dead become ``"unknown"``, and so does every
+    other low-count cell with ``ignore_low=True`` (with ``False`` they keep their type), and with
+    ``low_mads`` every low-count outlier (:func:`low_count_outliers`). Two apoptosis transcripts
     are required by default: with one, any low-count cell with a stray FAS read became Dead.
 
     On panels without any apoptosis gene (hBreast, hColon, hSkin) no cell is called dead and the
@@ -794,6 +792,10 @@ def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: 
     apo = _row_sums(x[:, idx]) if idx.size else np.zeros(adata.n_obs)
     low = n_counts <= thr
     dead = low & (apo >= min_apoptosis_counts) & (apo >= min_apoptosis_fraction * np.maximum(n_counts, 1))
+    if not ignore_low:  # only the low-count cells the proxy would call dead lose their type ...
+        low = low & dead
+    if low_mads is not None:  # ... and the low-count outliers of the sample (too little RNA to type)
+        low = low | low_count_outliers(n_counts, low_mads)
     if not call_dead:
         dead[:] = False
     dying = _apoptosis_enriched(apo, n_counts, min_counts=min_apoptosis_counts, alpha=apoptosis_alpha)
@@ -818,6 +820,21 @@ def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: 
     log.info("dead_rule (proxy): %d low-count cells (n_counts <= %.1f), %d called dead; wrote obs[%r], "
              "updated obs[%r]", int(low.sum()), thr, int(dead.sum()), Key.APOPTOSIS_COUNTS, fine_key)
     return adata if copy else None
+
+
+def low_count_outliers(n_counts: np.ndarray, n_mads: float) -> np.ndarray:
+    """Cells whose log transcript count lies more than ``n_mads`` median absolute deviations below the
+    sample's median (the usual single-cell QC outlier rule, on ``log1p`` counts, unscaled MAD).
+
+    Relative to the sample's own depth, unlike a fixed quantile, which drops the same share of every
+    sample whatever its evidence.
+    """
+    from scipy.stats import median_abs_deviation
+
+    lc = np.log1p(np.asarray(n_counts, dtype=np.float64))
+    if lc.size == 0:
+        return np.zeros(0, dtype=bool)
+    return lc < np.median(lc) - n_mads * float(median_abs_deviation(lc))
 
 
 def _apoptosis_enriched(apo: np.ndarray, n_counts: np.ndarray, *, min_counts: int, alpha: float | None) -> np.ndarray:
@@ -897,6 +914,12 @@ def _label_markers(genes: list[str], markers: Mapping[str, Sequence[str]] | None
     return mk
 
 
+#: low-count outliers (``low_counts="outlier"``): more than this many MADs of log1p counts below the
+#: sample's median; 5 is the permissive single-cell QC default (it keeps 99.9 % of a log-normal
+#: population), not tuned here
+LOW_COUNT_MADS: float = 5.0
+
+
 class IgnoreReason:
     """Values of ``obs["ignore_reason"]`` written by :func:`label_cells` (the first stage that left a
     cell without a class; ``""`` for cells with a class)."""
@@ -905,7 +928,7 @@ class IgnoreReason:
     NO_TYPE = "no_type"  #: no fine type explains it (unknown / other outcome of the fine-type step)
     CONFLICT = "conflict"  #: unknown, its cluster owns marker sets of two image classes (the markers cannot tell)
     NEOPLASTIC_AMBIGUOUS = "neoplastic_ambiguous"  #: the neoplastic step could not decide (or no lineage)
-    LOW_COUNT = "low_count"  #: in the sample's low-count tail (:func:`dead_rule`)
+    LOW_COUNT = "low_count"  #: a low-count outlier, or in the low-count tail with the Dead proxy's signal (dead_rule)
     APOPTOSIS = "apoptosis"  #: apoptosis-enriched, a dying cell (:func:`dead_rule`)
     NO_IMAGE_CLASS = "no_image_class"  #: a fine type without an image class (glia, neuron)
     LOW_CONFIDENCE = "low_confidence"  #: class confidence below ``min_confidence``
@@ -921,7 +944,7 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
                 neighbors_method: Literal["umap", "gauss"] = LabelsConfig.neighbors_method, min_markers: int = 2,
                 use_cnv: bool = NeoplasticConfig.use_cnv, dead: Literal["ignore", "proxy", "off"] | bool = LabelsConfig.dead,
                 apoptosis_alpha: float | None = LabelsConfig.apoptosis_alpha,
-                low_count_quantile: float | None = LabelsConfig.low_count_quantile,
+                low_counts: Literal["all", "proxy", "outlier"] = LabelsConfig.low_counts,
                 markers: Mapping[str, Sequence[str]] | None = None,
                 neoplastic_kwargs: Mapping | None = None, fine_kwargs: Mapping | None = None,
                 copy: bool = False) -> AnnData:
@@ -957,16 +980,18 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
     use_cnv
         Allow the copy-number signal (it still needs a panel that supports it, :func:`cnv_support`).
     dead
-        ``"ignore"`` (default: Dead is ignore for ST training, no cell is called Dead; the cells of the
-        ``low_count_quantile`` tail become unknown), ``"proxy"`` (opt-in: :func:`dead_rule`'s low-count
-        + apoptosis-gene proxy calls Dead, with its 5 % low-count tail) or ``"off"`` (no low-count rule,
-        no apoptosis test). ``True`` / ``False`` mean proxy / off.
-    low_count_quantile
-        With ``dead="ignore"``: cells at or below this quantile of the sample's transcript counts get
-        no class (``None``, the default since the fifth freeze: none; cells under ``min_counts`` fail
-        QC all the same). A fixed quantile ignored 5 % of every sample whatever its depth, and on the
-        development cohorts those cells were labelled nearly as well as the rest (0.85-0.89 against
-        0.91 class accuracy).
+        ``"ignore"`` (default: Dead is ignore for ST training, no cell is called Dead; the cells the
+        proxy would call Dead become unknown, see ``low_counts``), ``"proxy"`` (opt-in:
+        :func:`dead_rule`'s low-count + apoptosis-gene proxy calls Dead) or ``"off"`` (no low-count
+        rule, no apoptosis test). ``True`` / ``False`` mean proxy / off.
+    low_counts
+        With ``dead="ignore"``, the low-count cells that get no class: ``"outlier"`` (default since the
+        fifth freeze) those the Dead proxy would call Dead (a few apoptosis transcripts in the 5 %
+        low-count tail) and the sample's low-count outliers (:func:`low_count_outliers`, more than
+        :data:`LOW_COUNT_MADS` MADs below the median log count); ``"proxy"`` only the former;
+        ``"all"`` every cell of the 5 % tail (the fourth freeze: 5 % of every sample whatever its
+        evidence; on the development cohorts those cells were labelled nearly as well as the rest,
+        0.85-0.89 against 0.91 class accuracy). Cells under ``min_counts`` fail QC in every mode.
     apoptosis_alpha
         :func:`dead_rule`'s test for apoptosis-enriched cells (ignored; ``None`` = off; default of
         :attr:`stlib.config.LabelsConfig.apoptosis_alpha`).
@@ -1036,9 +1061,11 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
         raise ValueError(f"dead must be 'ignore', 'proxy' or 'off', got {dead!r}")
     if dead_mode != "off":
         before = adata.obs[Key.FINE_TYPE].astype(str).to_numpy()
-        # the Dead proxy needs its low-count tail; in ignore mode the tail is low_count_quantile
+        if low_counts not in ("all", "proxy", "outlier"):
+            raise ValueError(f"low_counts must be 'all', 'proxy' or 'outlier', got {low_counts!r}")
         dead_rule(adata, call_dead=dead_mode == "proxy", apoptosis_alpha=apoptosis_alpha,
-                  low_quantile=low_count_quantile if dead_mode == "ignore" else _DEAD_LOW_QUANTILE)
+                  ignore_low=dead_mode == "proxy" or low_counts == "all",
+                  low_mads=LOW_COUNT_MADS if dead_mode == "ignore" and low_counts == "outlier" else None)
         now_unknown = (adata.obs[Key.FINE_TYPE].astype(str).to_numpy() == UNKNOWN) & (before != UNKNOWN)
         thr = adata.uns[Key.UNS]["dead_rule"]["max_counts"]
         low = adata.obs[Key.N_COUNTS].to_numpy(float) <= (-np.inf if thr is None else thr)

@@ -209,7 +209,7 @@ def _label(s, res, cfg: LabelsConfig):
                 oncotree_code=s.oncotree_code, seed=cfg.seed, min_counts=cfg.min_counts,
                 min_confidence=cfg.min_confidence, resolution=cfg.leiden_resolution,
                 neighbors_method=cfg.neighbors_method, dead=cfg.dead, apoptosis_alpha=cfg.apoptosis_alpha,
-                low_count_quantile=cfg.low_count_quantile,
+                low_counts=cfg.low_counts,
                 neoplastic_kwargs={"config": cfg.neoplastic})
     nuc = s.nuclei()
     nuc = nuc[~nuc.index.duplicated()]
