@@ -232,7 +232,7 @@ class LabelsConfig:
     #: nearly as well as the rest
     low_counts: Literal["all", "proxy", "outlier"] = _opt(
         "outlier", "with dead=ignore, low-count cells without a class: outlier (the Dead proxy's cells and "
-                   "cells 5 MADs below the median log count) | proxy (the former only) | all (the 5 % tail)")
+                   "cells 5 MADs below the median log count) | proxy (the former only) | all (the 5 percent tail)")
     neoplastic: NeoplasticConfig = _sub(NeoplasticConfig, "the hierarchical labeler's neoplastic step "
                                                           "(its seed and use_cnv come from the labels)")
 
