@@ -44,7 +44,8 @@ __all__ = ["DEV_SEEDS", "SEEN_SEEDS", "EVAL_SEEDS", "KNOB_GRID", "label_cohort",
 #: winning a two-class conflict) were chosen on 101-120 again; so were the tiles' region_border_um
 #: (tile check on 101-118, the failure reproduced on 117; :func:`region_border_grid` on 104-118).
 #: 121-220 were added for the fifth freeze (issue 12: the ignored share's tail; the rival's home in a
-#: two-class conflict, no fixed low-count tail), chosen on 101-107, 121-130 and 161-167
+#: two-class conflict, low-count outliers instead of a fixed tail): the reasons for ignoring were
+#: read on 101-107 and 161-167, the freeze checked on 101-107 and 161-163 (and the easy preset on 101)
 DEV_SEEDS: tuple[int, ...] = tuple(range(101, 221))
 #: evaluation seeds of earlier benchmarks whose results were read and led to a new freeze, so they
 #: are no longer unseen: never report them as an evaluation again. 1000-1019: the first freeze's

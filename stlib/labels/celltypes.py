@@ -617,12 +617,10 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
     tumour that lost most of its differentiation markers, or acinar cells on a panel without acinar
     markers; the lineage genes say what it is. Types the gate blocks rank below every other type.
 
-    ``rival_home``: a qualifying type of another class is no rival when the sample has a cluster
-    it takes without a conflict (its home) and it owns at most ``rival_home`` times its home
-    ownership here: its markers are then shared with this cluster's type (the specific markers of
-    one type expressed, at lower strength, by another, e.g. the smooth-muscle genes of keratinocytes
-    beside the smooth-muscle cells themselves), not a second population inside it. ``None`` = off
-    (the fourth freeze). 0.75 was chosen on the development cohorts (issue 12's fifth freeze).
+    ``rival_home``: a qualifying type of another class is no rival when the sample has a cluster it
+    takes without a conflict (its home) and it owns at most ``rival_home`` times its home ownership
+    here: its markers are shared with this cluster's type (keratinocytes expressing the genes of the
+    smooth-muscle cells beside them), not a second population. ``None`` = off (fourth freeze).
 
     ``dominance``: a cluster owning qualifying marker sets of two image classes stays unknown
     (the markers cannot tell) unless its best type owns at least ``owned`` on average and
@@ -657,25 +655,9 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
     def qualifying_other(ev: Mapping[str, tuple[float, int]], best: str, qual: Any) -> bool:
         return any(qual(u) for u in ev if u != best and (groups or {}).get(u, u) != (groups or {}).get(best, best))
 
-    def evidence(c: int) -> tuple[dict[str, tuple[float, int]], set[str], list[str], list[str]]:
-        """Ownership and owned markers per type, gated types, types by rank, rivals of another class."""
-        ev = {t: (float(scaled[c, i].mean()), int((scaled[c, i] >= owned).sum())) for t, i in idx.items()}
-        strong = {t for t, v in ev.items() if v[1] >= gate_own_markers}
-        blocked_t = _gate_blocks(pan_imm[c], pan_epi[c], gated_types, exempt | strong, min_ownership, owned, stromal)
-        if blocked_t:
-            ev = {t: (v if t not in blocked_t else (min(v[0], min_ownership - 1e-9), 0)) for t, v in ev.items()}
-        q = lambda t: ev[t][0] >= min_ownership and ev[t][1] >= min_owned_markers  # noqa: E731
-        order = sorted(ev, key=lambda t: (-q(t), t in blocked_t, -ev[t][0], -ev[t][1]))
-        rivals = ([u for u in order[1:] if q(u) and groups is not None and groups.get(u) != groups.get(order[0])]
-                  if order else [])
-        return ev, blocked_t, order, rivals
-
-    per_cluster = [evidence(c) for c in range(n_cl)]
-    # a type's home: the highest ownership of a cluster that it takes without a rival of another class
-    home: dict[str, float] = {}
-    for ev, _, order, rivals in per_cluster:
-        if order and not rivals and ev[order[0]][0] >= min_ownership and ev[order[0]][1] >= min_owned_markers:
-            home[order[0]] = max(home.get(order[0], -np.inf), ev[order[0]][0])
+    gate = (pan_imm, pan_epi, gated_types, exempt, stromal)
+    per_cluster, home = _cluster_evidence(scaled, idx, gate, groups, owned=owned, min_ownership=min_ownership,
+                                          min_owned_markers=min_owned_markers, gate_own_markers=gate_own_markers)
     rows = []
     for c in range(n_cl):
         ev, blocked_t, order, rivals = per_cluster[c]
@@ -710,6 +692,32 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
                      "pan_immune": pan_imm[c], "pan_epithelial": pan_epi[c],
                      "gated": ",".join(t for t in idx if t in blocked_t)})
     return pd.DataFrame(rows)
+
+
+def _cluster_evidence(scaled: np.ndarray, idx: Mapping[str, np.ndarray], gate: tuple, groups: Mapping[str, Any] | None,
+                      *, owned: float, min_ownership: float, min_owned_markers: int,
+                      gate_own_markers: int) -> tuple[list[tuple], dict[str, float]]:
+    """Per cluster of :func:`annotate_clusters`: ownership and owned markers per type, the types the lineage
+    gate blocks, the types by rank and the qualifying rivals of another class than the first; and each
+    type's home ownership (the highest of a cluster it takes without a rival of another class)."""
+    pan_imm, pan_epi, gated_types, exempt, stromal = gate
+    per_cluster = []
+    for c in range(scaled.shape[0]):
+        ev = {t: (float(scaled[c, i].mean()), int((scaled[c, i] >= owned).sum())) for t, i in idx.items()}
+        strong = {t for t, v in ev.items() if v[1] >= gate_own_markers}
+        blocked_t = _gate_blocks(pan_imm[c], pan_epi[c], gated_types, exempt | strong, min_ownership, owned, stromal)
+        if blocked_t:
+            ev = {t: (v if t not in blocked_t else (min(v[0], min_ownership - 1e-9), 0)) for t, v in ev.items()}
+        q = lambda t: ev[t][0] >= min_ownership and ev[t][1] >= min_owned_markers  # noqa: E731
+        order = sorted(ev, key=lambda t: (-q(t), t in blocked_t, -ev[t][0], -ev[t][1]))
+        rivals = ([u for u in order[1:] if q(u) and groups is not None and groups.get(u) != groups.get(order[0])]
+                  if order else [])
+        per_cluster.append((ev, blocked_t, order, rivals))
+    home: dict[str, float] = {}
+    for ev, _, order, rivals in per_cluster:
+        if order and not rivals and ev[order[0]][0] >= min_ownership and ev[order[0]][1] >= min_owned_markers:
+            home[order[0]] = max(home.get(order[0], -np.inf), ev[order[0]][0])
+    return per_cluster, home
 
 
 def _scaled_cluster_means(adata: AnnData, cluster_key: str, layer: str, background_quantile: float,

@@ -935,6 +935,57 @@ class IgnoreReason:
     ALL: tuple[str, ...] = (QC, NO_TYPE, CONFLICT, NEOPLASTIC_AMBIGUOUS, LOW_COUNT, APOPTOSIS, NO_IMAGE_CLASS, LOW_CONFIDENCE)
 
 
+def _fine_type_reasons(adata: AnnData, mk: Mapping[str, Sequence[str]]) -> np.ndarray:
+    """Ignore reasons after the fine-type step: QC failures, clusters owning marker sets of two
+    classes (conflict) and the other cells without a type (no type)."""
+    reason = np.full(adata.n_obs, "", dtype=object)
+    unknown = adata.obs[Key.FINE_TYPE].astype(str).to_numpy() == UNKNOWN
+    qc_ok = adata.obs[Key.QC_PASS].to_numpy(bool)
+    reason[unknown & ~qc_ok] = IgnoreReason.QC
+    reason[unknown & qc_ok] = IgnoreReason.NO_TYPE
+    ann = adata.uns.get(Key.UNS, {}).get("annotate_clusters")
+    if ann is not None and Key.CLUSTER in adata.obs:
+        ann = pd.DataFrame(ann)
+        groups = {t: FINE_TO_CLASS.get(t, IGNORE) for t in mk}
+        two = [c for c, q in zip(ann["cluster"].astype(str), ann["qualifying"].astype(str))
+               if len({groups.get(t) for t in q.split(",") if t}) > 1]
+        conflict = adata.obs[Key.CLUSTER].astype(str).isin(two).to_numpy()
+        reason[unknown & qc_ok & conflict] = IgnoreReason.CONFLICT
+    return reason
+
+
+def _dead_step(adata: AnnData, reason: np.ndarray, *, dead: str | bool, low_counts: str,
+               apoptosis_alpha: float | None) -> None:
+    """:func:`dead_rule` as ``label_cells`` runs it (``dead`` / ``low_counts`` modes); updates ``reason``."""
+    dead_mode = {True: "proxy", False: "off"}.get(dead, dead) if isinstance(dead, bool) else dead
+    if dead_mode not in ("ignore", "proxy", "off"):
+        raise ValueError(f"dead must be 'ignore', 'proxy' or 'off', got {dead!r}")
+    if dead_mode == "off":
+        return
+    if low_counts not in ("all", "proxy", "outlier"):
+        raise ValueError(f"low_counts must be 'all', 'proxy' or 'outlier', got {low_counts!r}")
+    before = adata.obs[Key.FINE_TYPE].astype(str).to_numpy()
+    dead_rule(adata, call_dead=dead_mode == "proxy", apoptosis_alpha=apoptosis_alpha,
+              ignore_low=dead_mode == "proxy" or low_counts == "all",
+              low_mads=LOW_COUNT_MADS if dead_mode == "ignore" and low_counts == "outlier" else None)
+    now_unknown = (adata.obs[Key.FINE_TYPE].astype(str).to_numpy() == UNKNOWN) & (before != UNKNOWN)
+    thr = adata.uns[Key.UNS]["dead_rule"]["max_counts"]
+    low = adata.obs[Key.N_COUNTS].to_numpy(float) <= (-np.inf if thr is None else thr)
+    reason[now_unknown & low & (reason == "")] = IgnoreReason.LOW_COUNT
+    reason[now_unknown & ~low & (reason == "")] = IgnoreReason.APOPTOSIS
+
+
+def _write_ignore_reasons(adata: AnnData, reason: np.ndarray) -> None:
+    """The last reasons (no image class, low confidence) and ``obs["ignore_reason"]``."""
+    cls = adata.obs[Key.CLASS].to_numpy()
+    fine = adata.obs[Key.FINE_TYPE].astype(str).to_numpy()
+    no_class = np.array([FINE_TO_CLASS.get(f, IGNORE) == IGNORE for f in fine])
+    reason[(cls == IGNORE) & no_class & (reason == "")] = IgnoreReason.NO_IMAGE_CLASS
+    reason[(cls == IGNORE) & (reason == "")] = IgnoreReason.LOW_CONFIDENCE
+    reason[cls != IGNORE] = ""
+    adata.obs[Key.IGNORE_REASON] = pd.Categorical(reason.astype(str), categories=["", *IgnoreReason.ALL])
+
+
 def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "marker", "cluster"] = LabelsConfig.labeler,
                 organ: str | None = None, disease_state: str | None = None,
                 oncotree_code: str | None = None, panel: str | None = None, seed: int = LabelsConfig.seed,
@@ -980,18 +1031,13 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
     use_cnv
         Allow the copy-number signal (it still needs a panel that supports it, :func:`cnv_support`).
     dead
-        ``"ignore"`` (default: Dead is ignore for ST training, no cell is called Dead; the cells the
-        proxy would call Dead become unknown, see ``low_counts``), ``"proxy"`` (opt-in:
-        :func:`dead_rule`'s low-count + apoptosis-gene proxy calls Dead) or ``"off"`` (no low-count
+        ``"ignore"`` (default: no cell is called Dead, see ``low_counts``), ``"proxy"`` (opt-in: the
+        low-count + apoptosis-gene proxy of :func:`dead_rule` calls Dead) or ``"off"`` (no low-count
         rule, no apoptosis test). ``True`` / ``False`` mean proxy / off.
     low_counts
-        With ``dead="ignore"``, the low-count cells that get no class: ``"outlier"`` (default since the
-        fifth freeze) those the Dead proxy would call Dead (a few apoptosis transcripts in the 5 %
-        low-count tail) and the sample's low-count outliers (:func:`low_count_outliers`, more than
-        :data:`LOW_COUNT_MADS` MADs below the median log count); ``"proxy"`` only the former;
-        ``"all"`` every cell of the 5 % tail (the fourth freeze: 5 % of every sample whatever its
-        evidence; on the development cohorts those cells were labelled nearly as well as the rest,
-        0.85-0.89 against 0.91 class accuracy). Cells under ``min_counts`` fail QC in every mode.
+        With ``dead="ignore"``, the low-count cells without a class: ``"outlier"`` (default, fifth freeze)
+        those the Dead proxy would call Dead and the outliers of :func:`low_count_outliers`; ``"proxy"``
+        only the former; ``"all"`` the whole 5 % tail (fourth freeze). Under ``min_counts``: QC fails.
     apoptosis_alpha
         :func:`dead_rule`'s test for apoptosis-enriched cells (ignored; ``None`` = off; default of
         :attr:`stlib.config.LabelsConfig.apoptosis_alpha`).
@@ -1030,55 +1076,21 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
     fine_method = {"hierarchical": "consensus", "flat": "consensus", "marker": "marker",
                    "cluster": "cluster"}[method]
     fk = dict(fine_kwargs or {})
-    # clusters that own the markers of two image classes at full strength stay unknown
-    # lineage gate: immune types need pan-immune (CD45) expression and lose to epithelial expression;
-    # stromal types never take a cluster with full epithelial expression
+    # two-class clusters stay unknown; lineage gate: immune types need pan-immune (CD45) expression and
+    # lose to epithelial expression, stromal types never take a cluster with full epithelial expression
     ak = {"groups": {t: FINE_TO_CLASS.get(t, IGNORE) for t in mk},
           "lineage_gate": lineage_gate(list(mk), FINE_TO_CLASS, INFLAMMATORY, (CONNECTIVE,), EPITHELIAL),
           **dict(fk.pop("annotate_kwargs", None) or {})}
     assign_fine_types(adata, mk, method=fine_method, annotate_kwargs=ak, **fk)
-    # why a cell ends up ignored: the first stage that takes its class away
-    reason = np.full(adata.n_obs, "", dtype=object)
-    fine0 = adata.obs[Key.FINE_TYPE].astype(str).to_numpy()
-    qc_ok = adata.obs[Key.QC_PASS].to_numpy(bool)
-    reason[(fine0 == UNKNOWN) & ~qc_ok] = IgnoreReason.QC
-    reason[(fine0 == UNKNOWN) & qc_ok] = IgnoreReason.NO_TYPE
-    ann = adata.uns.get(Key.UNS, {}).get("annotate_clusters")
-    if ann is not None and Key.CLUSTER in adata.obs:  # a cluster owning marker sets of two classes
-        ann = pd.DataFrame(ann)
-        groups = {t: FINE_TO_CLASS.get(t, IGNORE) for t in mk}
-        two = [c for c, q in zip(ann["cluster"].astype(str), ann["qualifying"].astype(str))
-               if len({groups.get(t) for t in q.split(",") if t}) > 1]
-        conflict = adata.obs[Key.CLUSTER].astype(str).isin(two).to_numpy()
-        reason[(fine0 == UNKNOWN) & qc_ok & conflict] = IgnoreReason.CONFLICT
+    reason = _fine_type_reasons(adata, mk)  # why a cell ends up ignored: the first stage that takes its class
     if method == "hierarchical":
         neoplastic_step(adata, disease_state=disease_state, oncotree_code=oncotree_code, organ=organ,
                         use_cnv=use_cnv, seed=seed, **dict(neoplastic_kwargs or {}))
         amb = adata.obs[Key.NEOPLASTIC_CALL].astype(str).to_numpy() == "ambiguous"
         reason[amb & (reason == "")] = IgnoreReason.NEOPLASTIC_AMBIGUOUS
-    dead_mode = {True: "proxy", False: "off"}.get(dead, dead) if isinstance(dead, bool) else dead
-    if dead_mode not in ("ignore", "proxy", "off"):
-        raise ValueError(f"dead must be 'ignore', 'proxy' or 'off', got {dead!r}")
-    if dead_mode != "off":
-        before = adata.obs[Key.FINE_TYPE].astype(str).to_numpy()
-        if low_counts not in ("all", "proxy", "outlier"):
-            raise ValueError(f"low_counts must be 'all', 'proxy' or 'outlier', got {low_counts!r}")
-        dead_rule(adata, call_dead=dead_mode == "proxy", apoptosis_alpha=apoptosis_alpha,
-                  ignore_low=dead_mode == "proxy" or low_counts == "all",
-                  low_mads=LOW_COUNT_MADS if dead_mode == "ignore" and low_counts == "outlier" else None)
-        now_unknown = (adata.obs[Key.FINE_TYPE].astype(str).to_numpy() == UNKNOWN) & (before != UNKNOWN)
-        thr = adata.uns[Key.UNS]["dead_rule"]["max_counts"]
-        low = adata.obs[Key.N_COUNTS].to_numpy(float) <= (-np.inf if thr is None else thr)
-        reason[now_unknown & low & (reason == "")] = IgnoreReason.LOW_COUNT
-        reason[now_unknown & ~low & (reason == "")] = IgnoreReason.APOPTOSIS
+    _dead_step(adata, reason, dead=dead, low_counts=low_counts, apoptosis_alpha=apoptosis_alpha)
     to_image_classes(adata, min_confidence=min_confidence)
-    cls = adata.obs[Key.CLASS].to_numpy()
-    fine1 = adata.obs[Key.FINE_TYPE].astype(str).to_numpy()
-    no_class = np.array([FINE_TO_CLASS.get(f, IGNORE) == IGNORE for f in fine1])
-    reason[(cls == IGNORE) & no_class & (reason == "")] = IgnoreReason.NO_IMAGE_CLASS
-    reason[(cls == IGNORE) & (reason == "")] = IgnoreReason.LOW_CONFIDENCE
-    reason[cls != IGNORE] = ""
-    adata.obs[Key.IGNORE_REASON] = pd.Categorical(reason.astype(str), categories=["", *IgnoreReason.ALL])
+    _write_ignore_reasons(adata, reason)
     from stlib.labels.celltypes import marker_coverage
 
     cov = marker_coverage(genes, organ=organ, markers=None)
