@@ -226,6 +226,13 @@ class LabelsConfig:
         "ignore", "ignore: no cell is called Dead (for ST training); proxy: low count + apoptosis genes (unvalidated)")
     apoptosis_alpha: float | None = _opt(0.01, "cells with more apoptosis-gene transcripts than their library explains "
                                                "(one-sided Poisson test, p below this) are ignored; none = off")
+    #: the fifth freeze (issue 12): in ignore mode the low-count cells without a class are those the Dead
+    #: proxy would call Dead and the sample's low-count outliers ("outlier"), no longer the whole 5 %
+    #: tail ("all", the fourth freeze): on development cohorts the tail's other cells were labelled
+    #: nearly as well as the rest
+    low_counts: Literal["all", "proxy", "outlier"] = _opt(
+        "outlier", "with dead=ignore, low-count cells without a class: outlier (the Dead proxy's cells and "
+                   "cells 5 MADs below the median log count) | proxy (the former only) | all (the 5 percent tail)")
     neoplastic: NeoplasticConfig = _sub(NeoplasticConfig, "the hierarchical labeler's neoplastic step "
                                                           "(its seed and use_cnv come from the labels)")
 

@@ -118,7 +118,7 @@ def model_subdir(run: str, seed_index: int = 0) -> str:
 #: :class:`RunLayout` method of the same line (``tests/test_layout.py`` checks both and DEVELOPING.md)
 RUN_LAYOUT: tuple[tuple[str, str, str], ...] = (
     ("alignment/{id}/alignment.json", "alignment_json", "xenium_um_to_he_px, scores, residual field, excluded regions, status (ok/failed) + verdict"),
-    ("labels/{id}/cells.parquet", "cells_parquet", "cell_id, x_he, y_he, fine_type, class, confidence (+ more)"),
+    ("labels/{id}/cells.parquet", "cells_parquet", "cell_id, x_he, y_he, fine_type, class, confidence, ignore_reason (+ more)"),
     ("labels/{id}/nuclei.parquet", "nuclei_parquet", "aligned nucleus polygons (H&E px) with class and confidence"),
     ("labels/{id}/cells.h5ad", "cells_h5ad", "the cells' counts, lognorm, obs and embeddings (figures)"),
     ("labels/{id}/label_report.json", "label_report", "the label-quality report (and its cache key)"),

@@ -42,8 +42,11 @@ __all__ = ["DEV_SEEDS", "SEEN_SEEDS", "EVAL_SEEDS", "KNOB_GRID", "label_cohort",
 #: per-cluster tumour evidence, apoptosis-enriched cells ignored) and the fourth (CD45 waived for
 #: types with strong evidence of their own, epithelial lineage naming a cluster, dominant type
 #: winning a two-class conflict) were chosen on 101-120 again; so were the tiles' region_border_um
-#: (tile check on 101-118, the failure reproduced on 117; :func:`region_border_grid` on 104-118)
-DEV_SEEDS: tuple[int, ...] = tuple(range(101, 121))
+#: (tile check on 101-118, the failure reproduced on 117; :func:`region_border_grid` on 104-118).
+#: 121-220 were added for the fifth freeze (issue 12: the ignored share's tail; the rival's home in a
+#: two-class conflict, low-count outliers instead of a fixed tail): the reasons for ignoring were
+#: read on 101-107 and 161-167, the freeze checked on 101-107 and 161-163 (and the easy preset on 101)
+DEV_SEEDS: tuple[int, ...] = tuple(range(101, 221))
 #: evaluation seeds of earlier benchmarks whose results were read and led to a new freeze, so they
 #: are no longer unseen: never report them as an evaluation again. 1000-1019: the first freeze's
 #: evaluation; 2000-2019: the second freeze's (19 of 20 passed; seed 2013 failed); 5000-5019: the
@@ -51,13 +54,16 @@ DEV_SEEDS: tuple[int, ...] = tuple(range(101, 121))
 #: 6000-6019: the fourth freeze's (20 of 20 passed the cell checks, but training tiles at the H&E
 #: image edge marked true nuclei outside the Xenium region as background, fixed in
 #: :func:`stlib.labels.masks.coverage_region`); 7000-7019: the fourth freeze with that fix (20 of 20
-#: passed the cell checks; 3 training tiles still taught an outside-region nucleus as background)
+#: passed the cell checks; 3 training tiles still taught an outside-region nucleus as background);
+#: 8000-8019: the fourth freeze with the region-border fix of the tiles (19 of 20 passed the cell checks:
+#: one cohort ignored 33.5 % of its cells; the tile check passed; the cohort was not read, the cause
+#: was looked for on development seeds, which led to the fifth freeze)
 SEEN_SEEDS: tuple[int, ...] = (tuple(range(1000, 1020)) + tuple(range(2000, 2020)) + tuple(range(5000, 5020))
-                               + tuple(range(6000, 6020)) + tuple(range(7000, 7020)))
-#: evaluation seeds of the committed benchmark (fourth freeze of the cell labeler, with the image-edge
+                               + tuple(range(6000, 6020)) + tuple(range(7000, 7020)) + tuple(range(8000, 8020)))
+#: evaluation seeds of the committed benchmark (fifth freeze of the cell labeler, with the image-edge
 #: coverage fix and the region-border fix of the training tiles, chosen on development seeds; never
 #: used to choose a parameter, never labelled before the freeze)
-EVAL_SEEDS: tuple[int, ...] = tuple(range(8000, 8020))
+EVAL_SEEDS: tuple[int, ...] = tuple(range(9000, 9020))
 #: knob values of the robustness curves (the default of each knob is among them)
 KNOB_GRID: dict[str, tuple[float, ...]] = {
     "marker_overlap": (0.3, 0.45, 0.6, 0.8, 1.0),
@@ -109,7 +115,8 @@ def label_cohort(cfg: Any = None, seed: int = 0, *, samples: Sequence[str] | Non
     Returns
     -------
     One row per Xenium cell: ``sample``, ``organ``, ``disease_state``, ``cell_id``, ``true_class``,
-    ``true_type`` (generator type), ``pred_class``, ``pred_type``, ``confidence``.
+    ``true_type`` (generator type), ``pred_class``, ``pred_type``, ``confidence``, ``ignore_reason``
+    (:class:`stlib.labels.classes.IgnoreReason`, ``""`` for labelled cells), ``n_counts``.
     """
     from stlib.demo.config import ORGANS, cohort_samples, config_for_scale
     from stlib.demo.sample import simulate_sample
@@ -139,6 +146,8 @@ def label_cohort(cfg: Any = None, seed: int = 0, *, samples: Sequence[str] | Non
             "pred_class": ad.obs["class"].to_numpy().astype(int),
             "pred_type": ad.obs["fine_type"].astype(str).to_numpy(),
             "confidence": ad.obs["confidence"].to_numpy(float),
+            "ignore_reason": ad.obs["ignore_reason"].astype(str).to_numpy(),
+            "n_counts": ad.obs["n_counts"].to_numpy(float),
         }))
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
@@ -151,7 +160,9 @@ def score_cells(cells: pd.DataFrame, *, classes: Sequence[int] = FOUR_CLASSES) -
     counted as wrong. ``ignored_fraction``: share of cells labelled 255. ``f1_<Class>``: F1 over
     labelled cells for each class in ``classes`` present in the truth of the labelled cells (NaN
     otherwise); ``min_f1`` their minimum. ``neoplastic_in_healthy``: Neoplastic calls in samples
-    whose disease state is not a cancer.
+    whose disease state is not a cancer. With an ``ignore_reason`` column (:func:`label_cohort`),
+    ``ignored_<reason>``: the share of all cells ignored for each
+    :class:`~stlib.labels.classes.IgnoreReason` (they sum to ``ignored_fraction``).
     """
     t = cells["true_class"].to_numpy(int)
     p = cells["pred_class"].to_numpy(int)
@@ -173,6 +184,12 @@ def score_cells(cells: pd.DataFrame, *, classes: Sequence[int] = FOUR_CLASSES) -
     out["min_f1"] = float(np.min(f1s)) if f1s else float("nan")
     healthy = ~cells["disease_state"].astype(str).str.lower().isin(["cancer", "tumor", "tumour", "malignant"])
     out["neoplastic_in_healthy"] = int(np.sum(healthy.to_numpy() & (p == NEOPLASTIC)))
+    if "ignore_reason" in cells.columns and len(t):  # share of all cells ignored for each reason
+        from stlib.labels.classes import IgnoreReason
+
+        r = cells["ignore_reason"].astype(str).to_numpy()
+        for k in IgnoreReason.ALL:
+            out[f"ignored_{k}"] = float(np.mean(~lab & (r == k)))
     return out
 
 
@@ -641,8 +658,9 @@ def cli_main(argv: list[str]) -> int:
                 reg = region_check(args.seeds, tmp, labeler=args.labeler)
         res = {"command": "stlib robustness " + " ".join(argv),
                "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 1),
-               "machine": machine_info(), "what": "true nuclei outside the Xenium region that a training tile marks "
-                                                  "as background (whole pipeline, default knobs)",
+               "machine": machine_info(), "labeler": args.labeler,
+               "what": "true nuclei outside the Xenium region that a training tile marks "
+                       "as background (whole pipeline, default knobs)",
                "per_seed": reg.to_dict(orient="records"),
                "total_background_nuclei": int(reg["n_background_nuclei"].sum()),
                "total_outside_nuclei": int(reg["n_outside_nuclei"].sum())}
@@ -656,8 +674,10 @@ def cli_main(argv: list[str]) -> int:
                                   label_kwargs={"dead": "proxy"}, n_jobs=args.jobs)
     knobs = {k: (v[0], v[-1]) for k, v in KNOB_GRID.items()} if args.sweep_ends else KNOB_GRID
     sweep = pd.DataFrame() if args.no_sweep else robustness_sweep(args.sweep_seeds, knobs=knobs, n_jobs=args.jobs)
+    from stlib.labels.classes import IgnoreReason
+
     cols = ["accuracy", "accuracy_all", "ignored_fraction", "min_f1", "f1_Neoplastic", "f1_Inflammatory",
-            "f1_Connective", "f1_Epithelial", "neoplastic_in_healthy"]
+            "f1_Connective", "f1_Epithelial", "neoplastic_in_healthy", *(f"ignored_{k}" for k in IgnoreReason.ALL)]
     res = {
         "command": "stlib robustness " + " ".join(argv),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(time.time() - t0, 1),

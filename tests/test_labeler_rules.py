@@ -142,8 +142,8 @@ def test_a_dominant_type_wins_a_two_class_conflict():
     assert "smc" in a.loc["kera", "qualifying"].split(",")  # the conflict is there
     assert a.loc["kera", "type"] == "epi"
     assert a.loc["mixed", "type"] == ct.UNKNOWN
-    off = ct.annotate_clusters(ad, markers, groups=groups, dominance=np.inf).set_index("cluster")
-    assert off.loc["kera", "type"] == ct.UNKNOWN  # the rule removed
+    off = ct.annotate_clusters(ad, markers, groups=groups, dominance=np.inf, rival_home=None).set_index("cluster")
+    assert off.loc["kera", "type"] == ct.UNKNOWN  # the rule removed (and the rival's home not consulted)
 
 
 def test_the_epithelial_lineage_names_a_cluster_that_lost_its_markers():
@@ -183,9 +183,10 @@ def test_unexplained_cluster_does_not_join_the_only_profiled_type_it_nominates()
                   "kera": {"E1": 7, "E2": 7, "E3": 7, "E4": 7, "S1": 5, "S2": 5, "S3": 4, "M1": 4}}, n=80)
     ct.qc_filter(ad)
     _neighbours(ad)
-    ann = ct.annotate_clusters(ad, markers, groups=groups).set_index("cluster")
+    # the conflict kept (rival_home off: this test is about the refinement of an unknown cluster)
+    ann = ct.annotate_clusters(ad, markers, groups=groups, rival_home=None).set_index("cluster")
     assert ann.loc["kera", "type"] == ct.UNKNOWN and {"epi", "smc"} <= set(ann.loc["kera", "nominated"].split(","))
-    ct.assign_fine_types(ad, markers, method="consensus", annotate_kwargs={"groups": groups})
+    ct.assign_fine_types(ad, markers, method="consensus", annotate_kwargs={"groups": groups, "rival_home": None})
     ft = ad.obs["fine_type"].astype(str).to_numpy()
     kera = ad.obs["leiden"].astype(str).to_numpy() == "kera"
     assert (ft[kera] == "smc").mean() < 0.1, pd.Series(ft[kera]).value_counts()
@@ -194,7 +195,7 @@ def test_unexplained_cluster_does_not_join_the_only_profiled_type_it_nominates()
     # a missing profile of the same class is no objection (the class is what the labels keep)
     same = {"epi": 3, "smc": 3, "imm": INFLAMMATORY}
     ad2 = ad.copy()
-    ct.assign_fine_types(ad2, markers, method="consensus", annotate_kwargs={"groups": same})
+    ct.assign_fine_types(ad2, markers, method="consensus", annotate_kwargs={"groups": same, "rival_home": None})
     assert (ad2.obs["fine_type"].astype(str).to_numpy()[kera] == ct.UNKNOWN).mean() < 0.5
 
 
@@ -301,3 +302,71 @@ def test_one_stray_apoptosis_read_or_none_is_not_enrichment(apo, n_counts):
     enriched = cl._apoptosis_enriched(np.array([apo, 0, 0, 1] + [0] * 50, float),
                                       np.array([n_counts, 100, 100, 100] + [100] * 50, float), min_counts=2, alpha=0.01)
     assert not enriched[0]
+
+
+def test_a_rival_owning_its_own_cluster_more_does_not_block_a_conflict():
+    """Keratinocyte-like: four of six epithelial markers and two of four smooth-muscle genes, which the
+    sample's smooth-muscle cluster owns in full: the smooth-muscle genes are shared, not a second
+    population (rival_home); a cluster owning all four smooth-muscle genes as fully as their home
+    cluster stays unknown."""
+    markers = {"epi": ["E1", "E2", "E3", "E4", "E5", "E6"], "smc": ["S1", "S2", "S3", "S4"]}
+    groups = {"epi": 5, "smc": 3}
+    ad = _sample({"smc": {"S1": 7, "S2": 7, "S3": 7, "S4": 7, "M1": 7, "M2": 7},
+                  "kera": {"E1": 7, "E2": 7, "E3": 7, "E4": 7, "S1": 7, "S2": 7},
+                  "mixed": {"E1": 7, "E2": 7, "E3": 7, "E4": 7, "S1": 7, "S2": 7, "S3": 7, "S4": 7},
+                  "other": {"O1": 7, "O2": 7, "O3": 7, "O4": 7}, "other2": {"P1": 7, "P2": 7, "P3": 7, "P4": 7}})
+    off = ct.annotate_clusters(ad, markers, groups=groups, rival_home=None).set_index("cluster")
+    assert "smc" in off.loc["kera", "qualifying"].split(",") and off.loc["kera", "type"] == ct.UNKNOWN
+    on = ct.annotate_clusters(ad, markers, groups=groups, rival_home=0.75).set_index("cluster")
+    assert on.loc["kera", "type"] == "epi"
+    assert on.loc["mixed", "type"] == ct.UNKNOWN and on.loc["smc", "type"] == "smc"
+
+
+def test_ignore_reason_names_the_stage_that_left_a_cell_without_a_class():
+    from stlib.demo.config import ORGANS, cohort_samples, config_for_scale
+    from stlib.demo.sample import simulate_sample
+    from stlib.io.panels import load_panel
+    from stlib.robustness import _sample_adata
+
+    cfg = config_for_scale("demo")
+    spec = next(s for s in cohort_samples(cfg) if s.sample_id == "DEMO_SKIN_1")
+    idx = [s.sample_id for s in cohort_samples(cfg)].index(spec.sample_id)
+    sd = simulate_sample(spec, cfg, seed=101, index=idx, genes=load_panel(cfg.panel), render=False)
+    ad = _sample_adata(sd)
+    cl.label_cells(ad, organ=ORGANS[spec.organ_key].name, disease_state=spec.disease_state,
+                   oncotree_code=spec.oncotree_code, neighbors_method="gauss")
+    r = ad.obs["ignore_reason"].astype(str).to_numpy()
+    cls = ad.obs["class"].to_numpy()
+    assert ((r == "") == (cls != 255)).all()  # every ignored cell has a reason, no labelled one has
+    assert set(r) - {""} <= set(cl.IgnoreReason.ALL)
+    assert (r[ad.obs["n_counts"].to_numpy() < 10] == "qc").all()
+
+
+def test_low_count_cells_lose_their_class_only_as_outliers_or_with_the_proxy_signal():
+    """Ignore mode, low_counts="outlier": of the 5 % low-count tail only the cells with the Dead proxy's
+    apoptosis transcripts lose their type, plus the sample's low-count outliers (a fixed quantile
+    would drop 5 % of every sample); "all" keeps the fourth freeze's whole tail."""
+    rng = np.random.default_rng(1)
+    n = 1000
+    n_counts = np.round(120 * np.exp(rng.normal(0, 0.45, n)))
+    n_counts[:10] = 12  # too little RNA for the sample: far below its depth
+    genes = ["BCL2L11", "FAS", "G0"]
+    x = np.zeros((n, 3), np.float32)
+    x[:, 2] = n_counts
+    tail = np.argsort(n_counts)[10:50]  # low-count cells, not outliers
+    x[tail[:5], 0] = 8  # ... five with the proxy's apoptosis transcripts (>= 10 % of their counts)
+    x[tail[:5], 2] -= 8
+    ad = AnnData(sp.csr_matrix(x), var=pd.DataFrame(index=genes))
+    ad.obs_names = [f"c{i}" for i in range(n)]
+    ad.obs["n_counts"] = x.sum(axis=1)
+    out = cl.low_count_outliers(ad.obs["n_counts"].to_numpy(), cl.LOW_COUNT_MADS)
+    assert out[:10].all() and out[10:].sum() <= 2
+    modes = {}
+    for name, kw in {"outlier": {"ignore_low": False, "low_mads": cl.LOW_COUNT_MADS}, "all": {}}.items():
+        b = ad.copy()
+        b.obs["fine_type"] = pd.Categorical(["epithelial"] * n)
+        cl.dead_rule(b, call_dead=False, apoptosis_alpha=None, **kw)
+        modes[name] = b.obs["fine_type"].astype(str).to_numpy() == ct.UNKNOWN
+    assert modes["outlier"][:10].all() and modes["outlier"][tail[:5]].all()
+    assert not modes["outlier"][tail[5:]].any()  # the tail's other cells keep their type
+    assert modes["all"][tail].all() and modes["all"].sum() >= 0.05 * n

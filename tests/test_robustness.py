@@ -30,6 +30,10 @@ def test_score_cells_by_hand():
     assert np.isnan(sc["f1_Connective"])                 # no labelled Connective cell in the truth
     assert sc["min_f1"] == pytest.approx(min(sc["f1_Neoplastic"], sc["f1_Inflammatory"], sc["f1_Epithelial"]))
     assert sc["neoplastic_in_healthy"] == 1
+    assert "ignored_qc" not in sc  # no reason column, no breakdown
+    c["ignore_reason"] = ["", "", "", "low_confidence", "", "", ""]
+    sc = score_cells(c)
+    assert sc["ignored_low_confidence"] == pytest.approx(1 / 7) and sc["ignored_no_type"] == 0.0
 
 
 def test_seeds_and_grid():

@@ -61,6 +61,7 @@ class Key:
     CNV_SCORE = "cnv_score"  #: obs: inferred copy-number signal per cell (infercnvpy projection)
     CLASS = "class"  #: obs: image-oriented class id (stlib.constants), 255 = ignore
     CONFIDENCE = "confidence"  #: obs: confidence of class in [0, 1]
+    IGNORE_REASON = "ignore_reason"  #: obs: why a cell got class 255 ("" when it has a class)
     UNS = "stlib_labels"  #: uns: parameters, coverage and counts of the labelling run
 
 
@@ -576,7 +577,8 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
                       owned: float = 0.5, min_owned_markers: int = 2, min_ownership: float = 0.3,
                       min_range: float = 2.0, groups: Mapping[str, Any] | None = None,
                       lineage_gate: Mapping[str, Any] | None = None, gate_own_markers: int = 3,
-                      dominance: float = 2.5, lineage_ownership: float = 0.2) -> pd.DataFrame:
+                      dominance: float = 2.5, lineage_ownership: float = 0.2,
+                      rival_home: float | None = 0.75) -> pd.DataFrame:
     r"""Cell type of each Leiden cluster from how much of each type's marker set it *owns*.
 
     For every gene, the cluster means of the log-normalised expression are put on a 0-1 scale
@@ -615,6 +617,11 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
     tumour that lost most of its differentiation markers, or acinar cells on a panel without acinar
     markers; the lineage genes say what it is. Types the gate blocks rank below every other type.
 
+    ``rival_home``: a qualifying type of another class is no rival when the sample has a cluster it
+    takes without a conflict (its home) and it owns at most ``rival_home`` times its home ownership
+    here: its markers are shared with this cluster's type (keratinocytes expressing the genes of the
+    smooth-muscle cells beside them), not a second population. ``None`` = off (fourth freeze).
+
     ``dominance``: a cluster owning qualifying marker sets of two image classes stays unknown
     (the markers cannot tell) unless its best type owns at least ``owned`` on average and
     ``dominance`` times as many markers as every qualifying type of another class (keratinocytes,
@@ -648,19 +655,18 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
     def qualifying_other(ev: Mapping[str, tuple[float, int]], best: str, qual: Any) -> bool:
         return any(qual(u) for u in ev if u != best and (groups or {}).get(u, u) != (groups or {}).get(best, best))
 
+    gate = (pan_imm, pan_epi, gated_types, exempt, stromal)
+    per_cluster, home = _cluster_evidence(scaled, idx, gate, groups, owned=owned, min_ownership=min_ownership,
+                                          min_owned_markers=min_owned_markers, gate_own_markers=gate_own_markers)
     rows = []
     for c in range(n_cl):
-        ev = {t: (float(scaled[c, i].mean()), int((scaled[c, i] >= owned).sum())) for t, i in idx.items()}
-        strong = {t for t, v in ev.items() if v[1] >= gate_own_markers}
-        blocked_t = _gate_blocks(pan_imm[c], pan_epi[c], gated_types, exempt | strong, min_ownership, owned, stromal)
-        if blocked_t:
-            ev = {t: (v if t not in blocked_t else (min(v[0], min_ownership - 1e-9), 0)) for t, v in ev.items()}
+        ev, blocked_t, order, rivals = per_cluster[c]
         qual = lambda t: ev[t][0] >= min_ownership and ev[t][1] >= min_owned_markers  # noqa: E731
-        order = sorted(ev, key=lambda t: (-qual(t), t in blocked_t, -ev[t][0], -ev[t][1]))
         best = order[0] if order else UNKNOWN
         second = order[1] if len(order) > 1 else None
         ok = bool(order) and qual(best)
-        rivals = [u for u in order[1:] if qual(u) and groups is not None and groups.get(u) != groups.get(best)]
+        if rival_home is not None:  # a rival that owns another cluster clearly more is that cluster's type
+            rivals = [u for u in rivals if not ev[u][0] <= rival_home * home.get(u, -np.inf)]
         if ok and rivals and not (ev[best][0] >= owned and all(ev[best][1] >= dominance * ev[u][1] for u in rivals)):
             ok = False  # markers of two classes at full strength: the markers cannot tell
         # simple-epithelium expression, nothing of another class qualifying: the lineage names the type
@@ -686,6 +692,32 @@ def annotate_clusters(adata: AnnData, markers: Mapping[str, Sequence[str]], *, c
                      "pan_immune": pan_imm[c], "pan_epithelial": pan_epi[c],
                      "gated": ",".join(t for t in idx if t in blocked_t)})
     return pd.DataFrame(rows)
+
+
+def _cluster_evidence(scaled: np.ndarray, idx: Mapping[str, np.ndarray], gate: tuple, groups: Mapping[str, Any] | None,
+                      *, owned: float, min_ownership: float, min_owned_markers: int,
+                      gate_own_markers: int) -> tuple[list[tuple], dict[str, float]]:
+    """Per cluster of :func:`annotate_clusters`: ownership and owned markers per type, the types the lineage
+    gate blocks, the types by rank and the qualifying rivals of another class than the first; and each
+    type's home ownership (the highest of a cluster it takes without a rival of another class)."""
+    pan_imm, pan_epi, gated_types, exempt, stromal = gate
+    per_cluster = []
+    for c in range(scaled.shape[0]):
+        ev = {t: (float(scaled[c, i].mean()), int((scaled[c, i] >= owned).sum())) for t, i in idx.items()}
+        strong = {t for t, v in ev.items() if v[1] >= gate_own_markers}
+        blocked_t = _gate_blocks(pan_imm[c], pan_epi[c], gated_types, exempt | strong, min_ownership, owned, stromal)
+        if blocked_t:
+            ev = {t: (v if t not in blocked_t else (min(v[0], min_ownership - 1e-9), 0)) for t, v in ev.items()}
+        q = lambda t: ev[t][0] >= min_ownership and ev[t][1] >= min_owned_markers  # noqa: E731
+        order = sorted(ev, key=lambda t: (-q(t), t in blocked_t, -ev[t][0], -ev[t][1]))
+        rivals = ([u for u in order[1:] if q(u) and groups is not None and groups.get(u) != groups.get(order[0])]
+                  if order else [])
+        per_cluster.append((ev, blocked_t, order, rivals))
+    home: dict[str, float] = {}
+    for ev, _, order, rivals in per_cluster:
+        if order and not rivals and ev[order[0]][0] >= min_ownership and ev[order[0]][1] >= min_owned_markers:
+            home[order[0]] = max(home.get(order[0], -np.inf), ev[order[0]][0])
+    return per_cluster, home
 
 
 def _scaled_cluster_means(adata: AnnData, cluster_key: str, layer: str, background_quantile: float,

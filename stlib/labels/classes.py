@@ -17,7 +17,7 @@ ablations / baselines ("flat" = the paper's "w/o Hier", "marker", "cluster").
 **Frozen labeler.** The defaults of this module and of :mod:`stlib.labels.celltypes` (cluster
 annotation, lineage gate, rare-type seeding, posterior thresholds, the neoplastic step's evidence
 rules, the apoptosis test) were chosen on the development cohorts ``stlib.robustness.DEV_SEEDS``
-(seeds 101-120 of the realistic demo generator) and on nothing else; the evaluation seeds
+(seeds 101-220 of the realistic demo generator; the fifth freeze added 121-220) and on nothing else; the evaluation seeds
 ``stlib.robustness.EVAL_SEEDS`` were not looked at before the labeler was frozen, and
 ``benchmarks/label_robustness.json`` reports them. (The seeds of earlier evaluations,
 ``stlib.robustness.SEEN_SEEDS``, were read when they showed failures and are no longer unseen.)
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "FINE_TO_CLASS", "REFERENCE_TYPES", "CANDIDATE_TYPES", "Lineage", "is_tumor_sample", "load_gene_positions",
     "tumor_lineage", "lineage_table", "cnv_support", "cycling_cells", "NeoplasticConfig", "neoplastic_step", "dead_rule", "to_image_classes",
-    "label_cells",
+    "IgnoreReason", "LOW_COUNT_MADS", "low_count_outliers", "label_cells",
 ]
 
 #: Fine type -> image class id (stlib.constants). Types not listed (and "unknown") -> IGNORE.
@@ -738,11 +738,11 @@ def _split_candidates(adata: AnnData, fine: np.ndarray, cand: np.ndarray, call: 
     log.info("neoplastic_step: %s; calls %s", info["reason"], pd.Series(c).value_counts().to_dict())
 
 
-def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: float = 0.05,
+def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: float | None = 0.05,
               min_apoptosis_counts: int = 2, min_apoptosis_fraction: float = 0.1, call_dead: bool = True,
               apoptosis_alpha: float | None = LabelsConfig.apoptosis_alpha,
               apoptosis_genes: Sequence[str] | None = None, fine_key: str = Key.FINE_TYPE,
-              copy: bool = False) -> AnnData | None:
+              ignore_low: bool = True, low_mads: float | None = None, copy: bool = False) -> AnnData | None:
     """A PROXY for dead / dying cells: low transcript count plus detected apoptosis genes.
 
     Expression cannot really see dead cells (pyknotic nuclei have little RNA and Xenium panels
@@ -763,7 +763,9 @@ def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: 
       holds with ``call_dead=False``.
 
     ``call_dead=False`` (the default of :func:`label_cells`: Dead is *ignore* for ST training)
-    makes every low-count cell ``"unknown"`` and calls no cell dead. Two apoptosis transcripts
+    calls no cell dead: the cells the proxy would call dead become ``"unknown"``, and so does every
+    other low-count cell with ``ignore_low=True`` (with ``False`` they keep their type), and with
+    ``low_mads`` every low-count outlier (:func:`low_count_outliers`). Two apoptosis transcripts
     are required by default: with one, any low-count cell with a stray FAS read became Dead.
 
     On panels without any apoptosis gene (hBreast, hColon, hSkin) no cell is called dead and the
@@ -775,20 +777,25 @@ def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: 
     and ``obs["type_confidence"]`` (0 for the unknown low-count cells); adds
     ``uns["stlib_labels"]["dead_rule"]``; returns the AnnData when ``copy=True``.
     """
-    if not 0.0 <= low_quantile <= 1.0:
+    if low_quantile is not None and not 0.0 <= low_quantile <= 1.0:
         raise ValueError(f"low_quantile must be in [0, 1], got {low_quantile}")
     adata = adata.copy() if copy else adata
     if fine_key not in adata.obs:
         raise ValueError(f"obs[{fine_key!r}] missing: run stlib.labels.celltypes.assign_fine_types first")
     x = _counts(adata)
     n_counts = (adata.obs[Key.N_COUNTS].to_numpy(float) if Key.N_COUNTS in adata.obs else _row_sums(x))
-    thr = float(max_counts) if max_counts is not None else float(np.quantile(n_counts, low_quantile))
+    thr = (float(max_counts) if max_counts is not None
+           else float(np.quantile(n_counts, low_quantile)) if low_quantile is not None else -np.inf)
     genes = list(apoptosis_genes) if apoptosis_genes is not None else load_programs(adata.var_names)["apoptosis"]
     idx = pd.Index(adata.var_names).get_indexer(genes)
     idx = idx[idx >= 0]
     apo = _row_sums(x[:, idx]) if idx.size else np.zeros(adata.n_obs)
     low = n_counts <= thr
     dead = low & (apo >= min_apoptosis_counts) & (apo >= min_apoptosis_fraction * np.maximum(n_counts, 1))
+    if not ignore_low:  # only the low-count cells the proxy would call dead lose their type ...
+        low = low & dead
+    if low_mads is not None:  # ... and the low-count outliers of the sample (too little RNA to type)
+        low = low | low_count_outliers(n_counts, low_mads)
     if not call_dead:
         dead[:] = False
     dying = _apoptosis_enriched(apo, n_counts, min_counts=min_apoptosis_counts, alpha=apoptosis_alpha)
@@ -804,7 +811,7 @@ def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: 
         conf[(low | dying) & ~dead] = 0.0
         adata.obs[Key.TYPE_CONFIDENCE] = conf
     adata.obs[Key.APOPTOSIS_COUNTS] = apo
-    info = {"max_counts": thr, "n_low": int(low.sum()), "n_dead": int(dead.sum()),
+    info = {"max_counts": thr if np.isfinite(thr) else None, "n_low": int(low.sum()), "n_dead": int(dead.sum()),
             "n_apoptosis_enriched": int(dying.sum()), "apoptosis_alpha": apoptosis_alpha,
             "apoptosis_genes": [str(g) for g in adata.var_names[idx]], "proxy": bool(call_dead)}
     adata.uns.setdefault(Key.UNS, {})["dead_rule"] = info
@@ -813,6 +820,21 @@ def dead_rule(adata: AnnData, *, max_counts: float | None = None, low_quantile: 
     log.info("dead_rule (proxy): %d low-count cells (n_counts <= %.1f), %d called dead; wrote obs[%r], "
              "updated obs[%r]", int(low.sum()), thr, int(dead.sum()), Key.APOPTOSIS_COUNTS, fine_key)
     return adata if copy else None
+
+
+def low_count_outliers(n_counts: np.ndarray, n_mads: float) -> np.ndarray:
+    """Cells whose log transcript count lies more than ``n_mads`` median absolute deviations below the
+    sample's median (the usual single-cell QC outlier rule, on ``log1p`` counts, unscaled MAD).
+
+    Relative to the sample's own depth, unlike a fixed quantile, which drops the same share of every
+    sample whatever its evidence.
+    """
+    from scipy.stats import median_abs_deviation
+
+    lc = np.log1p(np.asarray(n_counts, dtype=np.float64))
+    if lc.size == 0:
+        return np.zeros(0, dtype=bool)
+    return lc < np.median(lc) - n_mads * float(median_abs_deviation(lc))
 
 
 def _apoptosis_enriched(apo: np.ndarray, n_counts: np.ndarray, *, min_counts: int, alpha: float | None) -> np.ndarray:
@@ -892,6 +914,78 @@ def _label_markers(genes: list[str], markers: Mapping[str, Sequence[str]] | None
     return mk
 
 
+#: low-count outliers (``low_counts="outlier"``): more than this many MADs of log1p counts below the
+#: sample's median; 5 is the permissive single-cell QC default (it keeps 99.9 % of a log-normal
+#: population), not tuned here
+LOW_COUNT_MADS: float = 5.0
+
+
+class IgnoreReason:
+    """Values of ``obs["ignore_reason"]`` written by :func:`label_cells` (the first stage that left a
+    cell without a class; ``""`` for cells with a class)."""
+
+    QC = "qc"  #: fewer transcripts / genes than the QC minimum (:func:`~stlib.labels.celltypes.qc_filter`)
+    NO_TYPE = "no_type"  #: no fine type explains it (unknown / other outcome of the fine-type step)
+    CONFLICT = "conflict"  #: unknown, its cluster owns marker sets of two image classes (the markers cannot tell)
+    NEOPLASTIC_AMBIGUOUS = "neoplastic_ambiguous"  #: the neoplastic step could not decide (or no lineage)
+    LOW_COUNT = "low_count"  #: a low-count outlier, or in the low-count tail with the Dead proxy's signal (dead_rule)
+    APOPTOSIS = "apoptosis"  #: apoptosis-enriched, a dying cell (:func:`dead_rule`)
+    NO_IMAGE_CLASS = "no_image_class"  #: a fine type without an image class (glia, neuron)
+    LOW_CONFIDENCE = "low_confidence"  #: class confidence below ``min_confidence``
+    ALL: tuple[str, ...] = (QC, NO_TYPE, CONFLICT, NEOPLASTIC_AMBIGUOUS, LOW_COUNT, APOPTOSIS, NO_IMAGE_CLASS, LOW_CONFIDENCE)
+
+
+def _fine_type_reasons(adata: AnnData, mk: Mapping[str, Sequence[str]]) -> np.ndarray:
+    """Ignore reasons after the fine-type step: QC failures, clusters owning marker sets of two
+    classes (conflict) and the other cells without a type (no type)."""
+    reason = np.full(adata.n_obs, "", dtype=object)
+    unknown = adata.obs[Key.FINE_TYPE].astype(str).to_numpy() == UNKNOWN
+    qc_ok = adata.obs[Key.QC_PASS].to_numpy(bool)
+    reason[unknown & ~qc_ok] = IgnoreReason.QC
+    reason[unknown & qc_ok] = IgnoreReason.NO_TYPE
+    ann = adata.uns.get(Key.UNS, {}).get("annotate_clusters")
+    if ann is not None and Key.CLUSTER in adata.obs:
+        ann = pd.DataFrame(ann)
+        groups = {t: FINE_TO_CLASS.get(t, IGNORE) for t in mk}
+        two = [c for c, q in zip(ann["cluster"].astype(str), ann["qualifying"].astype(str))
+               if len({groups.get(t) for t in q.split(",") if t}) > 1]
+        conflict = adata.obs[Key.CLUSTER].astype(str).isin(two).to_numpy()
+        reason[unknown & qc_ok & conflict] = IgnoreReason.CONFLICT
+    return reason
+
+
+def _dead_step(adata: AnnData, reason: np.ndarray, *, dead: str | bool, low_counts: str,
+               apoptosis_alpha: float | None) -> None:
+    """:func:`dead_rule` as ``label_cells`` runs it (``dead`` / ``low_counts`` modes); updates ``reason``."""
+    dead_mode = {True: "proxy", False: "off"}.get(dead, dead) if isinstance(dead, bool) else dead
+    if dead_mode not in ("ignore", "proxy", "off"):
+        raise ValueError(f"dead must be 'ignore', 'proxy' or 'off', got {dead!r}")
+    if dead_mode == "off":
+        return
+    if low_counts not in ("all", "proxy", "outlier"):
+        raise ValueError(f"low_counts must be 'all', 'proxy' or 'outlier', got {low_counts!r}")
+    before = adata.obs[Key.FINE_TYPE].astype(str).to_numpy()
+    dead_rule(adata, call_dead=dead_mode == "proxy", apoptosis_alpha=apoptosis_alpha,
+              ignore_low=dead_mode == "proxy" or low_counts == "all",
+              low_mads=LOW_COUNT_MADS if dead_mode == "ignore" and low_counts == "outlier" else None)
+    now_unknown = (adata.obs[Key.FINE_TYPE].astype(str).to_numpy() == UNKNOWN) & (before != UNKNOWN)
+    thr = adata.uns[Key.UNS]["dead_rule"]["max_counts"]
+    low = adata.obs[Key.N_COUNTS].to_numpy(float) <= (-np.inf if thr is None else thr)
+    reason[now_unknown & low & (reason == "")] = IgnoreReason.LOW_COUNT
+    reason[now_unknown & ~low & (reason == "")] = IgnoreReason.APOPTOSIS
+
+
+def _write_ignore_reasons(adata: AnnData, reason: np.ndarray) -> None:
+    """The last reasons (no image class, low confidence) and ``obs["ignore_reason"]``."""
+    cls = adata.obs[Key.CLASS].to_numpy()
+    fine = adata.obs[Key.FINE_TYPE].astype(str).to_numpy()
+    no_class = np.array([FINE_TO_CLASS.get(f, IGNORE) == IGNORE for f in fine])
+    reason[(cls == IGNORE) & no_class & (reason == "")] = IgnoreReason.NO_IMAGE_CLASS
+    reason[(cls == IGNORE) & (reason == "")] = IgnoreReason.LOW_CONFIDENCE
+    reason[cls != IGNORE] = ""
+    adata.obs[Key.IGNORE_REASON] = pd.Categorical(reason.astype(str), categories=["", *IgnoreReason.ALL])
+
+
 def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "marker", "cluster"] = LabelsConfig.labeler,
                 organ: str | None = None, disease_state: str | None = None,
                 oncotree_code: str | None = None, panel: str | None = None, seed: int = LabelsConfig.seed,
@@ -901,6 +995,7 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
                 neighbors_method: Literal["umap", "gauss"] = LabelsConfig.neighbors_method, min_markers: int = 2,
                 use_cnv: bool = NeoplasticConfig.use_cnv, dead: Literal["ignore", "proxy", "off"] | bool = LabelsConfig.dead,
                 apoptosis_alpha: float | None = LabelsConfig.apoptosis_alpha,
+                low_counts: Literal["all", "proxy", "outlier"] = LabelsConfig.low_counts,
                 markers: Mapping[str, Sequence[str]] | None = None,
                 neoplastic_kwargs: Mapping | None = None, fine_kwargs: Mapping | None = None,
                 copy: bool = False) -> AnnData:
@@ -936,9 +1031,13 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
     use_cnv
         Allow the copy-number signal (it still needs a panel that supports it, :func:`cnv_support`).
     dead
-        ``"ignore"`` (default: Dead is ignore for ST training; low-count cells become unknown, no cell
-        is called Dead), ``"proxy"`` (opt-in: :func:`dead_rule`'s low-count + apoptosis-gene proxy
-        calls Dead) or ``"off"`` (no low-count rule). ``True`` / ``False`` mean proxy / off.
+        ``"ignore"`` (default: no cell is called Dead, see ``low_counts``), ``"proxy"`` (opt-in: the
+        low-count + apoptosis-gene proxy of :func:`dead_rule` calls Dead) or ``"off"`` (no low-count
+        rule, no apoptosis test). ``True`` / ``False`` mean proxy / off.
+    low_counts
+        With ``dead="ignore"``, the low-count cells without a class: ``"outlier"`` (default, fifth freeze)
+        those the Dead proxy would call Dead and the outliers of :func:`low_count_outliers`; ``"proxy"``
+        only the former; ``"all"`` the whole 5 % tail (fourth freeze). Under ``min_counts``: QC fails.
     apoptosis_alpha
         :func:`dead_rule`'s test for apoptosis-enriched cells (ignored; ``None`` = off; default of
         :attr:`stlib.config.LabelsConfig.apoptosis_alpha`).
@@ -957,6 +1056,7 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
     The AnnData with ``obs["qc_pass"]``, ``obs["score_*"]``, ``obs["leiden"]`` (not for "marker"),
     ``obs["fine_type"]``, ``obs["type_confidence"]``, ``obs["neoplastic_score"]``,
     ``obs["cnv_score"]`` (hierarchical), ``obs["class"]``, ``obs["confidence"]``,
+    ``obs["ignore_reason"]`` (:class:`IgnoreReason`, ``""`` for cells with a class),
     ``layers["counts"]``, ``layers["lognorm"]`` and ``uns["stlib_labels"]`` (parameters, marker
     coverage, class counts).
     """
@@ -976,22 +1076,21 @@ def label_cells(adata: AnnData, *, method: Literal["hierarchical", "flat", "mark
     fine_method = {"hierarchical": "consensus", "flat": "consensus", "marker": "marker",
                    "cluster": "cluster"}[method]
     fk = dict(fine_kwargs or {})
-    # clusters that own the markers of two image classes at full strength stay unknown
-    # lineage gate: immune types need pan-immune (CD45) expression and lose to epithelial expression;
-    # stromal types never take a cluster with full epithelial expression
+    # two-class clusters stay unknown; lineage gate: immune types need pan-immune (CD45) expression and
+    # lose to epithelial expression, stromal types never take a cluster with full epithelial expression
     ak = {"groups": {t: FINE_TO_CLASS.get(t, IGNORE) for t in mk},
           "lineage_gate": lineage_gate(list(mk), FINE_TO_CLASS, INFLAMMATORY, (CONNECTIVE,), EPITHELIAL),
           **dict(fk.pop("annotate_kwargs", None) or {})}
     assign_fine_types(adata, mk, method=fine_method, annotate_kwargs=ak, **fk)
+    reason = _fine_type_reasons(adata, mk)  # why a cell ends up ignored: the first stage that takes its class
     if method == "hierarchical":
         neoplastic_step(adata, disease_state=disease_state, oncotree_code=oncotree_code, organ=organ,
                         use_cnv=use_cnv, seed=seed, **dict(neoplastic_kwargs or {}))
-    dead_mode = {True: "proxy", False: "off"}.get(dead, dead) if isinstance(dead, bool) else dead
-    if dead_mode not in ("ignore", "proxy", "off"):
-        raise ValueError(f"dead must be 'ignore', 'proxy' or 'off', got {dead!r}")
-    if dead_mode != "off":
-        dead_rule(adata, call_dead=dead_mode == "proxy", apoptosis_alpha=apoptosis_alpha)
+        amb = adata.obs[Key.NEOPLASTIC_CALL].astype(str).to_numpy() == "ambiguous"
+        reason[amb & (reason == "")] = IgnoreReason.NEOPLASTIC_AMBIGUOUS
+    _dead_step(adata, reason, dead=dead, low_counts=low_counts, apoptosis_alpha=apoptosis_alpha)
     to_image_classes(adata, min_confidence=min_confidence)
+    _write_ignore_reasons(adata, reason)
     from stlib.labels.celltypes import marker_coverage
 
     cov = marker_coverage(genes, organ=organ, markers=None)

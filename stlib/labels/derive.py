@@ -2,7 +2,7 @@
 
 One sample: the aligned Xenium nuclei (:mod:`stlib.align`) get classes from expression
 (:mod:`stlib.labels.classes`) and become ``cells.parquet`` (one row per cell: aligned centroid,
-fine type, class, confidence), ``nuclei.parquet`` (aligned polygons with their class) and
+fine type, class, confidence, ignore_reason), ``nuclei.parquet`` (aligned polygons with their class) and
 ``label_report.json`` (the label-quality report: nuclei count and density, alignment score,
 class mix, confidence distribution, marker coverage; against the demo truth: class accuracy /
 per-class F1 by cell_id, centroid error and mask Dice/PQ of the ST-derived nuclei; against
@@ -209,6 +209,7 @@ def _label(s, res, cfg: LabelsConfig):
                 oncotree_code=s.oncotree_code, seed=cfg.seed, min_counts=cfg.min_counts,
                 min_confidence=cfg.min_confidence, resolution=cfg.leiden_resolution,
                 neighbors_method=cfg.neighbors_method, dead=cfg.dead, apoptosis_alpha=cfg.apoptosis_alpha,
+                low_counts=cfg.low_counts,
                 neoplastic_kwargs={"config": cfg.neoplastic})
     nuc = s.nuclei()
     nuc = nuc[~nuc.index.duplicated()]
@@ -232,6 +233,7 @@ def _label(s, res, cfg: LabelsConfig):
         "fine_type": obs["fine_type"].astype(str).to_numpy(),
         "class": obs["class"].astype(np.uint8).to_numpy(),
         "confidence": obs["confidence"].astype(np.float32).to_numpy(),
+        "ignore_reason": obs["ignore_reason"].astype(str).to_numpy(),
         "n_counts": obs["n_counts"].astype(np.int32).to_numpy(),
         "has_nucleus": has,
     })
@@ -275,6 +277,8 @@ def _report(s, res, cells: pd.DataFrame, nuclei, adata, *, labeler: str) -> dict
         "class_fraction": {k: v / max(1, len(cells)) for k, v in mix.items()},
         "confidence_quantiles": {str(q): float(np.quantile(conf, q)) for q in (0.1, 0.25, 0.5, 0.75, 0.9)} if len(conf) else {},
         "median_counts": float(np.median(cells["n_counts"])) if len(cells) else None,
+        "ignore_reasons": ({str(k): int(v) for k, v in cells.loc[cells["ignore_reason"] != "", "ignore_reason"]
+                            .value_counts().items()} if "ignore_reason" in cells else {}),
         "marker_coverage": cov,
     }
 
