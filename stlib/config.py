@@ -307,7 +307,7 @@ class InferConfig:
     marker_thresh: float | None = _opt(None, "watershed marker threshold on the HV edge map (none: the model "
                                              "file's, else 0.4)")
     min_size: int | None = _opt(None, "smallest blob / marker kept, in model px (none: the model file's, else 10)")
-    postproc_mode: Literal["hv", "distance", "blend"] | None = _opt(
+    postproc_mode: Literal["hv", "distance", "blend", "peaks"] | None = _opt(
         None, "watershed markers from the HV maps (hv, HoVer-Net's), from the distance transform of the nucleus "
               "mask (distance) or both (blend) (none: the model file's, else hv)")
     marker_h: float | None = _opt(None, "distance / blend modes: h-maxima height of the markers, model px (none: "
@@ -541,6 +541,11 @@ class RealTissueParams(CommonParams):
     postproc_mode: str = "distance"
     marker_h: float = 0.25
     hv_weight: float = 0.5
+    #: "peaks" mode: minimum distance (model px) between markers, the classical baseline's rule
+    marker_dist: float = 10.0
+    #: per-image stain normalisation of the input of both networks (:mod:`stlib.model.stain`; "none",
+    #: "hed", "macenko"), stored in their model files and applied by ``stlib infer``
+    stain_norm: str = "none"
     #: CoNSeP images (in name order) whose nuclei train the classification heads; the rest test them
     n_class_train: int = 4
     n_bootstrap: int = 1000
