@@ -557,6 +557,9 @@ class RealTissueParams(CommonParams):
     budget_csv: str = "benchmarks/realtissue_budget.csv"
     #: the longer recipe chosen on it, scored once on the held-out images (``python -m stlib.realtissue heldout``)
     heldout_csv: str = "benchmarks/realtissue_heldout.csv"
+    #: the leave-one-organ-out development runs (benchmarks/realtissue_loo/) and their post-processing grid
+    loo_csv: str = "benchmarks/realtissue_loo.csv"
+    loo_postproc_csv: str = "benchmarks/realtissue_loo_postproc.csv"
 
 
 NOTEBOOK_PARAMS: dict[str, type[CommonParams]] = {
