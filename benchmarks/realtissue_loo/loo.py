@@ -80,7 +80,7 @@ def train(name: str, kw: dict, seed: int, steps: int, nets: tuple[str, ...], fol
                               batch_size=recipe.batch_size, crop_px=recipe.crop_px, lr=recipe.lr,
                               aug_hed=recipe.aug_hed, aug_scale=recipe.aug_scale, seed=seed, device="cpu",
                               val_every=steps, ckpt_every=steps, warmup_steps=recipe.warmup_steps, num_workers=0,
-                              exclude_organs=(dev_organ,), **extra)
+                              exclude_organs=(dev_organ,), stain_norm=recipe.stain_norm, **extra)
             c0, t0 = _cpu(), time.perf_counter()
             res = train_run(cfg, resume="auto")
             cpu, wall = _cpu() - c0, time.perf_counter() - t0
