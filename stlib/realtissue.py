@@ -185,6 +185,10 @@ class RecipeConfig:
     postproc_mode: str = _RT.postproc_mode
     marker_h: float = _RT.marker_h
     hv_weight: float = _RT.hv_weight
+    #: "peaks" mode: minimum marker distance (model px)
+    marker_dist: float = _RT.marker_dist
+    #: per-image stain normalisation of the input (:mod:`stlib.model.stain`), stored in both model files
+    stain_norm: str = _RT.stain_norm
     seed: int = 0
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -220,7 +224,8 @@ def train_pair(run_dir: str | Path, recipe: RecipeConfig, *, parallel: bool = Tr
                           crop_px=recipe.crop_px, lr=recipe.lr, aug_hed=recipe.aug_hed, aug_scale=recipe.aug_scale,
                           seed=recipe.seed, device=recipe.device, val_every=recipe.steps,
                           ckpt_every=math.gcd(recipe.steps, *[int(n) for n in snapshots]),
-                          warmup_steps=recipe.warmup_steps, num_workers=1, **recipe.extra)
+                          warmup_steps=recipe.warmup_steps, num_workers=1, stain_norm=recipe.stain_norm,
+                          **recipe.extra)
         ckpt = cfg.out_path() / "checkpoint.pt"
         resume = "auto"
         if ckpt.is_file():  # another profile or parameter set trained here before: start over, don't refuse
@@ -244,6 +249,8 @@ def postproc_of(recipe: RecipeConfig) -> dict[str, Any]:
     pp: dict[str, Any] = {"np_thresh": recipe.np_thresh, "min_size": recipe.min_size, "mode": recipe.postproc_mode}
     if recipe.postproc_mode == "hv":
         pp["marker_thresh"] = recipe.marker_thresh
+    elif recipe.postproc_mode == "peaks":
+        pp["marker_dist"] = recipe.marker_dist
     else:
         pp["marker_h"] = recipe.marker_h
     if recipe.postproc_mode == "blend":
@@ -370,10 +377,15 @@ def describe_recipe(recipe: RecipeConfig) -> str:
     if recipe.postproc_mode == "hv":
         text = (f"post-processing NP >= {recipe.np_thresh}, marker {recipe.marker_thresh}, "
                 f"min {recipe.min_size} px")
+    elif recipe.postproc_mode == "peaks":
+        text = (f"post-processing NP >= {recipe.np_thresh}, markers at distance-transform peaks >= "
+                f"{recipe.marker_dist:g} px apart, min {recipe.min_size} px")
     else:
         text = (f"post-processing NP >= {recipe.np_thresh}, {recipe.postproc_mode} markers (h-maxima "
                 f"{recipe.marker_h} px" + (f", HV weight {recipe.hv_weight}" if recipe.postproc_mode == "blend" else "")
                 + f"), min {recipe.min_size} px")
+    if recipe.stain_norm != "none":
+        text = f"{recipe.stain_norm} stain normalisation, " + text
     return text + (f", loss weights {changed}" if changed else "")
 
 
@@ -769,7 +781,7 @@ def budget_main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--np-thresh", type=float, default=_RT.np_thresh)
     ap.add_argument("--marker-thresh", type=float, default=_RT.marker_thresh)
     ap.add_argument("--min-size", type=int, default=_RT.min_size)
-    ap.add_argument("--postproc-mode", choices=["hv", "distance", "blend"], default=_RT.postproc_mode)
+    ap.add_argument("--postproc-mode", choices=["hv", "distance", "blend", "peaks"], default=_RT.postproc_mode)
     ap.add_argument("--marker-h", type=float, default=_RT.marker_h)
     ap.add_argument("--hv-weight", type=float, default=_RT.hv_weight)
     ap.add_argument("--um-per-px", type=float, default=_RT.um_per_px)

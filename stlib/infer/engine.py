@@ -63,6 +63,9 @@ class ModelInfo:
     source: str = "<in-memory model>"
     encoder: str | None = None
     postproc: dict[str, Any] = field(default_factory=dict)
+    #: per-image stain normalisation the network was trained with (:mod:`stlib.model.stain`; the
+    #: model file's ``config["stain_norm"]``, absent = ``"none"``), applied by :func:`stlib.infer.infer_image`
+    stain_norm: str = "none"
 
 
 def load_inference_model(path: str | os.PathLike, *, device: str = "cpu") -> ModelInfo:
@@ -96,7 +99,8 @@ def load_inference_model(path: str | os.PathLike, *, device: str = "cpu") -> Mod
     names = {int(k): str(v) for k, v in (meta.get("class_names") or CLASS_NAMES).items()}
     return ModelInfo(model=model, um_per_px=float(um), tile_px=int(meta.get("tile_px") or 256),
                      class_names=names, source=str(path), encoder=config.get("encoder"),
-                     postproc=dict(meta.get("postproc") or {}))
+                     postproc=dict(meta.get("postproc") or {}),
+                     stain_norm=str((meta.get("config") or {}).get("stain_norm", "none")))
 
 
 def as_model_info(model_or_path: Any, device: str, model_um_per_px: float | None) -> ModelInfo:

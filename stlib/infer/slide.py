@@ -19,6 +19,7 @@ from stlib.config import InferConfig, resolve_device, with_options
 from stlib.constants import CLASS_NAMES, IGNORE
 from stlib.infer.engine import ModelInfo, Timing, as_model_info, default_workers, prefetch, prepare_model, run_pipeline
 from stlib.model import postproc
+from stlib.model.stain import apply_stain, fit_stain
 from stlib.utils import InputError, progress
 
 log = logging.getLogger("stlib.infer")
@@ -332,11 +333,15 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, config: InferConfig |
         acc = _Collected(plan.shape, keep_map=plan.shape[0] * plan.shape[1] <= max_map_px)
         timing = Timing()
 
+        # the stain normalisation the network was trained with, fitted on the whole image (its thumbnail)
+        stain = fit_stain(plan.thumb, info.stain_norm) if info.stain_norm != "none" else None
+
         def batches() -> Iterator[tuple[list[int], np.ndarray]]:
             for b in range(0, len(origins), batch_size):
                 keys = list(range(b, min(b + batch_size, len(origins))))
                 t0 = time.perf_counter()
-                imgs = np.stack([_read_model_tile(wsi, grid, int(origins[k][0]), int(origins[k][1])) for k in keys])
+                imgs = np.stack([apply_stain(_read_model_tile(wsi, grid, int(origins[k][0]), int(origins[k][1])), stain)
+                                 for k in keys])
                 timing.read_s += time.perf_counter() - t0
                 yield keys, imgs
 
@@ -357,6 +362,7 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, config: InferConfig |
         "tile_px": T, "overlap": int(overlap), "level": int(grid.level), "scale_level0_per_model_px": grid.s,
         "device": str(dev), "amp": bool(cfg.amp and dev.type == "cuda"), "batch_size": int(batch_size),
         "workers": workers, "model": info.source, "encoder": info.encoder, "postproc": dict(pp),
+        "stain_norm": info.stain_norm,
         "net_s": timing.net_s, "postproc_s": timing.postproc_s, "read_s": timing.read_s,
         "wall_s": time.perf_counter() - t_start,
         "maps": "level-0 input resolution" if acc.keep_map else f"omitted (> {max_map_px} level-0 px)",

@@ -112,8 +112,9 @@ def model_file(model: HoVerNet, config: TrainConfig, data_info: Mapping[str, Any
 
 
 #: post-processing settings a model file may carry (:func:`write_postproc`); ``mode``, ``marker_h`` and
-#: ``hv_weight`` choose and tune the marker mode of :func:`stlib.model.postproc.hovernet_postprocess`
-POSTPROC_KEYS = ("np_thresh", "marker_thresh", "min_size", "mode", "marker_h", "hv_weight")
+#: ``hv_weight`` (``marker_dist``: mode "peaks") choose and tune the marker mode of
+#: :func:`stlib.model.postproc.hovernet_postprocess`
+POSTPROC_KEYS = ("np_thresh", "marker_thresh", "min_size", "mode", "marker_h", "hv_weight", "marker_dist")
 
 
 def write_postproc(path: str | Path, settings: Mapping[str, float | int]) -> Path:

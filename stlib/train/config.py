@@ -24,7 +24,7 @@ HV_SOURCES = ("device", "masks")
 RESUME_FREE_FIELDS = frozenset({"device", "num_workers", "compile", "log_every", "run_dir"})
 #: fields added after checkpoints were written: a saved config without one compares at this value
 #: (:func:`stlib.train.checkpoint.comparable_config`), so older runs still resume or are skipped
-ADDED_FIELD_DEFAULTS: dict[str, object] = {"channels_last_cpu": False}
+ADDED_FIELD_DEFAULTS: dict[str, object] = {"channels_last_cpu": False, "stain_norm": "none"}
 
 
 #: the profile-level part of a run's defaults (encoder, steps, batch, LR schedule, validation, seed, ...)
@@ -93,6 +93,10 @@ class TrainConfig:
     aug_hed: float = 0.05
     #: probability of a Gaussian blur (sigma 0.3..1.2 px)
     aug_blur: float = 0.2
+    #: per-image stain normalisation of the input (:mod:`stlib.model.stain`: "none", "hed", "macenko"),
+    #: fitted on all tiles of each training sample; stored in ``model.pt`` and applied by ``stlib infer``
+    #: to each image (fitted on its thumbnail) before tiling
+    stain_norm: str = "none"
     #: train on random ``crop_px`` x ``crop_px`` crops of the tiles (0 = whole tiles); a CPU
     #: demo trains ~4x faster on 128 px crops of 256 px tiles, validation uses whole tiles
     crop_px: int = _RECIPE.crop_px
@@ -126,6 +130,8 @@ class TrainConfig:
 
         if self.recipe not in RECIPES:
             bad(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+        if self.stain_norm not in ("none", "hed", "macenko"):  # stlib.model.stain.STAIN_NORMS
+            bad(f"stain_norm must be one of none, hed, macenko, got {self.stain_norm!r}")
         if self.encoder not in ENCODERS:
             bad(f"encoder must be one of {sorted(ENCODERS)}, got {self.encoder!r}")
         if self.schedule not in SCHEDULES:

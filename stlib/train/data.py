@@ -71,6 +71,9 @@ class TileData:
             m["row"] = np.arange(len(m))
             metas.append(m)
         self.meta = pd.concat(metas, ignore_index=True)
+        #: per-image stain normalisation of :meth:`get` (:meth:`fit_stain`); sample -> StainStats
+        self.stain_norm = "none"
+        self._stain: dict[str, Any] = {}
 
     def __len__(self) -> int:
         return len(self.meta)
@@ -85,11 +88,49 @@ class TileData:
             keep &= ~m["organ"].astype(str).isin(list(exclude)).to_numpy()
         return np.flatnonzero(keep)
 
+    def fit_stain(self, idx: np.ndarray, mode: str) -> None:
+        """Normalise the images :meth:`get` returns with ``mode`` (:mod:`stlib.model.stain`), each
+        tile with the stain statistics of its whole sample, fitted on all tiles of that sample
+        among ``idx`` (the tiles together stand for the image, as ``stlib infer`` fits on the
+        whole image's thumbnail). ``"none"``: images as stored."""
+        from stlib.model.stain import check_stain_norm, fit_stain
+
+        self.stain_norm, self._stain = check_stain_norm(mode), {}
+        if mode == "none":
+            return
+        samples = self._samples()
+        idx = np.asarray(idx, np.int64)
+        for s in np.unique(samples[idx]):
+            tiles = idx[samples[idx] == s]
+            self._stain[s] = fit_stain(self._raw(tiles)["images"], mode)
+
     def get(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """Arrays of the tiles ``idx`` (global indices, any order, repeats allowed).
 
-        Keys ``images`` (B,T,T,3) uint8, ``inst``, ``type``, ``ignore``, ``conf`` (B,T,T).
+        Keys ``images`` (B,T,T,3) uint8 (stain-normalised per sample after :meth:`fit_stain`),
+        ``inst``, ``type``, ``ignore``, ``conf`` (B,T,T).
         """
+        out = self._raw(idx)
+        if self.stain_norm != "none":
+            from stlib.model.stain import apply_stain, fit_stain
+
+            samples = self._samples()[np.asarray(idx, np.int64)]
+            imgs = out["images"].copy()
+            for i, s in enumerate(samples):
+                if s not in self._stain:  # a tile outside the fitted set: its sample fitted on the fly
+                    self._stain[s] = fit_stain(imgs[i], self.stain_norm)
+                imgs[i] = apply_stain(imgs[i], self._stain[s])
+            out["images"] = imgs
+        return out
+
+    def _samples(self) -> np.ndarray:
+        """The sample of each tile (stores without a ``sample`` column: one per store)."""
+        if "sample" in self.meta.columns:
+            return self.meta["sample"].astype(str).to_numpy()
+        return ("store" + self.meta["store"].astype(str)).to_numpy()
+
+    def _raw(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`get` without stain normalisation."""
         idx = np.asarray(idx, dtype=np.int64)
         st = self.meta["store"].to_numpy()[idx]
         rows = self.meta["row"].to_numpy()[idx]
@@ -321,6 +362,7 @@ def training_data(config: TrainConfig) -> tuple[TileData, np.ndarray, np.ndarray
     if not len(train_idx):
         raise InputError(f"no tiles in splits {list(config.train_splits)} (organs {list(config.organs) or 'all'})",
                          path=data.paths[0], fix="check train_splits / organs against meta.parquet")
+    data.fit_stain(np.union1d(train_idx, val_idx), getattr(config, "stain_norm", "none"))
     counts = data.class_counts(train_idx, config.n_types) if config.balance_class else None
     weights = tile_weights(data.meta["organ"].to_numpy()[train_idx], counts, by_organ=config.balance_organ,
                            by_class=config.balance_class, max_boost=config.max_class_boost)
