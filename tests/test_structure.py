@@ -30,7 +30,7 @@ LAYERS: dict[str, float] = {
     "stlib.labels.derive": 5.5,
     "stlib.tiles": 5.7, "stlib.tiles.*": 5.7,
     "stlib.model": 6, "stlib.model.net": 6, "stlib.model.losses": 6, "stlib.model.postproc": 6,
-    "stlib.model.baseline": 6,
+    "stlib.model.baseline": 6, "stlib.model.stain": 6,
     "stlib.train.config": 7, "stlib.train.data": 7, "stlib.train.augment": 7, "stlib.train.checkpoint": 7.1,
     "stlib.train.loop": 7.2, "stlib.train.study": 7.3, "stlib.train.cli": 7.4, "stlib.train.__main__": 7.4,
     "stlib.train": 7.4,
