@@ -189,6 +189,8 @@ class RecipeConfig:
     marker_dist: float = _RT.marker_dist
     #: per-image stain normalisation of the input (:mod:`stlib.model.stain`), stored in both model files
     stain_norm: str = _RT.stain_norm
+    #: CPU training in channels_last layout (time only; :class:`stlib.train.TrainConfig`)
+    channels_last_cpu: bool = _RT.channels_last_cpu
     seed: int = 0
     device: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
@@ -225,7 +227,7 @@ def train_pair(run_dir: str | Path, recipe: RecipeConfig, *, parallel: bool = Tr
                           seed=recipe.seed, device=recipe.device, val_every=recipe.steps,
                           ckpt_every=math.gcd(recipe.steps, *[int(n) for n in snapshots]),
                           warmup_steps=recipe.warmup_steps, num_workers=1, stain_norm=recipe.stain_norm,
-                          **recipe.extra)
+                          **{"channels_last_cpu": recipe.channels_last_cpu, **recipe.extra})
         ckpt = cfg.out_path() / "checkpoint.pt"
         resume = "auto"
         if ckpt.is_file():  # another profile or parameter set trained here before: start over, don't refuse
