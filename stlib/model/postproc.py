@@ -139,6 +139,26 @@ def _h_maxima_by_object(image: np.ndarray, h: float) -> np.ndarray:
     return out
 
 
+def _filled_blob(np_prob: np.ndarray, np_thresh: float, min_size: int) -> np.ndarray:
+    """The NP mask of the distance-based modes: blobs of ``np_prob >= np_thresh`` of at least
+    ``min_size`` px, holes filled."""
+    blob_lab, _ = ndi.label(np_prob >= np_thresh)
+    return ndi.binary_fill_holes(_remove_small(blob_lab, min_size) > 0)
+
+
+def _flood_distance(dist: np.ndarray, markers: np.ndarray, blob: np.ndarray, min_size: int,
+                    keep_unmarked: bool) -> np.ndarray:
+    """Watershed of ``-dist`` from ``markers`` inside ``blob``, small nuclei removed, unmarked blobs
+    kept if asked, ids relabelled 1..n (the common end of the "peaks", "distance" and "blend" modes)."""
+    from skimage.segmentation import watershed
+
+    inst = watershed(-dist, markers=markers, mask=blob).astype(np.int32)
+    inst = _remove_small(inst, min_size)
+    if keep_unmarked:
+        inst = _keep_unmarked(inst, blob, min_size)
+    return _relabel(inst)[0]
+
+
 def _peak_instances(np_prob: np.ndarray, *, np_thresh: float, min_size: int, marker_dist: float,
                     keep_unmarked: bool) -> np.ndarray:
     """Mode ``"peaks"``: the classical baseline's marker rule (:mod:`stlib.model.baseline`) on the NP mask.
@@ -149,10 +169,8 @@ def _peak_instances(np_prob: np.ndarray, *, np_thresh: float, min_size: int, mar
     baseline applies to its Otsu mask; only the mask differs.
     """
     from skimage.feature import peak_local_max
-    from skimage.segmentation import watershed
 
-    blob_lab, _ = ndi.label(np_prob >= np_thresh)
-    blob = ndi.binary_fill_holes(_remove_small(blob_lab, min_size) > 0)
+    blob = _filled_blob(np_prob, np_thresh, min_size)
     if not blob.any():
         return np.zeros(np_prob.shape, np.int32)
     dist = ndi.distance_transform_edt(blob)
@@ -160,11 +178,7 @@ def _peak_instances(np_prob: np.ndarray, *, np_thresh: float, min_size: int, mar
                            exclude_border=False)
     markers = np.zeros(blob.shape, np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-    inst = watershed(-dist, markers=markers, mask=blob).astype(np.int32)
-    inst = _remove_small(inst, min_size)
-    if keep_unmarked:
-        inst = _keep_unmarked(inst, blob, min_size)
-    return _relabel(inst)[0]
+    return _flood_distance(dist, markers, blob, min_size, keep_unmarked)
 
 
 def _distance_instances(np_prob: np.ndarray, hv: np.ndarray, *, np_thresh: float, min_size: int,
@@ -179,21 +193,14 @@ def _distance_instances(np_prob: np.ndarray, hv: np.ndarray, *, np_thresh: float
     ("blend") multiplies the distance by ``1 - hv_weight * Sm`` (HoVer-Net's edge map), so HV
     edges between touching nuclei deepen the neck.
     """
-    from skimage.segmentation import watershed
-
-    blob_lab, _ = ndi.label(np_prob >= np_thresh)
-    blob = ndi.binary_fill_holes(_remove_small(blob_lab, min_size) > 0)
+    blob = _filled_blob(np_prob, np_thresh, min_size)
     if not blob.any():
         return np.zeros(np_prob.shape, np.int32)
     dist = ndi.gaussian_filter(ndi.distance_transform_edt(blob), 1.0) * blob
     if hv_weight > 0:
         dist = dist * (1.0 - hv_weight * _edge_map(hv, blob, sobel_ksize))
     markers, _ = ndi.label(_h_maxima_by_object(dist, marker_h), structure=np.ones((3, 3), bool))
-    inst = watershed(-dist, markers=markers, mask=blob).astype(np.int32)
-    inst = _remove_small(inst, min_size)
-    if keep_unmarked:
-        inst = _keep_unmarked(inst, blob, min_size)
-    return _relabel(inst)[0]
+    return _flood_distance(dist, markers, blob, min_size, keep_unmarked)
 
 
 def _instances(np_prob: np.ndarray, hv: np.ndarray, *, np_thresh: float, min_size: int,
