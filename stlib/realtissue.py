@@ -49,7 +49,7 @@ from stlib.utils import InputError, atomic_path, cache_key, map_processes, progr
 log = logging.getLogger("stlib.realtissue")
 
 __all__ = ["RecipeConfig", "postproc_of", "budget_curve", "budget_summary", "first_above_classical", "image_sets", "st_labels", "build_stores", "train_pair", "score_images", "summary_tables",
-           "ratio_ci", "to_resolution", "label_quality", "classification_experiment", "held_out_check", "source_label",
+           "ratio_ci", "score_workers", "to_resolution", "label_quality", "classification_experiment", "held_out_check", "source_label",
            "MERGED_CLASSES", "load_test_images", "classification_sets", "derived_class_maps", "natural_sorted"]
 
 #: classes a merged-epithelial truth (CoNSeP) can score: Inflammatory, Connective, Epithelial (any)
@@ -448,9 +448,107 @@ def _classical(image: np.ndarray, um_per_px: float) -> np.ndarray:
     return classical_segmentation(image, um_per_px=um_per_px)
 
 
+#: held-out scoring workers: one worker's peak memory (the models, one whole image, its network
+#: outputs and maps; ~1 GiB measured on 1000 px images) plus headroom, to cap workers by memory
+SCORE_WORKER_BYTES = 2 * 1024 ** 3
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - non-Linux
+        return None
+    return None  # pragma: no cover
+
+
+def score_workers(n_images: int, device: str = "auto", workers: int | None = None) -> int:
+    """Processes :func:`score_images` spreads the images over.
+
+    ``workers`` given: that many (at most one per image). Default: 1 on a GPU (the network runs
+    there; one process keeps it busy); on a CPU one single-thread process per usable core, at most
+    one per image, and at most as many as the available memory holds at :data:`SCORE_WORKER_BYTES`
+    each. No fixed cap at 2: the small network uses a second torch thread poorly, so separate
+    single-thread processes scale with the cores until memory or the number of images stops them.
+    """
+    from stlib.utils import usable_cpus
+
+    if workers is not None:
+        return max(1, min(int(workers), max(1, n_images)))
+    if resolve_device(device) != "cpu":
+        return 1
+    mem = _available_bytes()
+    by_mem = usable_cpus() if mem is None else max(1, mem // SCORE_WORKER_BYTES)
+    return max(1, min(usable_cpus(), n_images, by_mem))
+
+
+class _Scorer:
+    """Every method of :func:`score_images` ready to run on one image (model files read once)."""
+
+    def __init__(self, methods: Mapping[str, Any], device: str, model_um_per_px: float | None,
+                 postproc: Mapping[str, Any] | None, keep_predictions: bool) -> None:
+        from stlib.infer import load_inference_model
+
+        self.device, self.model_um_per_px, self.postproc = device, model_um_per_px, postproc
+        self.keep = keep_predictions
+        self.methods: dict[str, tuple[Any, bool]] = {}
+        for name, m in methods.items():
+            from_file = isinstance(m, (str, Path)) and not (isinstance(m, str) and m == "classical")
+            if from_file:  # read the model file once, not once per image (the same weights and settings)
+                m = load_inference_model(m, device=device)
+            self.methods[name] = (m, from_file)
+
+    def run(self, name: str, a: Any) -> np.ndarray:
+        """Instance map of method ``name`` on annotated image ``a``."""
+        from stlib.infer import infer_image
+
+        m, from_file = self.methods[name]
+        if isinstance(m, str) and m == "classical":
+            return _classical(a.image, a.um_per_px)
+        if callable(m) and not hasattr(m, "state_dict"):
+            return m(a.image, a.um_per_px)
+        res = infer_image(m, a.image, um_per_px=a.um_per_px, device=self.device, workers=0,
+                          tissue_detection=False, model_um_per_px=None if from_file else self.model_um_per_px,
+                          postproc_kwargs=None if from_file else self.postproc)
+        return res.inst
+
+    def score(self, name: str, a: Any) -> tuple[dict[str, Any], np.ndarray | None]:
+        """The row of (method, image) and the prediction (when kept); an error names both."""
+        from stlib.metrics import evaluate_pair
+
+        try:
+            inst = self.run(name, a)
+            r = evaluate_pair(a.inst, inst, um_per_px=a.um_per_px)
+        except InputError as e:
+            raise InputError(f"scoring {name!r} on image {a.name!r}: {e}", path=getattr(a, "path", None) or None,
+                             sample=a.name) from e
+        except Exception as e:
+            raise RuntimeError(f"image {a.name!r}: scoring {name!r} failed: {type(e).__name__}: {e}") from e
+        row = {"model": name, "image": a.name, "organ": a.organ, "source": a.source, "n_true": a.n_nuclei,
+               **{k: v for k, v in r.items() if np.isscalar(v)}}
+        return row, (inst if self.keep else None)
+
+
+_SCORER: _Scorer | None = None  # the worker process's scorer (set once per process by _score_init)
+
+
+def _score_init(*args: Any) -> None:
+    global _SCORER
+    _SCORER = _Scorer(*args)
+
+
+def _score_one(a: Any) -> list[tuple[dict[str, Any], np.ndarray | None]]:
+    """All methods on one image, in a :func:`score_images` worker process."""
+    assert _SCORER is not None, "_score_init did not run in this process"
+    return [_SCORER.score(name, a) for name in _SCORER.methods]
+
+
 def score_images(methods: Mapping[str, Any], images: Sequence[Any], *, device: str = "auto",
                  model_um_per_px: float | None = None, keep_predictions: bool = False,
-                 postproc: Mapping[str, Any] | None = None) -> tuple[pd.DataFrame, dict[str, list[np.ndarray]]]:
+                 postproc: Mapping[str, Any] | None = None, workers: int | None = None
+                 ) -> tuple[pd.DataFrame, dict[str, list[np.ndarray]]]:
     """Score each method on each whole image against its manual instances.
 
     Parameters
@@ -466,6 +564,13 @@ def score_images(methods: Mapping[str, Any], images: Sequence[Any], *, device: s
     postproc
         Post-processing of network modules given as objects (model files carry their own,
         :func:`stlib.train.checkpoint.write_postproc`); default HoVer-Net's.
+    workers
+        Processes the images are spread over (:func:`stlib.utils.map_processes`, one torch thread
+        each; every process reads each model file once and runs every method on its images);
+        default :func:`score_workers` (on a CPU one per usable core, capped by the images and the
+        memory; on a GPU 1). ``1`` = everything in this process. The results do not depend on it
+        (the same rows in the same order, the same instance maps; tested). Methods that cannot be
+        pickled (e.g. a lambda) are scored in this process.
 
     Returns
     -------
@@ -473,27 +578,31 @@ def score_images(methods: Mapping[str, Any], images: Sequence[Any], *, device: s
     ``source``, ``n_true`` and the metrics of :func:`stlib.metrics.evaluate_pair` (``dice``, ``aji``,
     ``pq``, ``bpq``, ``f_d``, ...); predictions per method when ``keep_predictions``.
     """
-    from stlib.infer import infer_image, load_inference_model
-    from stlib.metrics import evaluate_pair
+    import pickle
 
+    images = list(images)
+    n = score_workers(len(images), device, workers)
+    args = (dict(methods), device, model_um_per_px, postproc, keep_predictions)
+    if n > 1:
+        try:
+            pickle.dumps(args[0])
+        except Exception as e:  # e.g. a lambda: run here, one process
+            log.info("score_images: methods cannot be sent to worker processes (%s); scoring in this process", e)
+            n = 1
+    if n > 1:
+        per_image = map_processes(_score_one, images, workers=n, threads=1, initializer=_score_init,
+                                  initargs=args, desc=f"score {len(methods)} methods")
+    else:
+        scorer = _Scorer(*args)
+        per_image = [[] for _ in images]
+        for name in scorer.methods:  # method by method, as before (progress per method)
+            for k, a in enumerate(progress(images, desc=f"score {name}")):
+                per_image[k].append(scorer.score(name, a))
     rows, preds = [], {}
-    for name, m in methods.items():
-        from_file = isinstance(m, (str, Path)) and not (isinstance(m, str) and m == "classical")
-        if from_file:  # read the model file once, not once per image (the same weights and settings)
-            m = load_inference_model(m, device=device)
-        for a in progress(list(images), desc=f"score {name}"):
-            if isinstance(m, str) and m == "classical":
-                inst = _classical(a.image, a.um_per_px)
-            elif callable(m) and not hasattr(m, "state_dict"):
-                inst = m(a.image, a.um_per_px)
-            else:
-                res = infer_image(m, a.image, um_per_px=a.um_per_px, device=device, workers=0,
-                                  tissue_detection=False, model_um_per_px=None if from_file else model_um_per_px,
-                                  postproc_kwargs=None if from_file else postproc)
-                inst = res.inst
-            r = evaluate_pair(a.inst, inst, um_per_px=a.um_per_px)
-            rows.append({"model": name, "image": a.name, "organ": a.organ, "source": a.source,
-                         "n_true": a.n_nuclei, **{k: v for k, v in r.items() if np.isscalar(v)}})
+    for j, name in enumerate(methods):  # method-major order, whichever way the images were run
+        for res in per_image:
+            row, inst = res[j]
+            rows.append(row)
             if keep_predictions:
                 preds.setdefault(name, []).append(inst)
     return pd.DataFrame(rows), preds

@@ -260,7 +260,7 @@ def test_scores_through_infer_and_the_cli_check_agree(trained, tiny, tmp_path, m
     loads = []
     real_load = infer.load_inference_model
     monkeypatch.setattr(infer, "load_inference_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
-    per_image, preds = rt.score_images(methods, tests, device="cpu", keep_predictions=True)
+    per_image, preds = rt.score_images(methods, tests, device="cpu", keep_predictions=True, workers=1)
     monkeypatch.undo()
     assert len(loads) == 1
     assert len(per_image) == 4 and {"bpq", "dice", "aji", "f_d"} <= set(per_image.columns)
