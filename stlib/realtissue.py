@@ -679,17 +679,36 @@ def to_resolution(ann: Any, um_per_px: float) -> Any:
                    um_per_px=float(um_per_px), notes=[*ann.notes, f"resampled to {um_per_px} µm/px"])
 
 
-def _features(model: Any, images: Sequence[np.ndarray], insts: Sequence[np.ndarray], device: str
-              ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Frozen per-nucleus features: NP- and NT-branch features of the network, averaged per nucleus."""
+_FEATURE_MODEL: Any = None  # the network of a _features worker process (set once per process)
+
+
+def _features_init(model: Any) -> None:
+    global _FEATURE_MODEL
+    _FEATURE_MODEL = model
+
+
+def _features_one(item: tuple[np.ndarray, np.ndarray, str]) -> tuple[np.ndarray, np.ndarray]:
+    """NP- and NT-branch features of one image, from one forward pass (NP channels first)."""
     from stlib.evaluate import nucleus_features
 
-    out = []
-    for img, inst in zip(images, insts):
-        f_np = nucleus_features(model, img[None], [inst], device=device, branch="np")[0]
-        f_nt = nucleus_features(model, img[None], [inst], device=device, branch="nt")[0]
-        out.append((f_np[0], np.concatenate([f_np[1], f_nt[1]], axis=1)))
-    return out
+    img, inst, device = item
+    return nucleus_features(_FEATURE_MODEL, img[None], [inst], device=device, branch=("np", "nt"))[0]
+
+
+def _features(model: Any, images: Sequence[np.ndarray], insts: Sequence[np.ndarray], device: str,
+              workers: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Frozen per-nucleus features: NP- and NT-branch features of the network, averaged per nucleus.
+
+    One forward pass per image gives both branches (the same values as one pass per branch);
+    on a CPU the images are spread over :func:`score_workers` processes (the network sent once
+    to each), in order.
+    """
+    items = [(img, inst, device) for img, inst in zip(images, insts)]
+    try:
+        return map_processes(_features_one, items, workers=score_workers(len(items), device, workers), threads=1,
+                             initializer=_features_init, initargs=(model,))
+    finally:
+        _features_init(None)  # this process's reference, when it ran the images itself
 
 
 def _majority(inst: np.ndarray, typ: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -702,7 +721,7 @@ def _majority(inst: np.ndarray, typ: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 def classification_experiment(model: Any, train_images: Sequence[Any], test_images: Sequence[Any],
                               label_sets: Mapping[str, Sequence[np.ndarray]], *, device: str = "auto",
-                              seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+                              seed: int = 0, workers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Label sets compared with a classification head on frozen features (CoNSeP protocol).
 
     Parameters
@@ -715,6 +734,9 @@ def classification_experiment(model: Any, train_images: Sequence[Any], test_imag
     label_sets
         name -> one class map per training image (stlib ids; 255 = not used for training). Each set
         trains its own multinomial logistic regression, in the merged space it is scored in.
+    workers
+        Processes of the feature pass (default :func:`score_workers`; 1 = this process); the
+        features do not depend on it.
 
     Returns
     -------
@@ -726,8 +748,9 @@ def classification_experiment(model: Any, train_images: Sequence[Any], test_imag
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    tr = _features(model, [a.image for a in train_images], [a.inst for a in train_images], device)
-    te = _features(model, [a.image for a in test_images], [a.inst for a in test_images], device)
+    feats = _features(model, [a.image for a in [*train_images, *test_images]],
+                      [a.inst for a in [*train_images, *test_images]], device, workers)
+    tr, te = feats[:len(train_images)], feats[len(train_images):]
     X = np.concatenate([f for _, f in tr])
     Xt = np.concatenate([f for _, f in te])
     y_true = np.concatenate([merge_epithelial(_majority(a.inst, a.type, ids)) for a, (ids, _) in zip(test_images, te)])

@@ -96,3 +96,36 @@ def test_unpicklable_method_runs_in_this_process(setup):
     a, _ = rt.score_images({"f": f}, setup["images"][:2], device="cpu", workers=2)
     b, _ = rt.score_images({"f": "classical"}, setup["images"][:2], device="cpu", workers=1)
     pd.testing.assert_frame_equal(a, b)
+
+
+def test_features_one_pass_and_parallel_equal_two_serial_passes(setup):
+    """The classification features: NP and NT branches from one forward pass equal one pass per
+    branch, and the images spread over worker processes give the same features in the same order.
+    Both sides run one torch thread (the workers' setting): the thread count alone moves the last
+    float bits of a convolution (as it does between machines), not what this test is about."""
+    import torch
+
+    from stlib import realtissue as rt
+    from stlib.evaluate import nucleus_features
+
+    net, images = setup["net"], setup["images"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        two = []
+        for a in images:
+            f_np = nucleus_features(net, a.image[None], [a.inst], device="cpu", branch="np")[0]
+            f_nt = nucleus_features(net, a.image[None], [a.inst], device="cpu", branch="nt")[0]
+            two.append((f_np[0], np.concatenate([f_np[1], f_nt[1]], axis=1)))
+        ser = rt._features(net, [a.image for a in images], [a.inst for a in images], "cpu", workers=1)
+    finally:
+        torch.set_num_threads(threads)
+    par = rt._features(net, [a.image for a in images], [a.inst for a in images], "cpu", workers=2)
+    assert rt._FEATURE_MODEL is None  # no network left behind in this process
+    assert len(two) == len(ser) == len(par) == len(images)
+    for (i0, f0), (i1, f1), (i2, f2) in zip(two, ser, par):
+        np.testing.assert_array_equal(i0, i1)
+        np.testing.assert_array_equal(i0, i2)
+        assert f0.shape[0] == i0.size and f0.shape[1] > 0
+        np.testing.assert_array_equal(f0, f1)
+        np.testing.assert_array_equal(f0, f2)
