@@ -151,19 +151,11 @@ def usable_cpus() -> int:
 
 def _pool_init(threads: int, initializer: Any = None, initargs: tuple = ()) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ["STLIB_WORKER_THREADS"] = str(threads)  # read by worker_threads()
     import torch
 
     torch.set_num_threads(threads)
     if initializer is not None:
         initializer(*initargs)
-
-
-def worker_threads() -> int:
-    """Threads a stage may use in this process: ``threads`` inside a :func:`map_processes` worker
-    (so 2 processes x 1 thread do not become 2 x 2 threads on 2 cores), else :func:`usable_cpus`."""
-    n = os.environ.get("STLIB_WORKER_THREADS")
-    return max(1, int(n)) if n and n.isdigit() else usable_cpus()
 
 
 def map_processes(fn: Any, items: Iterable[Any], *, workers: int | None = None,
@@ -187,8 +179,7 @@ def map_processes(fn: Any, items: Iterable[Any], *, workers: int | None = None,
         Processes; default: one per usable CPU (at most one per item). ``1`` runs everything in
         this process, as does a single item.
     threads
-        torch threads of each process (and what :func:`worker_threads` says there); default: the
-        usable CPUs divided among the workers.
+        torch threads of each process; default: the usable CPUs divided among the workers.
     initializer, initargs
         ``initializer(*initargs)`` runs once in each worker process before its first item (e.g. to
         load a model once per process, not once per item); in this process when it runs the items
