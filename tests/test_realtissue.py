@@ -428,7 +428,8 @@ def _same_run_files(a, b) -> None:
     def strip(o):
         if isinstance(o, dict):
             return {k: strip(v) for k, v in o.items()
-                    if not any(t in k.lower() for t in ("seconds", "time", "wall", "date", "created"))}
+                    if k != "build_key"  # fingerprints the inputs: name, size, mtime
+                    and not any(t in k.lower() for t in ("seconds", "time", "wall", "date", "created"))}
         return [strip(v) for v in o] if isinstance(o, list) else o
 
     fa = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
