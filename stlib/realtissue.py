@@ -49,7 +49,7 @@ from stlib.utils import InputError, atomic_path, cache_key, map_processes, progr
 log = logging.getLogger("stlib.realtissue")
 
 __all__ = ["RecipeConfig", "postproc_of", "budget_curve", "budget_summary", "first_above_classical", "image_sets", "st_labels", "build_stores", "train_pair", "score_images", "summary_tables",
-           "ratio_ci", "to_resolution", "label_quality", "classification_experiment", "held_out_check", "source_label",
+           "ratio_ci", "score_workers", "to_resolution", "label_quality", "classification_experiment", "held_out_check", "source_label",
            "MERGED_CLASSES", "load_test_images", "classification_sets", "derived_class_maps", "natural_sorted"]
 
 #: classes a merged-epithelial truth (CoNSeP) can score: Inflammatory, Connective, Epithelial (any)
@@ -92,9 +92,34 @@ def _seg_only_labels(hest: Path, sid: str, run_dir: Path, res: Any) -> Path:
     return out
 
 
+def _st_labels_one(job: tuple[Any, ...]) -> dict[str, Any]:
+    """One sample of :func:`st_labels` (alignment, segmentation labels, classes if asked): its row."""
+    from stlib.align import align_and_save, truth_comparison
+    from stlib.io.cohort import hest_dir
+    from stlib.labels.derive import derive_sample
+
+    data_dir, run_dir, sid, with_classes, seed, refine_alignment, labeler = job
+    hest, run_dir = hest_dir(data_dir), Path(run_dir)
+    truth = Path(data_dir) / "truth"
+    t0 = time.perf_counter()
+    res, _ = align_and_save(hest, sid, RunLayout(run_dir).alignment_root, refine=refine_alignment)
+    _seg_only_labels(hest, sid, run_dir, res)
+    row = {"sample": sid, "corr before": res.scores["global"]["before"]["corr"],
+           "corr after": res.scores["global"]["after"]["corr"]}
+    if truth.is_dir():
+        tc = truth_comparison(res, hest, truth)
+        row.update({"error before (µm)": tc.get("median_error_um_before"),
+                    "error after (µm)": tc.get("median_error_um_after")})
+    if with_classes:
+        derive_sample(hest, sid, run_dir, labeler=labeler, seed=seed,
+                      truth_dir=truth if truth.is_dir() else None)
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
 def st_labels(data_dir: str | Path, run_dir: str | Path, samples: Sequence[str], *,
               classes_for: Sequence[str] = (), seed: int = 0, refine_alignment: bool = True,
-              labeler: str = "hierarchical") -> pd.DataFrame:
+              labeler: str = "hierarchical", workers: int = 1) -> pd.DataFrame:
     """Align every sample and write its ST-derived labels.
 
     Parameters
@@ -108,34 +133,26 @@ def st_labels(data_dir: str | Path, run_dir: str | Path, samples: Sequence[str],
         into ``labels/{sample}/``); all get segmentation labels (``labels/{sample}__seg/``).
     refine_alignment
         Use the project's alignment refinement (notebook 01_alignment) before taking the outlines.
+    workers
+        Processes the samples are spread over (:func:`stlib.utils.map_processes`; each sample's
+        work is independent and writes only its own folders; ``None`` = one per usable CPU, at
+        most one per sample). The outputs do not depend on it (tested; rows in sample order);
+        ``seconds`` is each sample's own wall time. Default 1 (this process): on chapter 07's 13
+        samples of 1000 px, 2 processes took 39 CPU s where one took 22 (each worker starts
+        Python, torch, and loads the compiled kernels from numba's cache, several seconds of CPU
+        on a 2-core machine), so they gain no wall time there; they pay off for larger samples.
+        The alignment keeps its own thread pools sized by the usable CPUs inside a worker too:
+        their chunking sets the order of its floating-point sums (fewer threads would move the
+        last bits of its scores).
 
     Returns
     -------
     One row per sample: alignment scores before / after, against the simulated true map
     (median error µm), and the time taken.
     """
-    from stlib.align import align_and_save, truth_comparison
-    from stlib.io.cohort import hest_dir
-    from stlib.labels.derive import derive_sample
-
-    hest, run_dir = hest_dir(data_dir), Path(run_dir)
-    truth = Path(data_dir) / "truth"
-    rows = []
-    for sid in progress(list(samples), desc="align + ST labels"):
-        t0 = time.perf_counter()
-        res, _ = align_and_save(hest, sid, RunLayout(run_dir).alignment_root, refine=refine_alignment)
-        _seg_only_labels(hest, sid, run_dir, res)
-        row = {"sample": sid, "corr before": res.scores["global"]["before"]["corr"],
-               "corr after": res.scores["global"]["after"]["corr"]}
-        if truth.is_dir():
-            tc = truth_comparison(res, hest, truth)
-            row.update({"error before (µm)": tc.get("median_error_um_before"),
-                        "error after (µm)": tc.get("median_error_um_after")})
-        if sid in set(classes_for):
-            derive_sample(hest, sid, run_dir, labeler=labeler, seed=seed,
-                          truth_dir=truth if truth.is_dir() else None)
-        row["seconds"] = time.perf_counter() - t0
-        rows.append(row)
+    wanted = set(classes_for)
+    jobs = [(str(data_dir), str(run_dir), sid, sid in wanted, seed, refine_alignment, labeler) for sid in samples]
+    rows = map_processes(_st_labels_one, jobs, workers=workers, threads=1, desc="align + ST labels")
     return pd.DataFrame(rows)
 
 
@@ -448,9 +465,107 @@ def _classical(image: np.ndarray, um_per_px: float) -> np.ndarray:
     return classical_segmentation(image, um_per_px=um_per_px)
 
 
+#: held-out scoring workers: one worker's peak memory (the models, one whole image, its network
+#: outputs and maps; ~1 GiB measured on 1000 px images) plus headroom, to cap workers by memory
+SCORE_WORKER_BYTES = 2 * 1024 ** 3
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - non-Linux
+        return None
+    return None  # pragma: no cover
+
+
+def score_workers(n_images: int, device: str = "auto", workers: int | None = None) -> int:
+    """Processes :func:`score_images` spreads the images over.
+
+    ``workers`` given: that many (at most one per image). Default: 1 on a GPU (the network runs
+    there; one process keeps it busy); on a CPU one single-thread process per usable core, at most
+    one per image, and at most as many as the available memory holds at :data:`SCORE_WORKER_BYTES`
+    each. No fixed cap at 2: the small network uses a second torch thread poorly, so separate
+    single-thread processes scale with the cores until memory or the number of images stops them.
+    """
+    from stlib.utils import usable_cpus
+
+    if workers is not None:
+        return max(1, min(int(workers), max(1, n_images)))
+    if resolve_device(device) != "cpu":
+        return 1
+    mem = _available_bytes()
+    by_mem = usable_cpus() if mem is None else max(1, mem // SCORE_WORKER_BYTES)
+    return max(1, min(usable_cpus(), n_images, by_mem))
+
+
+class _Scorer:
+    """Every method of :func:`score_images` ready to run on one image (model files read once)."""
+
+    def __init__(self, methods: Mapping[str, Any], device: str, model_um_per_px: float | None,
+                 postproc: Mapping[str, Any] | None, keep_predictions: bool) -> None:
+        from stlib.infer import load_inference_model
+
+        self.device, self.model_um_per_px, self.postproc = device, model_um_per_px, postproc
+        self.keep = keep_predictions
+        self.methods: dict[str, tuple[Any, bool]] = {}
+        for name, m in methods.items():
+            from_file = isinstance(m, (str, Path)) and not (isinstance(m, str) and m == "classical")
+            if from_file:  # read the model file once, not once per image (the same weights and settings)
+                m = load_inference_model(m, device=device)
+            self.methods[name] = (m, from_file)
+
+    def run(self, name: str, a: Any) -> np.ndarray:
+        """Instance map of method ``name`` on annotated image ``a``."""
+        from stlib.infer import infer_image
+
+        m, from_file = self.methods[name]
+        if isinstance(m, str) and m == "classical":
+            return _classical(a.image, a.um_per_px)
+        if callable(m) and not hasattr(m, "state_dict"):
+            return m(a.image, a.um_per_px)
+        res = infer_image(m, a.image, um_per_px=a.um_per_px, device=self.device, workers=0,
+                          tissue_detection=False, model_um_per_px=None if from_file else self.model_um_per_px,
+                          postproc_kwargs=None if from_file else self.postproc)
+        return res.inst
+
+    def score(self, name: str, a: Any) -> tuple[dict[str, Any], np.ndarray | None]:
+        """The row of (method, image) and the prediction (when kept); an error names both."""
+        from stlib.metrics import evaluate_pair
+
+        try:
+            inst = self.run(name, a)
+            r = evaluate_pair(a.inst, inst, um_per_px=a.um_per_px)
+        except InputError as e:
+            raise InputError(f"scoring {name!r} on image {a.name!r}: {e}", path=getattr(a, "path", None) or None,
+                             sample=a.name) from e
+        except Exception as e:
+            raise RuntimeError(f"image {a.name!r}: scoring {name!r} failed: {type(e).__name__}: {e}") from e
+        row = {"model": name, "image": a.name, "organ": a.organ, "source": a.source, "n_true": a.n_nuclei,
+               **{k: v for k, v in r.items() if np.isscalar(v)}}
+        return row, (inst if self.keep else None)
+
+
+_SCORER: _Scorer | None = None  # the worker process's scorer (set once per process by _score_init)
+
+
+def _score_init(*args: Any) -> None:
+    global _SCORER
+    _SCORER = _Scorer(*args)
+
+
+def _score_one(a: Any) -> list[tuple[dict[str, Any], np.ndarray | None]]:
+    """All methods on one image, in a :func:`score_images` worker process."""
+    assert _SCORER is not None, "_score_init did not run in this process"
+    return [_SCORER.score(name, a) for name in _SCORER.methods]
+
+
 def score_images(methods: Mapping[str, Any], images: Sequence[Any], *, device: str = "auto",
                  model_um_per_px: float | None = None, keep_predictions: bool = False,
-                 postproc: Mapping[str, Any] | None = None) -> tuple[pd.DataFrame, dict[str, list[np.ndarray]]]:
+                 postproc: Mapping[str, Any] | None = None, workers: int | None = None
+                 ) -> tuple[pd.DataFrame, dict[str, list[np.ndarray]]]:
     """Score each method on each whole image against its manual instances.
 
     Parameters
@@ -466,6 +581,13 @@ def score_images(methods: Mapping[str, Any], images: Sequence[Any], *, device: s
     postproc
         Post-processing of network modules given as objects (model files carry their own,
         :func:`stlib.train.checkpoint.write_postproc`); default HoVer-Net's.
+    workers
+        Processes the images are spread over (:func:`stlib.utils.map_processes`, one torch thread
+        each; every process reads each model file once and runs every method on its images);
+        default :func:`score_workers` (on a CPU one per usable core, capped by the images and the
+        memory; on a GPU 1). ``1`` = everything in this process. The results do not depend on it
+        (the same rows in the same order, the same instance maps; tested). Methods that cannot be
+        pickled (e.g. a lambda) are scored in this process.
 
     Returns
     -------
@@ -473,27 +595,31 @@ def score_images(methods: Mapping[str, Any], images: Sequence[Any], *, device: s
     ``source``, ``n_true`` and the metrics of :func:`stlib.metrics.evaluate_pair` (``dice``, ``aji``,
     ``pq``, ``bpq``, ``f_d``, ...); predictions per method when ``keep_predictions``.
     """
-    from stlib.infer import infer_image, load_inference_model
-    from stlib.metrics import evaluate_pair
+    import pickle
 
+    images = list(images)
+    n = score_workers(len(images), device, workers)
+    args = (dict(methods), device, model_um_per_px, postproc, keep_predictions)
+    if n > 1:
+        try:
+            pickle.dumps(args[0])
+        except Exception as e:  # e.g. a lambda: run here, one process
+            log.info("score_images: methods cannot be sent to worker processes (%s); scoring in this process", e)
+            n = 1
+    if n > 1:
+        per_image = map_processes(_score_one, images, workers=n, threads=1, initializer=_score_init,
+                                  initargs=args, desc=f"score {len(methods)} methods")
+    else:
+        scorer = _Scorer(*args)
+        per_image = [[] for _ in images]
+        for name in scorer.methods:  # method by method, as before (progress per method)
+            for k, a in enumerate(progress(images, desc=f"score {name}")):
+                per_image[k].append(scorer.score(name, a))
     rows, preds = [], {}
-    for name, m in methods.items():
-        from_file = isinstance(m, (str, Path)) and not (isinstance(m, str) and m == "classical")
-        if from_file:  # read the model file once, not once per image (the same weights and settings)
-            m = load_inference_model(m, device=device)
-        for a in progress(list(images), desc=f"score {name}"):
-            if isinstance(m, str) and m == "classical":
-                inst = _classical(a.image, a.um_per_px)
-            elif callable(m) and not hasattr(m, "state_dict"):
-                inst = m(a.image, a.um_per_px)
-            else:
-                res = infer_image(m, a.image, um_per_px=a.um_per_px, device=device, workers=0,
-                                  tissue_detection=False, model_um_per_px=None if from_file else model_um_per_px,
-                                  postproc_kwargs=None if from_file else postproc)
-                inst = res.inst
-            r = evaluate_pair(a.inst, inst, um_per_px=a.um_per_px)
-            rows.append({"model": name, "image": a.name, "organ": a.organ, "source": a.source,
-                         "n_true": a.n_nuclei, **{k: v for k, v in r.items() if np.isscalar(v)}})
+    for j, name in enumerate(methods):  # method-major order, whichever way the images were run
+        for res in per_image:
+            row, inst = res[j]
+            rows.append(row)
             if keep_predictions:
                 preds.setdefault(name, []).append(inst)
     return pd.DataFrame(rows), preds
@@ -570,17 +696,38 @@ def to_resolution(ann: Any, um_per_px: float) -> Any:
                    um_per_px=float(um_per_px), notes=[*ann.notes, f"resampled to {um_per_px} µm/px"])
 
 
-def _features(model: Any, images: Sequence[np.ndarray], insts: Sequence[np.ndarray], device: str
-              ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Frozen per-nucleus features: NP- and NT-branch features of the network, averaged per nucleus."""
+_FEATURE_MODEL: Any = None  # the network of a _features worker process (set once per process)
+
+
+def _features_init(model: Any) -> None:
+    global _FEATURE_MODEL
+    _FEATURE_MODEL = model
+
+
+def _features_one(item: tuple[np.ndarray, np.ndarray, str]) -> tuple[np.ndarray, np.ndarray]:
+    """NP- and NT-branch features of one image, from one forward pass (NP channels first)."""
     from stlib.evaluate import nucleus_features
 
-    out = []
-    for img, inst in zip(images, insts):
-        f_np = nucleus_features(model, img[None], [inst], device=device, branch="np")[0]
-        f_nt = nucleus_features(model, img[None], [inst], device=device, branch="nt")[0]
-        out.append((f_np[0], np.concatenate([f_np[1], f_nt[1]], axis=1)))
-    return out
+    img, inst, device = item
+    return nucleus_features(_FEATURE_MODEL, img[None], [inst], device=device, branch=("np", "nt"))[0]
+
+
+def _features(model: Any, images: Sequence[np.ndarray], insts: Sequence[np.ndarray], device: str,
+              workers: int | None = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Frozen per-nucleus features: NP- and NT-branch features of the network, averaged per nucleus.
+
+    One forward pass per image gives both branches (the same values as one pass per branch).
+    ``workers`` > 1 (``None``: :func:`score_workers`) spreads the images over single-thread
+    processes (the network sent once to each), in order; see :func:`classification_experiment`
+    for why the default is this process.
+    """
+    items = [(img, inst, device) for img, inst in zip(images, insts)]
+    n = 1 if workers == 1 else score_workers(len(items), device, workers)
+    try:
+        return map_processes(_features_one, items, workers=n, threads=1,
+                             initializer=_features_init, initargs=(model,))
+    finally:
+        _features_init(None)  # this process's reference, when it ran the images itself
 
 
 def _majority(inst: np.ndarray, typ: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -593,7 +740,7 @@ def _majority(inst: np.ndarray, typ: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 def classification_experiment(model: Any, train_images: Sequence[Any], test_images: Sequence[Any],
                               label_sets: Mapping[str, Sequence[np.ndarray]], *, device: str = "auto",
-                              seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+                              seed: int = 0, workers: int | None = 1) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Label sets compared with a classification head on frozen features (CoNSeP protocol).
 
     Parameters
@@ -606,6 +753,12 @@ def classification_experiment(model: Any, train_images: Sequence[Any], test_imag
     label_sets
         name -> one class map per training image (stlib ids; 255 = not used for training). Each set
         trains its own multinomial logistic regression, in the merged space it is scored in.
+    workers
+        Processes of the feature pass (``None``: :func:`score_workers`). Default 1, this process
+        with its torch threads: worker processes run one torch thread each, which moves the last
+        float bits of the features (~3e-7, as another core count does), and the logistic heads
+        turn that into a few other predicted nuclei (chapter 07, 8 CoNSeP test images: the
+        accuracy of 3 moved by 0.001-0.003). Worth it only where such a shift does not matter.
 
     Returns
     -------
@@ -617,8 +770,9 @@ def classification_experiment(model: Any, train_images: Sequence[Any], test_imag
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    tr = _features(model, [a.image for a in train_images], [a.inst for a in train_images], device)
-    te = _features(model, [a.image for a in test_images], [a.inst for a in test_images], device)
+    feats = _features(model, [a.image for a in [*train_images, *test_images]],
+                      [a.inst for a in [*train_images, *test_images]], device, workers)
+    tr, te = feats[:len(train_images)], feats[len(train_images):]
     X = np.concatenate([f for _, f in tr])
     Xt = np.concatenate([f for _, f in te])
     y_true = np.concatenate([merge_epithelial(_majority(a.inst, a.type, ids)) for a, (ids, _) in zip(test_images, te)])

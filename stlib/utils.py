@@ -149,15 +149,18 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _pool_init(threads: int) -> None:
+def _pool_init(threads: int, initializer: Any = None, initargs: tuple = ()) -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     torch.set_num_threads(threads)
+    if initializer is not None:
+        initializer(*initargs)
 
 
 def map_processes(fn: Any, items: Iterable[Any], *, workers: int | None = None,
-                  threads: int | None = None) -> list[Any]:
+                  threads: int | None = None, initializer: Any = None, initargs: tuple = (),
+                  desc: str | None = None) -> list[Any]:
     """``[fn(item) for item in items]``, run in ``workers`` fresh processes (results in order).
 
     Meant for several small CPU trainings: a network of the demo's size on small crops uses a
@@ -177,19 +180,32 @@ def map_processes(fn: Any, items: Iterable[Any], *, workers: int | None = None,
         this process, as does a single item.
     threads
         torch threads of each process; default: the usable CPUs divided among the workers.
+    initializer, initargs
+        ``initializer(*initargs)`` runs once in each worker process before its first item (e.g. to
+        load a model once per process, not once per item); in this process when it runs the items
+        itself (``workers`` 1 or a single item).
+    desc
+        Show progress over the items (:func:`progress`) under this name.
     """
     items = list(items)
     cpus = usable_cpus()
     workers = min(len(items), cpus if workers is None else int(workers))
     if workers <= 1:
-        return [fn(item) for item in items]
+        if initializer is not None:
+            initializer(*initargs)
+        it = items if desc is None else progress(items, desc=desc)
+        return [fn(item) for item in it]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     threads = int(threads) if threads else max(1, cpus // workers)
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_init, initargs=(threads,)) as pool:
-        return list(pool.map(fn, items))
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_pool_init,
+                             initargs=(threads, initializer, tuple(initargs))) as pool:
+        results = pool.map(fn, items)
+        if desc is not None:
+            results = progress(results, desc=desc, total=len(items))
+        return list(results)
 
 
 def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:

@@ -260,7 +260,7 @@ def test_scores_through_infer_and_the_cli_check_agree(trained, tiny, tmp_path, m
     loads = []
     real_load = infer.load_inference_model
     monkeypatch.setattr(infer, "load_inference_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
-    per_image, preds = rt.score_images(methods, tests, device="cpu", keep_predictions=True)
+    per_image, preds = rt.score_images(methods, tests, device="cpu", keep_predictions=True, workers=1)
     monkeypatch.undo()
     assert len(loads) == 1
     assert len(per_image) == 4 and {"bpq", "dice", "aji", "f_d"} <= set(per_image.columns)
@@ -418,3 +418,51 @@ def test_real_images_get_a_plausible_xenium_layer(realdata, tmp_path):
         assert 0.45 < st["dapi_iou_median"] < 0.9  # DAPI outlines differ from the H&E nucleus, as in the demo
         assert st["n_missing"] > 0 and st["n_extra"] > 0
     assert meta["samples"][0]["role"] == "held-out" and meta["samples"][0]["organ"] == "Kidney"
+
+
+def _same_run_files(a, b) -> None:
+    """Every file of run folder ``a`` is in ``b`` with the same content: arrays and tables equal,
+    JSON equal once the keys that record times are dropped."""
+    import json as _json
+
+    def strip(o):
+        if isinstance(o, dict):
+            return {k: strip(v) for k, v in o.items()
+                    if k != "build_key"  # fingerprints the inputs: name, size, mtime
+                    and not any(t in k.lower() for t in ("seconds", "time", "wall", "date", "created"))}
+        return [strip(v) for v in o] if isinstance(o, list) else o
+
+    fa = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert fa == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()) and fa
+    for r in fa:
+        pa, pb = a / r, b / r
+        if pa.read_bytes() == pb.read_bytes():
+            continue
+        if pa.suffix == ".npy":
+            np.testing.assert_array_equal(np.load(pa), np.load(pb), err_msg=str(r))
+        elif pa.suffix == ".parquet":
+            pd.testing.assert_frame_equal(pd.read_parquet(pa), pd.read_parquet(pb), obj=str(r))
+        elif pa.suffix == ".json":
+            assert strip(_json.loads(pa.read_text())) == strip(_json.loads(pb.read_text())), r
+        else:
+            raise AssertionError(f"{r} differs")
+
+
+def test_st_labels_and_stores_same_in_worker_processes(tiny, tmp_path):
+    """st_labels over 2 worker processes (1 thread each) writes what the serial path writes, and the
+    tile stores built from either are the same arrays; the rows come back in sample order."""
+    from stlib import realtissue as rt
+    from stlib.io.cohort import cohort_table
+
+    data = tiny["data"]
+    table = cohort_table(data)
+    ids = table.loc[table.role == "train", "sample"].tolist() + ["CONSEP_train_1"]
+    runs = {}
+    for workers in (1, 2):
+        run = tmp_path / f"w{workers}"
+        rows = rt.st_labels(data, run, ids, classes_for=[], seed=0, workers=workers)
+        assert rows["sample"].tolist() == ids
+        rt.build_stores(data, run, table[table.role == "train"], um_per_px=0.5, tile_px=64)
+        runs[workers] = (run, rows.drop(columns="seconds"))
+    pd.testing.assert_frame_equal(runs[1][1], runs[2][1])
+    _same_run_files(runs[1][0], runs[2][0])
