@@ -52,7 +52,7 @@ __all__ = ["RecipeConfig", "postproc_of", "budget_curve", "budget_summary", "fir
            "ratio_ci", "to_resolution", "label_quality", "classification_experiment", "held_out_check", "source_label",
            "MERGED_CLASSES", "load_test_images", "classification_sets", "derived_class_maps", "natural_sorted",
            "Release", "recipe_of", "recipe_dict", "recipe_differences", "pack_release", "load_release", "install_release",
-           "resolve_release", "source_files", "loo_budget_table", "release_decision"]
+           "resolve_release", "source_files", "loo_budget_curve", "loo_budget_table", "release_decision", "heldout_comparison"]
 
 #: classes a merged-epithelial truth (CoNSeP) can score: Inflammatory, Connective, Epithelial (any)
 MERGED_CLASSES: tuple[int, ...] = (INFLAMMATORY, CONNECTIVE, EPITHELIAL)
@@ -1334,29 +1334,44 @@ def install_release(release: Release, models_dir: str | Path) -> dict[str, Path]
     return out
 
 
-def loo_budget_table(loo_csv: str | Path, budget_csv: str | Path, *, base_name: str = "macenko",
-                     base_steps: int = 150) -> pd.DataFrame:
-    """The development budget curve on the leave-one-organ-out protocol (benchmarks/realtissue_loo/).
+NET_NAMES = {"st": "ST-trained", "manual": "manual-trained", "classical": "classical (Otsu + watershed)"}
 
-    Rows of ``base_name`` at ``base_steps`` (separate runs of that length) and the classical baseline
-    from ``loo_csv``; the longer run and its snapshots from ``budget_csv``. One row per (``steps``,
-    network) with the mean bPQ over the images, ``n_images``, the number of images above Otsu +
-    watershed (``above_otsu``, ``"k / n"``), whether the point is a snapshot of a longer run, and the
-    Otsu mean beside it.
+
+def loo_budget_curve(loo_csv: str | Path, budget_csv: str | Path, *, base_name: str = "macenko",
+                     base_steps: int = 150) -> pd.DataFrame:
+    """The development budget curve on the leave-one-organ-out protocol (benchmarks/realtissue_loo/),
+    in :func:`budget_curve`'s form (one row per ``steps``, ``model``, ``image``; ``steps`` 0 = Otsu +
+    watershed; ``snapshot`` True for weights taken before the end of a longer run).
+
+    From ``loo_csv``: the classical baseline and the rows of ``base_name`` at ``base_steps`` (separate
+    runs of that length); from ``budget_csv``: the longer run (``run_steps``) and its snapshots.
     """
     a, b = pd.read_csv(loo_csv), pd.read_csv(budget_csv)
-    otsu = a[a["net"] == "classical"].groupby("image")["bpq"].mean()
-    base = a[(a["name"] == base_name) & (a["steps"] == base_steps) & (a["net"] != "classical")]
+    keep = ["steps", "net", "image", "organ", "bpq", "dice", "f_d", "seed"]
+    otsu = a[a["net"] == "classical"].drop_duplicates("image").assign(snapshot=False)
+    base = a[(a["name"] == base_name) & (a["steps"] == base_steps) & (a["net"] != "classical")].assign(snapshot=False)
     b = b[b["net"] != "classical"]
     run_steps = b["run_steps"] if "run_steps" in b else b["steps"].max()
+    long = b.assign(snapshot=(b["steps"] < run_steps).to_numpy())
+    cols = [c for c in keep if c in a.columns and c in b.columns] + ["snapshot"]
+    curve = pd.concat([otsu[cols].assign(steps=0), base[cols], long[cols]], ignore_index=True)
+    return curve.assign(model=curve["net"].map(NET_NAMES).fillna(curve["net"]))
+
+
+def loo_budget_table(loo_csv: str | Path, budget_csv: str | Path, *, base_name: str = "macenko",
+                     base_steps: int = 150) -> pd.DataFrame:
+    """:func:`loo_budget_curve` summarised: one row per (``steps``, ``net``) with the mean bPQ over the
+    images, ``n_images``, the number of images above Otsu + watershed (``above_otsu``, ``"k / n"``),
+    whether the point is a snapshot of a longer run, the Otsu mean of the same images and the seeds."""
+    curve = loo_budget_curve(loo_csv, budget_csv, base_name=base_name, base_steps=base_steps)
+    otsu = curve[curve["steps"] == 0].set_index("image")["bpq"]
     rows = []
-    for frame in (base.assign(snapshot=False), b.assign(snapshot=b["steps"] < run_steps)):
-        for (steps, net), g in frame.groupby(["steps", "net"]):
-            above = (g["bpq"].to_numpy() > g["image"].map(otsu).to_numpy()).sum()
-            rows.append({"steps": int(steps), "net": str(net), "bpq": float(g["bpq"].mean()),
-                         "n_images": int(g["image"].nunique()), "above_otsu": f"{int(above)} / {len(g)}",
-                         "snapshot": bool(g["snapshot"].iloc[0]), "otsu": float(otsu.reindex(g["image"]).mean()),
-                         "seeds": ", ".join(str(s) for s in sorted(g["seed"].unique()))})
+    for (steps, net), g in curve[curve["steps"] > 0].groupby(["steps", "net"]):
+        above = (g["bpq"].to_numpy() > g["image"].map(otsu).to_numpy()).sum()
+        rows.append({"steps": int(steps), "net": str(net), "bpq": float(g["bpq"].mean()),
+                     "n_images": int(g["image"].nunique()), "above_otsu": f"{int(above)} / {len(g)}",
+                     "snapshot": bool(g["snapshot"].iloc[0]), "otsu": float(otsu.reindex(g["image"]).mean()),
+                     "seeds": ", ".join(str(s) for s in sorted(g["seed"].unique()))})
     return pd.DataFrame(rows).sort_values(["steps", "net"], ignore_index=True)
 
 
@@ -1370,6 +1385,46 @@ def release_decision(table: pd.DataFrame, *, long_steps: int, base_steps: int = 
     t = table.set_index(["steps", "net"])["bpq"]
     long, base = float(t[(long_steps, net)]), float(t[(base_steps, net)])
     return {"adopt": bool(long >= base), "long": long, "base": base}
+
+
+def heldout_comparison(per_image: pd.DataFrame, *, st: str = "ST-trained", manual: str = "manual-trained",
+                       classical: str = "classical (Otsu + watershed)", metrics: Sequence[str] = ("bpq", "dice", "aji"),
+                       n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The chapter's held-out comparison of a pair on a per-image table (``set`` column = stratum).
+
+    Means with 95% bootstrap CIs over images per set and pooled (:func:`summary_tables`), the paired
+    differences ST - manual and ST - classical, the ST / manual bPQ ratio with its paired
+    bootstrap CI (:func:`ratio_ci`), and the verdicts on the two bars of the claim (above Otsu +
+    watershed: CI of ST - classical above 0; at least 0.9x manual: ratio CI above 0.9; else "not
+    distinguishable" or "below").
+
+    Returns
+    -------
+    ``{"summary", "diffs", "ratio": (r, lo, hi), "pooled": {model: bPQ}, "verdict_classical",
+    "verdict_ratio", "text": {...}}`` where ``text`` holds the formatted values the chapter glues.
+    """
+    summary, diffs = summary_tables(per_image, metrics=metrics, group="set", n_boot=n_boot, seed=seed,
+                                    pairs=[(st, manual), (st, classical)])
+    piv = per_image.pivot_table(index="image", columns="model", values="bpq")
+    sets = per_image.drop_duplicates("image").set_index("image")["set"].reindex(piv.index)
+    ratio = ratio_ci(piv[st], piv[manual], sets, n_boot=max(n_boot, 1), seed=seed)
+    pooled = diffs[(diffs.metric == "bpq") & (diffs.set == "pooled")].set_index("comparison")
+    m = summary[(summary.metric == "bpq") & (summary.set == "pooled")].set_index("model")["mean"]
+    c = pooled.loc[f"{st} - {classical}"]
+    verdict_classical = ("above" if c.diff_ci_low > 0 else "below" if c.diff_ci_high < 0
+                         else "not distinguishable (95% CI of the difference includes 0) from")
+    verdict_ratio = ("at least" if ratio[1] >= 0.9 else "below" if ratio[2] < 0.9
+                     else "not distinguishable (95% CI includes 0.9) from")
+
+    def fmt(row: pd.Series) -> str:
+        return f"{row['diff']:+.3f} [{row.diff_ci_low:+.3f}, {row.diff_ci_high:+.3f}]"
+
+    text = {"st": f"{m[st]:.3f}", "manual": f"{m[manual]:.3f}", "classical": f"{m[classical]:.3f}",
+            "diff_manual": fmt(pooled.loc[f"{st} - {manual}"]), "diff_classical": fmt(c),
+            "p_classical": f"{c['p_value']:.3g}", "ratio": f"{ratio[0]:.2f} [{ratio[1]:.2f}, {ratio[2]:.2f}]",
+            "n": int(piv.shape[0]), "verdict_classical": verdict_classical, "verdict_ratio": verdict_ratio}
+    return {"summary": summary, "diffs": diffs, "ratio": ratio, "pooled": m.to_dict(),
+            "verdict_classical": verdict_classical, "verdict_ratio": verdict_ratio, "text": text}
 
 
 def _parse_time_log(path: str | Path) -> dict[str, float]:

@@ -220,3 +220,22 @@ def test_shipped_release_verifies_against_the_chapter_recipe():
         assert f.is_file() and rt._sha256(f) == sha, rel_path
     organs = set(doc["train_images"]["organs"])
     assert organs and not organs & set(p.heldout_organs)
+
+
+def test_heldout_comparison_verdicts_follow_the_cis():
+    rng = np.random.default_rng(0)
+    rows = []
+    for k in range(8):
+        s = "CoNSeP colon" if k < 5 else "Kidney (MoNuSeg)"
+        base = rng.uniform(0.3, 0.5)
+        for model, v in (("ST-trained", base + 0.10), ("manual-trained", base + 0.11),
+                         ("classical (Otsu + watershed)", base)):
+            rows.append({"model": model, "image": f"i{k}", "set": s, "organ": s, "bpq": v, "dice": v, "aji": v})
+    per = pd.DataFrame(rows)
+    r = rt.heldout_comparison(per, n_boot=200)
+    assert r["verdict_classical"] == "above"
+    assert r["verdict_ratio"] == "at least" and 0.9 < r["ratio"][0] < 1.0
+    assert r["text"]["n"] == 8 and r["text"]["diff_classical"].startswith("+0.100")
+    worse = per.assign(bpq=np.where(per.model == "ST-trained", per.bpq - 0.3, per.bpq))
+    r = rt.heldout_comparison(worse, n_boot=200)
+    assert r["verdict_classical"] == "below" and r["verdict_ratio"] == "below"
