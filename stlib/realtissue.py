@@ -13,7 +13,7 @@ segmentation half of the claim against the *real manual* outlines:
    the haematoxylin boundary (:mod:`stlib.labels.refine`), ``tiles/rt_truth`` = the manual masks
    of exactly the same tiles.
 3. :func:`train_pair` - the same network, recipe, budget and seed trained on each store:
-   ``models/st/model.pt`` and ``models/manual/model.pt``.
+   ``{models_dir}/st/model.pt`` and ``{models_dir}/manual/model.pt`` (the chapter: ``models/book``).
 4. :func:`score_images` - every method on whole held-out images through
    :func:`stlib.infer.infer_image` (the code of ``stlib infer``: resampled to the model's µm/px,
    tiled, stitched) and the classical Otsu + watershed baseline, scored per image with
@@ -25,6 +25,11 @@ segmentation half of the claim against the *real manual* outlines:
    :func:`stlib.constants.merge_epithelial`).
 6. :func:`held_out_check` - the acceptance check as a user runs it: ``stlib infer`` on each
    image, ``stlib metrics`` against the manual truth, per model.
+7. The release pair - the same recipe trained longer by ``make realtissue-models``:
+   :func:`pack_release` writes ``models/realtissue/`` with its provenance, :func:`load_release`
+   verifies checksums and recipe, :func:`install_release` puts it at ``models/{st,manual}/model.pt``
+   of the chapter's run folder; :func:`loo_budget_table` and :func:`release_decision` are the
+   development budget curve and the pre-registered rule that chose its budget.
 """
 
 from __future__ import annotations
@@ -1188,7 +1193,9 @@ def pack_release(models_dir: str | Path, out_dir: str | Path, *, recipe: RecipeC
                 torch.save(_cast_state(doc, dtype), t)
             sums[f"{net}.pt"] = _sha256(tmp / f"{net}.pt")
         train_meta = {"cpu_s": None, "wall_s": None, **dict(training)}
-        train_meta.setdefault("machine", machine_info())
+        if "machine" not in train_meta:  # packing runs where the pair was trained, right after it
+            train_meta["machine"] = machine_info()
+            train_meta["machine_note"] = "this machine when the pair was packed (its load average: at packing time)"
         rel = {
             "format": 1,
             "what": "the real-tissue chapter's pair of networks (ST-derived masks / manual masks), trained for "
