@@ -1434,6 +1434,24 @@ def heldout_comparison(per_image: pd.DataFrame, *, st: str = "ST-trained", manua
             "verdict_classical": verdict_classical, "verdict_ratio": verdict_ratio, "text": text}
 
 
+def _glued_numbers(path: str | Path, keys: Sequence[str]) -> dict[str, float]:
+    """Numbers an executed notebook glued (``myst_nb.glue``) under ``keys``. A few lines of their own:
+    :func:`stlib.run.read_glued` reads all values but belongs to a later stage than this module."""
+    import nbformat
+
+    out: dict[str, float] = {}
+    for cell in nbformat.read(str(path), as_version=4).cells:
+        for o in cell.get("outputs", []):
+            name = ((o.get("metadata") or {}).get("scrapbook") or {}).get("name")
+            text = next((v for k, v in (o.get("data") or {}).items() if k.endswith("text/plain")), None)
+            if name in keys and text is not None:
+                try:
+                    out[name] = float(str(text).strip().strip("'\""))
+                except ValueError:
+                    pass
+    return out
+
+
 def _parse_time_log(path: str | Path) -> dict[str, float]:
     """CPU (user + system) and wall seconds from a GNU ``/usr/bin/time -v`` log."""
     import re
@@ -1496,9 +1514,7 @@ def release_main(argv: Sequence[str] | None = None) -> int:
                          "run_time_note": "the whole chapter run (cohort, labels, tiles, training, scoring), "
                                           "from /usr/bin/time -v"})
     if a.executed:
-        from stlib.run import read_glued
-
-        g = read_glued(a.executed)
+        g = _glued_numbers(a.executed, ("rt_train_cpu_s", "rt_train_s"))
         training.update({"cpu_s": g.get("rt_train_cpu_s"), "wall_s": g.get("rt_train_s"),
                          "time_note": "training of the pair (both networks side by side, one process each), "
                                       "from the chapter's clock"})
