@@ -1386,12 +1386,17 @@ def release_decision(table: pd.DataFrame, *, long_steps: int, base_steps: int = 
     """The pre-registered rule of the release pair on a :func:`loo_budget_table`.
 
     Adopt the ``long_steps`` release pair if, on the LOO dev protocol (9 images, seed 0), the ST
-    network's mean bPQ at ``long_steps`` is not below its ``base_steps`` mean. Returns
-    ``{"adopt": bool, "long": bPQ, "base": bPQ}``.
+    network's mean bPQ at ``long_steps`` is not below its ``base_steps`` mean. Returns ``{"adopt": bool
+    or None, "long": bPQ, "base": bPQ, "complete": bool, "n_long": images, "n_base": images}``; ``adopt``
+    is None (no decision) while the long run has scored fewer images than the base runs (an unfinished
+    run is not the protocol).
     """
-    t = table.set_index(["steps", "net"])["bpq"]
-    long, base = float(t[(long_steps, net)]), float(t[(base_steps, net)])
-    return {"adopt": bool(long >= base), "long": long, "base": base}
+    t = table.set_index(["steps", "net"])
+    long, base = float(t.loc[(long_steps, net), "bpq"]), float(t.loc[(base_steps, net), "bpq"])
+    n_long, n_base = int(t.loc[(long_steps, net), "n_images"]), int(t.loc[(base_steps, net), "n_images"])
+    complete = n_long == n_base
+    return {"adopt": bool(long >= base) if complete else None, "long": long, "base": base, "complete": complete,
+            "n_long": n_long, "n_base": n_base}
 
 
 def heldout_comparison(per_image: pd.DataFrame, *, st: str = "ST-trained", manual: str = "manual-trained",

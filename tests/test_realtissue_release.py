@@ -201,6 +201,9 @@ def test_loo_budget_table_and_the_decision_rule(tmp_path):
     d = rt.release_decision(t, long_steps=1000)
     assert not d["adopt"] and d["long"] == pytest.approx(0.95 / 3) and d["base"] == pytest.approx(1.1 / 3)
     assert rt.release_decision(t.assign(bpq=0.5), long_steps=1000)["adopt"]  # equal means: not below, adopt
+    part = t.assign(n_images=np.where(t.steps == 1000, 2, t.n_images))  # an unfinished long run decides nothing
+    d = rt.release_decision(part.assign(bpq=0.9), long_steps=1000)
+    assert d["adopt"] is None and not d["complete"] and d["n_long"] == 2
 
 
 def test_shipped_release_verifies_against_the_chapter_recipe():
