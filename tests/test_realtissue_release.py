@@ -242,3 +242,25 @@ def test_heldout_comparison_verdicts_follow_the_cis():
     worse = per.assign(bpq=np.where(per.model == "ST-trained", per.bpq - 0.3, per.bpq))
     r = rt.heldout_comparison(worse, n_boot=200)
     assert r["verdict_classical"] == "below" and r["verdict_ratio"] == "below"
+
+
+def test_release_command_packs_with_provenance(trained_pair, tmp_path, capsys):
+    """`python -m stlib.realtissue release`: recipe from the profile, training time from a /usr/bin/time log,
+    the shipped training images' checksums (the chapter's training organs of realtissue/)."""
+    models, _ = trained_pair
+    log = tmp_path / "time.log"
+    log.write_text("\tUser time (seconds): 100.50\n\tSystem time (seconds): 9.50\n"
+                   "\tElapsed (wall clock) time (h:mm:ss or m:ss): 1:02:03\n")
+    rc = rt.release_main(["--models", str(models), "--out", str(tmp_path / "rel"), "-p", "steps=40",
+                          "--command", "make realtissue-models", "--commit", "f" * 40, "--time-log", str(log),
+                          "--loadavg", "2.0"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "rel" / "release.json").read_text())
+    assert doc["training"]["run_cpu_s"] == 110.0 and doc["training"]["run_wall_s"] == 3723.0
+    assert doc["training"]["loadavg"] == "2.0" and doc["commit"] == "f" * 40
+    assert set(doc["train_images"]["organs"]) == {"Breast", "Lung", "Prostate"}
+    assert len(doc["train_images"]["names"]) == 9 and len(doc["train_images"]["files"]) == 18
+    assert rt.load_release(tmp_path / "rel", rt.RecipeConfig(), steps=40).ok
+    with pytest.raises(InputError, match="another recipe"):  # the profile's recipe is checked against the files
+        rt.release_main(["--models", str(models), "--out", str(tmp_path / "rel2"), "-p", "steps=40", "-p", "lr=0.02",
+                         "--command", "x", "--commit", "abc"])
