@@ -6,6 +6,8 @@
 #   make lab    JupyterLab (127.0.0.1, no browser) on working copies of the notebooks of PROFILE,
 #               parameters filled from params/PROFILE.yaml, in the git-ignored lab/PROFILE/
 #   make gpu-check  the GPU measurements (on a machine with a CUDA GPU; about 8 minutes)
+#   make realtissue-models  retrain the real-tissue chapter's release pair into models/realtissue/ (~30 CPU
+#               minutes, minutes on a GPU; `make book` only installs and scores the shipped pair)
 
 PYTHON  ?= $(shell command -v python3.11 || command -v python3)
 VENV    ?= .venv
@@ -14,7 +16,7 @@ PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.stlib-installed
 PYTEST_ARGS ?=
 
-.PHONY: book test bench bench-slide gpu-check lab env clean clean-runs help
+.PHONY: book test bench bench-slide gpu-check lab env clean clean-runs help realtissue-models
 
 help:
 	@echo "make book   - install (if needed), run the study on PROFILE=$(PROFILE), render _build/html"
@@ -23,6 +25,7 @@ help:
 	@echo "make lab    - JupyterLab on the notebooks of PROFILE=$(PROFILE) (parameters editable, in lab/)"
 	@echo "make bench-slide - label derivation of one slide-sized sample (benchmarks/derive_slide.json)"
 	@echo "make gpu-check - GPU training/inference measurements (needs a CUDA GPU) into benchmarks/gpu_*.json"
+	@echo "make realtissue-models - retrain the real-tissue release pair into models/realtissue (~30 CPU minutes)"
 
 env: $(STAMP)
 
@@ -57,6 +60,21 @@ bench-slide: $(STAMP)
 
 gpu-check: $(STAMP)
 	$(VENV)/bin/stlib bench gpu-check --out-dir benchmarks
+
+# The release pair of the real-tissue chapter (notebooks/07_real_tissue.ipynb): the chapter itself run with
+# RELEASE_STEPS training steps in a run folder of its own (its release section off), then both networks packed
+# with their provenance (command, commit, recipe, time, machine, sha256 of weights and training images) into
+# models/realtissue/. The shipped pair (1500 steps): 1470 CPU s to train the two networks, 1769 CPU s for the
+# whole chapter run, 48 min wall on the shared 2-core development machine at load average ~5.8
+# (models/realtissue/release.json); on a GPU the training takes minutes.
+RELEASE_STEPS ?= 1500
+RELEASE_RUN   ?= runs/realtissue-release
+realtissue-models: $(STAMP)
+	$(VENV)/bin/stlib run --profile demo --only 07_real_tissue --no-build --force \
+	    --executed-dir $(RELEASE_RUN)/executed -p steps=$(RELEASE_STEPS) -p rt_run_dir=$(RELEASE_RUN) -p 'release_dir=""'
+	$(PY) -m stlib.realtissue release --models $(RELEASE_RUN)/models/book --out models/realtissue \
+	    --profile demo -p steps=$(RELEASE_STEPS) --executed $(RELEASE_RUN)/executed/07_real_tissue.ipynb \
+	    --command "make realtissue-models RELEASE_STEPS=$(RELEASE_STEPS)"
 
 clean-runs:
 	rm -rf runs book/executed _build

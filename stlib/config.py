@@ -485,8 +485,12 @@ class RealTissueParams(CommonParams):
     """07_real_tissue: ST-derived vs manual labels on real H&E, scored against real manual nuclei.
 
     Under every profile the chapter uses its own cohort and run folders (``rt_data_dir``,
-    ``rt_run_dir``): real annotated images with a simulated Xenium layer. Its two networks are
-    written to ``{rt_run_dir}/models/st/model.pt`` and ``{rt_run_dir}/models/manual/model.pt``.
+    ``rt_run_dir``): real annotated images with a simulated Xenium layer. The pair it trains live
+    at the book's budget (``steps``) is written to ``{rt_run_dir}/{book_models_dir}/{st,manual}/model.pt``;
+    the *release pair* (the same recipe trained for ``release_steps`` by ``make realtissue-models``,
+    shipped in ``release_dir`` with its provenance) is verified, installed as
+    ``{rt_run_dir}/models/st/model.pt`` and ``{rt_run_dir}/models/manual/model.pt`` (the models
+    users run with ``stlib infer``) and scored on the same held-out images.
     """
 
     #: real annotated H&E: the shipped subset (realtissue/), or e.g. ../shared/realdata
@@ -579,6 +583,19 @@ class RealTissueParams(CommonParams):
     #: the leave-one-organ-out development runs (benchmarks/realtissue_loo/) and their post-processing grid
     loo_csv: str = "benchmarks/realtissue_loo.csv"
     loo_postproc_csv: str = "benchmarks/realtissue_loo_postproc.csv"
+    #: folder (inside ``rt_run_dir``) of the pair this chapter trains live at ``steps``
+    book_models_dir: str = "models/book"
+    #: the shipped release pair (``make realtissue-models``; :func:`stlib.realtissue.load_release`): its
+    #: sha256 and recipe are checked (equal to this chapter's except ``steps``), then it is installed as
+    #: ``{rt_run_dir}/models/{st,manual}/model.pt`` and scored; "" or a missing folder: the chapter says so
+    #: and skips that section
+    release_dir: str = "models/realtissue"
+    #: training steps of the release pair. Pre-registered rule (issue 10): adopt the 1500-step release pair
+    #: if, on the LOO dev protocol (9 images, seed 0), the ST network's mean bPQ at 1500 steps is not below
+    #: its 150-step mean (0.383, 'macenko' rows of benchmarks/realtissue_loo.csv); otherwise ship nothing new
+    release_steps: int = 1500
+    #: the LOO development run of the release budget (1500 steps, snapshots at 300 / 600 / 1000)
+    loo_budget_csv: str = "benchmarks/realtissue_loo_budget.csv"
 
 
 NOTEBOOK_PARAMS: dict[str, type[CommonParams]] = {

@@ -13,7 +13,7 @@ segmentation half of the claim against the *real manual* outlines:
    the haematoxylin boundary (:mod:`stlib.labels.refine`), ``tiles/rt_truth`` = the manual masks
    of exactly the same tiles.
 3. :func:`train_pair` - the same network, recipe, budget and seed trained on each store:
-   ``models/st/model.pt`` and ``models/manual/model.pt``.
+   ``{models_dir}/st/model.pt`` and ``{models_dir}/manual/model.pt`` (the chapter: ``models/book``).
 4. :func:`score_images` - every method on whole held-out images through
    :func:`stlib.infer.infer_image` (the code of ``stlib infer``: resampled to the model's µm/px,
    tiled, stitched) and the classical Otsu + watershed baseline, scored per image with
@@ -25,6 +25,11 @@ segmentation half of the claim against the *real manual* outlines:
    :func:`stlib.constants.merge_epithelial`).
 6. :func:`held_out_check` - the acceptance check as a user runs it: ``stlib infer`` on each
    image, ``stlib metrics`` against the manual truth, per model.
+7. The release pair - the same recipe trained longer by ``make realtissue-models``:
+   :func:`pack_release` writes ``models/realtissue/`` with its provenance, :func:`load_release`
+   verifies checksums and recipe, :func:`install_release` puts it at ``models/{st,manual}/model.pt``
+   of the chapter's run folder; :func:`loo_budget_table` and :func:`release_decision` are the
+   development budget curve and the pre-registered rule that chose its budget.
 """
 
 from __future__ import annotations
@@ -49,8 +54,10 @@ from stlib.utils import InputError, atomic_path, cache_key, map_processes, progr
 log = logging.getLogger("stlib.realtissue")
 
 __all__ = ["RecipeConfig", "postproc_of", "budget_curve", "budget_summary", "first_above_classical", "image_sets", "st_labels", "build_stores", "train_pair", "score_images", "summary_tables",
-           "ratio_ci", "score_workers", "to_resolution", "label_quality", "classification_experiment", "held_out_check", "source_label",
-           "MERGED_CLASSES", "load_test_images", "classification_sets", "derived_class_maps", "natural_sorted"]
+           "ratio_ci", "score_workers", "to_resolution", "label_quality", "classification_experiment", "held_out_check",
+           "source_label", "MERGED_CLASSES", "load_test_images", "classification_sets", "derived_class_maps", "natural_sorted",
+           "Release", "recipe_of", "recipe_dict", "recipe_differences", "pack_release", "load_release", "install_release",
+           "resolve_release", "source_files", "loo_budget_curve", "loo_budget_table", "release_decision", "heldout_comparison"]
 
 #: classes a merged-epithelial truth (CoNSeP) can score: Inflammatory, Connective, Epithelial (any)
 MERGED_CLASSES: tuple[int, ...] = (INFLAMMATORY, CONNECTIVE, EPITHELIAL)
@@ -1151,10 +1158,548 @@ def heldout_main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- the release pair
+#: the two networks of a release folder (``{net}.pt``) and its provenance file
+RELEASE_NETS: tuple[str, ...] = ("st", "manual")
+RELEASE_JSON = "release.json"
+#: fields of :class:`RecipeConfig` that may differ between a release and the chapter: the release's own
+#: budget, and where it ran (everything else, the seed included, must be the chapter's)
+RELEASE_FREE_FIELDS: tuple[str, ...] = ("steps", "device")
+#: model-file config keys that must match the recipe a release is packed as (see :func:`pack_release`)
+_MODEL_RECIPE_KEYS = ("steps", "batch_size", "crop_px", "lr", "encoder", "aug_hed", "aug_scale", "warmup_steps",
+                      "stain_norm", "channels_last_cpu", "seed")
+
+
+def recipe_of(p: Any) -> RecipeConfig:
+    """The chapter's :class:`RecipeConfig` from its parameters (:class:`stlib.config.RealTissueParams`
+    or a mapping of the same fields): the one place notebook, release packing and loading build it."""
+    get = (lambda k: p[k]) if isinstance(p, Mapping) else (lambda k: getattr(p, k))
+    keys = ("steps", "batch_size", "crop_px", "lr", "encoder", "warmup_steps", "np_thresh", "marker_thresh",
+            "min_size", "postproc_mode", "marker_h", "hv_weight", "marker_dist", "stain_norm", "channels_last_cpu",
+            "seed", "device")
+    return RecipeConfig(**{k: get(k) for k in keys})
+
+
+def recipe_dict(recipe: RecipeConfig) -> dict[str, Any]:
+    """A recipe as plain JSON-able values (``extra`` objects by their ``to_dict``)."""
+    from dataclasses import asdict
+
+    d = asdict(recipe)
+    d["extra"] = {k: (v.to_dict() if hasattr(v, "to_dict") else v) for k, v in recipe.extra.items()}
+    return d
+
+
+def recipe_differences(recorded: Mapping[str, Any], recipe: RecipeConfig,
+                       free: Sequence[str] = RELEASE_FREE_FIELDS) -> dict[str, tuple[Any, Any]]:
+    """``{field: (recorded, wanted)}`` where a recorded recipe (``release.json``) is not ``recipe``,
+    ignoring ``free`` fields; floats compare with a relative tolerance of 1e-9."""
+    want = recipe_dict(recipe)
+    out = {}
+    for k in sorted(set(want) | set(recorded)):
+        if k in free:
+            continue
+        a, b = recorded.get(k), want.get(k)
+        same = (math.isclose(float(a), float(b), rel_tol=1e-9)
+                if isinstance(a, (int, float)) and isinstance(b, (int, float))
+                and not isinstance(a, bool) and not isinstance(b, bool) else a == b)
+        if not same:
+            out[k] = (a, b)
+    return out
+
+
+def _sha256(path: str | Path) -> str:
+    from stlib.io.download import sha256_file
+
+    return sha256_file(path)
+
+
+def _model_doc(path: Path) -> dict[str, Any]:
+    import torch
+
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise InputError(f"cannot read the model file ({e})", path=path,
+                         fix="restore it (git checkout) or rebuild the release: make realtissue-models") from e
+    if not isinstance(doc, Mapping) or "state_dict" not in doc or "config" not in doc:
+        raise InputError("not an stlib model file (needs 'config' and 'state_dict')", path=path)
+    return dict(doc)
+
+
+def _cast_state(doc: dict[str, Any], dtype: str) -> dict[str, Any]:
+    """``doc`` with every floating tensor of its ``state_dict`` stored as ``dtype`` (integers kept)."""
+    import torch
+
+    dt = {"float32": torch.float32, "float16": torch.float16}[dtype]
+    sd = {k: (v.to(dt) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in doc["state_dict"].items()}
+    return {**doc, "state_dict": sd}
+
+
+def source_files(source: str | Path, names: Sequence[str]) -> dict[str, Path]:
+    """The files of a source folder that belong to the named images (file name = the image's name
+    plus suffixes, e.g. ``images/NAME.tif`` and ``annotations/NAME.xml.gz``; CoNSeP patches
+    ``NAME_000.jpg`` ...), as ``{path relative to the source: path}``, in name order."""
+    from stlib.demo.realtissue import resolve_source
+
+    root = resolve_source(source)
+    out = {}
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        stem = f.name.split(".")[0]
+        if any(stem == n or (stem.startswith(n + "_") and stem[len(n) + 1:].isdigit()) for n in names):
+            out[f.relative_to(root).as_posix()] = f
+    return out
+
+
+@dataclass
+class Release:
+    """A release folder as :func:`load_release` found it.
+
+    ``ok`` False means the chapter must skip its release section; ``reason`` says why in words.
+    ``models``: net (``st``, ``manual``) -> its file in the folder; ``doc``: ``release.json``.
+    """
+
+    path: Path
+    ok: bool
+    reason: str = ""
+    doc: dict[str, Any] = field(default_factory=dict)
+    models: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def steps(self) -> int | None:
+        """Training steps of the pair (``None`` when the folder could not be read)."""
+        s = self.doc.get("recipe", {}).get("steps")
+        return None if s is None else int(s)
+
+
+def pack_release(models_dir: str | Path, out_dir: str | Path, *, recipe: RecipeConfig, command: str,
+                 commit: str, source: str | Path, train_images: Sequence[str], training: Mapping[str, Any],
+                 train_organs: Sequence[str] = (), dtype: str = "float32", notes: Sequence[str] = ()) -> Path:
+    """Pack a trained pair (``models_dir/{st,manual}/model.pt``) into a release folder with provenance.
+
+    Writes ``out_dir/{st,manual}.pt`` (the model files, floating weights stored as ``dtype``;
+    :func:`install_release` loads them back as float32 model files), ``release.json`` and a
+    ``README.md`` with the licence terms (the weights were trained on CC BY-NC-SA images: they are
+    under the same non-commercial terms). The folder is replaced atomically.
+
+    Parameters
+    ----------
+    models_dir
+        Folder of the two trained runs (``st/model.pt``, ``manual/model.pt``, as :func:`train_pair` writes).
+    recipe
+        The recipe they were trained with; checked against each model file's training config and
+        post-processing (a pair of another recipe is refused).
+    command, commit
+        The exact command that trained them and the git commit of the code it ran.
+    source, train_images, train_organs
+        The real-image source folder and the names (and organs) of the images that trained them:
+        their files' sha256 go into ``release.json``.
+    training
+        Measurements of the training run (e.g. ``cpu_s``, ``wall_s``, ``loadavg``); ``machine``
+        defaults to :func:`stlib.utils.machine_info` of this machine.
+    dtype
+        ``"float32"`` or ``"float16"`` storage of the weights.
+
+    Returns
+    -------
+    ``out_dir``.
+
+    Raises
+    ------
+    InputError
+        A model file is missing or unreadable, or was trained with another recipe than ``recipe``.
+    """
+    import datetime as _dt
+
+    import torch
+
+    from stlib.utils import atomic_dir, machine_info
+
+    if dtype not in ("float32", "float16"):
+        raise InputError(f"dtype must be float32 or float16, got {dtype!r}")
+    models_dir = Path(models_dir)
+    want_pp = postproc_of(recipe)
+    docs = {}
+    for net in RELEASE_NETS:
+        path = models_dir / net / "model.pt"
+        if not path.is_file():
+            raise InputError("model file not found", path=path, fix="train the pair first (make realtissue-models)")
+        doc = _model_doc(path)
+        cfg = doc["config"]
+        bad = {k: (cfg.get(k), getattr(recipe, k)) for k in _MODEL_RECIPE_KEYS
+               if not (cfg.get(k) == getattr(recipe, k) or (isinstance(cfg.get(k), float)
+                                                            and math.isclose(cfg.get(k), getattr(recipe, k))))}
+        if dict(doc.get("postproc") or {}) != want_pp:
+            bad["postproc"] = (doc.get("postproc"), want_pp)
+        if bad:
+            raise InputError(f"the model was trained with another recipe than the one given: {bad} (file, given)",
+                             path=path, fix="pack it with the recipe it was trained with")
+        docs[net] = doc
+    files = source_files(source, train_images)
+    missing = [n for n in train_images if not any(Path(k).name.split(".")[0].startswith(n) for k in files)]
+    if missing:
+        raise InputError(f"no files of the training images {missing} in the source", path=Path(str(source)),
+                         fix="give the source folder the pair was trained from")
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        sums = {}
+        for net, doc in docs.items():
+            with atomic_path(tmp / f"{net}.pt") as t:
+                torch.save(_cast_state(doc, dtype), t)
+            sums[f"{net}.pt"] = _sha256(tmp / f"{net}.pt")
+        train_meta = {"cpu_s": None, "wall_s": None, **dict(training)}
+        if "machine" not in train_meta:  # packing runs where the pair was trained, right after it
+            train_meta["machine"] = machine_info()
+            train_meta["machine_note"] = "this machine when the pair was packed (its load average: at packing time)"
+        rel = {
+            "format": 1,
+            "what": "the real-tissue chapter's pair of networks (ST-derived masks / manual masks), trained for "
+                    f"{recipe.steps} steps with the chapter's recipe; notebooks/07_real_tissue.ipynb installs and "
+                    "scores them",
+            "command": command, "commit": commit, "recipe": recipe_dict(recipe), "postproc": want_pp,
+            "dtype": dtype, "files": sums, "training": train_meta,
+            "train_images": {"source": Path(str(source)).as_posix(), "names": list(train_images),
+                             "organs": sorted(set(train_organs)),
+                             "files": {k: _sha256(v) for k, v in files.items()}},
+            "licence": "CC BY-NC-SA 4.0 (non-commercial, share-alike): weights trained on MoNuSeg images "
+                       "(Kumar et al., IEEE TMI 2017 and 2020); see README.md",
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "notes": list(notes),
+        }
+        write_json(tmp / RELEASE_JSON, rel)
+        (tmp / "README.md").write_text(_release_readme(rel))
+        tmp.chmod(0o755)  # a folder of the repository, not a private temporary one
+    return out_dir
+
+
+def _release_readme(rel: Mapping[str, Any]) -> str:
+    r = rel["recipe"]
+    t = rel["training"]
+    cpu = f"{t['cpu_s']:.0f} CPU s" if t.get("cpu_s") else "CPU time not recorded"
+    return f"""# Release pair of the real-tissue chapter (weights: CC BY-NC-SA 4.0, NOT under the MIT licence)
+
+Two HoVer-Net-style networks ({r['encoder']} encoder) of `notebooks/07_real_tissue.ipynb`, the same recipe
+and seed, trained for {r['steps']} steps on the same tiles of {len(rel['train_images']['names'])} real
+MoNuSeg images ({', '.join(rel['train_images']['names'])}):
+
+* `st.pt`: trained on the ST-derived masks (simulated Xenium nuclei, aligned and snapped by the study's pipeline);
+* `manual.pt`: trained on the manual masks of the same tiles.
+
+`make book` checks their sha256 and recipe, installs them as `runs/realtissue/models/{{st,manual}}/model.pt`
+(float32 model files that `stlib infer` reads) and scores them on the chapter's held-out images.
+`release.json` holds the provenance: the exact command, the git commit of the code, the recipe, the
+training time ({cpu}, on the machine recorded there), the sha256 of every file and of every training
+image file, the date.
+
+Reproduce: `make realtissue-models` (a clean clone; the whole chapter run with the release's steps, about half
+an hour of CPU for 1500 steps, minutes on a GPU).
+
+## Licence and attribution
+
+The weights were trained on images and manual outlines of MoNuSeg (Kumar N. et al., *IEEE TMI* 36(7),
+2017; Kumar N. et al., *IEEE TMI* 39(5), 2020), licensed CC BY-NC-SA 4.0. The weights are a work
+derived from them and are shared under the same terms: **non-commercial use only, share-alike,
+with attribution** of MoNuSeg. The MIT licence of the repository covers the code only.
+"""
+
+
+def resolve_release(path: str | Path) -> Path:
+    """A release folder as given, or, when a relative path is not found from the working directory,
+    relative to the stlib checkout (so ``"models/realtissue"`` finds the shipped pair from anywhere)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    alt = Path(__file__).resolve().parents[1] / p
+    return alt if alt.exists() else p
+
+
+def load_release(release_dir: str | Path, recipe: RecipeConfig, *, steps: int | None = None) -> Release:
+    """Find, verify and check a release folder against the chapter's recipe.
+
+    Returns a :class:`Release` with ``ok`` False and a ``reason`` when there is no folder (or an
+    empty path), when its recorded recipe differs from ``recipe`` in anything but
+    :data:`RELEASE_FREE_FIELDS`, or when ``steps`` is given and differs from the release's.
+
+    Raises
+    ------
+    InputError
+        A file of the folder is missing or its sha256 is not the recorded one (a corrupted or
+        replaced file): the error names the file.
+    """
+    if not str(release_dir):
+        return Release(Path("."), False, "no release folder is set (release_dir is empty)")
+    path = resolve_release(release_dir)
+    if not (path / RELEASE_JSON).is_file():
+        return Release(path, False, f"no release pair at {path} ({RELEASE_JSON} not found)")
+    doc = read_json(path / RELEASE_JSON)
+    models = {}
+    for net in RELEASE_NETS:
+        f = path / f"{net}.pt"
+        want = (doc.get("files") or {}).get(f.name)
+        if want is None:
+            raise InputError(f"{RELEASE_JSON} records no checksum for {f.name}", path=path / RELEASE_JSON,
+                             fix="restore the folder (git checkout) or rebuild it: make realtissue-models")
+        if not f.is_file():
+            raise InputError("release model file missing", path=f,
+                             fix="restore the folder (git checkout) or rebuild it: make realtissue-models")
+        got = _sha256(f)
+        if got != want:
+            raise InputError(f"release model file corrupted or replaced: sha256 {got[:12]}... is not the recorded "
+                             f"{want[:12]}...", path=f,
+                             fix="restore it (git checkout -- the file; with git-lfs: git lfs pull) or rebuild the "
+                                 "release: make realtissue-models")
+        models[net] = f
+    rel = Release(path, True, "", doc, models)
+    diff = recipe_differences(doc.get("recipe") or {}, recipe)
+    if diff:
+        what = "; ".join(f"{k}: release {a!r}, chapter {b!r}" for k, (a, b) in diff.items())
+        return Release(path, False, f"the release pair at {path} was trained with another recipe ({what})", doc, models)
+    if steps is not None and rel.steps != int(steps):
+        return Release(path, False, f"the release pair at {path} has {rel.steps} steps, the chapter expects {steps} "
+                                    "(release_steps)", doc, models)
+    return rel
+
+
+#: training artefacts of a run folder that an installed release model replaces (they belonged to another run)
+_STALE = ("checkpoint.pt", "metrics.csv", "metrics.json", "config.json")
+
+
+def install_release(release: Release, models_dir: str | Path) -> dict[str, Path]:
+    """Install a verified release as ``models_dir/{st,manual}/model.pt``: float32 model files that
+    ``stlib infer`` reads like any other, with ``release.json`` beside each.
+
+    Idempotent (a file already installed from the same release is kept). Training artefacts of an
+    earlier run in those folders (checkpoint, metrics, snapshots) are removed: the folder then
+    holds the release model only.
+    """
+    import torch
+
+    if not release.ok:
+        raise InputError(f"not a usable release: {release.reason}", path=release.path)
+    out = {}
+    for net, src in release.models.items():
+        dst_dir = Path(models_dir) / net
+        dst = dst_dir / "model.pt"
+        stamp = dst_dir / RELEASE_JSON
+        sha = release.doc["files"][src.name]
+        if dst.is_file() and stamp.is_file() and read_json(stamp).get("installed_from_sha256") == sha:
+            out[net] = dst
+            continue
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        for f in [*(dst_dir / n for n in _STALE), *dst_dir.glob("model_*.pt")]:
+            if f.is_file():
+                log.info("install_release: removing %s (another run's artefact)", f)
+                f.unlink()
+        doc = _cast_state(_model_doc(src), "float32")
+        with atomic_path(dst) as tmp:
+            torch.save(doc, tmp)
+        write_json(stamp, {**release.doc, "installed_from": str(src), "installed_from_sha256": sha})
+        out[net] = dst
+    return out
+
+
+NET_NAMES = {"st": "ST-trained", "manual": "manual-trained", "classical": "classical (Otsu + watershed)"}
+
+
+def loo_budget_curve(loo_csv: str | Path, budget_csv: str | Path, *, base_name: str = "macenko",
+                     base_steps: int = 150) -> pd.DataFrame:
+    """The development budget curve on the leave-one-organ-out protocol (benchmarks/realtissue_loo/),
+    in :func:`budget_curve`'s form (one row per ``steps``, ``model``, ``image``; ``steps`` 0 = Otsu +
+    watershed; ``snapshot`` True for weights taken before the end of a longer run).
+
+    From ``loo_csv``: the classical baseline and the rows of ``base_name`` at ``base_steps`` (separate
+    runs of that length); from ``budget_csv``: the longer run (``run_steps``) and its snapshots.
+    """
+    a, b = pd.read_csv(loo_csv), pd.read_csv(budget_csv)
+    keep = ["steps", "net", "image", "organ", "bpq", "dice", "f_d", "seed"]
+    otsu = a[a["net"] == "classical"].drop_duplicates("image").assign(snapshot=False)
+    base = a[(a["name"] == base_name) & (a["steps"] == base_steps) & (a["net"] != "classical")].assign(snapshot=False)
+    b = b[b["net"] != "classical"]
+    run_steps = b["run_steps"] if "run_steps" in b else b["steps"].max()
+    long = b.assign(snapshot=(b["steps"] < run_steps).to_numpy())
+    cols = [c for c in keep if c in a.columns and c in b.columns] + ["snapshot"]
+    curve = pd.concat([otsu[cols].assign(steps=0), base[cols], long[cols]], ignore_index=True)
+    return curve.assign(model=curve["net"].map(NET_NAMES).fillna(curve["net"]))
+
+
+def loo_budget_table(loo_csv: str | Path, budget_csv: str | Path, *, base_name: str = "macenko",
+                     base_steps: int = 150) -> pd.DataFrame:
+    """:func:`loo_budget_curve` summarised: one row per (``steps``, ``net``) with the mean bPQ over the
+    images, ``n_images``, the number of images above Otsu + watershed (``above_otsu``, ``"k / n"``),
+    whether the point is a snapshot of a longer run, the Otsu mean of the same images and the seeds."""
+    curve = loo_budget_curve(loo_csv, budget_csv, base_name=base_name, base_steps=base_steps)
+    otsu = curve[curve["steps"] == 0].set_index("image")["bpq"]
+    rows = []
+    for (steps, net), g in curve[curve["steps"] > 0].groupby(["steps", "net"]):
+        above = (g["bpq"].to_numpy() > g["image"].map(otsu).to_numpy()).sum()
+        rows.append({"steps": int(steps), "net": str(net), "bpq": float(g["bpq"].mean()),
+                     "n_images": int(g["image"].nunique()), "above_otsu": f"{int(above)} / {len(g)}",
+                     "snapshot": bool(g["snapshot"].iloc[0]), "otsu": float(otsu.reindex(g["image"]).mean()),
+                     "seeds": ", ".join(str(s) for s in sorted(g["seed"].unique()))})
+    return pd.DataFrame(rows).sort_values(["steps", "net"], ignore_index=True)
+
+
+def release_decision(table: pd.DataFrame, *, long_steps: int, base_steps: int = 150, net: str = "st") -> dict[str, Any]:
+    """The pre-registered rule of the release pair on a :func:`loo_budget_table`.
+
+    Adopt the ``long_steps`` release pair if, on the LOO dev protocol (9 images, seed 0), the ST
+    network's mean bPQ at ``long_steps`` is not below its ``base_steps`` mean. Returns ``{"adopt": bool
+    or None, "long": bPQ, "base": bPQ, "complete": bool, "n_long": images, "n_base": images}``; ``adopt``
+    is None (no decision) while the long run has scored fewer images than the base runs (an unfinished
+    run is not the protocol).
+    """
+    t = table.set_index(["steps", "net"])
+    long, base = float(t.loc[(long_steps, net), "bpq"]), float(t.loc[(base_steps, net), "bpq"])
+    n_long, n_base = int(t.loc[(long_steps, net), "n_images"]), int(t.loc[(base_steps, net), "n_images"])
+    complete = n_long == n_base
+    return {"adopt": bool(long >= base) if complete else None, "long": long, "base": base, "complete": complete,
+            "n_long": n_long, "n_base": n_base}
+
+
+def heldout_comparison(per_image: pd.DataFrame, *, st: str = "ST-trained", manual: str = "manual-trained",
+                       classical: str = "classical (Otsu + watershed)", metrics: Sequence[str] = ("bpq", "dice", "aji"),
+                       n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """The chapter's held-out comparison of a pair on a per-image table (``set`` column = stratum).
+
+    Means with 95% bootstrap CIs over images per set and pooled (:func:`summary_tables`), the paired
+    differences ST - manual and ST - classical, the ST / manual bPQ ratio with its paired
+    bootstrap CI (:func:`ratio_ci`), and the verdicts on the two bars of the claim (above Otsu +
+    watershed: CI of ST - classical above 0; at least 0.9x manual: ratio CI above 0.9; else "not
+    distinguishable" or "below").
+
+    Returns
+    -------
+    ``{"summary", "diffs", "ratio": (r, lo, hi), "pooled": {model: bPQ}, "verdict_classical",
+    "verdict_ratio", "text": {...}}`` where ``text`` holds the formatted values the chapter glues.
+    """
+    summary, diffs = summary_tables(per_image, metrics=metrics, group="set", n_boot=n_boot, seed=seed,
+                                    pairs=[(st, manual), (st, classical)])
+    piv = per_image.pivot_table(index="image", columns="model", values="bpq")
+    sets = per_image.drop_duplicates("image").set_index("image")["set"].reindex(piv.index)
+    ratio = ratio_ci(piv[st], piv[manual], sets, n_boot=max(n_boot, 1), seed=seed)
+    pooled = diffs[(diffs.metric == "bpq") & (diffs.set == "pooled")].set_index("comparison")
+    m = summary[(summary.metric == "bpq") & (summary.set == "pooled")].set_index("model")["mean"]
+    c = pooled.loc[f"{st} - {classical}"]
+    verdict_classical = ("above" if c.diff_ci_low > 0 else "below" if c.diff_ci_high < 0
+                         else "not distinguishable (95% CI of the difference includes 0) from")
+    verdict_ratio = ("at least" if ratio[1] >= 0.9 else "below" if ratio[2] < 0.9
+                     else "not distinguishable (95% CI includes 0.9) from")
+
+    def fmt(row: pd.Series) -> str:
+        return f"{row['diff']:+.3f} [{row.diff_ci_low:+.3f}, {row.diff_ci_high:+.3f}]"
+
+    text = {"st": f"{m[st]:.3f}", "manual": f"{m[manual]:.3f}", "classical": f"{m[classical]:.3f}",
+            "diff_manual": fmt(pooled.loc[f"{st} - {manual}"]), "diff_classical": fmt(c),
+            "p_classical": f"{c['p_value']:.3g}", "ratio": f"{ratio[0]:.2f} [{ratio[1]:.2f}, {ratio[2]:.2f}]",
+            "n": int(piv.shape[0]), "verdict_classical": verdict_classical, "verdict_ratio": verdict_ratio}
+    return {"summary": summary, "diffs": diffs, "ratio": ratio, "pooled": m.to_dict(),
+            "verdict_classical": verdict_classical, "verdict_ratio": verdict_ratio, "text": text}
+
+
+def _glued_numbers(path: str | Path, keys: Sequence[str]) -> dict[str, float]:
+    """Numbers an executed notebook glued (``myst_nb.glue``) under ``keys``. A few lines of their own:
+    :func:`stlib.run.read_glued` reads all values but belongs to a later stage than this module."""
+    import nbformat
+
+    out: dict[str, float] = {}
+    for cell in nbformat.read(str(path), as_version=4).cells:
+        for o in cell.get("outputs", []):
+            name = ((o.get("metadata") or {}).get("scrapbook") or {}).get("name")
+            text = next((v for k, v in (o.get("data") or {}).items() if k.endswith("text/plain")), None)
+            if name in keys and text is not None:
+                try:
+                    out[name] = float(str(text).strip().strip("'\""))
+                except ValueError:
+                    pass
+    return out
+
+
+def _parse_time_log(path: str | Path) -> dict[str, float]:
+    """CPU (user + system) and wall seconds from a GNU ``/usr/bin/time -v`` log."""
+    import re
+
+    text = Path(path).read_text(errors="replace")
+    out: dict[str, float] = {}
+    u = re.search(r"User time \(seconds\):\s*([\d.]+)", text)
+    s = re.search(r"System time \(seconds\):\s*([\d.]+)", text)
+    if u and s:
+        out["cpu_s"] = round(float(u.group(1)) + float(s.group(1)), 1)
+    w = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\):\s*([\d:.]+)", text)
+    if w:
+        parts = [float(x) for x in w.group(1).split(":")]
+        out["wall_s"] = round(sum(v * 60 ** i for i, v in enumerate(reversed(parts))), 1)
+    return out
+
+
+def release_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stlib.realtissue release``: pack a trained pair into the release folder.
+
+    Reads the chapter's recipe from ``--profile`` (+ ``-p key=value``, e.g. ``steps=1500``), checks
+    that ``--models/{st,manual}/model.pt`` were trained with it, and writes ``--out`` with the
+    provenance (``release.json``): ``--command`` (the exact training command), the git commit
+    (``--commit``, default: ``git rev-parse HEAD`` of the working directory), training time from
+    the chapter's executed notebook (``--executed``: its glued training wall / CPU seconds) and/or a
+    ``/usr/bin/time -v`` log (``--time-log``: CPU and wall seconds of the whole run), the machine,
+    the load average (``--loadavg``) and the sha256 of the training images of ``source``.
+    """
+    import argparse
+    import subprocess
+
+    from stlib.config import load_params
+    from stlib.demo.realtissue import load_source_images
+
+    ap = argparse.ArgumentParser(prog="python -m stlib.realtissue release", description=release_main.__doc__)
+    ap.add_argument("--models", required=True, help="folder holding st/model.pt and manual/model.pt")
+    ap.add_argument("--out", default=_RT.release_dir)
+    ap.add_argument("--profile", default="demo")
+    ap.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--command", required=True, help="the exact command that trained the pair")
+    ap.add_argument("--commit", default=None, help="git commit of the training code (default: HEAD here)")
+    ap.add_argument("--executed", default=None, help="the training run's executed 07_real_tissue.ipynb")
+    ap.add_argument("--time-log", default=None, help="a /usr/bin/time -v log of the training run")
+    ap.add_argument("--loadavg", default=None, help="load average during training (text, e.g. '3.9 (mean of 1-min "
+                                                    "samples)')")
+    ap.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    ap.add_argument("--note", action="append", default=[])
+    a = ap.parse_args(list(argv) if argv is not None else None)
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, v in (x.split("=", 1) for x in a.param)}
+    params = load_params(a.profile, "07_real_tissue", overrides=overrides)
+    recipe = recipe_of(params)
+    commit = a.commit or subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                        check=True).stdout.strip()
+    training: dict[str, Any] = {}
+    if a.time_log:
+        t = _parse_time_log(a.time_log)
+        training.update({"run_cpu_s": t.get("cpu_s"), "run_wall_s": t.get("wall_s"),
+                         "run_time_note": "the whole chapter run (cohort, labels, tiles, training, scoring), "
+                                          "from /usr/bin/time -v"})
+    if a.executed:
+        g = _glued_numbers(a.executed, ("rt_train_cpu_s", "rt_train_s"))
+        training.update({"cpu_s": g.get("rt_train_cpu_s"), "wall_s": g.get("rt_train_s"),
+                         "time_note": "training of the pair (both networks side by side, one process each), "
+                                      "from the chapter's clock"})
+    for net in RELEASE_NETS:
+        mj = Path(a.models) / net / "metrics.json"
+        if mj.is_file():
+            training[f"{net}_train_wall_s"] = (read_json(mj).get("final") or {}).get("elapsed_s")
+    if a.loadavg:
+        training["loadavg"] = a.loadavg
+    heldout = set(params["heldout_organs"])
+    imgs = [x for x in load_source_images(params["source"], images=list(params["images"]) or None)
+            if x.organ not in heldout]
+    out = pack_release(a.models, a.out, recipe=recipe, command=a.command, commit=commit, source=params["source"],
+                       train_images=natural_sorted([x.name for x in imgs]), train_organs=[x.organ for x in imgs],
+                       training=training, dtype=a.dtype, notes=a.note)
+    print(f"release pair written to {out}")
+    print(Path(out, RELEASE_JSON).read_text())
+    return 0
+
+
 if __name__ == "__main__":  # pragma: no cover - `python -m stlib.realtissue budget ...`
     import sys
 
-    commands = {"budget": budget_main, "heldout": heldout_main, "labels": labels_main}
+    commands = {"budget": budget_main, "heldout": heldout_main, "labels": labels_main, "release": release_main}
     if sys.argv[1:2] == [] or sys.argv[1] not in commands:
-        sys.exit("usage: python -m stlib.realtissue {budget,heldout,labels} [--help]")
+        sys.exit("usage: python -m stlib.realtissue {budget,heldout,labels,release} [--help]")
     sys.exit(commands[sys.argv[1]](sys.argv[2:]))

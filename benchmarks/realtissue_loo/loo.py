@@ -60,8 +60,10 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime + c.ru_utime + c.ru_stime
 
 
-def train(name: str, kw: dict, seed: int, steps: int, nets: tuple[str, ...], folds: tuple[str, ...]) -> None:
-    """One network per (fold, net): train without the fold's organ, score its images."""
+def train(name: str, kw: dict, seed: int, steps: int, nets: tuple[str, ...], folds: tuple[str, ...],
+          snapshots: tuple[int, ...] = ()) -> None:
+    """One network per (fold, net): train without the fold's organ, score its images; with ``snapshots``
+    also the weights after those steps of the same run (mid-schedule: the cosine LR runs over ``steps``)."""
     from stlib.train import TrainConfig, train as train_run
     from stlib.train.checkpoint import write_postproc
 
@@ -80,18 +82,23 @@ def train(name: str, kw: dict, seed: int, steps: int, nets: tuple[str, ...], fol
                               batch_size=recipe.batch_size, crop_px=recipe.crop_px, lr=recipe.lr,
                               aug_hed=recipe.aug_hed, aug_scale=recipe.aug_scale, seed=seed, device="cpu",
                               val_every=steps, ckpt_every=steps, warmup_steps=recipe.warmup_steps, num_workers=0,
-                              exclude_organs=(dev_organ,), stain_norm=recipe.stain_norm, **extra)
+                              exclude_organs=(dev_organ,), stain_norm=recipe.stain_norm,
+                              channels_last_cpu=recipe.channels_last_cpu, **extra)
             c0, t0 = _cpu(), time.perf_counter()
-            res = train_run(cfg, resume="auto")
+            snaps = tuple(sorted(int(n) for n in snapshots if 0 < int(n) < steps))
+            if snaps:
+                cfg = replace(cfg, ckpt_every=int(np.gcd.reduce([steps, *snaps])))
+            res = rt._train_job((cfg, "auto", snaps))
             cpu, wall = _cpu() - c0, time.perf_counter() - t0
-            write_postproc(res.model_path, rt.postproc_of(recipe))
-            per, _ = rt.score_images({f"{net}": res.model_path}, dev, device="cpu")
-            per = per[KEEP].assign(name=name, fold=dev_organ, seed=seed, steps=steps, net=net,
-                                   recipe=json.dumps(kw, sort_keys=True), train_cpu_s=round(cpu, 1),
-                                   train_wall_s=round(wall, 1), skipped=bool(res.skipped),
-                                   loadavg=round(os.getloadavg()[0], 2))
-            per.to_csv(CSV, mode="a", header=not CSV.is_file(), index=False)
-            print(name, dev_organ, net, seed, steps, per["bpq"].round(3).tolist(), f"cpu {cpu:.0f}s", flush=True)
+            for n, path in [*((n, Path(res.out_dir) / f"model_{n}.pt") for n in snaps), (steps, res.model_path)]:
+                write_postproc(path, rt.postproc_of(recipe))
+                per, _ = rt.score_images({f"{net}": path}, dev, device="cpu")
+                per = per[KEEP].assign(name=name, fold=dev_organ, seed=seed, steps=n, run_steps=steps, net=net,
+                                       recipe=json.dumps(kw, sort_keys=True), train_cpu_s=round(cpu, 1),
+                                       train_wall_s=round(wall, 1), skipped=bool(res.skipped),
+                                       loadavg=round(os.getloadavg()[0], 2))
+                per.to_csv(CSV, mode="a", header=not CSV.is_file(), index=False)
+                print(name, dev_organ, net, seed, n, steps, per["bpq"].round(3).tolist(), f"cpu {cpu:.0f}s", flush=True)
 
 
 def classical() -> None:
@@ -113,13 +120,16 @@ if __name__ == "__main__":
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--nets", nargs="+", default=["st", "manual"])
     ap.add_argument("--folds", nargs="+", default=list(ORGANS))
+    ap.add_argument("--snapshots", nargs="*", type=int, default=[])
+    ap.add_argument("--csv", default=str(CSV), help="results table (appended; one header per file)")
     a = ap.parse_args()
+    CSV = Path(a.csv)
     if a.cmd == "prepare":
         t0 = time.perf_counter()
         print(prepare(), time.perf_counter() - t0)
     elif a.cmd == "classical":
         classical()
     elif a.cmd == "train":
-        train(a.name, json.loads(a.kw), a.seed, a.steps, tuple(a.nets), tuple(a.folds))
+        train(a.name, json.loads(a.kw), a.seed, a.steps, tuple(a.nets), tuple(a.folds), tuple(a.snapshots))
     else:
         sys.exit(f"unknown command {a.cmd}")
