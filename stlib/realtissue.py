@@ -49,7 +49,8 @@ from stlib.config import RealTissueParams, resolve_device
 from stlib.constants import (CONNECTIVE, EPITHELIAL, IGNORE, INFLAMMATORY, TARGET_UM_PER_PX_40X, UNKNOWN_CLASSES,
                              merge_epithelial)
 from stlib.layout import RunLayout
-from stlib.utils import InputError, atomic_path, cache_key, map_processes, progress, read_json, write_json
+from stlib.utils import (InputError, atomic_path, cache_key, checkout_path, map_processes, progress, read_json,
+                         write_json)
 
 log = logging.getLogger("stlib.realtissue")
 
@@ -1405,11 +1406,7 @@ with attribution** of MoNuSeg. The MIT licence of the repository covers the code
 def resolve_release(path: str | Path) -> Path:
     """A release folder as given, or, when a relative path is not found from the working directory,
     relative to the stlib checkout (so ``"models/realtissue"`` finds the shipped pair from anywhere)."""
-    p = Path(path)
-    if p.exists() or p.is_absolute():
-        return p
-    alt = Path(__file__).resolve().parents[1] / p
-    return alt if alt.exists() else p
+    return checkout_path(path)
 
 
 def load_release(release_dir: str | Path, recipe: RecipeConfig, *, steps: int | None = None) -> Release:

@@ -236,6 +236,16 @@ def repo_root() -> Path:
     return pkg
 
 
+def checkout_path(path: str | os.PathLike) -> Path:
+    """``path`` as given, or, when a relative path is not found from the working directory, relative to
+    the stlib checkout (so data shipped with the project, e.g. ``"realtissue"``, is found from anywhere)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    alt = Path(__file__).resolve().parents[1] / p
+    return alt if alt.exists() else p
+
+
 def cpu_model() -> str:
     """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere)."""
     import platform

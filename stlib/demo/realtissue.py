@@ -49,7 +49,7 @@ import shapely
 from stlib.constants import (CLASS_NAMES, CONNECTIVE, DEAD, EPITHELIAL, EPITHELIAL_ANY, IGNORE, INFLAMMATORY,
                              NEOPLASTIC)
 from stlib.demo.config import FINE_TYPE_TO_CLASS, ORGANS, DemoConfig, SampleSpec, config_for_scale
-from stlib.utils import InputError, atomic_dir, atomic_path, progress, read_json, write_json
+from stlib.utils import InputError, atomic_dir, atomic_path, checkout_path, progress, read_json, write_json
 
 __all__ = ["REALTISSUE_VERSION", "ORGAN_MIX", "CLASS_FINE_TYPES", "ONCOTREE", "make_realtissue_cohort",
            "load_source_images", "source_sample_id", "make_subset", "expected_files", "cli_main",
@@ -146,11 +146,7 @@ def load_source_images(sources: Sequence[str | Path] | str | Path, *,
 def resolve_source(path: str | Path) -> Path:
     """A source folder as given, or, when a relative path is not found from the working directory,
     relative to the stlib checkout (so ``"realtissue"`` finds the shipped subset from anywhere)."""
-    p = Path(path)
-    if p.exists() or p.is_absolute():
-        return p
-    alt = Path(__file__).resolve().parents[2] / p
-    return alt if alt.exists() else p
+    return checkout_path(path)
 
 
 def _organ_key(organ: str | None, name: str) -> str:

@@ -122,6 +122,23 @@ def _keep_unmarked(inst: np.ndarray, blob: np.ndarray, min_size: int) -> np.ndar
 
 
 @numba.njit(cache=True, nogil=True)
+def _heap_push(hv, hi, size, v, p):  # pragma: no cover - compiled
+    """Push value ``v`` of pixel ``p`` on the binary max-heap ``(hv, hi)`` of ``size`` entries (sift
+    up); returns the new size."""
+    k = size
+    while k > 0:
+        parent = (k - 1) >> 1
+        if hv[parent] >= v:
+            break
+        hv[k] = hv[parent]
+        hi[k] = hi[parent]
+        k = parent
+    hv[k] = v
+    hi[k] = p
+    return size + 1
+
+
+@numba.njit(cache=True, nogil=True)
 def _reconstruct_dilation(seed, mask):  # pragma: no cover - compiled
     """Grey reconstruction by dilation of ``seed`` under ``mask`` (2-D float64, ``seed <= mask``),
     8-connected: ``skimage.morphology.reconstruction(seed, mask, method="dilation")``.
@@ -142,18 +159,7 @@ def _reconstruct_dilation(seed, mask):  # pragma: no cover - compiled
     hi = np.empty(cap, np.int64)
     size = 0
     for p in range(n):  # push every pixel
-        v = rec[p]
-        k = size
-        size += 1
-        while k > 0:
-            parent = (k - 1) >> 1
-            if hv[parent] >= v:
-                break
-            hv[k] = hv[parent]
-            hi[k] = hi[parent]
-            k = parent
-        hv[k] = v
-        hi[k] = p
+        size = _heap_push(hv, hi, size, rec[p], p)
     while size > 0:
         v = hv[0]
         p = hi[0]
@@ -190,17 +196,7 @@ def _reconstruct_dilation(seed, mask):  # pragma: no cover - compiled
                 c = v if v < m[q] else m[q]
                 if c > rec[q]:
                     rec[q] = c
-                    k = size
-                    size += 1
-                    while k > 0:
-                        parent = (k - 1) >> 1
-                        if hv[parent] >= c:
-                            break
-                        hv[k] = hv[parent]
-                        hi[k] = hi[parent]
-                        k = parent
-                    hv[k] = c
-                    hi[k] = q
+                    size = _heap_push(hv, hi, size, c, q)
     return rec.reshape(H, W)
 
 
