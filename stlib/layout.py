@@ -77,6 +77,11 @@ class RunLayout:
         """``tiles/{store}/``: a tile store (``st``, ``st_truth``, ``pannuke``, ...)."""
         return self.root / "tiles" / store
 
+    @property
+    def models_root(self) -> Path:
+        """``models/``: the folder of every training run (and of an installed model pair)."""
+        return self.root / "models"
+
     def model_dir(self, run: str, seed_index: int = 0) -> Path:
         """``models/{run}/`` (training seed 0) or ``models/{run}__seed{k}/``."""
         return self.root / model_subdir(run, seed_index)
@@ -126,6 +131,8 @@ RUN_LAYOUT: tuple[tuple[str, str, str], ...] = (
      "region where Xenium imaged and transcripts fall (H&E px); outside = ignore"),
     ("tiles/{store}/", "tiles_dir", "tile store (below): st, st_truth, pannuke, pannuke_noheldout "
                                      "(PanNuke without the held-out organs' tissues), st__<labeler>"),
+    ("models/", "models_root", "every training run; the real-tissue chapter installs its release pair as "
+                               "models/{st,manual}/model.pt and trains its live pair in models/book/"),
     ("models/{run}/", "model_dir", "checkpoint.pt (resumable), model.pt (final), config.json, metrics.csv"),
     ("models/{run}__seed{k}/", "model_dir", "the same for training seed k >= 1 (run: st, pannuke, "
                                             "pannuke_noheldout, st__<labeler>)"),

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from stlib.config import NOTEBOOK_PARAMS, load_params
+from stlib.config import NOTEBOOK_PARAMS, RealTissueParams, load_params
 from stlib.utils import InputError, StlibError, read_json, repo_root, write_json
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def _code_fingerprint() -> str:
         if p.suffix in (".py", ".yaml", ".csv") and "__pycache__" not in p.parts:
             h.update(str(p.relative_to(pkg)).encode())
             h.update(p.read_bytes())
-    release = pkg.parent / "models" / "realtissue" / "release.json"
+    release = pkg.parent / RealTissueParams.release_dir / "release.json"
     if release.is_file():
         h.update(release.read_bytes())
     return h.hexdigest()
