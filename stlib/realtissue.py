@@ -1554,8 +1554,10 @@ def release_decision(table: pd.DataFrame, *, long_steps: int, base_steps: int = 
 
 def heldout_comparison(per_image: pd.DataFrame, *, st: str = "ST-trained", manual: str = "manual-trained",
                        classical: str = "classical (Otsu + watershed)", metrics: Sequence[str] = ("bpq", "dice", "aji"),
-                       n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """The chapter's held-out comparison of a pair on a per-image table (``set`` column = stratum).
+                       n_boot: int = 1000, seed: int = 0,
+                       extra_pairs: Sequence[tuple[str, str]] = ()) -> dict[str, Any]:
+    """The chapter's held-out comparison of a pair on a per-image table (``set`` column = stratum);
+    ``extra_pairs``: further paired differences to compute (e.g. ST - untrained).
 
     Means with 95% bootstrap CIs over images per set and pooled (:func:`summary_tables`), the paired
     differences ST - manual and ST - classical, the ST / manual bPQ ratio with its paired
@@ -1569,7 +1571,7 @@ def heldout_comparison(per_image: pd.DataFrame, *, st: str = "ST-trained", manua
     "verdict_ratio", "text": {...}}`` where ``text`` holds the formatted values the chapter glues.
     """
     summary, diffs = summary_tables(per_image, metrics=metrics, group="set", n_boot=n_boot, seed=seed,
-                                    pairs=[(st, manual), (st, classical)])
+                                    pairs=[(st, manual), (st, classical), *extra_pairs])
     piv = per_image.pivot_table(index="image", columns="model", values="bpq")
     sets = per_image.drop_duplicates("image").set_index("image")["set"].reindex(piv.index)
     ratio = ratio_ci(piv[st], piv[manual], sets, n_boot=max(n_boot, 1), seed=seed)
