@@ -596,6 +596,14 @@ class RealTissueParams(CommonParams):
     release_steps: int = 1500
     #: the LOO development run of the release budget (1500 steps, snapshots at 300 / 600 / 1000)
     loo_budget_csv: str = "benchmarks/realtissue_loo_budget.csv"
+    #: post-processing grid of the LOO development networks at the release budget (both nets; issue 10,
+    #: session 9: benchmarks/realtissue_loo/grid.py --grid release). The release pair's post-processing is
+    #: chosen on it by stlib.realtissue.RELEASE_POSTPROC_RULE (``make realtissue-models`` applies it; the
+    #: chapter shows it); "" = the release keeps the training recipe's post-processing
+    release_postproc_csv: str = "benchmarks/realtissue_release_postproc.csv"
+    #: the held-out diagnosis of the release pair as first shipped (benchmarks/realtissue_diagnosis/diagnose.py:
+    #: one factor changed at inference at a time; a finding, never a choice); shown if present
+    diagnosis_csv: str = "benchmarks/realtissue_diagnosis.csv"
 
 
 NOTEBOOK_PARAMS: dict[str, type[CommonParams]] = {

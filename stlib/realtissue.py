@@ -34,6 +34,7 @@ segmentation half of the claim against the *real manual* outlines:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -1271,6 +1272,17 @@ class Release:
         s = self.doc.get("recipe", {}).get("steps")
         return None if s is None else int(s)
 
+    @property
+    def postproc(self) -> dict[str, Any]:
+        """The post-processing stored in the pair's model files (what ``stlib infer`` applies to them)."""
+        return dict(self.doc.get("postproc") or {})
+
+    @property
+    def postproc_choice(self) -> dict[str, Any] | None:
+        """How that post-processing was chosen for the release budget (:func:`set_release_postproc`), or
+        None when it is the training recipe's own."""
+        return self.doc.get("postproc_choice")
+
 
 def pack_release(models_dir: str | Path, out_dir: str | Path, *, recipe: RecipeConfig, command: str,
                  commit: str, source: str | Path, train_images: Sequence[str], training: Mapping[str, Any],
@@ -1391,6 +1403,7 @@ MoNuSeg images ({', '.join(rel['train_images']['names'])}):
 training time ({cpu}, on the machine recorded there), the sha256 of every file and of every training
 image file, the date.
 
+{_release_postproc_text(rel)}
 Reproduce: `make realtissue-models` (a clean clone; the whole chapter run with the release's steps, about half
 an hour of CPU for 1500 steps, minutes on a GPU).
 
@@ -1401,6 +1414,19 @@ The weights were trained on images and manual outlines of MoNuSeg (Kumar N. et a
 derived from them and are shared under the same terms: **non-commercial use only, share-alike,
 with attribution** of MoNuSeg. The MIT licence of the repository covers the code only.
 """
+
+
+def _release_postproc_text(rel: Mapping[str, Any]) -> str:
+    pp = ", ".join(f"{k} {v}" for k, v in sorted((rel.get("postproc") or {}).items()))
+    c = rel.get("postproc_choice")
+    if not c:
+        return f"Post-processing stored in both files (the recipe's): {pp}.\n"
+    cur = ", ".join(f"{k} {v}" for k, v in sorted(c["current"].items()))
+    cb = "not in the grid" if c.get("current_bpq") is None else f"{c['current_bpq']:.3f}"
+    return (f"Post-processing stored in both files: {pp}, chosen for this budget on the development images "
+            f"({c['grid_csv']}, {c['n_pairs']} network x image pairs, mean bPQ {c['chosen_bpq']:.3f}; the training "
+            f"recipe's setting {cur}: {cb}) by the rule: {c['rule']}. The weights are those trained "
+            f"(`weights_sha256` in release.json).\n")
 
 
 def resolve_release(path: str | Path) -> Path:
@@ -1458,6 +1484,149 @@ def load_release(release_dir: str | Path, recipe: RecipeConfig, *, steps: int | 
 
 #: training artefacts of a run folder that an installed release model replaces (they belonged to another run)
 _STALE = ("checkpoint.pt", "metrics.csv", "metrics.json", "config.json")
+
+
+#: the rule that picks the release pair's post-processing (issue 10, session 9), written down before
+#: its grid (``benchmarks/realtissue_loo/grid.py --grid release``) was run
+RELEASE_POSTPROC_RULE = (
+    "the post-processing setting with the highest mean bPQ over every (network, development image) pair of the "
+    "leave-one-organ-out networks at the release budget (ST-trained and manual-trained, the 9 MoNuSeg breast / "
+    "lung / prostate images, each scored by the fold that never saw its organ); the recipe's own setting is kept "
+    "unless the best one is ahead of it by more than {tol}")
+
+
+def _pp_key(pp: Mapping[str, Any]) -> str:
+    """A post-processing setting as the grid's ``setting`` column writes it (the types of a model file's)."""
+    norm = {k: (int(v) if k == "min_size" else str(v) if k == "mode" else float(v)) for k, v in pp.items()}
+    return json.dumps(norm, sort_keys=True)
+
+
+def choose_release_postproc(grid_csv: str | Path, current: Mapping[str, Any], *, steps: int,
+                            nets: Sequence[str] = RELEASE_NETS, tol: float = 0.005) -> dict[str, Any]:
+    """Apply :data:`RELEASE_POSTPROC_RULE` to a post-processing grid of the LOO development networks.
+
+    Parameters
+    ----------
+    grid_csv
+        Rows ``steps, net, image, setting, bpq`` (``benchmarks/realtissue_release_postproc.csv``).
+    current
+        The recipe's setting (:func:`postproc_of`): kept unless another is ahead by more than ``tol``.
+    steps
+        The release budget (rows of other budgets are ignored).
+
+    Returns
+    -------
+    ``postproc`` (the chosen setting), ``rule``, ``chosen_bpq``, ``best`` / ``best_bpq``, ``current`` /
+    ``current_bpq`` (None when the grid lacks it), ``n_pairs`` (network x image pairs per setting), ``nets``,
+    ``steps``, ``grid_csv`` and its ``grid_sha256``, and ``table`` (one row per setting: mean over all pairs and
+    per network, sorted best first).
+
+    Raises
+    ------
+    InputError
+        No rows for ``steps`` and ``nets``, a network missing, or settings scored on different
+        (network, image) pairs (an unfinished grid): the rule needs every setting on the same pairs.
+    """
+    path = Path(grid_csv)
+    if not path.is_file():
+        raise InputError("post-processing grid not found", path=path,
+                         fix="run benchmarks/realtissue_loo/grid.py --grid release (after loo.py train ... --steps N)")
+    d = pd.read_csv(path)
+    d = d[(d["steps"] == int(steps)) & d["net"].isin(list(nets))]
+    missing = sorted(set(nets) - set(d["net"]))
+    if d.empty or missing:
+        raise InputError(f"the grid has no rows of {missing or list(nets)} at {steps} steps", path=path,
+                         fix="score every network of the release budget: grid.py NAME --steps N --nets st manual "
+                             "--grid release")
+    d = d.drop_duplicates(["setting", "net", "image"], keep="last")
+    pairs = d.groupby("setting")[["net", "image"]].apply(lambda g: frozenset(zip(g["net"], g["image"])))
+    if pairs.nunique() != 1:
+        raise InputError("the grid's settings were scored on different (network, image) pairs (unfinished run?)",
+                         path=path, fix="rerun grid.py for the missing folds / networks")
+    table = (d.groupby("setting")["bpq"].mean().rename("bpq").to_frame()
+             .join(d.pivot_table(index="setting", columns="net", values="bpq", aggfunc="mean")))
+    table = table.reset_index().sort_values(["bpq", "setting"], ascending=[False, True], ignore_index=True)
+    best = table.iloc[0]
+    key = _pp_key(current)
+    cur = table[table["setting"] == key]
+    cur_bpq = float(cur["bpq"].iloc[0]) if len(cur) else None
+    keep = cur_bpq is not None and float(best["bpq"]) - cur_bpq <= tol
+    chosen = key if keep else str(best["setting"])
+    return {"postproc": json.loads(chosen), "rule": RELEASE_POSTPROC_RULE.format(tol=tol),
+            "chosen_bpq": cur_bpq if keep else float(best["bpq"]), "best": json.loads(best["setting"]),
+            "best_bpq": float(best["bpq"]), "current": json.loads(key), "current_bpq": cur_bpq,
+            "n_pairs": len(next(iter(pairs))), "nets": list(nets), "steps": int(steps),
+            "grid_csv": path.as_posix(), "grid_sha256": _sha256(path), "table": table}
+
+
+def _weights_sha256(doc: Mapping[str, Any]) -> str:
+    """sha256 of a model file's weights alone (names, dtypes, shapes and bytes of ``state_dict``): equal
+    before and after a change of the file's post-processing, unlike the file's own sha256."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(doc["state_dict"]):
+        v = doc["state_dict"][k]
+        h.update(k.encode())
+        if hasattr(v, "detach"):
+            a = v.detach().cpu().contiguous()
+            h.update(f"{a.dtype}{tuple(a.shape)}".encode())
+            h.update(a.numpy().tobytes())
+        else:
+            h.update(repr(v).encode())
+    return h.hexdigest()
+
+
+def set_release_postproc(release_dir: str | Path, choice: Mapping[str, Any]) -> Path:
+    """Give a release folder the post-processing chosen for its budget (:func:`choose_release_postproc`).
+
+    The two model files get ``choice["postproc"]`` (what ``stlib infer`` applies); their weights are
+    not touched (``release.json`` records the weights' own sha256 before and after, and they are
+    checked equal). ``release.json`` gets the new file checksums, ``postproc`` and ``postproc_choice``
+    (the rule, the grid file and its sha256, the chosen / best / recipe settings and their mean bPQ,
+    the date); the training ``recipe`` stays as trained. The folder is replaced atomically;
+    idempotent.
+    """
+    import datetime as _dt
+
+    import torch
+
+    from stlib.utils import atomic_dir
+
+    path = resolve_release(release_dir)
+    doc = read_json(path / RELEASE_JSON)
+    pp = json.loads(_pp_key(choice["postproc"]))
+    record = {k: v for k, v in choice.items() if k != "table"}
+    if doc.get("postproc") == pp and (doc.get("postproc_choice") or {}).get("grid_sha256") == record.get("grid_sha256"):
+        return path
+    files, weights = {}, {}
+    models = {}
+    for net in RELEASE_NETS:
+        f = path / f"{net}.pt"
+        m = _model_doc(f)
+        before = _weights_sha256(m)
+        m["postproc"] = pp
+        models[net] = m
+        weights[net] = before
+    with atomic_dir(path) as tmp:
+        for old in path.iterdir():
+            if old.is_file() and old.suffix != ".pt" and old.name not in (RELEASE_JSON, "README.md"):
+                (tmp / old.name).write_bytes(old.read_bytes())
+        for net, m in models.items():
+            torch.save(m, tmp / f"{net}.pt")
+            after = _weights_sha256(_model_doc(tmp / f"{net}.pt"))
+            if after != weights[net]:  # pragma: no cover - torch.save round trip
+                raise RuntimeError(f"{net}.pt: the weights changed while its post-processing was set")
+            files[f"{net}.pt"] = _sha256(tmp / f"{net}.pt")
+        doc["files"] = files
+        doc["weights_sha256"] = {f"{n}.pt": w for n, w in weights.items()}
+        doc["postproc"] = pp
+        doc["postproc_choice"] = {**record, "postproc": pp,
+                                  "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        write_json(tmp / RELEASE_JSON, doc)
+        (tmp / "README.md").write_text(_release_readme(doc))
+        tmp.chmod(0o755)
+    return path
 
 
 def install_release(release: Release, models_dir: str | Path) -> dict[str, Path]:
@@ -1659,6 +1828,9 @@ def release_main(argv: Sequence[str] | None = None) -> int:
                                                     "samples)')")
     ap.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     ap.add_argument("--note", action="append", default=[])
+    ap.add_argument("--postproc-grid", default=None,
+                    help="LOO post-processing grid of the release budget (default: the profile's release_postproc_csv; "
+                         "'' = keep the recipe's post-processing); applied by choose_release_postproc's rule")
     a = ap.parse_args(list(argv) if argv is not None else None)
     import yaml
 
@@ -1690,15 +1862,50 @@ def release_main(argv: Sequence[str] | None = None) -> int:
     out = pack_release(a.models, a.out, recipe=recipe, command=a.command, commit=commit, source=params["source"],
                        train_images=natural_sorted([x.name for x in imgs]), train_organs=[x.organ for x in imgs],
                        training=training, dtype=a.dtype, notes=a.note)
+    grid = a.postproc_grid if a.postproc_grid is not None else params["release_postproc_csv"]
+    if grid and Path(grid).is_file():
+        choice = choose_release_postproc(grid, postproc_of(recipe), steps=recipe.steps)
+        set_release_postproc(out, choice)
+        print(f"post-processing for {recipe.steps} steps: {choice['postproc']} (dev mean bPQ {choice['chosen_bpq']:.3f})")
     print(f"release pair written to {out}")
     print(Path(out, RELEASE_JSON).read_text())
+    return 0
+
+
+def release_postproc_main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stlib.realtissue release-postproc``: give an existing release folder the post-processing
+    that :data:`RELEASE_POSTPROC_RULE` picks from the LOO grid of its budget (weights untouched)."""
+    import argparse
+
+    from stlib.config import load_params
+
+    ap = argparse.ArgumentParser(prog="python -m stlib.realtissue release-postproc",
+                                 description=release_postproc_main.__doc__)
+    ap.add_argument("--release", default=_RT.release_dir)
+    ap.add_argument("--grid", default=_RT.release_postproc_csv)
+    ap.add_argument("--profile", default="demo")
+    ap.add_argument("--dry-run", action="store_true", help="print the grid's ranking and the choice, change nothing")
+    a = ap.parse_args(list(argv) if argv is not None else None)
+    path = resolve_release(a.release)
+    doc = read_json(path / RELEASE_JSON)
+    params = load_params(a.profile, "07_real_tissue", overrides={"steps": int(doc["recipe"]["steps"])})
+    choice = choose_release_postproc(a.grid, postproc_of(recipe_of(params)), steps=int(doc["recipe"]["steps"]))
+    with pd.option_context("display.width", 200, "display.max_colwidth", 120):
+        print(choice["table"].round(4).to_string(index=False))
+    print(f"rule: {choice['rule']}")
+    print(f"chosen: {choice['postproc']} (mean bPQ {choice['chosen_bpq']:.4f}; recipe's {choice['current']}: "
+          f"{choice['current_bpq']})")
+    if not a.dry_run:
+        set_release_postproc(path, choice)
+        print(f"{path}: post-processing set; release.json updated")
     return 0
 
 
 if __name__ == "__main__":  # pragma: no cover - `python -m stlib.realtissue budget ...`
     import sys
 
-    commands = {"budget": budget_main, "heldout": heldout_main, "labels": labels_main, "release": release_main}
+    commands = {"budget": budget_main, "heldout": heldout_main, "labels": labels_main, "release": release_main,
+                "release-postproc": release_postproc_main}
     if sys.argv[1:2] == [] or sys.argv[1] not in commands:
-        sys.exit("usage: python -m stlib.realtissue {budget,heldout,labels,release} [--help]")
+        sys.exit("usage: python -m stlib.realtissue {budget,heldout,labels,release,release-postproc} [--help]")
     sys.exit(commands[sys.argv[1]](sys.argv[2:]))

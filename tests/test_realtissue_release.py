@@ -223,6 +223,16 @@ def test_shipped_release_verifies_against_the_chapter_recipe():
         assert f.is_file() and rt._sha256(f) == sha, rel_path
     organs = set(doc["train_images"]["organs"])
     assert organs and not organs & set(p.heldout_organs)
+    for net in rt.RELEASE_NETS:  # the files carry the post-processing the release records
+        assert torch.load(rel.models[net], weights_only=True).get("postproc") == rel.postproc
+    c = rel.postproc_choice
+    if c:  # chosen for the release budget: the committed grid is the one recorded and the rule gives the same
+        grid = REPO / c["grid_csv"]
+        assert grid.is_file() and rt._sha256(grid) == c["grid_sha256"]
+        again = rt.choose_release_postproc(grid, rt.postproc_of(rt.recipe_of(p)), steps=rel.steps)
+        assert again["postproc"] == rel.postproc == c["postproc"]
+        for net in rt.RELEASE_NETS:
+            assert rt._weights_sha256(torch.load(rel.models[net], weights_only=True)) == doc["weights_sha256"][f"{net}.pt"]
 
 
 def test_heldout_comparison_verdicts_follow_the_cis():
@@ -264,3 +274,79 @@ def test_release_command_packs_with_provenance(trained_pair, tmp_path, capsys):
     with pytest.raises(InputError, match="another recipe"):  # the profile's recipe is checked against the files
         rt.release_main(["--models", str(models), "--out", str(tmp_path / "rel2"), "-p", "steps=40", "-p", "lr=0.02",
                          "--command", "x", "--commit", "abc"])
+
+
+def _grid(rows: dict[str, dict[str, list[float]]], steps: int = 1500) -> pd.DataFrame:
+    """A post-processing grid table: setting -> net -> bPQ per image."""
+    out = []
+    for setting, nets in rows.items():
+        for net, vals in nets.items():
+            for k, v in enumerate(vals):
+                out.append({"name": "long1500", "seed": 0, "steps": steps, "fold": "Breast", "net": net,
+                            "image": f"img{k}", "setting": setting, "mode": json.loads(setting)["mode"], "bpq": v})
+    return pd.DataFrame(out)
+
+
+CUR = rt.postproc_of(rt.RecipeConfig())  # the chapter's own setting
+CUR_KEY = rt._pp_key(CUR)
+SMALL_KEY = rt._pp_key({**CUR, "min_size": 100})
+
+
+def test_release_postproc_rule_picks_the_best_mean_over_both_nets(tmp_path):
+    f = tmp_path / "grid.csv"
+    # best on ST alone would be SMALL by a lot, but manual prefers CUR: the mean over both decides
+    _grid({CUR_KEY: {"st": [0.40, 0.40], "manual": [0.50, 0.50]},
+           SMALL_KEY: {"st": [0.46, 0.46], "manual": [0.46, 0.46]}}).to_csv(f, index=False)
+    c = rt.choose_release_postproc(f, CUR, steps=1500)
+    assert c["postproc"] == json.loads(SMALL_KEY) and c["best"] == c["postproc"]
+    assert c["chosen_bpq"] == pytest.approx(0.46) and c["current_bpq"] == pytest.approx(0.45)
+    assert c["n_pairs"] == 4 and c["grid_sha256"] == rt._sha256(f)
+    assert list(c["table"]["setting"]) == [SMALL_KEY, CUR_KEY]
+    # within the tolerance the recipe's own setting is kept
+    c = rt.choose_release_postproc(f, CUR, steps=1500, tol=0.02)
+    assert c["postproc"] == json.loads(CUR_KEY) and c["best"] == json.loads(SMALL_KEY)
+
+
+def test_release_postproc_rule_refuses_an_unfinished_grid(tmp_path):
+    f = tmp_path / "grid.csv"
+    _grid({CUR_KEY: {"st": [0.4, 0.4], "manual": [0.5, 0.5]}, SMALL_KEY: {"st": [0.9, 0.9], "manual": [0.9]}}
+          ).to_csv(f, index=False)
+    with pytest.raises(InputError, match="different"):
+        rt.choose_release_postproc(f, CUR, steps=1500)
+    _grid({CUR_KEY: {"st": [0.4, 0.4]}}).to_csv(f, index=False)
+    with pytest.raises(InputError, match="manual"):
+        rt.choose_release_postproc(f, CUR, steps=1500)
+    with pytest.raises(InputError, match="no rows"):
+        rt.choose_release_postproc(f, CUR, steps=150, nets=("st",))
+    with pytest.raises(InputError, match="not found"):
+        rt.choose_release_postproc(tmp_path / "none.csv", CUR, steps=1500)
+
+
+def test_set_release_postproc_keeps_the_weights_and_records_the_choice(trained_pair, tmp_path):
+    from stlib.infer import load_inference_model
+
+    models, src = trained_pair
+    out = _pack(models, src, tmp_path / "release")
+    before = json.loads((out / "release.json").read_text())
+    f = tmp_path / "grid.csv"
+    _grid({CUR_KEY: {"st": [0.40], "manual": [0.40]}, SMALL_KEY: {"st": [0.50], "manual": [0.48]}},
+          steps=RECIPE.steps).to_csv(f, index=False)
+    choice = rt.choose_release_postproc(f, rt.postproc_of(RECIPE), steps=RECIPE.steps)
+    rt.set_release_postproc(out, choice)
+    doc = json.loads((out / "release.json").read_text())
+    assert doc["postproc"] == json.loads(SMALL_KEY) and doc["recipe"] == before["recipe"]
+    assert doc["postproc_choice"]["grid_sha256"] == rt._sha256(f) and "table" not in doc["postproc_choice"]
+    assert doc["files"] != before["files"]  # the files changed (their post-processing) ...
+    rel = rt.load_release(out, RECIPE)  # ... and verify against the new checksums
+    assert rel.ok and rel.postproc == json.loads(SMALL_KEY) and rel.postproc_choice["chosen_bpq"] == pytest.approx(0.49)
+    for net in rt.RELEASE_NETS:  # ... but the weights are the trained ones, bit for bit
+        orig = torch.load(models / net / "model.pt", weights_only=True)
+        new = torch.load(out / f"{net}.pt", weights_only=True)
+        assert rt._weights_sha256(orig) == rt._weights_sha256(new) == doc["weights_sha256"][f"{net}.pt"]
+        assert all(torch.equal(orig["state_dict"][k], new["state_dict"][k]) for k in orig["state_dict"])
+    inst = rt.install_release(rel, tmp_path / "installed")
+    assert load_inference_model(inst["st"]).postproc == json.loads(SMALL_KEY)  # what stlib infer applies
+    assert "chosen for this budget" in (out / "README.md").read_text()
+    mtime = (out / "st.pt").stat().st_mtime_ns
+    rt.set_release_postproc(out, choice)  # idempotent
+    assert (out / "st.pt").stat().st_mtime_ns == mtime
