@@ -66,7 +66,9 @@ gpu-check: $(STAMP)
 # with their provenance (command, commit, recipe, time, machine, sha256 of weights and training images) into
 # models/realtissue/. The shipped pair (1500 steps): 1470 CPU s to train the two networks, 1769 CPU s for the
 # whole chapter run, 48 min wall on the shared 2-core development machine at load average ~5.8
-# (models/realtissue/release.json); on a GPU the training takes minutes.
+# (models/realtissue/release.json); on a GPU the training takes minutes. Packing gives the pair the
+# post-processing chosen for its budget on the development images (benchmarks/realtissue_release_postproc.csv,
+# stlib.realtissue.RELEASE_POSTPROC_RULE) when that grid holds RELEASE_STEPS; otherwise the recipe's, and it says so.
 RELEASE_STEPS ?= 1500
 RELEASE_RUN   ?= runs/realtissue-release
 realtissue-models: $(STAMP)

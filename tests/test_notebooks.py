@@ -114,6 +114,12 @@ def test_outputs_of_the_study_exist(smoke):
         assert (rt / "models" / "st" / "model.pt").is_file() and (rt / "models" / "manual" / "model.pt").is_file()
         assert "verified, installed" in glued["rt_rel_status"], glued["rt_rel_status"]
         assert float(glued["rt_rel_st"].strip("'")) > 0 and "[" in glued["rt_rel_ratio"]
+        rel = json.loads((REPO / "models" / "realtissue" / "release.json").read_text())
+        if rel.get("postproc_choice"):  # the release's own post-processing, chosen on the dev grid, is shown
+            shown = glued["rt_pp_chosen"].strip("'")
+            assert all(f"{k} {v}" in shown for k, v in rel["postproc"].items()), shown
+    if (REPO / "benchmarks" / "realtissue_diagnosis.csv").is_file():
+        assert "n/a" not in glued["rt_dg_first_st"] and float(glued["rt_dg_small_st"].strip("'")) > 0
     else:
         assert "not evaluated" in glued["rt_rel_status"]
 

@@ -350,3 +350,20 @@ def test_set_release_postproc_keeps_the_weights_and_records_the_choice(trained_p
     mtime = (out / "st.pt").stat().st_mtime_ns
     rt.set_release_postproc(out, choice)  # idempotent
     assert (out / "st.pt").stat().st_mtime_ns == mtime
+
+
+def test_heldout_verdict_needs_the_sign_flip_test_too():
+    """A single-image set carries a set's weight but no bootstrap spread: a pooled CI above 0 driven by it
+    is not enough for "above" when the sign-flip test over images disagrees."""
+    rows = []
+    for k in range(6):  # a set of 6 images where ST and Otsu are level ...
+        for model, v in (("ST-trained", 0.40 + (0.01 if k % 2 else -0.01)), ("manual-trained", 0.41),
+                         ("classical (Otsu + watershed)", 0.40)):
+            rows.append({"model": model, "image": f"a{k}", "set": "A", "organ": "A", "bpq": v, "dice": v, "aji": v})
+    for model, v in (("ST-trained", 0.50), ("manual-trained", 0.50), ("classical (Otsu + watershed)", 0.40)):
+        rows.append({"model": model, "image": "b0", "set": "B", "organ": "B", "bpq": v, "dice": v, "aji": v})
+    r = rt.heldout_comparison(pd.DataFrame(rows), n_boot=300)  # ... and one image of set B far ahead
+    d = r["diffs"]
+    c = d[(d.metric == "bpq") & (d.set == "pooled") & (d.comparison.str.endswith("watershed)"))].iloc[0]
+    assert c.diff_ci_low > 0 and c.p_value >= 0.05
+    assert r["verdict_classical"].startswith("ahead of, but not significantly above")

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import json
 import sys
 import time
 from pathlib import Path
@@ -165,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = map_processes(_one, jobs, workers=args.workers, threads=1, initializer=_init, initargs=(paths,),
                          desc="diagnosis")
     df = pd.DataFrame([r for rs in rows for r in rs])
+    # the post-processing stored in the release files when this ran (the "as shipped" rows used it)
+    import torch
+
+    df["release_postproc"] = json.dumps(torch.load(paths["ST-trained"], weights_only=True).get("postproc"),
+                                        sort_keys=True)
     df["set"] = rt.image_sets(df.rename(columns={"method": "model"}))
     df.to_csv(args.out, index=False)
     per_set = df.groupby(["variant", "method", "set"])["bpq"].mean().unstack("set")
