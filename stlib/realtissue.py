@@ -1497,8 +1497,9 @@ RELEASE_POSTPROC_RULE = (
 
 def _pp_key(pp: Mapping[str, Any]) -> str:
     """A post-processing setting as the grid's ``setting`` column writes it (the types of a model file's)."""
-    norm = {k: (int(v) if k == "min_size" else str(v) if k == "mode" else float(v)) for k, v in pp.items()}
-    return json.dumps(norm, sort_keys=True)
+    from stlib.train.checkpoint import postproc_values
+
+    return json.dumps(postproc_values(pp), sort_keys=True)
 
 
 def choose_release_postproc(grid_csv: str | Path, current: Mapping[str, Any], *, steps: int,
@@ -1581,8 +1582,8 @@ def set_release_postproc(release_dir: str | Path, choice: Mapping[str, Any]) -> 
     """Give a release folder the post-processing chosen for its budget (:func:`choose_release_postproc`).
 
     The two model files get ``choice["postproc"]`` (what ``stlib infer`` applies); their weights are
-    not touched (``release.json`` records the weights' own sha256 before and after, and they are
-    checked equal). ``release.json`` gets the new file checksums, ``postproc`` and ``postproc_choice``
+    not touched (``release.json`` records the weights' own sha256, ``weights_sha256``, checked equal
+    before and after the files are rewritten). ``release.json`` gets the new file checksums, ``postproc`` and ``postproc_choice``
     (the rule, the grid file and its sha256, the chosen / best / recipe settings and their mean bPQ,
     the date); the training ``recipe`` stays as trained. The folder is replaced atomically;
     idempotent.

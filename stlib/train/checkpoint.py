@@ -117,6 +117,12 @@ def model_file(model: HoVerNet, config: TrainConfig, data_info: Mapping[str, Any
 POSTPROC_KEYS = ("np_thresh", "marker_thresh", "min_size", "mode", "marker_h", "hv_weight", "marker_dist")
 
 
+def postproc_values(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Post-processing settings with the types a model file stores (``min_size`` int, ``mode`` str, the
+    rest float), so that equal settings compare and serialise equal wherever they come from."""
+    return {k: (int(v) if k == "min_size" else str(v) if k == "mode" else float(v)) for k, v in settings.items()}
+
+
 def write_postproc(path: str | Path, settings: Mapping[str, float | int]) -> Path:
     """Store post-processing settings in ``model.pt`` (key ``postproc``), rewriting it atomically.
 
@@ -133,7 +139,7 @@ def write_postproc(path: str | Path, settings: Mapping[str, float | int]) -> Pat
 
     if "mode" in settings and settings["mode"] not in POSTPROC_MODES:
         raise InputError(f"unknown post-processing mode {settings['mode']!r}", fix=f"known: {list(POSTPROC_MODES)}")
-    new = {k: (int(v) if k == "min_size" else str(v) if k == "mode" else float(v)) for k, v in settings.items()}
+    new = postproc_values(settings)
     if doc.get("postproc", {}) == new or (not new and "postproc" not in doc):
         return path
     if new:
