@@ -300,7 +300,10 @@ class InferConfig:
 
     um_per_px: float | None = _opt(None, "level-0 pixel size of the input (µm/px); none = read it from the file "
                                          "(required when the file has none)")
-    tile_px: int | None = _opt(None, "tile size in model px (none: 512, or the model's training tile if larger)")
+    tile_px: int | None = _opt(None, "tile size in model px (none: 512, or the model's training tile if larger, or "
+                                     "the whole image when it fits in whole_image_px)")
+    whole_image_px: int = _opt(1024, "without tile_px, an image whose longer side is at most this many model px runs "
+                                     "as one tile (no seams, no overlap compute); 0 = always tile")
     overlap: int = _opt(128, "model px shared by neighbouring tiles; keep it >= 2x the largest nucleus diameter")
     batch_size: int = _opt(16, "tiles per forward pass")
     tissue_detection: bool = _opt(True, "skip tiles without tissue")

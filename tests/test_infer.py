@@ -164,6 +164,60 @@ def test_seams_no_duplicates_and_exact_nuclei(seam_case):
     assert (res.nuclei["probability"] > 0.99).all()
 
 
+class WhiteIsNucleus(torch.nn.Module):
+    """Calls every near-white pixel one nucleus: the white padding past an image's border included."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        fg = (x.min(dim=1).values > 0.98).float() * 20 - 10
+        b, _, h, w = x.shape
+        nt = torch.zeros(b, 6, h, w)
+        nt[:, 1] = 20
+        return {"np": torch.stack([-fg, fg], 1), "hv": torch.zeros(b, 2, h, w), "nt": nt}
+
+
+class DiscAt(torch.nn.Module):
+    """One round nucleus of radius ``r`` centred on tile pixel ``(row, col)``, whatever the input."""
+
+    def __init__(self, row: int, col: int, r: int) -> None:
+        super().__init__()
+        self.rc = (row, col, r)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        b, _, h, w = x.shape
+        row, col, r = self.rc
+        yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        fg = (((yy - row) ** 2 + (xx - col) ** 2) <= r * r).float().expand(b, h, w) * 20 - 10
+        nt = torch.zeros(b, 6, h, w)
+        nt[:, 1] = 20
+        return {"np": torch.stack([-fg, fg], 1), "hv": torch.zeros(b, 2, h, w), "nt": nt}
+
+
+def test_an_image_that_fits_runs_as_one_tile_and_finds_the_nuclei_of_the_tiled_run():
+    """Without tile_px, an image up to whole_image_px model px runs as one (padded, square) tile:
+    the same nuclei as 512 px tiles with seams, nothing from the padding, outlines inside the image."""
+    img, inst, classes = synthetic_slide(900, seed=5, background_fraction=0.0)
+    img, inst = img[:600], inst[:600]
+    kw = dict(um_per_px=0.25, model_um_per_px=0.25, device="cpu", workers=0, tissue_detection=False)
+    whole = infer_image(Oracle(), img, **kw)
+    tiled = infer_image(Oracle(), img, whole_image_px=0, **kw)
+    assert whole.stats["n_tiles"] == 1 and whole.stats["tile_px"] == 900
+    assert tiled.stats["n_tiles"] == 6 and tiled.stats["tile_px"] == 512
+    assert len(whole) == len(tiled) == len(np.unique(inst)) - 1
+    idx, dist = _match(whole.nuclei[["x", "y"]].to_numpy(), tiled.nuclei[["x", "y"]].to_numpy())
+    assert len(set(idx.tolist())) == len(tiled) and dist.max() < 0.05
+    np.testing.assert_array_equal(whole.inst > 0, inst > 0)
+    # a network that sees a nucleus in the white padding below the image: dropped
+    pad = infer_image(WhiteIsNucleus(), img, **kw)
+    assert pad.stats["n_tiles"] == 1 and len(pad) == 0 and pad.inst.max() == 0
+    # one nucleus straddling the bottom border: kept (centroid inside), outline clipped to the image
+    pad2 = infer_image(DiscAt(595, 430, 20), img, **kw)
+    assert len(pad2) == 1
+    xs, ys = pad2.polygons[0][:, 0], pad2.polygons[0][:, 1]
+    assert ys.max() <= 600 and ys.min() >= 574 and xs.min() >= 409 and xs.max() <= 451
+    # larger than whole_image_px: tiled as before
+    assert infer_image(Oracle(), img, whole_image_px=800, **kw).stats["n_tiles"] == 6
+
+
 def test_resampling_half_resolution_input():
     """0.5 µm/px input, 0.25 µm/px model: tiles are upsampled 2x, outputs in input pixels."""
     img, inst, classes = synthetic_slide(256, seed=4, spacing=20, background_fraction=0.0)

@@ -148,8 +148,13 @@ def _read_model_tile(wsi: Any, grid: _Grid, r: int, c: int) -> np.ndarray:
 
 
 def _tile_nuclei(key: int, np_prob: np.ndarray, hv: np.ndarray, tp: np.ndarray, *, grid: _Grid,
-                 neighbours: Sequence[np.ndarray], keep_map: bool, pp_kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """Post-process one slide tile and keep the nuclei it owns, as level-0 polygons."""
+                 neighbours: Sequence[np.ndarray], keep_map: bool, pp_kwargs: Mapping[str, Any],
+                 shape: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Post-process one slide tile and keep the nuclei it owns, as level-0 polygons.
+
+    With the image's level-0 ``shape``: a tile reaching past the image (an image smaller than a
+    tile, read with white padding) keeps only nuclei whose centroid lies in the image, their
+    outlines clipped to it."""
     from skimage.measure import find_contours
 
     inst, typ, table = postproc.hovernet_postprocess(np_prob, hv, tp, **pp_kwargs)
@@ -163,10 +168,14 @@ def _tile_nuclei(key: int, np_prob: np.ndarray, hv: np.ndarray, tp: np.ndarray, 
     kept = postproc.remove_seam_duplicates(tables, tile_origins=[tuple(o) for o in grid.origins[nb]],
                                            tile_size=grid.tile)
     ids = [rec["tile_id"] for rec in kept.values()]
-    if not ids:
-        return empty
     r0, c0 = (int(v) for v in grid.origins[key])
     s = grid.s
+    if shape is not None:
+        H0, W0 = shape
+        ids = [i for i in ids if 0 <= (table[i]["centroid"][0] + c0 + 0.5) * s < W0
+               and 0 <= (table[i]["centroid"][1] + r0 + 0.5) * s < H0]
+    if not ids:
+        return empty
     rings, xy, area, cls, prob = [], [], [], [], []
     for i in ids:
         rec = table[i]
@@ -176,7 +185,10 @@ def _tile_nuclei(key: int, np_prob: np.ndarray, hv: np.ndarray, tp: np.ndarray, 
         ring = max(contours, key=len)
         rows = ring[:, 0] + a - 1 + r0
         cols = ring[:, 1] + b - 1 + c0
-        rings.append(np.stack([(cols + 0.5) * s, (rows + 0.5) * s], axis=1))
+        ring_xy = np.stack([(cols + 0.5) * s, (rows + 0.5) * s], axis=1)
+        if shape is not None:
+            ring_xy = np.clip(ring_xy, 0.0, [float(shape[1]), float(shape[0])])
+        rings.append(ring_xy)
         cx, cy = rec["centroid"]
         xy.append(((cx + c0 + 0.5) * s, (cy + r0 + 0.5) * s))
         area.append(rec["area"] * grid.model_um ** 2)
@@ -277,8 +289,13 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, config: InferConfig |
     device
         ``"auto"`` = CUDA when available.
     tile_px
-        Tile size in model pixels (default: the model's training tile size). Larger tiles
-        (e.g. 1024) are faster on a GPU; the network takes any size.
+        Tile size in model pixels (default: 512, or the model's training tile size if larger).
+        Larger tiles (e.g. 1024) are faster on a GPU; the network takes any size.
+    whole_image_px
+        Without ``tile_px``: an image (tile, ROI, patch) whose longer side at the model's
+        resolution is at most this many pixels runs as one tile of that side: no seams to stitch
+        and no overlap computed twice (9 overlapping 512 px tiles of a 1000 px image cost 2.4x
+        its pixels). ``0`` = always tile. Slides are tiled as before.
     overlap
         Model pixels shared by neighbouring tiles; should be at least twice the largest
         nucleus diameter so that a kept nucleus is never cut by its tile border.
@@ -326,8 +343,10 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, config: InferConfig |
 
     wsi = _open_image(image_or_path, um_per_px)
     try:
-        plan = _plan_tiles(wsi, info, T, overlap, overlay_px=overlay_px, tissue_detection=cfg.tissue_detection)
+        plan = _plan_tiles(wsi, info, T, overlap, overlay_px=overlay_px, tissue_detection=cfg.tissue_detection,
+                           whole_px=0 if tile_px else int(cfg.whole_image_px or 0))
         origins, grid = plan.origins, plan.grid
+        T = grid.tile  # the whole image's side when it runs as one tile
         neighbours = [np.nonzero((np.abs(origins[:, 0] - o[0]) < T) & (np.abs(origins[:, 1] - o[1]) < T))[0]
                       for o in origins]
         acc = _Collected(plan.shape, keep_map=plan.shape[0] * plan.shape[1] <= max_map_px)
@@ -345,7 +364,8 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, config: InferConfig |
                 timing.read_s += time.perf_counter() - t0
                 yield keys, imgs
 
-        work = functools.partial(_tile_nuclei, grid=grid, neighbours=neighbours, keep_map=acc.keep_map, pp_kwargs=pp)
+        work = functools.partial(_tile_nuclei, grid=grid, neighbours=neighbours, keep_map=acc.keep_map, pp_kwargs=pp,
+                                 shape=plan.shape)
         src = prefetch(batches()) if workers > 0 else batches()
         bar = progress(run_pipeline(model, src, work, dev=dev, amp=cfg.amp, workers=workers, timing=timing,
                                     processes=cfg.postproc_processes),
@@ -404,9 +424,10 @@ class _TilePlan:
 
 
 def _plan_tiles(wsi: Any, info: ModelInfo, T: int, overlap: int, *, overlay_px: int,
-                tissue_detection: bool) -> _TilePlan:
+                tissue_detection: bool, whole_px: int = 0) -> _TilePlan:
     """Tile origins (model px) over the image at the model's resolution; with ``tissue_detection``
-    only tiles touching tissue of the thumbnail (one thumbnail pixel of margin) are kept."""
+    only tiles touching tissue of the thumbnail (one thumbnail pixel of margin) are kept. An image
+    whose longer side (model px) is at most ``whole_px`` gets one tile of that side (at least ``T``)."""
     if wsi.um_per_px is None:
         raise InputError("the image does not say its pixel size (µm/px)", path=wsi.path,
                          fix="pass --um-per-px (um_per_px=), e.g. 0.25 for 40x or 0.5 for 20x scans")
@@ -419,6 +440,8 @@ def _plan_tiles(wsi: Any, info: ModelInfo, T: int, overlap: int, *, overlay_px: 
     level = wsi.best_level_for_downsample(s)
     ds = wsi.level_downsamples[level]
     Hm, Wm = max(1, int(math.ceil(H0 / s))), max(1, int(math.ceil(W0 / s)))
+    if whole_px and max(Hm, Wm) <= whole_px:
+        T = max(T, Hm, Wm)
     all_origins = np.asarray(postproc.tile_origins((Hm, Wm), T, overlap), np.int64).reshape(-1, 2)
 
     thumb = wsi.thumbnail(overlay_px)
