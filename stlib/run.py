@@ -5,6 +5,10 @@
 the Jupyter Book. A notebook whose source, parameters, stlib code and upstream notebooks did not
 change since its last successful run is skipped; a failing notebook stops the run and the error
 names the notebook, the cell and the exception.
+
+Each chapter reads what the chapter before it wrote (:func:`notebook_needs`), except a
+self-contained chapter (the real-tissue one, whose cohort and runs live in folders of their own):
+with ``jobs`` > 1 it runs beside the chain, in a process of its own.
 """
 
 from __future__ import annotations
@@ -191,10 +195,67 @@ def notebook_names(root: Path | None = None) -> list[str]:
     return [n for n in NOTEBOOK_PARAMS if (root / "notebooks" / f"{n}.ipynb").is_file()]
 
 
+#: chapters that read nothing another chapter writes, as long as their own folders (these parameters)
+#: lie apart from the profile's ``data_dir`` and ``run_dir``: the real-tissue chapter builds its cohort
+#: from the shipped real subset (or a source of its own) in ``rt_data_dir`` and trains in ``rt_run_dir``.
+#: A profile that points them into the study's folders (the realtissue profile) keeps it in the chain.
+SELF_CONTAINED: dict[str, tuple[str, ...]] = {"07_real_tissue": ("rt_data_dir", "rt_run_dir")}
+
+
+def _inside(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents or a in b.parents
+
+
+def notebook_needs(names: list[str], params: dict[str, dict[str, Any]], root: Path) -> dict[str, tuple[str, ...]]:
+    """The notebooks each one waits for (and whose fingerprints are part of its own).
+
+    A chapter needs the chapter before it in the chain (which needs the one before, and so on); a
+    :data:`SELF_CONTAINED` chapter whose own folders lie apart from ``data_dir`` and ``run_dir``
+    (neither inside the other) needs none and is not part of the chain.
+    """
+    def folder(v: Any) -> Path:
+        return (root / str(v)).resolve()
+
+    needs: dict[str, tuple[str, ...]] = {}
+    prev: str | None = None
+    for n in names:
+        own = SELF_CONTAINED.get(n)
+        p = params[n]
+        if own and all(p.get(k) for k in (*own, "data_dir", "run_dir")) and not any(
+                _inside(folder(p[k]), folder(p[d])) for k in own for d in ("data_dir", "run_dir")):
+            needs[n] = ()
+            continue
+        needs[n] = (prev,) if prev else ()
+        prev = n
+    return needs
+
+
+def default_jobs() -> int:
+    """Notebooks run at once by default: 2 where the process may use 2 or more CPUs, else 1."""
+    from stlib.utils import usable_cpus
+
+    return 2 if usable_cpus() >= 2 else 1
+
+
+def _execute_in_child(src: str, dst: str, params: dict[str, Any], cwd: str) -> dict[str, Any] | None:
+    """:func:`execute_notebook` in a worker process; a failing cell comes back as a dict (papermill's
+    exception does not survive pickling), any other error as a RuntimeError naming it."""
+    import papermill as pm
+
+    try:
+        execute_notebook(src, dst, params, cwd)
+        apply_book_tags(dst)
+    except pm.PapermillExecutionError as e:
+        return {"cell_index": e.cell_index, "exec_count": e.exec_count, "ename": e.ename, "evalue": e.evalue}
+    except Exception as e:  # noqa: BLE001 - re-raised in the parent with its type and message
+        raise RuntimeError(f"{type(e).__name__}: {e}") from None
+    return None
+
+
 def run_profile(profile: str = "demo", *, only: list[str] | None = None, force: bool = False,
                 build: bool = True, overrides: dict[str, Any] | None = None,
                 root: str | os.PathLike | None = None, executed_dir: str | os.PathLike | None = None,
-                params_dir: str | os.PathLike | None = None, log=print) -> RunReport:
+                params_dir: str | os.PathLike | None = None, jobs: int | None = None, log=print) -> RunReport:
     """Execute the notebooks of ``profile`` in order, then build the book.
 
     Parameters
@@ -209,6 +270,10 @@ def run_profile(profile: str = "demo", *, only: list[str] | None = None, force: 
         Build the Jupyter Book afterwards.
     overrides
         Parameter values applied to every notebook (``-p key=value``).
+    jobs
+        Notebooks executed at once (default :func:`default_jobs`). With more than one, a chapter
+        whose needs (:func:`notebook_needs`) are done starts in a worker process beside the others;
+        ``1`` runs them one by one in this process. The executed notebooks are the same either way.
     """
     import papermill as pm
 
@@ -219,7 +284,6 @@ def run_profile(profile: str = "demo", *, only: list[str] | None = None, force: 
     state = read_json(state_path) if state_path.is_file() else {}
     report = RunReport(profile=str(profile))
     code = _code_fingerprint()
-    upstream = ""
     _quiet_env()
     names = notebook_names(root)
     overrides = dict(overrides or {})
@@ -232,53 +296,124 @@ def run_profile(profile: str = "demo", *, only: list[str] | None = None, force: 
         unknown = set(only) - set(names)
         if unknown:
             raise StlibError(f"unknown notebook(s) {sorted(unknown)}; available: {names}")
+    jobs = default_jobs() if jobs is None else max(1, int(jobs))
+    params: dict[str, dict[str, Any]] = {}
     for name in names:
-        src = root / "notebooks" / f"{name}.ipynb"
         mine = {f.name for f in fields(NOTEBOOK_PARAMS[name])}
-        params = load_params(profile, name, overrides={k: v for k, v in overrides.items() if k in mine},
-                             params_dir=params_dir)
-        fp = fingerprint(src, params, upstream, code)
-        upstream = fp
-        dst = out_dir / f"{name}.ipynb"
+        params[name] = load_params(profile, name, overrides={k: v for k, v in overrides.items() if k in mine},
+                                   params_dir=params_dir)
+    needs = notebook_needs(names, params, root)
+    fps: dict[str, str] = {}
+    for name in names:  # a notebook's fingerprint holds those of the notebooks it needs (and theirs)
+        fps[name] = fingerprint(root / "notebooks" / f"{name}.ipynb", params[name],
+                                "".join(fps[u] for u in needs[name]), code)
+
+    todo: list[str] = []
+    for name in names:
         if only and name not in only:
             continue
-        entry = state.get(name, {})
-        if not force and entry.get("fingerprint") == fp and entry.get("profile") == str(profile) and dst.is_file():
+        entry, dst = state.get(name, {}), out_dir / f"{name}.ipynb"
+        if not force and entry.get("fingerprint") == fps[name] and entry.get("profile") == str(profile) \
+                and dst.is_file():
             log(f"[stlib run] {name}: unchanged, skipped")
             apply_book_tags(dst)  # a copy executed before the book tags existed gets them too
             report.skipped.append(name)
             continue
-        log(f"[stlib run] {name}: executing ({profile})")
-        tmp = out_dir / f".{name}.running.ipynb"
-        t0 = time.perf_counter()
-        try:
-            execute_notebook(src, tmp, params, root)
-            apply_book_tags(tmp)
-        except pm.PapermillExecutionError as e:
+        todo.append(name)
+
+    def finish(name: str, t0: float, failure: dict[str, Any] | None) -> None:
+        tmp, dst = out_dir / f".{name}.running.ipynb", out_dir / f"{name}.ipynb"
+        if failure is not None:
             failed = out_dir / f"{name}.failed.ipynb"
             if tmp.exists():
                 os.replace(tmp, failed)
             state.pop(name, None)
             write_json(state_path, state)
-            cell = _source_cell_number(failed, e.cell_index)
+            cell = _source_cell_number(failed, failure["cell_index"])
             raise NotebookFailed(
                 f"notebook {name} failed in cell {cell} of notebooks/{name}.ipynb (1-based, "
-                f"execution count {e.exec_count}): {e.ename}: {e.evalue} -- the executed copy with "
-                f"the traceback is {failed}") from None
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+                f"execution count {failure['exec_count']}): {failure['ename']}: {failure['evalue']} -- the "
+                f"executed copy with the traceback is {failed}")
         os.replace(tmp, dst)
         (out_dir / f"{name}.failed.ipynb").unlink(missing_ok=True)
         report.seconds[name] = round(time.perf_counter() - t0, 1)
         report.executed.append(name)
-        state[name] = {"fingerprint": fp, "profile": str(profile), "seconds": report.seconds[name]}
+        state[name] = {"fingerprint": fps[name], "profile": str(profile), "seconds": report.seconds[name]}
         write_json(state_path, state)
         log(f"[stlib run] {name}: done in {report.seconds[name]} s")
+
+    if jobs == 1 or len(todo) < 2:
+        for name in todo:
+            log(f"[stlib run] {name}: executing ({profile})")
+            tmp = out_dir / f".{name}.running.ipynb"
+            t0 = time.perf_counter()
+            failure = None
+            try:
+                execute_notebook(root / "notebooks" / f"{name}.ipynb", tmp, params[name], root)
+                apply_book_tags(tmp)
+            except pm.PapermillExecutionError as e:
+                failure = {"cell_index": e.cell_index, "exec_count": e.exec_count, "ename": e.ename,
+                           "evalue": e.evalue}
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            finish(name, t0, failure)
+    else:
+        _run_side_by_side(todo, needs, jobs, root, out_dir, params, profile, finish, log)
+    report.executed.sort(key=names.index)
     if build:
         report.book = build_book(root)
         log(f"[stlib run] book: {report.book}")
     return report
+
+
+def _run_side_by_side(todo: list[str], needs: dict[str, tuple[str, ...]], jobs: int, root: Path, out_dir: Path,
+                      params: dict[str, dict[str, Any]], profile: str, finish: Any, log: Any) -> None:
+    """Run ``todo`` in up to ``jobs`` worker processes, each notebook once the ones it needs are done
+    (in the order of ``todo`` among those ready). The first failure stops new starts; notebooks
+    already running finish (and are kept), then it is raised."""
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    waiting = list(todo)
+    running: dict[Any, tuple[str, float]] = {}
+    error: BaseException | None = None
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"))
+    try:
+        while waiting or running:
+            if error is None:
+                for name in [n for n in waiting if not any(u in waiting or u in {v[0] for v in running.values()}
+                                                           for u in needs[n])]:
+                    if len(running) >= jobs:
+                        break
+                    others = ", ".join(v[0] for v in running.values())
+                    log(f"[stlib run] {name}: executing ({profile})" + (f", beside {others}" if others else ""))
+                    fut = pool.submit(_execute_in_child, str(root / "notebooks" / f"{name}.ipynb"),
+                                      str(out_dir / f".{name}.running.ipynb"), params[name], str(root))
+                    running[fut] = (name, time.perf_counter())
+                    waiting.remove(name)
+            if not running:
+                break
+            done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in done:
+                name, t0 = running.pop(fut)
+                try:
+                    finish(name, t0, fut.result())
+                except BaseException as e:  # noqa: BLE001 - the first one is raised once the others finish
+                    (out_dir / f".{name}.running.ipynb").unlink(missing_ok=True)
+                    if error is None:
+                        error = e
+                        if waiting:
+                            log(f"[stlib run] {name} failed: not starting {', '.join(waiting)}")
+                        waiting.clear()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for name in [v[0] for v in running.values()]:
+            (out_dir / f".{name}.running.ipynb").unlink(missing_ok=True)
+        raise
+    pool.shutdown(wait=True)
+    if error is not None:
+        raise error
 
 
 def _source_cell_number(executed: Path, cell_index: int) -> int:
@@ -329,7 +464,7 @@ def _parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def cli_main(argv: list[str]) -> int:
     """``stlib run --profile demo|workshop|paper [--only NB ...] [--force] [--no-build] [-p k=v] [--show-config]
-    [--executed-dir DIR]``."""
+    [--executed-dir DIR] [--jobs N]``."""
     ap = argparse.ArgumentParser(prog="stlib run", description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default="demo", help="demo | workshop | paper | path to a params YAML")
     ap.add_argument("--only", nargs="+", help="run only these notebooks (stems, e.g. 02_labels)")
@@ -342,6 +477,9 @@ def cli_main(argv: list[str]) -> int:
     ap.add_argument("--executed-dir", default=None,
                     help="folder of the executed notebooks (default book/executed; e.g. a run of its own that must "
                          "not replace the book's copies)")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="notebooks executed at once (default: 2 with 2 or more CPUs, else 1); a self-contained "
+                         "chapter (the real-tissue one) runs beside the chain of the others")
     args = ap.parse_args(argv)
     if args.show_config:
         from stlib.config import show_config
@@ -349,7 +487,7 @@ def cli_main(argv: list[str]) -> int:
         print(show_config(args.profile), end="")
         return 0
     report = run_profile(args.profile, only=args.only, force=args.force, build=not args.no_build,
-                         overrides=_parse_overrides(args.param), executed_dir=args.executed_dir)
+                         overrides=_parse_overrides(args.param), executed_dir=args.executed_dir, jobs=args.jobs)
     print(f"executed: {report.executed or '-'}; skipped: {report.skipped or '-'}")
     return 0
 

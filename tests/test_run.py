@@ -110,3 +110,88 @@ def test_notebook_kernels_print_no_transport_warning(study, capfd):
     strun.run_profile("demo", root=study, params_dir=study / "params", build=False, log=lambda *_: None)
     out, err = capfd.readouterr()
     assert "IPKernelApp" not in out + err and "without encryption" not in out + err, err[-2000:]
+
+
+def _rt_params(tmp_path, **kw):
+    p = {"data_dir": str(tmp_path / "d"), "run_dir": str(tmp_path / "r"), "rt_data_dir": str(tmp_path / "rtd"),
+         "rt_run_dir": str(tmp_path / "rtr")}
+    p.update(kw)
+    return p
+
+
+def test_needs_put_the_real_tissue_chapter_beside_the_chain_only_when_its_folders_lie_apart(tmp_path):
+    names = ["00_data", "01_alignment", "07_real_tissue"]
+    apart = {n: _rt_params(tmp_path) for n in names}
+    assert strun.notebook_needs(names, apart, tmp_path) == {
+        "00_data": (), "01_alignment": ("00_data",), "07_real_tissue": ()}
+    # the realtissue profile: the chapter's cohort is the study's own -> it waits for the chain
+    shared = {n: _rt_params(tmp_path, rt_data_dir=str(tmp_path / "d")) for n in names}
+    assert strun.notebook_needs(names, shared, tmp_path)["07_real_tissue"] == ("01_alignment",)
+    nested = {n: _rt_params(tmp_path, rt_run_dir=str(tmp_path / "r" / "realtissue")) for n in names}
+    assert strun.notebook_needs(names, nested, tmp_path)["07_real_tissue"] == ("01_alignment",)
+    # a self-contained chapter in the middle does not break the chain after it
+    mid = ["00_data", "07_real_tissue", "01_alignment"]
+    assert strun.notebook_needs(mid, apart, tmp_path)["01_alignment"] == ("00_data",)
+
+
+def _rendezvous(me, other):
+    """Notebook body that only finishes when the other notebook runs at the same time."""
+    return (f"import pathlib, time\npathlib.Path({me!r}).write_text('here')\nt = time.time()\n"
+            f"while not pathlib.Path({other!r}).exists():\n"
+            f"    assert time.time() - t < 120, 'the other notebook did not run beside this one'\n"
+            f"    time.sleep(0.2)\n")
+
+
+def _with_real_tissue_chapter(study, tmp_path, body):
+    (study / "params" / "demo.yaml").write_text(yaml.safe_dump({
+        "common": {"profile": "demo", "data_dir": str(tmp_path / "d"), "run_dir": str(tmp_path / "r")},
+        "07_real_tissue": {"rt_data_dir": str(tmp_path / "rtd"), "rt_run_dir": str(tmp_path / "rtr")}}))
+    _notebook(study / "notebooks" / "07_real_tissue.ipynb", body)
+
+
+def test_the_self_contained_chapter_runs_beside_the_chain_with_two_jobs(study, tmp_path):
+    a, b = str(tmp_path / "chain.here"), str(tmp_path / "rt.here")
+    _notebook(study / "notebooks" / "01_alignment.ipynb", _rendezvous(a, b))
+    _with_real_tissue_chapter(study, tmp_path, _rendezvous(b, a))
+    logs = []
+    rep = strun.run_profile("demo", root=study, params_dir=study / "params", build=False, jobs=2, log=logs.append)
+    assert rep.executed == ["00_data", "01_alignment", "07_real_tissue"]  # notebook order, whatever finished first
+    assert any("beside" in line for line in logs), logs
+    state = strun.read_json(study / "book" / "executed" / strun.STATE_FILE)
+    assert set(state) == {"00_data", "01_alignment", "07_real_tissue"}
+    # unchanged -> all skipped; a change upstream of the chain does not re-run the self-contained chapter
+    _notebook(study / "notebooks" / "00_data.ipynb", "y = 2")
+    _notebook(study / "notebooks" / "01_alignment.ipynb", "x = 1")
+    rep2 = strun.run_profile("demo", root=study, params_dir=study / "params", build=False, jobs=2,
+                             log=lambda *_: None)
+    assert rep2.executed == ["00_data", "01_alignment"] and rep2.skipped == ["07_real_tissue"]
+
+
+def test_a_failure_beside_a_running_chapter_keeps_its_result_and_stops_the_chain(study, tmp_path):
+    _notebook(study / "notebooks" / "00_data.ipynb",
+              f"import pathlib, time\nt = time.time()\nwhile not pathlib.Path({str(tmp_path / 'rt.failed')!r}).exists()"
+              f" and time.time() - t < 120:\n    time.sleep(0.2)\n")
+    _with_real_tissue_chapter(study, tmp_path,
+                              f"import pathlib\npathlib.Path({str(tmp_path / 'rt.failed')!r}).write_text('x')\n"
+                              "raise ValueError('no annotated images')")
+    with pytest.raises(strun.NotebookFailed, match=r"07_real_tissue failed in cell 2 .*ValueError: no annotated"):
+        strun.run_profile("demo", root=study, params_dir=study / "params", build=False, jobs=2, log=lambda *_: None)
+    exe = study / "book" / "executed"
+    assert (exe / "00_data.ipynb").is_file()  # it was running: it finished and is kept
+    assert (exe / "07_real_tissue.failed.ipynb").is_file()
+    assert not (exe / "01_alignment.ipynb").exists()  # not started after the failure
+    assert not list(exe.glob(".*.running.ipynb"))
+
+
+def test_one_job_and_two_jobs_give_the_same_notebooks(study, tmp_path):
+    _with_real_tissue_chapter(study, tmp_path, "from myst_nb import glue\nglue('rt_seed', seed + 1)")
+    out = {}
+    for jobs in (1, 2):
+        exe = tmp_path / f"exe{jobs}"
+        rep = strun.run_profile("demo", root=study, params_dir=study / "params", build=False, jobs=jobs,
+                                executed_dir=exe, log=lambda *_: None)
+        assert rep.executed == ["00_data", "01_alignment", "07_real_tissue"]
+        out[jobs] = {n: strun.read_glued(exe / f"{n}.ipynb") for n in rep.executed}
+        fps = strun.read_json(exe / strun.STATE_FILE)
+        out[jobs]["fp"] = {n: fps[n]["fingerprint"] for n in fps}
+    assert out[1] == out[2] and out[1]["07_real_tissue"] == {"rt_seed": 1.0}
