@@ -307,6 +307,8 @@ class InferConfig:
     overlap: int = _opt(128, "model px shared by neighbouring tiles; keep it >= 2x the largest nucleus diameter")
     batch_size: int = _opt(16, "tiles per forward pass")
     tissue_detection: bool = _opt(True, "skip tiles without tissue")
+    classify: bool = _opt(True, "classify the nuclei (false: segmentation only; the NT branch is not run and every "
+                                "nucleus is unclassified)")
     amp: bool = _opt(True, "bf16 autocast on CUDA (false: fp32)")
     workers: int | None = _opt(None, "post-processing threads (none: CPUs - 1, at most 8)")
     postproc_processes: bool = _opt(False, "post-process in worker processes instead of threads")

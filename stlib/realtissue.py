@@ -535,8 +535,10 @@ class _Scorer:
             return _classical(a.image, a.um_per_px)
         if callable(m) and not hasattr(m, "state_dict"):
             return m(a.image, a.um_per_px)
+        # segmentation only: the scores need the instances, which do not depend on the NT branch
         res = infer_image(m, a.image, um_per_px=a.um_per_px, device=self.device, workers=0,
-                          tissue_detection=False, model_um_per_px=None if from_file else self.model_um_per_px,
+                          tissue_detection=False, classify=False,
+                          model_um_per_px=None if from_file else self.model_um_per_px,
                           postproc_kwargs=None if from_file else self.postproc)
         return res.inst
 

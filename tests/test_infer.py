@@ -164,6 +164,27 @@ def test_seams_no_duplicates_and_exact_nuclei(seam_case):
     assert (res.nuclei["probability"] > 0.99).all()
 
 
+def test_segmentation_only_gives_the_instances_of_a_classifying_run():
+    """classify=False skips the NT decoder of a HoVerNet: the same instances, every nucleus unclassified."""
+    from stlib.model.net import HoVerNet
+
+    torch.manual_seed(1)
+    net = HoVerNet(encoder="small")
+    with torch.no_grad():  # a head that finds blobs in the random image: bias the NP logits towards nucleus
+        net.decoders["np"].head.bias.copy_(torch.tensor([0.0, 0.3]))
+    img, _, _ = synthetic_slide(300, seed=6, background_fraction=0.0)
+    kw = dict(um_per_px=0.25, model_um_per_px=0.25, device="cpu", workers=0, tissue_detection=False,
+              postproc_kwargs={"np_thresh": 0.5, "min_size": 5})
+    full = infer_image(net, img, **kw)
+    seg = infer_image(net, img, classify=False, **kw)
+    assert len(full) > 0 and (full.nuclei["class"] != 255).any()
+    np.testing.assert_array_equal(seg.inst, full.inst)
+    assert (seg.nuclei["class"] == 255).all() and seg.nuclei["probability"].isna().all()
+    assert seg.stats["classify"] is False and full.stats["classify"] is True
+    with torch.no_grad():  # the NT decoder is not run at all
+        assert set(net.eval()(torch.zeros(1, 3, 64, 64), heads=("np", "hv"))) == {"np", "hv"}
+
+
 class WhiteIsNucleus(torch.nn.Module):
     """Calls every near-white pixel one nucleus: the white padding past an image's border included."""
 

@@ -132,8 +132,14 @@ def prepare_model(model: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
     return model
 
 
-def forward(model: torch.nn.Module, images: np.ndarray, dev: torch.device, amp: bool) -> dict[str, np.ndarray]:
-    """One batch through the network: softmax NP (channel 1), HV, softmax NT as float32 numpy."""
+def forward(model: torch.nn.Module, images: np.ndarray, dev: torch.device, amp: bool,
+            classify: bool = True) -> dict[str, np.ndarray]:
+    """One batch through the network: softmax NP (channel 1), HV, softmax NT as float32 numpy.
+
+    ``classify=False``: a :class:`~stlib.model.net.HoVerNet` runs without its NT decoder (a third
+    of the decoders' compute) and ``tp_prob`` is ``None``; other modules run whole."""
+    from stlib.model.net import HoVerNet
+
     with torch.inference_mode():
         x = torch.from_numpy(np.ascontiguousarray(images))
         if dev.type == "cuda":
@@ -142,11 +148,11 @@ def forward(model: torch.nn.Module, images: np.ndarray, dev: torch.device, amp: 
         if dev.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=bool(amp and dev.type == "cuda")):
-            out = model(x)
+            out = model(x) if classify or not isinstance(model, HoVerNet) else model(x, heads=("np", "hv"))
         np_prob = torch.softmax(out["np"].float(), dim=1)[:, 1]
         hv = out["hv"].float()
-        tp = torch.softmax(out["nt"].float(), dim=1)
-        return {"np_prob": np_prob.cpu().numpy(), "hv": hv.cpu().numpy(), "tp_prob": tp.cpu().numpy()}
+        tp = torch.softmax(out["nt"].float(), dim=1).cpu().numpy() if classify else None
+        return {"np_prob": np_prob.cpu().numpy(), "hv": hv.cpu().numpy(), "tp_prob": tp}
 
 
 def check_images(images: Any) -> np.ndarray:
@@ -259,14 +265,15 @@ def _timed_call(work: Callable[..., Any], key: Any, a: np.ndarray, b: np.ndarray
 
 def run_pipeline(model: torch.nn.Module, batches: Iterable[tuple[list[Any], np.ndarray]],
                  work: Callable[[Any, np.ndarray, np.ndarray, np.ndarray], Any], *, dev: torch.device,
-                 amp: bool, workers: int, timing: Timing, processes: bool = False) -> Iterator[tuple[Any, Any]]:
+                 amp: bool, workers: int, timing: Timing, processes: bool = False,
+                 classify: bool = True) -> Iterator[tuple[Any, Any]]:
     """Predict batches on ``dev`` while a pool runs ``work`` on the previous ones.
 
     Yields ``(key, work(key, np_prob, hv, tp_prob))`` in input order. At most two batches of
     network outputs wait for post-processing, which bounds memory. The pool holds ``workers``
     threads, or with ``processes=True`` worker processes (``spawn``; ``work`` must pickle): the
     post-processing libraries hold the GIL, so only processes add CPU cores to it (for a GPU,
-    whose network outruns one core).
+    whose network outruns one core). ``classify=False``: ``tp_prob`` is ``None`` (:func:`forward`).
     """
     def timed(key: Any, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> tuple[Any, float]:
         return _timed_call(work, key, a, b, c)
@@ -293,12 +300,12 @@ def run_pipeline(model: torch.nn.Module, batches: Iterable[tuple[list[Any], np.n
     try:
         for keys, imgs in batches:
             t0 = time.perf_counter()
-            out = forward(model, imgs, dev, amp)
+            out = forward(model, imgs, dev, amp, classify)
             timing.net_s += time.perf_counter() - t0
             timing.n_tiles += len(keys)
             items = []
             for j, key in enumerate(keys):
-                args = (key, out["np_prob"][j], out["hv"][j], out["tp_prob"][j])
+                args = (key, out["np_prob"][j], out["hv"][j], None if out["tp_prob"] is None else out["tp_prob"][j])
                 items.append((key, submit(*args) if pool else timed(*args)))
             pending.append(items)
             while len(pending) > (2 if pool else 0):

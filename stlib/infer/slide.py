@@ -303,6 +303,10 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, config: InferConfig |
         Tiles per forward pass.
     tissue_detection
         Skip tiles without tissue (Otsu on the saturation of a thumbnail).
+    classify
+        ``False``: segmentation only. The network's NT decoder is not run (a third of the
+        decoders' compute); every nucleus is unclassified (class 255, probability NaN). The
+        instances are those of a classifying run (tested).
     amp
         bf16 autocast on CUDA.
     workers
@@ -368,7 +372,7 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, config: InferConfig |
                                  shape=plan.shape)
         src = prefetch(batches()) if workers > 0 else batches()
         bar = progress(run_pipeline(model, src, work, dev=dev, amp=cfg.amp, workers=workers, timing=timing,
-                                    processes=cfg.postproc_processes),
+                                    processes=cfg.postproc_processes, classify=cfg.classify),
                        desc="infer tiles", total=len(origins))
         for k, res in bar:
             acc.add(res, origins[k], T, grid.s)
@@ -382,7 +386,7 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, config: InferConfig |
         "tile_px": T, "overlap": int(overlap), "level": int(grid.level), "scale_level0_per_model_px": grid.s,
         "device": str(dev), "amp": bool(cfg.amp and dev.type == "cuda"), "batch_size": int(batch_size),
         "workers": workers, "model": info.source, "encoder": info.encoder, "postproc": dict(pp),
-        "stain_norm": info.stain_norm,
+        "stain_norm": info.stain_norm, "classify": bool(cfg.classify),
         "net_s": timing.net_s, "postproc_s": timing.postproc_s, "read_s": timing.read_s,
         "wall_s": time.perf_counter() - t_start,
         "maps": "level-0 input resolution" if acc.keep_map else f"omitted (> {max_map_px} level-0 px)",

@@ -271,7 +271,9 @@ class HoVerNet(nn.Module):
             if isinstance(m, Bottleneck):
                 nn.init.zeros_(m.bn3.weight)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # noqa: D102
+    def forward(self, x: torch.Tensor, heads: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """The branches' outputs for ``x``; ``heads`` = the branches to run (default all three:
+        segmentation alone needs ``("np", "hv")`` and skips the NT decoder's compute)."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"input must be (B, 3, H, W), got {tuple(x.shape)}")
         h, w = x.shape[-2:]
@@ -281,7 +283,7 @@ class HoVerNet(nn.Module):
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
         feats = self.encoder(x)
         full = self.full(x)
-        out = {k: dec(feats, full) for k, dec in self.decoders.items()}
+        out = {k: dec(feats, full) for k, dec in self.decoders.items() if heads is None or k in heads}
         if ph or pw:
             out = {k: v[..., :h, :w] for k, v in out.items()}
         return out
