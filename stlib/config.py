@@ -609,6 +609,9 @@ class RealTissueParams(CommonParams):
     #: the held-out diagnosis of the release pair as first shipped (benchmarks/realtissue_diagnosis/diagnose.py:
     #: one factor changed at inference at a time; a finding, never a choice); shown if present
     diagnosis_csv: str = "benchmarks/realtissue_diagnosis.csv"
+    #: the release pair and Otsu + watershed on the 19 CoNSeP images not in the shipped subset, which no
+    #: choice of the project read (benchmarks/realtissue_unseen/score_consep.py, run once); shown if present
+    unseen_csv: str = "benchmarks/realtissue_unseen_consep.csv"
 
 
 NOTEBOOK_PARAMS: dict[str, type[CommonParams]] = {

@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 import yaml
 from conftest import skip_or_fail
@@ -118,10 +119,15 @@ def test_outputs_of_the_study_exist(smoke):
         if rel.get("postproc_choice"):  # the release's own post-processing, chosen on the dev grid, is shown
             shown = glued["rt_pp_chosen"].strip("'")
             assert all(f"{k} {v}" in shown for k, v in rel["postproc"].items()), shown
-    if (REPO / "benchmarks" / "realtissue_diagnosis.csv").is_file():
-        assert "n/a" not in glued["rt_dg_first_st"] and float(glued["rt_dg_small_st"].strip("'")) > 0
     else:
         assert "not evaluated" in glued["rt_rel_status"]
+    if (REPO / "benchmarks" / "realtissue_diagnosis.csv").is_file():
+        assert "n/a" not in glued["rt_dg_first_st"] and float(glued["rt_dg_small_st"].strip("'")) > 0
+    unseen = REPO / "benchmarks" / "realtissue_unseen_consep.csv"
+    if unseen.is_file():  # the committed scores of the unseen CoNSeP images, summarised by the chapter
+        n = len(pd.read_csv(unseen)["image"].unique())
+        assert glued["rt_un_n"].strip("'") == str(n) and "[" in glued["rt_un_ratio"]
+        assert glued["rt_un_verdict_classical"].strip("'") != "n/a"
 
 
 def _glued(nb_path: Path) -> dict:
