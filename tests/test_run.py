@@ -168,12 +168,13 @@ def test_the_self_contained_chapter_runs_beside_the_chain_with_two_jobs(study, t
 
 
 def test_a_failure_beside_a_running_chapter_keeps_its_result_and_stops_the_chain(study, tmp_path):
+    # 00 finishes only once the runner has recorded 07's failure (its .failed copy), so 01 could only
+    # start if a failure did not stop new starts
+    failed = study / "book" / "executed" / "07_real_tissue.failed.ipynb"
     _notebook(study / "notebooks" / "00_data.ipynb",
-              f"import pathlib, time\nt = time.time()\nwhile not pathlib.Path({str(tmp_path / 'rt.failed')!r}).exists()"
+              f"import pathlib, time\nt = time.time()\nwhile not pathlib.Path({str(failed)!r}).exists()"
               f" and time.time() - t < 120:\n    time.sleep(0.2)\n")
-    _with_real_tissue_chapter(study, tmp_path,
-                              f"import pathlib\npathlib.Path({str(tmp_path / 'rt.failed')!r}).write_text('x')\n"
-                              "raise ValueError('no annotated images')")
+    _with_real_tissue_chapter(study, tmp_path, "raise ValueError('no annotated images')")
     with pytest.raises(strun.NotebookFailed, match=r"07_real_tissue failed in cell 2 .*ValueError: no annotated"):
         strun.run_profile("demo", root=study, params_dir=study / "params", build=False, jobs=2, log=lambda *_: None)
     exe = study / "book" / "executed"

@@ -380,21 +380,29 @@ def infer_image(model_or_path: Any, image_or_path: Any, *, config: InferConfig |
         wsi.close()
 
     table = acc.table(info.class_names)
-    stats = {
-        "n_tiles": int(len(plan.all_origins)), "n_tiles_processed": int(timing.n_tiles),
-        "n_tiles_skipped": int(len(plan.all_origins) - len(origins)), "n_nuclei": int(len(acc.polys)),
-        "tile_px": T, "overlap": int(overlap), "level": int(grid.level), "scale_level0_per_model_px": grid.s,
-        "device": str(dev), "amp": bool(cfg.amp and dev.type == "cuda"), "batch_size": int(batch_size),
-        "workers": workers, "model": info.source, "encoder": info.encoder, "postproc": dict(pp),
-        "stain_norm": info.stain_norm, "classify": bool(cfg.classify),
-        "net_s": timing.net_s, "postproc_s": timing.postproc_s, "read_s": timing.read_s,
-        "wall_s": time.perf_counter() - t_start,
-        "maps": "level-0 input resolution" if acc.keep_map else f"omitted (> {max_map_px} level-0 px)",
-    }
+    stats = _run_stats(plan, acc, timing, info, cfg, dev=dev, workers=workers, pp=pp, max_map_px=max_map_px,
+                       t_start=t_start)
     return InferenceResult(nuclei=table, polygons=acc.polys, source=str(wsi.path), image_shape=plan.shape,
                            um_per_px=plan.img_um, model_um_per_px=info.um_per_px, inst=acc.inst, type=acc.type,
                            thumbnail=plan.thumb, thumbnail_scale=plan.tscale, tissue=plan.tissue, stats=stats,
                            class_names=dict(info.class_names))
+
+
+def _run_stats(plan: _TilePlan, acc: _Collected, timing: Timing, info: ModelInfo, cfg: InferConfig, *,
+               dev: torch.device, workers: int, pp: Mapping[str, Any], max_map_px: int, t_start: float
+               ) -> dict[str, Any]:
+    """The ``stats`` of an :class:`InferenceResult`: tiles, settings and where the time went."""
+    return {
+        "n_tiles": int(len(plan.all_origins)), "n_tiles_processed": int(timing.n_tiles),
+        "n_tiles_skipped": int(len(plan.all_origins) - len(plan.origins)), "n_nuclei": int(len(acc.polys)),
+        "tile_px": int(plan.grid.tile), "overlap": int(cfg.overlap), "level": int(plan.grid.level),
+        "scale_level0_per_model_px": plan.grid.s, "device": str(dev), "amp": bool(cfg.amp and dev.type == "cuda"),
+        "batch_size": int(cfg.batch_size), "workers": workers, "model": info.source, "encoder": info.encoder,
+        "postproc": dict(pp), "stain_norm": info.stain_norm, "classify": bool(cfg.classify),
+        "net_s": timing.net_s, "postproc_s": timing.postproc_s, "read_s": timing.read_s,
+        "wall_s": time.perf_counter() - t_start,
+        "maps": "level-0 input resolution" if acc.keep_map else f"omitted (> {max_map_px} level-0 px)",
+    }
 
 
 def _check_tiling(tile_px: int | None, model_tile_px: int, overlap: int, batch_size: int) -> int:
