@@ -70,7 +70,7 @@ def main() -> int:
         "source": str(src), "images": rt.natural_sorted(list(piv.index)),
         "n_images": int(piv.shape[0]), "shipped_excluded": sorted(shipped),
         "bpq": {k: round(float(v), 4) for k, v in held["pooled"].items()},
-        "text": held["text"],
+        "text": held["text"], "n_boot": a.n_boot,
         "st_minus_otsu_images_ahead": int((st_minus_otsu > 0).sum()),
         "diffs_bpq": d[(d.metric == "bpq") & (d.set == "pooled")][
             ["comparison", "diff", "diff_ci_low", "diff_ci_high", "p_value", "n_images"]].round(4).to_dict("records"),
