@@ -237,6 +237,11 @@ def default_jobs() -> int:
     return 2 if usable_cpus() >= 2 else 1
 
 
+def _failure(e: Any) -> dict[str, Any]:
+    """What the run reports of a failing cell (:class:`papermill.PapermillExecutionError`), as plain data."""
+    return {"cell_index": e.cell_index, "exec_count": e.exec_count, "ename": e.ename, "evalue": e.evalue}
+
+
 def _execute_in_child(src: str, dst: str, params: dict[str, Any], cwd: str) -> dict[str, Any] | None:
     """:func:`execute_notebook` in a worker process; a failing cell comes back as a dict (papermill's
     exception does not survive pickling), any other error as a RuntimeError naming it."""
@@ -246,7 +251,7 @@ def _execute_in_child(src: str, dst: str, params: dict[str, Any], cwd: str) -> d
         execute_notebook(src, dst, params, cwd)
         apply_book_tags(dst)
     except pm.PapermillExecutionError as e:
-        return {"cell_index": e.cell_index, "exec_count": e.exec_count, "ename": e.ename, "evalue": e.evalue}
+        return _failure(e)
     except Exception as e:  # noqa: BLE001 - re-raised in the parent with its type and message
         raise RuntimeError(f"{type(e).__name__}: {e}") from None
     return None
@@ -352,8 +357,7 @@ def run_profile(profile: str = "demo", *, only: list[str] | None = None, force: 
                 execute_notebook(root / "notebooks" / f"{name}.ipynb", tmp, params[name], root)
                 apply_book_tags(tmp)
             except pm.PapermillExecutionError as e:
-                failure = {"cell_index": e.cell_index, "exec_count": e.exec_count, "ename": e.ename,
-                           "evalue": e.evalue}
+                failure = _failure(e)
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
